@@ -1,0 +1,32 @@
+# The two commands of the README: `make run` and `make test`. Everything else is a helper.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: run test soak bench sample clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+sample: $(STAMP)
+	$(BIN)/python -m nodes.sample var
+
+run: sample
+	$(BIN)/mesh up topologies/quickstart.toml
+
+test: $(STAMP)
+	$(BIN)/pytest -m "not slow"
+
+soak: $(STAMP)
+	$(BIN)/pytest -m slow
+
+bench: $(STAMP)
+	$(BIN)/mesh bench --clients 4 --inflight 32 --payload 256
+
+clean:
+	rm -rf $(VENV) var .mesh
