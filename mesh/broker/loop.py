@@ -1,0 +1,129 @@
+"""The broker's socket loop: two ROUTERs around the routing core.
+
+Rules of this module:
+
+* This is the only code that touches the broker's sockets. It drains each readable
+  socket in batches, hands every message to `Broker`, and sends what it returns.
+* A send that fails because the peer is gone or full is reported back to the core
+  (`undeliverable`), never silently lost.
+* `stop()` may be called from any thread or a signal handler: the loop stops accepting
+  commands, lets the accepted ones finish (up to `drain_timeout`), then closes.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Final
+
+import zmq
+
+from ..sockets import bound_endpoint, router
+from .core import Broker, BrokerConfig, Outgoing, Side
+
+__all__ = ["BrokerServer", "Endpoints"]
+
+log = logging.getLogger("mesh.broker")
+
+BATCH: Final = 256
+TICK_S: Final = 0.05
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoints:
+    clients: str
+    nodes: str
+
+
+class BrokerServer:
+    """Runs a `Broker` on real sockets until stopped."""
+
+    def __init__(
+        self,
+        endpoints: Endpoints,
+        config: BrokerConfig | None = None,
+        *,
+        drain_timeout: float = 10.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.core = Broker(config)
+        self.drain_timeout = drain_timeout
+        self._clock = clock
+        self._ctx = zmq.Context()
+        limit = self.core.config.max_message_bytes
+        try:
+            self._clients = router(self._ctx, endpoints.clients, limit)
+            self._nodes = router(self._ctx, endpoints.nodes, limit)
+        except Exception:
+            self._ctx.destroy(linger=0)
+            raise
+        self.endpoints = Endpoints(bound_endpoint(self._clients), bound_endpoint(self._nodes))
+        self._stop_requested = False
+        self._sockets = {Side.CLIENT: self._clients, Side.NODE: self._nodes}
+
+    def stop(self) -> None:
+        """Ask the loop to drain and exit (safe from signal handlers and other threads)."""
+        self._stop_requested = True
+
+    def run(self) -> None:
+        """Serve until `stop()`; then drain in-flight commands and close the sockets."""
+        core, clients, nodes = self.core, self._clients, self._nodes
+        poller = zmq.Poller()
+        poller.register(clients, zmq.POLLIN)
+        poller.register(nodes, zmq.POLLIN)
+        clock = self._clock
+        next_tick = clock() + TICK_S
+        drain_deadline: float | None = None
+        try:
+            while True:
+                ready = dict(poller.poll(max(0.0, next_tick - clock()) * 1000))
+                if clients in ready:
+                    self._drain(clients, core.client_message)
+                if nodes in ready:
+                    self._drain(nodes, core.node_message)
+                now = clock()
+                if now >= next_tick:
+                    next_tick = now + TICK_S
+                    self._send(core.tick(now))
+                    if self._stop_requested and drain_deadline is None:
+                        core.begin_drain()
+                        drain_deadline = now + self.drain_timeout
+                        log.info("draining %d in-flight commands", len(core.commands))
+                    if drain_deadline is not None and (core.drained or now >= drain_deadline):
+                        if not core.drained:
+                            log.warning("stopped with %d commands unanswered", len(core.commands))
+                        break
+        finally:
+            self.close()
+
+    def _drain(self, sock: zmq.Socket, handle: Callable[[bytes, list[bytes], float], list[Outgoing]]) -> None:
+        now = self._clock()
+        recv = sock.recv_multipart
+        for _ in range(BATCH):
+            try:
+                frames = recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            out = handle(frames[0], frames[1:], now)
+            if out:
+                self._send(out)
+
+    def _send(self, out: list[Outgoing]) -> None:
+        sockets = self._sockets
+        while out:
+            follow_up: list[Outgoing] = []
+            for side, ident, frames in out:
+                try:
+                    sockets[side].send_multipart([ident, *frames], zmq.NOBLOCK)
+                except zmq.ZMQError as exc:
+                    if exc.errno not in (zmq.EHOSTUNREACH, zmq.EAGAIN):
+                        raise
+                    follow_up.extend(self.core.undeliverable(side, ident, frames, self._clock()))
+            out = follow_up
+
+    def close(self) -> None:
+        self._clients.close(linger=0)
+        self._nodes.close(linger=0)
+        self._ctx.term()

@@ -1,0 +1,197 @@
+"""Which node offers which service action, and how loaded each node is.
+
+Rules of this module:
+
+* A node registers all of its services at once; registering again replaces them.
+* `pick()` returns the least-loaded node (in-flight / capacity) that offers the action
+  and has room, so a node's capacity is never exceeded; ties go round-robin.
+* The registry holds no sockets and reads no clock.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+from ..protocol import ValidationFailedError, check_name
+
+__all__ = ["ActionSpec", "NodeInfo", "Registry", "parse_registration", "MAX_CAPACITY"]
+
+MAX_CAPACITY: Final = 10_000
+MAX_DESCRIPTION: Final = 4096
+
+
+@dataclass(frozen=True, slots=True)
+class ActionSpec:
+    """What a node says about one action: shown to callers by `mesh.services`."""
+
+    description: str
+    schema: Mapping[str, Any]
+    idempotent: bool = False
+
+
+@dataclass(slots=True)
+class NodeInfo:
+    identity: bytes
+    name: str
+    capacity: int
+    services: dict[str, dict[str, ActionSpec]]
+    registered_at: float
+    last_seen: float
+    in_flight: int = 0
+    completed: int = 0
+    order: int = 0
+
+    @property
+    def load(self) -> float:
+        return self.in_flight / self.capacity
+
+
+@dataclass(slots=True)
+class _Registration:
+    name: str
+    capacity: int
+    services: dict[str, dict[str, ActionSpec]] = field(default_factory=dict)
+
+
+def _field_error(field_name: str, problem: str) -> ValidationFailedError:
+    return ValidationFailedError(f"{field_name}: {problem}", details={"field": field_name})
+
+
+def parse_registration(payload: Any) -> _Registration:
+    """Validate a node's `mesh.register` payload.
+
+    Raises:
+        ValidationFailedError: naming the first field that is wrong.
+    """
+    if not isinstance(payload, dict):
+        raise _field_error("payload", "must be a map")
+    name = payload.get("name")
+    if not isinstance(name, str) or not 0 < len(name) <= 128:
+        raise _field_error("name", "must be a string of 1 to 128 characters")
+    capacity = payload.get("capacity")
+    if isinstance(capacity, bool) or not isinstance(capacity, int) or not 0 < capacity <= MAX_CAPACITY:
+        raise _field_error("capacity", f"must be an integer from 1 to {MAX_CAPACITY}")
+    services = payload.get("services")
+    if not isinstance(services, dict) or not services:
+        raise _field_error("services", "must be a non-empty map of service name to actions")
+    reg = _Registration(name, capacity)
+    for svc, spec in services.items():
+        check_name(svc, f"services.{svc}")
+        if svc == "mesh":
+            raise _field_error("services.mesh", "the name is reserved for the broker")
+        actions = spec.get("actions") if isinstance(spec, dict) else None
+        if not isinstance(actions, dict) or not actions:
+            raise _field_error(f"services.{svc}.actions", "must be a non-empty map")
+        parsed: dict[str, ActionSpec] = {}
+        for act, aspec in actions.items():
+            where = f"services.{svc}.actions.{act}"
+            check_name(act, where)
+            if not isinstance(aspec, dict):
+                raise _field_error(where, "must be a map")
+            desc = aspec.get("description", "")
+            if not isinstance(desc, str) or len(desc) > MAX_DESCRIPTION:
+                raise _field_error(f"{where}.description", f"must be a string of at most {MAX_DESCRIPTION}")
+            schema = aspec.get("schema", {})
+            if not isinstance(schema, dict):
+                raise _field_error(f"{where}.schema", "must be a JSON Schema object")
+            idem = aspec.get("idempotent", False)
+            if not isinstance(idem, bool):
+                raise _field_error(f"{where}.idempotent", "must be a boolean")
+            parsed[act] = ActionSpec(desc, schema, idem)
+        reg.services[svc] = parsed
+    return reg
+
+
+class Registry:
+    """Live nodes and the (service, action) pairs each one offers."""
+
+    def __init__(self) -> None:
+        self.nodes: dict[bytes, NodeInfo] = {}
+        self._by_action: dict[tuple[str, str], list[NodeInfo]] = {}
+        self._services: dict[str, int] = {}  # service -> number of nodes offering it
+        self._order = itertools.count()
+
+    def register(self, identity: bytes, payload: Any, now: float) -> NodeInfo:
+        """Add or replace a node's registration (validated by `parse_registration`)."""
+        reg = parse_registration(payload)
+        old = self.nodes.get(identity)
+        if old is not None:
+            self.remove(identity)
+        node = NodeInfo(
+            identity=identity,
+            name=reg.name,
+            capacity=reg.capacity,
+            services=reg.services,
+            registered_at=now,
+            last_seen=now,
+            in_flight=old.in_flight if old else 0,
+        )
+        self.nodes[identity] = node
+        for svc, actions in reg.services.items():
+            self._services[svc] = self._services.get(svc, 0) + 1
+            for act in actions:
+                self._by_action.setdefault((svc, act), []).append(node)
+        return node
+
+    def remove(self, identity: bytes) -> NodeInfo | None:
+        """Forget a node; returns it (with its in-flight count) or None if unknown."""
+        node = self.nodes.pop(identity, None)
+        if node is None:
+            return None
+        for svc, actions in node.services.items():
+            left = self._services[svc] - 1
+            if left:
+                self._services[svc] = left
+            else:
+                del self._services[svc]
+            for act in actions:
+                peers = self._by_action[(svc, act)]
+                peers.remove(node)
+                if not peers:
+                    del self._by_action[(svc, act)]
+        return node
+
+    def has_service(self, service: str) -> bool:
+        return service in self._services
+
+    def offers(self, service: str, action: str) -> bool:
+        return (service, action) in self._by_action
+
+    def pick(self, service: str, action: str) -> NodeInfo | None:
+        """Least-loaded node with room for one more command, or None if all are full."""
+        best: NodeInfo | None = None
+        for node in self._by_action.get((service, action), ()):
+            if node.in_flight >= node.capacity:
+                continue
+            if best is None or (node.load, node.order) < (best.load, best.order):
+                best = node
+        if best is not None:
+            best.order = next(self._order)  # rotate among equally loaded nodes
+        return best
+
+    def actions_of(self, node: NodeInfo) -> Iterator[tuple[str, str]]:
+        for svc, actions in node.services.items():
+            for act in actions:
+                yield svc, act
+
+    def action(self, service: str, action: str) -> ActionSpec | None:
+        nodes = self._by_action.get((service, action))
+        return nodes[0].services[service][action] if nodes else None
+
+    def describe(self) -> dict[str, Any]:
+        """The registry as `mesh.services` reports it: every action with its schema."""
+        out: dict[str, Any] = {}
+        for (svc, act), nodes in sorted(self._by_action.items()):
+            spec = nodes[0].services[svc][act]
+            entry = out.setdefault(svc, {"nodes": 0, "actions": {}})
+            entry["actions"][act] = {
+                "description": spec.description,
+                "schema": dict(spec.schema),
+                "idempotent": spec.idempotent,
+            }
+        for svc in out:
+            out[svc]["nodes"] = self._services[svc]
+        return out

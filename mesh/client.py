@@ -1,0 +1,222 @@
+"""The client SDK that AI tools use: `AsyncClient` for asyncio, `Client` for plain code.
+
+Rules of this module:
+
+* One DEALER per client; any number of calls in flight on it, matched to their replies
+  by correlation id.
+* `timeout` is the whole budget of a call, retries included; it travels to the broker as
+  the command's deadline, so the mesh gives up when the caller does.
+* A retryable error is retried with the same command id (so the mesh can deduplicate)
+  after a short, growing pause, while the budget lasts.
+* An `error` reply raises the `MeshError` subclass for its code.
+* `Client` runs an `AsyncClient` on a private event-loop thread: one implementation,
+  and calls from many threads share one connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Coroutine
+from typing import Any, Final, TypeVar
+
+import zmq
+import zmq.asyncio
+
+from .protocol import (
+    DeadlineExceededError,
+    MeshError,
+    MessageType,
+    UnavailableError,
+    command,
+    decode_header,
+    decode_payload,
+    encode_header,
+    encode_payload,
+    error_from_wire,
+    new_id,
+)
+from .sockets import dealer
+
+__all__ = ["AsyncClient", "Client", "DEFAULT_TIMEOUT"]
+
+DEFAULT_TIMEOUT: Final = 30.0
+RETRY_PAUSE: Final = 0.05
+# The broker answers at the deadline; wait this much longer before giving up on it.
+GRACE: Final = 0.5
+
+T = TypeVar("T")
+
+
+class AsyncClient:
+    """An asyncio client of one broker.
+
+    Args:
+        broker: the broker's client endpoint, e.g. ``tcp://127.0.0.1:5555``.
+        timeout: default budget of a call in seconds.
+        retries: default number of retries of a retryable error.
+    """
+
+    def __init__(self, broker: str, *, timeout: float = DEFAULT_TIMEOUT, retries: int = 2) -> None:
+        self.broker = broker
+        self.timeout = timeout
+        self.retries = retries
+        self._ctx = zmq.asyncio.Context()
+        self._sock = dealer(self._ctx, broker)
+        self._waiting: dict[str, asyncio.Future[list[bytes]]] = {}
+        self._reader: asyncio.Task[None] | None = None
+        self.unmatched = 0  # replies for calls that were no longer waiting
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def call(
+        self,
+        service: str,
+        action: str,
+        payload: Any = None,
+        *,
+        timeout: float | None = None,
+        retries: int | None = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> Any:
+        """Run `service.action` with `payload` somewhere in the mesh; return its result.
+
+        Raises:
+            MeshError: the subclass for the error code the mesh answered with, or
+                `DeadlineExceededError` when no answer came within `timeout`.
+        """
+        budget = self.timeout if timeout is None else timeout
+        attempts = 1 + (self.retries if retries is None else retries)
+        deadline = time.time() + budget
+        cid = new_id()
+        payload_frame = encode_payload(payload)
+        pause = RETRY_PAUSE
+        for attempt in range(attempts):
+            header = command(
+                service, action, now=time.time(), deadline=deadline, id=cid, metadata=metadata
+            )
+            try:
+                return await self._once(cid, encode_header(header), payload_frame, deadline)
+            except MeshError as err:
+                left = deadline - time.time()
+                if not err.retryable or attempt + 1 >= attempts or left <= pause:
+                    raise
+            await asyncio.sleep(pause)
+            pause *= 2
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _once(self, cid: str, header: bytes, payload: bytes, deadline: float) -> Any:
+        self._ensure_reader()
+        fut: asyncio.Future[list[bytes]] = asyncio.get_running_loop().create_future()
+        self._waiting[cid] = fut
+        try:
+            await self._sock.send_multipart([header, payload])
+            try:
+                frames = await asyncio.wait_for(fut, max(0.0, deadline - time.time()) + GRACE)
+            except TimeoutError:
+                raise DeadlineExceededError(
+                    f"no answer from the broker at {self.broker}",
+                    details={"broker": self.broker},
+                ) from None
+        finally:
+            self._waiting.pop(cid, None)
+        reply = decode_header(frames[0])
+        if reply.type is MessageType.ERROR:
+            assert reply.error is not None
+            e = reply.error
+            raise error_from_wire(e.code, e.message, e.retryable, dict(e.details))
+        return decode_payload(frames[1])
+
+    def _ensure_reader(self) -> None:
+        if self._reader is None or self._reader.done():
+            self._reader = asyncio.get_running_loop().create_task(self._read())
+
+    async def _read(self) -> None:
+        sock = self._sock
+        while True:
+            frames = await sock.recv_multipart()
+            if len(frames) != 2:
+                self.unmatched += 1
+                continue
+            try:
+                cid = decode_header(frames[0]).correlation_id
+            except MeshError:
+                self.unmatched += 1
+                continue
+            fut = self._waiting.get(cid or "")
+            if fut is None or fut.done():
+                self.unmatched += 1
+                continue
+            fut.set_result(frames)
+
+    async def close(self) -> None:
+        """Fail calls still waiting and close the connection."""
+        if self._reader is not None:
+            self._reader.cancel()
+            try:
+                await self._reader
+            except (asyncio.CancelledError, zmq.ZMQError):
+                pass
+        for fut in self._waiting.values():
+            if not fut.done():
+                fut.set_exception(UnavailableError("client closed"))
+        self._sock.close(linger=0)
+        self._ctx.term()
+
+
+class Client:
+    """A blocking client of one broker; safe to share between threads.
+
+    Args:
+        broker: the broker's client endpoint, e.g. ``tcp://127.0.0.1:5555``.
+        timeout: default budget of a call in seconds.
+        retries: default number of retries of a retryable error.
+    """
+
+    def __init__(self, broker: str, *, timeout: float = DEFAULT_TIMEOUT, retries: int = 2) -> None:
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="mesh-client", daemon=True)
+        self._thread.start()
+        self._inner: AsyncClient = self._run(self._make(broker, timeout, retries))
+
+    @staticmethod
+    async def _make(broker: str, timeout: float, retries: int) -> AsyncClient:
+        return AsyncClient(broker, timeout=timeout, retries=retries)
+
+    def _run(self, coro: Coroutine[Any, Any, T]) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def call(
+        self,
+        service: str,
+        action: str,
+        payload: Any = None,
+        *,
+        timeout: float | None = None,
+        retries: int | None = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> Any:
+        """Blocking `AsyncClient.call`; same arguments, result and errors."""
+        return self._run(
+            self._inner.call(service, action, payload, timeout=timeout, retries=retries, metadata=metadata)
+        )
+
+    def close(self) -> None:
+        """Close the connection and stop the client's thread."""
+        if self._loop.is_closed():
+            return
+        self._run(self._inner.close())
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=5)
+        self._loop.close()

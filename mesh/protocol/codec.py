@@ -1,0 +1,311 @@
+"""The one codec: MessagePack frames to validated records and back.
+
+Rules of this module:
+
+* A message is two ZeroMQ frames, header then payload (see docs/protocol.md). Brokers
+  call `decode_header` only; the payload frame travels untouched.
+* Decoding is strict: a wrong type, an unknown key, a bad name or id, a version we do not
+  speak each raise a `MeshError` whose details name the offending field. Nothing here
+  raises anything else, so callers need one `except MeshError`.
+* Encoding writes keys in one fixed order and omits empty optional keys, so the same
+  record always gives the same bytes (the test vectors in the docs rely on it).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Sequence
+from typing import Any, Final
+
+import msgpack
+
+from .errors import (
+    BadFormatError,
+    MessageTooLargeError,
+    UnsupportedVersionError,
+    ValidationFailedError,
+)
+from .message import (
+    PROTOCOL_VERSION,
+    ErrorInfo,
+    Header,
+    Message,
+    MessageType,
+    SecurityInfo,
+    SecurityLevel,
+)
+
+__all__ = [
+    "MAX_HEADER_BYTES",
+    "MAX_MESSAGE_BYTES",
+    "MAX_METADATA_ENTRIES",
+    "NAME_PATTERN",
+    "TOPIC_PATTERN",
+    "ID_PATTERN",
+    "encode_header",
+    "decode_header",
+    "encode_payload",
+    "decode_payload",
+    "encode",
+    "decode",
+    "check_size",
+    "check_name",
+]
+
+MAX_HEADER_BYTES: Final = 16 * 1024
+MAX_MESSAGE_BYTES: Final = 1024 * 1024
+MAX_METADATA_ENTRIES: Final = 64
+
+NAME_PATTERN: Final = r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}"
+TOPIC_PATTERN: Final = r"[A-Za-z0-9_-]{1,64}(\.[A-Za-z0-9_-]{1,64}){0,15}"
+ID_PATTERN: Final = r"[\x21-\x7e]{1,64}"
+
+_NAME = re.compile(NAME_PATTERN)
+_TOPIC = re.compile(TOPIC_PATTERN)
+_ID = re.compile(ID_PATTERN)
+
+_TYPES: Final = {t.value: t for t in MessageType}
+_HEADER_KEYS: Final = frozenset(
+    {"v", "type", "id", "ts", "service", "action", "topic", "correlation_id",
+     "deadline", "metadata", "security", "error"}
+)
+_SECURITY_KEYS: Final = frozenset({"level", "encryption", "signature", "token"})
+_ERROR_KEYS: Final = frozenset({"code", "message", "retryable", "details"})
+
+def _invalid(field: str, problem: str) -> ValidationFailedError:
+    return ValidationFailedError(f"{field}: {problem}", details={"field": field})
+
+
+def check_name(value: object, field: str) -> str:
+    """A service or action name: letters, digits, `_` and `-`, at most 64."""
+    if not isinstance(value, str) or not _NAME.fullmatch(value):
+        raise _invalid(field, f"must match {NAME_PATTERN}")
+    return value
+
+
+def _check_id(value: object, field: str) -> str:
+    if not isinstance(value, str) or not _ID.fullmatch(value):
+        raise _invalid(field, "must be 1 to 64 printable ASCII characters without spaces")
+    return value
+
+
+def _check_number(value: object, field: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise _invalid(field, "must be a finite, non-negative number")
+    return float(value)
+
+
+def _check_map(value: object, field: str) -> dict[str, Any]:
+    if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+        raise _invalid(field, "must be a map with string keys")
+    return value
+
+
+def _security(raw: object) -> SecurityInfo:
+    sec = _check_map(raw, "security")
+    unknown = set(sec) - _SECURITY_KEYS
+    if unknown:
+        raise _invalid(f"security.{sorted(unknown)[0]}", "unknown key")
+    level = sec.get("level", 0)
+    if isinstance(level, bool) or not isinstance(level, int) or level not in SecurityLevel._value2member_map_:
+        raise _invalid("security.level", "must be 0, 1, 2 or 3")
+    enc = sec.get("encryption")
+    if enc is not None:
+        _check_map(enc, "security.encryption")
+    sig = sec.get("signature")
+    if sig is not None and not isinstance(sig, bytes):
+        raise _invalid("security.signature", "must be binary")
+    token = sec.get("token")
+    if token is not None and not isinstance(token, str):
+        raise _invalid("security.token", "must be a string")
+    return SecurityInfo(SecurityLevel(level), enc, sig, token)
+
+
+def _error(raw: object) -> ErrorInfo:
+    err = _check_map(raw, "error")
+    unknown = set(err) - _ERROR_KEYS
+    if unknown:
+        raise _invalid(f"error.{sorted(unknown)[0]}", "unknown key")
+    code = err.get("code")
+    if isinstance(code, bool) or not isinstance(code, int) or not 0 < code < 10000:
+        raise _invalid("error.code", "must be an integer from 1 to 9999")
+    message = err.get("message")
+    if not isinstance(message, str):
+        raise _invalid("error.message", "must be a string")
+    retryable = err.get("retryable")
+    if not isinstance(retryable, bool):
+        raise _invalid("error.retryable", "must be a boolean")
+    details = _check_map(err.get("details", {}), "error.details")
+    return ErrorInfo(code, message, retryable, details)
+
+
+def decode_header(frame: bytes) -> Header:
+    """Decode and validate a header frame.
+
+    Raises:
+        MessageTooLargeError: the frame is longer than MAX_HEADER_BYTES.
+        BadFormatError: not a single MessagePack map.
+        UnsupportedVersionError: `v` is not a version this peer speaks.
+        ValidationFailedError: a field is missing, unknown or wrong; `details["field"]` names it.
+    """
+    if len(frame) > MAX_HEADER_BYTES:
+        raise MessageTooLargeError(
+            f"header is {len(frame)} bytes, limit {MAX_HEADER_BYTES}",
+            details={"limit": MAX_HEADER_BYTES},
+        )
+    try:
+        raw = msgpack.unpackb(frame, raw=False)
+    except Exception as exc:  # msgpack raises several unrelated types for bad input
+        raise BadFormatError(f"header is not valid MessagePack ({type(exc).__name__})") from None
+    if not isinstance(raw, dict):
+        raise BadFormatError("header must be a MessagePack map")
+    version = raw.get("v")
+    if version != PROTOCOL_VERSION or isinstance(version, bool):
+        raise UnsupportedVersionError(
+            f"protocol version {version!r} is not supported",
+            details={"field": "v", "supported": [PROTOCOL_VERSION]},
+        )
+    if not _HEADER_KEYS.issuperset(raw):
+        unknown = sorted(str(k) for k in raw if k not in _HEADER_KEYS)[0]
+        raise _invalid(unknown, "unknown header key")
+    mtype = _TYPES.get(raw.get("type"))  # type: ignore[arg-type]
+    if mtype is None:
+        raise _invalid("type", "must be one of command, response, event, error")
+    mid = _check_id(raw.get("id"), "id")
+    ts = _check_number(raw.get("ts"), "ts")
+
+    service = action = topic = correlation_id = None
+    if mtype is MessageType.COMMAND:
+        service = check_name(raw.get("service"), "service")
+        action = check_name(raw.get("action"), "action")
+    else:
+        if "service" in raw:
+            service = check_name(raw["service"], "service")
+        if "action" in raw:
+            action = check_name(raw["action"], "action")
+    if "topic" in raw or mtype is MessageType.EVENT:
+        t = raw.get("topic")
+        if not isinstance(t, str) or not _TOPIC.fullmatch(t):
+            raise _invalid("topic", "must be dot-separated names")
+        topic = t
+    if "correlation_id" in raw or mtype is MessageType.RESPONSE:
+        correlation_id = _check_id(raw.get("correlation_id"), "correlation_id")
+    deadline = _check_number(raw["deadline"], "deadline") if "deadline" in raw else None
+    metadata = _check_map(raw.get("metadata", {}), "metadata")
+    if len(metadata) > MAX_METADATA_ENTRIES:
+        raise _invalid("metadata", f"at most {MAX_METADATA_ENTRIES} entries")
+    security = _security(raw["security"]) if "security" in raw else None
+    if mtype is MessageType.ERROR:
+        error = _error(raw.get("error"))
+    elif "error" in raw:
+        raise _invalid("error", "only error messages carry an error")
+    else:
+        error = None
+    return Header(
+        type=mtype,
+        id=mid,
+        timestamp=ts,
+        service=service,
+        action=action,
+        topic=topic,
+        correlation_id=correlation_id,
+        deadline=deadline,
+        metadata=metadata,
+        security=security,
+        error=error,
+        version=version,
+    )
+
+
+def _header_map(h: Header) -> dict[str, Any]:
+    out: dict[str, Any] = {"v": h.version, "type": h.type.value, "id": h.id, "ts": h.timestamp}
+    if h.service is not None:
+        out["service"] = h.service
+    if h.action is not None:
+        out["action"] = h.action
+    if h.topic is not None:
+        out["topic"] = h.topic
+    if h.correlation_id is not None:
+        out["correlation_id"] = h.correlation_id
+    if h.deadline is not None:
+        out["deadline"] = h.deadline
+    if h.metadata:
+        out["metadata"] = dict(h.metadata)
+    if h.security is not None:
+        s = h.security
+        sec: dict[str, Any] = {"level": int(s.security_level)}
+        if s.encryption_info is not None:
+            sec["encryption"] = dict(s.encryption_info)
+        if s.signature is not None:
+            sec["signature"] = s.signature
+        if s.auth_token is not None:
+            sec["token"] = s.auth_token
+        out["security"] = sec
+    if h.error is not None:
+        e = h.error
+        err: dict[str, Any] = {"code": e.code, "message": e.message, "retryable": e.retryable}
+        if e.details:
+            err["details"] = dict(e.details)
+        out["error"] = err
+    return out
+
+
+def encode_header(h: Header) -> bytes:
+    """The header frame for `h` (deterministic bytes)."""
+    return msgpack.packb(_header_map(h), use_bin_type=True)
+
+
+def encode_payload(value: Any) -> bytes:
+    """The payload frame for any MessagePack-able value.
+
+    Raises:
+        ValidationFailedError: the value has a type MessagePack cannot carry.
+    """
+    try:
+        return msgpack.packb(value, use_bin_type=True)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise _invalid("payload", f"cannot be encoded as MessagePack ({exc})") from None
+
+
+def decode_payload(frame: bytes) -> Any:
+    """Decode a payload frame: exactly one MessagePack value.
+
+    Raises:
+        BadFormatError: empty, truncated, trailing bytes or not MessagePack.
+    """
+    try:
+        return msgpack.unpackb(frame, raw=False)
+    except Exception as exc:  # msgpack raises several unrelated types for bad input
+        raise BadFormatError(f"payload is not valid MessagePack ({type(exc).__name__})") from None
+
+
+def check_size(frames: Sequence[bytes], limit: int = MAX_MESSAGE_BYTES) -> None:
+    """Refuse a message whose frames together exceed `limit` bytes."""
+    total = sum(len(f) for f in frames)
+    if total > limit:
+        raise MessageTooLargeError(
+            f"message is {total} bytes, limit {limit}", details={"limit": limit}
+        )
+
+
+def encode(msg: Message) -> list[bytes]:
+    """The two frames of `msg`: header, payload."""
+    return [encode_header(msg.header), encode_payload(msg.payload)]
+
+
+def decode(frames: Sequence[bytes], limit: int = MAX_MESSAGE_BYTES) -> Message:
+    """Decode a whole two-frame message, header and payload.
+
+    Raises:
+        BadFormatError: not exactly two frames, or a frame that is not MessagePack.
+        MeshError: any error `decode_header` raises.
+    """
+    if len(frames) != 2:
+        raise BadFormatError(
+            f"a message has 2 frames (header, payload), got {len(frames)}",
+            details={"frames": len(frames)},
+        )
+    check_size(frames, limit)
+    return Message(decode_header(frames[0]), decode_payload(frames[1]))
+

@@ -1,0 +1,252 @@
+"""The one error taxonomy of the mesh.
+
+Rules of this module:
+
+* Every error that crosses a process boundary carries an `ErrorCode`. Codes are stable
+  wire values: never renumber one, only add.
+* Codes fall in the seed's three categories by their thousands digit: 1xxx protocol,
+  2xxx security, 3xxx system.
+* Each code has exactly one `MeshError` subclass; the class says whether a retry with
+  the same command id can help.
+* `error_from_wire()` turns a code received from a peer back into the right exception;
+  an unknown code (from a newer peer) still becomes a `MeshError` carrying the int.
+"""
+
+from __future__ import annotations
+
+from enum import IntEnum, StrEnum
+from typing import Any
+
+__all__ = [
+    "Category",
+    "category_of",
+    "ErrorCode",
+    "MeshError",
+    "ProtocolError",
+    "SecurityError",
+    "MeshSystemError",
+    "BadFormatError",
+    "UnsupportedVersionError",
+    "ValidationFailedError",
+    "HandlerNotFoundError",
+    "InvalidStateError",
+    "MessageTooLargeError",
+    "AuthenticationFailedError",
+    "TokenExpiredError",
+    "AccessDeniedError",
+    "EncryptionFailedError",
+    "SignatureInvalidError",
+    "ResourceExhaustedError",
+    "ConfigurationError",
+    "NetworkError",
+    "InternalError",
+    "DeadlineExceededError",
+    "NodeLostError",
+    "UnavailableError",
+    "error_class",
+    "error_from_wire",
+]
+
+
+class Category(StrEnum):
+    """The seed's three error categories, as the strings used in docs and logs."""
+
+    PROTOCOL = "protocol"
+    SECURITY = "security"
+    SYSTEM = "system"
+
+
+class ErrorCode(IntEnum):
+    """Stable numeric wire codes; the thousands digit is the category."""
+
+    BAD_FORMAT = 1000
+    UNSUPPORTED_VERSION = 1001
+    VALIDATION_FAILED = 1002
+    HANDLER_NOT_FOUND = 1003
+    INVALID_STATE = 1004
+    MESSAGE_TOO_LARGE = 1005
+
+    AUTHENTICATION_FAILED = 2000
+    TOKEN_EXPIRED = 2001
+    ACCESS_DENIED = 2002
+    ENCRYPTION_FAILED = 2003
+    SIGNATURE_INVALID = 2004
+
+    RESOURCE_EXHAUSTED = 3000
+    CONFIGURATION = 3001
+    NETWORK = 3002
+    INTERNAL = 3003
+    DEADLINE_EXCEEDED = 3004
+    NODE_LOST = 3005
+    UNAVAILABLE = 3006
+
+    @property
+    def category(self) -> Category:
+        return category_of(int(self))
+
+
+def category_of(code: int) -> Category:
+    """Category of any code, including codes this version does not know."""
+    return {1: Category.PROTOCOL, 2: Category.SECURITY, 3: Category.SYSTEM}.get(
+        code // 1000, Category.SYSTEM
+    )
+
+
+class MeshError(Exception):
+    """Base of every mesh error; `code` and `retryable` travel on the wire.
+
+    Args:
+        message: a sentence for a person; never contains secrets or payloads.
+        details: small, JSON-friendly facts (a field name, a limit) for programs.
+        code: only for codes this version does not know (see `error_from_wire`).
+    """
+
+    code: int = ErrorCode.INTERNAL
+    retryable: bool = False
+
+    def __init__(
+        self, message: str = "", *, details: dict[str, Any] | None = None, code: int | None = None
+    ) -> None:
+        super().__init__(message or self.__class__.__name__)
+        self.message = message or self.__class__.__name__
+        self.details = dict(details or {})
+        if code is not None:
+            self.code = code
+
+    @property
+    def category(self) -> Category:
+        return category_of(int(self.code))
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(code={int(self.code)}, message={self.message!r})"
+
+
+class ProtocolError(MeshError):
+    """The message broke the protocol; sending it again unchanged will fail again."""
+
+
+class SecurityError(MeshError):
+    """Identity, permission or cryptography refused the message."""
+
+
+class MeshSystemError(MeshError):
+    """The mesh could not do the work right now (capacity, network, a failing part)."""
+
+
+class BadFormatError(ProtocolError):
+    code = ErrorCode.BAD_FORMAT
+
+
+class UnsupportedVersionError(ProtocolError):
+    code = ErrorCode.UNSUPPORTED_VERSION
+
+
+class ValidationFailedError(ProtocolError):
+    code = ErrorCode.VALIDATION_FAILED
+
+
+class HandlerNotFoundError(ProtocolError):
+    code = ErrorCode.HANDLER_NOT_FOUND
+
+
+class InvalidStateError(ProtocolError):
+    code = ErrorCode.INVALID_STATE
+
+
+class MessageTooLargeError(ProtocolError):
+    code = ErrorCode.MESSAGE_TOO_LARGE
+
+
+class AuthenticationFailedError(SecurityError):
+    code = ErrorCode.AUTHENTICATION_FAILED
+
+
+class TokenExpiredError(SecurityError):
+    code = ErrorCode.TOKEN_EXPIRED
+
+
+class AccessDeniedError(SecurityError):
+    code = ErrorCode.ACCESS_DENIED
+
+
+class EncryptionFailedError(SecurityError):
+    code = ErrorCode.ENCRYPTION_FAILED
+
+
+class SignatureInvalidError(SecurityError):
+    code = ErrorCode.SIGNATURE_INVALID
+
+
+class ResourceExhaustedError(MeshSystemError):
+    code = ErrorCode.RESOURCE_EXHAUSTED
+    retryable = True
+
+
+class ConfigurationError(MeshSystemError):
+    code = ErrorCode.CONFIGURATION
+
+
+class NetworkError(MeshSystemError):
+    code = ErrorCode.NETWORK
+    retryable = True
+
+
+class InternalError(MeshSystemError):
+    code = ErrorCode.INTERNAL
+
+
+class DeadlineExceededError(MeshSystemError):
+    code = ErrorCode.DEADLINE_EXCEEDED
+    retryable = True
+
+
+class NodeLostError(MeshSystemError):
+    code = ErrorCode.NODE_LOST
+    retryable = True
+
+
+class UnavailableError(MeshSystemError):
+    code = ErrorCode.UNAVAILABLE
+    retryable = True
+
+
+_BY_CODE: dict[int, type[MeshError]] = {
+    int(cls.code): cls
+    for cls in (
+        BadFormatError,
+        UnsupportedVersionError,
+        ValidationFailedError,
+        HandlerNotFoundError,
+        InvalidStateError,
+        MessageTooLargeError,
+        AuthenticationFailedError,
+        TokenExpiredError,
+        AccessDeniedError,
+        EncryptionFailedError,
+        SignatureInvalidError,
+        ResourceExhaustedError,
+        ConfigurationError,
+        NetworkError,
+        InternalError,
+        DeadlineExceededError,
+        NodeLostError,
+        UnavailableError,
+    )
+}
+
+
+def error_class(code: int) -> type[MeshError]:
+    """The exception class for a wire code (`MeshError` itself when unknown)."""
+    return _BY_CODE.get(int(code), MeshError)
+
+
+def error_from_wire(
+    code: int, message: str, retryable: bool, details: dict[str, Any] | None = None
+) -> MeshError:
+    """Rebuild the exception a peer reported; unknown codes keep their number."""
+    cls = _BY_CODE.get(int(code))
+    if cls is None:
+        err = MeshError(message, details=details, code=int(code))
+        err.retryable = bool(retryable)
+        return err
+    return cls(message, details=details)

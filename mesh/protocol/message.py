@@ -1,0 +1,171 @@
+"""The message model: one frozen record per part of a message, built by validating constructors.
+
+Rules of this module:
+
+* A `Header` is everything a broker needs to route and authorise; the payload is kept
+  apart so the broker can forward it without decoding it (it may be ciphertext).
+* Records are immutable. Replies are made from the command they answer
+  (`response_to`, `error_to`), so correlation ids cannot be forgotten.
+* No clock is read here: every constructor takes the timestamp from its caller.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import IntEnum, StrEnum
+from typing import Any, Final
+
+from .errors import MeshError
+
+__all__ = [
+    "PROTOCOL_VERSION",
+    "MessageType",
+    "SecurityLevel",
+    "SecurityInfo",
+    "ErrorInfo",
+    "Header",
+    "Message",
+    "new_id",
+    "command",
+    "response_to",
+    "error_to",
+    "error_header",
+]
+
+PROTOCOL_VERSION: Final = 1
+
+
+class MessageType(StrEnum):
+    COMMAND = "command"
+    RESPONSE = "response"
+    EVENT = "event"
+    ERROR = "error"
+
+
+class SecurityLevel(IntEnum):
+    """How strongly a message is protected; later levels include the earlier ones."""
+
+    NONE = 0
+    AUTHENTICATED = 1
+    ENCRYPTED = 2
+    SIGNED = 3
+
+
+@dataclass(frozen=True, slots=True)
+class SecurityInfo:
+    """The seed's security metadata; empty by default (security is off)."""
+
+    security_level: SecurityLevel = SecurityLevel.NONE
+    encryption_info: Mapping[str, Any] | None = None
+    signature: bytes | None = None
+    auth_token: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorInfo:
+    """What an `error` message reports: a stable code and whether a retry can help."""
+
+    code: int
+    message: str
+    retryable: bool
+    details: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Header:
+    """The routing and authorisation frame of a message."""
+
+    type: MessageType
+    id: str
+    timestamp: float
+    service: str | None = None
+    action: str | None = None
+    topic: str | None = None
+    correlation_id: str | None = None
+    deadline: float | None = None
+    metadata: Mapping[str, Any] = field(default_factory=dict)
+    security: SecurityInfo | None = None
+    error: ErrorInfo | None = None
+    version: int = PROTOCOL_VERSION
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """A header with its decoded payload (any MessagePack value)."""
+
+    header: Header
+    payload: Any = None
+
+    # The seed names these on the message itself; they read through to the header.
+    @property
+    def id(self) -> str:
+        return self.header.id
+
+    @property
+    def type(self) -> MessageType:
+        return self.header.type
+
+
+def new_id() -> str:
+    """A fresh message id: 128 random bits as 32 hex digits."""
+    return os.urandom(16).hex()
+
+
+def command(
+    service: str,
+    action: str,
+    *,
+    now: float,
+    deadline: float | None = None,
+    id: str | None = None,
+    metadata: Mapping[str, Any] | None = None,
+    security: SecurityInfo | None = None,
+) -> Header:
+    """Header of a command to `service.action`. Reuse `id` when retrying."""
+    return Header(
+        type=MessageType.COMMAND,
+        id=id or new_id(),
+        timestamp=now,
+        service=service,
+        action=action,
+        deadline=deadline,
+        metadata=dict(metadata or {}),
+        security=security,
+    )
+
+
+def response_to(cmd: Header, *, now: float) -> Header:
+    """Header of the successful reply to `cmd`."""
+    return Header(
+        type=MessageType.RESPONSE,
+        id=new_id(),
+        timestamp=now,
+        service=cmd.service,
+        action=cmd.action,
+        correlation_id=cmd.id,
+    )
+
+
+def error_header(
+    err: MeshError, *, now: float, correlation_id: str | None = None
+) -> Header:
+    """Header of an `error` message reporting `err` (to `correlation_id` when known)."""
+    return Header(
+        type=MessageType.ERROR,
+        id=new_id(),
+        timestamp=now,
+        correlation_id=correlation_id,
+        error=ErrorInfo(
+            code=int(err.code),
+            message=err.message,
+            retryable=bool(err.retryable),
+            details=dict(err.details),
+        ),
+    )
+
+
+def error_to(cmd: Header, err: MeshError, *, now: float) -> Header:
+    """Header of the error reply to `cmd`."""
+    return error_header(err, now=now, correlation_id=cmd.id)
