@@ -22,10 +22,12 @@ from collections.abc import Coroutine
 from typing import Any, Final, TypeVar
 
 import zmq
-import zmq.asyncio
 
+from .aio import AsyncSocket
 from .protocol import (
+    BadFormatError,
     DeadlineExceededError,
+    Header,
     MeshError,
     MessageType,
     UnavailableError,
@@ -62,10 +64,10 @@ class AsyncClient:
         self.broker = broker
         self.timeout = timeout
         self.retries = retries
-        self._ctx = zmq.asyncio.Context()
+        self._ctx = zmq.Context()
         self._sock = dealer(self._ctx, broker)
-        self._waiting: dict[str, asyncio.Future[list[bytes]]] = {}
-        self._reader: asyncio.Task[None] | None = None
+        self._conn: AsyncSocket | None = None
+        self._waiting: dict[str, asyncio.Future[tuple[Header, bytes]]] = {}
         self.unmatched = 0  # replies for calls that were no longer waiting
 
     async def __aenter__(self) -> AsyncClient:
@@ -111,62 +113,56 @@ class AsyncClient:
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def _once(self, cid: str, header: bytes, payload: bytes, deadline: float) -> Any:
-        self._ensure_reader()
-        fut: asyncio.Future[list[bytes]] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        conn = self._conn
+        if conn is None:
+            conn = self._conn = AsyncSocket(loop, self._sock, self._on_reply)
+        fut: asyncio.Future[tuple[Header, bytes]] = loop.create_future()
         self._waiting[cid] = fut
+        timer = loop.call_later(max(0.0, deadline - time.time()) + GRACE, _expire, fut, self.broker)
         try:
-            await self._sock.send_multipart([header, payload])
-            try:
-                frames = await asyncio.wait_for(fut, max(0.0, deadline - time.time()) + GRACE)
-            except TimeoutError:
-                raise DeadlineExceededError(
-                    f"no answer from the broker at {self.broker}",
-                    details={"broker": self.broker},
-                ) from None
+            conn.send([header, payload])
+            reply, body = await fut
         finally:
-            self._waiting.pop(cid, None)
-        reply = decode_header(frames[0])
+            timer.cancel()
+            del self._waiting[cid]
         if reply.type is MessageType.ERROR:
             assert reply.error is not None
             e = reply.error
             raise error_from_wire(e.code, e.message, e.retryable, dict(e.details))
-        return decode_payload(frames[1])
+        return decode_payload(body)
 
-    def _ensure_reader(self) -> None:
-        if self._reader is None or self._reader.done():
-            self._reader = asyncio.get_running_loop().create_task(self._read())
-
-    async def _read(self) -> None:
-        sock = self._sock
-        while True:
-            frames = await sock.recv_multipart()
+    def _on_reply(self, frames: list[bytes]) -> None:
+        try:
             if len(frames) != 2:
-                self.unmatched += 1
-                continue
-            try:
-                cid = decode_header(frames[0]).correlation_id
-            except MeshError:
-                self.unmatched += 1
-                continue
-            fut = self._waiting.get(cid or "")
-            if fut is None or fut.done():
-                self.unmatched += 1
-                continue
-            fut.set_result(frames)
+                raise BadFormatError("a reply has two frames")
+            header = decode_header(frames[0])
+        except MeshError:
+            self.unmatched += 1
+            return
+        fut = self._waiting.get(header.correlation_id or "")
+        if fut is None or fut.done():
+            self.unmatched += 1
+            return
+        fut.set_result((header, frames[1]))
 
     async def close(self) -> None:
         """Fail calls still waiting and close the connection."""
-        if self._reader is not None:
-            self._reader.cancel()
-            try:
-                await self._reader
-            except (asyncio.CancelledError, zmq.ZMQError):
-                pass
         for fut in self._waiting.values():
             if not fut.done():
                 fut.set_exception(UnavailableError("client closed"))
-        self._sock.close(linger=0)
+        if self._conn is not None:
+            self._conn.close()
+        else:
+            self._sock.close(linger=0)
         self._ctx.term()
+
+
+def _expire(fut: asyncio.Future[Any], broker: str) -> None:
+    if not fut.done():
+        fut.set_exception(
+            DeadlineExceededError(f"no answer from the broker at {broker}", details={"broker": broker})
+        )
 
 
 class Client:

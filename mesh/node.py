@@ -2,9 +2,9 @@
 
 Rules of this module:
 
-* The main thread owns the DEALER to the broker and nothing else touches it. Handlers run
-  on a pool of `capacity` worker threads (sync handlers) or on one asyncio loop thread
-  (async handlers); each sends its reply frames back over its own inproc socket.
+* `run()` drives the DEALER to the broker from an asyncio loop on the calling thread, and
+  only that loop touches it. Async handlers run on that loop (no thread hop: the fast
+  choice for non-blocking work); sync handlers run on a pool of `capacity` threads.
 * A payload is validated against its action's schema before the handler sees it; a
   refused payload is answered `validation failed` naming the field.
 * A handler that raises is answered `internal` (with the exception type, never its
@@ -18,12 +18,12 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
-import queue
 import threading
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass, field
-from typing import Any, Final
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
 
 import zmq
 
@@ -46,6 +46,7 @@ from .protocol import (
     error_to,
     response_to,
 )
+from .aio import AsyncSocket
 from .sockets import dealer
 
 __all__ = ["Node", "Action", "Handler"]
@@ -53,8 +54,6 @@ __all__ = ["Node", "Action", "Handler"]
 log = logging.getLogger("mesh.node")
 
 Handler = Callable[[Any], Any] | Callable[[Any], Awaitable[Any]]
-BATCH: Final = 256
-_RESULTS: Final = "inproc://mesh-node-results-{}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,6 +95,7 @@ class Node:
         self._stop = threading.Event()
         self.registered = threading.Event()
         self.in_flight = 0
+        self._wake: Callable[[], None] | None = None
 
     def action(
         self,
@@ -143,8 +143,11 @@ class Node:
         return {"name": self.name, "capacity": self.capacity, "services": services}
 
     def stop(self) -> None:
-        """Ask `run()` to unregister, finish running commands and return."""
+        """Ask `run()` to unregister, finish running commands and return (thread-safe)."""
         self._stop.set()
+        wake = self._wake
+        if wake is not None:
+            wake()
 
     # ------------------------------------------------------------ execution
 
@@ -161,17 +164,18 @@ class Node:
             return self._crash(header, work, exc)
 
     async def execute_async(self, work: _Work) -> list[bytes]:
-        """Run one async command to its reply frames, cancelled at its deadline."""
+        """Run one async command to its reply frames (on the node's loop).
+
+        The loop cancels the task at the command's deadline; that becomes a
+        `deadline exceeded` reply.
+        """
         header = work.header
         try:
             action = self._check(work)
-            coro = action.handler(decode_payload_checked(action, work.payload))
-            remaining = None if header.deadline is None else max(0.0, header.deadline - time.time())
-            try:
-                result = await asyncio.wait_for(coro, remaining)  # type: ignore[arg-type]
-            except TimeoutError:
-                raise DeadlineExceededError(f"{header.service}.{header.action} ran past its deadline") from None
+            result = await action.handler(decode_payload_checked(action, work.payload))  # type: ignore[misc]
             return self._reply(work, result)
+        except asyncio.CancelledError:
+            return self._error(work, DeadlineExceededError(f"{header.service}.{header.action} ran past its deadline"))
         except MeshError as err:
             return self._error(work, err)
         except Exception as exc:  # the node keeps serving whatever a handler does
@@ -227,70 +231,65 @@ class _NodeLoop:
 
     def __init__(self, node: Node, broker: str, drain_timeout: float) -> None:
         self.node = node
+        self.broker = broker
         self.drain_timeout = drain_timeout
-        self.ctx = zmq.Context()
-        self.results_addr = _RESULTS.format(id(self))
-        self.results = self.ctx.socket(zmq.PULL)
-        self.results.bind(self.results_addr)
-        self.sock = dealer(self.ctx, broker)
-        self.local = threading.local()
-        self.work: queue.SimpleQueue[_Work | None] = queue.SimpleQueue()
-        self.workers: list[threading.Thread] = []
-        self.aloop: asyncio.AbstractEventLoop | None = None
         self.pending_control: dict[str, str] = {}  # command id -> mesh action
+        self.stopping = False
 
-    def _push(self) -> zmq.Socket:
-        sock = getattr(self.local, "push", None)
-        if sock is None:
-            sock = self.local.push = self.ctx.socket(zmq.PUSH)
-            sock.linger = 0
-            sock.connect(self.results_addr)
-        return sock
+    def run(self) -> None:
+        asyncio.run(self._serve())
 
-    def _worker(self) -> None:
-        try:
-            while (work := self.work.get()) is not None:
-                self._push().send_multipart(self.node.execute(work))
-        finally:
-            self._close_push()
-
-    def _close_push(self) -> None:
-        sock = getattr(self.local, "push", None)
-        if sock is not None:
-            sock.close()
-
-    async def _run_async(self, work: _Work) -> None:
-        self._push().send_multipart(await self.node.execute_async(work))
-
-    def _start_threads(self) -> None:
+    async def _serve(self) -> None:
         node = self.node
-        if any(not a.is_async for a in node.actions.values()):
-            for i in range(node.capacity):
-                t = threading.Thread(target=self._worker, name=f"mesh-worker-{i}", daemon=True)
-                t.start()
-                self.workers.append(t)
-        if any(a.is_async for a in node.actions.values()):
-            self.aloop = asyncio.new_event_loop()
-            ready = threading.Event()
+        self.loop = loop = asyncio.get_running_loop()
+        ctx = zmq.Context()
+        self.conn = AsyncSocket(loop, dealer(ctx, self.broker), self._on_broker)
+        sync_actions = any(not a.is_async for a in node.actions.values())
+        self.pool = ThreadPoolExecutor(node.capacity, "mesh-worker") if sync_actions else None
+        self.done = asyncio.Event()
+        node._wake = lambda: loop.call_soon_threadsafe(self._begin_stop)
+        if node._stop.is_set():
+            self._begin_stop()
+        self._control("register", node.registration())
+        beat = loop.call_later(node.heartbeat_interval, self._heartbeat)
+        try:
+            await self.done.wait()
+        finally:
+            beat.cancel()
+            node._wake = None
+            if self.pool is not None:
+                self.pool.shutdown(wait=False, cancel_futures=True)
+            self.conn.close(linger_ms=500)
+            ctx.term()
 
-            def serve() -> None:
-                assert self.aloop is not None
-                asyncio.set_event_loop(self.aloop)
-                self.aloop.call_soon(ready.set)
-                try:
-                    self.aloop.run_forever()
-                finally:
-                    self._close_push()
+    def _heartbeat(self) -> None:
+        if self.stopping:
+            return
+        self._control("heartbeat", {"in_flight": self.node.in_flight})
+        self.loop.call_later(self.node.heartbeat_interval, self._heartbeat)
 
-            t = threading.Thread(target=serve, name="mesh-async", daemon=True)
-            t.start()
-            ready.wait()
-            self.workers.append(t)
+    def _begin_stop(self) -> None:
+        if self.stopping:
+            return
+        self.stopping = True
+        self._control("unregister", {})
+        self.loop.call_later(self.drain_timeout, self.done.set)
+        self._maybe_done()
+
+    def _maybe_done(self) -> None:
+        if self.stopping and self.node.in_flight == 0:
+            # Let the unregister and the last replies leave before closing.
+            self.loop.call_later(0.05, self.done.set)
 
     def _control(self, action: str, payload: Any) -> None:
         header = command("mesh", action, now=time.time())
         self.pending_control[header.id] = action
-        self.sock.send_multipart([b"", encode_header(header), encode_payload(payload)])
+        self.conn.send([b"", encode_header(header), encode_payload(payload)])
+
+    def _reply(self, frames: list[bytes]) -> None:
+        self.node.in_flight -= 1
+        self.conn.send(frames)
+        self._maybe_done()
 
     def _on_broker(self, frames: list[bytes]) -> None:
         node = self.node
@@ -310,18 +309,25 @@ class _NodeLoop:
             return
         work = _Work(envelope, header, payload, node.actions.get((header.service or "", header.action or "")))
         if node.in_flight >= node.capacity:
-            err = ResourceExhaustedError("node is at capacity")
-            self.sock.send_multipart(node._error(work, err))
+            self.conn.send(node._error(work, ResourceExhaustedError("node is at capacity")))
             return
         node.in_flight += 1
         if work.action is not None and work.action.is_async:
-            assert self.aloop is not None
-            asyncio.run_coroutine_threadsafe(self._run_async(work), self.aloop)
-        elif self.workers:
-            self.work.put(work)
-        else:  # an action this node does not have; answer inline
-            node.in_flight -= 1
-            self.sock.send_multipart(node.execute(work))
+            task = self.loop.create_task(self._run_async(work))
+            if header.deadline is not None:
+                timer = self.loop.call_later(max(0.0, header.deadline - time.time()), task.cancel)
+                task.add_done_callback(lambda _: timer.cancel())
+        elif self.pool is not None:
+            self.loop.run_in_executor(self.pool, node.execute, work).add_done_callback(self._sync_done)
+        else:  # an action this node does not have: answer at once
+            self._reply(node.execute(work))
+
+    async def _run_async(self, work: _Work) -> None:
+        self._reply(await self.node.execute_async(work))
+
+    def _sync_done(self, fut: asyncio.Future[list[bytes]]) -> None:
+        if not fut.cancelled():
+            self._reply(fut.result())
 
     def _on_control(self, header: Header, payload: bytes) -> None:
         action = self.pending_control.pop(header.correlation_id or "", None)
@@ -343,54 +349,3 @@ class _NodeLoop:
                 log.warning("broker forgot this node; registering again")
                 self.node.registered.clear()
                 self._control("register", self.node.registration())
-
-    def run(self) -> None:
-        node = self.node
-        self._start_threads()
-        poller = zmq.Poller()
-        poller.register(self.sock, zmq.POLLIN)
-        poller.register(self.results, zmq.POLLIN)
-        self._control("register", node.registration())
-        next_beat = time.monotonic() + node.heartbeat_interval
-        drain_until: float | None = None
-        try:
-            while True:
-                timeout = max(0.0, next_beat - time.monotonic())
-                ready = dict(poller.poll(min(timeout, 0.1) * 1000))
-                if self.results in ready:
-                    for _ in range(BATCH):
-                        try:
-                            frames = self.results.recv_multipart(zmq.NOBLOCK)
-                        except zmq.Again:
-                            break
-                        node.in_flight -= 1
-                        self.sock.send_multipart(frames)
-                if self.sock in ready:
-                    for _ in range(BATCH):
-                        try:
-                            frames = self.sock.recv_multipart(zmq.NOBLOCK)
-                        except zmq.Again:
-                            break
-                        self._on_broker(frames)
-                now = time.monotonic()
-                if now >= next_beat and drain_until is None:
-                    next_beat = now + node.heartbeat_interval
-                    self._control("heartbeat", {"in_flight": node.in_flight})
-                if node._stop.is_set() and drain_until is None:
-                    self._control("unregister", {})
-                    drain_until = now + self.drain_timeout
-                if drain_until is not None and (node.in_flight == 0 or now >= drain_until):
-                    break
-        finally:
-            self._shutdown()
-
-    def _shutdown(self) -> None:
-        for _ in self.workers:
-            self.work.put(None)
-        if self.aloop is not None:
-            self.aloop.call_soon_threadsafe(self.aloop.stop)
-        for t in self.workers:
-            t.join(timeout=2.0)
-        self.sock.close(linger=200)
-        self.results.close(linger=0)
-        self.ctx.term()

@@ -35,13 +35,13 @@ from ..protocol import (
     Header,
     InvalidStateError,
     MeshError,
-    MessageType,
     NodeLostError,
     ResourceExhaustedError,
     UnavailableError,
     advance,
     check_size,
     decode_header,
+    unpack_header,
     decode_payload,
     encode_header,
     encode_payload,
@@ -53,6 +53,7 @@ from .registry import NodeInfo, Registry
 __all__ = ["Side", "Outgoing", "BrokerConfig", "Broker", "Command", "ConnectionState"]
 
 SYSTEM_SERVICE: Final = "mesh"
+_REPLY_TYPES: Final = frozenset({"response", "error"})
 
 
 class Side(IntEnum):
@@ -128,47 +129,48 @@ class Broker:
         except MeshError as err:
             self.counters["malformed"] += 1
             return [(Side.CLIENT, ident, self._error_frames(err, now, None))]
-        conn.last_message_id = header.id
-        if header.type is not MessageType.COMMAND:
+        cid: str = header["id"]
+        conn.last_message_id = cid
+        if header["type"] != "command":
             err = InvalidStateError(
-                f"clients send commands; got {header.type.value}", details={"field": "type"}
+                f"clients send commands; got {header['type']}", details={"field": "type"}
             )
-            return [(Side.CLIENT, ident, self._error_frames(err, now, header.id))]
+            return [(Side.CLIENT, ident, self._error_frames(err, now, cid))]
         self.counters["commands_received"] += 1
-        if header.service == SYSTEM_SERVICE:
-            return self._system(ident, header, frames[1], now, Side.CLIENT)
-        key = (ident, header.id)
+        service: str = header["service"]
+        action: str = header["action"]
+        if service == SYSTEM_SERVICE:
+            return self._system(ident, frames[0], frames[1], now, Side.CLIENT)
+        key = (ident, cid)
         if key in self.commands:
             # The client resent a command still in flight: the first copy will answer.
             self.counters["duplicates"] += 1
             return []
         if self.draining:
-            return self._refuse(ident, header.id, UnavailableError("broker is shutting down"), now)
-        deadline = header.deadline if header.deadline is not None else now + self.config.default_timeout
-        if deadline <= now:
-            return self._refuse(
-                ident, header.id, DeadlineExceededError("deadline passed before routing"), now
-            )
-        service, action = header.service, header.action
-        assert service is not None and action is not None  # guaranteed for commands
+            return self._refuse(ident, cid, UnavailableError("broker is shutting down"), now)
+        deadline = header.get("deadline")
+        if deadline is None:
+            deadline = now + self.config.default_timeout
+        elif deadline <= now:
+            return self._refuse(ident, cid, DeadlineExceededError("deadline passed before routing"), now)
         if not self.registry.offers(service, action):
             what = "action" if self.registry.has_service(service) else "service"
             return self._refuse(
                 ident,
-                header.id,
+                cid,
                 HandlerNotFoundError(
                     f"no node offers {service}.{action}",
                     details={"service": service, "action": action, "missing": what},
                 ),
                 now,
             )
-        cmd = Command(ident, header.id, service, action, frames[0], frames[1], deadline, now)
+        cmd = Command(ident, cid, service, action, frames[0], frames[1], deadline, now)
         node = self.registry.pick(service, action)
         if node is None:
             if self.queued >= self.config.queue_limit:
                 return self._refuse(
                     ident,
-                    header.id,
+                    cid,
                     ResourceExhaustedError(
                         f"every node of {service} is busy and the queue is full",
                         details={"queue_limit": self.config.queue_limit},
@@ -239,22 +241,24 @@ class Broker:
         except MeshError as err:
             self.counters["malformed"] += 1
             return [(Side.NODE, ident, [b"", *self._error_frames(err, now, None)])]
-        link.last_message_id = header.id
+        link.last_message_id = header["id"]
+        mtype = header["type"]
         envelope = frames[0]
         if not envelope:
-            if header.type is MessageType.COMMAND and header.service == SYSTEM_SERVICE:
-                return self._system(ident, header, frames[2], now, Side.NODE)
-            if header.type in (MessageType.RESPONSE, MessageType.ERROR):
+            if mtype == "command" and header["service"] == SYSTEM_SERVICE:
+                return self._system(ident, frames[1], frames[2], now, Side.NODE)
+            if mtype in _REPLY_TYPES:
                 return []  # a node acknowledging something the broker sent it
             err = HandlerNotFoundError(
                 "nodes may only send replies and mesh.* commands", details={"field": "type"}
             )
-            return [(Side.NODE, ident, [b"", *self._error_frames(err, now, header.id)])]
-        if header.type not in (MessageType.RESPONSE, MessageType.ERROR) or header.correlation_id is None:
+            return [(Side.NODE, ident, [b"", *self._error_frames(err, now, header["id"])])]
+        correlation_id = header.get("correlation_id")
+        if mtype not in _REPLY_TYPES or correlation_id is None:
             self.counters["malformed"] += 1
             err = BadFormatError("a reply must be a response or error with a correlation_id")
-            return [(Side.NODE, ident, [b"", *self._error_frames(err, now, header.id)])]
-        cmd = self.commands.get((envelope, header.correlation_id))
+            return [(Side.NODE, ident, [b"", *self._error_frames(err, now, header["id"])])]
+        cmd = self.commands.get((envelope, correlation_id))
         if cmd is None or cmd.state is not CommandState.DISPATCHED or cmd.node is not node:
             self.counters["late_replies"] += 1
             out: list[Outgoing] = []
@@ -267,9 +271,7 @@ class Broker:
         assert node is not None
         node.in_flight -= 1
         node.completed += 1
-        self._finish(
-            cmd, CommandEvent.RESPOND if header.type is MessageType.RESPONSE else CommandEvent.FAIL
-        )
+        self._finish(cmd, CommandEvent.RESPOND if mtype == "response" else CommandEvent.FAIL)
         out = [(Side.CLIENT, envelope, [frames[1], frames[2]])]
         out.extend(self._drain_queues(node))
         return out
@@ -295,9 +297,10 @@ class Broker:
     # ------------------------------------------------------------------ system
 
     def _system(
-        self, ident: bytes, header: Header, payload: bytes, now: float, side: Side
+        self, ident: bytes, header_frame: bytes, payload: bytes, now: float, side: Side
     ) -> list[Outgoing]:
         prefix: list[bytes] = [b""] if side is Side.NODE else []
+        header = decode_header(header_frame)
         try:
             result = self._system_result(ident, header, payload, now, side)
         except MeshError as err:
@@ -430,13 +433,13 @@ class Broker:
 
     # ----------------------------------------------------------------- helpers
 
-    def _decode(self, frames: Sequence[bytes], count: int) -> Header:
+    def _decode(self, frames: Sequence[bytes], count: int) -> dict[str, Any]:
         if len(frames) != count:
             raise BadFormatError(
                 f"expected {count} frames, got {len(frames)}", details={"frames": len(frames)}
             )
         check_size(frames, self.config.max_message_bytes)
-        return decode_header(frames[-2])
+        return unpack_header(frames[-2])
 
     @staticmethod
     def _error_frames(err: MeshError, now: float, correlation_id: str | None) -> list[bytes]:
@@ -456,7 +459,7 @@ class Broker:
 def _correlation(frames: Sequence[bytes]) -> str:
     """The command id inside a dispatch we built ourselves (so it decodes)."""
     try:
-        return decode_header(frames[1]).id
+        return str(unpack_header(frames[1])["id"])
     except MeshError:
         return ""
 

@@ -1,0 +1,5 @@
+"""`python -m mesh` is the `mesh` command."""
+
+from .cli import main
+
+main()

@@ -1,0 +1,288 @@
+"""`mesh bench`: throughput and latency of the mesh, as a ratio of a raw pyzmq baseline.
+
+Rules of this module:
+
+* Both runs use the same shape on the same machine in the same invocation: one broker
+  process, one echo worker process, `clients` client processes each keeping `inflight`
+  commands outstanding, over loopback TCP (or ipc).
+* The baseline is the least a ZeroMQ broker can do: a ROUTER-ROUTER loop that forwards
+  frames without decoding them, to one raw DEALER worker that echoes, driven by raw DEALER
+  clients. The mesh run uses the real broker, the real echo node and the AsyncClient.
+* Processes are spawned (never forked) so no ZeroMQ context crosses a fork.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing as mp
+import os
+import statistics
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from typing import Any, Final
+
+import zmq
+
+__all__ = ["BenchSettings", "run_bench", "format_report"]
+
+WARMUP_S: Final = 1.0
+SAMPLE_LIMIT: Final = 100_000
+
+
+@dataclass(frozen=True, slots=True)
+class BenchSettings:
+    clients: int = 4
+    inflight: int = 32
+    payload: int = 256
+    duration: float = 5.0
+    transport: str = "tcp"
+
+
+def _endpoints(transport: str, tmp: str) -> tuple[str, str]:
+    if transport == "ipc":
+        return f"ipc://{tmp}/clients", f"ipc://{tmp}/nodes"
+    return "tcp://127.0.0.1:*", "tcp://127.0.0.1:*"
+
+
+# ------------------------------------------------------------------ baseline
+
+
+def _raw_broker(front_ep: str, back_ep: str, ready: Any, stop: Any) -> None:
+    ctx = zmq.Context()
+    front, back = ctx.socket(zmq.ROUTER), ctx.socket(zmq.ROUTER)
+    for s in (front, back):
+        s.sndhwm = s.rcvhwm = 100_000
+        s.linger = 0
+    front.bind(front_ep)
+    back.bind(back_ep)
+    ready.put((front.last_endpoint.decode(), back.last_endpoint.decode()))
+    poller = zmq.Poller()
+    poller.register(front, zmq.POLLIN)
+    poller.register(back, zmq.POLLIN)
+    worker: bytes | None = None
+    while not stop.is_set():
+        events = dict(poller.poll(100))
+        if back in events:
+            for _ in range(256):
+                try:
+                    frames = back.recv_multipart(zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+                if len(frames) == 2:  # the worker's hello
+                    worker = frames[0]
+                else:
+                    front.send_multipart(frames[1:])
+        if front in events and worker is not None:
+            for _ in range(256):
+                try:
+                    frames = front.recv_multipart(zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+                back.send_multipart([worker, *frames])
+    ctx.destroy(linger=0)
+
+
+def _raw_worker(back_ep: str, stop: Any) -> None:
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.linger = 0
+    sock.connect(back_ep)
+    sock.send(b"hello")
+    while not stop.is_set():
+        if not sock.poll(100):
+            continue
+        for _ in range(256):
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            sock.send_multipart(frames)
+    ctx.destroy(linger=0)
+
+
+def _raw_client(front_ep: str, s: BenchSettings, start: float, results: Any) -> None:
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.linger = 0
+    sock.connect(front_ep)
+    body = b"x" * s.payload
+    sent: dict[bytes, float] = {}
+    seq = 0
+    latencies: list[float] = []
+    count = 0
+    measure_from, end = start + WARMUP_S, start + WARMUP_S + s.duration
+    for _ in range(s.inflight):
+        key = seq.to_bytes(8, "little")
+        seq += 1
+        sent[key] = time.perf_counter()
+        sock.send_multipart([key, body])
+    while True:
+        now = time.time()
+        if now >= end:
+            break
+        if not sock.poll(100):
+            continue
+        key, _ = sock.recv_multipart()
+        t = time.perf_counter()
+        if now >= measure_from:
+            count += 1
+            if len(latencies) < SAMPLE_LIMIT:
+                latencies.append(t - sent.pop(key))
+        else:
+            sent.pop(key)
+        key = seq.to_bytes(8, "little")
+        seq += 1
+        sent[key] = time.perf_counter()
+        sock.send_multipart([key, body])
+    results.put((count, latencies))
+    ctx.destroy(linger=0)
+
+
+# ---------------------------------------------------------------------- mesh
+
+
+def _mesh_broker(clients_ep: str, nodes_ep: str, ready: Any, stop: Any) -> None:
+    import threading
+
+    from .broker import BrokerServer, Endpoints
+
+    server = BrokerServer(Endpoints(clients_ep, nodes_ep))
+    ready.put((server.endpoints.clients, server.endpoints.nodes))
+    threading.Thread(target=lambda: (stop.wait(), server.stop()), daemon=True).start()
+    server.run()
+
+
+def _mesh_node(nodes_ep: str, stop: Any) -> None:
+    import threading
+
+    from .plugins import load_node
+
+    node = load_node("echo")
+    threading.Thread(target=lambda: (stop.wait(), node.stop()), daemon=True).start()
+    node.run(nodes_ep)
+
+
+def _mesh_client(clients_ep: str, s: BenchSettings, start: float, results: Any) -> None:
+    from .client import AsyncClient
+
+    async def main() -> tuple[int, list[float]]:
+        payload = {"data": "x" * s.payload}
+        latencies: list[float] = []
+        count = 0
+        measure_from, end = start + WARMUP_S, start + WARMUP_S + s.duration
+        async with AsyncClient(clients_ep, timeout=30.0) as client:
+
+            async def worker() -> None:
+                nonlocal count
+                while time.time() < end:
+                    t0 = time.perf_counter()
+                    await client.call("echo", "echo", payload)
+                    t1 = time.perf_counter()
+                    if time.time() >= measure_from and time.time() < end:
+                        count += 1
+                        if len(latencies) < SAMPLE_LIMIT:
+                            latencies.append(t1 - t0)
+
+            await asyncio.gather(*(worker() for _ in range(s.inflight)))
+        return count, latencies
+
+    results.put(asyncio.run(main()))
+
+
+def _wait_for_echo(clients_ep: str, timeout: float = 15.0) -> None:
+    from .client import Client
+    from .protocol import MeshError
+
+    with Client(clients_ep, timeout=2.0, retries=0) as client:
+        end = time.time() + timeout
+        while time.time() < end:
+            try:
+                if "echo" in client.call("mesh", "services"):
+                    return
+            except MeshError:
+                pass
+            time.sleep(0.1)
+    raise RuntimeError("the echo node did not register in time")
+
+
+# ------------------------------------------------------------------- driver
+
+
+def _measure(kind: str, s: BenchSettings) -> dict[str, Any]:
+    ctx = mp.get_context("spawn")
+    ready, results, stop = ctx.Queue(), ctx.Queue(), ctx.Event()
+    with tempfile.TemporaryDirectory(prefix="mesh-bench-") as tmp:
+        front, back = _endpoints(s.transport, tmp)
+        server_fn, worker_fn, client_fn = (
+            (_raw_broker, _raw_worker, _raw_client) if kind == "raw" else (_mesh_broker, _mesh_node, _mesh_client)
+        )
+        broker = ctx.Process(target=server_fn, args=(front, back, ready, stop), daemon=True)
+        broker.start()
+        front, back = ready.get(timeout=15)
+        worker = ctx.Process(target=worker_fn, args=(back, stop), daemon=True)
+        worker.start()
+        if kind == "mesh":
+            _wait_for_echo(front)
+        else:
+            time.sleep(0.3)
+        start = time.time() + 0.5
+        clients = [ctx.Process(target=client_fn, args=(front, s, start, results), daemon=True) for _ in range(s.clients)]
+        for c in clients:
+            c.start()
+        outcomes = [results.get(timeout=WARMUP_S + s.duration + 60) for _ in clients]
+        for c in clients:
+            c.join(timeout=10)
+        stop.set()
+        for p in (worker, broker):
+            p.join(timeout=15)
+            if p.is_alive():
+                p.kill()
+    count = sum(n for n, _ in outcomes)
+    lat = sorted(x for _, sample in outcomes for x in sample)
+
+    def pct(q: float) -> float:
+        return lat[min(len(lat) - 1, int(q * len(lat)))] * 1000 if lat else float("nan")
+
+    return {
+        "commands": count,
+        "throughput": count / s.duration,
+        "latency_ms": {
+            "p50": pct(0.50),
+            "p95": pct(0.95),
+            "p99": pct(0.99),
+            "mean": statistics.fmean(lat) * 1000 if lat else float("nan"),
+        },
+    }
+
+
+def run_bench(settings: BenchSettings) -> dict[str, Any]:
+    """Run the baseline, then the mesh, with the same settings; return the report."""
+    raw = _measure("raw", settings)
+    mesh = _measure("mesh", settings)
+    return {
+        "settings": asdict(settings),
+        "machine": {"cpus": os.cpu_count(), "pyzmq": zmq.__version__, "libzmq": zmq.zmq_version()},
+        "raw": raw,
+        "mesh": mesh,
+        "ratio": mesh["throughput"] / raw["throughput"] if raw["throughput"] else float("nan"),
+    }
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """The report as a few lines for people."""
+    s = report["settings"]
+    lines = [
+        f"{s['clients']} clients x {s['inflight']} in flight, {s['payload']}-byte payloads, "
+        f"{s['transport']}, {s['duration']:.0f}s per run, {report['machine']['cpus']} CPUs",
+    ]
+    for kind in ("raw", "mesh"):
+        r = report[kind]
+        lat = r["latency_ms"]
+        label = "raw pyzmq loop" if kind == "raw" else "mesh"
+        lines.append(
+            f"{label:>15}: {r['throughput']:>9,.0f} commands/s   "
+            f"p50 {lat['p50']:.2f} ms  p95 {lat['p95']:.2f} ms  p99 {lat['p99']:.2f} ms"
+        )
+    lines.append(f"{'ratio':>15}: {report['ratio']:.2f} of the raw loop")
+    return "\n".join(lines)

@@ -1,0 +1,182 @@
+"""`mesh up`: start every broker and node of a topology as its own process and keep them up.
+
+Rules of this module:
+
+* Each broker and node replica is a real `mesh broker` / `mesh node` process, started in
+  its own session so that Ctrl-C reaches the launcher only and shutdown is orderly:
+  nodes first (they finish their commands), then brokers (they drain), then SIGKILL for
+  anything still alive after the grace period. On Linux every child also gets SIGTERM
+  from the kernel if the launcher itself dies, so no process is ever orphaned.
+* A process that exits while the mesh is up is restarted after a backoff that doubles
+  from 0.5 s to 10 s, and resets once the process has stayed up for 10 s.
+* Child output is passed through line by line, prefixed with the process name.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import IO, Final
+
+from .topology import BrokerSpec, NodeSpec, Topology
+
+__all__ = ["Launcher"]
+
+BACKOFF_START: Final = 0.5
+BACKOFF_MAX: Final = 10.0
+STABLE_AFTER: Final = 10.0
+STOP_GRACE: Final = 12.0
+READY_TIMEOUT: Final = 15.0
+
+
+def _die_with_parent() -> None:  # runs in the child between fork and exec
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+@dataclass(slots=True)
+class _Process:
+    name: str
+    argv: list[str]
+    is_broker: bool
+    popen: subprocess.Popen[str] | None = None
+    started_at: float = 0.0
+    backoff: float = BACKOFF_START
+    restart_at: float | None = None
+    restarts: int = 0
+    ready: threading.Event = field(default_factory=threading.Event)
+
+
+class Launcher:
+    """Runs a topology until `stop()`.
+
+    Args:
+        topology: a checked topology.
+        echo: where status lines go (the CLI passes click.echo).
+    """
+
+    def __init__(self, topology: Topology, echo: Callable[[str], None] = print) -> None:
+        self.topology = topology
+        self.echo = echo
+        self._stopping = threading.Event()
+        self.processes: list[_Process] = [self._broker(b) for b in topology.brokers.values()]
+        for spec in topology.nodes.values():
+            broker = topology.brokers[spec.broker]
+            for i in range(spec.replicas):
+                self.processes.append(self._node(spec, broker, i))
+
+    @staticmethod
+    def _broker(b: BrokerSpec) -> _Process:
+        argv = [
+            sys.executable, "-m", "mesh", "broker", "--name", b.name,
+            "--clients", b.clients, "--nodes", b.nodes,
+            "--queue-limit", str(b.queue_limit), "--timeout", str(b.timeout),
+            "--max-message-bytes", str(b.max_message_bytes),
+        ]
+        return _Process(f"broker:{b.name}", argv, True)
+
+    @staticmethod
+    def _node(spec: NodeSpec, broker: BrokerSpec, index: int) -> _Process:
+        name = spec.name if spec.replicas == 1 else f"{spec.name}-{index + 1}"
+        argv = [
+            sys.executable, "-m", "mesh", "node", spec.use, "--broker", broker.nodes,
+            "--name", name, "--capacity", str(spec.capacity), "--config", json.dumps(spec.config),
+        ]
+        return _Process(f"node:{name}", argv, False)
+
+    def stop(self) -> None:
+        """Begin an orderly shutdown (safe from a signal handler)."""
+        self._stopping.set()
+
+    def run(self) -> int:
+        """Start everything, supervise until `stop()`, then stop everything; exit status."""
+        self.echo(f"mesh {self.topology.name}: starting {len(self.processes)} process(es)")
+        try:
+            brokers = [p for p in self.processes if p.is_broker]
+            for p in brokers:
+                self._start(p)
+            for p in brokers:
+                if not p.ready.wait(READY_TIMEOUT) or self._stopping.is_set():
+                    if not self._stopping.is_set():
+                        self.echo(f"{p.name} did not become ready; stopping")
+                        return 1
+                    return 0
+            for p in self.processes:
+                if not p.is_broker:
+                    self._start(p)
+            self.echo("mesh is up; Ctrl-C stops it")
+            while not self._stopping.wait(0.1):
+                self._supervise()
+            return 0
+        finally:
+            self._shutdown()
+
+    def _start(self, p: _Process) -> None:
+        p.ready.clear()
+        p.popen = subprocess.Popen(
+            p.argv,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            text=True,
+            bufsize=1,
+            start_new_session=True,
+            preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
+        )
+        p.started_at = time.monotonic()
+        p.restart_at = None
+        assert p.popen.stdout is not None
+        threading.Thread(target=self._pump, args=(p, p.popen.stdout), daemon=True).start()
+
+    def _pump(self, p: _Process, stream: IO[str]) -> None:
+        for line in stream:
+            line = line.rstrip("\n")
+            if " ready " in line and line.startswith(("broker ", "node ")):
+                p.ready.set()
+                self.echo(f"[{p.name}] {line} pid={p.popen.pid if p.popen else '?'}")
+            else:
+                self.echo(f"[{p.name}] {line}")
+
+    def _supervise(self) -> None:
+        now = time.monotonic()
+        for p in self.processes:
+            if p.popen is None:
+                continue
+            if p.restart_at is not None:
+                if now >= p.restart_at:
+                    p.restarts += 1
+                    self.echo(f"restarting {p.name} (restart {p.restarts})")
+                    self._start(p)
+                continue
+            code = p.popen.poll()
+            if code is None:
+                continue
+            if now - p.started_at >= STABLE_AFTER:
+                p.backoff = BACKOFF_START
+            self.echo(f"{p.name} exited with {code}; restarting in {p.backoff:.1f}s")
+            p.restart_at = now + p.backoff
+            p.backoff = min(p.backoff * 2, BACKOFF_MAX)
+
+    def _shutdown(self) -> None:
+        self.echo("stopping: nodes first, then brokers")
+        for group in ([p for p in self.processes if not p.is_broker], [p for p in self.processes if p.is_broker]):
+            alive = [p.popen for p in group if p.popen is not None and p.popen.poll() is None]
+            for proc in alive:
+                proc.send_signal(signal.SIGTERM)
+            deadline = time.monotonic() + STOP_GRACE
+            for proc in alive:
+                try:
+                    proc.wait(max(0.0, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+        self.echo("stopped")

@@ -1,0 +1,211 @@
+"""The one topology schema: which brokers and nodes a mesh runs, read from TOML.
+
+Rules of this module:
+
+* `load()` reads a file and `parse()` checks a dict; both collect every problem (with the
+  dotted key it is at) before raising one `TopologyError`, so a user fixes a file in one
+  pass.
+* Relative paths in node configs stay as written: every process runs in the directory
+  `mesh up` was started in, which is what users expect of paths they type.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final
+
+from .protocol import MAX_MESSAGE_BYTES, ConfigurationError
+
+__all__ = ["Topology", "BrokerSpec", "NodeSpec", "TopologyError", "Problem", "load", "parse"]
+
+_NAME: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
+_ENDPOINT: Final = re.compile(r"(tcp://[^\s:]+:(\d+|\*)|ipc://\S+|inproc://\S+)")
+_SPEC: Final = re.compile(r"[A-Za-z_][\w.]*(:[A-Za-z_][\w.]*)?")
+
+
+@dataclass(frozen=True, slots=True)
+class Problem:
+    key: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.key}: {self.message}"
+
+
+class TopologyError(ConfigurationError):
+    """A topology file with one or more problems; `problems` lists them all."""
+
+    def __init__(self, source: str, problems: list[Problem]) -> None:
+        lines = "\n".join(f"  {p}" for p in problems)
+        super().__init__(
+            f"{source}: {len(problems)} problem(s)\n{lines}",
+            details={"problems": [str(p) for p in problems]},
+        )
+        self.problems = problems
+
+
+@dataclass(frozen=True, slots=True)
+class BrokerSpec:
+    name: str
+    clients: str
+    nodes: str
+    queue_limit: int = 1024
+    timeout: float = 30.0
+    max_message_bytes: int = MAX_MESSAGE_BYTES
+
+
+@dataclass(frozen=True, slots=True)
+class NodeSpec:
+    name: str
+    use: str
+    broker: str
+    replicas: int = 1
+    capacity: int = 8
+    config: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Topology:
+    name: str
+    brokers: dict[str, BrokerSpec]
+    nodes: dict[str, NodeSpec]
+    source: str = "<topology>"
+
+
+class _Checker:
+    def __init__(self) -> None:
+        self.problems: list[Problem] = []
+
+    def bad(self, key: str, message: str) -> None:
+        self.problems.append(Problem(key, message))
+
+    def table(self, data: dict[str, Any], key: str, where: str) -> dict[str, Any]:
+        value = data.get(key, {})
+        if not isinstance(value, dict):
+            self.bad(f"{where}{key}", "must be a table")
+            return {}
+        return value
+
+    def unknown(self, data: dict[str, Any], allowed: set[str], where: str) -> None:
+        for k in sorted(set(data) - allowed):
+            self.bad(f"{where}.{k}" if where else k, f"unknown key (expected one of {', '.join(sorted(allowed))})")
+
+    def get(self, data: dict[str, Any], key: str, kind: type | tuple[type, ...], where: str, default: Any, *, required: bool = False) -> Any:
+        if key not in data:
+            if required:
+                self.bad(f"{where}.{key}", "is required")
+            return default
+        value = data[key]
+        if isinstance(value, bool) and kind is not bool or not isinstance(value, kind):
+            names = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
+            self.bad(f"{where}.{key}", f"must be {_TYPE_WORDS.get(names, names)}, got {value!r}")
+            return default
+        return value
+
+
+_TYPE_WORDS: Final = {"str": "a string", "int": "an integer", "int or float": "a number", "dict": "a table"}
+
+
+def _positive(c: _Checker, value: float, key: str) -> None:
+    if value <= 0:
+        c.bad(key, f"must be greater than 0, got {value}")
+
+
+def parse(data: dict[str, Any], source: str = "<topology>") -> Topology:
+    """Check a topology already read from TOML.
+
+    Raises:
+        TopologyError: listing every problem found.
+    """
+    c = _Checker()
+    c.unknown(data, {"mesh", "brokers", "nodes"}, "")
+    mesh = c.table(data, "mesh", "")
+    c.unknown(mesh, {"name"}, "mesh")
+    name = c.get(mesh, "name", str, "mesh", "mesh")
+
+    brokers: dict[str, BrokerSpec] = {}
+    endpoints: dict[str, str] = {}
+    raw_brokers = c.table(data, "brokers", "")
+    if not raw_brokers:
+        c.bad("brokers", "at least one broker is required ([brokers.NAME])")
+    for bname, raw in raw_brokers.items():
+        where = f"brokers.{bname}"
+        if not _NAME.fullmatch(bname):
+            c.bad(where, "name must be letters, digits, '_' or '-'")
+        if not isinstance(raw, dict):
+            c.bad(where, "must be a table")
+            continue
+        c.unknown(raw, {"clients", "nodes", "queue_limit", "timeout", "max_message_bytes"}, where)
+        eps = {}
+        for side in ("clients", "nodes"):
+            ep = c.get(raw, side, str, where, "", required=True)
+            if ep and not _ENDPOINT.fullmatch(ep):
+                c.bad(f"{where}.{side}", f"{ep!r} is not a ZeroMQ endpoint (tcp://HOST:PORT or ipc://PATH)")
+            elif ep and ep in endpoints:
+                c.bad(f"{where}.{side}", f"{ep} is already used by {endpoints[ep]}")
+            elif ep:
+                endpoints[ep] = f"{where}.{side}"
+            eps[side] = ep
+        spec = BrokerSpec(
+            name=bname,
+            clients=eps["clients"],
+            nodes=eps["nodes"],
+            queue_limit=c.get(raw, "queue_limit", int, where, 1024),
+            timeout=float(c.get(raw, "timeout", (int, float), where, 30.0)),
+            max_message_bytes=c.get(raw, "max_message_bytes", int, where, MAX_MESSAGE_BYTES),
+        )
+        _positive(c, spec.queue_limit, f"{where}.queue_limit")
+        _positive(c, spec.timeout, f"{where}.timeout")
+        _positive(c, spec.max_message_bytes, f"{where}.max_message_bytes")
+        brokers[bname] = spec
+
+    nodes: dict[str, NodeSpec] = {}
+    for nname, raw in c.table(data, "nodes", "").items():
+        where = f"nodes.{nname}"
+        if not _NAME.fullmatch(nname):
+            c.bad(where, "name must be letters, digits, '_' or '-'")
+        if not isinstance(raw, dict):
+            c.bad(where, "must be a table")
+            continue
+        c.unknown(raw, {"use", "broker", "replicas", "capacity", "config"}, where)
+        use = c.get(raw, "use", str, where, "", required=True)
+        if use and not _SPEC.fullmatch(use):
+            c.bad(f"{where}.use", f"{use!r} is neither a node name (echo) nor module:attribute")
+        default_broker = next(iter(brokers), "")
+        broker = c.get(raw, "broker", str, where, default_broker)
+        if "broker" in raw and isinstance(broker, str) and broker not in raw_brokers:
+            c.bad(f"{where}.broker", f"no broker named {broker!r} (brokers: {', '.join(raw_brokers) or 'none'})")
+        spec_n = NodeSpec(
+            name=nname,
+            use=use,
+            broker=broker,
+            replicas=c.get(raw, "replicas", int, where, 1),
+            capacity=c.get(raw, "capacity", int, where, 8),
+            config=c.get(raw, "config", dict, where, {}),
+        )
+        _positive(c, spec_n.replicas, f"{where}.replicas")
+        _positive(c, spec_n.capacity, f"{where}.capacity")
+        nodes[nname] = spec_n
+
+    if c.problems:
+        raise TopologyError(source, c.problems)
+    return Topology(name=name, brokers=brokers, nodes=nodes, source=source)
+
+
+def load(path: str | Path) -> Topology:
+    """Read and check a topology file.
+
+    Raises:
+        TopologyError: the file is missing, not TOML, or has problems (all listed).
+    """
+    p = Path(path)
+    try:
+        data = tomllib.loads(p.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise TopologyError(str(p), [Problem("file", exc.strerror or str(exc))]) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise TopologyError(str(p), [Problem("syntax", str(exc))]) from None
+    return parse(data, str(p))
