@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ctypes
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -34,6 +35,8 @@ BACKOFF_MAX: Final = 10.0
 STABLE_AFTER: Final = 10.0
 STOP_GRACE: Final = 12.0
 READY_TIMEOUT: Final = 15.0
+_BROKER_READY: Final = re.compile(r"broker \S+ ready clients=\S+ nodes=(\S+)")
+_NODE_READY: Final = re.compile(r"node \S+ ready ")
 
 
 def _die_with_parent() -> None:  # runs in the child between fork and exec
@@ -47,6 +50,7 @@ def _die_with_parent() -> None:  # runs in the child between fork and exec
 class _Process:
     name: str
     argv: list[str]
+    broker: str  # the broker's name, for a node; its own name, for a broker
     is_broker: bool
     popen: subprocess.Popen[str] | None = None
     started_at: float = 0.0
@@ -68,6 +72,7 @@ class Launcher:
         self.topology = topology
         self.echo = echo
         self._stopping = threading.Event()
+        self.node_endpoints: dict[str, str] = {}  # broker name -> endpoint for nodes
         self.processes: list[_Process] = [self._broker(b) for b in topology.brokers.values()]
         for spec in topology.nodes.values():
             broker = topology.brokers[spec.broker]
@@ -82,16 +87,16 @@ class Launcher:
             "--queue-limit", str(b.queue_limit), "--timeout", str(b.timeout),
             "--max-message-bytes", str(b.max_message_bytes),
         ]
-        return _Process(f"broker:{b.name}", argv, True)
+        return _Process(f"broker:{b.name}", argv, b.name, True)
 
     @staticmethod
     def _node(spec: NodeSpec, broker: BrokerSpec, index: int) -> _Process:
         name = spec.name if spec.replicas == 1 else f"{spec.name}-{index + 1}"
         argv = [
-            sys.executable, "-m", "mesh", "node", spec.use, "--broker", broker.nodes,
+            sys.executable, "-m", "mesh", "node", spec.use,
             "--name", name, "--capacity", str(spec.capacity), "--config", json.dumps(spec.config),
         ]
-        return _Process(f"node:{name}", argv, False)
+        return _Process(f"node:{name}", argv, broker.name, False)
 
     def stop(self) -> None:
         """Begin an orderly shutdown (safe from a signal handler)."""
@@ -122,8 +127,9 @@ class Launcher:
 
     def _start(self, p: _Process) -> None:
         p.ready.clear()
+        argv = p.argv if p.is_broker else [*p.argv, "--broker", self.node_endpoints[p.broker]]
         p.popen = subprocess.Popen(
-            p.argv,
+            argv,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
@@ -140,7 +146,11 @@ class Launcher:
     def _pump(self, p: _Process, stream: IO[str]) -> None:
         for line in stream:
             line = line.rstrip("\n")
-            if " ready " in line and line.startswith(("broker ", "node ")):
+            m = _BROKER_READY.match(line)
+            if m:
+                # Where it really listens (a topology may ask for port `*`).
+                self.node_endpoints[p.broker] = m.group(1)
+            if m or _NODE_READY.match(line):
                 p.ready.set()
                 self.echo(f"[{p.name}] {line} pid={p.popen.pid if p.popen else '?'}")
             else:

@@ -317,6 +317,8 @@ class Broker:
             return {"pong": True, "broker": self.config.name, "time": now}
         if action == "services":
             return self.registry.describe()
+        if action == "stats":
+            return self.stats()
         if side is Side.NODE and action == "register":
             node = self.registry.register(ident, decode_payload(payload), now)
             self.counters["registrations"] += 1

@@ -1,0 +1,68 @@
+"""Handler nodes for the integration tests, run by real `mesh node testnodes:node` processes."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from typing import Any
+
+from mesh.node import Node
+
+
+def node(name: str = "t", services: list[str] | None = None, capacity: int = 4) -> Node:
+    """A node offering the test actions under each of `services`."""
+    n = Node(name, capacity=capacity)
+    lock = threading.Lock()
+    running = {"now": 0, "max": 0}
+
+    for svc in services or ["alpha"]:
+
+        @n.action(svc, "whoami", schema={"type": "object"}, description="The node's name.")
+        def whoami(payload: dict[str, Any]) -> dict[str, Any]:
+            return {"node": name}
+
+        @n.action(
+            svc,
+            "work",
+            schema={
+                "type": "object",
+                "properties": {"sleep": {"type": "number", "minimum": 0}},
+                "required": ["sleep"],
+                "additionalProperties": False,
+            },
+            description="Sleep, and report how many commands ran at once on this node.",
+        )
+        def work(payload: dict[str, Any]) -> dict[str, Any]:
+            with lock:
+                running["now"] += 1
+                running["max"] = max(running["max"], running["now"])
+            try:
+                time.sleep(payload["sleep"])
+            finally:
+                with lock:
+                    running["now"] -= 1
+            return {"node": name, "max_concurrent": running["max"]}
+
+        @n.action(svc, "nap", description="Sleep on the event loop (an async handler).")
+        async def nap(payload: dict[str, Any]) -> dict[str, Any]:
+            await asyncio.sleep(float(payload.get("sleep", 0)))
+            return {"node": name, "slept": payload.get("sleep", 0)}
+
+        @n.action(
+            svc,
+            "typed",
+            schema={
+                "type": "object",
+                "properties": {"count": {"type": "integer"}, "inner": {"type": "object", "properties": {"flag": {"type": "boolean"}}}},
+                "required": ["count"],
+            },
+        )
+        def typed(payload: dict[str, Any]) -> int:
+            return payload["count"] * 2
+
+        @n.action(svc, "boom", description="Always raises.")
+        def boom(payload: dict[str, Any]) -> None:
+            raise RuntimeError("secret detail that must not leak")
+
+    return n
