@@ -1,0 +1,93 @@
+"""The `mesh` command: CliRunner for parsing and errors, the real executable against a real broker."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from mesh.cli import main
+from mesh.testing import run_node
+
+MESH = str(Path(sys.executable).parent / "mesh")
+
+
+def run(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([MESH, *args], capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.parametrize("command", [[], ["up"], ["broker"], ["node"], ["call"], ["services"], ["topology", "check"], ["bench"]])
+def test_every_command_has_help(command):
+    """`--help` works on every command and describes it."""
+    result = CliRunner().invoke(main, [*command, "--help"])
+    assert result.exit_code == 0, result.output
+    assert "Usage:" in result.output
+
+
+def test_topology_check_accepts_the_quickstart():
+    """The shipped quickstart topology passes the check."""
+    result = CliRunner().invoke(main, ["topology", "check", "topologies/quickstart.toml"])
+    assert result.exit_code == 0, result.output
+    assert "ok (1 broker(s)" in result.output
+
+
+def test_topology_check_lists_every_problem_with_its_key(tmp_path: Path):
+    """Every problem in a bad topology is reported with the dotted key it is at."""
+    bad = tmp_path / "bad.toml"
+    bad.write_text(
+        '[mesh]\nname = 1\n[brokers.main]\nclients = "tcp//nope"\nnodes = "tcp://127.0.0.1:7001"\nspeed = 3\n'
+        '[nodes.kv]\nbroker = "other"\nreplicas = 0\n'
+    )
+    result = CliRunner().invoke(main, ["topology", "check", str(bad)])
+    assert result.exit_code == 2
+    for key in ["mesh.name", "brokers.main.clients", "brokers.main.speed", "nodes.kv.use", "nodes.kv.broker", "nodes.kv.replicas"]:
+        assert f"  {key}: " in result.output, key
+    assert "6 problem(s)" in result.output
+
+
+def test_topology_check_reports_toml_syntax_and_missing_files(tmp_path: Path):
+    """A file that is not TOML, or not there, is a clear error, not a traceback."""
+    broken = tmp_path / "broken.toml"
+    broken.write_text("[mesh\n")
+    result = CliRunner().invoke(main, ["topology", "check", str(broken)])
+    assert result.exit_code == 2 and "syntax:" in result.output
+    result = CliRunner().invoke(main, ["topology", "check", str(tmp_path / "missing.toml")])
+    assert result.exit_code == 2 and "file:" in result.output
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [(["call", "noaction", "{}"], "SERVICE.ACTION"), (["call", "a.b", "{nope"], "not JSON"), (["node", "echo", "--config", "[1]"], "JSON object")],
+)
+def test_bad_arguments_are_usage_errors(args, message):
+    """Malformed targets and JSON are refused with exit status 2 and a clear message."""
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 2
+    assert message in result.output
+
+
+def test_call_and_services_with_the_real_executable(tcp_broker):
+    """`mesh call` prints the JSON result; failures print the error code and exit 1; `mesh services` lists actions."""
+    with run_node("testnodes:node", tcp_broker):
+        ok = run("call", "alpha.typed", '{"count": 4}', "--broker", tcp_broker.clients)
+        assert ok.returncode == 0, ok.stderr
+        assert json.loads(ok.stdout) == 8
+        bad = run("call", "alpha.typed", '{"count": "x"}', "--broker", tcp_broker.clients)
+        assert bad.returncode == 1
+        assert "1002 ValidationFailedError" in bad.stderr and "count" in bad.stderr
+        missing = run("call", "nobody.here", "{}", "--broker", tcp_broker.clients)
+        assert missing.returncode == 1 and "1003" in missing.stderr
+        listed = run("services", "--broker", tcp_broker.clients)
+        assert listed.returncode == 0
+        assert json.loads(listed.stdout)["alpha"]["actions"]["typed"]["schema"]["required"] == ["count"]
+
+
+def test_call_without_a_broker_times_out_cleanly():
+    """With nothing listening, `mesh call` gives up after its timeout with a deadline error."""
+    result = run("call", "echo.echo", "{}", "--broker", "tcp://127.0.0.1:9", "--timeout", "0.5")
+    assert result.returncode == 1
+    assert "3004 DeadlineExceededError" in result.stderr
