@@ -1,0 +1,1 @@
+"""Ready handler nodes (echo, kv, sqlite, fs), each a `node(**config)` factory."""

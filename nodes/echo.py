@@ -1,0 +1,50 @@
+"""The `echo` service: the smallest real node, for trying the mesh and testing it.
+
+`echo.echo` hands the payload back untouched, so a client can check a round trip through
+the broker value for value; `echo.reverse` changes its input, which shows the handler
+really ran rather than a reply being replayed.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Final
+
+from mesh.node import Node
+
+__all__ = ["node"]
+
+ECHO_SCHEMA: Final = {
+    "type": "object",
+    "description": "Any object, for example {\"text\": \"hi\"}; it comes back unchanged.",
+}
+REVERSE_SCHEMA: Final = {
+    "type": "object",
+    "properties": {"text": {"type": "string", "description": "The text to reverse."}},
+    "required": ["text"],
+    "additionalProperties": False,
+}
+
+
+def node() -> Node:
+    """The echo node; it has nothing to configure.
+
+    Returns:
+        A `Node` named "echo" offering `echo.echo` and `echo.reverse`.
+    """
+    n = Node("echo")
+
+    @n.action(
+        "echo", "echo", schema=ECHO_SCHEMA, idempotent=True,
+        description="Return the payload object unchanged.",
+    )
+    def echo(payload: dict[str, Any]) -> dict[str, Any]:
+        return payload
+
+    @n.action(
+        "echo", "reverse", schema=REVERSE_SCHEMA, idempotent=True,
+        description="Return the text with its characters in reverse order.",
+    )
+    def reverse(payload: dict[str, Any]) -> dict[str, str]:
+        return {"text": payload["text"][::-1]}
+
+    return n
