@@ -5,9 +5,9 @@ Rules of this module:
 * The loop watches the socket's file descriptor and drains messages in batches with
   non-blocking receives, handing each to a callback; no future is made per message,
   which is what makes this several times cheaper than `zmq.asyncio` on the hot path.
-* ZeroMQ's descriptor is edge-triggered and any send may consume the edge, so after
-  every batch and every send the socket's `EVENTS` are checked and a drain is scheduled
-  if a message is waiting.
+* ZeroMQ's descriptor is edge-triggered and any send may consume the edge, so a send
+  schedules one drain attempt (at most one is pending at a time), which catches a
+  message that arrived without a new edge.
 * Only the loop's thread may use the socket.
 """
 
@@ -20,10 +20,12 @@ from typing import Final
 import zmq
 
 from .protocol import ResourceExhaustedError
+from .sockets import send_frames
 
 __all__ = ["AsyncSocket"]
 
 BATCH: Final = 256
+_NOBLOCK: Final = int(zmq.NOBLOCK)
 
 
 class AsyncSocket:
@@ -61,7 +63,7 @@ class AsyncSocket:
             return
         for _ in range(BATCH):
             try:
-                frames = sock.recv_multipart(zmq.NOBLOCK)
+                frames = sock.recv_multipart(_NOBLOCK)
             except zmq.Again:
                 return
             handle(frames)
@@ -74,11 +76,10 @@ class AsyncSocket:
             ResourceExhaustedError: the socket's send queue is full.
         """
         try:
-            self.sock.send_multipart(frames, zmq.NOBLOCK)
+            send_frames(self.sock, frames)
         except zmq.Again:
             raise ResourceExhaustedError("send queue to the broker is full") from None
-        if self.sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
-            self._schedule()
+        self._schedule()
 
     def close(self, linger_ms: int = 0) -> None:
         """Stop watching the socket and close it, waiting up to `linger_ms` to flush sends."""

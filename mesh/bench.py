@@ -83,7 +83,7 @@ def _raw_broker(front_ep: str, back_ep: str, ready: Any, stop: Any) -> None:
     ctx.destroy(linger=0)
 
 
-def _raw_worker(back_ep: str, stop: Any) -> None:
+def _raw_worker(back_ep: str, capacity: int, stop: Any) -> None:
     ctx = zmq.Context()
     sock = ctx.socket(zmq.DEALER)
     sock.linger = 0
@@ -153,12 +153,14 @@ def _mesh_broker(clients_ep: str, nodes_ep: str, ready: Any, stop: Any) -> None:
     server.run()
 
 
-def _mesh_node(nodes_ep: str, stop: Any) -> None:
+def _mesh_node(nodes_ep: str, capacity: int, stop: Any) -> None:
     import threading
 
     from .plugins import load_node
 
     node = load_node("echo")
+    # As many slots as commands in flight, as the raw worker has: the window is the same.
+    node.capacity = capacity
     threading.Thread(target=lambda: (stop.wait(), node.stop()), daemon=True).start()
     node.run(nodes_ep)
 
@@ -220,7 +222,7 @@ def _measure(kind: str, s: BenchSettings) -> dict[str, Any]:
         broker = ctx.Process(target=server_fn, args=(front, back, ready, stop), daemon=True)
         broker.start()
         front, back = ready.get(timeout=15)
-        worker = ctx.Process(target=worker_fn, args=(back, stop), daemon=True)
+        worker = ctx.Process(target=worker_fn, args=(back, s.clients * s.inflight, stop), daemon=True)
         worker.start()
         if kind == "mesh":
             _wait_for_echo(front)

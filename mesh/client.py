@@ -47,6 +47,7 @@ DEFAULT_TIMEOUT: Final = 30.0
 RETRY_PAUSE: Final = 0.05
 # The broker answers at the deadline; wait this much longer before giving up on it.
 GRACE: Final = 0.5
+SWEEP_S: Final = 0.1
 
 T = TypeVar("T")
 
@@ -67,7 +68,9 @@ class AsyncClient:
         self._ctx = zmq.Context()
         self._sock = dealer(self._ctx, broker)
         self._conn: AsyncSocket | None = None
-        self._waiting: dict[str, asyncio.Future[tuple[Header, bytes]]] = {}
+        # command id -> (future of the reply, when to stop waiting for it)
+        self._waiting: dict[str, tuple[asyncio.Future[tuple[Header, bytes]], float]] = {}
+        self._sweeper: asyncio.TimerHandle | None = None
         self.unmatched = 0  # replies for calls that were no longer waiting
 
     async def __aenter__(self) -> AsyncClient:
@@ -117,14 +120,13 @@ class AsyncClient:
         conn = self._conn
         if conn is None:
             conn = self._conn = AsyncSocket(loop, self._sock, self._on_reply)
+            self._sweeper = loop.call_later(SWEEP_S, self._sweep)
         fut: asyncio.Future[tuple[Header, bytes]] = loop.create_future()
-        self._waiting[cid] = fut
-        timer = loop.call_later(max(0.0, deadline - time.time()) + GRACE, _expire, fut, self.broker)
+        self._waiting[cid] = (fut, deadline + GRACE)
         try:
             conn.send([header, payload])
             reply, body = await fut
         finally:
-            timer.cancel()
             del self._waiting[cid]
         if reply.type is MessageType.ERROR:
             assert reply.error is not None
@@ -140,15 +142,30 @@ class AsyncClient:
         except MeshError:
             self.unmatched += 1
             return
-        fut = self._waiting.get(header.correlation_id or "")
-        if fut is None or fut.done():
+        entry = self._waiting.get(header.correlation_id or "")
+        if entry is None or entry[0].done():
             self.unmatched += 1
             return
-        fut.set_result((header, frames[1]))
+        entry[0].set_result((header, frames[1]))
+
+    def _sweep(self) -> None:
+        """Fail the calls whose broker stayed silent past their deadline (one timer for all)."""
+        now = time.time()
+        for fut, expires in list(self._waiting.values()):
+            if now >= expires and not fut.done():
+                fut.set_exception(
+                    DeadlineExceededError(
+                        f"no answer from the broker at {self.broker}", details={"broker": self.broker}
+                    )
+                )
+        assert self._conn is not None
+        self._sweeper = self._conn.loop.call_later(SWEEP_S, self._sweep)
 
     async def close(self) -> None:
         """Fail calls still waiting and close the connection."""
-        for fut in self._waiting.values():
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        for fut, _ in self._waiting.values():
             if not fut.done():
                 fut.set_exception(UnavailableError("client closed"))
         if self._conn is not None:
@@ -156,13 +173,6 @@ class AsyncClient:
         else:
             self._sock.close(linger=0)
         self._ctx.term()
-
-
-def _expire(fut: asyncio.Future[Any], broker: str) -> None:
-    if not fut.done():
-        fut.set_exception(
-            DeadlineExceededError(f"no answer from the broker at {broker}", details={"broker": broker})
-        )
 
 
 class Client:

@@ -23,16 +23,18 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final
 
 import zmq
 
 from .protocol import (
+    MAX_MESSAGE_BYTES,
     DeadlineExceededError,
     HandlerNotFoundError,
     Header,
     InternalError,
     MeshError,
+    MessageTooLargeError,
     MessageType,
     PayloadValidator,
     ResourceExhaustedError,
@@ -54,6 +56,7 @@ __all__ = ["Node", "Action", "Handler"]
 log = logging.getLogger("mesh.node")
 
 Handler = Callable[[Any], Any] | Callable[[Any], Awaitable[Any]]
+EXPIRY_S: Final = 0.05
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,6 +99,7 @@ class Node:
         self.registered = threading.Event()
         self.in_flight = 0
         self._wake: Callable[[], None] | None = None
+        self.max_message_bytes = MAX_MESSAGE_BYTES  # the broker tells its own on registration
 
     def action(
         self,
@@ -193,7 +197,17 @@ class Node:
         return work.action
 
     def _reply(self, work: _Work, result: Any) -> list[bytes]:
-        return [work.envelope, encode_header(response_to(work.header, now=time.time())), encode_payload(result)]
+        frames = [work.envelope, encode_header(response_to(work.header, now=time.time())), encode_payload(result)]
+        size = len(frames[1]) + len(frames[2])
+        if size > self.max_message_bytes:
+            return self._error(
+                work,
+                MessageTooLargeError(
+                    f"the result is {size} bytes, the broker's limit is {self.max_message_bytes}",
+                    details={"limit": self.max_message_bytes},
+                ),
+            )
+        return frames
 
     def _error(self, work: _Work, err: MeshError) -> list[bytes]:
         return [work.envelope, encode_header(error_to(work.header, err, now=time.time())), b"\xc0"]
@@ -235,6 +249,7 @@ class _NodeLoop:
         self.drain_timeout = drain_timeout
         self.pending_control: dict[str, str] = {}  # command id -> mesh action
         self.stopping = False
+        self.deadlines: dict[asyncio.Task[None], float] = {}  # running async handlers
 
     def run(self) -> None:
         asyncio.run(self._serve())
@@ -252,10 +267,12 @@ class _NodeLoop:
             self._begin_stop()
         self._control("register", node.registration())
         beat = loop.call_later(node.heartbeat_interval, self._heartbeat)
+        self.expiry = loop.call_later(EXPIRY_S, self._expire)
         try:
             await self.done.wait()
         finally:
             beat.cancel()
+            self.expiry.cancel()
             node._wake = None
             if self.pool is not None:
                 self.pool.shutdown(wait=False, cancel_futures=True)
@@ -315,15 +332,25 @@ class _NodeLoop:
         if work.action is not None and work.action.is_async:
             task = self.loop.create_task(self._run_async(work))
             if header.deadline is not None:
-                timer = self.loop.call_later(max(0.0, header.deadline - time.time()), task.cancel)
-                task.add_done_callback(lambda _: timer.cancel())
+                self.deadlines[task] = header.deadline
         elif self.pool is not None:
             self.loop.run_in_executor(self.pool, node.execute, work).add_done_callback(self._sync_done)
         else:  # an action this node does not have: answer at once
             self._reply(node.execute(work))
 
     async def _run_async(self, work: _Work) -> None:
-        self._reply(await self.node.execute_async(work))
+        try:
+            self._reply(await self.node.execute_async(work))
+        finally:
+            self.deadlines.pop(asyncio.current_task(), None)  # type: ignore[arg-type]
+
+    def _expire(self) -> None:
+        """Cancel async handlers running past their command's deadline (one timer for all)."""
+        now = time.time()
+        for task, deadline in list(self.deadlines.items()):
+            if deadline <= now:
+                task.cancel()
+        self.expiry = self.loop.call_later(EXPIRY_S, self._expire)
 
     def _sync_done(self, fut: asyncio.Future[list[bytes]]) -> None:
         if not fut.cancelled():
@@ -338,6 +365,12 @@ class _NodeLoop:
                 self.node.stop()
             return
         if action == "register":
+            try:
+                limit = decode_payload(payload).get("max_message_bytes")
+            except (MeshError, AttributeError):
+                limit = None
+            if isinstance(limit, int) and limit > 0:
+                self.node.max_message_bytes = limit
             self.node.registered.set()
             log.info("registered %s", ", ".join(sorted({s for s, _ in self.node.actions})))
         elif action == "heartbeat":

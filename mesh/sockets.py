@@ -18,10 +18,28 @@ import zmq
 
 from .protocol import MAX_HEADER_BYTES, MAX_MESSAGE_BYTES, ConfigurationError
 
-__all__ = ["router", "dealer", "bound_endpoint", "LINGER_MS"]
+__all__ = ["router", "dealer", "bound_endpoint", "send_frames", "LINGER_MS"]
 
 LINGER_MS: Final = 500
 HWM: Final = 100_000
+# Plain ints: pyzmq's flag enums make every `|` and `&` a Python-level call on the hot path.
+_NOBLOCK: Final = int(zmq.NOBLOCK)
+_MORE_NOBLOCK: Final = int(zmq.SNDMORE) | _NOBLOCK
+
+
+def send_frames(sock: zmq.Socket, frames: list[bytes], first: bytes | None = None) -> None:
+    """Send one multipart message without blocking, `first` (a routing id) before `frames`.
+
+    Raises:
+        zmq.ZMQError: EAGAIN when the peer's queue is full, EHOSTUNREACH from a ROUTER
+            when the peer is gone; the caller's loop decides what that means.
+    """
+    send = sock.send
+    if first is not None:
+        send(first, _MORE_NOBLOCK)
+    last = len(frames) - 1
+    for i, frame in enumerate(frames):
+        send(frame, _NOBLOCK if i == last else _MORE_NOBLOCK)
 
 
 def _prepare_ipc(endpoint: str) -> None:

@@ -41,6 +41,7 @@ from ..protocol import (
     advance,
     check_size,
     decode_header,
+    peek_header,
     unpack_header,
     decode_payload,
     encode_header,
@@ -240,7 +241,15 @@ class Broker:
             header = self._decode(frames, 3)
         except MeshError as err:
             self.counters["malformed"] += 1
-            return [(Side.NODE, ident, [b"", *self._error_frames(err, now, None)])]
+            out = [(Side.NODE, ident, [b"", *self._error_frames(err, now, None)])]
+            cmd = self._command_of_bad_reply(node, frames)
+            if cmd is not None:
+                # Answer the client instead of leaving it to time out on a reply it cannot get.
+                assert node is not None
+                node.in_flight -= 1
+                out.append(self._fail(cmd, err, now, CommandEvent.FAIL))
+                out.extend(self._drain_queues(node))
+            return out
         link.last_message_id = header["id"]
         mtype = header["type"]
         envelope = frames[0]
@@ -275,6 +284,16 @@ class Broker:
         out = [(Side.CLIENT, envelope, [frames[1], frames[2]])]
         out.extend(self._drain_queues(node))
         return out
+
+    def _command_of_bad_reply(self, node: NodeInfo | None, frames: Sequence[bytes]) -> Command | None:
+        """The command a node's unusable reply was meant for, if it can still be told."""
+        if node is None or len(frames) != 3 or not frames[0]:
+            return None
+        cid = peek_header(frames[1], "correlation_id")
+        cmd = self.commands.get((frames[0], cid)) if isinstance(cid, str) else None
+        if cmd is None or cmd.node is not node or cmd.state is not CommandState.DISPATCHED:
+            return None
+        return cmd
 
     def _drain_queues(self, node: NodeInfo) -> list[Outgoing]:
         """Give a node with free slots the oldest queued commands it can run."""
@@ -322,7 +341,11 @@ class Broker:
         if side is Side.NODE and action == "register":
             node = self.registry.register(ident, decode_payload(payload), now)
             self.counters["registrations"] += 1
-            return {"registered": sorted(node.services), "broker": self.config.name}
+            return {
+                "registered": sorted(node.services),
+                "broker": self.config.name,
+                "max_message_bytes": self.config.max_message_bytes,
+            }
         if side is Side.NODE and action == "unregister":
             self.registry.remove(ident)
             return {"unregistered": True}

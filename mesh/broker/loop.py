@@ -20,7 +20,7 @@ from typing import Final
 
 import zmq
 
-from ..sockets import bound_endpoint, router
+from ..sockets import bound_endpoint, router, send_frames
 from .core import Broker, BrokerConfig, Outgoing, Side
 
 __all__ = ["BrokerServer", "Endpoints"]
@@ -29,6 +29,7 @@ log = logging.getLogger("mesh.broker")
 
 BATCH: Final = 256
 TICK_S: Final = 0.05
+_NOBLOCK: Final = int(zmq.NOBLOCK)
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,7 +104,7 @@ class BrokerServer:
         recv = sock.recv_multipart
         for _ in range(BATCH):
             try:
-                frames = recv(zmq.NOBLOCK)
+                frames = recv(_NOBLOCK)
             except zmq.Again:
                 return
             out = handle(frames[0], frames[1:], now)
@@ -116,7 +117,7 @@ class BrokerServer:
             follow_up: list[Outgoing] = []
             for side, ident, frames in out:
                 try:
-                    sockets[side].send_multipart([ident, *frames], zmq.NOBLOCK)
+                    send_frames(sockets[side], frames, ident)
                 except zmq.ZMQError as exc:
                     if exc.errno not in (zmq.EHOSTUNREACH, zmq.EAGAIN):
                         raise

@@ -46,6 +46,7 @@ __all__ = [
     "encode_header",
     "decode_header",
     "unpack_header",
+    "peek_header",
     "encode_payload",
     "decode_payload",
     "encode",
@@ -216,6 +217,19 @@ def unpack_header(frame: bytes) -> dict[str, Any]:
     elif "error" in raw:
         raise _invalid("error", "only error messages carry an error")
     return raw
+
+
+def peek_header(frame: bytes, key: str) -> Any:
+    """One key of a header that failed validation, or None when it cannot be read.
+
+    For salvage only (answering the right command about a bad reply); never trust it
+    for routing or authorisation.
+    """
+    try:
+        raw = _unpackb(frame, raw=False)
+    except Exception:  # msgpack raises several unrelated types for bad input
+        return None
+    return raw.get(key) if type(raw) is dict else None
 
 
 def decode_header(frame: bytes) -> Header:

@@ -125,3 +125,18 @@ def test_system_service_lists_every_action_with_its_schema(broker, client_of):
         assert work["schema"]["required"] == ["sleep"]
         assert "Sleep" in work["description"]
         assert c.call("mesh", "ping")["pong"] is True
+
+
+def test_a_reply_larger_than_the_limit_is_an_error_and_frees_the_node(client_of):
+    """A result past the broker's message limit is answered MESSAGE_TOO_LARGE at once; the node serves on."""
+    from mesh.protocol import MessageTooLargeError
+    from mesh.testing import run_broker
+
+    with run_broker("tcp://127.0.0.1:*", "tcp://127.0.0.1:*", "--max-message-bytes", "20000") as b:
+        with run_node("testnodes:node", b, config=cfg(capacity=1)):
+            c = client_of(b)
+            for _ in range(3):  # capacity 1: a leaked slot would block the next call
+                with pytest.raises(MessageTooLargeError) as e:
+                    c.call("alpha", "blob", {"size": 50_000}, timeout=5)
+                assert e.value.details["limit"] == 20000
+                assert c.call("alpha", "blob", {"size": 10}, timeout=5) == "x" * 10

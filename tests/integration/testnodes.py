@@ -61,6 +61,10 @@ def node(name: str = "t", services: list[str] | None = None, capacity: int = 4) 
         def typed(payload: dict[str, Any]) -> int:
             return payload["count"] * 2
 
+        @n.action(svc, "blob", description="A string of `size` bytes.")
+        def blob(payload: dict[str, Any]) -> str:
+            return "x" * int(payload["size"])
+
         @n.action(svc, "boom", description="Always raises.")
         def boom(payload: dict[str, Any]) -> None:
             raise RuntimeError("secret detail that must not leak")
