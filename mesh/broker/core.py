@@ -49,6 +49,7 @@ from ..protocol import (
     error_header,
     response_to,
 )
+from ..protocol.names import ID_MATCH
 from .registry import NodeInfo, Registry
 
 __all__ = ["Side", "Outgoing", "BrokerConfig", "Broker", "Command", "ConnectionState"]
@@ -129,10 +130,12 @@ class Broker:
             header = self._decode(frames, 2)
         except MeshError as err:
             self.counters["malformed"] += 1
-            return [(Side.CLIENT, ident, self._error_frames(err, now, None))]
+            # Name the command when its id is readable, so the client can match the error.
+            return [(Side.CLIENT, ident, self._error_frames(err, now, _readable_id(frames)))]
         cid: str = header["id"]
         conn.last_message_id = cid
         if header["type"] != "command":
+            self.counters["malformed"] += 1
             err = InvalidStateError(
                 f"clients send commands; got {header['type']}", details={"field": "type"}
             )
@@ -242,13 +245,15 @@ class Broker:
         except MeshError as err:
             self.counters["malformed"] += 1
             out = [(Side.NODE, ident, [b"", *self._error_frames(err, now, None)])]
-            cmd = self._command_of_bad_reply(node, frames)
+            cmd = self._command_of_bad_reply(ident, frames)
             if cmd is not None:
                 # Answer the client instead of leaving it to time out on a reply it cannot get.
-                assert node is not None
-                node.in_flight -= 1
+                holder = node if node is not None else cmd.node
+                assert holder is not None
+                holder.in_flight -= 1
                 out.append(self._fail(cmd, err, now, CommandEvent.FAIL))
-                out.extend(self._drain_queues(node))
+                if node is not None:
+                    out.extend(self._drain_queues(node))
             return out
         link.last_message_id = header["id"]
         mtype = header["type"]
@@ -258,6 +263,7 @@ class Broker:
                 return self._system(ident, frames[1], frames[2], now, Side.NODE)
             if mtype in _REPLY_TYPES:
                 return []  # a node acknowledging something the broker sent it
+            self.counters["malformed"] += 1
             err = HandlerNotFoundError(
                 "nodes may only send replies and mesh.* commands", details={"field": "type"}
             )
@@ -268,7 +274,7 @@ class Broker:
             err = BadFormatError("a reply must be a response or error with a correlation_id")
             return [(Side.NODE, ident, [b"", *self._error_frames(err, now, header["id"])])]
         cmd = self.commands.get((envelope, correlation_id))
-        if cmd is None or cmd.state is not CommandState.DISPATCHED or cmd.node is not node:
+        if cmd is None or cmd.state is not CommandState.DISPATCHED or not _ran_on(cmd, ident):
             self.counters["late_replies"] += 1
             out: list[Outgoing] = []
             if node is not None and cmd is None:
@@ -277,21 +283,24 @@ class Broker:
                 node.in_flight = max(0, node.in_flight - 1)
                 out.extend(self._drain_queues(node))
             return out
-        assert node is not None
-        node.in_flight -= 1
-        node.completed += 1
+        # A node that unregistered (it is draining) still answers what it was given.
+        holder = node if node is not None else cmd.node
+        assert holder is not None
+        holder.in_flight -= 1
+        holder.completed += 1
         self._finish(cmd, CommandEvent.RESPOND if mtype == "response" else CommandEvent.FAIL)
         out = [(Side.CLIENT, envelope, [frames[1], frames[2]])]
-        out.extend(self._drain_queues(node))
+        if node is not None:
+            out.extend(self._drain_queues(node))
         return out
 
-    def _command_of_bad_reply(self, node: NodeInfo | None, frames: Sequence[bytes]) -> Command | None:
+    def _command_of_bad_reply(self, ident: bytes, frames: Sequence[bytes]) -> Command | None:
         """The command a node's unusable reply was meant for, if it can still be told."""
-        if node is None or len(frames) != 3 or not frames[0]:
+        if len(frames) != 3 or not frames[0]:
             return None
         cid = peek_header(frames[1], "correlation_id")
         cmd = self.commands.get((frames[0], cid)) if isinstance(cid, str) else None
-        if cmd is None or cmd.node is not node or cmd.state is not CommandState.DISPATCHED:
+        if cmd is None or cmd.state is not CommandState.DISPATCHED or not _ran_on(cmd, ident):
             return None
         return cmd
 
@@ -479,6 +488,18 @@ class Broker:
             "nodes": len(self.registry.nodes),
             "clients": len(self.clients),
         }
+
+
+def _readable_id(frames: Sequence[bytes]) -> str | None:
+    """The id of a message that failed validation, if it is a valid id itself."""
+    if not frames:
+        return None
+    value = peek_header(frames[0], "id")
+    return value if isinstance(value, str) and ID_MATCH(value) else None
+
+
+def _ran_on(cmd: Command, ident: bytes) -> bool:
+    return cmd.node is not None and cmd.node.identity == ident
 
 
 def _correlation(frames: Sequence[bytes]) -> str:

@@ -107,7 +107,12 @@ class BrokerServer:
                 frames = recv(_NOBLOCK)
             except zmq.Again:
                 return
-            out = handle(frames[0], frames[1:], now)
+            try:
+                out = handle(frames[0], frames[1:], now)
+            except Exception:  # a bug in the core must not take the broker down for everyone
+                self.core.counters["internal_errors"] += 1
+                log.exception("internal error handling a message (dropped, not answered)")
+                continue
             if out:
                 self._send(out)
 

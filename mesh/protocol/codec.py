@@ -14,7 +14,6 @@ Rules of this module:
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Sequence
 from typing import Any, Final
 
@@ -25,6 +24,16 @@ from .errors import (
     MessageTooLargeError,
     UnsupportedVersionError,
     ValidationFailedError,
+)
+from .names import (
+    _ID,
+    _NAME,
+    _TOPIC,
+    ID_PATTERN,
+    NAME_PATTERN,
+    TOPIC_PATTERN,
+    _invalid,
+    check_name,
 )
 from .message import (
     PROTOCOL_VERSION,
@@ -59,13 +68,6 @@ MAX_HEADER_BYTES: Final = 16 * 1024
 MAX_MESSAGE_BYTES: Final = 1024 * 1024
 MAX_METADATA_ENTRIES: Final = 64
 
-NAME_PATTERN: Final = r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}"
-TOPIC_PATTERN: Final = r"[A-Za-z0-9_-]{1,64}(\.[A-Za-z0-9_-]{1,64}){0,15}"
-ID_PATTERN: Final = r"[\x21-\x7e]{1,64}"
-
-_NAME = re.compile(NAME_PATTERN)
-_TOPIC = re.compile(TOPIC_PATTERN)
-_ID = re.compile(ID_PATTERN)
 _name_match = _NAME.fullmatch
 _id_match = _ID.fullmatch
 _unpackb = msgpack.unpackb
@@ -78,17 +80,6 @@ _HEADER_KEYS: Final = frozenset(
 )
 _SECURITY_KEYS: Final = frozenset({"level", "encryption", "signature", "token"})
 _ERROR_KEYS: Final = frozenset({"code", "message", "retryable", "details"})
-
-def _invalid(field: str, problem: str) -> ValidationFailedError:
-    return ValidationFailedError(f"{field}: {problem}", details={"field": field})
-
-
-def check_name(value: object, field: str) -> str:
-    """A service or action name: letters, digits, `_` and `-`, at most 64."""
-    if not isinstance(value, str) or not _NAME.fullmatch(value):
-        raise _invalid(field, f"must match {NAME_PATTERN}")
-    return value
-
 
 def _check_id(value: object, field: str) -> str:
     if not isinstance(value, str) or not _ID.fullmatch(value):
@@ -177,7 +168,7 @@ def unpack_header(frame: bytes) -> dict[str, Any]:
         unknown = sorted(str(k) for k in raw if k not in _HEADER_KEYS)[0]
         raise _invalid(unknown, "unknown header key")
     mtype = raw.get("type")
-    if mtype not in _TYPES:
+    if type(mtype) is not str or mtype not in _TYPES:
         raise _invalid("type", "must be one of command, response, event, error")
     value = raw.get("id")
     if type(value) is not str or not _id_match(value):
@@ -295,8 +286,15 @@ def _header_map(h: Header) -> dict[str, Any]:
 
 
 def encode_header(h: Header) -> bytes:
-    """The header frame for `h` (deterministic bytes)."""
-    return msgpack.packb(_header_map(h), use_bin_type=True)
+    """The header frame for `h` (deterministic bytes).
+
+    Raises:
+        ValidationFailedError: metadata holds a value MessagePack cannot carry.
+    """
+    try:
+        return msgpack.packb(_header_map(h), use_bin_type=True)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise _invalid("metadata", f"cannot be encoded as MessagePack ({exc})") from None
 
 
 def encode_payload(value: Any) -> bytes:
@@ -314,11 +312,13 @@ def encode_payload(value: Any) -> bytes:
 def decode_payload(frame: bytes) -> Any:
     """Decode a payload frame: exactly one MessagePack value.
 
+    Map keys may be any MessagePack scalar, as `encode_payload` allows.
+
     Raises:
         BadFormatError: empty, truncated, trailing bytes or not MessagePack.
     """
     try:
-        return msgpack.unpackb(frame, raw=False)
+        return msgpack.unpackb(frame, raw=False, strict_map_key=False)
     except Exception as exc:  # msgpack raises several unrelated types for bad input
         raise BadFormatError(f"payload is not valid MessagePack ({type(exc).__name__})") from None
 

@@ -18,6 +18,7 @@ from enum import IntEnum, StrEnum
 from typing import Any, Final
 
 from .errors import MeshError
+from .names import check_name
 
 __all__ = [
     "PROTOCOL_VERSION",
@@ -123,7 +124,13 @@ def command(
     metadata: Mapping[str, Any] | None = None,
     security: SecurityInfo | None = None,
 ) -> Header:
-    """Header of a command to `service.action`. Reuse `id` when retrying."""
+    """Header of a command to `service.action`. Reuse `id` when retrying.
+
+    Raises:
+        ValidationFailedError: `service` or `action` is not a valid name.
+    """
+    check_name(service, "service")
+    check_name(action, "action")
     return Header(
         type=MessageType.COMMAND,
         id=id or new_id(),

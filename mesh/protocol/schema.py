@@ -12,7 +12,7 @@ Rules of this module:
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, Final
 
 import fastjsonschema
 
@@ -24,18 +24,21 @@ PayloadValidator = Callable[[Any], None]
 
 
 def _field_of(exc: fastjsonschema.JsonSchemaValueException) -> str:
-    parts = [str(p) for p in (exc.path or [])][1:]  # drop the leading "data"
+    # fastjsonschema names the failing value like "data.a.b" or "data.tags[1]".
+    field = (exc.name or "data").removeprefix("data").removeprefix(".")
     value = exc.value
+    missing: list[str] = []
     if exc.rule == "required" and isinstance(value, Mapping):
-        missing = [k for k in exc.rule_definition or () if k not in value]
-        if missing:
-            parts.append(str(missing[0]))
+        missing = [str(k) for k in exc.rule_definition or () if k not in value]
     elif exc.rule == "additionalProperties" and isinstance(value, Mapping):
         allowed = (exc.definition or {}).get("properties", {})
-        extra = [k for k in value if k not in allowed]
-        if extra:
-            parts.append(str(extra[0]))
-    return ".".join(parts)
+        missing = [str(k) for k in value if k not in allowed]
+    if missing:
+        field = f"{field}.{missing[0]}" if field else missing[0]
+    return field
+
+
+_PROBLEMS: Final = {"required": "is required", "additionalProperties": "is not allowed"}
 
 
 def compile_schema(schema: Mapping[str, Any]) -> PayloadValidator:
@@ -46,7 +49,7 @@ def compile_schema(schema: Mapping[str, Any]) -> PayloadValidator:
     """
     try:
         check = fastjsonschema.compile(dict(schema))
-    except fastjsonschema.JsonSchemaDefinitionException as exc:
+    except Exception as exc:  # fastjsonschema raises its own and also re/attribute errors
         raise ConfigurationError(f"invalid JSON Schema: {exc}") from None
 
     def validate(payload: Any) -> None:
@@ -54,10 +57,9 @@ def compile_schema(schema: Mapping[str, Any]) -> PayloadValidator:
             check(payload)
         except fastjsonschema.JsonSchemaValueException as exc:
             field = _field_of(exc)
-            problem = exc.message.replace("data.", "", 1).replace("data ", "payload ", 1)
+            problem = _PROBLEMS.get(exc.rule or "") or exc.message.removeprefix(exc.name or "").strip()
             raise ValidationFailedError(
-                f"{field or 'payload'}: {problem}" if field else problem,
-                details={"field": field, "rule": exc.rule},
+                f"{field or 'payload'}: {problem}", details={"field": field, "rule": exc.rule}
             ) from None
 
     return validate

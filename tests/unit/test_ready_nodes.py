@@ -18,6 +18,8 @@ from typing import Any
 
 import pytest
 
+import asyncio
+
 from mesh.node import Node
 from mesh.plugins import load_node
 from mesh.protocol import AccessDeniedError, ConfigurationError, ValidationFailedError
@@ -29,7 +31,8 @@ def call(n: Node, service: str, action: str, payload: dict[str, Any]) -> Any:
     """Validate `payload` against the action's schema, then run its handler."""
     act = n.actions[(service, action)]
     act.validate(payload)
-    return act.handler(payload)
+    result = act.handler(payload)
+    return asyncio.run(result) if act.is_async else result
 
 
 @pytest.fixture

@@ -1,0 +1,34 @@
+"""Naming rules shared by the message model and the codec: services, actions, topics, ids."""
+
+from __future__ import annotations
+
+import re
+from typing import Final
+
+from .errors import ValidationFailedError
+
+__all__ = ["NAME_PATTERN", "TOPIC_PATTERN", "ID_PATTERN", "check_name"]
+
+NAME_PATTERN: Final = r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}"
+TOPIC_PATTERN: Final = r"[A-Za-z0-9_-]{1,64}(\.[A-Za-z0-9_-]{1,64}){0,15}"
+ID_PATTERN: Final = r"[\x21-\x7e]{1,64}"
+
+_NAME = re.compile(NAME_PATTERN)
+_TOPIC = re.compile(TOPIC_PATTERN)
+_ID = re.compile(ID_PATTERN)
+ID_MATCH: Final = _ID.fullmatch
+
+
+def _invalid(field: str, problem: str) -> ValidationFailedError:
+    return ValidationFailedError(f"{field}: {problem}", details={"field": field})
+
+
+def check_name(value: object, field: str) -> str:
+    """A service or action name: letters, digits, `_` and `-`, at most 64.
+
+    Raises:
+        ValidationFailedError: naming `field`.
+    """
+    if not isinstance(value, str) or not _NAME.fullmatch(value):
+        raise _invalid(field, f"must match {NAME_PATTERN}")
+    return value
