@@ -31,7 +31,10 @@ from ..protocol import (
     CommandEvent,
     CommandState,
     DeadlineExceededError,
+    AccessDeniedError,
     HandlerNotFoundError,
+    InternalError,
+    MessageTooLargeError,
     Header,
     InvalidStateError,
     MeshError,
@@ -56,6 +59,9 @@ __all__ = ["Side", "Outgoing", "BrokerConfig", "Broker", "Command", "ConnectionS
 
 SYSTEM_SERVICE: Final = "mesh"
 _REPLY_TYPES: Final = frozenset({"response", "error"})
+CLIENT_IDLE_S: Final = 300.0  # a client with nothing pending, silent this long, is forgotten
+CLIENT_SWEEP_S: Final = 10.0
+_NODE_ACTIONS: Final = frozenset({"register", "unregister", "heartbeat"})
 
 
 class Side(IntEnum):
@@ -78,11 +84,15 @@ class BrokerConfig:
 
 @dataclass(slots=True)
 class ConnectionState:
-    """The seed's ProtocolState, kept per connected client and node."""
+    """The seed's ProtocolState, kept per connected client and node.
+
+    `pending_commands` holds command ids for a client, and (client, id) keys for a node:
+    the replies that node still owes, which is what its capacity is counted against.
+    """
 
     is_connected: bool = True
     last_message_id: str | None = None
-    pending_commands: set[str] = field(default_factory=set)
+    pending_commands: set[Any] = field(default_factory=set)
     message_count: int = 0
     last_activity: float = 0.0
 
@@ -114,18 +124,13 @@ class Broker:
         self.node_links: dict[bytes, ConnectionState] = {}
         self.counters: Counter[str] = Counter()
         self.draining = False
+        self._next_sweep = 0.0
 
     # ----------------------------------------------------------------- clients
 
     def client_message(self, ident: bytes, frames: Sequence[bytes], now: float) -> list[Outgoing]:
         """A message from a client's DEALER."""
-        conn = self.clients.get(ident)
-        if conn is None:
-            conn = self.clients[ident] = ConnectionState()
-        conn.is_connected = True
-        conn.message_count += 1
-        conn.last_activity = now
-        self.counters["messages_in"] += 1
+        conn = self._touch(self.clients, ident, now)
         try:
             header = self._decode(frames, 2)
         except MeshError as err:
@@ -156,7 +161,9 @@ class Broker:
         if deadline is None:
             deadline = now + self.config.default_timeout
         elif deadline <= now:
-            return self._refuse(ident, cid, DeadlineExceededError("deadline passed before routing"), now)
+            return self._refuse(
+                ident, cid, DeadlineExceededError("deadline passed before routing"), now, "timed_out"
+            )
         if not self.registry.offers(service, action):
             what = "action" if self.registry.has_service(service) else "service"
             return self._refuse(
@@ -202,7 +209,7 @@ class Broker:
     def _dispatch(self, cmd: Command, node: NodeInfo) -> Outgoing:
         cmd.state = advance(cmd.state, CommandEvent.DISPATCH)
         cmd.node = node
-        node.in_flight += 1
+        node.owed.add((cmd.client, cmd.id))
         self.counters["dispatched"] += 1
         return (Side.NODE, node.identity, [cmd.client, cmd.header, cmd.payload])
 
@@ -214,9 +221,11 @@ class Broker:
             conn.pending_commands.discard(cmd.id)
         self.counters[cmd.state.value] += 1
 
-    def _refuse(self, ident: bytes, cid: str, err: MeshError, now: float) -> list[Outgoing]:
+    def _refuse(
+        self, ident: bytes, cid: str, err: MeshError, now: float, outcome: str = "failed"
+    ) -> list[Outgoing]:
         """Answer a command the broker will not route (it was never tracked)."""
-        self.counters["failed"] += 1
+        self.counters[outcome] += 1
         self.counters[f"error_{int(err.code)}"] += 1
         return [(Side.CLIENT, ident, self._error_frames(err, now, cid))]
 
@@ -230,13 +239,7 @@ class Broker:
 
     def node_message(self, ident: bytes, frames: Sequence[bytes], now: float) -> list[Outgoing]:
         """A message from a handler node's DEALER."""
-        link = self.node_links.get(ident)
-        if link is None:
-            link = self.node_links[ident] = ConnectionState()
-        link.is_connected = True
-        link.message_count += 1
-        link.last_activity = now
-        self.counters["messages_in"] += 1
+        link = self._touch(self.node_links, ident, now)
         node = self.registry.nodes.get(ident)
         if node is not None:
             node.last_seen = now
@@ -245,13 +248,16 @@ class Broker:
         except MeshError as err:
             self.counters["malformed"] += 1
             out = [(Side.NODE, ident, [b"", *self._error_frames(err, now, None)])]
-            cmd = self._command_of_bad_reply(ident, frames)
-            if cmd is not None:
-                # Answer the client instead of leaving it to time out on a reply it cannot get.
-                holder = node if node is not None else cmd.node
-                assert holder is not None
-                holder.in_flight -= 1
-                out.append(self._fail(cmd, err, now, CommandEvent.FAIL))
+            key = self._key_of_bad_reply(link, frames)
+            if key is not None:
+                # The node is done with it: free its slot and answer the client now,
+                # instead of leaving it to time out on a reply it cannot get.
+                link.pending_commands.discard(key)
+                cmd = self.commands.get(key)
+                if cmd is not None and cmd.state is CommandState.DISPATCHED and _ran_on(cmd, ident):
+                    if not isinstance(err, MessageTooLargeError):
+                        err = InternalError(f"the node sent an unusable reply: {err.message}")
+                    out.append(self._fail(cmd, err, now, CommandEvent.FAIL))
                 if node is not None:
                     out.extend(self._drain_queues(node))
             return out
@@ -260,7 +266,9 @@ class Broker:
         envelope = frames[0]
         if not envelope:
             if mtype == "command" and header["service"] == SYSTEM_SERVICE:
-                return self._system(ident, frames[1], frames[2], now, Side.NODE)
+                out = self._system(ident, frames[1], frames[2], now, Side.NODE)
+                out.extend(self._after_registry_change(ident, now))
+                return out
             if mtype in _REPLY_TYPES:
                 return []  # a node acknowledging something the broker sent it
             self.counters["malformed"] += 1
@@ -273,43 +281,38 @@ class Broker:
             self.counters["malformed"] += 1
             err = BadFormatError("a reply must be a response or error with a correlation_id")
             return [(Side.NODE, ident, [b"", *self._error_frames(err, now, header["id"])])]
-        cmd = self.commands.get((envelope, correlation_id))
+        key = (envelope, correlation_id)
+        if key not in link.pending_commands:
+            # A reply this node does not owe (a duplicate, or for someone else's command).
+            self.counters["unexpected_replies"] += 1
+            return []
+        link.pending_commands.discard(key)
+        cmd = self.commands.get(key)
+        out: list[Outgoing] = []
         if cmd is None or cmd.state is not CommandState.DISPATCHED or not _ran_on(cmd, ident):
+            # It timed out, its client left, or it was resent elsewhere: only the slot frees.
             self.counters["late_replies"] += 1
-            out: list[Outgoing] = []
-            if node is not None and cmd is None:
-                # The command timed out or was failed while the node worked on it; the
-                # node's slot is free again now.
-                node.in_flight = max(0, node.in_flight - 1)
-                out.extend(self._drain_queues(node))
-            return out
-        # A node that unregistered (it is draining) still answers what it was given.
-        holder = node if node is not None else cmd.node
-        assert holder is not None
-        holder.in_flight -= 1
-        holder.completed += 1
-        self._finish(cmd, CommandEvent.RESPOND if mtype == "response" else CommandEvent.FAIL)
-        out = [(Side.CLIENT, envelope, [frames[1], frames[2]])]
+        else:
+            if node is not None:
+                node.completed += 1
+            self._finish(cmd, CommandEvent.RESPOND if mtype == "response" else CommandEvent.FAIL)
+            out.append((Side.CLIENT, envelope, [frames[1], frames[2]]))
         if node is not None:
             out.extend(self._drain_queues(node))
         return out
 
-    def _command_of_bad_reply(self, ident: bytes, frames: Sequence[bytes]) -> Command | None:
-        """The command a node's unusable reply was meant for, if it can still be told."""
+    def _key_of_bad_reply(self, link: ConnectionState, frames: Sequence[bytes]) -> tuple[bytes, str] | None:
+        """The owed command a node's unusable reply was meant for, if it can still be told."""
         if len(frames) != 3 or not frames[0]:
             return None
         cid = peek_header(frames[1], "correlation_id")
-        cmd = self.commands.get((frames[0], cid)) if isinstance(cid, str) else None
-        if cmd is None or cmd.state is not CommandState.DISPATCHED or not _ran_on(cmd, ident):
-            return None
-        return cmd
+        key = (frames[0], cid)
+        return key if isinstance(cid, str) and key in link.pending_commands else None
 
     def _drain_queues(self, node: NodeInfo) -> list[Outgoing]:
         """Give a node with free slots the oldest queued commands it can run."""
         out: list[Outgoing] = []
-        if not self.queued:
-            return out
-        while node.in_flight < node.capacity and self.queued:
+        while self.queued and node.in_flight < node.capacity:
             best: deque[Command] | None = None
             for key in self.registry.actions_of(node):
                 q = self.queues.get(key)
@@ -332,8 +335,10 @@ class Broker:
         try:
             result = self._system_result(ident, header, payload, now, side)
         except MeshError as err:
+            self.counters["failed"] += 1
             self.counters[f"error_{int(err.code)}"] += 1
             return [(side, ident, [*prefix, *self._error_frames(err, now, header.id)])]
+        self.counters["completed"] += 1
         frames = [encode_header(response_to(header, now=now)), encode_payload(result)]
         return [(side, ident, [*prefix, *frames])]
 
@@ -348,7 +353,8 @@ class Broker:
         if action == "stats":
             return self.stats()
         if side is Side.NODE and action == "register":
-            node = self.registry.register(ident, decode_payload(payload), now)
+            owed = self.node_links[ident].pending_commands
+            node = self.registry.register(ident, decode_payload(payload), now, owed)
             self.counters["registrations"] += 1
             return {
                 "registered": sorted(node.services),
@@ -360,15 +366,29 @@ class Broker:
             return {"unregistered": True}
         if side is Side.NODE and action == "heartbeat":
             return {"known": ident in self.registry.nodes}
+        if action in _NODE_ACTIONS:
+            raise AccessDeniedError(f"mesh.{action} is for handler nodes", details={"action": action})
         raise HandlerNotFoundError(
             f"the broker has no action mesh.{action}",
             details={"service": SYSTEM_SERVICE, "action": action},
         )
 
+    def _after_registry_change(self, ident: bytes, now: float) -> list[Outgoing]:
+        """After a node (re)registers or leaves: feed it queued work, fail what nobody offers."""
+        node = self.registry.nodes.get(ident)
+        out = self._drain_queues(node) if node is not None else []
+        out.extend(self._route_queued(now))
+        return out
+
     # ---------------------------------------------------------- time and loss
 
     def tick(self, now: float) -> list[Outgoing]:
-        """Expire commands whose deadline passed."""
+        """Expire commands whose deadline passed; forget clients long gone quiet."""
+        if now >= self._next_sweep:
+            self._next_sweep = now + CLIENT_SWEEP_S
+            idle = [c for c, st in self.clients.items() if not st.pending_commands and now - st.last_activity > CLIENT_IDLE_S]
+            for ident in idle:
+                del self.clients[ident]
         out: list[Outgoing] = []
         expired = [c for c in self.commands.values() if c.deadline <= now]
         for cmd in expired:
@@ -390,23 +410,38 @@ class Broker:
             )
         return out
 
-    def undeliverable(self, side: Side, ident: bytes, frames: Sequence[bytes], now: float) -> list[Outgoing]:
-        """The loop could not send `frames` to `ident`: that peer is gone."""
-        self.counters["undeliverable"] += 1
+    def undeliverable(
+        self,
+        side: Side,
+        ident: bytes,
+        frames: Sequence[bytes],
+        now: float,
+        *,
+        more: Sequence[Sequence[bytes]] = (),
+    ) -> list[Outgoing]:
+        """The loop could not send `frames` (nor `more`, the rest of its batch) to `ident`.
+
+        The peer is gone. A client's commands are abandoned; a node's commands that never
+        reached it are routed again, the ones it was running are answered NODE_LOST.
+        """
+        self.counters["undeliverable"] += 1 + len(more)
         if side is Side.CLIENT:
             conn = self.clients.pop(ident, None)
             if conn is not None:
                 for cid in list(conn.pending_commands):
                     self._abandon(ident, cid)
             return []
-        self.node_links.pop(ident, None)
-        node = self.registry.remove(ident)
+        link = self.node_links.pop(ident, None)
+        self.registry.remove(ident)
+        owed = link.pending_commands if link is not None else set()
+        unsent = {(f[0], _correlation(f)) for f in (frames, *more) if len(f) == 3 and f[0]}
         out: list[Outgoing] = []
-        lost = [c for c in self.commands.values() if c.node is node and node is not None]
-        unsent = self.commands.get((frames[0], _correlation(frames))) if len(frames) == 3 else None
-        for cmd in lost:
+        for key in owed:
+            cmd = self.commands.get(key)
+            if cmd is None or cmd.state is not CommandState.DISPATCHED or not _ran_on(cmd, ident):
+                continue
             cmd.node = None
-            if cmd is unsent:
+            if key in unsent:
                 # It never reached the node: route it again as if it had just arrived.
                 cmd.state = advance(cmd.state, CommandEvent.REQUEUE)
                 self._enqueue(cmd, front=True)
@@ -423,11 +458,15 @@ class Broker:
         return out
 
     def _abandon(self, client: bytes, cid: str) -> None:
-        """Forget a command whose client is gone; its node slot frees when the node answers."""
-        cmd = self.commands.pop((client, cid), None)
-        if cmd is not None and cmd.state is CommandState.QUEUED:
+        """Retire a command whose client is gone; a node running it frees its slot on reply."""
+        cmd = self.commands.get((client, cid))
+        if cmd is None:
+            return
+        if cmd.state is CommandState.QUEUED:
             self.queues[(cmd.service, cmd.action)].remove(cmd)
             self.queued -= 1
+        cmd.state = advance(cmd.state, CommandEvent.FAIL)
+        del self.commands[(client, cid)]
         self.counters["abandoned"] += 1
 
     def _route_queued(self, now: float) -> list[Outgoing]:
@@ -466,6 +505,17 @@ class Broker:
         return self.draining and not self.commands
 
     # ----------------------------------------------------------------- helpers
+
+    def _touch(self, table: dict[bytes, ConnectionState], ident: bytes, now: float) -> ConnectionState:
+        """The connection state of a peer that just sent a message, updated."""
+        conn = table.get(ident)
+        if conn is None:
+            conn = table[ident] = ConnectionState()
+        conn.is_connected = True
+        conn.message_count += 1
+        conn.last_activity = now
+        self.counters["messages_in"] += 1
+        return conn
 
     def _decode(self, frames: Sequence[bytes], count: int) -> dict[str, Any]:
         if len(frames) != count:

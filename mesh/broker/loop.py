@@ -120,13 +120,18 @@ class BrokerServer:
         sockets = self._sockets
         while out:
             follow_up: list[Outgoing] = []
-            for side, ident, frames in out:
+            gone: set[tuple[Side, bytes]] = set()
+            for i, (side, ident, frames) in enumerate(out):
+                if (side, ident) in gone:
+                    continue
                 try:
                     send_frames(sockets[side], frames, ident)
                 except zmq.ZMQError as exc:
                     if exc.errno not in (zmq.EHOSTUNREACH, zmq.EAGAIN):
                         raise
-                    follow_up.extend(self.core.undeliverable(side, ident, frames, self._clock()))
+                    gone.add((side, ident))
+                    rest = [f for s, p, f in out[i + 1 :] if s is side and p == ident]
+                    follow_up.extend(self.core.undeliverable(side, ident, frames, self._clock(), more=rest))
             out = follow_up
 
     def close(self) -> None:

@@ -40,13 +40,19 @@ class NodeInfo:
     services: dict[str, dict[str, ActionSpec]]
     registered_at: float
     last_seen: float
-    in_flight: int = 0
+    # Replies the node still owes, shared with the broker's view of its link, so that
+    # capacity counts what the node is really running, across re-registrations too.
+    owed: set[Any] = field(default_factory=set)
     completed: int = 0
     order: int = 0
 
     @property
+    def in_flight(self) -> int:
+        return len(self.owed)
+
+    @property
     def load(self) -> float:
-        return self.in_flight / self.capacity
+        return len(self.owed) / self.capacity
 
 
 @dataclass(slots=True)
@@ -112,13 +118,15 @@ class Registry:
         self.nodes: dict[bytes, NodeInfo] = {}
         self._by_action: dict[tuple[str, str], list[NodeInfo]] = {}
         self._services: dict[str, int] = {}  # service -> number of nodes offering it
-        self._order = itertools.count()
+        self._order = itertools.count(1)  # 0 is "never picked", which goes first
 
-    def register(self, identity: bytes, payload: Any, now: float) -> NodeInfo:
-        """Add or replace a node's registration (validated by `parse_registration`)."""
+    def register(self, identity: bytes, payload: Any, now: float, owed: set[Any] | None = None) -> NodeInfo:
+        """Add or replace a node's registration (validated by `parse_registration`).
+
+        `owed` is the set of replies the node still owes (kept across registrations).
+        """
         reg = parse_registration(payload)
-        old = self.nodes.get(identity)
-        if old is not None:
+        if identity in self.nodes:
             self.remove(identity)
         node = NodeInfo(
             identity=identity,
@@ -127,7 +135,7 @@ class Registry:
             services=reg.services,
             registered_at=now,
             last_seen=now,
-            in_flight=old.in_flight if old else 0,
+            owed=owed if owed is not None else set(),
         )
         self.nodes[identity] = node
         for svc, actions in reg.services.items():

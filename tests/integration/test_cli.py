@@ -91,3 +91,16 @@ def test_call_without_a_broker_times_out_cleanly():
     result = run("call", "echo.echo", "{}", "--broker", "tcp://127.0.0.1:9", "--timeout", "0.5")
     assert result.returncode == 1
     assert "3004 DeadlineExceededError" in result.stderr
+
+
+def test_bench_reports_both_runs_and_their_ratio():
+    """A short `mesh bench --json` measures the raw loop and the mesh and reports the ratio."""
+    done = run("bench", "--clients", "1", "--inflight", "4", "--payload", "64", "--duration", "0.5", "--json", timeout=120)
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    for kind in ("raw", "mesh"):
+        assert report[kind]["commands"] > 0
+        lat = report[kind]["latency_ms"]
+        assert 0 < lat["p50"] <= lat["p95"] <= lat["p99"]
+    assert report["ratio"] == pytest.approx(report["mesh"]["throughput"] / report["raw"]["throughput"])
+    assert report["settings"] == {"clients": 1, "inflight": 4, "payload": 64, "duration": 0.5, "transport": "tcp"}
