@@ -125,6 +125,7 @@ class Broker:
         self.counters: Counter[str] = Counter()
         self.draining = False
         self._next_sweep = 0.0
+        self._owed_by: dict[tuple[bytes, str], bytes] = {}  # running command -> node identity
 
     # ----------------------------------------------------------------- clients
 
@@ -176,6 +177,15 @@ class Broker:
                 now,
             )
         cmd = Command(ident, cid, service, action, frames[0], frames[1], deadline, now)
+        holder = self.registry.nodes.get(self._owed_by.get(key, b""))
+        if holder is not None:
+            # A resend of a command that timed out while this node still runs it: the
+            # running copy's answer will serve the resend, and nothing runs twice.
+            self._track(cmd, conn)
+            cmd.state = advance(cmd.state, CommandEvent.DISPATCH)
+            cmd.node = holder
+            self.counters["rejoined"] += 1
+            return []
         node = self.registry.pick(service, action)
         if node is None:
             if self.queued >= self.config.queue_limit:
@@ -209,7 +219,9 @@ class Broker:
     def _dispatch(self, cmd: Command, node: NodeInfo) -> Outgoing:
         cmd.state = advance(cmd.state, CommandEvent.DISPATCH)
         cmd.node = node
-        node.owed.add((cmd.client, cmd.id))
+        key = (cmd.client, cmd.id)
+        node.owed.add(key)
+        self._owed_by[key] = node.identity
         self.counters["dispatched"] += 1
         return (Side.NODE, node.identity, [cmd.client, cmd.header, cmd.payload])
 
@@ -252,7 +264,7 @@ class Broker:
             if key is not None:
                 # The node is done with it: free its slot and answer the client now,
                 # instead of leaving it to time out on a reply it cannot get.
-                link.pending_commands.discard(key)
+                self._settle(link, ident, key)
                 cmd = self.commands.get(key)
                 if cmd is not None and cmd.state is CommandState.DISPATCHED and _ran_on(cmd, ident):
                     if not isinstance(err, MessageTooLargeError):
@@ -286,7 +298,7 @@ class Broker:
             # A reply this node does not owe (a duplicate, or for someone else's command).
             self.counters["unexpected_replies"] += 1
             return []
-        link.pending_commands.discard(key)
+        self._settle(link, ident, key)
         cmd = self.commands.get(key)
         out: list[Outgoing] = []
         if cmd is None or cmd.state is not CommandState.DISPATCHED or not _ran_on(cmd, ident):
@@ -300,6 +312,12 @@ class Broker:
         if node is not None:
             out.extend(self._drain_queues(node))
         return out
+
+    def _settle(self, link: ConnectionState, ident: bytes, key: tuple[bytes, str]) -> None:
+        """The node no longer owes `key`: its slot is free."""
+        link.pending_commands.discard(key)
+        if self._owed_by.get(key) == ident:
+            del self._owed_by[key]
 
     def _key_of_bad_reply(self, link: ConnectionState, frames: Sequence[bytes]) -> tuple[bytes, str] | None:
         """The owed command a node's unusable reply was meant for, if it can still be told."""
@@ -436,15 +454,16 @@ class Broker:
         owed = link.pending_commands if link is not None else set()
         unsent = {(f[0], _correlation(f)) for f in (frames, *more) if len(f) == 3 and f[0]}
         out: list[Outgoing] = []
+        requeue: list[Command] = []
         for key in owed:
+            if self._owed_by.get(key) == ident:
+                del self._owed_by[key]
             cmd = self.commands.get(key)
             if cmd is None or cmd.state is not CommandState.DISPATCHED or not _ran_on(cmd, ident):
                 continue
             cmd.node = None
             if key in unsent:
-                # It never reached the node: route it again as if it had just arrived.
-                cmd.state = advance(cmd.state, CommandEvent.REQUEUE)
-                self._enqueue(cmd, front=True)
+                requeue.append(cmd)
             else:
                 out.append(
                     self._fail(
@@ -454,6 +473,10 @@ class Broker:
                         CommandEvent.FAIL,
                     )
                 )
+        # They never reached the node: route them again, oldest first, ahead of newer ones.
+        for cmd in sorted(requeue, key=lambda c: c.received_at, reverse=True):
+            cmd.state = advance(cmd.state, CommandEvent.REQUEUE)
+            self._enqueue(cmd, front=True)
         out.extend(self._route_queued(now))
         return out
 

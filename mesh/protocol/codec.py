@@ -14,7 +14,7 @@ Rules of this module:
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Final
 
 import msgpack
@@ -252,6 +252,15 @@ def decode_header(frame: bytes) -> Header:
     )
 
 
+def _canonical(value: Any) -> Any:
+    """Maps with their keys sorted, at every depth: equal headers give equal bytes."""
+    if isinstance(value, Mapping):
+        return {k: _canonical(value[k]) for k in sorted(value, key=str)}
+    if isinstance(value, (list, tuple)):
+        return [_canonical(v) for v in value]
+    return value
+
+
 def _header_map(h: Header) -> dict[str, Any]:
     out: dict[str, Any] = {"v": h.version, "type": h.type.value, "id": h.id, "ts": h.timestamp}
     if h.service is not None:
@@ -265,12 +274,12 @@ def _header_map(h: Header) -> dict[str, Any]:
     if h.deadline is not None:
         out["deadline"] = h.deadline
     if h.metadata:
-        out["metadata"] = dict(h.metadata)
+        out["metadata"] = _canonical(h.metadata)
     if h.security is not None:
         s = h.security
         sec: dict[str, Any] = {"level": int(s.security_level)}
         if s.encryption_info is not None:
-            sec["encryption"] = dict(s.encryption_info)
+            sec["encryption"] = _canonical(s.encryption_info)
         if s.signature is not None:
             sec["signature"] = s.signature
         if s.auth_token is not None:
@@ -280,7 +289,7 @@ def _header_map(h: Header) -> dict[str, Any]:
         e = h.error
         err: dict[str, Any] = {"code": e.code, "message": e.message, "retryable": e.retryable}
         if e.details:
-            err["details"] = dict(e.details)
+            err["details"] = _canonical(e.details)
         out["error"] = err
     return out
 

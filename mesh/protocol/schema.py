@@ -5,8 +5,8 @@ Rules of this module:
 * Schemas are compiled once, when an action is declared (fastjsonschema turns them
   into Python code, well under a microsecond per small payload).
 * A refused payload raises `ValidationFailedError` whose `details["field"]` is the
-  dotted path of the offending field (`"a.b"`, or `""` for the payload itself), so
-  the caller can point at it.
+  path of the offending field (`"a.b"`, `"tags[1]"`, or `""` for the payload itself),
+  so the caller can point at it.
 """
 
 from __future__ import annotations

@@ -11,6 +11,7 @@ from frames import (
     dispatched_ids,
     error_of,
     header_of,
+    node_system,
     only,
     register,
     reply,
@@ -139,23 +140,39 @@ def test_queued_commands_expire_in_any_order(broker: Broker) -> None:
 def test_client_may_resend_after_expiry(broker: Broker) -> None:
     """After DEADLINE_EXCEEDED the same command id is a new command, not a duplicate."""
     register(broker, NODE_B, {"echo": ["say"]})
-    only(broker.client_message(CLIENT, command_frames("echo", "say", id="c1", deadline=5.0), 1.0))
+    _, node, d1 = only(broker.client_message(CLIENT, command_frames("echo", "say", id="c1", deadline=5.0), 1.0))
     broker.tick(5.0)
+    broker.node_message(node, reply(d1), 5.5)  # the node finishes the expired copy
     out = broker.client_message(CLIENT, command_frames("echo", "say", id="c1", deadline=50.0), 6.0)
     assert dispatched_ids(out) == ["c1"]
     assert broker.counters["duplicates"] == 0
 
 
+def test_resend_while_the_node_still_runs_it_rejoins_the_running_copy(broker: Broker) -> None:
+    """A resend of an expired command that its node still runs is not run again; that copy's answer serves it."""
+    register(broker, NODE_B, {"echo": ["say"]}, capacity=1)
+    _, node, d1 = only(broker.client_message(CLIENT, command_frames("echo", "say", id="c1", deadline=5.0), 1.0))
+    broker.tick(5.0)
+    assert broker.client_message(CLIENT, command_frames("echo", "say", id="c1", deadline=50.0), 6.0) == []
+    assert broker.counters["rejoined"] == 1
+    assert broker.registry.nodes[node].in_flight == 1
+    side, ident, frames = only(broker.node_message(node, reply(d1), 7.0))
+    assert (side, ident) == (Side.CLIENT, CLIENT)
+    assert header_of(frames).correlation_id == "c1"
+    assert not broker.commands and broker.registry.nodes[node].in_flight == 0
+
+
 def test_late_reply_frees_slot_even_if_id_was_resent_elsewhere(broker: Broker) -> None:
-    """Node A's late reply frees A's slot even after the client resent the id to node B."""
+    """A draining node's late reply frees its slot even after the client's resend went to another node."""
     register(broker, NODE_B, {"echo": ["say"]})
     side, first, d1 = only(broker.client_message(CLIENT, command_frames("echo", "say", id="c1", deadline=5.0), 1.0))
     broker.tick(5.0)
+    broker.node_message(first, node_system("unregister", {}, now=5.5), 5.5)  # it drains: no new work
     _, second, d2 = only(broker.client_message(CLIENT, command_frames("echo", "say", id="c1", deadline=50.0), 6.0))
     assert first != second
     assert broker.node_message(first, reply(d1), 7.0) == []  # late: not forwarded
     assert broker.counters["late_replies"] == 1
-    assert broker.registry.nodes[first].in_flight == 0
+    assert broker.node_links[first].pending_commands == set()
     # The resent command still waits for, and gets, the other node's reply.
     assert broker.registry.nodes[second].in_flight == 1
     assert only(broker.node_message(second, reply(d2), 8.0))[:2] == (Side.CLIENT, CLIENT)
@@ -177,21 +194,14 @@ def test_duplicate_reply_does_not_free_a_busy_slot(broker: Broker) -> None:
     assert broker.client_message(CLIENT, command_frames("echo", "say", id="c3"), 5.0) == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG (reported): a node's owed replies are a set of (client, id) keys, so when a client "
-    "resends an expired command and it is dispatched to the node still running the first copy, "
-    "the node runs two copies but owes one key: in_flight undercounts and the node is given more "
-    "commands than its capacity",
-)
-def test_resend_to_the_same_node_counts_both_copies_against_capacity() -> None:
-    """A node still running an expired command and given its resend has both copies counted against its capacity."""
+def test_a_resend_never_runs_twice_on_one_node_so_capacity_holds() -> None:
+    """A resend of a command its node still runs adds no second copy: the node's capacity stays exact."""
     broker = Broker()
     register(broker, NODE_A, {"echo": ["say"]}, capacity=2)
     only(broker.client_message(CLIENT, command_frames("echo", "say", id="c1", deadline=5.0), 1.0))
     broker.tick(5.0)
-    _, ident, _ = only(broker.client_message(CLIENT, command_frames("echo", "say", id="c1", deadline=50.0), 6.0))
-    assert ident == NODE_A
+    assert broker.client_message(CLIENT, command_frames("echo", "say", id="c1", deadline=50.0), 6.0) == []
+    assert broker.registry.nodes[NODE_A].in_flight == 1
+    assert dispatched_ids(broker.client_message(CLIENT, command_frames("echo", "say", id="c2", deadline=50.0), 6.0)) == ["c2"]
+    assert broker.client_message(CLIENT, command_frames("echo", "say", id="c3", deadline=50.0), 6.0) == []
     assert broker.registry.nodes[NODE_A].in_flight == 2
-    # A runs two commands and has capacity 2: c2 must wait.
-    assert broker.client_message(CLIENT, command_frames("echo", "say", id="c2", deadline=50.0), 6.0) == []

@@ -278,13 +278,6 @@ def test_queued_commands_fail_when_reregistration_drops_their_action(broker: Bro
     assert broker.queued == 1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG (reported): undeliverable() requeues the unsent commands of a lost node in the "
-    "iteration order of its pending_commands set (hash order, which changes from run to run) and "
-    "pushes each to the front, so they lose their arrival order (fails unless the hash order is "
-    "exactly reversed, about 1 run in 10!)",
-)
 def test_unsent_dispatches_are_requeued_in_arrival_order(broker: Broker) -> None:
     """Commands of a failed batch go back to the front of the queue in the order they arrived."""
     register(broker, NODE_A, {"echo": ["say"]})

@@ -162,12 +162,6 @@ def test_integer_timestamps_decode_as_floats() -> None:
     assert header.timestamp == 5.0 and isinstance(header.timestamp, float)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="QUESTIONABLE (reported): equal Headers whose metadata dicts differ only in insertion "
-    "order encode to different bytes, so 'the same record gives the same bytes' holds per object, "
-    "not per value",
-)
 def test_equal_headers_encode_to_equal_bytes() -> None:
     """Two equal headers (metadata keys inserted in another order) encode identically."""
     a = Header(type=MessageType.EVENT, id="e", timestamp=1.0, topic="t", metadata={"a": 1, "b": 2})
