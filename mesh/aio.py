@@ -20,12 +20,11 @@ from typing import Final
 import zmq
 
 from .protocol import ResourceExhaustedError
-from .sockets import send_frames
+from .sockets import recv_frames, send_frames
 
 __all__ = ["AsyncSocket"]
 
 BATCH: Final = 256
-_NOBLOCK: Final = int(zmq.NOBLOCK)
 
 
 class AsyncSocket:
@@ -63,7 +62,7 @@ class AsyncSocket:
             return
         for _ in range(BATCH):
             try:
-                frames = sock.recv_multipart(_NOBLOCK)
+                frames = recv_frames(sock)
             except zmq.Again:
                 return
             handle(frames)

@@ -27,17 +27,14 @@ from .aio import AsyncSocket
 from .protocol import (
     BadFormatError,
     DeadlineExceededError,
-    Header,
     MeshError,
-    MessageType,
     UnavailableError,
-    command,
-    decode_header,
     decode_payload,
-    encode_header,
+    encode_command_header,
     encode_payload,
     error_from_wire,
     new_id,
+    unpack_header,
 )
 from .sockets import dealer
 
@@ -48,6 +45,7 @@ RETRY_PAUSE: Final = 0.05
 # The broker answers at the deadline; wait this much longer before giving up on it.
 GRACE: Final = 0.5
 SWEEP_S: Final = 0.1
+_REPLIES: Final = frozenset({"response", "error"})
 
 T = TypeVar("T")
 
@@ -69,7 +67,7 @@ class AsyncClient:
         self._sock = dealer(self._ctx, broker)
         self._conn: AsyncSocket | None = None
         # command id -> (future of the reply, when to stop waiting for it)
-        self._waiting: dict[str, tuple[asyncio.Future[tuple[Header, bytes]], float]] = {}
+        self._waiting: dict[str, tuple[asyncio.Future[tuple[dict[str, Any], bytes]], float]] = {}
         self._sweeper: asyncio.TimerHandle | None = None
         self.unmatched = 0  # replies for calls that were no longer waiting
 
@@ -102,11 +100,11 @@ class AsyncClient:
         payload_frame = encode_payload(payload)
         pause = RETRY_PAUSE
         for attempt in range(attempts):
-            header = command(
-                service, action, now=time.time(), deadline=deadline, id=cid, metadata=metadata
+            header = encode_command_header(
+                service, action, id=cid, now=time.time(), deadline=deadline, metadata=metadata
             )
             try:
-                return await self._once(cid, encode_header(header), payload_frame, deadline)
+                return await self._once(cid, header, payload_frame, deadline)
             except MeshError as err:
                 left = deadline - time.time()
                 if not err.retryable or attempt + 1 >= attempts or left <= pause:
@@ -121,29 +119,28 @@ class AsyncClient:
         if conn is None:
             conn = self._conn = AsyncSocket(loop, self._sock, self._on_reply)
             self._sweeper = loop.call_later(SWEEP_S, self._sweep)
-        fut: asyncio.Future[tuple[Header, bytes]] = loop.create_future()
+        fut: asyncio.Future[tuple[dict[str, Any], bytes]] = loop.create_future()
         self._waiting[cid] = (fut, deadline + GRACE)
         try:
             conn.send([header, payload])
             reply, body = await fut
         finally:
             del self._waiting[cid]
-        if reply.type is MessageType.ERROR:
-            assert reply.error is not None
-            e = reply.error
-            raise error_from_wire(e.code, e.message, e.retryable, dict(e.details))
+        if reply["type"] == "error":
+            e = reply["error"]
+            raise error_from_wire(e["code"], e["message"], e["retryable"], e.get("details"))
         return decode_payload(body)
 
     def _on_reply(self, frames: list[bytes]) -> None:
         try:
             if len(frames) != 2:
                 raise BadFormatError("a reply has two frames")
-            header = decode_header(frames[0])
+            header = unpack_header(frames[0])
         except MeshError:
             self.unmatched += 1
             return
-        entry = self._waiting.get(header.correlation_id or "")
-        if entry is None or entry[0].done():
+        entry = self._waiting.get(header.get("correlation_id", ""))
+        if entry is None or entry[0].done() or header["type"] not in _REPLIES:
             self.unmatched += 1
             return
         entry[0].set_result((header, frames[1]))

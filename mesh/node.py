@@ -45,8 +45,9 @@ from .protocol import (
     decode_payload,
     encode_header,
     encode_payload,
-    error_to,
-    response_to,
+    encode_response_header,
+    error_header,
+    unpack_header,
 )
 from .aio import AsyncSocket
 from .sockets import dealer
@@ -73,10 +74,16 @@ class Action:
 
 @dataclass(slots=True)
 class _Work:
+    """One command for this node: `header` is its validated wire map (see `unpack_header`)."""
+
     envelope: bytes
-    header: Header
+    header: dict[str, Any]
     payload: bytes
     action: Action | None = None
+
+    @property
+    def name(self) -> str:
+        return f"{self.header['service']}.{self.header['action']}"
 
 
 class Node:
@@ -157,7 +164,6 @@ class Node:
 
     def execute(self, work: _Work) -> list[bytes]:
         """Run one command to its reply frames (on a worker thread)."""
-        header = work.header
         try:
             action = self._check(work)
             result = action.handler(decode_payload_checked(action, work.payload))
@@ -165,7 +171,7 @@ class Node:
         except MeshError as err:
             return self._error(work, err)
         except Exception as exc:  # the node keeps serving whatever a handler does
-            return self._crash(header, work, exc)
+            return self._crash(work, exc)
 
     async def execute_async(self, work: _Work) -> list[bytes]:
         """Run one async command to its reply frames (on the node's loop).
@@ -173,31 +179,31 @@ class Node:
         The loop cancels the task at the command's deadline; that becomes a
         `deadline exceeded` reply.
         """
-        header = work.header
         try:
             action = self._check(work)
             result = await action.handler(decode_payload_checked(action, work.payload))  # type: ignore[misc]
             return self._reply(work, result)
         except asyncio.CancelledError:
-            return self._error(work, DeadlineExceededError(f"{header.service}.{header.action} ran past its deadline"))
+            return self._error(work, DeadlineExceededError(f"{work.name} ran past its deadline"))
         except MeshError as err:
             return self._error(work, err)
         except Exception as exc:  # the node keeps serving whatever a handler does
-            return self._crash(header, work, exc)
+            return self._crash(work, exc)
 
     def _check(self, work: _Work) -> Action:
         if work.action is None:
             h = work.header
             raise HandlerNotFoundError(
-                f"this node has no action {h.service}.{h.action}",
-                details={"service": h.service, "action": h.action},
+                f"this node has no action {work.name}",
+                details={"service": h["service"], "action": h["action"]},
             )
-        if work.header.deadline is not None and work.header.deadline <= time.time():
+        deadline = work.header.get("deadline")
+        if deadline is not None and deadline <= time.time():
             raise DeadlineExceededError("deadline passed before the handler started")
         return work.action
 
     def _reply(self, work: _Work, result: Any) -> list[bytes]:
-        frames = [work.envelope, encode_header(response_to(work.header, now=time.time())), encode_payload(result)]
+        frames = [work.envelope, encode_response_header(work.header, time.time()), encode_payload(result)]
         size = len(frames[1]) + len(frames[2])
         if size > self.max_message_bytes:
             return self._error(
@@ -210,18 +216,15 @@ class Node:
         return frames
 
     def _error(self, work: _Work, err: MeshError) -> list[bytes]:
-        return [work.envelope, encode_header(error_to(work.header, err, now=time.time())), b"\xc0"]
+        header = error_header(err, now=time.time(), correlation_id=work.header["id"])
+        return [work.envelope, encode_header(header), b"\xc0"]
 
-    def _crash(self, header: Header, work: _Work, exc: Exception) -> list[bytes]:
-        log.error(
-            "handler %s.%s raised %s (command %s)",
-            header.service, header.action, type(exc).__name__, header.id,
+    def _crash(self, work: _Work, exc: Exception) -> list[bytes]:
+        name = type(exc).__name__
+        log.error("handler %s raised %s (command %s)", work.name, name, work.header["id"])
+        return self._error(
+            work, InternalError(f"handler {work.name} failed: {name}", details={"exception": name})
         )
-        err = InternalError(
-            f"handler {header.service}.{header.action} failed: {type(exc).__name__}",
-            details={"exception": type(exc).__name__},
-        )
-        return self._error(work, err)
 
     # ------------------------------------------------------------- the loop
 
@@ -315,24 +318,24 @@ class _NodeLoop:
             return
         envelope, hframe, payload = frames
         try:
-            header = decode_header(hframe)
+            header = unpack_header(hframe)
         except MeshError as err:
             log.warning("dropped a malformed message from the broker: %s", err.message)
             return
         if not envelope:
-            self._on_control(header, payload)
+            self._on_control(decode_header(hframe), payload)
             return
-        if header.type is not MessageType.COMMAND:
+        if header["type"] != "command":
             return
-        work = _Work(envelope, header, payload, node.actions.get((header.service or "", header.action or "")))
+        work = _Work(envelope, header, payload, node.actions.get((header["service"], header["action"])))
         if node.in_flight >= node.capacity:
             self.conn.send(node._error(work, ResourceExhaustedError("node is at capacity")))
             return
         node.in_flight += 1
         if work.action is not None and work.action.is_async:
             task = self.loop.create_task(self._run_async(work))
-            if header.deadline is not None:
-                self.deadlines[task] = header.deadline
+            if "deadline" in header:
+                self.deadlines[task] = header["deadline"]
         elif self.pool is not None:
             self.loop.run_in_executor(self.pool, node.execute, work).add_done_callback(self._sync_done)
         else:  # an action this node does not have: answer at once

@@ -20,7 +20,7 @@ from typing import Final
 
 import zmq
 
-from ..sockets import bound_endpoint, router, send_frames
+from ..sockets import bound_endpoint, recv_frames, router, send_frames
 from .core import Broker, BrokerConfig, Outgoing, Side
 
 __all__ = ["BrokerServer", "Endpoints"]
@@ -29,7 +29,6 @@ log = logging.getLogger("mesh.broker")
 
 BATCH: Final = 256
 TICK_S: Final = 0.05
-_NOBLOCK: Final = int(zmq.NOBLOCK)
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,10 +100,9 @@ class BrokerServer:
 
     def _drain(self, sock: zmq.Socket, handle: Callable[[bytes, list[bytes], float], list[Outgoing]]) -> None:
         now = self._clock()
-        recv = sock.recv_multipart
         for _ in range(BATCH):
             try:
-                frames = recv(_NOBLOCK)
+                frames = recv_frames(sock)
             except zmq.Again:
                 return
             try:
