@@ -5,9 +5,11 @@ Rules of this module:
 * The loop watches the socket's file descriptor and drains messages in batches with
   non-blocking receives, handing each to a callback; no future is made per message,
   which is what makes this several times cheaper than `zmq.asyncio` on the hot path.
-* ZeroMQ's descriptor is edge-triggered and any send may consume the edge, so a send
-  schedules one drain attempt (at most one is pending at a time), which catches a
-  message that arrived without a new edge.
+* Sends are queued and leave together at the end of the loop's turn; a full peer
+  queue delays them, in order, never drops them.
+* ZeroMQ's descriptor is edge-triggered and any send may consume the edge, so every
+  flush schedules one drain attempt (at most one is pending at a time), which catches
+  a message that arrived without a new edge.
 * Only the loop's thread may use the socket.
 """
 
@@ -19,12 +21,12 @@ from typing import Final
 
 import zmq
 
-from .protocol import ResourceExhaustedError
 from .sockets import recv_frames, send_frames
 
 __all__ = ["AsyncSocket"]
 
 BATCH: Final = 256
+RETRY_S: Final = 0.001
 
 
 class AsyncSocket:
@@ -46,6 +48,8 @@ class AsyncSocket:
         self.sock = sock
         self.on_message = on_message
         self._scheduled = False
+        self._outbox: list[list[bytes]] = []
+        self._flush_scheduled = False
         self._fd = sock.getsockopt(zmq.FD)
         loop.add_reader(self._fd, self._drain)
         self._schedule()  # messages may already be waiting
@@ -69,18 +73,35 @@ class AsyncSocket:
         self._schedule()  # more may be waiting; let other callbacks run first
 
     def send(self, frames: list[bytes]) -> None:
-        """Queue `frames` for sending without blocking.
+        """Queue `frames`; they leave at the end of this turn of the loop, with the others.
 
-        Raises:
-            ResourceExhaustedError: the socket's send queue is full.
+        Sending in one burst per turn wakes libzmq's I/O thread once instead of once per
+        message, which is most of a message's cost on a busy machine.
         """
+        self._outbox.append(frames)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self.loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        sock, outbox = self.sock, self._outbox
+        if sock.closed:
+            return
+        sent = 0
         try:
-            send_frames(self.sock, frames)
+            for frames in outbox:
+                send_frames(sock, frames)
+                sent += 1
         except zmq.Again:
-            raise ResourceExhaustedError("send queue to the broker is full") from None
+            # The peer's queue is full: keep the rest, in order, and try again shortly.
+            self._flush_scheduled = True
+            self.loop.call_later(RETRY_S, self._flush)
+        del outbox[:sent]
         self._schedule()
 
     def close(self, linger_ms: int = 0) -> None:
         """Stop watching the socket and close it, waiting up to `linger_ms` to flush sends."""
+        self._flush()
         self.loop.remove_reader(self._fd)
         self.sock.close(linger=linger_ms)

@@ -27,7 +27,7 @@ __all__ = ["BrokerServer", "Endpoints"]
 
 log = logging.getLogger("mesh.broker")
 
-BATCH: Final = 256
+BATCH: Final = 64
 TICK_S: Final = 0.05
 
 
@@ -99,20 +99,24 @@ class BrokerServer:
             self.close()
 
     def _drain(self, sock: zmq.Socket, handle: Callable[[bytes, list[bytes], float], list[Outgoing]]) -> None:
+        """Handle up to BATCH waiting messages, then send what they produced in one burst.
+
+        One burst per batch wakes each peer's I/O thread once rather than once per message.
+        """
         now = self._clock()
+        pending: list[Outgoing] = []
         for _ in range(BATCH):
             try:
                 frames = recv_frames(sock)
             except zmq.Again:
-                return
+                break
             try:
-                out = handle(frames[0], frames[1:], now)
+                pending += handle(frames[0], frames[1:], now)
             except Exception:  # a bug in the core must not take the broker down for everyone
                 self.core.counters["internal_errors"] += 1
                 log.exception("internal error handling a message (dropped, not answered)")
-                continue
-            if out:
-                self._send(out)
+        if pending:
+            self._send(pending)
 
     def _send(self, out: list[Outgoing]) -> None:
         sockets = self._sockets
