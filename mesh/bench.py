@@ -24,6 +24,8 @@ from typing import Any, Final
 
 import zmq
 
+from .process import tune_for_serving
+
 __all__ = ["BenchSettings", "run_bench", "format_report"]
 
 WARMUP_S: Final = 1.0
@@ -148,6 +150,7 @@ def _mesh_broker(clients_ep: str, nodes_ep: str, ready: Any, stop: Any) -> None:
     from .broker import BrokerServer, Endpoints
 
     server = BrokerServer(Endpoints(clients_ep, nodes_ep))
+    tune_for_serving()  # as `mesh broker` does
     ready.put((server.endpoints.clients, server.endpoints.nodes))
     threading.Thread(target=lambda: (stop.wait(), server.stop()), daemon=True).start()
     server.run()
@@ -159,6 +162,7 @@ def _mesh_node(nodes_ep: str, capacity: int, stop: Any) -> None:
     from .plugins import load_node
 
     node = load_node("echo")
+    tune_for_serving()  # as `mesh node` does
     # As many slots as commands in flight, as the raw worker has: the window is the same.
     node.capacity = capacity
     threading.Thread(target=lambda: (stop.wait(), node.stop()), daemon=True).start()

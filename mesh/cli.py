@@ -16,6 +16,7 @@ from typing import Any, NoReturn
 
 import click
 
+from .process import tune_for_serving
 from .protocol import ConfigurationError, MeshError
 
 DEFAULT_BROKER = "tcp://127.0.0.1:5555"
@@ -91,6 +92,7 @@ def broker(name: str, clients: str, nodes: str, queue_limit: int, timeout: float
     except MeshError as err:
         _fail(err)
     _on_stop(server.stop)
+    tune_for_serving()
     click.echo(f"broker {name} ready clients={server.endpoints.clients} nodes={server.endpoints.nodes}")
     server.run()
 
@@ -129,6 +131,7 @@ def node(use: str, broker_ep: str, config_json: str, name: str | None, capacity:
             click.echo(f"node {n.name} ready services={','.join(services)} broker={broker_ep}")
 
     threading.Thread(target=announce, daemon=True).start()
+    tune_for_serving()
     try:
         n.run(broker_ep)
     except MeshError as err:

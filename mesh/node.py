@@ -72,7 +72,7 @@ class Action:
     idempotent: bool
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)  # hashed by identity: a key of the running handlers
 class _Work:
     """One command for this node: `header` is its validated wire map (see `unpack_header`)."""
 
@@ -252,7 +252,8 @@ class _NodeLoop:
         self.drain_timeout = drain_timeout
         self.pending_control: dict[str, str] = {}  # command id -> mesh action
         self.stopping = False
-        self.deadlines: dict[asyncio.Task[None], float] = {}  # running async handlers
+        # running async handlers: their task and deadline
+        self.deadlines: dict[_Work, tuple[asyncio.Task[None], float]] = {}
 
     def run(self) -> None:
         asyncio.run(self._serve())
@@ -335,7 +336,7 @@ class _NodeLoop:
         if work.action is not None and work.action.is_async:
             task = self.loop.create_task(self._run_async(work))
             if "deadline" in header:
-                self.deadlines[task] = header["deadline"]
+                self.deadlines[work] = (task, header["deadline"])
         elif self.pool is not None:
             self.loop.run_in_executor(self.pool, node.execute, work).add_done_callback(self._sync_done)
         else:  # an action this node does not have: answer at once
@@ -345,12 +346,12 @@ class _NodeLoop:
         try:
             self._reply(await self.node.execute_async(work))
         finally:
-            self.deadlines.pop(asyncio.current_task(), None)  # type: ignore[arg-type]
+            self.deadlines.pop(work, None)
 
     def _expire(self) -> None:
         """Cancel async handlers running past their command's deadline (one timer for all)."""
         now = time.time()
-        for task, deadline in list(self.deadlines.items()):
+        for task, deadline in list(self.deadlines.values()):
             if deadline <= now:
                 task.cancel()
         self.expiry = self.loop.call_later(EXPIRY_S, self._expire)

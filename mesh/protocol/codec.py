@@ -385,7 +385,7 @@ def decode_payload(frame: bytes) -> Any:
 
 def check_size(frames: Sequence[bytes], limit: int = MAX_MESSAGE_BYTES) -> None:
     """Refuse a message whose frames together exceed `limit` bytes."""
-    total = sum(len(f) for f in frames)
+    total = sum(map(len, frames))
     if total > limit:
         raise MessageTooLargeError(
             f"message is {total} bytes, limit {limit}", details={"limit": limit}
