@@ -151,7 +151,12 @@ class Node:
                 "schema": dict(spec.schema),
                 "idempotent": spec.idempotent,
             }
-        return {"name": self.name, "capacity": self.capacity, "services": services}
+        return {
+            "name": self.name,
+            "capacity": self.capacity,
+            "heartbeat_interval": self.heartbeat_interval,
+            "services": services,
+        }
 
     def stop(self) -> None:
         """Ask `run()` to unregister, finish running commands and return (thread-safe)."""

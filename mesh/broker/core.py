@@ -381,6 +381,8 @@ class Broker:
             }
         if side is Side.NODE and action == "unregister":
             self.registry.remove(ident)
+            if not self.node_links[ident].pending_commands:
+                del self.node_links[ident]
             return {"unregistered": True}
         if side is Side.NODE and action == "heartbeat":
             return {"known": ident in self.registry.nodes}
@@ -401,13 +403,27 @@ class Broker:
     # ---------------------------------------------------------- time and loss
 
     def tick(self, now: float) -> list[Outgoing]:
-        """Expire commands whose deadline passed; forget clients long gone quiet."""
+        """Expire commands past their deadline and nodes past their liveness window.
+
+        Also forgets clients, and links of unregistered nodes, long gone quiet.
+        """
         if now >= self._next_sweep:
             self._next_sweep = now + CLIENT_SWEEP_S
-            idle = [c for c, st in self.clients.items() if not st.pending_commands and now - st.last_activity > CLIENT_IDLE_S]
-            for ident in idle:
-                del self.clients[ident]
+            for table in (self.clients, self.node_links):
+                idle = [
+                    ident
+                    for ident, st in table.items()
+                    if not st.pending_commands
+                    and now - st.last_activity > CLIENT_IDLE_S
+                    and ident not in self.registry.nodes
+                ]
+                for ident in idle:
+                    del table[ident]
         out: list[Outgoing] = []
+        silent = [n.identity for n in self.registry.nodes.values() if now - n.last_seen > n.liveness]
+        for ident in silent:
+            self.counters["nodes_expired"] += 1
+            out.extend(self._lose_node(ident, set(), now))
         expired = [c for c in self.commands.values() if c.deadline <= now]
         for cmd in expired:
             if cmd.state is CommandState.QUEUED:
@@ -449,10 +465,18 @@ class Broker:
                 for cid in list(conn.pending_commands):
                     self._abandon(ident, cid)
             return []
+        unsent = {(f[0], _correlation(f)) for f in (frames, *more) if len(f) == 3 and f[0]}
+        return self._lose_node(ident, unsent, now)
+
+    def _lose_node(self, ident: bytes, unsent: set[tuple[bytes, str]], now: float) -> list[Outgoing]:
+        """Forget a node that is gone and settle what it owed.
+
+        Commands that never reached it, and those of idempotent actions, are routed again;
+        the others it was running are answered NODE_LOST (they may or may not have run).
+        """
         link = self.node_links.pop(ident, None)
         self.registry.remove(ident)
         owed = link.pending_commands if link is not None else set()
-        unsent = {(f[0], _correlation(f)) for f in (frames, *more) if len(f) == 3 and f[0]}
         out: list[Outgoing] = []
         requeue: list[Command] = []
         for key in owed:
@@ -461,8 +485,9 @@ class Broker:
             cmd = self.commands.get(key)
             if cmd is None or cmd.state is not CommandState.DISPATCHED or not _ran_on(cmd, ident):
                 continue
+            spec = cmd.node.services.get(cmd.service, {}).get(cmd.action) if cmd.node else None
             cmd.node = None
-            if key in unsent:
+            if key in unsent or (spec is not None and spec.idempotent):
                 requeue.append(cmd)
             else:
                 out.append(
@@ -473,7 +498,8 @@ class Broker:
                         CommandEvent.FAIL,
                     )
                 )
-        # They never reached the node: route them again, oldest first, ahead of newer ones.
+        # Route them again, oldest first, ahead of newer ones.
+        self.counters["redispatched"] += len(requeue)
         for cmd in sorted(requeue, key=lambda c: c.received_at, reverse=True):
             cmd.state = advance(cmd.state, CommandEvent.REQUEUE)
             self._enqueue(cmd, front=True)

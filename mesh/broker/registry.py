@@ -21,6 +21,9 @@ __all__ = ["ActionSpec", "NodeInfo", "Registry", "parse_registration", "MAX_CAPA
 
 MAX_CAPACITY: Final = 10_000
 MAX_DESCRIPTION: Final = 4096
+DEFAULT_HEARTBEAT_S: Final = 1.0
+# A node silent for this many of its heartbeat intervals is dead (any message counts).
+LIVENESS_MISSES: Final = 3
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,6 +43,7 @@ class NodeInfo:
     services: dict[str, dict[str, ActionSpec]]
     registered_at: float
     last_seen: float
+    liveness: float  # seconds of silence after which the node counts as dead
     # Replies the node still owes, shared with the broker's view of its link, so that
     # capacity counts what the node is really running, across re-registrations too.
     owed: set[Any] = field(default_factory=set)
@@ -59,6 +63,7 @@ class NodeInfo:
 class _Registration:
     name: str
     capacity: int
+    heartbeat_interval: float
     services: dict[str, dict[str, ActionSpec]] = field(default_factory=dict)
 
 
@@ -83,7 +88,10 @@ def parse_registration(payload: Any) -> _Registration:
     services = payload.get("services")
     if not isinstance(services, dict) or not services:
         raise _field_error("services", "must be a non-empty map of service name to actions")
-    reg = _Registration(name, capacity)
+    interval = payload.get("heartbeat_interval", DEFAULT_HEARTBEAT_S)
+    if isinstance(interval, bool) or not isinstance(interval, (int, float)) or not 0.05 <= interval <= 60:
+        raise _field_error("heartbeat_interval", "must be a number of seconds from 0.05 to 60")
+    reg = _Registration(name, capacity, float(interval))
     for svc, spec in services.items():
         check_name(svc, f"services.{svc}")
         if svc == "mesh":
@@ -135,6 +143,7 @@ class Registry:
             services=reg.services,
             registered_at=now,
             last_seen=now,
+            liveness=LIVENESS_MISSES * reg.heartbeat_interval,
             owed=owed if owed is not None else set(),
         )
         self.nodes[identity] = node
@@ -184,10 +193,6 @@ class Registry:
         for svc, actions in node.services.items():
             for act in actions:
                 yield svc, act
-
-    def action(self, service: str, action: str) -> ActionSpec | None:
-        nodes = self._by_action.get((service, action))
-        return nodes[0].services[service][action] if nodes else None
 
     def describe(self) -> dict[str, Any]:
         """The registry as `mesh.services` reports it: every action with its schema."""

@@ -75,6 +75,7 @@ def registration(
     *,
     capacity: int = 1,
     name: str = "test-node",
+    heartbeat_interval: float = 60.0,
 ) -> dict[str, Any]:
     """A `mesh.register` payload.
 
@@ -82,6 +83,7 @@ def registration(
         services: service -> action names, or service -> {action: spec} for full specs.
         capacity: how many commands the node runs at once.
         name: the node's display name.
+        heartbeat_interval: long by default, so tests that skip heartbeats keep their node.
     """
     out: dict[str, Any] = {}
     for svc, actions in services.items():
@@ -90,7 +92,7 @@ def registration(
         else:
             specs = {act: {"description": f"{svc}.{act}", "schema": {}} for act in actions}
         out[svc] = {"actions": specs}
-    return {"name": name, "capacity": capacity, "services": out}
+    return {"name": name, "capacity": capacity, "heartbeat_interval": heartbeat_interval, "services": out}
 
 
 def node_system(action: str, payload: Any = None, *, now: float = 0.0, id: str | None = None) -> list[bytes]:

@@ -162,6 +162,8 @@ def test_idle_clients_are_forgotten_by_tick(broker: Broker) -> None:
     """tick() drops clients silent for over 300 s with nothing pending, sweeping at most every 10 s."""
     broker.client_message(CLIENT, command_frames("mesh", "ping", id="p1"), 1.0)
     d1 = only(broker.client_message(CLIENT_B, command_frames("echo", "say", id="b1", deadline=1000.0), 1.0))[2]
+    for t in (150.0, 300.0):  # the node stays alive meanwhile
+        broker.node_message(NODE_A, node_system("heartbeat", {}, now=t), t)
     assert broker.tick(301.0) == []  # a sweep: CLIENT silent for exactly 300 s stays
     assert set(broker.clients) == {CLIENT, CLIENT_B}
     assert broker.tick(305.0) == []  # silent 304 s, but the last sweep was under 10 s ago
