@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import os
 import signal
 import sys
 import threading
@@ -103,8 +104,11 @@ def broker(name: str, clients: str, nodes: str, queue_limit: int, timeout: float
 @click.option("--config", "config_json", default="{}", help="The node's config as a JSON object.")
 @click.option("--name", default=None, help="Name in the registry (default: the node's own).")
 @click.option("--capacity", default=None, type=click.IntRange(1), help="Commands run at once (default: the node's own).")
+@click.option("--drain-timeout", default=10.0, show_default=True, type=click.FloatRange(min=0), help="Seconds to finish running commands after SIGTERM.")
 @click.option("--log-level", default="info", type=click.Choice(["debug", "info", "warning", "error"]), show_default=True)
-def node(use: str, broker_ep: str, config_json: str, name: str | None, capacity: int | None, log_level: str) -> None:
+def node(
+    use: str, broker_ep: str, config_json: str, name: str | None, capacity: int | None, drain_timeout: float, log_level: str
+) -> None:
     """Run a handler node: USE is an installed node (echo, kv, sqlite, fs) or MODULE:ATTR."""
     from .plugins import load_node
 
@@ -133,9 +137,14 @@ def node(use: str, broker_ep: str, config_json: str, name: str | None, capacity:
     threading.Thread(target=announce, daemon=True).start()
     tune_for_serving()
     try:
-        n.run(broker_ep)
+        n.run(broker_ep, drain_timeout=drain_timeout)
     except MeshError as err:
         _fail(err)
+    # run() has answered every command; a handler thread still stuck in user code must
+    # not keep the process alive past its drain (the interpreter would wait for it).
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _client(broker_ep: str, timeout: float) -> Any:
@@ -158,11 +167,11 @@ def call(target: str, payload: str, broker_ep: str, timeout: float) -> None:
         body = json.loads(payload)
     except json.JSONDecodeError as exc:
         raise UsageError(f"payload is not JSON: {exc}") from None
-    with _client(broker_ep, timeout) as client:
-        try:
+    try:
+        with _client(broker_ep, timeout) as client:
             result = client.call(service, action, body)
-        except MeshError as err:
-            _fail(err)
+    except MeshError as err:
+        _fail(err)
     _print_json(result)
 
 
@@ -171,11 +180,11 @@ def call(target: str, payload: str, broker_ep: str, timeout: float) -> None:
 @click.option("--timeout", default=5.0, show_default=True, type=click.FloatRange(min=0, min_open=True))
 def services(broker_ep: str, timeout: float) -> None:
     """Print the registry: every service action with its description and JSON Schema."""
-    with _client(broker_ep, timeout) as client:
-        try:
+    try:
+        with _client(broker_ep, timeout) as client:
             result = client.call("mesh", "services")
-        except MeshError as err:
-            _fail(err)
+    except MeshError as err:
+        _fail(err)
     _print_json(result)
 
 

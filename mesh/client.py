@@ -6,8 +6,10 @@ Rules of this module:
   by correlation id.
 * `timeout` is the whole budget of a call, retries included; it travels to the broker as
   the command's deadline, so the mesh gives up when the caller does.
-* A retryable error is retried with the same command id (so the mesh can deduplicate)
-  after a short, growing pause, while the budget lasts.
+* Errors that prove the command never started (`RESOURCE_EXHAUSTED`, `UNAVAILABLE`)
+  are retried with the same command id after a short, growing pause, while the budget
+  lasts. Other retryable errors (`NODE_LOST`, `DEADLINE_EXCEEDED`) may come after the
+  command ran, so only the caller, who knows whether it is safe, retries them.
 * An `error` reply raises the `MeshError` subclass for its code.
 * `Client` runs an `AsyncClient` on a private event-loop thread: one implementation,
   and calls from many threads share one connection.
@@ -27,6 +29,7 @@ from .aio import AsyncSocket
 from .protocol import (
     BadFormatError,
     DeadlineExceededError,
+    ErrorCode,
     MeshError,
     UnavailableError,
     decode_payload,
@@ -38,13 +41,15 @@ from .protocol import (
 )
 from .sockets import dealer
 
-__all__ = ["AsyncClient", "Client", "DEFAULT_TIMEOUT"]
+__all__ = ["AsyncClient", "Client", "DEFAULT_TIMEOUT", "AUTO_RETRY"]
 
 DEFAULT_TIMEOUT: Final = 30.0
 RETRY_PAUSE: Final = 0.05
 # The broker answers at the deadline; wait this much longer before giving up on it.
 GRACE: Final = 0.5
 SWEEP_S: Final = 0.1
+# The codes that prove a command never started, so resending it cannot run it twice.
+AUTO_RETRY: Final = frozenset({ErrorCode.RESOURCE_EXHAUSTED, ErrorCode.UNAVAILABLE})
 _REPLIES: Final = frozenset({"response", "error"})
 
 T = TypeVar("T")
@@ -56,7 +61,7 @@ class AsyncClient:
     Args:
         broker: the broker's client endpoint, e.g. ``tcp://127.0.0.1:5555``.
         timeout: default budget of a call in seconds.
-        retries: default number of retries of a retryable error.
+        retries: default number of automatic retries (of the errors in `AUTO_RETRY`).
     """
 
     def __init__(self, broker: str, *, timeout: float = DEFAULT_TIMEOUT, retries: int = 2) -> None:
@@ -107,7 +112,7 @@ class AsyncClient:
                 return await self._once(cid, header, payload_frame, deadline)
             except MeshError as err:
                 left = deadline - time.time()
-                if not err.retryable or attempt + 1 >= attempts or left <= pause:
+                if err.code not in AUTO_RETRY or attempt + 1 >= attempts or left <= pause:
                     raise
             await asyncio.sleep(pause)
             pause *= 2
@@ -178,7 +183,7 @@ class Client:
     Args:
         broker: the broker's client endpoint, e.g. ``tcp://127.0.0.1:5555``.
         timeout: default budget of a call in seconds.
-        retries: default number of retries of a retryable error.
+        retries: default number of automatic retries (of the errors in `AUTO_RETRY`).
     """
 
     def __init__(self, broker: str, *, timeout: float = DEFAULT_TIMEOUT, retries: int = 2) -> None:

@@ -36,8 +36,10 @@ from .protocol import (
     MeshError,
     MessageTooLargeError,
     MessageType,
+    NodeLostError,
     PayloadValidator,
     ResourceExhaustedError,
+    ValidationFailedError,
     check_name,
     command,
     compile_schema,
@@ -175,7 +177,9 @@ class Node:
             return self._reply(work, result)
         except MeshError as err:
             return self._error(work, err)
-        except Exception as exc:  # the node keeps serving whatever a handler does
+        except BaseException as exc:  # the node keeps serving whatever a handler does
+            if isinstance(exc, KeyboardInterrupt):
+                raise
             return self._crash(work, exc)
 
     async def execute_async(self, work: _Work) -> list[bytes]:
@@ -192,7 +196,9 @@ class Node:
             return self._error(work, DeadlineExceededError(f"{work.name} ran past its deadline"))
         except MeshError as err:
             return self._error(work, err)
-        except Exception as exc:  # the node keeps serving whatever a handler does
+        except BaseException as exc:  # the node keeps serving whatever a handler does
+            if isinstance(exc, KeyboardInterrupt):
+                raise
             return self._crash(work, exc)
 
     def _check(self, work: _Work) -> Action:
@@ -208,7 +214,15 @@ class Node:
         return work.action
 
     def _reply(self, work: _Work, result: Any) -> list[bytes]:
-        frames = [work.envelope, encode_response_header(work.header, time.time()), encode_payload(result)]
+        try:
+            body = encode_payload(result)
+        except ValidationFailedError:
+            # The handler's bug, not the caller's: its result is not MessagePack.
+            raise InternalError(
+                f"handler {work.name} returned {type(result).__name__}, which cannot be sent",
+                details={"result_type": type(result).__name__},
+            ) from None
+        frames = [work.envelope, encode_response_header(work.header, time.time()), body]
         size = len(frames[1]) + len(frames[2])
         if size > self.max_message_bytes:
             return self._error(
@@ -224,7 +238,7 @@ class Node:
         header = error_header(err, now=time.time(), correlation_id=work.header["id"])
         return [work.envelope, encode_header(header), b"\xc0"]
 
-    def _crash(self, work: _Work, exc: Exception) -> list[bytes]:
+    def _crash(self, work: _Work, exc: BaseException) -> list[bytes]:
         name = type(exc).__name__
         log.error("handler %s raised %s (command %s)", work.name, name, work.header["id"])
         return self._error(
@@ -257,6 +271,11 @@ class _NodeLoop:
         self.drain_timeout = drain_timeout
         self.pending_control: dict[str, str] = {}  # command id -> mesh action
         self.stopping = False
+        self.running: set[_Work] = set()  # commands taken and not yet answered
+        # At most one heartbeat and one registration are in flight, so a broker outage
+        # does not pile them up to be answered (and re-registered) all at once later.
+        self.beat: tuple[str, float] | None = None  # (command id, monotonic time sent)
+        self.registering = False
         # running async handlers: their task and deadline
         self.deadlines: dict[_Work, tuple[asyncio.Task[None], float]] = {}
 
@@ -274,7 +293,7 @@ class _NodeLoop:
         node._wake = lambda: loop.call_soon_threadsafe(self._begin_stop)
         if node._stop.is_set():
             self._begin_stop()
-        self._control("register", node.registration())
+        self._register()
         beat = loop.call_later(node.heartbeat_interval, self._heartbeat)
         self.expiry = loop.call_later(EXPIRY_S, self._expire)
         try:
@@ -283,6 +302,9 @@ class _NodeLoop:
             beat.cancel()
             self.expiry.cancel()
             node._wake = None
+            for work in list(self.running):
+                # Still running at the end of the drain: the node cannot answer for it.
+                self._reply(work, node._error(work, NodeLostError(f"the node stopped while running {work.name}")))
             if self.pool is not None:
                 self.pool.shutdown(wait=False, cancel_futures=True)
             self.conn.close(linger_ms=500)
@@ -291,8 +313,18 @@ class _NodeLoop:
     def _heartbeat(self) -> None:
         if self.stopping:
             return
-        self._control("heartbeat", {"in_flight": self.node.in_flight})
-        self.loop.call_later(self.node.heartbeat_interval, self._heartbeat)
+        interval = self.node.heartbeat_interval
+        now = time.monotonic()
+        if self.beat is None or now - self.beat[1] > 3 * interval:
+            if self.beat is not None:
+                self.pending_control.pop(self.beat[0], None)  # unanswered: the broker was away
+            self.beat = (self._control("heartbeat", {"in_flight": self.node.in_flight}), now)
+        self.loop.call_later(interval, self._heartbeat)
+
+    def _register(self) -> None:
+        if not self.registering:
+            self.registering = True
+            self._control("register", self.node.registration())
 
     def _begin_stop(self) -> None:
         if self.stopping:
@@ -303,17 +335,21 @@ class _NodeLoop:
         self._maybe_done()
 
     def _maybe_done(self) -> None:
-        if self.stopping and self.node.in_flight == 0:
+        if self.stopping and not self.running:
             # Let the unregister and the last replies leave before closing.
             self.loop.call_later(0.05, self.done.set)
 
-    def _control(self, action: str, payload: Any) -> None:
+    def _control(self, action: str, payload: Any) -> str:
         header = command("mesh", action, now=time.time())
         self.pending_control[header.id] = action
         self.conn.send([b"", encode_header(header), encode_payload(payload)])
+        return header.id
 
-    def _reply(self, frames: list[bytes]) -> None:
-        self.node.in_flight -= 1
+    def _reply(self, work: _Work, frames: list[bytes]) -> None:
+        if work not in self.running:
+            return  # already answered when the node stopped
+        self.running.discard(work)
+        self.node.in_flight = len(self.running)
         self.conn.send(frames)
         self._maybe_done()
 
@@ -337,19 +373,21 @@ class _NodeLoop:
         if node.in_flight >= node.capacity:
             self.conn.send(node._error(work, ResourceExhaustedError("node is at capacity")))
             return
-        node.in_flight += 1
+        self.running.add(work)
+        node.in_flight = len(self.running)
         if work.action is not None and work.action.is_async:
             task = self.loop.create_task(self._run_async(work))
             if "deadline" in header:
                 self.deadlines[work] = (task, header["deadline"])
         elif self.pool is not None:
-            self.loop.run_in_executor(self.pool, node.execute, work).add_done_callback(self._sync_done)
+            fut = self.loop.run_in_executor(self.pool, node.execute, work)
+            fut.add_done_callback(lambda f: f.cancelled() or self._reply(work, f.result()))
         else:  # an action this node does not have: answer at once
-            self._reply(node.execute(work))
+            self._reply(work, node.execute(work))
 
     async def _run_async(self, work: _Work) -> None:
         try:
-            self._reply(await self.node.execute_async(work))
+            self._reply(work, await self.node.execute_async(work))
         finally:
             self.deadlines.pop(work, None)
 
@@ -361,9 +399,6 @@ class _NodeLoop:
                 task.cancel()
         self.expiry = self.loop.call_later(EXPIRY_S, self._expire)
 
-    def _sync_done(self, fut: asyncio.Future[list[bytes]]) -> None:
-        if not fut.cancelled():
-            self._reply(fut.result())
 
     def _on_control(self, header: Header, payload: bytes) -> None:
         action = self.pending_control.pop(header.correlation_id or "", None)
@@ -371,9 +406,11 @@ class _NodeLoop:
             assert header.error is not None
             log.error("broker refused mesh.%s: %s", action, header.error.message)
             if action == "register":
+                self.registering = False
                 self.node.stop()
             return
         if action == "register":
+            self.registering = False
             try:
                 limit = decode_payload(payload).get("max_message_bytes")
             except (MeshError, AttributeError):
@@ -383,11 +420,12 @@ class _NodeLoop:
             self.node.registered.set()
             log.info("registered %s", ", ".join(sorted({s for s, _ in self.node.actions})))
         elif action == "heartbeat":
+            self.beat = None
             try:
                 known = decode_payload(payload).get("known", True)
             except (MeshError, AttributeError):
                 known = True
-            if not known:
+            if not known and not self.registering:
                 log.warning("broker forgot this node; registering again")
                 self.node.registered.clear()
-                self._control("register", self.node.registration())
+                self._register()

@@ -44,6 +44,13 @@ def node(name: str = "t", services: list[str] | None = None, capacity: int = 4) 
                     running["now"] -= 1
             return {"node": name, "max_concurrent": running["max"]}
 
+        @n.action(
+            svc, "idem", idempotent=True, description="Sleep, then name the node (safe to run again)."
+        )
+        def idem(payload: dict[str, Any]) -> dict[str, Any]:
+            time.sleep(float(payload.get("sleep", 0)))
+            return {"node": name}
+
         @n.action(svc, "nap", description="Sleep on the event loop (an async handler).")
         async def nap(payload: dict[str, Any]) -> dict[str, Any]:
             await asyncio.sleep(float(payload.get("sleep", 0)))
