@@ -101,7 +101,7 @@ def broker(name: str, clients: str, nodes: str, queue_limit: int, timeout: float
 @main.command()
 @click.argument("use")
 @click.option("--broker", "broker_ep", default="tcp://127.0.0.1:5556", show_default=True, help="Broker endpoint for nodes.")
-@click.option("--config", "config_json", default="{}", help="The node's config as a JSON object.")
+@click.option("--config", "config_json", default="{}", envvar="MESH_NODE_CONFIG", help="The node's config as a JSON object (env MESH_NODE_CONFIG keeps secrets out of `ps`).")
 @click.option("--name", default=None, help="Name in the registry (default: the node's own).")
 @click.option("--capacity", default=None, type=click.IntRange(1), help="Commands run at once (default: the node's own).")
 @click.option("--drain-timeout", default=10.0, show_default=True, type=click.FloatRange(min=0), help="Seconds to finish running commands after SIGTERM.")

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ctypes
 import json
+import os
 import re
 import signal
 import subprocess
@@ -52,6 +53,7 @@ class _Process:
     argv: list[str]
     broker: str  # the broker's name, for a node; its own name, for a broker
     is_broker: bool
+    env: dict[str, str] = field(default_factory=dict)
     popen: subprocess.Popen[str] | None = None
     started_at: float = 0.0
     backoff: float = BACKOFF_START
@@ -92,11 +94,12 @@ class Launcher:
     @staticmethod
     def _node(spec: NodeSpec, broker: BrokerSpec, index: int) -> _Process:
         name = spec.name if spec.replicas == 1 else f"{spec.name}-{index + 1}"
-        argv = [
-            sys.executable, "-m", "mesh", "node", spec.use,
-            "--name", name, "--capacity", str(spec.capacity), "--config", json.dumps(spec.config),
-        ]
-        return _Process(f"node:{name}", argv, broker.name, False)
+        argv = [sys.executable, "-m", "mesh", "node", spec.use, "--name", name]
+        if spec.capacity is not None:
+            argv += ["--capacity", str(spec.capacity)]
+        # The config goes by environment, not argv: argv is readable by every local user.
+        env = {"MESH_NODE_CONFIG": json.dumps(spec.config)}
+        return _Process(f"node:{name}", argv, broker.name, False, env)
 
     def stop(self) -> None:
         """Begin an orderly shutdown (safe from a signal handler)."""
@@ -110,7 +113,7 @@ class Launcher:
             for p in brokers:
                 self._start(p)
             for p in brokers:
-                if not p.ready.wait(READY_TIMEOUT) or self._stopping.is_set():
+                if not self._wait_ready(p):
                     if not self._stopping.is_set():
                         self.echo(f"{p.name} did not become ready; stopping")
                         return 1
@@ -125,6 +128,17 @@ class Launcher:
         finally:
             self._shutdown()
 
+    def _wait_ready(self, p: _Process) -> bool:
+        """Wait for `p`'s ready line; False at once if it exits or we are told to stop."""
+        deadline = time.monotonic() + READY_TIMEOUT
+        while time.monotonic() < deadline and not self._stopping.is_set():
+            if p.ready.wait(0.1):
+                return True
+            if p.popen is not None and p.popen.poll() is not None:
+                time.sleep(0.2)  # let the pump print the process's last words
+                return False
+        return False
+
     def _start(self, p: _Process) -> None:
         p.ready.clear()
         argv = p.argv if p.is_broker else [*p.argv, "--broker", self.node_endpoints[p.broker]]
@@ -136,6 +150,7 @@ class Launcher:
             text=True,
             bufsize=1,
             start_new_session=True,
+            env={**os.environ, **p.env},
             preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
         )
         p.started_at = time.monotonic()

@@ -8,13 +8,14 @@ table as keyword arguments that returns one. Other packages add nodes by declari
 from __future__ import annotations
 
 import importlib
+import inspect
 from importlib.metadata import entry_points
 from typing import Any
 
 from .node import Node
-from .protocol import ConfigurationError
+from .protocol import ConfigurationError, MeshError
 
-__all__ = ["ENTRY_POINT_GROUP", "available_nodes", "load_node"]
+__all__ = ["ENTRY_POINT_GROUP", "available_nodes", "load_node", "plugin_problem"]
 
 ENTRY_POINT_GROUP = "mesh.nodes"
 
@@ -57,8 +58,34 @@ def load_node(use: str, config: dict[str, Any] | None = None) -> Node:
         raise ConfigurationError(f"{use} is neither a Node nor a factory of one", details={"use": use})
     try:
         node = obj(**(config or {}))
-    except TypeError as exc:
-        raise ConfigurationError(f"{use}: bad config: {exc}", details={"use": use}) from None
+    except MeshError:
+        raise
+    except Exception as exc:  # a factory's own failure, reported as this node's configuration
+        raise ConfigurationError(f"{use}: cannot build the node: {type(exc).__name__}: {exc}", details={"use": use}) from None
     if not isinstance(node, Node):
         raise ConfigurationError(f"{use} returned {type(node).__name__}, not a Node", details={"use": use})
     return node
+
+
+def plugin_problem(use: str, config: dict[str, Any]) -> str | None:
+    """Why `use` with `config` could not start, found without starting it (None if it can).
+
+    Imports the plugin's module and matches the config keys against the factory's
+    parameters, so a misspelt node name or config key is caught by `mesh topology check`
+    rather than by a node that restarts forever.
+    """
+    try:
+        obj = _resolve(use)
+    except ConfigurationError as err:
+        return err.message
+    if isinstance(obj, Node):
+        return f"{use} is a ready Node and takes no config" if config else None
+    if not callable(obj):
+        return f"{use} is neither a Node nor a factory of one"
+    try:
+        inspect.signature(obj).bind(**config)
+    except TypeError as exc:
+        return f"config does not fit {use}: {exc}"
+    except ValueError:  # no signature to check (a builtin): leave it to the node
+        return None
+    return None

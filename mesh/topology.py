@@ -17,12 +17,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
-from .protocol import MAX_MESSAGE_BYTES, ConfigurationError
+from .plugins import plugin_problem
+from .protocol import MAX_MESSAGE_BYTES, NAME_PATTERN, ConfigurationError
 
 __all__ = ["Topology", "BrokerSpec", "NodeSpec", "TopologyError", "Problem", "load", "parse"]
 
-_NAME: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
-_ENDPOINT: Final = re.compile(r"(tcp://[^\s:]+:(\d+|\*)|ipc://\S+|inproc://\S+)")
+_NAME: Final = re.compile(NAME_PATTERN)
+_ENDPOINT: Final = re.compile(r"(tcp://[^\s:]+:(\d{1,5}|\*)|ipc://\S+)")
 _SPEC: Final = re.compile(r"[A-Za-z_][\w.]*(:[A-Za-z_][\w.]*)?")
 
 
@@ -49,6 +50,8 @@ class TopologyError(ConfigurationError):
 
 @dataclass(frozen=True, slots=True)
 class BrokerSpec:
+    """One `[brokers.NAME]` table."""
+
     name: str
     clients: str
     nodes: str
@@ -59,16 +62,20 @@ class BrokerSpec:
 
 @dataclass(frozen=True, slots=True)
 class NodeSpec:
+    """One `[nodes.NAME]` table: `capacity` None keeps the node's own."""
+
     name: str
     use: str
     broker: str
     replicas: int = 1
-    capacity: int = 8
+    capacity: int | None = None
     config: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
 class Topology:
+    """A checked topology file."""
+
     name: str
     brokers: dict[str, BrokerSpec]
     nodes: dict[str, NodeSpec]
@@ -142,8 +149,9 @@ def parse(data: dict[str, Any], source: str = "<topology>") -> Topology:
         eps = {}
         for side in ("clients", "nodes"):
             ep = c.get(raw, side, str, where, "", required=True)
-            if ep and not _ENDPOINT.fullmatch(ep):
-                c.bad(f"{where}.{side}", f"{ep!r} is not a ZeroMQ endpoint (tcp://HOST:PORT or ipc://PATH)")
+            m = _ENDPOINT.fullmatch(ep) if ep else None
+            if ep and (m is None or (m.group(2) not in (None, "*") and not 0 < int(m.group(2)) < 65536)):
+                c.bad(f"{where}.{side}", f"{ep!r} is not a ZeroMQ endpoint (tcp://HOST:PORT with a port from 1 to 65535, or ipc://PATH)")
             elif ep and ep in endpoints:
                 c.bad(f"{where}.{side}", f"{ep} is already used by {endpoints[ep]}")
             elif ep:
@@ -183,16 +191,34 @@ def parse(data: dict[str, Any], source: str = "<topology>") -> Topology:
             use=use,
             broker=broker,
             replicas=c.get(raw, "replicas", int, where, 1),
-            capacity=c.get(raw, "capacity", int, where, 8),
+            capacity=c.get(raw, "capacity", int, where, None),
             config=c.get(raw, "config", dict, where, {}),
         )
         _positive(c, spec_n.replicas, f"{where}.replicas")
-        _positive(c, spec_n.capacity, f"{where}.capacity")
+        if spec_n.capacity is not None:
+            _positive(c, spec_n.capacity, f"{where}.capacity")
+        _check_config(c, spec_n.config, f"{where}.config")
+        if use and _SPEC.fullmatch(use):
+            problem = plugin_problem(use, spec_n.config)
+            if problem:
+                c.bad(f"{where}.use", problem)
         nodes[nname] = spec_n
 
     if c.problems:
         raise TopologyError(source, c.problems)
     return Topology(name=name, brokers=brokers, nodes=nodes, source=source)
+
+
+def _check_config(c: _Checker, value: Any, key: str) -> None:
+    """Node configs travel as JSON: refuse what JSON cannot carry (TOML dates, times)."""
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _check_config(c, v, f"{key}.{k}")
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            _check_config(c, v, f"{key}[{i}]")
+    elif not isinstance(value, (str, int, float, bool)):
+        c.bad(key, f"a {type(value).__name__} cannot be passed to a node; use a string")
 
 
 def load(path: str | Path) -> Topology:

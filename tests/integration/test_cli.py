@@ -104,3 +104,19 @@ def test_bench_reports_both_runs_and_their_ratio():
         assert 0 < lat["p50"] <= lat["p95"] <= lat["p99"]
     assert report["ratio"] == pytest.approx(report["mesh"]["throughput"] / report["raw"]["throughput"])
     assert report["settings"] == {"clients": 1, "inflight": 4, "payload": 64, "duration": 0.5, "transport": "tcp"}
+
+
+def test_topology_check_finds_bad_ports_unknown_nodes_and_config_that_does_not_fit(tmp_path: Path):
+    """Ports out of range, unknown node names, misspelt config keys and TOML dates are all reported."""
+    bad = tmp_path / "bad.toml"
+    bad.write_text(
+        '[brokers.main]\nclients = "tcp://127.0.0.1:99999"\nnodes = "tcp://127.0.0.1:5556"\n'
+        '[nodes.a]\nuse = "nosuchnode"\n'
+        '[nodes.b]\nuse = "sqlite"\nconfig = { databse = "x", when = 1979-05-27 }\n'
+    )
+    result = CliRunner().invoke(main, ["topology", "check", str(bad)])
+    assert result.exit_code == 2
+    assert "brokers.main.clients: 'tcp://127.0.0.1:99999'" in result.output
+    assert "nodes.a.use: unknown node 'nosuchnode'" in result.output
+    assert "nodes.b.use: config does not fit sqlite" in result.output and "databse" in result.output
+    assert "nodes.b.config.when: a date cannot be passed" in result.output

@@ -42,10 +42,11 @@ def test_guide_node_and_client_give_the_documented_output(tmp_path: Path, monkey
 
 
 def test_guide_topology_passes_the_check(tmp_path: Path):
-    """The guide's topology file is valid."""
+    """The guide's topology file is valid, its node found and its config keys matched."""
     files = guide_files(tmp_path)
     result = subprocess.run(
         [sys.executable, "-m", "mesh", "topology", "check", str(files["notes.toml"])],
         capture_output=True, text=True, timeout=30,
+        env={**os.environ, "PYTHONPATH": str(tmp_path)},
     )
     assert result.returncode == 0, result.stderr

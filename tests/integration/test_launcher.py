@@ -89,10 +89,10 @@ def test_up_serves_restarts_a_killed_node_and_stops_cleanly(topology: Path, tmp_
 
 
 def test_a_node_that_cannot_start_is_retried_with_backoff(tmp_path: Path):
-    """A node whose plugin does not exist keeps being restarted with growing pauses; the broker stays up."""
+    """A node that fails at start-up keeps being restarted with growing pauses; the broker stays up."""
     path = tmp_path / "bad.toml"
     path.write_text(
-        TOPOLOGY.format(dir=tmp_path).replace('use = "testnodes:node"', 'use = "no_such_module:node"').replace("replicas = 2", "replicas = 1")
+        TOPOLOGY.format(dir=tmp_path).replace('use = "testnodes:node"', 'use = "testnodes:broken"').replace('config = { name = "w" }\n', "").replace("replicas = 2", "replicas = 1")
     )
     with spawn(["up", str(path)]) as up:
         up.wait_for("mesh is up")

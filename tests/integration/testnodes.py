@@ -77,3 +77,8 @@ def node(name: str = "t", services: list[str] | None = None, capacity: int = 4) 
             raise RuntimeError("secret detail that must not leak")
 
     return n
+
+
+def broken() -> Node:
+    """A node whose start-up always fails, for the launcher's restart tests."""
+    raise RuntimeError("this node cannot start")
