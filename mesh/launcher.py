@@ -29,15 +29,16 @@ from typing import IO, Final
 
 from .topology import BrokerSpec, NodeSpec, Topology
 
-__all__ = ["Launcher"]
+__all__ = ["Launcher", "BROKER_READY", "NODE_READY"]
 
 BACKOFF_START: Final = 0.5
 BACKOFF_MAX: Final = 10.0
 STABLE_AFTER: Final = 10.0
 STOP_GRACE: Final = 12.0
 READY_TIMEOUT: Final = 15.0
-_BROKER_READY: Final = re.compile(r"broker \S+ ready clients=\S+ nodes=(\S+)")
-_NODE_READY: Final = re.compile(r"node \S+ ready ")
+# The lines `mesh broker` and `mesh node` print once they serve (see cli.py).
+BROKER_READY: Final = re.compile(r"^broker (?P<name>\S+) ready clients=(?P<clients>\S+) nodes=(?P<nodes>\S+)")
+NODE_READY: Final = re.compile(r"^node \S+ ready ")
 
 
 def _die_with_parent() -> None:  # runs in the child between fork and exec
@@ -161,11 +162,11 @@ class Launcher:
     def _pump(self, p: _Process, stream: IO[str]) -> None:
         for line in stream:
             line = line.rstrip("\n")
-            m = _BROKER_READY.match(line)
+            m = BROKER_READY.match(line)
             if m:
                 # Where it really listens (a topology may ask for port `*`).
-                self.node_endpoints[p.broker] = m.group(1)
-            if m or _NODE_READY.match(line):
+                self.node_endpoints[p.broker] = m.group("nodes")
+            if m or NODE_READY.match(line):
                 p.ready.set()
                 self.echo(f"[{p.name}] {line} pid={p.popen.pid if p.popen else '?'}")
             else:

@@ -173,7 +173,7 @@ class Node:
         """Run one command to its reply frames (on a worker thread)."""
         try:
             action = self._check(work)
-            result = action.handler(decode_payload_checked(action, work.payload))
+            result = action.handler(_decode_checked(action, work.payload))
             return self._reply(work, result)
         except MeshError as err:
             return self._error(work, err)
@@ -190,7 +190,7 @@ class Node:
         """
         try:
             action = self._check(work)
-            result = await action.handler(decode_payload_checked(action, work.payload))  # type: ignore[misc]
+            result = await action.handler(_decode_checked(action, work.payload))  # type: ignore[misc]
             return self._reply(work, result)
         except asyncio.CancelledError:
             return self._error(work, DeadlineExceededError(f"{work.name} ran past its deadline"))
@@ -256,7 +256,8 @@ class Node:
         _NodeLoop(self, broker, drain_timeout).run()
 
 
-def decode_payload_checked(action: Action, frame: bytes) -> Any:
+def _decode_checked(action: Action, frame: bytes) -> Any:
+    """The payload of a command for `action`, validated against its schema."""
     payload = decode_payload(frame)
     action.validate(payload)
     return payload

@@ -23,9 +23,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
+from .launcher import BROKER_READY, NODE_READY
+
 __all__ = ["MeshProcess", "BrokerProcess", "spawn", "run_broker", "run_node", "FakeClock"]
 
-_BROKER_READY = re.compile(r"broker (\S+) ready clients=(\S+) nodes=(\S+)")
 
 
 class MeshProcess:
@@ -122,8 +123,8 @@ def run_broker(
 ) -> Iterator[BrokerProcess]:
     """A `mesh broker` process, ready to serve, with its real endpoints."""
     with spawn(["broker", "--clients", clients, "--nodes", nodes, *extra]) as proc:
-        m = proc.wait_for(_BROKER_READY.pattern)
-        yield BrokerProcess(proc, m.group(1), m.group(2), m.group(3))
+        m = proc.wait_for(BROKER_READY.pattern)
+        yield BrokerProcess(proc, m.group("name"), m.group("clients"), m.group("nodes"))
 
 
 @contextmanager
@@ -131,7 +132,7 @@ def run_node(use: str, broker: BrokerProcess | str, *extra: str, config: str = "
     """A `mesh node` process registered with `broker` (its node endpoint)."""
     endpoint = broker.nodes if isinstance(broker, BrokerProcess) else broker
     with spawn(["node", use, "--broker", endpoint, "--config", config, *extra]) as proc:
-        proc.wait_for(r"^node \S+ ready ")
+        proc.wait_for(NODE_READY.pattern)
         yield proc
 
 

@@ -65,6 +65,8 @@ _NODE_ACTIONS: Final = frozenset({"register", "unregister", "heartbeat"})
 
 
 class Side(IntEnum):
+    """Which of the broker's two sockets a message comes from or goes to."""
+
     CLIENT = 0
     NODE = 1
 
@@ -99,6 +101,8 @@ class ConnectionState:
 
 @dataclass(slots=True)
 class Command:
+    """A command the broker accepted, until it is answered (`state` says where it is)."""
+
     client: bytes
     id: str
     service: str

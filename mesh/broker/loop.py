@@ -20,7 +20,7 @@ from typing import Final
 
 import zmq
 
-from ..sockets import bound_endpoint, recv_frames, router, send_frames
+from ..sockets import LINGER_MS, bound_endpoint, recv_frames, router, send_frames
 from .core import Broker, BrokerConfig, Outgoing, Side
 
 __all__ = ["BrokerServer", "Endpoints"]
@@ -33,6 +33,8 @@ TICK_S: Final = 0.05
 
 @dataclass(frozen=True, slots=True)
 class Endpoints:
+    """Where a broker listens: one endpoint for clients, one for handler nodes."""
+
     clients: str
     nodes: str
 
@@ -137,6 +139,7 @@ class BrokerServer:
             out = follow_up
 
     def close(self) -> None:
-        self._clients.close(linger=0)
-        self._nodes.close(linger=0)
+        """Close the sockets, giving the last replies `LINGER_MS` to leave."""
+        self._clients.close(linger=LINGER_MS)
+        self._nodes.close(linger=LINGER_MS)
         self._ctx.term()

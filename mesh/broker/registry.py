@@ -37,6 +37,8 @@ class ActionSpec:
 
 @dataclass(slots=True)
 class NodeInfo:
+    """A registered node: what it offers, its capacity and what it still owes."""
+
     identity: bytes
     name: str
     capacity: int
