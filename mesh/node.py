@@ -175,12 +175,8 @@ class Node:
             action = self._check(work)
             result = action.handler(_decode_checked(action, work.payload))
             return self._reply(work, result)
-        except MeshError as err:
-            return self._error(work, err)
         except BaseException as exc:  # the node keeps serving whatever a handler does
-            if isinstance(exc, KeyboardInterrupt):
-                raise
-            return self._crash(work, exc)
+            return self._failure(work, exc)
 
     async def execute_async(self, work: _Work) -> list[bytes]:
         """Run one async command to its reply frames (on the node's loop).
@@ -194,12 +190,16 @@ class Node:
             return self._reply(work, result)
         except asyncio.CancelledError:
             return self._error(work, DeadlineExceededError(f"{work.name} ran past its deadline"))
-        except MeshError as err:
-            return self._error(work, err)
         except BaseException as exc:  # the node keeps serving whatever a handler does
-            if isinstance(exc, KeyboardInterrupt):
-                raise
-            return self._crash(work, exc)
+            return self._failure(work, exc)
+
+    def _failure(self, work: _Work, exc: BaseException) -> list[bytes]:
+        """The reply for a command whose handling raised `exc`."""
+        if isinstance(exc, MeshError):
+            return self._error(work, exc)
+        if isinstance(exc, KeyboardInterrupt):
+            raise exc
+        return self._crash(work, exc)
 
     def _check(self, work: _Work) -> Action:
         if work.action is None:
