@@ -41,11 +41,22 @@ BROKER_READY: Final = re.compile(r"^broker (?P<name>\S+) ready clients=(?P<clien
 NODE_READY: Final = re.compile(r"^node \S+ ready ")
 
 
-def _die_with_parent() -> None:  # runs in the child between fork and exec
+def _load_prctl() -> Callable[..., int] | None:
     try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
+        return ctypes.CDLL(None, use_errno=True).prctl  # type: ignore[no-any-return]
+    except (OSError, AttributeError):
+        return None
+
+
+# Looked up once here: loading a library between fork and exec, with other threads
+# running (the output pumps), could deadlock on the loader's lock.
+_PRCTL = _load_prctl() if sys.platform.startswith("linux") else None
+_PR_SET_PDEATHSIG: Final = 1
+
+
+def _die_with_parent() -> None:  # runs in the child between fork and exec
+    if _PRCTL is not None:
+        _PRCTL(_PR_SET_PDEATHSIG, int(signal.SIGTERM))
 
 
 @dataclass(slots=True)
@@ -152,7 +163,7 @@ class Launcher:
             bufsize=1,
             start_new_session=True,
             env={**os.environ, **p.env},
-            preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
+            preexec_fn=_die_with_parent if _PRCTL is not None else None,
         )
         p.started_at = time.monotonic()
         p.restart_at = None

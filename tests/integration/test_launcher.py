@@ -37,6 +37,18 @@ def alive(pid: int) -> bool:
         return False
 
 
+def describe(pid: int) -> str:
+    """What a process is and what it is doing, for a failure message."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            cmd = f.read().replace(b"\0", b" ").decode()
+        with open(f"/proc/{pid}/status") as f:
+            state = next(line for line in f if line.startswith("State:")).strip()
+        return f"{cmd} ({state})"
+    except (FileNotFoundError, StopIteration):
+        return "gone"
+
+
 def pids(proc: MeshProcess, what: str) -> dict[str, int]:
     """name -> pid of the latest ready line of each process the launcher reported."""
     found: dict[str, int] = {}
@@ -114,6 +126,7 @@ def test_killing_the_launcher_takes_its_children_along(topology: Path):
         deadline = time.monotonic() + 15
         while any(alive(p) for p in children) and time.monotonic() < deadline:
             time.sleep(0.1)
-        assert not any(alive(p) for p in children)
+        survivors = {p: describe(p) for p in children if alive(p)}
+        assert not survivors, f"{survivors}\n{up.output()}"
     finally:
         up.stop()
