@@ -160,7 +160,7 @@ class _Reader:
         with self._guard(), closing(self.conn.execute(sql, params)) as cur:
             columns = _unique([d[0] for d in cur.description or ()])
             for values in cur:
-                row = dict(zip(columns, values))
+                row = dict(zip(columns, values, strict=True))
                 size += len(encode_payload(row))
                 if len(rows) == max_rows or size > REPLY_BUDGET:
                     truncated = True

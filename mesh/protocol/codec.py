@@ -23,7 +23,6 @@ from .errors import (
     BadFormatError,
     MessageTooLargeError,
     UnsupportedVersionError,
-    ValidationFailedError,
 )
 from .names import (
     _ID,

@@ -7,7 +7,6 @@ import signal
 import threading
 import time
 
-import pytest
 
 from mesh.client import Client
 from mesh.protocol import NodeLostError
