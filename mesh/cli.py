@@ -17,10 +17,12 @@ from typing import Any, NoReturn
 
 import click
 
+from .broker.core import BrokerConfig
 from .process import tune_for_serving
 from .protocol import ConfigurationError, MeshError
 
 DEFAULT_BROKER = "tcp://127.0.0.1:5555"
+_BROKER = BrokerConfig()  # the defaults of `mesh broker`, defined once in the core
 BROKER_HELP = "Broker client endpoint (env MESH_BROKER)."
 
 
@@ -78,9 +80,9 @@ def main() -> None:
 @click.option("--name", default="broker", show_default=True, help="Name shown in the registry and logs.")
 @click.option("--clients", default="tcp://127.0.0.1:5555", show_default=True, help="Endpoint for AI-tool clients.")
 @click.option("--nodes", default="tcp://127.0.0.1:5556", show_default=True, help="Endpoint for handler nodes.")
-@click.option("--queue-limit", default=1024, show_default=True, type=click.IntRange(1), help="Commands waiting for a free node before RESOURCE_EXHAUSTED.")
-@click.option("--timeout", default=30.0, show_default=True, type=click.FloatRange(min=0, min_open=True), help="Deadline in seconds for commands that carry none.")
-@click.option("--max-message-bytes", default=1024 * 1024, show_default=True, type=click.IntRange(1), help="Largest message accepted.")
+@click.option("--queue-limit", default=_BROKER.queue_limit, show_default=True, type=click.IntRange(1), help="Commands waiting for a free node before RESOURCE_EXHAUSTED.")
+@click.option("--timeout", default=_BROKER.default_timeout, show_default=True, type=click.FloatRange(min=0, min_open=True), help="Deadline in seconds for commands that carry none.")
+@click.option("--max-message-bytes", default=_BROKER.max_message_bytes, show_default=True, type=click.IntRange(1), help="Largest message accepted.")
 @click.option("--log-level", default="info", type=click.Choice(["debug", "info", "warning", "error"]), show_default=True)
 def broker(name: str, clients: str, nodes: str, queue_limit: int, timeout: float, max_message_bytes: int, log_level: str) -> None:
     """Run a broker until SIGTERM or Ctrl-C; then drain in-flight commands and exit."""

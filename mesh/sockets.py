@@ -12,7 +12,8 @@ Rules of this module:
 from __future__ import annotations
 
 import os
-from typing import Final
+from collections.abc import Callable
+from typing import Any, Final
 
 import zmq
 
@@ -75,6 +76,16 @@ def _common(sock: zmq.Socket, max_message_bytes: int) -> None:
     sock.setsockopt(zmq.MAXMSGSIZE, 2 * max_message_bytes + MAX_HEADER_BYTES)
 
 
+def _attach(sock: zmq.Socket, attach: Callable[[str], Any], endpoint: str, verb: str) -> zmq.Socket:
+    """Bind or connect `sock`; on failure close it and say why as a ConfigurationError."""
+    try:
+        attach(endpoint)
+    except zmq.ZMQError as exc:
+        sock.close(linger=0)
+        raise ConfigurationError(f"cannot {verb} {endpoint}: {exc.strerror}", details={"endpoint": endpoint}) from None
+    return sock
+
+
 def router(ctx: zmq.Context, endpoint: str, max_message_bytes: int = MAX_MESSAGE_BYTES) -> zmq.Socket:
     """A bound ROUTER with mandatory routing.
 
@@ -85,14 +96,7 @@ def router(ctx: zmq.Context, endpoint: str, max_message_bytes: int = MAX_MESSAGE
     _common(sock, max_message_bytes)
     sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
     _prepare_ipc(endpoint)
-    try:
-        sock.bind(endpoint)
-    except zmq.ZMQError as exc:
-        sock.close(linger=0)
-        raise ConfigurationError(
-            f"cannot listen on {endpoint}: {exc.strerror}", details={"endpoint": endpoint}
-        ) from None
-    return sock
+    return _attach(sock, sock.bind, endpoint, "listen on")
 
 
 def dealer(
@@ -107,14 +111,7 @@ def dealer(
     _common(sock, max_message_bytes)
     sock.setsockopt(zmq.RECONNECT_IVL, 100)
     sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
-    try:
-        sock.connect(endpoint)
-    except zmq.ZMQError as exc:
-        sock.close(linger=0)
-        raise ConfigurationError(
-            f"cannot connect to {endpoint}: {exc.strerror}", details={"endpoint": endpoint}
-        ) from None
-    return sock
+    return _attach(sock, sock.connect, endpoint, "connect to")
 
 
 def bound_endpoint(sock: zmq.Socket) -> str:

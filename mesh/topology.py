@@ -18,11 +18,13 @@ from pathlib import Path
 from typing import Any, Final
 
 from .plugins import plugin_problem
-from .protocol import MAX_MESSAGE_BYTES, NAME_PATTERN, ConfigurationError
+from .broker.core import BrokerConfig
+from .protocol import NAME_PATTERN, ConfigurationError
 
 __all__ = ["Topology", "BrokerSpec", "NodeSpec", "TopologyError", "Problem", "load", "parse"]
 
 _NAME: Final = re.compile(NAME_PATTERN)
+_BROKER: Final = BrokerConfig()  # the defaults a topology does not repeat
 _ENDPOINT: Final = re.compile(r"(tcp://[^\s:]+:(\d{1,5}|\*)|ipc://\S+)")
 _SPEC: Final = re.compile(r"[A-Za-z_][\w.]*(:[A-Za-z_][\w.]*)?")
 
@@ -55,9 +57,9 @@ class BrokerSpec:
     name: str
     clients: str
     nodes: str
-    queue_limit: int = 1024
-    timeout: float = 30.0
-    max_message_bytes: int = MAX_MESSAGE_BYTES
+    queue_limit: int = _BROKER.queue_limit
+    timeout: float = _BROKER.default_timeout
+    max_message_bytes: int = _BROKER.max_message_bytes
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,9 +163,9 @@ def parse(data: dict[str, Any], source: str = "<topology>") -> Topology:
             name=bname,
             clients=eps["clients"],
             nodes=eps["nodes"],
-            queue_limit=c.get(raw, "queue_limit", int, where, 1024),
-            timeout=float(c.get(raw, "timeout", (int, float), where, 30.0)),
-            max_message_bytes=c.get(raw, "max_message_bytes", int, where, MAX_MESSAGE_BYTES),
+            queue_limit=c.get(raw, "queue_limit", int, where, _BROKER.queue_limit),
+            timeout=float(c.get(raw, "timeout", (int, float), where, _BROKER.default_timeout)),
+            max_message_bytes=c.get(raw, "max_message_bytes", int, where, _BROKER.max_message_bytes),
         )
         _positive(c, spec.queue_limit, f"{where}.queue_limit")
         _positive(c, spec.timeout, f"{where}.timeout")
