@@ -76,27 +76,72 @@ def main() -> None:
     """mesh: the Machine Context Protocol as a ZeroMQ routing mesh."""
 
 
+def _retention_rule(value: str) -> Any:
+    from .broker.events import RetentionRule
+    from .protocol import ValidationFailedError, check_topic
+
+    try:
+        prefix, events, size = value.split(":")
+        if prefix:
+            check_topic(prefix, "prefix")
+        rule = RetentionRule(prefix, int(events), int(size))
+    except (ValueError, ValidationFailedError):
+        raise click.BadParameter(f"{value!r} is not PREFIX:MAX_EVENTS:MAX_BYTES (PREFIX may be empty)") from None
+    if rule.max_events < 0 or rule.max_bytes < 0:
+        raise click.BadParameter(f"{value!r}: the bounds must be 0 or more")
+    return rule
+
+
 @main.command()
 @click.option("--name", default="broker", show_default=True, help="Name shown in the registry and logs.")
 @click.option("--clients", default="tcp://127.0.0.1:5555", show_default=True, help="Endpoint for AI-tool clients.")
 @click.option("--nodes", default="tcp://127.0.0.1:5556", show_default=True, help="Endpoint for handler nodes.")
+@click.option("--events", default="tcp://127.0.0.1:5557", show_default=True, help="Endpoint for event subscribers.")
 @click.option("--queue-limit", default=_BROKER.queue_limit, show_default=True, type=click.IntRange(1), help="Commands waiting for a free node before RESOURCE_EXHAUSTED.")
 @click.option("--timeout", default=_BROKER.default_timeout, show_default=True, type=click.FloatRange(min=0, min_open=True), help="Deadline in seconds for commands that carry none.")
 @click.option("--max-message-bytes", default=_BROKER.max_message_bytes, show_default=True, type=click.IntRange(1), help="Largest message accepted.")
+@click.option("--event-hwm", default=_BROKER.event_hwm, show_default=True, type=click.IntRange(1), help="Events queued per subscriber before it misses some.")
+@click.option("--max-topics", default=_BROKER.max_topics, show_default=True, type=click.IntRange(1), help="Topics tracked before a new one is refused.")
+@click.option("--max-retained-bytes", default=_BROKER.max_retained_bytes, show_default=True, type=click.IntRange(1), help="Bound on all retained events together.")
+@click.option("--retention", "retention", multiple=True, callback=lambda _c, _p, v: tuple(_retention_rule(x) for x in v),
+              help="PREFIX:MAX_EVENTS:MAX_BYTES, repeatable; the longest matching prefix wins (default ':1000:1048576').")
 @click.option("--log-level", default="info", type=click.Choice(["debug", "info", "warning", "error"]), show_default=True)
-def broker(name: str, clients: str, nodes: str, queue_limit: int, timeout: float, max_message_bytes: int, log_level: str) -> None:
+def broker(
+    name: str,
+    clients: str,
+    nodes: str,
+    events: str,
+    queue_limit: int,
+    timeout: float,
+    max_message_bytes: int,
+    event_hwm: int,
+    max_topics: int,
+    max_retained_bytes: int,
+    retention: tuple[Any, ...],
+    log_level: str,
+) -> None:
     """Run a broker until SIGTERM or Ctrl-C; then drain in-flight commands and exit."""
     from .broker import BrokerConfig, BrokerServer, Endpoints
 
     _setup_logging(log_level)
-    config = BrokerConfig(name=name, queue_limit=queue_limit, default_timeout=timeout, max_message_bytes=max_message_bytes)
+    config = BrokerConfig(
+        name=name,
+        queue_limit=queue_limit,
+        default_timeout=timeout,
+        max_message_bytes=max_message_bytes,
+        event_hwm=event_hwm,
+        max_topics=max_topics,
+        max_retained_bytes=max_retained_bytes,
+        retention=retention or _BROKER.retention,
+    )
     try:
-        server = BrokerServer(Endpoints(clients, nodes), config)
+        server = BrokerServer(Endpoints(clients, nodes, events), config)
     except MeshError as err:
         _fail(err)
     _on_stop(server.stop)
     tune_for_serving()
-    click.echo(f"broker {name} ready clients={server.endpoints.clients} nodes={server.endpoints.nodes}")
+    ep = server.endpoints
+    click.echo(f"broker {name} ready clients={ep.clients} nodes={ep.nodes} events={ep.events}")
     server.run()
 
 
@@ -188,6 +233,65 @@ def services(broker_ep: str, timeout: float) -> None:
     except MeshError as err:
         _fail(err)
     _print_json(result)
+
+
+@main.group()
+def events() -> None:
+    """Publish and subscribe to events."""
+
+
+@events.command("publish")
+@click.argument("topic")
+@click.argument("payload", default="null", required=False)
+@click.option("--broker", "broker_ep", envvar="MESH_BROKER", default=DEFAULT_BROKER, show_default=True, help=BROKER_HELP)
+@click.option("--timeout", default=5.0, show_default=True, type=click.FloatRange(min=0, min_open=True))
+def events_publish(topic: str, payload: str, broker_ep: str, timeout: float) -> None:
+    """Publish a JSON payload on TOPIC and print the sequence number it got."""
+    try:
+        body = json.loads(payload)
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"payload is not JSON: {exc}") from None
+    try:
+        with _client(broker_ep, timeout) as client:
+            seq = client.publish(topic, body)
+    except MeshError as err:
+        _fail(err)
+    _print_json({"topic": topic, "seq": seq})
+
+
+@events.command("subscribe")
+@click.argument("prefix", default="")
+@click.option("--from", "from_seq", type=click.IntRange(0), default=None, help="Replay the retained events after this sequence number first.")
+@click.option("--count", type=click.IntRange(1), default=None, help="Exit after this many events.")
+@click.option("--broker", "broker_ep", envvar="MESH_BROKER", default=DEFAULT_BROKER, show_default=True, help=BROKER_HELP)
+@click.option("--timeout", default=5.0, show_default=True, type=click.FloatRange(min=0, min_open=True), help="Seconds to wait for the broker to confirm.")
+def events_subscribe(prefix: str, from_seq: int | None, count: int | None, broker_ep: str, timeout: float) -> None:
+    """Print one JSON line per event of PREFIX (every topic when omitted) until Ctrl-C.
+
+    Gaps (events this subscriber missed) are printed as JSON lines on stderr.
+    """
+    from .subscription import Gap
+
+    try:
+        with _client(broker_ep, timeout) as client, client.subscribe(prefix, from_seq) as sub:
+            seen = 0
+            for item in sub:
+                if isinstance(item, Gap):
+                    gap = {"gap": {"topic": item.topic, "first": item.first, "last": item.last, "reason": item.reason}}
+                    click.echo(json.dumps(gap), err=True)
+                    continue
+                line = {"topic": item.topic, "seq": item.seq, "id": item.id, "ts": item.timestamp,
+                        "payload": item.payload}
+                if item.metadata:
+                    line["metadata"] = item.metadata
+                click.echo(json.dumps(line, ensure_ascii=False, default=_json_default))
+                seen += 1
+                if count is not None and seen >= count:
+                    return
+    except MeshError as err:
+        _fail(err)
+    except KeyboardInterrupt:
+        return
 
 
 @main.group()

@@ -11,6 +11,9 @@ Rules of this module:
   lasts. Other retryable errors (`NODE_LOST`, `DEADLINE_EXCEEDED`) may come after the
   command ran, so only the caller, who knows whether it is safe, retries them.
 * An `error` reply raises the `MeshError` subclass for its code.
+* `publish` sends an event the same way and returns the sequence number the broker
+  gave it; `subscribe` opens a subscription (see `subscription.py`) on the broker's
+  event endpoint, which the broker names in its `mesh.ping` answer.
 * `Client` runs an `AsyncClient` on a private event-loop thread: one implementation,
   and calls from many threads share one connection.
 """
@@ -20,8 +23,10 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import Coroutine
+import weakref
+from collections.abc import Callable, Coroutine, Iterator, Mapping
 from typing import Any, Final, TypeVar
+from urllib.parse import urlsplit
 
 import zmq
 
@@ -32,14 +37,17 @@ from .protocol import (
     ErrorCode,
     MeshError,
     UnavailableError,
+    check_topic,
     decode_payload,
     encode_command_header,
+    encode_event_header,
     encode_payload,
     error_from_wire,
     new_id,
     unpack_header,
 )
 from .sockets import dealer
+from .subscription import DEFAULT_HWM, AsyncSubscription, Event, Gap
 
 __all__ = ["AsyncClient", "Client", "DEFAULT_TIMEOUT", "AUTO_RETRY"]
 
@@ -75,6 +83,8 @@ class AsyncClient:
         self._waiting: dict[str, tuple[asyncio.Future[tuple[dict[str, Any], bytes]], float]] = {}
         self._sweeper: asyncio.TimerHandle | None = None
         self.unmatched = 0  # replies for calls that were no longer waiting
+        self._events: str | None = None
+        self._subscriptions: weakref.WeakSet[AsyncSubscription] = weakref.WeakSet()  # closed with the client
 
     async def __aenter__(self) -> AsyncClient:
         return self
@@ -98,18 +108,86 @@ class AsyncClient:
             MeshError: the subclass for the error code the mesh answered with, or
                 `DeadlineExceededError` when no answer came within `timeout`.
         """
-        budget = self.timeout if timeout is None else timeout
-        attempts = 1 + (self.retries if retries is None else retries)
-        deadline = time.time() + budget
+        deadline = time.time() + (self.timeout if timeout is None else timeout)
         cid = new_id()
-        payload_frame = encode_payload(payload)
+        return await self._request(
+            cid,
+            lambda now: encode_command_header(service, action, id=cid, now=now, deadline=deadline, metadata=metadata),
+            encode_payload(payload),
+            deadline,
+            retries,
+        )
+
+    async def publish(
+        self,
+        topic: str,
+        payload: Any = None,
+        *,
+        metadata: dict[str, Any] | None = None,
+        timeout: float | None = None,
+    ) -> int:
+        """Publish an event on `topic`; return the sequence number the broker gave it.
+
+        Raises:
+            ValidationFailedError: a bad topic, or a payload MessagePack cannot carry.
+            AccessDeniedError: `topic` is one of the broker's own `mesh.*` topics.
+            ResourceExhaustedError: the broker tracks as many topics as it may.
+            DeadlineExceededError: the broker did not acknowledge it within `timeout`.
+        """
+        deadline = time.time() + (self.timeout if timeout is None else timeout)
+        eid = new_id()
+        header = encode_event_header(topic, id=eid, now=time.time(), metadata=metadata)
+        ack = await self._request(eid, lambda _now: header, encode_payload(payload), deadline, None)
+        return int(ack["seq"])
+
+    async def subscribe(
+        self, prefix: str = "", from_seq: int | Mapping[str, int] | None = None, *, hwm: int = DEFAULT_HWM
+    ) -> AsyncSubscription:
+        """Subscribe to the events of `prefix` ('' for all) and every topic below it.
+
+        Without `from_seq` the subscription starts with what is published once this
+        returns. With it, it first replays the retained events after `from_seq` (one
+        number for every topic, or a map of topic to last seen number such as another
+        subscription's `positions`), then continues live with no duplicate and no hole.
+
+        Raises:
+            ValidationFailedError: `prefix` is not a topic.
+            MeshError: the broker could not be asked for its event endpoint or history.
+        """
+        if prefix:
+            check_topic(prefix, "prefix")
+        endpoint = await self._events_endpoint()
+        sub = AsyncSubscription(endpoint, prefix, from_seq, ctx=self._ctx, hwm=hwm, replay=self._replay)
+        self._subscriptions.add(sub)
+        try:
+            await sub.start(self.timeout)
+        except BaseException:
+            await sub.close()
+            raise
+        return sub
+
+    async def _replay(self, request: dict[str, Any]) -> Any:
+        return await self.call("mesh", "replay", request)
+
+    async def _events_endpoint(self) -> str:
+        if self._events is None:
+            advertised = (await self.call("mesh", "ping"))["events"]
+            self._events = reachable(advertised, self.broker)
+        return self._events
+
+    async def _request(
+        self,
+        cid: str,
+        make_header: Callable[[float], bytes],
+        payload_frame: bytes,
+        deadline: float,
+        retries: int | None,
+    ) -> Any:
+        attempts = 1 + (self.retries if retries is None else retries)
         pause = RETRY_PAUSE
         for attempt in range(attempts):
-            header = encode_command_header(
-                service, action, id=cid, now=time.time(), deadline=deadline, metadata=metadata
-            )
             try:
-                return await self._once(cid, header, payload_frame, deadline)
+                return await self._once(cid, make_header(time.time()), payload_frame, deadline)
             except MeshError as err:
                 left = deadline - time.time()
                 if err.code not in AUTO_RETRY or attempt + 1 >= attempts or left <= pause:
@@ -170,6 +248,8 @@ class AsyncClient:
         for fut, _ in self._waiting.values():
             if not fut.done():
                 fut.set_exception(UnavailableError("client closed"))
+        for sub in list(self._subscriptions):
+            await sub.close()
         if self._conn is not None:
             self._conn.close()
         else:
@@ -220,6 +300,23 @@ class Client:
             self._inner.call(service, action, payload, timeout=timeout, retries=retries, metadata=metadata)
         )
 
+    def publish(
+        self,
+        topic: str,
+        payload: Any = None,
+        *,
+        metadata: dict[str, Any] | None = None,
+        timeout: float | None = None,
+    ) -> int:
+        """Blocking `AsyncClient.publish`; same arguments, result and errors."""
+        return self._run(self._inner.publish(topic, payload, metadata=metadata, timeout=timeout))
+
+    def subscribe(
+        self, prefix: str = "", from_seq: int | Mapping[str, int] | None = None, *, hwm: int = DEFAULT_HWM
+    ) -> Subscription:
+        """Blocking `AsyncClient.subscribe`; iterate over the result for events and gaps."""
+        return Subscription(self, self._run(self._inner.subscribe(prefix, from_seq, hwm=hwm)))
+
     def close(self) -> None:
         """Close the connection and stop the client's thread."""
         if self._loop.is_closed():
@@ -228,3 +325,60 @@ class Client:
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=5)
         self._loop.close()
+
+
+class Subscription:
+    """A blocking view of an `AsyncSubscription` that runs on its `Client`'s thread.
+
+    Iterating yields `Event`s and `Gap`s forever; `get(timeout)` returns None when
+    nothing came in time. Close it (or use `with`) to stop.
+    """
+
+    def __init__(self, client: Client, inner: AsyncSubscription) -> None:
+        self._client = client
+        self._inner = inner
+
+    def __enter__(self) -> Subscription:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __iter__(self) -> Iterator[Event | Gap]:
+        while True:
+            item = self.get()
+            if item is not None:
+                yield item
+
+    def get(self, timeout: float | None = None) -> Event | Gap | None:
+        """The next event or gap, or None after `timeout` seconds (None: wait for ever)."""
+        return self._client._run(self._inner.get(timeout))
+
+    @property
+    def positions(self) -> dict[str, int]:
+        return self._inner.positions
+
+    @property
+    def received(self) -> int:
+        return self._inner.received
+
+    @property
+    def missed(self) -> int:
+        return self._inner.missed
+
+    def close(self) -> None:
+        if not self._client._loop.is_closed():
+            self._client._run(self._inner.close())
+
+
+def reachable(advertised: str, via: str) -> str:
+    """The broker's advertised endpoint, with a wildcard host replaced by the one in `via`.
+
+    A broker bound to `tcp://0.0.0.0:5557` is reached at the address its clients use.
+    """
+    adv = urlsplit(advertised)
+    if adv.scheme == "tcp" and adv.hostname in ("0.0.0.0", "::", "*"):
+        host = urlsplit(via).hostname
+        if host:
+            return f"tcp://{host}:{adv.port}"
+    return advertised

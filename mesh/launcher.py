@@ -37,7 +37,9 @@ STABLE_AFTER: Final = 10.0
 STOP_GRACE: Final = 12.0
 READY_TIMEOUT: Final = 15.0
 # The lines `mesh broker` and `mesh node` print once they serve (see cli.py).
-BROKER_READY: Final = re.compile(r"^broker (?P<name>\S+) ready clients=(?P<clients>\S+) nodes=(?P<nodes>\S+)")
+BROKER_READY: Final = re.compile(
+    r"^broker (?P<name>\S+) ready clients=(?P<clients>\S+) nodes=(?P<nodes>\S+) events=(?P<events>\S+)"
+)
 NODE_READY: Final = re.compile(r"^node \S+ ready ")
 
 
@@ -100,7 +102,11 @@ class Launcher:
             "--clients", b.clients, "--nodes", b.nodes,
             "--queue-limit", str(b.queue_limit), "--timeout", str(b.timeout),
             "--max-message-bytes", str(b.max_message_bytes),
+            "--events", b.events, "--event-hwm", str(b.event_hwm), "--max-topics", str(b.max_topics),
+            "--max-retained-bytes", str(b.max_retained_bytes),
         ]
+        for rule in b.retention:
+            argv += ["--retention", f"{rule.prefix}:{rule.max_events}:{rule.max_bytes}"]
         return _Process(f"broker:{b.name}", argv, b.name, True)
 
     @staticmethod

@@ -11,6 +11,9 @@ Rules of this module:
   message or the payload, which may hold secrets) and the node keeps serving.
 * The node registers on start, heartbeats every `heartbeat_interval`, and registers again
   when the broker says it does not know the node (a restarted broker).
+* `publish()` may be called from any thread (handlers included); the event leaves on the
+  node's connection in order with its replies. Nobody waits for the broker's
+  acknowledgement, so a refusal is logged.
 """
 
 from __future__ import annotations
@@ -39,16 +42,20 @@ from .protocol import (
     NodeLostError,
     PayloadValidator,
     ResourceExhaustedError,
+    UnavailableError,
     ValidationFailedError,
     check_name,
+    check_size,
     command,
     compile_schema,
     decode_header,
     decode_payload,
+    encode_event_header,
     encode_header,
     encode_payload,
     encode_response_header,
     error_header,
+    new_id,
     unpack_header,
 )
 from .aio import AsyncSocket
@@ -108,6 +115,7 @@ class Node:
         self.registered = threading.Event()
         self.in_flight = 0
         self._wake: Callable[[], None] | None = None
+        self._send: Callable[[list[bytes]], None] | None = None  # set while run() runs
         self.max_message_bytes = MAX_MESSAGE_BYTES  # the broker tells its own on registration
 
     def action(
@@ -159,6 +167,21 @@ class Node:
             "heartbeat_interval": self.heartbeat_interval,
             "services": services,
         }
+
+    def publish(self, topic: str, payload: Any = None, *, metadata: Mapping[str, Any] | None = None) -> None:
+        """Publish an event on `topic` from this node (thread-safe; handlers may call it).
+
+        Raises:
+            ValidationFailedError: a bad topic, or a payload MessagePack cannot carry.
+            MessageTooLargeError: the event is larger than the broker accepts.
+            UnavailableError: the node is not running.
+        """
+        frames = [encode_event_header(topic, id=new_id(), now=time.time(), metadata=metadata), encode_payload(payload)]
+        check_size(frames, self.max_message_bytes)
+        send = self._send
+        if send is None:
+            raise UnavailableError("the node is not running, so it cannot publish")
+        send([b"", *frames])
 
     def stop(self) -> None:
         """Ask `run()` to unregister, finish running commands and return (thread-safe)."""
@@ -292,6 +315,15 @@ class _NodeLoop:
         self.pool = ThreadPoolExecutor(node.capacity, "mesh-worker") if sync_actions else None
         self.done = asyncio.Event()
         node._wake = lambda: loop.call_soon_threadsafe(self._begin_stop)
+        loop_thread = threading.get_ident()
+
+        def send(frames: list[bytes]) -> None:
+            if threading.get_ident() == loop_thread:
+                self.conn.send(frames)
+            else:
+                loop.call_soon_threadsafe(self.conn.send, frames)
+
+        node._send = send
         if node._stop.is_set():
             self._begin_stop()
         self._register()
@@ -303,6 +335,7 @@ class _NodeLoop:
             beat.cancel()
             self.expiry.cancel()
             node._wake = None
+            node._send = None
             for work in list(self.running):
                 # Still running at the end of the drain: the node cannot answer for it.
                 self._reply(work, node._error(work, NodeLostError(f"the node stopped while running {work.name}")))
@@ -403,6 +436,11 @@ class _NodeLoop:
 
     def _on_control(self, header: Header, payload: bytes) -> None:
         action = self.pending_control.pop(header.correlation_id or "", None)
+        if action is None:
+            # The broker acknowledging an event this node published.
+            if header.error is not None:
+                log.warning("broker refused an event: %d %s", header.error.code, header.error.message)
+            return
         if header.type is MessageType.ERROR:
             assert header.error is not None
             log.error("broker refused mesh.%s: %s", action, header.error.message)

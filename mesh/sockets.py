@@ -19,7 +19,16 @@ import zmq
 
 from .protocol import MAX_HEADER_BYTES, MAX_MESSAGE_BYTES, ConfigurationError
 
-__all__ = ["router", "dealer", "bound_endpoint", "send_frames", "recv_frames", "LINGER_MS"]
+__all__ = [
+    "router",
+    "dealer",
+    "publisher",
+    "subscriber",
+    "bound_endpoint",
+    "send_frames",
+    "recv_frames",
+    "LINGER_MS",
+]
 
 LINGER_MS: Final = 500
 HWM: Final = 100_000
@@ -109,6 +118,38 @@ def dealer(
     """
     sock = ctx.socket(zmq.DEALER)
     _common(sock, max_message_bytes)
+    sock.setsockopt(zmq.RECONNECT_IVL, 100)
+    sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
+    return _attach(sock, sock.connect, endpoint, "connect to")
+
+
+def publisher(ctx: zmq.Context, endpoint: str, hwm: int) -> zmq.Socket:
+    """A bound XPUB for the broker's events: `hwm` messages queue per subscriber, then
+    that subscriber misses events (it sees the gap); the others and the sender never wait.
+
+    Every (un)subscription is passed up (XPUB_VERBOSER), so the broker sees each
+    subscriber's sync request even when another asked for the same filter.
+
+    Raises:
+        ConfigurationError: the endpoint is malformed or already in use.
+    """
+    sock = ctx.socket(zmq.XPUB)
+    _common(sock, MAX_MESSAGE_BYTES)
+    sock.sndhwm = hwm
+    sock.setsockopt(zmq.XPUB_VERBOSER, 1)
+    _prepare_ipc(endpoint)
+    return _attach(sock, sock.bind, endpoint, "listen on")
+
+
+def subscriber(ctx: zmq.Context, endpoint: str, hwm: int, max_message_bytes: int = MAX_MESSAGE_BYTES) -> zmq.Socket:
+    """An XSUB connected to a broker's events; it can also send reports upstream.
+
+    Raises:
+        ConfigurationError: the endpoint is malformed.
+    """
+    sock = ctx.socket(zmq.XSUB)
+    _common(sock, max_message_bytes)
+    sock.rcvhwm = hwm
     sock.setsockopt(zmq.RECONNECT_IVL, 100)
     sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
     return _attach(sock, sock.connect, endpoint, "connect to")

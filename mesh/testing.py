@@ -105,6 +105,7 @@ class BrokerProcess:
     name: str
     clients: str
     nodes: str
+    events: str
 
 
 @contextmanager
@@ -119,12 +120,15 @@ def spawn(args: list[str], **kwargs: Any) -> Iterator[MeshProcess]:
 
 @contextmanager
 def run_broker(
-    clients: str = "tcp://127.0.0.1:*", nodes: str = "tcp://127.0.0.1:*", *extra: str
+    clients: str = "tcp://127.0.0.1:*",
+    nodes: str = "tcp://127.0.0.1:*",
+    *extra: str,
+    events: str = "tcp://127.0.0.1:*",
 ) -> Iterator[BrokerProcess]:
     """A `mesh broker` process, ready to serve, with its real endpoints."""
-    with spawn(["broker", "--clients", clients, "--nodes", nodes, *extra]) as proc:
+    with spawn(["broker", "--clients", clients, "--nodes", nodes, "--events", events, *extra]) as proc:
         m = proc.wait_for(BROKER_READY.pattern)
-        yield BrokerProcess(proc, m.group("name"), m.group("clients"), m.group("nodes"))
+        yield BrokerProcess(proc, m.group("name"), m.group("clients"), m.group("nodes"), m.group("events"))
 
 
 @contextmanager

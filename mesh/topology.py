@@ -19,7 +19,8 @@ from typing import Any, Final
 
 from .plugins import plugin_problem
 from .broker.core import BrokerConfig
-from .protocol import NAME_PATTERN, ConfigurationError
+from .broker.events import DEFAULT_RULE, RetentionRule
+from .protocol import NAME_PATTERN, TOPIC_PATTERN, ConfigurationError
 
 __all__ = ["Topology", "BrokerSpec", "NodeSpec", "TopologyError", "Problem", "load", "parse"]
 
@@ -27,6 +28,8 @@ _NAME: Final = re.compile(NAME_PATTERN)
 _BROKER: Final = BrokerConfig()  # the defaults a topology does not repeat
 _ENDPOINT: Final = re.compile(r"(tcp://[^\s:]+:(\d{1,5}|\*)|ipc://\S+)")
 _SPEC: Final = re.compile(r"[A-Za-z_][\w.]*(:[A-Za-z_][\w.]*)?")
+_TOPIC: Final = re.compile(TOPIC_PATTERN)
+DEFAULT_EVENTS: Final = "tcp://127.0.0.1:*"
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +63,11 @@ class BrokerSpec:
     queue_limit: int = _BROKER.queue_limit
     timeout: float = _BROKER.default_timeout
     max_message_bytes: int = _BROKER.max_message_bytes
+    events: str = DEFAULT_EVENTS
+    event_hwm: int = _BROKER.event_hwm
+    max_topics: int = _BROKER.max_topics
+    max_retained_bytes: int = _BROKER.max_retained_bytes
+    retention: tuple[RetentionRule, ...] = _BROKER.retention
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,10 +155,15 @@ def parse(data: dict[str, Any], source: str = "<topology>") -> Topology:
         if not isinstance(raw, dict):
             c.bad(where, "must be a table")
             continue
-        c.unknown(raw, {"clients", "nodes", "queue_limit", "timeout", "max_message_bytes"}, where)
+        c.unknown(
+            raw,
+            {"clients", "nodes", "events", "queue_limit", "timeout", "max_message_bytes", "event_hwm",
+             "max_topics", "max_retained_bytes", "retention"},
+            where,
+        )
         eps = {}
-        for side in ("clients", "nodes"):
-            ep = c.get(raw, side, str, where, "", required=True)
+        for side in ("clients", "nodes", "events"):
+            ep = c.get(raw, side, str, where, "", required=side != "events")
             m = _ENDPOINT.fullmatch(ep) if ep else None
             if ep and (m is None or (m.group(2) not in (None, "*") and not 0 < int(m.group(2)) < 65536)):
                 c.bad(f"{where}.{side}", f"{ep!r} is not a ZeroMQ endpoint (tcp://HOST:PORT with a port from 1 to 65535, or ipc://PATH)")
@@ -166,10 +179,14 @@ def parse(data: dict[str, Any], source: str = "<topology>") -> Topology:
             queue_limit=c.get(raw, "queue_limit", int, where, _BROKER.queue_limit),
             timeout=float(c.get(raw, "timeout", (int, float), where, _BROKER.default_timeout)),
             max_message_bytes=c.get(raw, "max_message_bytes", int, where, _BROKER.max_message_bytes),
+            events=eps["events"] or DEFAULT_EVENTS,
+            event_hwm=c.get(raw, "event_hwm", int, where, _BROKER.event_hwm),
+            max_topics=c.get(raw, "max_topics", int, where, _BROKER.max_topics),
+            max_retained_bytes=c.get(raw, "max_retained_bytes", int, where, _BROKER.max_retained_bytes),
+            retention=_retention(c, raw.get("retention"), f"{where}.retention"),
         )
-        _positive(c, spec.queue_limit, f"{where}.queue_limit")
-        _positive(c, spec.timeout, f"{where}.timeout")
-        _positive(c, spec.max_message_bytes, f"{where}.max_message_bytes")
+        for key in ("queue_limit", "timeout", "max_message_bytes", "event_hwm", "max_topics", "max_retained_bytes"):
+            _positive(c, getattr(spec, key), f"{where}.{key}")
         brokers[bname] = spec
 
     nodes: dict[str, NodeSpec] = {}
@@ -209,6 +226,36 @@ def parse(data: dict[str, Any], source: str = "<topology>") -> Topology:
     if c.problems:
         raise TopologyError(source, c.problems)
     return Topology(name=name, brokers=brokers, nodes=nodes, source=source)
+
+
+def _retention(c: _Checker, raw: Any, key: str) -> tuple[RetentionRule, ...]:
+    """`[[brokers.NAME.retention]]` tables: prefix, max_events, max_bytes."""
+    if raw is None:
+        return _BROKER.retention
+    if not isinstance(raw, list) or not all(isinstance(r, dict) for r in raw):
+        c.bad(key, "must be an array of tables ([[brokers.NAME.retention]])")
+        return _BROKER.retention
+    rules: list[RetentionRule] = []
+    prefixes: set[str] = set()
+    for i, r in enumerate(raw):
+        where = f"{key}[{i}]"
+        c.unknown(r, {"prefix", "max_events", "max_bytes"}, where)
+        prefix = c.get(r, "prefix", str, where, "")
+        if prefix and not _TOPIC.fullmatch(prefix):
+            c.bad(f"{where}.prefix", f"{prefix!r} is not a topic ('' covers every topic)")
+        elif prefix in prefixes:
+            c.bad(f"{where}.prefix", f"{prefix!r} has a rule already")
+        prefixes.add(prefix)
+        rule = RetentionRule(
+            prefix,
+            c.get(r, "max_events", int, where, DEFAULT_RULE.max_events),
+            c.get(r, "max_bytes", int, where, DEFAULT_RULE.max_bytes),
+        )
+        for name in ("max_events", "max_bytes"):
+            if getattr(rule, name) < 0:
+                c.bad(f"{where}.{name}", f"must be 0 (keep none) or more, got {getattr(rule, name)}")
+        rules.append(rule)
+    return tuple(rules)
 
 
 def _check_config(c: _Checker, value: Any, key: str) -> None:

@@ -10,11 +10,19 @@ Rules of this module:
   error (no handler, deadline, capacity, node lost, shutting down).
 * Bad input is answered with an error when the sender is known, and counted otherwise;
   it never raises out of this module.
+* Events from clients and nodes are sequenced by the event bus (`events.py`) and
+  acknowledged to their publisher with their sequence number; what the broker itself
+  has to tell (nodes and services coming and going, failed commands) it publishes as
+  `mesh.*` events, with ids and codes only, never payloads. Everything for subscribers
+  collects in `take_published()`, which the loop empties after each batch, like h2's
+  `data_to_send()`: replies and publications are separate streams.
 
 Wire shapes (docs/protocol.md has the byte-level spec):
   client -> broker   [header, payload]
   broker -> node     [envelope, header, payload]   envelope = the client's identity
   node -> broker     [envelope, header, payload]   envelope = b"" for the node's own commands
+                                                   and events
+  broker -> subscribers [topic + ".", header, payload]   (from take_published())
 """
 
 from __future__ import annotations
@@ -49,10 +57,12 @@ from ..protocol import (
     decode_payload,
     encode_header,
     encode_payload,
+    encode_response_header,
     error_header,
     response_to,
 )
 from ..protocol.names import ID_MATCH
+from .events import DEFAULT_RULE, EventBus, RetentionRule
 from .registry import NodeInfo, Registry
 
 __all__ = ["Side", "Outgoing", "BrokerConfig", "Broker", "Command", "ConnectionState"]
@@ -82,6 +92,10 @@ class BrokerConfig:
     queue_limit: int = 1024
     default_timeout: float = 30.0
     max_message_bytes: int = MAX_MESSAGE_BYTES
+    retention: tuple[RetentionRule, ...] = (DEFAULT_RULE,)
+    max_topics: int = 10_000
+    max_retained_bytes: int = 64 * 1024 * 1024
+    event_hwm: int = 10_000  # events queued per subscriber before it starts missing some
 
 
 @dataclass(slots=True)
@@ -130,11 +144,27 @@ class Broker:
         self.draining = False
         self._next_sweep = 0.0
         self._owed_by: dict[tuple[bytes, str], bytes] = {}  # running command -> node identity
+        self.events = EventBus(
+            self.config.retention,
+            max_topics=self.config.max_topics,
+            max_retained_bytes=self.config.max_retained_bytes,
+            name=self.config.name,
+        )
+        self.events_endpoint: str | None = None  # told to clients by mesh.ping (set by the loop)
+        self._published: list[list[bytes]] = []  # for subscribers, until the loop takes them
+
+    def take_published(self) -> list[list[bytes]]:
+        """The messages for subscribers (events, sync markers) since the last call, in order."""
+        out, self._published = self._published, []
+        return out
+
+    def _emit(self, topic: str, body: dict[str, Any], now: float) -> None:
+        self._published.append(self.events.emit(topic, body, now))
 
     # ----------------------------------------------------------------- clients
 
     def client_message(self, ident: bytes, frames: Sequence[bytes], now: float) -> list[Outgoing]:
-        """A message from a client's DEALER."""
+        """A message from a client's DEALER: a command, or an event to publish."""
         conn = self._touch(self.clients, ident, now)
         try:
             header = self._decode(frames, 2)
@@ -145,9 +175,11 @@ class Broker:
         cid: str = header["id"]
         conn.last_message_id = cid
         if header["type"] != "command":
+            if header["type"] == "event":
+                return self._publish(Side.CLIENT, ident, header, frames[1], now)
             self.counters["malformed"] += 1
             err = InvalidStateError(
-                f"clients send commands; got {header['type']}", details={"field": "type"}
+                f"clients send commands and events; got {header['type']}", details={"field": "type"}
             )
             return [(Side.CLIENT, ident, self._error_frames(err, now, cid))]
         self.counters["commands_received"] += 1
@@ -167,7 +199,8 @@ class Broker:
             deadline = now + self.config.default_timeout
         elif deadline <= now:
             return self._refuse(
-                ident, cid, DeadlineExceededError("deadline passed before routing"), now, "timed_out"
+                ident, cid, DeadlineExceededError("deadline passed before routing"), now, "timed_out",
+                (service, action),
             )
         if not self.registry.offers(service, action):
             what = "action" if self.registry.has_service(service) else "service"
@@ -179,6 +212,7 @@ class Broker:
                     details={"service": service, "action": action, "missing": what},
                 ),
                 now,
+                command=(service, action),
             )
         cmd = Command(ident, cid, service, action, frames[0], frames[1], deadline, now)
         holder = self.registry.nodes.get(self._owed_by.get(key, b""))
@@ -201,6 +235,7 @@ class Broker:
                         details={"queue_limit": self.config.queue_limit},
                     ),
                     now,
+                    command=(service, action),
                 )
             self._track(cmd, conn)
             cmd.state = advance(cmd.state, CommandEvent.ENQUEUE)
@@ -238,23 +273,49 @@ class Broker:
         self.counters[cmd.state.value] += 1
 
     def _refuse(
-        self, ident: bytes, cid: str, err: MeshError, now: float, outcome: str = "failed"
+        self,
+        ident: bytes,
+        cid: str,
+        err: MeshError,
+        now: float,
+        outcome: str = "failed",
+        command: tuple[str, str] | None = None,
     ) -> list[Outgoing]:
         """Answer a command the broker will not route (it was never tracked)."""
         self.counters[outcome] += 1
         self.counters[f"error_{int(err.code)}"] += 1
+        if command is not None:
+            self._command_failed(cid, *command, int(err.code), now)
         return [(Side.CLIENT, ident, self._error_frames(err, now, cid))]
 
     def _fail(self, cmd: Command, err: MeshError, now: float, event: CommandEvent) -> Outgoing:
         """Answer a tracked command with an error and retire it."""
         self._finish(cmd, event)
         self.counters[f"error_{int(err.code)}"] += 1
+        self._command_failed(cmd.id, cmd.service, cmd.action, int(err.code), now)
         return (Side.CLIENT, cmd.client, self._error_frames(err, now, cmd.id))
+
+    def _command_failed(self, cid: str, service: str, action: str, code: int, now: float) -> None:
+        self._emit("mesh.command.failed", {"id": cid, "service": service, "action": action, "code": code}, now)
+
+    # ------------------------------------------------------------------ events
+
+    def _publish(self, side: Side, ident: bytes, header: dict[str, Any], payload: bytes, now: float) -> list[Outgoing]:
+        """Sequence a publisher's event; acknowledge it with its number (or refuse it)."""
+        prefix: list[bytes] = [b""] if side is Side.NODE else []
+        try:
+            seq, frames = self.events.publish(header, payload)
+        except MeshError as err:
+            self.counters["events_refused"] += 1
+            return [(side, ident, [*prefix, *self._error_frames(err, now, header["id"])])]
+        self._published.append(frames)
+        ack = encode_response_header(header, now)
+        return [(side, ident, [*prefix, ack, encode_payload({"seq": seq})])]
 
     # ------------------------------------------------------------------- nodes
 
     def node_message(self, ident: bytes, frames: Sequence[bytes], now: float) -> list[Outgoing]:
-        """A message from a handler node's DEALER."""
+        """A message from a handler node's DEALER: a reply, a `mesh.*` command or an event."""
         link = self._touch(self.node_links, ident, now)
         node = self.registry.nodes.get(ident)
         if node is not None:
@@ -285,11 +346,13 @@ class Broker:
                 out = self._system(ident, frames[1], frames[2], now, Side.NODE)
                 out.extend(self._after_registry_change(ident, now))
                 return out
+            if mtype == "event":
+                return self._publish(Side.NODE, ident, header, frames[2], now)
             if mtype in _REPLY_TYPES:
                 return []  # a node acknowledging something the broker sent it
             self.counters["malformed"] += 1
             err = HandlerNotFoundError(
-                "nodes may only send replies and mesh.* commands", details={"field": "type"}
+                "nodes may only send replies, events and mesh.* commands", details={"field": "type"}
             )
             return [(Side.NODE, ident, [b"", *self._error_frames(err, now, header["id"])])]
         correlation_id = header.get("correlation_id")
@@ -311,7 +374,12 @@ class Broker:
         else:
             if node is not None:
                 node.completed += 1
-            self._finish(cmd, CommandEvent.RESPOND if mtype == "response" else CommandEvent.FAIL)
+            if mtype == "response":
+                self._finish(cmd, CommandEvent.RESPOND)
+            else:
+                self._finish(cmd, CommandEvent.FAIL)
+                code = header["error"]["code"] if "error" in header else 0
+                self._command_failed(cmd.id, cmd.service, cmd.action, code, now)
             out.append((Side.CLIENT, envelope, [frames[1], frames[2]]))
         if node is not None:
             out.extend(self._drain_queues(node))
@@ -369,22 +437,30 @@ class Broker:
     ) -> Any:
         action = header.action
         if action == "ping":
-            return {"pong": True, "broker": self.config.name, "time": now}
+            return {"pong": True, "broker": self.config.name, "time": now, "events": self.events_endpoint}
         if action == "services":
             return self.registry.describe()
         if action == "stats":
             return self.stats()
+        if action == "replay":
+            # Half the message limit leaves room for the MessagePack around the events.
+            return self.events.replay(decode_payload(payload), self.config.max_message_bytes // 2)
         if side is Side.NODE and action == "register":
             owed = self.node_links[ident].pending_commands
+            before = self.registry.nodes.get(ident)
+            offered = set(before.services) if before is not None else set()
             node = self.registry.register(ident, decode_payload(payload), now, owed)
             self.counters["registrations"] += 1
+            if before is None:
+                self._emit("mesh.node.up", _node_view(node), now)
+            self._services_changed(node, offered, set(node.services), now)
             return {
                 "registered": sorted(node.services),
                 "broker": self.config.name,
                 "max_message_bytes": self.config.max_message_bytes,
             }
         if side is Side.NODE and action == "unregister":
-            self.registry.remove(ident)
+            self._forget_node(ident, "unregistered", now)
             if not self.node_links[ident].pending_commands:
                 del self.node_links[ident]
             return {"unregistered": True}
@@ -409,9 +485,11 @@ class Broker:
     def tick(self, now: float) -> list[Outgoing]:
         """Expire commands past their deadline and nodes past their liveness window.
 
-        Also forgets clients, and links of unregistered nodes, long gone quiet.
+        Also forgets clients, links of unregistered nodes and subscribers' reports, long
+        gone quiet.
         """
         if now >= self._next_sweep:
+            self.events.forget_quiet(now, CLIENT_IDLE_S)
             self._next_sweep = now + CLIENT_SWEEP_S
             for table in (self.clients, self.node_links):
                 idle = [
@@ -427,7 +505,7 @@ class Broker:
         silent = [n.identity for n in self.registry.nodes.values() if now - n.last_seen > n.liveness]
         for ident in silent:
             self.counters["nodes_expired"] += 1
-            out.extend(self._lose_node(ident, set(), now))
+            out.extend(self._lose_node(ident, set(), now, "silent"))
         expired = [c for c in self.commands.values() if c.deadline <= now]
         for cmd in expired:
             if cmd.state is CommandState.QUEUED:
@@ -472,14 +550,30 @@ class Broker:
         unsent = {(f[0], _correlation(f)) for f in (frames, *more) if len(f) == 3 and f[0]}
         return self._lose_node(ident, unsent, now)
 
-    def _lose_node(self, ident: bytes, unsent: set[tuple[bytes, str]], now: float) -> list[Outgoing]:
+    def _forget_node(self, ident: bytes, reason: str, now: float) -> None:
+        """Take a node out of routing and tell subscribers."""
+        node = self.registry.remove(ident)
+        if node is not None:
+            self._services_changed(node, set(node.services), set(), now)
+            self._emit("mesh.node.down", {**_node_view(node), "reason": reason}, now)
+
+    def _services_changed(self, node: NodeInfo, before: set[str], after: set[str], now: float) -> None:
+        for topic, services in (("mesh.service.unregistered", before - after), ("mesh.service.registered", after - before)):
+            for service in sorted(services):
+                body = {"service": service, "node": node.name, "id": node.identity.hex(),
+                        "nodes": self.registry.count(service)}
+                self._emit(topic, body, now)
+
+    def _lose_node(
+        self, ident: bytes, unsent: set[tuple[bytes, str]], now: float, reason: str = "unreachable"
+    ) -> list[Outgoing]:
         """Forget a node that is gone and settle what it owed.
 
         Commands that never reached it, and those of idempotent actions, are routed again;
         the others it was running are answered NODE_LOST (they may or may not have run).
         """
         link = self.node_links.pop(ident, None)
-        self.registry.remove(ident)
+        self._forget_node(ident, reason, now)
         owed = link.pending_commands if link is not None else set()
         out: list[Outgoing] = []
         requeue: list[Command] = []
@@ -549,6 +643,12 @@ class Broker:
 
     # ---------------------------------------------------------------- shutdown
 
+    def subscriber_message(self, frame: bytes, now: float) -> None:
+        """A message from the XPUB socket: a subscriber's (un)subscription or drop report."""
+        marker = self.events.upstream(frame, now)
+        if marker is not None:
+            self._published.append(marker)
+
     def begin_drain(self) -> None:
         """Stop accepting commands; those already accepted still complete."""
         self.draining = True
@@ -590,6 +690,7 @@ class Broker:
             "queued": self.queued,
             "nodes": len(self.registry.nodes),
             "clients": len(self.clients),
+            "events": self.events.stats(),
         }
 
 
@@ -599,6 +700,11 @@ def _readable_id(frames: Sequence[bytes]) -> str | None:
         return None
     value = peek_header(frames[0], "id")
     return value if isinstance(value, str) and ID_MATCH(value) else None
+
+
+def _node_view(node: NodeInfo) -> dict[str, Any]:
+    """What lifecycle events say about a node: names and numbers, nothing secret."""
+    return {"node": node.name, "id": node.identity.hex(), "capacity": node.capacity, "services": sorted(node.services)}
 
 
 def _ran_on(cmd: Command, ident: bytes) -> bool:

@@ -1,9 +1,12 @@
-"""The broker's socket loop: two ROUTERs around the routing core.
+"""The broker's socket loop: two ROUTERs and an XPUB around the routing core.
 
 Rules of this module:
 
 * This is the only code that touches the broker's sockets. It drains each readable
-  socket in batches, hands every message to `Broker`, and sends what it returns.
+  socket in batches, hands every message to `Broker`, and sends what it returns; after
+  each batch it publishes what the core has for subscribers.
+* Publishing never waits: a subscriber whose queue is full misses events (and sees the
+  gap in their sequence numbers), so it cannot slow the others or the commands.
 * A send that fails because the peer is gone or full is reported back to the core
   (`undeliverable`), never silently lost.
 * `stop()` may be called from any thread or a signal handler: the loop stops accepting
@@ -20,7 +23,7 @@ from typing import Final
 
 import zmq
 
-from ..sockets import LINGER_MS, bound_endpoint, recv_frames, router, send_frames
+from ..sockets import LINGER_MS, bound_endpoint, publisher, recv_frames, router, send_frames
 from .core import Broker, BrokerConfig, Outgoing, Side
 
 __all__ = ["BrokerServer", "Endpoints"]
@@ -33,10 +36,11 @@ TICK_S: Final = 0.05
 
 @dataclass(frozen=True, slots=True)
 class Endpoints:
-    """Where a broker listens: one endpoint for clients, one for handler nodes."""
+    """Where a broker listens: clients, handler nodes, and event subscribers."""
 
     clients: str
     nodes: str
+    events: str = "tcp://127.0.0.1:*"
 
 
 class BrokerServer:
@@ -58,10 +62,14 @@ class BrokerServer:
         try:
             self._clients = router(self._ctx, endpoints.clients, limit)
             self._nodes = router(self._ctx, endpoints.nodes, limit)
+            self._events = publisher(self._ctx, endpoints.events, self.core.config.event_hwm)
         except Exception:
             self._ctx.destroy(linger=0)
             raise
-        self.endpoints = Endpoints(bound_endpoint(self._clients), bound_endpoint(self._nodes))
+        self.endpoints = Endpoints(
+            bound_endpoint(self._clients), bound_endpoint(self._nodes), bound_endpoint(self._events)
+        )
+        self.core.events_endpoint = self.endpoints.events
         self._stop_requested = False
         self._sockets = {Side.CLIENT: self._clients, Side.NODE: self._nodes}
 
@@ -71,10 +79,11 @@ class BrokerServer:
 
     def run(self) -> None:
         """Serve until `stop()`; then drain in-flight commands and close the sockets."""
-        core, clients, nodes = self.core, self._clients, self._nodes
+        core, clients, nodes, events = self.core, self._clients, self._nodes, self._events
         poller = zmq.Poller()
         poller.register(clients, zmq.POLLIN)
         poller.register(nodes, zmq.POLLIN)
+        poller.register(events, zmq.POLLIN)
         clock = self._clock
         next_tick = clock() + TICK_S
         drain_deadline: float | None = None
@@ -85,10 +94,13 @@ class BrokerServer:
                     self._drain(clients, core.client_message)
                 if nodes in ready:
                     self._drain(nodes, core.node_message)
+                if events in ready:
+                    self._upstream()
                 now = clock()
                 if now >= next_tick:
                     next_tick = now + TICK_S
                     self._send(core.tick(now))
+                    self._publish()
                     if self._stop_requested and drain_deadline is None:
                         core.begin_drain()
                         drain_deadline = now + self.drain_timeout
@@ -119,6 +131,22 @@ class BrokerServer:
                 log.exception("internal error handling a message (dropped, not answered)")
         if pending:
             self._send(pending)
+        self._publish()
+
+    def _upstream(self) -> None:
+        """Subscriptions and drop reports from subscribers (single frames)."""
+        now = self._clock()
+        for _ in range(BATCH):
+            try:
+                frames = recv_frames(self._events)
+            except zmq.Again:
+                break
+            self.core.subscriber_message(frames[0], now)
+        self._publish()
+
+    def _publish(self) -> None:
+        for frames in self.core.take_published():
+            send_frames(self._events, frames)  # XPUB drops for a full subscriber, never blocks
 
     def _send(self, out: list[Outgoing]) -> None:
         sockets = self._sockets
@@ -142,4 +170,5 @@ class BrokerServer:
         """Close the sockets, giving the last replies `LINGER_MS` to leave."""
         self._clients.close(linger=LINGER_MS)
         self._nodes.close(linger=LINGER_MS)
+        self._events.close(linger=0)
         self._ctx.term()

@@ -176,6 +176,10 @@ class Registry:
     def has_service(self, service: str) -> bool:
         return service in self._services
 
+    def count(self, service: str) -> int:
+        """How many nodes offer `service`."""
+        return self._services.get(service, 0)
+
     def offers(self, service: str, action: str) -> bool:
         return (service, action) in self._by_action
 

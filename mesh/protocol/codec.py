@@ -33,6 +33,7 @@ from .names import (
     TOPIC_PATTERN,
     _invalid,
     check_name,
+    check_topic,
 )
 from .message import (
     PROTOCOL_VERSION,
@@ -55,6 +56,8 @@ __all__ = [
     "encode_header",
     "encode_command_header",
     "encode_response_header",
+    "encode_event_header",
+    "encode_stamped_event",
     "decode_header",
     "unpack_header",
     "peek_header",
@@ -64,6 +67,7 @@ __all__ = [
     "decode",
     "check_size",
     "check_name",
+    "check_topic",
 ]
 
 MAX_HEADER_BYTES: Final = 16 * 1024
@@ -77,7 +81,7 @@ _INF: Final = math.inf
 
 _TYPES: Final = {t.value: t for t in MessageType}
 _HEADER_KEYS: Final = frozenset(
-    {"v", "type", "id", "ts", "service", "action", "topic", "correlation_id",
+    {"v", "type", "id", "ts", "service", "action", "topic", "seq", "correlation_id",
      "deadline", "metadata", "security", "error"}
 )
 _SECURITY_KEYS: Final = frozenset({"level", "encryption", "signature", "token"})
@@ -198,6 +202,10 @@ def unpack_header(frame: bytes) -> dict[str, Any]:
         value = raw.get("topic")
         if type(value) is not str or not _TOPIC.fullmatch(value):
             raise _invalid("topic", "must be dot-separated names")
+    if "seq" in raw:
+        value = raw["seq"]
+        if type(value) is not int or value < 1 or mtype != "event":
+            raise _invalid("seq", "an event's positive integer sequence number")
     if "correlation_id" in raw or mtype == "response":
         value = raw.get("correlation_id")
         if type(value) is not str or not _id_match(value):
@@ -247,6 +255,7 @@ def decode_header(frame: bytes) -> Header:
         service=raw.get("service"),
         action=raw.get("action"),
         topic=raw.get("topic"),
+        seq=raw.get("seq"),
         correlation_id=raw.get("correlation_id"),
         deadline=float(raw["deadline"]) if "deadline" in raw else None,
         metadata=raw.get("metadata", {}),
@@ -277,6 +286,8 @@ def _header_map(h: Header) -> dict[str, Any]:
         out["action"] = h.action
     if h.topic is not None:
         out["topic"] = h.topic
+    if h.seq is not None:
+        out["seq"] = h.seq
     if h.correlation_id is not None:
         out["correlation_id"] = h.correlation_id
     if h.deadline is not None:
@@ -344,16 +355,50 @@ def encode_command_header(
         raise _invalid("metadata", f"cannot be encoded as MessagePack ({exc})") from None
 
 
-def encode_response_header(command: Mapping[str, Any], now: float) -> bytes:
+def encode_event_header(
+    topic: str, *, id: str, now: float, metadata: Mapping[str, Any] | None = None
+) -> bytes:
+    """The same bytes as `encode_header(event(...))`, without building the record.
+
+    Raises:
+        ValidationFailedError: a bad topic, or metadata MessagePack cannot carry.
+    """
+    check_topic(topic)
+    out: dict[str, Any] = {"v": PROTOCOL_VERSION, "type": "event", "id": id, "ts": now, "topic": topic}
+    if metadata:
+        out["metadata"] = _canonical(metadata)
+    try:
+        return msgpack.packb(out, use_bin_type=True)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise _invalid("metadata", f"cannot be encoded as MessagePack ({exc})") from None
+
+
+def encode_stamped_event(published: Mapping[str, Any], seq: int) -> bytes:
+    """The header subscribers receive for an event a publisher sent (its wire map).
+
+    The broker's hot path for events: the publisher's id, time, topic and metadata, the
+    sequence number the broker gave it, and nothing else (never the publisher's
+    `security` map, which may hold its token).
+    """
+    out = {"v": PROTOCOL_VERSION, "type": "event", "id": published["id"], "ts": published["ts"],
+           "topic": published["topic"], "seq": seq}
+    if "metadata" in published:
+        out["metadata"] = published["metadata"]
+    return msgpack.packb(out, use_bin_type=True)
+
+
+def encode_response_header(request: Mapping[str, Any], now: float) -> bytes:
     """The same bytes as `encode_header(response_to(...))` for a command's wire map.
 
-    The nodes' hot path: `command` is what `unpack_header` returned for the command.
+    The nodes' hot path: `request` is what `unpack_header` returned for the command (or
+    for an event the broker acknowledges, which names no service).
     """
-    return msgpack.packb(
-        {"v": PROTOCOL_VERSION, "type": "response", "id": new_id(), "ts": now,
-         "service": command["service"], "action": command["action"], "correlation_id": command["id"]},
-        use_bin_type=True,
-    )
+    if "service" in request:
+        out = {"v": PROTOCOL_VERSION, "type": "response", "id": new_id(), "ts": now,
+               "service": request["service"], "action": request["action"], "correlation_id": request["id"]}
+    else:
+        out = {"v": PROTOCOL_VERSION, "type": "response", "id": new_id(), "ts": now, "correlation_id": request["id"]}
+    return msgpack.packb(out, use_bin_type=True)
 
 
 def encode_payload(value: Any) -> bytes:

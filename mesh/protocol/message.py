@@ -19,7 +19,7 @@ from enum import IntEnum, StrEnum
 from typing import Any, Final
 
 from .errors import MeshError
-from .names import check_name
+from .names import check_name, check_topic
 
 __all__ = [
     "PROTOCOL_VERSION",
@@ -31,6 +31,7 @@ __all__ = [
     "Message",
     "new_id",
     "command",
+    "event",
     "response_to",
     "error_to",
     "error_header",
@@ -85,6 +86,7 @@ class Header:
     service: str | None = None
     action: str | None = None
     topic: str | None = None
+    seq: int | None = None  # an event's number in its topic, stamped by the broker
     correlation_id: str | None = None
     deadline: float | None = None
     metadata: Mapping[str, Any] = field(default_factory=dict)
@@ -153,6 +155,30 @@ def command(
         service=service,
         action=action,
         deadline=deadline,
+        metadata=dict(metadata or {}),
+        security=security,
+    )
+
+
+def event(
+    topic: str,
+    *,
+    now: float,
+    id: str | None = None,
+    metadata: Mapping[str, Any] | None = None,
+    security: SecurityInfo | None = None,
+) -> Header:
+    """Header of an event to publish on `topic` (the broker stamps its `seq`).
+
+    Raises:
+        ValidationFailedError: `topic` is not a valid topic.
+    """
+    check_topic(topic)
+    return Header(
+        type=MessageType.EVENT,
+        id=id or new_id(),
+        timestamp=now,
+        topic=topic,
         metadata=dict(metadata or {}),
         security=security,
     )

@@ -7,7 +7,7 @@ from typing import Final
 
 from .errors import ValidationFailedError
 
-__all__ = ["NAME_PATTERN", "TOPIC_PATTERN", "ID_PATTERN", "check_name"]
+__all__ = ["NAME_PATTERN", "TOPIC_PATTERN", "ID_PATTERN", "check_name", "check_topic"]
 
 NAME_PATTERN: Final = r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}"
 TOPIC_PATTERN: Final = r"[A-Za-z0-9_-]{1,64}(\.[A-Za-z0-9_-]{1,64}){0,15}"
@@ -31,4 +31,15 @@ def check_name(value: object, field: str) -> str:
     """
     if not isinstance(value, str) or not _NAME.fullmatch(value):
         raise _invalid(field, f"must match {NAME_PATTERN}")
+    return value
+
+
+def check_topic(value: object, field: str = "topic") -> str:
+    """An event topic: 1 to 16 dot-separated names.
+
+    Raises:
+        ValidationFailedError: naming `field`.
+    """
+    if not isinstance(value, str) or not _TOPIC.fullmatch(value):
+        raise _invalid(field, "must be dot-separated names")
     return value

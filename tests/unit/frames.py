@@ -165,6 +165,11 @@ def only(out: list[Outgoing]) -> Outgoing:
     return out[0]
 
 
+def published(broker: Broker) -> list[tuple[bytes, Header, Any]]:
+    """What `broker` has published since last asked: (frame 0, header, payload) of each."""
+    return [(f[0], decode_header(f[1]), decode_payload(f[2])) for f in broker.take_published()]
+
+
 def to_clients(out: Iterable[Outgoing]) -> list[Outgoing]:
     return [o for o in out if o[0] is Side.CLIENT]
 
