@@ -20,10 +20,10 @@ os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(HERE), os.environ.g
 def broker(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[BrokerProcess]:
     """A broker process listening on loopback TCP or on ipc:// sockets in tmp_path."""
     if request.param == "tcp":
-        endpoints = ("tcp://127.0.0.1:*", "tcp://127.0.0.1:*")
+        endpoints = ("tcp://127.0.0.1:*", "tcp://127.0.0.1:*", "tcp://127.0.0.1:*")
     else:
-        endpoints = (f"ipc://{tmp_path}/clients.sock", f"ipc://{tmp_path}/nodes.sock")
-    with run_broker(*endpoints) as b:
+        endpoints = tuple(f"ipc://{tmp_path}/{side}.sock" for side in ("clients", "nodes", "events"))
+    with run_broker(endpoints[0], endpoints[1], events=endpoints[2]) as b:
         yield b
 
 

@@ -20,7 +20,11 @@ def run(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
     return subprocess.run([MESH, *args], capture_output=True, text=True, timeout=timeout)
 
 
-@pytest.mark.parametrize("command", [[], ["up"], ["broker"], ["node"], ["call"], ["services"], ["topology", "check"], ["bench"]])
+@pytest.mark.parametrize(
+    "command",
+    [[], ["up"], ["broker"], ["node"], ["call"], ["services"], ["topology", "check"], ["bench"],
+     ["events"], ["events", "publish"], ["events", "subscribe"]],
+)
 def test_every_command_has_help(command):
     """`--help` works on every command and describes it."""
     result = CliRunner().invoke(main, [*command, "--help"])
@@ -120,3 +124,39 @@ def test_topology_check_finds_bad_ports_unknown_nodes_and_config_that_does_not_f
     assert "nodes.a.use: unknown node 'nosuchnode'" in result.output
     assert "nodes.b.use: config does not fit sqlite" in result.output and "databse" in result.output
     assert "nodes.b.config.when: a date cannot be passed" in result.output
+
+
+def test_topology_retention_rules_are_checked(tmp_path: Path):
+    """Bad retention rules are reported with their index and key."""
+    bad = tmp_path / "bad.toml"
+    bad.write_text(
+        '[brokers.main]\nclients = "tcp://127.0.0.1:7001"\nnodes = "tcp://127.0.0.1:7002"\nevents = "nope"\n'
+        'event_hwm = 0\n[[brokers.main.retention]]\nprefix = "a..b"\n[[brokers.main.retention]]\nmax_events = -1\nkeep = 1\n'
+    )
+    result = CliRunner().invoke(main, ["topology", "check", str(bad)])
+    assert result.exit_code == 2
+    for key in ["brokers.main.events", "brokers.main.event_hwm", "brokers.main.retention[0].prefix",
+                "brokers.main.retention[1].max_events", "brokers.main.retention[1].keep"]:
+        assert f"  {key}: " in result.output, (key, result.output)
+
+
+def test_events_cli_refuses_bad_input_clearly():
+    """A payload that is not JSON, or a bad --retention, is a usage error, not a traceback."""
+    result = CliRunner().invoke(main, ["events", "publish", "a.b", "{nope"])
+    assert result.exit_code == 2 and "not JSON" in result.output
+    result = CliRunner().invoke(main, ["broker", "--retention", "a:b:c"])
+    assert result.exit_code == 2 and "PREFIX:MAX_EVENTS:MAX_BYTES" in result.output
+
+
+def test_events_publish_and_subscribe_with_the_real_executable(tcp_broker):
+    """`mesh events publish` prints the seq; `mesh events subscribe --from 0 --count` prints the events."""
+    for i in range(3):
+        result = run("events", "publish", "demo.t", json.dumps({"i": i}), "--broker", tcp_broker.clients)
+        assert result.returncode == 0, result.stderr
+        assert json.loads(result.stdout) == {"topic": "demo.t", "seq": i + 1}
+    result = run("events", "subscribe", "demo", "--from", "1", "--count", "2", "--broker", tcp_broker.clients)
+    assert result.returncode == 0, result.stderr
+    lines = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [(line["seq"], line["payload"]) for line in lines] == [(2, {"i": 1}), (3, {"i": 2})]
+    refused = run("events", "publish", "mesh.node.up", "{}", "--broker", tcp_broker.clients)
+    assert refused.returncode == 1 and "2002" in refused.stderr

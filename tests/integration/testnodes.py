@@ -72,6 +72,11 @@ def node(name: str = "t", services: list[str] | None = None, capacity: int = 4) 
         def blob(payload: dict[str, Any]) -> str:
             return "x" * int(payload["size"])
 
+        @n.action(svc, "announce", description="Publish `value` on `topic` from a (sync) handler.")
+        def announce(payload: dict[str, Any]) -> bool:
+            n.publish(payload["topic"], payload["value"])
+            return True
+
         @n.action(svc, "boom", description="Always raises.")
         def boom(payload: dict[str, Any]) -> None:
             raise RuntimeError("secret detail that must not leak")

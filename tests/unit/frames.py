@@ -7,6 +7,8 @@ to a `Broker`, and decodes what the broker returns. Frame shapes follow
   client -> broker   [header, payload]
   broker -> node     [envelope, header, payload]   envelope = the client's identity
   node -> broker     [envelope, header, payload]   envelope = b"" for the node's own commands
+                                                   and events
+  broker -> subscribers [topic frame, header, payload]   from `take_published()`
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from mesh.protocol import (
     encode_header,
     encode_payload,
     error_to,
+    event,
     response_to,
 )
 
@@ -45,6 +48,8 @@ __all__ = [
     "payload_of",
     "error_of",
     "only",
+    "published",
+    "event_frames",
     "to_clients",
     "to_nodes",
     "dispatched_ids",
@@ -68,6 +73,11 @@ def command_frames(
     """The two frames a client sends for a command: [header, payload]."""
     header = command(service, action, now=now, deadline=deadline, id=id)
     return [encode_header(header), encode_payload(payload)]
+
+
+def event_frames(topic: str, body: Any = None, *, id: str = "e1", now: float = 0.0) -> list[bytes]:
+    """A client's event: [header, payload] (a node sends [b"", header, payload])."""
+    return [encode_header(event(topic, now=now, id=id)), encode_payload(body)]
 
 
 def registration(

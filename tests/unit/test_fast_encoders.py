@@ -10,7 +10,10 @@ from mesh.protocol import (
     command,
     decode_header,
     encode_command_header,
+    encode_event_header,
     encode_header,
+    encode_stamped_event,
+    event,
     encode_response_header,
     response_to,
     unpack_header,
@@ -39,3 +42,25 @@ def test_response_header_matches_the_codec_but_for_its_fresh_id(service, action,
     assert fast.pop("id") != slow.pop("id")
     assert list(fast.items()) == list(slow.items())
     assert decode_header(encode_response_header(unpack_header(frame), now)).correlation_id == cid
+
+
+topics = st.from_regex(r"[a-z0-9_-]{1,8}(\.[a-z0-9_-]{1,8}){0,3}", fullmatch=True)
+
+
+@given(topics, ids, times, metadata)
+def test_event_header_bytes_match_the_codec(topic, eid, now, meta):
+    """encode_event_header gives the bytes of encode_header(event(...))."""
+    assert encode_event_header(topic, id=eid, now=now, metadata=meta) == encode_header(
+        event(topic, now=now, id=eid, metadata=meta)
+    )
+
+
+@given(topics, ids, times, metadata, st.integers(1, 2**53))
+def test_stamped_event_is_the_published_one_with_its_seq(topic, eid, now, meta, seq):
+    """The broker's header for subscribers decodes to the publisher's fields plus seq."""
+    published = decode_header(encode_header(event(topic, now=now, id=eid, metadata=meta)))
+    stamped = decode_header(encode_stamped_event(unpack_header(encode_header(event(topic, now=now, id=eid, metadata=meta))), seq))
+    assert stamped.seq == seq
+    assert (stamped.topic, stamped.id, stamped.timestamp, dict(stamped.metadata)) == (
+        published.topic, published.id, published.timestamp, dict(published.metadata)
+    )

@@ -589,3 +589,20 @@ def test_command_accepts_names_the_decoder_accepts(service: str, action: str) ->
     decoded = decode_header(encode_header(header))
     assert (decoded.service, decoded.action) == (service, action)
 
+
+
+@pytest.mark.parametrize("seq", [0, -1, True, 1.0, "1", None], ids=repr)
+def test_a_bad_seq_is_refused(seq: Any) -> None:
+    """An event's `seq` is an integer from 1 (not a boolean, a float or a string)."""
+    refused(frame("event", seq=seq), ValidationFailedError, "seq")
+
+
+@pytest.mark.parametrize("mtype", ["command", "response", "error"])
+def test_seq_only_on_events(mtype: str) -> None:
+    """Only events are numbered."""
+    refused(frame(mtype, seq=1), ValidationFailedError, "seq")
+
+
+def test_an_event_with_seq_is_accepted() -> None:
+    """The broker's stamped events decode with their number."""
+    assert decode_header(frame("event", seq=2**40)).seq == 2**40

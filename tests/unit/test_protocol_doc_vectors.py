@@ -72,6 +72,7 @@ def header_from_wire(m: dict[str, Any]) -> Header:
         service=m.get("service"),
         action=m.get("action"),
         topic=m.get("topic"),
+        seq=m.get("seq"),
         correlation_id=m.get("correlation_id"),
         deadline=m.get("deadline"),
         metadata=m.get("metadata", {}),
