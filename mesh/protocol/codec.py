@@ -347,6 +347,10 @@ def encode_command_header(
                            "service": service, "action": action}
     if deadline is not None:
         out["deadline"] = deadline
+    return _pack_with_metadata(out, metadata)
+
+
+def _pack_with_metadata(out: dict[str, Any], metadata: Mapping[str, Any] | None) -> bytes:
     if metadata:
         out["metadata"] = _canonical(metadata)
     try:
@@ -364,13 +368,9 @@ def encode_event_header(
         ValidationFailedError: a bad topic, or metadata MessagePack cannot carry.
     """
     check_topic(topic)
-    out: dict[str, Any] = {"v": PROTOCOL_VERSION, "type": "event", "id": id, "ts": now, "topic": topic}
-    if metadata:
-        out["metadata"] = _canonical(metadata)
-    try:
-        return msgpack.packb(out, use_bin_type=True)
-    except (TypeError, ValueError, OverflowError) as exc:
-        raise _invalid("metadata", f"cannot be encoded as MessagePack ({exc})") from None
+    return _pack_with_metadata(
+        {"v": PROTOCOL_VERSION, "type": "event", "id": id, "ts": now, "topic": topic}, metadata
+    )
 
 
 def encode_stamped_event(published: Mapping[str, Any], seq: int) -> bytes:
