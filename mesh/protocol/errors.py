@@ -36,6 +36,9 @@ __all__ = [
     "AccessDeniedError",
     "EncryptionFailedError",
     "SignatureInvalidError",
+    "TokenRevokedError",
+    "ReplayDetectedError",
+    "SecurityLevelTooLowError",
     "ResourceExhaustedError",
     "ConfigurationError",
     "NetworkError",
@@ -71,6 +74,9 @@ class ErrorCode(IntEnum):
     ACCESS_DENIED = 2002
     ENCRYPTION_FAILED = 2003
     SIGNATURE_INVALID = 2004
+    TOKEN_REVOKED = 2005
+    REPLAY_DETECTED = 2006
+    SECURITY_LEVEL_TOO_LOW = 2007
 
     RESOURCE_EXHAUSTED = 3000
     CONFIGURATION = 3001
@@ -177,6 +183,18 @@ class SignatureInvalidError(SecurityError):
     code = ErrorCode.SIGNATURE_INVALID
 
 
+class TokenRevokedError(SecurityError):
+    code = ErrorCode.TOKEN_REVOKED
+
+
+class ReplayDetectedError(SecurityError):
+    code = ErrorCode.REPLAY_DETECTED
+
+
+class SecurityLevelTooLowError(SecurityError):
+    code = ErrorCode.SECURITY_LEVEL_TOO_LOW
+
+
 class ResourceExhaustedError(MeshSystemError):
     code = ErrorCode.RESOURCE_EXHAUSTED
     retryable = True
@@ -224,6 +242,9 @@ _BY_CODE: dict[int, type[MeshError]] = {
         AccessDeniedError,
         EncryptionFailedError,
         SignatureInvalidError,
+        TokenRevokedError,
+        ReplayDetectedError,
+        SecurityLevelTooLowError,
         ResourceExhaustedError,
         ConfigurationError,
         NetworkError,
