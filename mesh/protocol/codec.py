@@ -68,6 +68,7 @@ __all__ = [
     "check_size",
     "check_name",
     "check_topic",
+    "canonical",
 ]
 
 MAX_HEADER_BYTES: Final = 16 * 1024
@@ -269,12 +270,13 @@ def decode_header(frame: bytes) -> Header:
     )
 
 
-def _canonical(value: Any) -> Any:
-    """Maps with their keys sorted, at every depth: equal headers give equal bytes."""
+def canonical(value: Any) -> Any:
+    """Maps with their keys sorted, at every depth: equal headers give equal bytes (and
+    equal signatures)."""
     if isinstance(value, Mapping):
-        return {k: _canonical(value[k]) for k in sorted(value, key=str)}
+        return {k: canonical(value[k]) for k in sorted(value, key=str)}
     if isinstance(value, (list, tuple)):
-        return [_canonical(v) for v in value]
+        return [canonical(v) for v in value]
     return value
 
 
@@ -293,12 +295,12 @@ def _header_map(h: Header) -> dict[str, Any]:
     if h.deadline is not None:
         out["deadline"] = h.deadline
     if h.metadata:
-        out["metadata"] = _canonical(h.metadata)
+        out["metadata"] = canonical(h.metadata)
     if h.security is not None:
         s = h.security
         sec: dict[str, Any] = {"level": int(s.security_level)}
         if s.encryption_info is not None:
-            sec["encryption"] = _canonical(s.encryption_info)
+            sec["encryption"] = canonical(s.encryption_info)
         if s.signature is not None:
             sec["signature"] = s.signature
         if s.auth_token is not None:
@@ -308,7 +310,7 @@ def _header_map(h: Header) -> dict[str, Any]:
         e = h.error
         err: dict[str, Any] = {"code": e.code, "message": e.message, "retryable": e.retryable}
         if e.details:
-            err["details"] = _canonical(e.details)
+            err["details"] = canonical(e.details)
         out["error"] = err
     return out
 
@@ -352,7 +354,7 @@ def encode_command_header(
 
 def _pack_with_metadata(out: dict[str, Any], metadata: Mapping[str, Any] | None) -> bytes:
     if metadata:
-        out["metadata"] = _canonical(metadata)
+        out["metadata"] = canonical(metadata)
     try:
         return msgpack.packb(out, use_bin_type=True)
     except (TypeError, ValueError, OverflowError) as exc:
