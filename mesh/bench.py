@@ -8,7 +8,8 @@ Rules of this module:
 * The baseline is the least a ZeroMQ broker can do: a ROUTER-ROUTER loop that forwards
   frames without decoding them, to one raw DEALER worker that echoes, driven by raw DEALER
   clients. The mesh run uses the real broker, the real echo node and the AsyncClient.
-* Processes are spawned (never forked) so no ZeroMQ context crosses a fork.
+* Processes are spawned (never forked) so no ZeroMQ context crosses a fork; every
+  process is joined, or killed when it does not exit in time.
 """
 
 from __future__ import annotations
@@ -41,10 +42,26 @@ class BenchSettings:
     transport: str = "tcp"
 
 
-def _endpoints(transport: str, tmp: str) -> tuple[str, str]:
-    if transport == "ipc":
-        return f"ipc://{tmp}/clients", f"ipc://{tmp}/nodes"
-    return "tcp://127.0.0.1:*", "tcp://127.0.0.1:*"
+def _endpoint(transport: str, tmp: str, name: str) -> str:
+    return f"ipc://{tmp}/{name}" if transport == "ipc" else "tcp://127.0.0.1:*"
+
+
+def _stop(stop: Any, procs: list[Any]) -> None:
+    """Tell every process to stop; kill those that have not exited in time."""
+    stop.set()
+    for p in procs:
+        p.join(timeout=15)
+        if p.is_alive():
+            p.kill()
+            p.join()
+
+
+def _machine() -> dict[str, Any]:
+    return {"cpus": os.cpu_count(), "pyzmq": zmq.__version__, "libzmq": zmq.zmq_version()}
+
+
+def _ratio(mesh: float, raw: float) -> float:
+    return mesh / raw if raw else float("nan")
 
 
 # ------------------------------------------------------------------ baseline
@@ -144,12 +161,14 @@ def _raw_client(front_ep: str, s: BenchSettings, start: float, results: Any) -> 
 # ---------------------------------------------------------------------- mesh
 
 
-def _mesh_broker(clients_ep: str, nodes_ep: str, ready: Any, stop: Any) -> None:
+def _mesh_broker(
+    clients_ep: str, nodes_ep: str, ready: Any, stop: Any, events_ep: str = "tcp://127.0.0.1:*"
+) -> None:
     import threading
 
     from .broker import BrokerServer, Endpoints
 
-    server = BrokerServer(Endpoints(clients_ep, nodes_ep))
+    server = BrokerServer(Endpoints(clients_ep, nodes_ep, events_ep))
     tune_for_serving()  # as `mesh broker` does
     ready.put((server.endpoints.clients, server.endpoints.nodes))
     threading.Thread(target=lambda: (stop.wait(), server.stop()), daemon=True).start()
@@ -219,7 +238,7 @@ def _measure(kind: str, s: BenchSettings) -> dict[str, Any]:
     ctx = mp.get_context("spawn")
     ready, results, stop = ctx.Queue(), ctx.Queue(), ctx.Event()
     with tempfile.TemporaryDirectory(prefix="mesh-bench-") as tmp:
-        front, back = _endpoints(s.transport, tmp)
+        front, back = _endpoint(s.transport, tmp, "clients"), _endpoint(s.transport, tmp, "nodes")
         server_fn, worker_fn, client_fn = (
             (_raw_broker, _raw_worker, _raw_client) if kind == "raw" else (_mesh_broker, _mesh_node, _mesh_client)
         )
@@ -237,13 +256,7 @@ def _measure(kind: str, s: BenchSettings) -> dict[str, Any]:
         for c in clients:
             c.start()
         outcomes = [results.get(timeout=WARMUP_S + s.duration + 60) for _ in clients]
-        for c in clients:
-            c.join(timeout=10)
-        stop.set()
-        for p in (worker, broker):
-            p.join(timeout=15)
-            if p.is_alive():
-                p.kill()
+        _stop(stop, [*clients, worker, broker])
     count = sum(n for n, _ in outcomes)
     lat = sorted(x for _, sample in outcomes for x in sample)
 
@@ -268,10 +281,10 @@ def run_bench(settings: BenchSettings) -> dict[str, Any]:
     mesh = _measure("mesh", settings)
     return {
         "settings": asdict(settings),
-        "machine": {"cpus": os.cpu_count(), "pyzmq": zmq.__version__, "libzmq": zmq.zmq_version()},
+        "machine": _machine(),
         "raw": raw,
         "mesh": mesh,
-        "ratio": mesh["throughput"] / raw["throughput"] if raw["throughput"] else float("nan"),
+        "ratio": _ratio(mesh["throughput"], raw["throughput"]),
     }
 
 

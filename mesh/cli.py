@@ -331,21 +331,52 @@ def up(file: str) -> None:
 
 
 @main.command()
+@click.option("--events", "events_bench", is_flag=True, help="Measure event delivery to subscribers instead of commands.")
+@click.option("--subscribers", default="1,10,100", show_default=True, help="With --events: subscriber counts, one pair of runs each.")
 @click.option("--clients", default=4, show_default=True, type=click.IntRange(1, 64), help="Client processes.")
 @click.option("--inflight", default=32, show_default=True, type=click.IntRange(1, 10_000), help="Commands in flight per client.")
 @click.option("--payload", default=256, show_default=True, type=click.IntRange(0, 1024 * 1024), help="Payload size in bytes.")
 @click.option("--duration", default=5.0, show_default=True, type=click.FloatRange(min=0.5), help="Seconds measured per run.")
 @click.option("--transport", default="tcp", show_default=True, type=click.Choice(["tcp", "ipc"]))
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable report.")
-def bench(clients: int, inflight: int, payload: int, duration: float, transport: str, as_json: bool) -> None:
-    """Measure mesh throughput and latency against a raw pyzmq forwarding loop."""
-    from .bench import BenchSettings, format_report, run_bench
+def bench(
+    events_bench: bool,
+    subscribers: str,
+    clients: int,
+    inflight: int,
+    payload: int,
+    duration: float,
+    transport: str,
+    as_json: bool,
+) -> None:
+    """Measure mesh throughput and latency against a raw pyzmq forwarding loop.
 
-    report = run_bench(BenchSettings(clients, inflight, payload, duration, transport))
-    if as_json:
-        click.echo(json.dumps(report, indent=2))
+    With --events, measure events delivered per second to each count of subscribers
+    against a raw pyzmq PUB/SUB chain instead.
+    """
+    from click.core import ParameterSource
+
+    from .bench import BenchSettings, format_report, run_bench
+    from .bench_events import EventBenchSettings, format_events_report, run_events_bench
+
+    # An option of the other benchmark would be silently ignored: refuse it instead.
+    ctx = click.get_current_context()
+    for name in ("clients", "inflight") if events_bench else ("subscribers",):
+        if ctx.get_parameter_source(name) is ParameterSource.COMMANDLINE:
+            raise UsageError(f"--{name} does not apply to the {'events' if events_bench else 'command'} benchmark")
+    if events_bench:
+        try:
+            counts = tuple(int(n) for n in subscribers.split(","))
+        except ValueError:
+            counts = ()
+        if not counts or min(counts) < 1:
+            raise UsageError(f"--subscribers must be a comma list of counts of 1 or more, got {subscribers!r}")
+        report = run_events_bench(EventBenchSettings(counts, payload, duration, transport=transport))
+        text = format_events_report(report)
     else:
-        click.echo(format_report(report))
+        report = run_bench(BenchSettings(clients, inflight, payload, duration, transport))
+        text = format_report(report)
+    click.echo(json.dumps(report, indent=2) if as_json else text)
 
 
 if __name__ == "__main__":  # pragma: no cover
