@@ -50,6 +50,13 @@ def _print_json(value: Any) -> None:
     click.echo(json.dumps(value, indent=2, ensure_ascii=False, default=_json_default))
 
 
+def _json_payload(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"payload is not JSON: {exc}") from None
+
+
 def _fail(err: MeshError) -> NoReturn:
     if isinstance(err, ConfigurationError):
         raise UsageError(err.message)
@@ -210,10 +217,7 @@ def call(target: str, payload: str, broker_ep: str, timeout: float) -> None:
     service, dot, action = target.partition(".")
     if not dot or not service or not action:
         raise UsageError(f"target must be SERVICE.ACTION, got {target!r}")
-    try:
-        body = json.loads(payload)
-    except json.JSONDecodeError as exc:
-        raise UsageError(f"payload is not JSON: {exc}") from None
+    body = _json_payload(payload)
     try:
         with _client(broker_ep, timeout) as client:
             result = client.call(service, action, body)
@@ -247,10 +251,7 @@ def events() -> None:
 @click.option("--timeout", default=5.0, show_default=True, type=click.FloatRange(min=0, min_open=True))
 def events_publish(topic: str, payload: str, broker_ep: str, timeout: float) -> None:
     """Publish a JSON payload on TOPIC and print the sequence number it got."""
-    try:
-        body = json.loads(payload)
-    except json.JSONDecodeError as exc:
-        raise UsageError(f"payload is not JSON: {exc}") from None
+    body = _json_payload(payload)
     try:
         with _client(broker_ep, timeout) as client:
             seq = client.publish(topic, body)
