@@ -27,8 +27,12 @@ __all__ = [
     "bound_endpoint",
     "send_frames",
     "recv_frames",
+    "recv_frames_from",
     "LINGER_MS",
+    "Secure",
 ]
+
+Secure = Callable[[zmq.Socket], None]  # sets CURVE options on a socket before it binds or connects
 
 LINGER_MS: Final = 500
 HWM: Final = 100_000
@@ -52,6 +56,30 @@ def recv_frames(sock: zmq.Socket) -> list[bytes]:
         frame = recv(_NOBLOCK, copy=False)
         parts.append(frame.bytes)
     return parts
+
+
+def recv_frames_from(sock: zmq.Socket) -> tuple[list[bytes], str | None, str | None]:
+    """Like `recv_frames`, plus who sent it: the ZAP User-Id (the CURVE key's name) and IP.
+
+    Raises:
+        zmq.Again: nothing is waiting.
+    """
+    recv = sock.recv
+    frame = recv(_NOBLOCK, copy=False)
+    user, address = _property(frame, "User-Id"), _property(frame, "Peer-Address")
+    parts = [frame.bytes]
+    while frame.more:
+        frame = recv(_NOBLOCK, copy=False)
+        parts.append(frame.bytes)
+    return parts, user, address
+
+
+def _property(frame: zmq.Frame, name: str) -> str | None:
+    try:
+        value = frame.get(name)
+    except zmq.ZMQError:  # not set on this connection (no ZAP handler, or not TCP)
+        return None
+    return value if isinstance(value, str) and value else None
 
 
 def send_frames(sock: zmq.Socket, frames: list[bytes], first: bytes | None = None) -> None:
@@ -85,9 +113,13 @@ def _common(sock: zmq.Socket, max_message_bytes: int) -> None:
     sock.setsockopt(zmq.MAXMSGSIZE, 2 * max_message_bytes + MAX_HEADER_BYTES)
 
 
-def _attach(sock: zmq.Socket, attach: Callable[[str], Any], endpoint: str, verb: str) -> zmq.Socket:
-    """Bind or connect `sock`; on failure close it and say why as a ConfigurationError."""
+def _attach(
+    sock: zmq.Socket, attach: Callable[[str], Any], endpoint: str, verb: str, secure: Secure | None = None
+) -> zmq.Socket:
+    """Secure (when asked), then bind or connect `sock`; on failure close it and say why."""
     try:
+        if secure is not None:
+            secure(sock)
         attach(endpoint)
     except zmq.ZMQError as exc:
         sock.close(linger=0)
@@ -95,7 +127,9 @@ def _attach(sock: zmq.Socket, attach: Callable[[str], Any], endpoint: str, verb:
     return sock
 
 
-def router(ctx: zmq.Context, endpoint: str, max_message_bytes: int = MAX_MESSAGE_BYTES) -> zmq.Socket:
+def router(
+    ctx: zmq.Context, endpoint: str, max_message_bytes: int = MAX_MESSAGE_BYTES, secure: Secure | None = None
+) -> zmq.Socket:
     """A bound ROUTER with mandatory routing.
 
     Raises:
@@ -105,11 +139,11 @@ def router(ctx: zmq.Context, endpoint: str, max_message_bytes: int = MAX_MESSAGE
     _common(sock, max_message_bytes)
     sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
     _prepare_ipc(endpoint)
-    return _attach(sock, sock.bind, endpoint, "listen on")
+    return _attach(sock, sock.bind, endpoint, "listen on", secure)
 
 
 def dealer(
-    ctx: zmq.Context, endpoint: str, max_message_bytes: int = MAX_MESSAGE_BYTES
+    ctx: zmq.Context, endpoint: str, max_message_bytes: int = MAX_MESSAGE_BYTES, secure: Secure | None = None
 ) -> zmq.Socket:
     """A DEALER connected to a broker; libzmq reconnects it by itself.
 
@@ -120,10 +154,10 @@ def dealer(
     _common(sock, max_message_bytes)
     sock.setsockopt(zmq.RECONNECT_IVL, 100)
     sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
-    return _attach(sock, sock.connect, endpoint, "connect to")
+    return _attach(sock, sock.connect, endpoint, "connect to", secure)
 
 
-def publisher(ctx: zmq.Context, endpoint: str, hwm: int) -> zmq.Socket:
+def publisher(ctx: zmq.Context, endpoint: str, hwm: int, secure: Secure | None = None) -> zmq.Socket:
     """A bound XPUB for the broker's events: `hwm` messages queue per subscriber, then
     that subscriber misses events (it sees the gap); the others and the sender never wait.
 
@@ -138,10 +172,12 @@ def publisher(ctx: zmq.Context, endpoint: str, hwm: int) -> zmq.Socket:
     sock.sndhwm = hwm
     sock.setsockopt(zmq.XPUB_VERBOSER, 1)
     _prepare_ipc(endpoint)
-    return _attach(sock, sock.bind, endpoint, "listen on")
+    return _attach(sock, sock.bind, endpoint, "listen on", secure)
 
 
-def subscriber(ctx: zmq.Context, endpoint: str, hwm: int, max_message_bytes: int = MAX_MESSAGE_BYTES) -> zmq.Socket:
+def subscriber(
+    ctx: zmq.Context, endpoint: str, hwm: int, max_message_bytes: int = MAX_MESSAGE_BYTES, secure: Secure | None = None
+) -> zmq.Socket:
     """An XSUB connected to a broker's events; it can also send reports upstream.
 
     Raises:
@@ -152,7 +188,7 @@ def subscriber(ctx: zmq.Context, endpoint: str, hwm: int, max_message_bytes: int
     sock.rcvhwm = hwm
     sock.setsockopt(zmq.RECONNECT_IVL, 100)
     sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
-    return _attach(sock, sock.connect, endpoint, "connect to")
+    return _attach(sock, sock.connect, endpoint, "connect to", secure)
 
 
 def bound_endpoint(sock: zmq.Socket) -> str:

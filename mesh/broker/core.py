@@ -10,6 +10,10 @@ Rules of this module:
   error (no handler, deadline, capacity, node lost, shutting down).
 * Bad input is answered with an error when the sender is known, and counted otherwise;
   it never raises out of this module.
+* With security on (a `BrokerSecurity`), every client message passes the `Gate` first
+  (token, replay, level, policy) and a node may register only the services the policy
+  gives its CURVE identity; refusals are answered with their security code. The loop
+  says who sent each message (`Peer`: the CURVE key's name and the IP address).
 * Events from clients and nodes are sequenced by the event bus (`events.py`) and
   acknowledged to their publisher with their sequence number; what the broker itself
   has to tell (nodes and services coming and going, failed commands) it publishes as
@@ -49,6 +53,7 @@ from ..protocol import (
     NodeLostError,
     ResourceExhaustedError,
     UnavailableError,
+    ValidationFailedError,
     advance,
     check_size,
     decode_header,
@@ -62,6 +67,7 @@ from ..protocol import (
     response_to,
 )
 from ..protocol.names import ID_MATCH
+from ..security.gate import Gate, Peer
 from .events import DEFAULT_RULE, EventBus, RetentionRule
 from .registry import NodeInfo, Registry
 
@@ -72,6 +78,7 @@ _REPLY_TYPES: Final = frozenset({"response", "error"})
 CLIENT_IDLE_S: Final = 300.0  # a client with nothing pending, silent this long, is forgotten
 CLIENT_SWEEP_S: Final = 10.0
 _NODE_ACTIONS: Final = frozenset({"register", "unregister", "heartbeat"})
+_NOBODY: Final = Peer()
 
 
 class Side(IntEnum):
@@ -96,6 +103,16 @@ class BrokerConfig:
     max_topics: int = 10_000
     max_retained_bytes: int = 64 * 1024 * 1024
     event_hwm: int = 10_000  # events queued per subscriber before it starts missing some
+
+
+@dataclass(slots=True)
+class BrokerSecurity:
+    """What a broker needs when security is on: the gate, and what renews and revokes tokens."""
+
+    gate: Gate
+    issuer: Any = None  # tokens.TokenIssuer, for mesh.renew
+    revocations: Any = None  # revocations.Revocations, for mesh.revoke
+    renew_ttl: float = 3600.0
 
 
 @dataclass(slots=True)
@@ -132,8 +149,9 @@ class Command:
 class Broker:
     """Routing core: commands in, dispatches and replies out."""
 
-    def __init__(self, config: BrokerConfig | None = None) -> None:
+    def __init__(self, config: BrokerConfig | None = None, security: BrokerSecurity | None = None) -> None:
         self.config = config or BrokerConfig()
+        self.security = security
         self.registry = Registry()
         self.commands: dict[tuple[bytes, str], Command] = {}
         self.queues: dict[tuple[str, str], deque[Command]] = {}
@@ -163,7 +181,9 @@ class Broker:
 
     # ----------------------------------------------------------------- clients
 
-    def client_message(self, ident: bytes, frames: Sequence[bytes], now: float) -> list[Outgoing]:
+    def client_message(
+        self, ident: bytes, frames: Sequence[bytes], now: float, peer: Peer = _NOBODY
+    ) -> list[Outgoing]:
         """A message from a client's DEALER: a command, or an event to publish."""
         conn = self._touch(self.clients, ident, now)
         try:
@@ -174,6 +194,16 @@ class Broker:
             return [(Side.CLIENT, ident, self._error_frames(err, now, _readable_id(frames)))]
         cid: str = header["id"]
         conn.last_message_id = cid
+        identity = None
+        security = self.security
+        if security is not None and header["type"] in ("command", "event"):
+            try:
+                if header["type"] == "command":
+                    identity = security.gate.admit_command(header, peer, now)
+                else:
+                    identity = security.gate.admit_event(header, peer, now)
+            except MeshError as err:
+                return [(Side.CLIENT, ident, self._error_frames(err, now, cid))]
         if header["type"] != "command":
             if header["type"] == "event":
                 return self._publish(Side.CLIENT, ident, header, frames[1], now)
@@ -186,7 +216,7 @@ class Broker:
         service: str = header["service"]
         action: str = header["action"]
         if service == SYSTEM_SERVICE:
-            return self._system(ident, frames[0], frames[1], now, Side.CLIENT)
+            return self._system(ident, frames[0], frames[1], now, Side.CLIENT, identity=identity)
         key = (ident, cid)
         if key in self.commands:
             # The client resent a command still in flight: the first copy will answer.
@@ -314,7 +344,9 @@ class Broker:
 
     # ------------------------------------------------------------------- nodes
 
-    def node_message(self, ident: bytes, frames: Sequence[bytes], now: float) -> list[Outgoing]:
+    def node_message(
+        self, ident: bytes, frames: Sequence[bytes], now: float, peer: Peer = _NOBODY
+    ) -> list[Outgoing]:
         """A message from a handler node's DEALER: a reply, a `mesh.*` command or an event."""
         link = self._touch(self.node_links, ident, now)
         node = self.registry.nodes.get(ident)
@@ -343,7 +375,7 @@ class Broker:
         envelope = frames[0]
         if not envelope:
             if mtype == "command" and header["service"] == SYSTEM_SERVICE:
-                out = self._system(ident, frames[1], frames[2], now, Side.NODE)
+                out = self._system(ident, frames[1], frames[2], now, Side.NODE, peer=peer)
                 out.extend(self._after_registry_change(ident, now))
                 return out
             if mtype == "event":
@@ -418,12 +450,20 @@ class Broker:
     # ------------------------------------------------------------------ system
 
     def _system(
-        self, ident: bytes, header_frame: bytes, payload: bytes, now: float, side: Side
+        self,
+        ident: bytes,
+        header_frame: bytes,
+        payload: bytes,
+        now: float,
+        side: Side,
+        *,
+        identity: Any = None,
+        peer: Peer = _NOBODY,
     ) -> list[Outgoing]:
         prefix: list[bytes] = [b""] if side is Side.NODE else []
         header = decode_header(header_frame)
         try:
-            result = self._system_result(ident, header, payload, now, side)
+            result = self._system_result(ident, header, payload, now, side, identity, peer)
         except MeshError as err:
             self.counters["failed"] += 1
             self.counters[f"error_{int(err.code)}"] += 1
@@ -433,7 +473,7 @@ class Broker:
         return [(side, ident, [*prefix, *frames])]
 
     def _system_result(
-        self, ident: bytes, header: Header, payload: bytes, now: float, side: Side
+        self, ident: bytes, header: Header, payload: bytes, now: float, side: Side, identity: Any, peer: Peer
     ) -> Any:
         action = header.action
         if action == "ping":
@@ -445,11 +485,17 @@ class Broker:
         if action == "replay":
             # Half the message limit leaves room for the MessagePack around the events.
             return self.events.replay(decode_payload(payload), self.config.max_message_bytes // 2)
+        if action in ("renew", "revoke") and self.security is not None and identity is not None:
+            return self._token_action(action, identity, decode_payload(payload), now)
         if side is Side.NODE and action == "register":
             owed = self.node_links[ident].pending_commands
             before = self.registry.nodes.get(ident)
             offered = set(before.services) if before is not None else set()
-            node = self.registry.register(ident, decode_payload(payload), now, owed)
+            registration = decode_payload(payload)
+            if self.security is not None:
+                services = registration.get("services") if isinstance(registration, dict) else None
+                self.security.gate.admit_registration(sorted(services) if isinstance(services, dict) else [], peer, now)
+            node = self.registry.register(ident, registration, now, owed)
             self.counters["registrations"] += 1
             if before is None:
                 self._emit("mesh.node.up", _node_view(node), now)
@@ -472,6 +518,30 @@ class Broker:
             f"the broker has no action mesh.{action}",
             details={"service": SYSTEM_SERVICE, "action": action},
         )
+
+    def _token_action(self, action: str, identity: Any, request: Any, now: float) -> Any:
+        """`mesh.renew` (a fresh token for the caller) and `mesh.revoke` (by jti, persisted).
+
+        The gate has already checked that the caller's role may call the action.
+        """
+        assert self.security is not None
+        sec = self.security
+        if action == "renew":
+            if sec.issuer is None:
+                raise HandlerNotFoundError("this broker does not issue tokens", details={"action": action})
+            token = sec.issuer.renew(identity, now, sec.renew_ttl)
+            self.counters["tokens_renewed"] += 1
+            return {"token": token, "expires": now + sec.renew_ttl}
+        if sec.revocations is None:
+            raise HandlerNotFoundError("this broker keeps no revocations", details={"action": action})
+        if not isinstance(request, dict) or not isinstance(request.get("jti"), str):
+            raise ValidationFailedError("jti: the token id to revoke", details={"field": "jti"})
+        expires = request.get("expires", now + 365 * 86400)
+        if isinstance(expires, bool) or not isinstance(expires, (int, float)):
+            raise ValidationFailedError("expires: when the revoked token would expire (epoch seconds)", details={"field": "expires"})
+        sec.revocations.revoke(request["jti"], float(expires), now)
+        self.counters["tokens_revoked"] += 1
+        return {"revoked": request["jti"]}
 
     def _after_registry_change(self, ident: bytes, now: float) -> list[Outgoing]:
         """After a node (re)registers or leaves: feed it queued work, fail what nobody offers."""
@@ -691,6 +761,7 @@ class Broker:
             "nodes": len(self.registry.nodes),
             "clients": len(self.clients),
             "events": self.events.stats(),
+            **({"security": self.security.gate.stats()} if self.security is not None else {}),
         }
 
 

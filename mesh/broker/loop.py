@@ -5,6 +5,9 @@ Rules of this module:
 * This is the only code that touches the broker's sockets. It drains each readable
   socket in batches, hands every message to `Broker`, and sends what it returns; after
   each batch it publishes what the core has for subscribers.
+* With security on, every socket is a CURVE server, a ZAP handler (started before the
+  sockets bind) admits only known keys, and each message is handed over with the
+  `Peer` it came from.
 * Publishing never waits: a subscriber whose queue is full misses events (and sees the
   gap in their sequence numbers), so it cannot slow the others or the commands.
 * A send that fails because the peer is gone or full is reported back to the core
@@ -19,12 +22,13 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Final
+from typing import Any, Final
 
 import zmq
 
-from ..sockets import LINGER_MS, bound_endpoint, publisher, recv_frames, router, send_frames
-from .core import Broker, BrokerConfig, Outgoing, Side
+from ..security.gate import Peer
+from ..sockets import LINGER_MS, Secure, bound_endpoint, publisher, recv_frames, recv_frames_from, router, send_frames
+from .core import Broker, BrokerConfig, BrokerSecurity, Outgoing, Side
 
 __all__ = ["BrokerServer", "Endpoints"]
 
@@ -53,17 +57,25 @@ class BrokerServer:
         *,
         drain_timeout: float = 10.0,
         clock: Callable[[], float] = time.time,
+        security: BrokerSecurity | None = None,
+        secure: Secure | None = None,
+        zap: Callable[[zmq.Context], Any] | None = None,
     ) -> None:
-        self.core = Broker(config)
+        self.core = Broker(config, security)
         self.drain_timeout = drain_timeout
         self._clock = clock
         self._ctx = zmq.Context()
         limit = self.core.config.max_message_bytes
+        self._zap = None
         try:
-            self._clients = router(self._ctx, endpoints.clients, limit)
-            self._nodes = router(self._ctx, endpoints.nodes, limit)
-            self._events = publisher(self._ctx, endpoints.events, self.core.config.event_hwm)
+            if zap is not None:
+                self._zap = zap(self._ctx)  # must answer before the first client connects
+            self._clients = router(self._ctx, endpoints.clients, limit, secure)
+            self._nodes = router(self._ctx, endpoints.nodes, limit, secure)
+            self._events = publisher(self._ctx, endpoints.events, self.core.config.event_hwm, secure)
         except Exception:
+            if self._zap is not None:
+                self._zap.stop()
             self._ctx.destroy(linger=0)
             raise
         self.endpoints = Endpoints(
@@ -112,20 +124,27 @@ class BrokerServer:
         finally:
             self.close()
 
-    def _drain(self, sock: zmq.Socket, handle: Callable[[bytes, list[bytes], float], list[Outgoing]]) -> None:
+    def _drain(self, sock: zmq.Socket, handle: Callable[..., list[Outgoing]]) -> None:
         """Handle up to BATCH waiting messages, then send what they produced in one burst.
 
         One burst per batch wakes each peer's I/O thread once rather than once per message.
         """
         now = self._clock()
         pending: list[Outgoing] = []
+        secure = self.core.security is not None
         for _ in range(BATCH):
             try:
-                frames = recv_frames(sock)
+                if secure:
+                    frames, user, address = recv_frames_from(sock)
+                else:
+                    frames = recv_frames(sock)
             except zmq.Again:
                 break
             try:
-                pending += handle(frames[0], frames[1:], now)
+                if secure:
+                    pending += handle(frames[0], frames[1:], now, Peer(user, address))
+                else:
+                    pending += handle(frames[0], frames[1:], now)
             except Exception:  # a bug in the core must not take the broker down for everyone
                 self.core.counters["internal_errors"] += 1
                 log.exception("internal error handling a message (dropped, not answered)")
@@ -171,4 +190,6 @@ class BrokerServer:
         self._clients.close(linger=LINGER_MS)
         self._nodes.close(linger=LINGER_MS)
         self._events.close(linger=0)
+        if self._zap is not None:
+            self._zap.stop()
         self._ctx.term()

@@ -95,6 +95,7 @@ def headers(draw: st.DrawFn, types: st.SearchStrategy[MessageType] = st.sampled_
         service=required_if(mtype is MessageType.COMMAND, names),
         action=required_if(mtype is MessageType.COMMAND, names),
         topic=required_if(mtype is MessageType.EVENT, topics),
+        seq=draw(st.none() | st.integers(1, 2**63)) if mtype is MessageType.EVENT else None,
         correlation_id=required_if(mtype is MessageType.RESPONSE, ids),
         deadline=draw(st.none() | times),
         metadata=draw(metadata),

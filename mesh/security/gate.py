@@ -1,0 +1,230 @@
+"""The broker's security checks on each message, in one place and without sockets.
+
+Rules of this module:
+
+* `Gate` decides; it never sends. Each `admit_*` returns the sender's `Identity` or
+  raises the `SecurityError` for the first check that fails, in this order: replay
+  (timestamp skew, then a repeated id), token (present, valid, not revoked, bound to
+  the CURVE key the message came over), security level, then the access policy.
+* Every refusal is counted and kept as an audit record: who (the subject or CURVE
+  name, when known), what (service.action or topic), the code and a short reason.
+  Never a token, a key or a payload.
+* The replay window is bounded by time: ids are remembered for twice the allowed clock
+  skew, which is as long as a copy could still pass the skew check.
+"""
+
+from __future__ import annotations
+
+from collections import Counter, deque
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Final, Protocol
+
+from ..protocol import (
+    AccessDeniedError,
+    AuthenticationFailedError,
+    MeshError,
+    ReplayDetectedError,
+    SecurityLevelTooLowError,
+    SecurityLevel,
+    SignatureInvalidError,
+)
+
+__all__ = ["Gate", "GateSettings", "Peer", "AuditRecord"]
+
+AUDIT_RECORDS: Final = 1000
+
+
+class _Identity(Protocol):
+    subject: str
+    roles: frozenset[str]
+    jti: str
+    expires: float
+
+
+class _Verifier(Protocol):
+    def verify(self, token: str, now: float) -> Any: ...
+
+
+class _Decision(Protocol):
+    allowed: bool
+    reason: str
+
+
+class _Policy(Protocol):
+    def decide(self, roles: frozenset[str], service: str, action: str, peer_ip: str | None) -> Any: ...
+    def may_register(self, identity: str, service: str) -> Any: ...
+    def may_publish(self, roles: frozenset[str], topic: str) -> Any: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Peer:
+    """Who a message came from, as the link says: the CURVE key's name (ZAP User-Id) and IP."""
+
+    user: str | None = None
+    address: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class AuditRecord:
+    """One refusal, without secrets."""
+
+    time: float
+    who: str
+    what: str
+    code: int
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class GateSettings:
+    """Levels and windows: `min_level` for every message, raised per service by `service_levels`."""
+
+    min_level: int = int(SecurityLevel.AUTHENTICATED)
+    service_levels: Mapping[str, int] = field(default_factory=dict)
+    max_skew: float = 30.0
+
+
+class Gate:
+    """Admits or refuses each message a broker receives when security is on."""
+
+    def __init__(self, settings: GateSettings, verifier: _Verifier, policy: _Policy) -> None:
+        self.settings = settings
+        self.verifier = verifier
+        self.policy = policy
+        self.counters: Counter[str] = Counter()
+        self.audit: deque[AuditRecord] = deque(maxlen=AUDIT_RECORDS)
+        self._seen: dict[tuple[str, str, float], float] = {}  # (sender, id, ts) -> forget at
+        self._expiry: deque[tuple[float, tuple[str, str, float]]] = deque()
+
+    # --------------------------------------------------------------- messages
+
+    def admit_command(self, header: Mapping[str, Any], peer: Peer, now: float) -> Any:
+        """Check a client's command; return its sender's identity.
+
+        Raises:
+            SecurityError: the first check that fails (see the module rules).
+        """
+        what = f"{header.get('service')}.{header.get('action')}"
+        identity = self._authenticate(header, peer, now, what)
+        service, action = header["service"], header["action"]
+        try:
+            self._check_level(header, service)
+            decision = self.policy.decide(identity.roles, service, action, peer.address)
+            if not decision.allowed:
+                raise AccessDeniedError(f"{what} is not allowed: {decision.reason}", details={"reason": decision.reason})
+        except MeshError as err:
+            raise self._refused(err, identity.subject, what, now) from None
+        self.counters["admitted"] += 1
+        return identity
+
+    def admit_event(self, header: Mapping[str, Any], peer: Peer, now: float) -> Any:
+        """Check a publisher's event; return its sender's identity.
+
+        Raises:
+            SecurityError: the first check that fails.
+        """
+        topic = header["topic"]
+        identity = self._authenticate(header, peer, now, topic)
+        decision = self.policy.may_publish(identity.roles, topic)
+        if not decision.allowed:
+            err = AccessDeniedError(f"publishing on {topic} is not allowed: {decision.reason}", details={"reason": decision.reason})
+            raise self._refused(err, identity.subject, topic, now)
+        return identity
+
+    def admit_registration(self, services: list[str], peer: Peer, now: float) -> None:
+        """Check that the node on this link may offer each of `services`.
+
+        A node is known by its CURVE key's name; only names the policy lists for a
+        service may register it, so a rogue node cannot take a service over.
+
+        Raises:
+            AuthenticationFailedError: the link carries no CURVE identity.
+            AccessDeniedError: the first service it may not offer.
+        """
+        who = peer.user
+        if not who:
+            raise self._refused(AuthenticationFailedError("the node has no CURVE identity", details={"reason": "no identity"}), "?", "mesh.register", now)
+        for service in services:
+            decision = self.policy.may_register(who, service)
+            if not decision.allowed:
+                err = AccessDeniedError(
+                    f"node {who} may not offer {service}: {decision.reason}",
+                    details={"reason": decision.reason, "service": service},
+                )
+                raise self._refused(err, who, f"register {service}", now)
+
+    # ------------------------------------------------------------------ checks
+
+    def _authenticate(self, header: Mapping[str, Any], peer: Peer, now: float, what: str) -> Any:
+        who = peer.user or "?"
+        try:
+            self._check_replay(header, peer, now)
+            token = (header.get("security") or {}).get("token")
+            if not token:
+                raise AuthenticationFailedError("a token is required", details={"reason": "missing token"})
+            identity = self.verifier.verify(token, now)
+            who = identity.subject
+            if peer.user is not None and identity.subject != peer.user:
+                # A token only counts on the link of the key it was issued for: a stolen
+                # token is useless without the matching CURVE secret key.
+                raise AuthenticationFailedError(
+                    "the token was issued for another key", details={"reason": "token not bound to this key"}
+                )
+        except MeshError as err:
+            raise self._refused(err, who, what, now) from None
+        return identity
+
+    def _check_replay(self, header: Mapping[str, Any], peer: Peer, now: float) -> None:
+        ts = header["ts"]
+        skew = self.settings.max_skew
+        if abs(now - ts) > skew:
+            raise ReplayDetectedError(
+                f"the message's time is more than {skew:g} s from the broker's", details={"reason": "clock skew"}
+            )
+        self._forget_old(now)
+        key = (peer.user or "", header["id"], ts)
+        if key in self._seen:
+            raise ReplayDetectedError("this message was already received", details={"reason": "repeated id"})
+        self._seen[key] = now + 2 * skew
+        self._expiry.append((now + 2 * skew, key))
+
+    def _forget_old(self, now: float) -> None:
+        expiry, seen = self._expiry, self._seen
+        while expiry and expiry[0][0] <= now:
+            _, key = expiry.popleft()
+            seen.pop(key, None)
+
+    def _check_level(self, header: Mapping[str, Any], service: str) -> None:
+        sec = header.get("security") or {}
+        level = sec.get("level", 0)
+        required = max(self.settings.min_level, self.settings.service_levels.get(service, 0))
+        if level < required:
+            raise SecurityLevelTooLowError(
+                f"{service} requires security level {required}, the message has {level}",
+                details={"required": required, "level": level},
+            )
+        if level >= SecurityLevel.ENCRYPTED and not sec.get("encryption"):
+            raise SecurityLevelTooLowError(
+                "the message claims encryption but its payload is not encrypted",
+                details={"required": required, "level": level},
+            )
+        if level >= SecurityLevel.SIGNED and not sec.get("signature"):
+            raise SignatureInvalidError("the message claims a signature but has none", details={"reason": "missing"})
+
+    def _refused(self, err: MeshError, who: str, what: str, now: float) -> MeshError:
+        self.counters[f"refused_{int(err.code)}"] += 1
+        reason = str(err.details.get("reason", err.message))[:200]
+        self.audit.append(AuditRecord(now, who, what, int(err.code), reason))
+        return err
+
+    def stats(self) -> dict[str, Any]:
+        """Counters and the latest refusals (no secrets in either)."""
+        return {
+            "counters": dict(self.counters),
+            "replay_window": len(self._seen),
+            "audit": [
+                {"time": r.time, "who": r.who, "what": r.what, "code": r.code, "reason": r.reason}
+                for r in list(self.audit)[-50:]
+            ],
+        }
