@@ -28,6 +28,7 @@ __all__ = [
     "send_frames",
     "recv_frames",
     "recv_frames_from",
+    "frame_peer",
     "LINGER_MS",
     "Secure",
 ]
@@ -66,12 +67,22 @@ def recv_frames_from(sock: zmq.Socket) -> tuple[list[bytes], str | None, str | N
     """
     recv = sock.recv
     frame = recv(_NOBLOCK, copy=False)
-    user, address = _property(frame, "User-Id"), _property(frame, "Peer-Address")
+    user, address = frame_peer(frame)
     parts = [frame.bytes]
     while frame.more:
         frame = recv(_NOBLOCK, copy=False)
         parts.append(frame.bytes)
     return parts, user, address
+
+
+def frame_peer(frame: zmq.Frame) -> tuple[str | None, str | None]:
+    """The (User-Id, Peer-Address) libzmq attached to a frame received with copy=False.
+
+    Returns:
+        The CURVE key's name given by the broker's ZAP handler (None on a plain link),
+        and the peer's IP address (None on ipc:// and inproc://).
+    """
+    return _property(frame, "User-Id"), _property(frame, "Peer-Address")
 
 
 def _property(frame: zmq.Frame, name: str) -> str | None:

@@ -54,7 +54,7 @@ class _Decision(Protocol):
 class _Policy(Protocol):
     def decide(self, roles: frozenset[str], service: str, action: str, peer_ip: str | None) -> Any: ...
     def may_register(self, identity: str, service: str) -> Any: ...
-    def may_publish(self, roles: frozenset[str], topic: str) -> Any: ...
+    def may_publish(self, roles: frozenset[str], topic: str, peer_ip: str | None = None) -> Any: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,7 +126,7 @@ class Gate:
         """
         topic = header["topic"]
         identity = self._authenticate(header, peer, now, topic)
-        decision = self.policy.may_publish(identity.roles, topic)
+        decision = self.policy.may_publish(identity.roles, topic, peer.address)
         if not decision.allowed:
             err = AccessDeniedError(f"publishing on {topic} is not allowed: {decision.reason}", details={"reason": decision.reason})
             raise self._refused(err, identity.subject, topic, now)
