@@ -112,6 +112,11 @@ def _retention_rule(value: str) -> Any:
 @click.option("--max-retained-bytes", default=_BROKER.max_retained_bytes, show_default=True, type=click.IntRange(1), help="Bound on all retained events together.")
 @click.option("--retention", "retention", multiple=True, callback=lambda _c, _p, v: tuple(_retention_rule(x) for x in v),
               help="PREFIX:MAX_EVENTS:MAX_BYTES, repeatable; the longest matching prefix wins (default ':1000:1048576').")
+@click.option("--state", "state_dir", type=click.Path(file_okay=False), default=None, help="Security on: the state directory with the keys, token secret and policy (`mesh up` fills it).")
+@click.option("--min-level", default=1, show_default=True, type=click.IntRange(0, 3), help="With --state: least security level of any message (1 token, 2 encrypted, 3 signed).")
+@click.option("--service-level", "service_levels", multiple=True, metavar="SERVICE=LEVEL", help="With --state: a higher level for one service (repeatable).")
+@click.option("--allow-ip", "allow_ips", multiple=True, help="With --state: only these addresses may connect (repeatable).")
+@click.option("--deny-ip", "deny_ips", multiple=True, help="With --state: these addresses may not connect (repeatable).")
 @click.option("--log-level", default="info", type=click.Choice(["debug", "info", "warning", "error"]), show_default=True)
 def broker(
     name: str,
@@ -125,9 +130,17 @@ def broker(
     max_topics: int,
     max_retained_bytes: int,
     retention: tuple[Any, ...],
+    state_dir: str | None,
+    min_level: int,
+    service_levels: tuple[str, ...],
+    allow_ips: tuple[str, ...],
+    deny_ips: tuple[str, ...],
     log_level: str,
 ) -> None:
-    """Run a broker until SIGTERM or Ctrl-C; then drain in-flight commands and exit."""
+    """Run a broker until SIGTERM or Ctrl-C; then drain in-flight commands and exit.
+
+    With --state, security is on: CURVE on every socket, tokens, the access policy.
+    """
     from .broker import BrokerConfig, BrokerServer, Endpoints
 
     _setup_logging(log_level)
@@ -141,8 +154,22 @@ def broker(
         max_retained_bytes=max_retained_bytes,
         retention=retention or _BROKER.retention,
     )
+    secured: dict[str, Any] = {}
     try:
-        server = BrokerServer(Endpoints(clients, nodes, events), config)
+        if state_dir is not None:
+            from .security.brokerside import broker_security
+
+            setup = broker_security(
+                state_dir,
+                min_level=min_level,
+                service_levels=_levels(service_levels),
+                allow_ips=allow_ips,
+                deny_ips=deny_ips,
+            )
+            secured = {"security": setup.security, "secure": setup.secure, "zap": setup.zap}
+        elif service_levels or allow_ips or deny_ips:
+            raise UsageError("--service-level, --allow-ip and --deny-ip need --state (security on)")
+        server = BrokerServer(Endpoints(clients, nodes, events), config, **secured)
     except MeshError as err:
         _fail(err)
     _on_stop(server.stop)
@@ -159,9 +186,17 @@ def broker(
 @click.option("--name", default=None, help="Name in the registry (default: the node's own).")
 @click.option("--capacity", default=None, type=click.IntRange(1), help="Commands run at once (default: the node's own).")
 @click.option("--drain-timeout", default=10.0, show_default=True, type=click.FloatRange(min=0), help="Seconds to finish running commands after SIGTERM.")
+@click.option("--credentials", envvar="MESH_CREDENTIALS", type=click.Path(dir_okay=False), default=None, help="Security on: this node's credentials file (env MESH_CREDENTIALS).")
 @click.option("--log-level", default="info", type=click.Choice(["debug", "info", "warning", "error"]), show_default=True)
 def node(
-    use: str, broker_ep: str, config_json: str, name: str | None, capacity: int | None, drain_timeout: float, log_level: str
+    use: str,
+    broker_ep: str,
+    config_json: str,
+    name: str | None,
+    capacity: int | None,
+    drain_timeout: float,
+    credentials: str | None,
+    log_level: str,
 ) -> None:
     """Run a handler node: USE is an installed node (echo, kv, sqlite, fs) or MODULE:ATTR."""
     from .plugins import load_node
@@ -175,6 +210,11 @@ def node(
         raise UsageError("--config must be a JSON object")
     try:
         n = load_node(use, config)
+        creds = None
+        if credentials is not None:
+            from .security.credentials import load_credentials
+
+            creds = load_credentials(credentials)
     except MeshError as err:
         _fail(err)
     if name:
@@ -191,7 +231,7 @@ def node(
     threading.Thread(target=announce, daemon=True).start()
     tune_for_serving()
     try:
-        n.run(broker_ep, drain_timeout=drain_timeout)
+        n.run(broker_ep, drain_timeout=drain_timeout, credentials=creds)
     except MeshError as err:
         _fail(err)
     # run() has answered every command; a handler thread still stuck in user code must
@@ -201,10 +241,44 @@ def node(
     os._exit(0)
 
 
-def _client(broker_ep: str, timeout: float) -> Any:
+def _levels(items: tuple[str, ...]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for item in items:
+        service, _, level = item.partition("=")
+        if not service or level not in ("0", "1", "2", "3"):
+            raise UsageError(f"--service-level must be SERVICE=LEVEL with a level from 0 to 3, got {item!r}")
+        out[service] = int(level)
+    return out
+
+
+DEFAULT_CREDENTIALS = "var/mesh/credentials/dev.toml"  # what `make run` (the quickstart) writes
+
+
+def _credentials(path: str | None, broker_ep: str) -> Any:
+    """The credentials to use: the given file; for the quickstart's broker, the quickstart's
+    when they exist (so `make run` then `mesh call` just works); else none."""
+    from .security.credentials import load_credentials
+
+    if path is None:
+        if broker_ep != DEFAULT_BROKER or not os.path.exists(DEFAULT_CREDENTIALS):
+            return None
+        path = DEFAULT_CREDENTIALS
+    return load_credentials(path)
+
+
+def _client(broker_ep: str, timeout: float, credentials: str | None = None) -> Any:
     from .client import Client
 
-    return Client(broker_ep, timeout=timeout)
+    return Client(broker_ep, timeout=timeout, credentials=_credentials(credentials, broker_ep))
+
+
+credentials_option = click.option(
+    "--credentials",
+    envvar="MESH_CREDENTIALS",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help=f"Security on: the credentials file (env MESH_CREDENTIALS; default {DEFAULT_CREDENTIALS} when it exists).",
+)
 
 
 @main.command()
@@ -212,14 +286,15 @@ def _client(broker_ep: str, timeout: float) -> Any:
 @click.argument("payload", default="{}", required=False)
 @click.option("--broker", "broker_ep", envvar="MESH_BROKER", default=DEFAULT_BROKER, show_default=True, help=BROKER_HELP)
 @click.option("--timeout", default=10.0, show_default=True, type=click.FloatRange(min=0, min_open=True), help="Seconds to wait, retries included.")
-def call(target: str, payload: str, broker_ep: str, timeout: float) -> None:
+@credentials_option
+def call(target: str, payload: str, broker_ep: str, timeout: float, credentials: str | None) -> None:
     """Send a command and print its JSON result, e.g. `mesh call echo.echo '{"text": "hi"}'`."""
     service, dot, action = target.partition(".")
     if not dot or not service or not action:
         raise UsageError(f"target must be SERVICE.ACTION, got {target!r}")
     body = _json_payload(payload)
     try:
-        with _client(broker_ep, timeout) as client:
+        with _client(broker_ep, timeout, credentials) as client:
             result = client.call(service, action, body)
     except MeshError as err:
         _fail(err)
@@ -229,10 +304,11 @@ def call(target: str, payload: str, broker_ep: str, timeout: float) -> None:
 @main.command()
 @click.option("--broker", "broker_ep", envvar="MESH_BROKER", default=DEFAULT_BROKER, show_default=True, help=BROKER_HELP)
 @click.option("--timeout", default=5.0, show_default=True, type=click.FloatRange(min=0, min_open=True))
-def services(broker_ep: str, timeout: float) -> None:
+@credentials_option
+def services(broker_ep: str, timeout: float, credentials: str | None) -> None:
     """Print the registry: every service action with its description and JSON Schema."""
     try:
-        with _client(broker_ep, timeout) as client:
+        with _client(broker_ep, timeout, credentials) as client:
             result = client.call("mesh", "services")
     except MeshError as err:
         _fail(err)
@@ -249,11 +325,12 @@ def events() -> None:
 @click.argument("payload", default="null", required=False)
 @click.option("--broker", "broker_ep", envvar="MESH_BROKER", default=DEFAULT_BROKER, show_default=True, help=BROKER_HELP)
 @click.option("--timeout", default=5.0, show_default=True, type=click.FloatRange(min=0, min_open=True))
-def events_publish(topic: str, payload: str, broker_ep: str, timeout: float) -> None:
+@credentials_option
+def events_publish(topic: str, payload: str, broker_ep: str, timeout: float, credentials: str | None) -> None:
     """Publish a JSON payload on TOPIC and print the sequence number it got."""
     body = _json_payload(payload)
     try:
-        with _client(broker_ep, timeout) as client:
+        with _client(broker_ep, timeout, credentials) as client:
             seq = client.publish(topic, body)
     except MeshError as err:
         _fail(err)
@@ -266,7 +343,8 @@ def events_publish(topic: str, payload: str, broker_ep: str, timeout: float) -> 
 @click.option("--count", type=click.IntRange(1), default=None, help="Exit after this many events.")
 @click.option("--broker", "broker_ep", envvar="MESH_BROKER", default=DEFAULT_BROKER, show_default=True, help=BROKER_HELP)
 @click.option("--timeout", default=5.0, show_default=True, type=click.FloatRange(min=0, min_open=True), help="Seconds to wait for the broker to confirm.")
-def events_subscribe(prefix: str, from_seq: int | None, count: int | None, broker_ep: str, timeout: float) -> None:
+@credentials_option
+def events_subscribe(prefix: str, from_seq: int | None, count: int | None, broker_ep: str, timeout: float, credentials: str | None) -> None:
     """Print one JSON line per event of PREFIX (every topic when omitted) until Ctrl-C.
 
     Gaps (events this subscriber missed) are printed as JSON lines on stderr.
@@ -274,7 +352,7 @@ def events_subscribe(prefix: str, from_seq: int | None, count: int | None, broke
     from .subscription import Gap
 
     try:
-        with _client(broker_ep, timeout) as client, client.subscribe(prefix, from_seq) as sub:
+        with _client(broker_ep, timeout, credentials) as client, client.subscribe(prefix, from_seq) as sub:
             seen = 0
             for item in sub:
                 if isinstance(item, Gap):

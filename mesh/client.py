@@ -16,6 +16,10 @@ Rules of this module:
   event endpoint, which the broker names in its `mesh.ping` answer.
 * `Client` runs an `AsyncClient` on a private event-loop thread: one implementation,
   and calls from many threads share one connection.
+* With `credentials` (security on) the link is CURVE, every message carries the token
+  and is encrypted and signed as the credentials' level says, and replies are
+  decrypted. A broker that refuses the CURVE handshake fails every waiting call with
+  `AuthenticationFailedError` at once (the handshake watch), instead of a timeout.
 """
 
 from __future__ import annotations
@@ -46,7 +50,10 @@ from .protocol import (
     new_id,
     unpack_header,
 )
-from .sockets import dealer
+from .security.credentials import Credentials
+from .security.curve import HandshakeWatch
+from .security.envelope import Opener, Sealer
+from .sockets import Secure, dealer
 from .subscription import DEFAULT_HWM, AsyncSubscription, Event, Gap
 
 __all__ = ["AsyncClient", "Client", "DEFAULT_TIMEOUT", "AUTO_RETRY"]
@@ -70,14 +77,32 @@ class AsyncClient:
         broker: the broker's client endpoint, e.g. ``tcp://127.0.0.1:5555``.
         timeout: default budget of a call in seconds.
         retries: default number of automatic retries (of the errors in `AUTO_RETRY`).
+        credentials: keys and token when the mesh runs with security on.
     """
 
-    def __init__(self, broker: str, *, timeout: float = DEFAULT_TIMEOUT, retries: int = 2) -> None:
+    def __init__(
+        self,
+        broker: str,
+        *,
+        timeout: float = DEFAULT_TIMEOUT,
+        retries: int = 2,
+        credentials: Credentials | None = None,
+    ) -> None:
         self.broker = broker
         self.timeout = timeout
         self.retries = retries
+        self.credentials = credentials
+        self._watch: HandshakeWatch | None = None
+        self._sealer: Sealer | None = None
+        self._opener: Opener | None = None
+        self._secure: Secure | None = None
+        if credentials is not None:
+            self._token = credentials.token
+            self._sealer = credentials.sealer(lambda: self._token)
+            self._opener = credentials.opener()
+            self._secure = credentials.secure
         self._ctx = zmq.Context()
-        self._sock = dealer(self._ctx, broker)
+        self._sock = dealer(self._ctx, broker, secure=self._watched if credentials else None)
         self._conn: AsyncSocket | None = None
         # command id -> (future of the reply, when to stop waiting for it)
         self._waiting: dict[str, tuple[asyncio.Future[tuple[dict[str, Any], bytes]], float]] = {}
@@ -85,6 +110,11 @@ class AsyncClient:
         self.unmatched = 0  # replies for calls that were no longer waiting
         self._events: str | None = None
         self._subscriptions: weakref.WeakSet[AsyncSubscription] = weakref.WeakSet()  # closed with the client
+
+    def _watched(self, sock: zmq.Socket) -> None:
+        assert self._secure is not None
+        self._secure(sock)
+        self._watch = HandshakeWatch(sock)  # before connect, to see the first handshake
 
     async def __aenter__(self) -> AsyncClient:
         return self
@@ -118,6 +148,16 @@ class AsyncClient:
             retries,
         )
 
+    async def renew(self) -> float:
+        """Swap this client's token for a fresh one (`mesh.renew`); returns its expiry.
+
+        Raises:
+            AccessDeniedError: the policy does not let this client's role renew.
+        """
+        result = await self.call("mesh", "renew")
+        self._token = result["token"]
+        return float(result["expires"])
+
     async def publish(
         self,
         topic: str,
@@ -136,8 +176,9 @@ class AsyncClient:
         """
         deadline = time.time() + (self.timeout if timeout is None else timeout)
         eid = new_id()
-        header = encode_event_header(topic, id=eid, now=time.time(), metadata=metadata)
-        ack = await self._request(eid, lambda _now: header, encode_payload(payload), deadline, None)
+        ack = await self._request(
+            eid, lambda now: encode_event_header(topic, id=eid, now=now, metadata=metadata), encode_payload(payload), deadline, None
+        )
         return int(ack["seq"])
 
     async def subscribe(
@@ -157,7 +198,7 @@ class AsyncClient:
         if prefix:
             check_topic(prefix, "prefix")
         endpoint = await self._events_endpoint()
-        sub = AsyncSubscription(endpoint, prefix, from_seq, ctx=self._ctx, hwm=hwm, replay=self._replay)
+        sub = AsyncSubscription(endpoint, prefix, from_seq, ctx=self._ctx, hwm=hwm, replay=self._replay, secure=self._secure)
         self._subscriptions.add(sub)
         try:
             await sub.start(self.timeout)
@@ -186,8 +227,12 @@ class AsyncClient:
         attempts = 1 + (self.retries if retries is None else retries)
         pause = RETRY_PAUSE
         for attempt in range(attempts):
+            now = time.time()
+            header, body = make_header(now), payload_frame
+            if self._sealer is not None:
+                header, body = self._sealer.seal(unpack_header(header), body, now)
             try:
-                return await self._once(cid, make_header(time.time()), payload_frame, deadline)
+                return await self._once(cid, header, body, deadline)
             except MeshError as err:
                 left = deadline - time.time()
                 if err.code not in AUTO_RETRY or attempt + 1 >= attempts or left <= pause:
@@ -202,6 +247,8 @@ class AsyncClient:
         if conn is None:
             conn = self._conn = AsyncSocket(loop, self._sock, self._on_reply)
             self._sweeper = loop.call_later(SWEEP_S, self._sweep)
+        if self._watch is not None:
+            self._watch.check()  # a refused handshake fails the call now
         fut: asyncio.Future[tuple[dict[str, Any], bytes]] = loop.create_future()
         self._waiting[cid] = (fut, deadline + GRACE)
         try:
@@ -212,6 +259,8 @@ class AsyncClient:
         if reply["type"] == "error":
             e = reply["error"]
             raise error_from_wire(e["code"], e["message"], e["retryable"], e.get("details"))
+        if self._opener is not None:
+            body = self._opener.open(reply, body, time.time())
         return decode_payload(body)
 
     def _on_reply(self, frames: list[bytes]) -> None:
@@ -229,10 +278,19 @@ class AsyncClient:
         entry[0].set_result((header, frames[1]))
 
     def _sweep(self) -> None:
-        """Fail the calls whose broker stayed silent past their deadline (one timer for all)."""
+        """Fail the calls whose broker stayed silent past their deadline (one timer for all),
+        or all of them when the broker refused the handshake."""
         now = time.time()
+        refused: MeshError | None = None
+        if self._watch is not None:
+            try:
+                self._watch.check()
+            except MeshError as err:
+                refused = err
         for fut, expires in list(self._waiting.values()):
-            if now >= expires and not fut.done():
+            if refused is not None and not fut.done():
+                fut.set_exception(refused)
+            elif now >= expires and not fut.done():
                 fut.set_exception(
                     DeadlineExceededError(
                         f"no answer from the broker at {self.broker}", details={"broker": self.broker}
@@ -250,6 +308,8 @@ class AsyncClient:
                 fut.set_exception(UnavailableError("client closed"))
         for sub in list(self._subscriptions):
             await sub.close()
+        if self._watch is not None:
+            self._watch.close()
         if self._conn is not None:
             self._conn.close()
         else:
@@ -264,17 +324,31 @@ class Client:
         broker: the broker's client endpoint, e.g. ``tcp://127.0.0.1:5555``.
         timeout: default budget of a call in seconds.
         retries: default number of automatic retries (of the errors in `AUTO_RETRY`).
+        credentials: keys and token when the mesh runs with security on.
     """
 
-    def __init__(self, broker: str, *, timeout: float = DEFAULT_TIMEOUT, retries: int = 2) -> None:
+    def __init__(
+        self,
+        broker: str,
+        *,
+        timeout: float = DEFAULT_TIMEOUT,
+        retries: int = 2,
+        credentials: Credentials | None = None,
+    ) -> None:
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="mesh-client", daemon=True)
         self._thread.start()
-        self._inner: AsyncClient = self._run(self._make(broker, timeout, retries))
+        try:
+            self._inner: AsyncClient = self._run(self._make(broker, timeout, retries, credentials))
+        except BaseException:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(timeout=5)
+            self._loop.close()
+            raise
 
     @staticmethod
-    async def _make(broker: str, timeout: float, retries: int) -> AsyncClient:
-        return AsyncClient(broker, timeout=timeout, retries=retries)
+    async def _make(broker: str, timeout: float, retries: int, credentials: Credentials | None) -> AsyncClient:
+        return AsyncClient(broker, timeout=timeout, retries=retries, credentials=credentials)
 
     def _run(self, coro: Coroutine[Any, Any, T]) -> T:
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
@@ -310,6 +384,10 @@ class Client:
     ) -> int:
         """Blocking `AsyncClient.publish`; same arguments, result and errors."""
         return self._run(self._inner.publish(topic, payload, metadata=metadata, timeout=timeout))
+
+    def renew(self) -> float:
+        """Blocking `AsyncClient.renew`."""
+        return self._run(self._inner.renew())
 
     def subscribe(
         self, prefix: str = "", from_seq: int | Mapping[str, int] | None = None, *, hwm: int = DEFAULT_HWM

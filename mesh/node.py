@@ -11,6 +11,9 @@ Rules of this module:
   message or the payload, which may hold secrets) and the node keeps serving.
 * The node registers on start, heartbeats every `heartbeat_interval`, and registers again
   when the broker says it does not know the node (a restarted broker).
+* With credentials (security on) the link is CURVE; encrypted commands are decrypted
+  (and signatures checked, when the credentials require signers) before validation,
+  and their replies are encrypted with the same key ring.
 * `publish()` may be called from any thread (handlers included); the event leaves on the
   node's connection in order with its replies. Nobody waits for the broker's
   acknowledgement, so a refusal is logged.
@@ -42,6 +45,7 @@ from .protocol import (
     NodeLostError,
     PayloadValidator,
     ResourceExhaustedError,
+    SecurityLevel,
     UnavailableError,
     ValidationFailedError,
     check_name,
@@ -59,6 +63,8 @@ from .protocol import (
     unpack_header,
 )
 from .aio import AsyncSocket
+from .security.credentials import Credentials
+from .security.envelope import Opener, Sealer
 from .sockets import dealer
 
 __all__ = ["Node", "Action", "Handler"]
@@ -116,6 +122,8 @@ class Node:
         self.in_flight = 0
         self._wake: Callable[[], None] | None = None
         self._send: Callable[[list[bytes]], None] | None = None  # set while run() runs
+        self._opener: Opener | None = None  # set by run() with credentials
+        self._sealer: Sealer | None = None
         self.max_message_bytes = MAX_MESSAGE_BYTES  # the broker tells its own on registration
 
     def action(
@@ -196,7 +204,7 @@ class Node:
         """Run one command to its reply frames (on a worker thread)."""
         try:
             action = self._check(work)
-            result = action.handler(_decode_checked(action, work.payload))
+            result = action.handler(_decode_checked(action, self._open(work)))
             return self._reply(work, result)
         except BaseException as exc:  # the node keeps serving whatever a handler does
             return self._failure(work, exc)
@@ -209,7 +217,7 @@ class Node:
         """
         try:
             action = self._check(work)
-            result = await action.handler(_decode_checked(action, work.payload))  # type: ignore[misc]
+            result = await action.handler(_decode_checked(action, self._open(work)))  # type: ignore[misc]
             return self._reply(work, result)
         except asyncio.CancelledError:
             return self._error(work, DeadlineExceededError(f"{work.name} ran past its deadline"))
@@ -236,6 +244,12 @@ class Node:
             raise DeadlineExceededError("deadline passed before the handler started")
         return work.action
 
+    def _open(self, work: _Work) -> bytes:
+        """The command's plain payload frame (decrypted, signature checked, when secured)."""
+        if self._opener is None:
+            return work.payload
+        return self._opener.open(work.header, work.payload, time.time())
+
     def _reply(self, work: _Work, result: Any) -> list[bytes]:
         try:
             body = encode_payload(result)
@@ -245,7 +259,11 @@ class Node:
                 f"handler {work.name} returned {type(result).__name__}, which cannot be sent",
                 details={"result_type": type(result).__name__},
             ) from None
-        frames = [work.envelope, encode_response_header(work.header, time.time()), body]
+        now = time.time()
+        frames = [work.envelope, encode_response_header(work.header, now), body]
+        if self._sealer is not None and "encryption" in (work.header.get("security") or {}):
+            # Encrypted commands get encrypted answers, whatever the node's own level.
+            frames[1], frames[2] = self._sealer.seal(unpack_header(frames[1]), body, now, level=SecurityLevel.ENCRYPTED)
         size = len(frames[1]) + len(frames[2])
         if size > self.max_message_bytes:
             return self._error(
@@ -270,13 +288,20 @@ class Node:
 
     # ------------------------------------------------------------- the loop
 
-    def run(self, broker: str, *, drain_timeout: float = 10.0) -> None:
+    def run(self, broker: str, *, drain_timeout: float = 10.0, credentials: Credentials | None = None) -> None:
         """Serve commands from `broker` until `stop()`; blocks.
 
+        Args:
+            broker: the broker's node endpoint.
+            drain_timeout: seconds to finish running commands once stopping.
+            credentials: this node's keys when the mesh runs with security on.
+
         Raises:
-            ConfigurationError: the endpoint is malformed.
+            ConfigurationError: the endpoint is malformed, or the credentials' files are.
         """
-        _NodeLoop(self, broker, drain_timeout).run()
+        if credentials is not None:
+            self._opener, self._sealer = credentials.opener(), credentials.sealer()
+        _NodeLoop(self, broker, drain_timeout, credentials).run()
 
 
 def _decode_checked(action: Action, frame: bytes) -> Any:
@@ -289,9 +314,10 @@ def _decode_checked(action: Action, frame: bytes) -> Any:
 class _NodeLoop:
     """The socket loop of one running node (see the module rules)."""
 
-    def __init__(self, node: Node, broker: str, drain_timeout: float) -> None:
+    def __init__(self, node: Node, broker: str, drain_timeout: float, credentials: Credentials | None = None) -> None:
         self.node = node
         self.broker = broker
+        self.credentials = credentials
         self.drain_timeout = drain_timeout
         self.pending_control: dict[str, str] = {}  # command id -> mesh action
         self.stopping = False
@@ -310,7 +336,8 @@ class _NodeLoop:
         node = self.node
         self.loop = loop = asyncio.get_running_loop()
         ctx = zmq.Context()
-        self.conn = AsyncSocket(loop, dealer(ctx, self.broker), self._on_broker)
+        secure = self.credentials.secure if self.credentials is not None else None
+        self.conn = AsyncSocket(loop, dealer(ctx, self.broker, secure=secure), self._on_broker)
         sync_actions = any(not a.is_async for a in node.actions.values())
         self.pool = ThreadPoolExecutor(node.capacity, "mesh-worker") if sync_actions else None
         self.done = asyncio.Event()

@@ -210,10 +210,11 @@ class AsyncSubscription:
         ctx: zmq.Context,
         hwm: int,
         replay: Callable[[dict[str, Any]], Awaitable[Any]],
+        secure: Callable[[zmq.Socket], None] | None = None,
     ) -> None:
         self.state = SubscriptionState(prefix, from_seq)
         self._replay = replay
-        self._sock = subscriber(ctx, endpoint, hwm)
+        self._sock = subscriber(ctx, endpoint, hwm, secure=secure)
         self._fd = self._sock.getsockopt(zmq.FD)
         self._ready: deque[Item] = deque()
 
