@@ -36,6 +36,7 @@ log = logging.getLogger("mesh.broker")
 
 BATCH: Final = 64
 TICK_S: Final = 0.05
+REFRESH_S: Final = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,6 +99,7 @@ class BrokerServer:
         poller.register(events, zmq.POLLIN)
         clock = self._clock
         next_tick = clock() + TICK_S
+        next_refresh = next_tick
         drain_deadline: float | None = None
         try:
             while True:
@@ -113,6 +115,9 @@ class BrokerServer:
                     next_tick = now + TICK_S
                     self._send(core.tick(now))
                     self._publish()
+                    if self._zap is not None and now >= next_refresh:
+                        next_refresh = now + REFRESH_S
+                        self._zap.reload_if_changed()  # keys added or removed by the operator
                     if self._stop_requested and drain_deadline is None:
                         core.begin_drain()
                         drain_deadline = now + self.drain_timeout

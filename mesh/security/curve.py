@@ -277,6 +277,7 @@ class CurveAuthenticator(ThreadAuthenticator):
         # reload() (any thread) replaces `_latest`; the ZAP thread pins it per request.
         self._latest: dict[bytes, str] = {}
         self._names = self._latest
+        self._seen: int | None = None
         self.reload()
         if allow:
             self.allow(*allow)
@@ -326,9 +327,35 @@ class CurveAuthenticator(ThreadAuthenticator):
         Raises:
             ConfigurationError: listing every problem; the previous key set stays in use.
         """
+        stamp = self._stamp()
         names = _read_allowed(self.allowed_dir)
         self._latest = names
+        self._seen = stamp
         return len(names)
+
+    def reload_if_changed(self) -> bool:
+        """`reload()` when a key file was added, removed or replaced since the last one.
+
+        One `stat` of the directory: cheap enough for the broker to call every second.
+        A directory with problems keeps the previous key set and is tried again later.
+
+        Returns:
+            Whether the key set was read again.
+        """
+        if self._stamp() == self._seen:
+            return False
+        try:
+            self.reload()
+        except ConfigurationError:
+            self._seen = self._stamp()  # do not re-read a broken directory every second
+            return False
+        return True
+
+    def _stamp(self) -> int | None:
+        try:
+            return os.stat(self.allowed_dir).st_mtime_ns
+        except OSError:
+            return None
 
     @property
     def names(self) -> frozenset[str]:

@@ -390,3 +390,19 @@ def test_nothing_secret_reaches_the_logs(mesh, state):
     assert SECRET_TEXT not in logs
     assert "eyJ" not in logs  # no JWT
     assert dev.key.read_text().split('secret-key = "')[1][:20] not in logs
+
+
+def test_a_key_added_while_the_broker_runs_is_admitted(mesh, state):
+    """Copying a public key into curve/allowed admits it within a second or so, without a restart."""
+    b, _, _ = mesh
+    public, _ = create_keypair(state.root / "curve/private", "late")
+    refused(b, state.creds("late"), AuthenticationFailedError)
+    shutil.copy(public, state.root / "curve/allowed" / public.name)
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            assert call(b, state.creds("late")) == {"text": SECRET_TEXT}
+            break
+        except AuthenticationFailedError:
+            assert time.monotonic() < deadline, "the new key was never admitted"
+            time.sleep(0.3)
