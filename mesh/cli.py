@@ -117,6 +117,8 @@ def _retention_rule(value: str) -> Any:
 @click.option("--service-level", "service_levels", multiple=True, metavar="SERVICE=LEVEL", help="With --state: a higher level for one service (repeatable).")
 @click.option("--allow-ip", "allow_ips", multiple=True, help="With --state: only these addresses may connect (repeatable).")
 @click.option("--deny-ip", "deny_ips", multiple=True, help="With --state: these addresses may not connect (repeatable).")
+@click.option("--token-algorithm", default="HS256", show_default=True, type=click.Choice(["HS256", "EdDSA", "RS256"]), help="With --state: how tokens are signed.")
+@click.option("--token-key", default=None, type=click.Path(dir_okay=False), help="With EdDSA/RS256: the issuer's public key (PEM) or a JWKS file (.json).")
 @click.option("--log-level", default="info", type=click.Choice(["debug", "info", "warning", "error"]), show_default=True)
 def broker(
     name: str,
@@ -135,6 +137,8 @@ def broker(
     service_levels: tuple[str, ...],
     allow_ips: tuple[str, ...],
     deny_ips: tuple[str, ...],
+    token_algorithm: str,
+    token_key: str | None,
     log_level: str,
 ) -> None:
     """Run a broker until SIGTERM or Ctrl-C; then drain in-flight commands and exit.
@@ -165,6 +169,8 @@ def broker(
                 service_levels=_levels(service_levels),
                 allow_ips=allow_ips,
                 deny_ips=deny_ips,
+                token_algorithm=token_algorithm,  # type: ignore[arg-type]
+                token_key=token_key,
             )
             secured = {"security": setup.security, "secure": setup.secure, "zap": setup.zap}
         elif service_levels or allow_ips or deny_ips:
@@ -373,6 +379,104 @@ def events_subscribe(prefix: str, from_seq: int | None, count: int | None, broke
         return
 
 
+_TTL_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def _ttl(value: str) -> float:
+    """`90`, `90s`, `15m`, `1h`, `30d` -> seconds."""
+    number, unit = (value[:-1], value[-1]) if value and value[-1] in _TTL_UNITS else (value, "s")
+    try:
+        seconds = float(number) * _TTL_UNITS[unit]
+    except ValueError:
+        raise UsageError(f"--ttl must be a duration like 90s, 15m, 1h or 30d, got {value!r}") from None
+    if seconds <= 0:
+        raise UsageError("--ttl must be positive")
+    return seconds
+
+
+state_option = click.option(
+    "--state", "state_dir", default="var/mesh", show_default=True, type=click.Path(file_okay=False),
+    help="The security state directory (`[security] state` of the topology).",
+)
+
+
+@main.group()
+def keys() -> None:
+    """Make and rotate keys."""
+
+
+@keys.command("curve")
+@click.argument("name")
+@click.option("--dir", "directory", default=".", show_default=True, type=click.Path(file_okay=False), help="Where to write NAME.key and NAME.key_secret.")
+def keys_curve(name: str, directory: str) -> None:
+    """Make a CURVE key pair in ZeroMQ's certificate format; copy NAME.key to curve/allowed/ to admit it."""
+    from .security.curve import create_keypair
+
+    os.makedirs(directory, exist_ok=True)
+    try:
+        public, secret = create_keypair(directory, name)
+    except MeshError as err:
+        _fail(err)
+    _print_json({"public": str(public), "secret": str(secret)})
+
+
+@keys.command("rotate")
+@state_option
+@click.option("--grace", default=600.0, show_default=True, type=click.FloatRange(min=0), help="Seconds the old key still decrypts after the switch.")
+@click.option("--delay", default=5.0, show_default=True, type=click.FloatRange(min=0), help="Seconds before the new key encrypts (longer than readers' 1 s reload).")
+def keys_rotate(state_dir: str, grace: float, delay: float) -> None:
+    """Add a payload key to the key ring; it takes over after --delay, the old one retires after --grace."""
+    import time
+
+    from .security.payload import KeyRing
+
+    path = os.path.join(state_dir, "keyring.json")
+    try:
+        ring = KeyRing.load(path)
+        now = time.time()
+        pruned = ring.prune(now)
+        kid = ring.rotate(now, grace, delay)
+        ring.save(path)
+    except MeshError as err:
+        _fail(err)
+    _print_json({"new_key": kid, "active_from": now + delay, "pruned": pruned})
+
+
+@main.group()
+def token() -> None:
+    """Issue and revoke tokens."""
+
+
+@token.command("issue")
+@state_option
+@click.option("--sub", "subject", required=True, help="Who the token is for: the name of that client's CURVE key.")
+@click.option("--role", "roles", multiple=True, required=True, help="A role of the policy (repeatable).")
+@click.option("--ttl", default="1h", show_default=True, help="Lifetime: 90s, 15m, 1h, 30d.")
+def token_issue(state_dir: str, subject: str, roles: tuple[str, ...], ttl: str) -> None:
+    """Print a token signed with the state directory's secret."""
+    import time
+
+    from .security.state import issue_token
+
+    try:
+        click.echo(issue_token(state_dir, subject, roles, _ttl(ttl), time.time()))
+    except MeshError as err:
+        _fail(err)
+
+
+@token.command("revoke")
+@click.argument("jti")
+@click.option("--broker", "broker_ep", envvar="MESH_BROKER", default=DEFAULT_BROKER, show_default=True, help=BROKER_HELP)
+@credentials_option
+def token_revoke(jti: str, broker_ep: str, credentials: str | None) -> None:
+    """Revoke the token with id JTI at the broker (persisted); needs a role that may call mesh.revoke."""
+    try:
+        with _client(broker_ep, 5.0, credentials) as client:
+            _print_json(client.call("mesh", "revoke", {"jti": jti}))
+    except MeshError as err:
+        _fail(err)
+
+
 @main.group()
 def topology() -> None:
     """Work with topology files."""
@@ -405,6 +509,10 @@ def up(file: str) -> None:
     except TopologyError as err:
         raise UsageError(err.message) from None
     launcher = Launcher(topo, echo=click.echo)
+    try:
+        launcher.prepare_security()
+    except MeshError as err:
+        _fail(err)
     _on_stop(launcher.stop)
     sys.exit(launcher.run())
 

@@ -102,7 +102,7 @@ class AsyncClient:
             self._opener = credentials.opener()
             self._secure = credentials.secure
         self._ctx = zmq.Context()
-        self._sock = dealer(self._ctx, broker, secure=self._watched if credentials else None)
+        self._sock = dealer(self._ctx, broker, secure=self._watched)
         self._conn: AsyncSocket | None = None
         # command id -> (future of the reply, when to stop waiting for it)
         self._waiting: dict[str, tuple[asyncio.Future[tuple[dict[str, Any], bytes]], float]] = {}
@@ -112,9 +112,11 @@ class AsyncClient:
         self._subscriptions: weakref.WeakSet[AsyncSubscription] = weakref.WeakSet()  # closed with the client
 
     def _watched(self, sock: zmq.Socket) -> None:
-        assert self._secure is not None
-        self._secure(sock)
-        self._watch = HandshakeWatch(sock)  # before connect, to see the first handshake
+        if self._secure is not None:
+            self._secure(sock)
+        # Before connect, to see the first handshake: a plain client of a secure broker
+        # (or the other way round) learns it at once instead of waiting for a timeout.
+        self._watch = HandshakeWatch(sock)
 
     async def __aenter__(self) -> AsyncClient:
         return self

@@ -25,6 +25,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import IO, Final
 
 from .topology import BrokerSpec, NodeSpec, Topology
@@ -68,6 +69,7 @@ class _Process:
     broker: str  # the broker's name, for a node; its own name, for a broker
     is_broker: bool
     env: dict[str, str] = field(default_factory=dict)
+    spec: str = ""  # a node's name in the topology (its replicas share its keys)
     popen: subprocess.Popen[str] | None = None
     started_at: float = 0.0
     backoff: float = BACKOFF_START
@@ -89,11 +91,47 @@ class Launcher:
         self.echo = echo
         self._stopping = threading.Event()
         self.node_endpoints: dict[str, str] = {}  # broker name -> endpoint for nodes
+        self.state: Path | None = None
         self.processes: list[_Process] = [self._broker(b) for b in topology.brokers.values()]
         for spec in topology.nodes.values():
             broker = topology.brokers[spec.broker]
             for i in range(spec.replicas):
                 self.processes.append(self._node(spec, broker, i))
+
+    def prepare_security(self) -> None:
+        """With security on: make the keys, tokens and policy that are missing, and give
+        every process its part (`--state` for brokers, `--credentials` for nodes).
+
+        Raises:
+            ConfigurationError: a node cannot be loaded to learn its services, or the
+                state directory cannot be written.
+        """
+        sec = self.topology.security
+        if sec is None:
+            return
+        from .plugins import load_node
+        from .security.state import ensure_state
+
+        services = {
+            spec.name: sorted({svc for svc, _ in load_node(spec.use, spec.config).actions})
+            for spec in self.topology.nodes.values()
+        }
+        layout = ensure_state(sec.state, nodes=services, clients=sec.clients, now=time.time())
+        self.state = layout.root
+        if layout.created:
+            self.echo(f"security: created {len(layout.created)} file(s) in {layout.root}")
+        for name in layout.policy_missing_nodes:
+            self.echo(f"security: {layout.policy} gives node {name} no services of its own; add them to [nodes.{name}]")
+        for client in sec.clients:
+            self.echo(f"security: credentials for {client}: {layout.credentials(client)}")
+        for p in self.processes:
+            if p.is_broker:
+                p.argv += ["--state", str(layout.root), "--min-level", str(sec.min_level)]
+                p.argv += [a for svc, lvl in sec.service_levels.items() for a in ("--service-level", f"{svc}={lvl}")]
+                p.argv += [a for ip in sec.allow_ips for a in ("--allow-ip", ip)]
+                p.argv += [a for ip in sec.deny_ips for a in ("--deny-ip", ip)]
+            else:
+                p.env["MESH_CREDENTIALS"] = str(layout.credentials(p.spec))
 
     @staticmethod
     def _broker(b: BrokerSpec) -> _Process:
@@ -117,7 +155,7 @@ class Launcher:
             argv += ["--capacity", str(spec.capacity)]
         # The config goes by environment, not argv: argv is readable by every local user.
         env = {"MESH_NODE_CONFIG": json.dumps(spec.config)}
-        return _Process(f"node:{name}", argv, broker.name, False, env)
+        return _Process(f"node:{name}", argv, broker.name, False, env, spec=spec.name)
 
     def stop(self) -> None:
         """Begin an orderly shutdown (safe from a signal handler)."""

@@ -22,7 +22,7 @@ from .broker.core import BrokerConfig
 from .broker.events import DEFAULT_RULE, RetentionRule
 from .protocol import NAME_PATTERN, TOPIC_PATTERN, ConfigurationError
 
-__all__ = ["Topology", "BrokerSpec", "NodeSpec", "TopologyError", "Problem", "load", "parse"]
+__all__ = ["Topology", "BrokerSpec", "NodeSpec", "SecuritySpec", "TopologyError", "Problem", "load", "parse"]
 
 _NAME: Final = re.compile(NAME_PATTERN)
 _BROKER: Final = BrokerConfig()  # the defaults a topology does not repeat
@@ -83,13 +83,26 @@ class NodeSpec:
 
 
 @dataclass(frozen=True, slots=True)
+class SecuritySpec:
+    """The `[security]` table: on when present with `enabled = true` (docs/security.md)."""
+
+    state: str = "var/mesh"
+    min_level: int = 1
+    service_levels: dict[str, int] = field(default_factory=dict)
+    clients: tuple[str, ...] = ("dev",)
+    allow_ips: tuple[str, ...] = ()
+    deny_ips: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
 class Topology:
-    """A checked topology file."""
+    """A checked topology file (`security` None: security off)."""
 
     name: str
     brokers: dict[str, BrokerSpec]
     nodes: dict[str, NodeSpec]
     source: str = "<topology>"
+    security: SecuritySpec | None = None
 
 
 class _Checker:
@@ -138,7 +151,7 @@ def parse(data: dict[str, Any], source: str = "<topology>") -> Topology:
         TopologyError: listing every problem found.
     """
     c = _Checker()
-    c.unknown(data, {"mesh", "brokers", "nodes"}, "")
+    c.unknown(data, {"mesh", "brokers", "nodes", "security"}, "")
     mesh = c.table(data, "mesh", "")
     c.unknown(mesh, {"name"}, "mesh")
     name = c.get(mesh, "name", str, "mesh", "mesh")
@@ -223,9 +236,56 @@ def parse(data: dict[str, Any], source: str = "<topology>") -> Topology:
                 c.bad(f"{where}.use", problem)
         nodes[nname] = spec_n
 
+    security = _security(c, data.get("security"), set(nodes))
     if c.problems:
         raise TopologyError(source, c.problems)
-    return Topology(name=name, brokers=brokers, nodes=nodes, source=source)
+    return Topology(name=name, brokers=brokers, nodes=nodes, source=source, security=security)
+
+
+def _security(c: _Checker, raw: Any, node_names: set[str]) -> SecuritySpec | None:
+    if raw is None:
+        return None
+    if not isinstance(raw, dict):
+        c.bad("security", "must be a table")
+        return None
+    where = "security"
+    c.unknown(raw, {"enabled", "state", "min_level", "service_levels", "clients", "allow_ips", "deny_ips"}, where)
+    if not c.get(raw, "enabled", bool, where, True):
+        return None
+    levels = c.get(raw, "service_levels", dict, where, {})
+    for svc, level in levels.items():
+        if not _NAME.fullmatch(svc):
+            c.bad(f"{where}.service_levels.{svc}", "is not a service name")
+        if isinstance(level, bool) or level not in (0, 1, 2, 3):
+            c.bad(f"{where}.service_levels.{svc}", f"must be a level from 0 to 3, got {level!r}")
+    min_level = c.get(raw, "min_level", int, where, 1)
+    if not 1 <= min_level <= 3:
+        c.bad(f"{where}.min_level", f"must be 1 (tokens), 2 (encrypted) or 3 (signed), got {min_level}")
+    clients = tuple(_strings(c, raw, "clients", where, ["dev"]))
+    for client in clients:
+        if not _NAME.fullmatch(client):
+            c.bad(f"{where}.clients", f"{client!r} is not a name")
+        elif client in node_names:
+            c.bad(f"{where}.clients", f"{client!r} is also a node's name; keys are per name")
+    allow, deny = _strings(c, raw, "allow_ips", where, []), _strings(c, raw, "deny_ips", where, [])
+    if allow and deny:
+        c.bad(f"{where}.deny_ips", "use allow_ips or deny_ips, not both")
+    return SecuritySpec(
+        state=c.get(raw, "state", str, where, "var/mesh"),
+        min_level=min_level,
+        service_levels=dict(levels),
+        clients=clients,
+        allow_ips=tuple(allow),
+        deny_ips=tuple(deny),
+    )
+
+
+def _strings(c: _Checker, raw: dict[str, Any], key: str, where: str, default: list[str]) -> list[str]:
+    value = c.get(raw, key, list, where, default)
+    if not all(isinstance(v, str) for v in value):
+        c.bad(f"{where}.{key}", "must be a list of strings")
+        return default
+    return value
 
 
 def _retention(c: _Checker, raw: Any, key: str) -> tuple[RetentionRule, ...]:

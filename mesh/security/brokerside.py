@@ -19,7 +19,8 @@ from .curve import CurveAuthenticator, secure_server
 from .gate import Gate, GateSettings
 from .policy import load_policy
 from .revocations import Revocations
-from .tokens import TokenIssuer, TokenSettings, TokenVerifier, load_secret
+from ..protocol import ConfigurationError
+from .tokens import Algorithm, TokenIssuer, TokenSettings, TokenVerifier, load_jwks, load_public_key, load_secret
 
 __all__ = ["BrokerSecuritySetup", "broker_security", "ISSUER", "AUDIENCE"]
 
@@ -45,20 +46,35 @@ def broker_security(
     allow_ips: Iterable[str] = (),
     deny_ips: Iterable[str] = (),
     renew_ttl: float = 3600.0,
+    token_algorithm: Algorithm = "HS256",
+    token_key: str | Path | None = None,
 ) -> BrokerSecuritySetup:
     """Load a broker's keys, token secret, policy and revocations from `state`.
+
+    Tokens are HS256 with the state's secret, unless `token_algorithm` is EdDSA or RS256:
+    then `token_key` is the issuer's public key (PEM) or a JWKS file (`.json`), and this
+    broker verifies tokens but cannot renew them (it has no private key).
 
     Raises:
         ConfigurationError: a file is missing or invalid (the message names it).
     """
     root = Path(state)
-    settings = TokenSettings("HS256", ISSUER, AUDIENCE)
-    secret = load_secret(root / "tokens" / "secret")
+    settings = TokenSettings(token_algorithm, ISSUER, AUDIENCE)
+    issuer: TokenIssuer | None = None
+    if token_algorithm == "HS256":
+        key: Any = load_secret(root / "tokens" / "secret")
+        issuer = TokenIssuer(settings, key)
+    elif token_key is None:
+        raise ConfigurationError(f"{token_algorithm} tokens need the issuer's public key or a JWKS file")
+    elif str(token_key).endswith(".json"):
+        key = load_jwks(token_key, token_algorithm)
+    else:
+        key = load_public_key(token_key)
     revocations = Revocations(root / "revocations.sqlite3")
     revocations.prune(time.time())
     gate = Gate(
         GateSettings(min_level=min_level, service_levels=dict(service_levels or {}), max_skew=max_skew),
-        TokenVerifier(settings, secret, revocations),
+        TokenVerifier(settings, key, revocations),
         load_policy(root / "policy.toml"),
     )
     secret_file = root / "curve" / "broker.key_secret"
@@ -71,7 +87,7 @@ def broker_security(
         return auth
 
     return BrokerSecuritySetup(
-        BrokerSecurity(gate, TokenIssuer(settings, secret), revocations, renew_ttl),
+        BrokerSecurity(gate, issuer, revocations, renew_ttl),
         lambda sock: secure_server(sock, secret_file),
         zap,
     )

@@ -23,7 +23,8 @@ def run(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
 @pytest.mark.parametrize(
     "command",
     [[], ["up"], ["broker"], ["node"], ["call"], ["services"], ["topology", "check"], ["bench"],
-     ["events"], ["events", "publish"], ["events", "subscribe"]],
+     ["events"], ["events", "publish"], ["events", "subscribe"], ["keys", "curve"], ["keys", "rotate"],
+     ["token", "issue"], ["token", "revoke"]],
 )
 def test_every_command_has_help(command):
     """`--help` works on every command and describes it."""
@@ -160,3 +161,30 @@ def test_events_publish_and_subscribe_with_the_real_executable(tcp_broker):
     assert [(line["seq"], line["payload"]) for line in lines] == [(2, {"i": 1}), (3, {"i": 2})]
     refused = run("events", "publish", "mesh.node.up", "{}", "--broker", tcp_broker.clients)
     assert refused.returncode == 1 and "2002" in refused.stderr
+
+
+def test_keys_and_tokens_commands(tmp_path: Path):
+    """`mesh keys curve`, `mesh keys rotate` and `mesh token issue` work on a real state directory."""
+    import time
+
+    import zmq.auth
+
+    from mesh.security.payload import KeyRing
+    from mesh.security.state import ensure_state, token_settings
+    from mesh.security.tokens import TokenVerifier, load_secret
+
+    layout = ensure_state(tmp_path / "state", nodes={"echo": ["echo"]}, now=time.time())
+    result = CliRunner().invoke(main, ["keys", "curve", "alice", "--dir", str(tmp_path / "k")])
+    assert result.exit_code == 0, result.output
+    public, secret = zmq.auth.load_certificate(str(tmp_path / "k" / "alice.key_secret"))
+    assert public and secret
+    before = KeyRing.load(layout.keyring).active_kid
+    result = CliRunner().invoke(main, ["keys", "rotate", "--state", str(layout.root), "--delay", "0"])
+    assert result.exit_code == 0, result.output
+    assert KeyRing.load(layout.keyring).active_kid == json.loads(result.output)["new_key"] != before
+    result = CliRunner().invoke(main, ["token", "issue", "--state", str(layout.root), "--sub", "alice", "--role", "reader", "--ttl", "15m"])
+    assert result.exit_code == 0, result.output
+    identity = TokenVerifier(token_settings(), load_secret(layout.token_secret)).verify(result.output.strip(), time.time())
+    assert identity.subject == "alice" and identity.roles == {"reader"} and 890 < identity.expires - time.time() <= 901
+    result = CliRunner().invoke(main, ["token", "issue", "--state", str(layout.root), "--sub", "a", "--role", "r", "--ttl", "soon"])
+    assert result.exit_code == 2 and "duration" in result.output

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -20,19 +21,34 @@ def quickstart(tmp_path_factory: pytest.TempPathFactory):
     """The shipped quickstart.toml on ipc:// endpoints, run in a fresh directory with sample data."""
     work = tmp_path_factory.mktemp("quickstart")
     topology = (ROOT / "topologies" / "quickstart.toml").read_text()
-    topology = topology.replace("tcp://127.0.0.1:5555", f"ipc://{work}/c.sock").replace(
-        "tcp://127.0.0.1:5556", f"ipc://{work}/n.sock"
+    topology = (
+        topology.replace("tcp://127.0.0.1:5555", f"ipc://{work}/c.sock")
+        .replace("tcp://127.0.0.1:5556", f"ipc://{work}/n.sock")
+        .replace("tcp://127.0.0.1:5557", f"ipc://{work}/e.sock")
     )
     (work / "quickstart.toml").write_text(topology)
     subprocess.run([sys.executable, "-m", "nodes.sample", "var"], cwd=work, check=True, timeout=60)
     with spawn(["up", "quickstart.toml"], cwd=str(work)) as up:
         for name in ["echo-1", "echo-2", "kv", "sqlite", "fs"]:
             up.wait_for(rf"\[node:{name}\] node .* ready")
-        yield f"ipc://{work}/c.sock"
+        assert (work / "var/mesh/credentials/dev.toml").exists()  # security is on, credentials made
+        os.environ["MESH_CREDENTIALS"] = str(work / "var/mesh/credentials/dev.toml")
+        try:
+            yield f"ipc://{work}/c.sock"
+        finally:
+            del os.environ["MESH_CREDENTIALS"]
 
 
 def call(broker: str, target: str, payload: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([MESH, "call", target, payload, "--broker", broker], capture_output=True, text=True, timeout=30)
+
+
+def test_without_credentials_the_quickstart_refuses(quickstart):
+    """Security is on: a client without credentials is refused (in the handshake), not served."""
+    env = {k: v for k, v in os.environ.items() if k != "MESH_CREDENTIALS"}
+    done = subprocess.run([MESH, "call", "echo.echo", "{}", "--broker", quickstart, "--timeout", "5"],
+                          capture_output=True, text=True, timeout=30, env=env)
+    assert done.returncode == 1 and "2000" in done.stderr
 
 
 def result(broker: str, target: str, payload: dict) -> object:

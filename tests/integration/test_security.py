@@ -406,3 +406,18 @@ def test_a_key_added_while_the_broker_runs_is_admitted(mesh, state):
         except AuthenticationFailedError:
             assert time.monotonic() < deadline, "the new key was never admitted"
             time.sleep(0.3)
+
+
+def test_a_broker_verifying_eddsa_tokens_with_a_public_key(state, tmp_path):
+    """--token-algorithm EdDSA --token-key PUB: EdDSA tokens pass; an HS256 token keyed with that PEM is refused."""
+    from mesh.security.tokens import load_private_key
+
+    generate_private_key(tmp_path / "issuer.key", "EdDSA")
+    issuer = TokenIssuer(TokenSettings("EdDSA", "mesh", "mesh"), load_private_key(tmp_path / "issuer.key"))
+    args = ["--state", str(state.root), "--token-algorithm", "EdDSA", "--token-key", str(tmp_path / "issuer.pub")]
+    with run_broker("tcp://127.0.0.1:*", "tcp://127.0.0.1:*", *args) as b:
+        with Client(b.clients, timeout=5, credentials=state.creds("dev", token=issuer.issue("dev", ["admin"], 600, time.time()))) as c:
+            assert c.call("mesh", "ping")["pong"] is True
+        confused = _rs_confused((tmp_path / "issuer.pub").read_bytes(), issuer.issue("dev", ["admin"], 600, time.time()))
+        err = refused(b, state.creds("dev", token=confused), AuthenticationFailedError, "mesh", "ping", {})
+        assert err.details["reason"] == "algorithm not allowed"
