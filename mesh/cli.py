@@ -519,6 +519,7 @@ def up(file: str) -> None:
 
 @main.command()
 @click.option("--events", "events_bench", is_flag=True, help="Measure event delivery to subscribers instead of commands.")
+@click.option("--security", "security_bench", is_flag=True, help="Measure commands with each security layer on, as a ratio of security off.")
 @click.option("--subscribers", default="1,10,100", show_default=True, help="With --events: subscriber counts, one pair of runs each.")
 @click.option("--clients", default=4, show_default=True, type=click.IntRange(1, 64), help="Client processes.")
 @click.option("--inflight", default=32, show_default=True, type=click.IntRange(1, 10_000), help="Commands in flight per client.")
@@ -528,6 +529,7 @@ def up(file: str) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable report.")
 def bench(
     events_bench: bool,
+    security_bench: bool,
     subscribers: str,
     clients: int,
     inflight: int,
@@ -539,18 +541,24 @@ def bench(
     """Measure mesh throughput and latency against a raw pyzmq forwarding loop.
 
     With --events, measure events delivered per second to each count of subscribers
-    against a raw pyzmq PUB/SUB chain instead.
+    against a raw pyzmq PUB/SUB chain instead. With --security, measure commands with
+    security off, then CURVE, + tokens, + payload encryption, + signatures, each as a
+    ratio of security off.
     """
     from click.core import ParameterSource
 
     from .bench import BenchSettings, format_report, run_bench
     from .bench_events import EventBenchSettings, format_events_report, run_events_bench
+    from .bench_security import format_security_report, run_security_bench
 
+    if events_bench and security_bench:
+        raise UsageError("--events and --security are two different benchmarks: choose one")
     # An option of the other benchmark would be silently ignored: refuse it instead.
     ctx = click.get_current_context()
+    kind = "events" if events_bench else "security" if security_bench else "command"
     for name in ("clients", "inflight") if events_bench else ("subscribers",):
         if ctx.get_parameter_source(name) is ParameterSource.COMMANDLINE:
-            raise UsageError(f"--{name} does not apply to the {'events' if events_bench else 'command'} benchmark")
+            raise UsageError(f"--{name} does not apply to the {kind} benchmark")
     if events_bench:
         try:
             counts = tuple(int(n) for n in subscribers.split(","))
@@ -560,6 +568,9 @@ def bench(
             raise UsageError(f"--subscribers must be a comma list of counts of 1 or more, got {subscribers!r}")
         report = run_events_bench(EventBenchSettings(counts, payload, duration, transport=transport))
         text = format_events_report(report)
+    elif security_bench:
+        report = run_security_bench(BenchSettings(clients, inflight, payload, duration, transport))
+        text = format_security_report(report)
     else:
         report = run_bench(BenchSettings(clients, inflight, payload, duration, transport))
         text = format_report(report)

@@ -28,7 +28,7 @@ import threading
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Final
 
 import zmq
@@ -300,7 +300,10 @@ class Node:
             ConfigurationError: the endpoint is malformed, or the credentials' files are.
         """
         if credentials is not None:
-            self._opener, self._sealer = credentials.opener(), credentials.sealer()
+            # Replies to encrypted commands are encrypted whatever this node's own level.
+            sealer = credentials.sealer()
+            self._opener = credentials.opener()
+            self._sealer = replace(sealer, level=max(sealer.level, SecurityLevel.ENCRYPTED))
         _NodeLoop(self, broker, drain_timeout, credentials).run()
 
 

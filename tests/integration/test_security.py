@@ -307,6 +307,13 @@ def _sealed(state: State, level: int = 2, **creds: object) -> list[bytes]:
     return list(c.sealer().seal(header, encode_payload({"text": SECRET_TEXT}), time.time()))
 
 
+def test_an_encrypted_command_gets_an_encrypted_reply(mesh, state):
+    """The node (at level 1 itself) answers a level-2 command with an encrypted payload."""
+    b, _, _ = mesh
+    [reply] = _raw_exchange(b, state, [_sealed(state)])
+    assert reply["type"] == "response" and reply["security"]["encryption"]["alg"] == "A256GCM"
+
+
 def test_tampered_ciphertext_is_refused_by_the_node(mesh, state):
     """Flip one bit of an encrypted payload: the node answers ENCRYPTION_FAILED."""
     b, _, _ = mesh

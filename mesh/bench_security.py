@@ -1,0 +1,272 @@
+"""`mesh bench --security`: command throughput with each security layer on, as a ratio of security off.
+
+Rules of this module:
+
+* One invocation runs five rows with the same shape as the command benchmark
+  (`bench.py`): one broker process, one echo node process and `clients` AsyncClient
+  processes each keeping `inflight` commands outstanding. Every row runs the same code
+  below; only the credentials and the broker's security differ:
+
+  ===========  =============================================================  =====
+  row          broker                                                         level
+  ===========  =============================================================  =====
+  off          plain sockets, no gate                                         none
+  curve        CURVE sockets and the ZAP authenticator, no gate (no tokens)  0
+  tokens       CURVE + the gate (token, replay, policy), min level 1         1
+  encrypted    + AES-256-GCM payloads both ways, min level 2                 2
+  signed       + ed25519 signatures, verified by the node, min level 3       3
+  ===========  =============================================================  =====
+
+* The keys, token secret, policy and key ring come from one throw-away state
+  directory made by `security.state.ensure_state`, as `mesh up` makes it. The node runs
+  at the row's level so that an encrypted command gets an encrypted reply; in the
+  signed row it requires the client's signature (`require_signers`), so the
+  verification is counted.
+* `ratio` is a row's throughput over the "off" row's, measured in the same invocation,
+  so the figures stay comparable on a noisy machine.
+* Processes are spawned (never forked); every process is joined, or killed when it does
+  not exit in time (`bench._stop`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing as mp
+import statistics
+import tempfile
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any, Final
+
+from .bench import (
+    SAMPLE_LIMIT,
+    WARMUP_S,
+    BenchSettings,
+    _endpoint,
+    _machine,
+    _ratio,
+    _stop,
+)
+from .process import tune_for_serving
+from .security.credentials import Credentials, load_credentials
+
+__all__ = ["MODES", "format_security_report", "run_security_bench"]
+
+STARTUP_S: Final = 30.0  # for a process to be ready on a loaded machine
+CLIENT: Final = "bench"  # the client's name in the state directory (its CURVE key and token subject)
+NODE: Final = "echo"  # the node's name: its CURVE key, and the policy lets it offer "echo"
+TOKEN_TTL: Final = 3600.0
+
+
+@dataclass(frozen=True, slots=True)
+class Mode:
+    """One row: its name, a label for people, and the security level (None: security off)."""
+
+    name: str
+    label: str
+    level: int | None
+    gate: bool  # the broker checks tokens, levels and the policy
+
+
+MODES: Final = (
+    Mode("off", "security off", None, gate=False),
+    Mode("curve", "CURVE", 0, gate=False),
+    Mode("tokens", "CURVE + tokens", 1, gate=True),
+    Mode("encrypted", "+ encryption", 2, gate=True),
+    Mode("signed", "+ signatures", 3, gate=True),
+)
+
+
+@dataclass(frozen=True, slots=True)
+class _Peers:
+    """What the processes of one row are given: the broker's state and both peers' credentials."""
+
+    state: str | None
+    client: Credentials | None
+    node: Credentials | None
+
+
+def _peers(mode: Mode, state: Path) -> _Peers:
+    """The credentials of the client and node for `mode`, from a state directory."""
+    if mode.level is None:
+        return _Peers(None, None, None)
+    client = load_credentials(state / "credentials" / f"{CLIENT}.toml")
+    node = load_credentials(state / "credentials" / f"{NODE}.toml")
+    if mode.level == 0:  # CURVE only: no token, nothing sealed
+        client = replace(client, token=None, level=0, keyring=None, signing_key=None)
+        node = replace(node, level=0, keyring=None)
+    else:
+        client = replace(client, level=mode.level)
+        node = replace(node, level=mode.level)
+        if mode.level >= 3:
+            node = replace(node, require_signers=state / "signing" / "trusted")
+    return _Peers(str(state), client, node)
+
+
+# ----------------------------------------------------------------- processes
+
+
+def _broker(clients_ep: str, nodes_ep: str, ready: Any, stop: Any, mode: Mode, state: str | None) -> None:
+    import threading
+
+    from .broker import BrokerServer, Endpoints
+
+    secured: dict[str, Any] = {}
+    if state is not None:
+        from .security.brokerside import broker_security
+
+        setup = broker_security(state, min_level=max(1, mode.level or 0))
+        secured = {"secure": setup.secure, "zap": setup.zap}
+        if mode.gate:
+            secured["security"] = setup.security
+    server = BrokerServer(Endpoints(clients_ep, nodes_ep), **secured)
+    tune_for_serving()  # as `mesh broker` does
+    ready.put((server.endpoints.clients, server.endpoints.nodes))
+    threading.Thread(target=lambda: (stop.wait(), server.stop()), daemon=True).start()
+    server.run()
+
+
+def _node(nodes_ep: str, capacity: int, stop: Any, creds: Credentials | None) -> None:
+    import threading
+
+    from .plugins import load_node
+
+    node = load_node("echo")
+    tune_for_serving()  # as `mesh node` does
+    node.capacity = capacity  # as many slots as commands in flight (as in bench.py)
+    threading.Thread(target=lambda: (stop.wait(), node.stop()), daemon=True).start()
+    node.run(nodes_ep, credentials=creds)
+
+
+def _client(clients_ep: str, s: BenchSettings, start: float, results: Any, creds: Credentials | None) -> None:
+    from .client import AsyncClient
+
+    async def main() -> tuple[int, list[float]]:
+        payload = {"data": "x" * s.payload}
+        latencies: list[float] = []
+        count = 0
+        measure_from, end = start + WARMUP_S, start + WARMUP_S + s.duration
+        async with AsyncClient(clients_ep, timeout=30.0, credentials=creds) as client:
+
+            async def worker() -> None:
+                nonlocal count
+                while time.time() < end:
+                    t0 = time.perf_counter()
+                    await client.call("echo", "echo", payload)
+                    t1 = time.perf_counter()
+                    if measure_from <= time.time() < end:
+                        count += 1
+                        if len(latencies) < SAMPLE_LIMIT:
+                            latencies.append(t1 - t0)
+
+            await asyncio.gather(*(worker() for _ in range(s.inflight)))
+        return count, latencies
+
+    results.put(asyncio.run(main()))
+
+
+def _wait_for_echo(clients_ep: str, creds: Credentials | None, timeout: float = STARTUP_S) -> None:
+    from .client import Client
+    from .protocol import MeshError
+
+    with Client(clients_ep, timeout=2.0, retries=0, credentials=creds) as client:
+        end = time.time() + timeout
+        while time.time() < end:
+            try:
+                if "echo" in client.call("mesh", "services"):
+                    return
+            except MeshError:
+                pass
+            time.sleep(0.1)
+    raise RuntimeError("the echo node did not register in time")
+
+
+# -------------------------------------------------------------------- driver
+
+
+def _figures(count: int, lat: list[float], duration: float) -> dict[str, Any]:
+    lat = sorted(lat)
+
+    def pct(q: float) -> float:
+        return lat[min(len(lat) - 1, int(q * len(lat)))] * 1000 if lat else float("nan")
+
+    return {
+        "commands": count,
+        "throughput": count / duration,
+        "latency_ms": {
+            "p50": pct(0.50),
+            "p95": pct(0.95),
+            "p99": pct(0.99),
+            "mean": statistics.fmean(lat) * 1000 if lat else float("nan"),
+        },
+    }
+
+
+def _measure(mode: Mode, s: BenchSettings, peers: _Peers) -> dict[str, Any]:
+    ctx = mp.get_context("spawn")
+    ready, results, stop = ctx.Queue(), ctx.Queue(), ctx.Event()
+    procs: list[Any] = []
+    with tempfile.TemporaryDirectory(prefix="mesh-bench-") as tmp:
+        front, back = _endpoint(s.transport, tmp, "clients"), _endpoint(s.transport, tmp, "nodes")
+        try:
+            broker = ctx.Process(target=_broker, args=(front, back, ready, stop, mode, peers.state), daemon=True)
+            procs.append(broker)
+            broker.start()
+            front, back = ready.get(timeout=STARTUP_S)
+            node = ctx.Process(target=_node, args=(back, s.clients * s.inflight, stop, peers.node), daemon=True)
+            procs.append(node)
+            node.start()
+            _wait_for_echo(front, peers.client)
+            start = time.time() + 0.5
+            clients = [
+                ctx.Process(target=_client, args=(front, s, start, results, peers.client), daemon=True)
+                for _ in range(s.clients)
+            ]
+            procs[:0] = clients  # stopped first, before the node and the broker they use
+            for c in clients:
+                c.start()
+            outcomes = [results.get(timeout=WARMUP_S + s.duration + 60) for _ in clients]
+        finally:
+            _stop(stop, procs)
+    return _figures(sum(n for n, _ in outcomes), [x for _, sample in outcomes for x in sample], s.duration)
+
+
+def run_security_bench(settings: BenchSettings) -> dict[str, Any]:
+    """Run every row of `MODES` with the same settings, in order; return the report.
+
+    The state directory (keys, token secret, policy, key ring) is made for this run
+    and removed after it.
+    """
+    from .security.state import ensure_state
+
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="mesh-bench-state-") as tmp:
+        state = Path(tmp) / "state"
+        ensure_state(state, nodes={NODE: [NODE]}, clients={CLIENT: ["admin"]}, token_ttl=TOKEN_TTL, now=time.time())
+        for mode in MODES:
+            figures = _measure(mode, settings, _peers(mode, state))
+            rows.append({"mode": mode.name, "label": mode.label, "level": mode.level, **figures})
+    off = rows[0]["throughput"]
+    for row in rows:
+        row["ratio"] = _ratio(row["throughput"], off)
+    return {"settings": asdict(settings), "machine": _machine(), "rows": rows}
+
+
+def format_security_report(report: dict[str, Any]) -> str:
+    """The report as a small table for people, one row per security layer."""
+    s = report["settings"]
+    row = "{:>15} {:>11} {:>9} {:>9} {:>14}"
+    lines = [
+        (
+            f"security: {s['clients']} clients x {s['inflight']} in flight, {s['payload']}-byte payloads, "
+            f"{s['transport']}, {s['duration']:g}s per run, {report['machine']['cpus']} CPUs"
+        ),
+        row.format("", "commands/s", "p50 ms", "p99 ms", "ratio to off"),
+    ]
+    for r in report["rows"]:
+        lat = r["latency_ms"]
+        lines.append(
+            row.format(r["label"], f"{r['throughput']:,.0f}", f"{lat['p50']:.2f}", f"{lat['p99']:.2f}", f"{r['ratio']:.2f}")
+        )
+    return "\n".join(lines)
