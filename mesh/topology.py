@@ -20,7 +20,8 @@ from typing import Any, Final
 from .plugins import plugin_problem
 from .broker.core import BrokerConfig
 from .broker.events import DEFAULT_RULE, RetentionRule
-from .protocol import NAME_PATTERN, TOPIC_PATTERN, ConfigurationError
+from .problems import Checker, Problem, ProblemsError
+from .protocol import NAME_PATTERN, TOPIC_PATTERN
 
 __all__ = ["Topology", "BrokerSpec", "NodeSpec", "SecuritySpec", "TopologyError", "Problem", "load", "parse"]
 
@@ -32,25 +33,8 @@ _TOPIC: Final = re.compile(TOPIC_PATTERN)
 DEFAULT_EVENTS: Final = "tcp://127.0.0.1:*"
 
 
-@dataclass(frozen=True, slots=True)
-class Problem:
-    key: str
-    message: str
-
-    def __str__(self) -> str:
-        return f"{self.key}: {self.message}"
-
-
-class TopologyError(ConfigurationError):
+class TopologyError(ProblemsError):
     """A topology file with one or more problems; `problems` lists them all."""
-
-    def __init__(self, source: str, problems: list[Problem]) -> None:
-        lines = "\n".join(f"  {p}" for p in problems)
-        super().__init__(
-            f"{source}: {len(problems)} problem(s)\n{lines}",
-            details={"problems": [str(p) for p in problems]},
-        )
-        self.problems = problems
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,13 +89,7 @@ class Topology:
     security: SecuritySpec | None = None
 
 
-class _Checker:
-    def __init__(self) -> None:
-        self.problems: list[Problem] = []
-
-    def bad(self, key: str, message: str) -> None:
-        self.problems.append(Problem(key, message))
-
+class _Checker(Checker):
     def table(self, data: dict[str, Any], key: str, where: str) -> dict[str, Any]:
         value = data.get(key, {})
         if not isinstance(value, dict):

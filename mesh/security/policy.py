@@ -31,7 +31,8 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Final
 
-from ..protocol import NAME_PATTERN, TOPIC_PATTERN, ConfigurationError
+from ..problems import Checker, Problem, ProblemsError
+from ..protocol import NAME_PATTERN, TOPIC_PATTERN
 
 __all__ = [
     "CACHE_SIZE",
@@ -308,27 +309,8 @@ def _nobody(reason: str, elsewhere: list[str], peer_ip: str | None) -> str:
     return f"{reason} (role {', '.join(elsewhere)} does not apply {where})"
 
 
-@dataclass(frozen=True, slots=True)
-class Problem:
-    """One problem in a policy file, at a dotted key."""
-
-    key: str
-    message: str
-
-    def __str__(self) -> str:
-        return f"{self.key}: {self.message}"
-
-
-class PolicyError(ConfigurationError):
+class PolicyError(ProblemsError):
     """A policy file with one or more problems; `problems` lists them all."""
-
-    def __init__(self, source: str, problems: list[Problem]) -> None:
-        reason = f"{source}: {len(problems)} problem(s)"
-        super().__init__(
-            reason + "\n" + "\n".join(f"  {p}" for p in problems),
-            details={"reason": reason, "problems": [str(p) for p in problems]},
-        )
-        self.problems = problems
 
 
 def load_policy(path: str | Path) -> Policy:
@@ -415,17 +397,7 @@ def _node(c: _Checker, name: str, raw: Mapping[str, Any]) -> NodeRule:
     return NodeRule(name=name, services=services)
 
 
-class _Checker:
-    def __init__(self) -> None:
-        self.problems: list[Problem] = []
-
-    def bad(self, key: str, message: str) -> None:
-        self.problems.append(Problem(key, message))
-
-    def unknown(self, data: Mapping[str, Any], allowed: Collection[str], where: str) -> None:
-        for k in sorted(set(data) - set(allowed)):
-            self.bad(f"{where}.{k}" if where else k, f"unknown key (expected one of {', '.join(sorted(allowed))})")
-
+class _Checker(Checker):
     def tables(self, data: Mapping[str, Any], key: str) -> list[tuple[str, Mapping[str, Any]]]:
         """The named sub-tables of `[key]`, each with a good name and a table value."""
         value = data.get(key, {})
