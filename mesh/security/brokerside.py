@@ -20,7 +20,8 @@ from .gate import Gate, GateSettings
 from .policy import load_policy
 from .revocations import Revocations
 from ..protocol import ConfigurationError
-from .tokens import Algorithm, TokenIssuer, TokenSettings, TokenVerifier, load_jwks, load_public_key, load_secret
+from .token_keys import load_jwks, load_public_key, load_secret
+from .tokens import Algorithm, TokenIssuer, TokenSettings, TokenVerifier
 
 __all__ = ["BrokerSecuritySetup", "broker_security", "ISSUER", "AUDIENCE"]
 

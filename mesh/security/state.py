@@ -51,7 +51,8 @@ from .files import write_file_atomic
 from .payload import KeyRing
 from .policy import load_policy, parse_policy
 from .signing import generate_signing_key
-from .tokens import TokenIssuer, TokenSettings, generate_secret, load_secret
+from .token_keys import generate_secret, load_secret
+from .tokens import TokenIssuer, TokenSettings
 
 __all__ = [
     "ADMIN_CLIENT",

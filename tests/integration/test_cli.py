@@ -171,7 +171,8 @@ def test_keys_and_tokens_commands(tmp_path: Path):
 
     from mesh.security.payload import KeyRing
     from mesh.security.state import ensure_state, token_settings
-    from mesh.security.tokens import TokenVerifier, load_secret
+    from mesh.security.token_keys import load_secret
+    from mesh.security.tokens import TokenVerifier
 
     layout = ensure_state(tmp_path / "state", nodes={"echo": ["echo"]}, now=time.time())
     result = CliRunner().invoke(main, ["keys", "curve", "alice", "--dir", str(tmp_path / "k")])

@@ -33,7 +33,8 @@ from mesh.security.credentials import Credentials, load_credentials, save_creden
 from mesh.security.curve import create_keypair, secure_client
 from mesh.security.payload import KeyRing
 from mesh.security.signing import generate_signing_key
-from mesh.security.tokens import TokenIssuer, TokenSettings, generate_private_key, generate_secret, load_secret
+from mesh.security.token_keys import generate_private_key, generate_secret, load_private_key, load_secret
+from mesh.security.tokens import TokenIssuer, TokenSettings
 from mesh.testing import run_broker, run_node
 
 SECRET_TEXT = "s3cr3t-payload-text"
@@ -417,8 +418,6 @@ def test_a_key_added_while_the_broker_runs_is_admitted(mesh, state):
 
 def test_a_broker_verifying_eddsa_tokens_with_a_public_key(state, tmp_path):
     """--token-algorithm EdDSA --token-key PUB: EdDSA tokens pass; an HS256 token keyed with that PEM is refused."""
-    from mesh.security.tokens import load_private_key
-
     generate_private_key(tmp_path / "issuer.key", "EdDSA")
     issuer = TokenIssuer(TokenSettings("EdDSA", "mesh", "mesh"), load_private_key(tmp_path / "issuer.key"))
     args = ["--state", str(state.root), "--token-algorithm", "EdDSA", "--token-key", str(tmp_path / "issuer.pub")]

@@ -15,7 +15,8 @@ from mesh.security.payload import KeyRing
 from mesh.security.policy import load_policy
 from mesh.security.signing import TrustedKeys, load_signing_key, load_verify_key
 from mesh.security.state import StateLayout, ensure_state, issue_token, token_settings
-from mesh.security.tokens import TokenVerifier, load_secret
+from mesh.security.token_keys import load_secret
+from mesh.security.tokens import TokenVerifier
 
 NOW = 1_700_000_000.0
 NODES = {"echo": ["echo"], "kv": ["kv", "kv-admin"]}

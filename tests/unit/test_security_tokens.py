@@ -30,21 +30,23 @@ from mesh.protocol import (
 )
 from mesh.security import tokens
 from mesh.security.revocations import DEFAULT_GRACE_S, Revocations
-from mesh.security.tokens import (
-    Identity,
-    KeySet,
-    TokenIssuer,
-    TokenSettings,
-    TokenVerifier,
+from mesh.security.token_keys import (
     generate_private_key,
     generate_secret,
-    jwk,
     load_jwks,
     load_private_key,
     load_public_key,
     load_secret,
     public_key_path,
     write_jwks,
+)
+from mesh.security.tokens import (
+    Identity,
+    KeySet,
+    TokenIssuer,
+    TokenSettings,
+    TokenVerifier,
+    jwk,
 )
 
 NOW = 1_700_000_000.0
