@@ -43,7 +43,7 @@ def broker_security(
     *,
     min_level: int = 1,
     service_levels: Mapping[str, int] | None = None,
-    max_skew: float = 30.0,
+    max_skew: float = 10.0,
     allow_ips: Iterable[str] = (),
     deny_ips: Iterable[str] = (),
     renew_ttl: float = 3600.0,
