@@ -175,7 +175,7 @@ def _mesh_broker(
     server.run()
 
 
-def _mesh_node(nodes_ep: str, capacity: int, stop: Any) -> None:
+def _mesh_node(nodes_ep: str, capacity: int, stop: Any, creds: Any = None) -> None:
     import threading
 
     from .plugins import load_node
@@ -185,10 +185,10 @@ def _mesh_node(nodes_ep: str, capacity: int, stop: Any) -> None:
     # As many slots as commands in flight, as the raw worker has: the window is the same.
     node.capacity = capacity
     threading.Thread(target=lambda: (stop.wait(), node.stop()), daemon=True).start()
-    node.run(nodes_ep)
+    node.run(nodes_ep, credentials=creds)
 
 
-def _mesh_client(clients_ep: str, s: BenchSettings, start: float, results: Any) -> None:
+def _mesh_client(clients_ep: str, s: BenchSettings, start: float, results: Any, creds: Any = None) -> None:
     from .client import AsyncClient
 
     async def main() -> tuple[int, list[float]]:
@@ -196,7 +196,7 @@ def _mesh_client(clients_ep: str, s: BenchSettings, start: float, results: Any) 
         latencies: list[float] = []
         count = 0
         measure_from, end = start + WARMUP_S, start + WARMUP_S + s.duration
-        async with AsyncClient(clients_ep, timeout=30.0) as client:
+        async with AsyncClient(clients_ep, timeout=30.0, credentials=creds) as client:
 
             async def worker() -> None:
                 nonlocal count
@@ -215,11 +215,11 @@ def _mesh_client(clients_ep: str, s: BenchSettings, start: float, results: Any) 
     results.put(asyncio.run(main()))
 
 
-def _wait_for_echo(clients_ep: str, timeout: float = 15.0) -> None:
+def _wait_for_echo(clients_ep: str, timeout: float = 15.0, creds: Any = None) -> None:
     from .client import Client
     from .protocol import MeshError
 
-    with Client(clients_ep, timeout=2.0, retries=0) as client:
+    with Client(clients_ep, timeout=2.0, retries=0, credentials=creds) as client:
         end = time.time() + timeout
         while time.time() < end:
             try:
@@ -257,15 +257,19 @@ def _measure(kind: str, s: BenchSettings) -> dict[str, Any]:
             c.start()
         outcomes = [results.get(timeout=WARMUP_S + s.duration + 60) for _ in clients]
         _stop(stop, [*clients, worker, broker])
-    count = sum(n for n, _ in outcomes)
-    lat = sorted(x for _, sample in outcomes for x in sample)
+    return _figures(sum(n for n, _ in outcomes), [x for _, sample in outcomes for x in sample], s.duration)
+
+
+def _figures(count: int, latencies: list[float], duration: float) -> dict[str, Any]:
+    """Throughput and latency percentiles (ms) of one run."""
+    lat = sorted(latencies)
 
     def pct(q: float) -> float:
         return lat[min(len(lat) - 1, int(q * len(lat)))] * 1000 if lat else float("nan")
 
     return {
         "commands": count,
-        "throughput": count / s.duration,
+        "throughput": count / duration,
         "latency_ms": {
             "p50": pct(0.50),
             "p95": pct(0.95),

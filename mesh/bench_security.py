@@ -30,9 +30,7 @@ Rules of this module:
 
 from __future__ import annotations
 
-import asyncio
 import multiprocessing as mp
-import statistics
 import tempfile
 import time
 from dataclasses import asdict, dataclass, replace
@@ -40,13 +38,16 @@ from pathlib import Path
 from typing import Any, Final
 
 from .bench import (
-    SAMPLE_LIMIT,
     WARMUP_S,
     BenchSettings,
     _endpoint,
+    _figures,
     _machine,
+    _mesh_client,
+    _mesh_node,
     _ratio,
     _stop,
+    _wait_for_echo,
 )
 from .process import tune_for_serving
 from .security.credentials import Credentials, load_credentials
@@ -127,82 +128,6 @@ def _broker(clients_ep: str, nodes_ep: str, ready: Any, stop: Any, mode: Mode, s
     server.run()
 
 
-def _node(nodes_ep: str, capacity: int, stop: Any, creds: Credentials | None) -> None:
-    import threading
-
-    from .plugins import load_node
-
-    node = load_node("echo")
-    tune_for_serving()  # as `mesh node` does
-    node.capacity = capacity  # as many slots as commands in flight (as in bench.py)
-    threading.Thread(target=lambda: (stop.wait(), node.stop()), daemon=True).start()
-    node.run(nodes_ep, credentials=creds)
-
-
-def _client(clients_ep: str, s: BenchSettings, start: float, results: Any, creds: Credentials | None) -> None:
-    from .client import AsyncClient
-
-    async def main() -> tuple[int, list[float]]:
-        payload = {"data": "x" * s.payload}
-        latencies: list[float] = []
-        count = 0
-        measure_from, end = start + WARMUP_S, start + WARMUP_S + s.duration
-        async with AsyncClient(clients_ep, timeout=30.0, credentials=creds) as client:
-
-            async def worker() -> None:
-                nonlocal count
-                while time.time() < end:
-                    t0 = time.perf_counter()
-                    await client.call("echo", "echo", payload)
-                    t1 = time.perf_counter()
-                    if measure_from <= time.time() < end:
-                        count += 1
-                        if len(latencies) < SAMPLE_LIMIT:
-                            latencies.append(t1 - t0)
-
-            await asyncio.gather(*(worker() for _ in range(s.inflight)))
-        return count, latencies
-
-    results.put(asyncio.run(main()))
-
-
-def _wait_for_echo(clients_ep: str, creds: Credentials | None, timeout: float = STARTUP_S) -> None:
-    from .client import Client
-    from .protocol import MeshError
-
-    with Client(clients_ep, timeout=2.0, retries=0, credentials=creds) as client:
-        end = time.time() + timeout
-        while time.time() < end:
-            try:
-                if "echo" in client.call("mesh", "services"):
-                    return
-            except MeshError:
-                pass
-            time.sleep(0.1)
-    raise RuntimeError("the echo node did not register in time")
-
-
-# -------------------------------------------------------------------- driver
-
-
-def _figures(count: int, lat: list[float], duration: float) -> dict[str, Any]:
-    lat = sorted(lat)
-
-    def pct(q: float) -> float:
-        return lat[min(len(lat) - 1, int(q * len(lat)))] * 1000 if lat else float("nan")
-
-    return {
-        "commands": count,
-        "throughput": count / duration,
-        "latency_ms": {
-            "p50": pct(0.50),
-            "p95": pct(0.95),
-            "p99": pct(0.99),
-            "mean": statistics.fmean(lat) * 1000 if lat else float("nan"),
-        },
-    }
-
-
 def _measure(mode: Mode, s: BenchSettings, peers: _Peers) -> dict[str, Any]:
     ctx = mp.get_context("spawn")
     ready, results, stop = ctx.Queue(), ctx.Queue(), ctx.Event()
@@ -214,13 +139,13 @@ def _measure(mode: Mode, s: BenchSettings, peers: _Peers) -> dict[str, Any]:
             procs.append(broker)
             broker.start()
             front, back = ready.get(timeout=STARTUP_S)
-            node = ctx.Process(target=_node, args=(back, s.clients * s.inflight, stop, peers.node), daemon=True)
+            node = ctx.Process(target=_mesh_node, args=(back, s.clients * s.inflight, stop, peers.node), daemon=True)
             procs.append(node)
             node.start()
-            _wait_for_echo(front, peers.client)
+            _wait_for_echo(front, STARTUP_S, peers.client)
             start = time.time() + 0.5
             clients = [
-                ctx.Process(target=_client, args=(front, s, start, results, peers.client), daemon=True)
+                ctx.Process(target=_mesh_client, args=(front, s, start, results, peers.client), daemon=True)
                 for _ in range(s.clients)
             ]
             procs[:0] = clients  # stopped first, before the node and the broker they use
