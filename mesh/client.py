@@ -2,8 +2,8 @@
 
 Rules of this module:
 
-* One DEALER per client; any number of calls in flight on it, matched to their replies
-  by correlation id.
+* One DEALER per client at a time (a new one replaces it on failover); any number of
+  calls in flight on it, matched to their replies by correlation id.
 * `timeout` is the whole budget of a call, retries included; it travels to the broker as
   the command's deadline, so the mesh gives up when the caller does.
 * Errors that prove the command never started (`RESOURCE_EXHAUSTED`, `UNAVAILABLE`)
@@ -16,6 +16,25 @@ Rules of this module:
   event endpoint, which the broker names in its `mesh.ping` answer.
 * `Client` runs an `AsyncClient` on a private event-loop thread: one implementation,
   and calls from many threads share one connection.
+* Heartbeats (`liveness.py` decides, this loop acts): any message from the broker
+  proves it alive. While calls wait, one interval of silence makes the link suspect and
+  sends one `mesh.ping` (never a second while the first is unanswered); `liveness`
+  intervals make it dead. An idle client sends nothing at all: it has nothing to lose
+  to a dead broker, thousands of idle tools must not keep a broker busy, and its next
+  call finds a dead broker within the same window. `on_state(endpoint, old, new)` and
+  the log report every change.
+* Failover: a dead link is closed (linger 0, its queued messages die with it) and a new
+  DEALER opens to the next endpoint of the list, round robin (the same one again when
+  there is one: a new socket is what reaches a restarted broker). The first pass
+  through the list is immediate; after that attempts back off, doubling from 0.1 s to
+  2 s, +-20 % jitter. Every call still waiting is resent on the new link with the SAME
+  command id, resealed with a fresh timestamp, and keeps its deadline; calls made while
+  no link is open wait for the next one. A command may so run on two brokers (the one
+  that died may have passed it on): at-least-once, like every retry; each call still
+  returns exactly one answer, and replies for calls no longer waiting are counted in
+  `unmatched`. A published event resent this way may be published twice.
+* Subscriptions stay on the event endpoint of the broker the client first asked for
+  it; they do not fail over.
 * With `credentials` (security on) the link is CURVE, every message carries the token
   and is encrypted and signed as the credentials' level says, and replies are
   decrypted. A broker that refuses the CURVE handshake fails every waiting call with
@@ -25,18 +44,29 @@ Rules of this module:
 from __future__ import annotations
 
 import asyncio
+import logging
+import random
 import threading
 import time
 import weakref
-from collections.abc import Callable, Coroutine, Iterator, Mapping
+from collections.abc import Callable, Coroutine, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, Final, TypeVar
 from urllib.parse import urlsplit
 
 import zmq
 
 from .aio import AsyncSocket
+from .liveness import (
+    DEFAULT_INTERVAL,
+    DEFAULT_LIVENESS,
+    LinkState,
+    Liveness,
+    Transition,
+)
 from .protocol import (
     BadFormatError,
+    ConfigurationError,
     DeadlineExceededError,
     ErrorCode,
     MeshError,
@@ -56,7 +86,9 @@ from .security.envelope import Opener, Sealer
 from .sockets import Secure, dealer
 from .subscription import DEFAULT_HWM, AsyncSubscription, Event, Gap
 
-__all__ = ["AsyncClient", "Client", "DEFAULT_TIMEOUT", "AUTO_RETRY"]
+__all__ = ["AUTO_RETRY", "DEFAULT_TIMEOUT", "AsyncClient", "Client", "StateHook"]
+
+log = logging.getLogger("mesh.client")
 
 DEFAULT_TIMEOUT: Final = 30.0
 RETRY_PAUSE: Final = 0.05
@@ -68,30 +100,60 @@ AUTO_RETRY: Final = frozenset({ErrorCode.RESOURCE_EXHAUSTED, ErrorCode.UNAVAILAB
 _REPLIES: Final = frozenset({"response", "error"})
 
 T = TypeVar("T")
+# Called on the client's loop with (endpoint, old state, new state) at each change.
+StateHook = Callable[[str, LinkState, LinkState], None]
+Reply = tuple[dict[str, Any], bytes]
+
+
+@dataclass(slots=True)
+class _Call:
+    """A call waiting for its reply; `frames(now)` builds (and seals) its message, so a
+    resend after failover carries a fresh timestamp and passes the broker's replay check."""
+
+    fut: asyncio.Future[Reply]
+    expires: float  # when to stop waiting: the deadline plus GRACE
+    frames: Callable[[float], list[bytes]]
 
 
 class AsyncClient:
-    """An asyncio client of one broker.
+    """An asyncio client of a broker, failing over between several when given a list.
 
     Args:
-        broker: the broker's client endpoint, e.g. ``tcp://127.0.0.1:5555``.
+        broker: the broker's client endpoint, e.g. ``tcp://127.0.0.1:5555``, or a list
+            of them to fail over between (in order, round robin).
         timeout: default budget of a call in seconds.
         retries: default number of automatic retries (of the errors in `AUTO_RETRY`).
         credentials: keys and token when the mesh runs with security on.
+        heartbeat_interval: seconds of silence, while calls wait, before a heartbeat.
+        liveness: intervals of silence before the broker counts as dead.
+        on_state: called with (endpoint, old, new) when the broker's state changes.
+
+    Raises:
+        ConfigurationError: no endpoint, or the first one is malformed.
+        ValueError: `heartbeat_interval` is not positive or `liveness` is below 2.
     """
 
     def __init__(
         self,
-        broker: str,
+        broker: str | Sequence[str],
         *,
         timeout: float = DEFAULT_TIMEOUT,
         retries: int = 2,
         credentials: Credentials | None = None,
+        heartbeat_interval: float = DEFAULT_INTERVAL,
+        liveness: int = DEFAULT_LIVENESS,
+        on_state: StateHook | None = None,
     ) -> None:
-        self.broker = broker
+        self.brokers: tuple[str, ...] = (broker,) if isinstance(broker, str) else tuple(broker)
+        if not self.brokers:
+            raise ConfigurationError("a client needs at least one broker endpoint")
+        self._index = 0
+        self.broker = self.brokers[0]  # the endpoint of the current link
         self.timeout = timeout
         self.retries = retries
         self.credentials = credentials
+        self.on_state = on_state
+        self._liveness = Liveness(heartbeat_interval, liveness, now=time.monotonic())
         self._watch: HandshakeWatch | None = None
         self._sealer: Sealer | None = None
         self._opener: Opener | None = None
@@ -102,14 +164,23 @@ class AsyncClient:
             self._opener = credentials.opener()
             self._secure = credentials.secure
         self._ctx = zmq.Context()
-        self._sock = dealer(self._ctx, broker, secure=self._watched)
+        self._sock: zmq.Socket | None = dealer(self._ctx, self.broker, secure=self._watched)
         self._conn: AsyncSocket | None = None
-        # command id -> (future of the reply, when to stop waiting for it)
-        self._waiting: dict[str, tuple[asyncio.Future[tuple[dict[str, Any], bytes]], float]] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._waiting: dict[str, _Call] = {}  # by command id
         self._sweeper: asyncio.TimerHandle | None = None
+        self._reconnect: asyncio.TimerHandle | None = None  # a pending failover, backing off
+        self._ping_id: str | None = None  # the heartbeat in flight
+        self._instance: str | None = None  # the broker's start id, from its pongs
         self.unmatched = 0  # replies for calls that were no longer waiting
+        self.failovers = 0  # links opened in place of a dead one
         self._events: str | None = None
         self._subscriptions: weakref.WeakSet[AsyncSubscription] = weakref.WeakSet()  # closed with the client
+
+    @property
+    def broker_state(self) -> LinkState:
+        """Whether the current broker answers: up, suspect or dead (while failing over)."""
+        return self._liveness.state
 
     def _watched(self, sock: zmq.Socket) -> None:
         if self._secure is not None:
@@ -229,12 +300,8 @@ class AsyncClient:
         attempts = 1 + (self.retries if retries is None else retries)
         pause = RETRY_PAUSE
         for attempt in range(attempts):
-            now = time.time()
-            header, body = make_header(now), payload_frame
-            if self._sealer is not None:
-                header, body = self._sealer.seal(unpack_header(header), body, now)
             try:
-                return await self._once(cid, header, body, deadline)
+                return await self._once(cid, lambda now: self._sealed(make_header(now), payload_frame, now), deadline)
             except MeshError as err:
                 left = deadline - time.time()
                 if err.code not in AUTO_RETRY or attempt + 1 >= attempts or left <= pause:
@@ -243,18 +310,24 @@ class AsyncClient:
             pause *= 2
         raise AssertionError("unreachable")  # pragma: no cover
 
-    async def _once(self, cid: str, header: bytes, payload: bytes, deadline: float) -> Any:
+    def _sealed(self, header: bytes, body: bytes, now: float) -> list[bytes]:
+        if self._sealer is not None:
+            header, body = self._sealer.seal(unpack_header(header), body, now)
+        return [header, body]
+
+    async def _once(self, cid: str, frames: Callable[[float], list[bytes]], deadline: float) -> Any:
         loop = asyncio.get_running_loop()
-        conn = self._conn
-        if conn is None:
-            conn = self._conn = AsyncSocket(loop, self._sock, self._on_reply)
+        if self._loop is None:
+            self._loop = loop
+            assert self._sock is not None
+            self._conn = AsyncSocket(loop, self._sock, self._on_reply)
             self._sweeper = loop.call_later(SWEEP_S, self._sweep)
-        if self._watch is not None:
-            self._watch.check()  # a refused handshake fails the call now
-        fut: asyncio.Future[tuple[dict[str, Any], bytes]] = loop.create_future()
-        self._waiting[cid] = (fut, deadline + GRACE)
+            self._ping()  # learn which broker instance this is (see _check_instance)
+        fut: asyncio.Future[Reply] = loop.create_future()
+        self._waiting[cid] = _Call(fut, deadline + GRACE, frames)
         try:
-            conn.send([header, payload])
+            if self._conn is not None:  # None while failing over: the next link sends it
+                self._conn.send(frames(time.time()))
             reply, body = await fut
         finally:
             del self._waiting[cid]
@@ -266,22 +339,51 @@ class AsyncClient:
         return decode_payload(body)
 
     def _on_reply(self, frames: list[bytes]) -> None:
+        # Anything at all from the broker, even a malformed message, proves it alive.
         try:
             if len(frames) != 2:
                 raise BadFormatError("a reply has two frames")
             header = unpack_header(frames[0])
         except MeshError:
+            self._report(self._liveness.heard(time.monotonic()))
             self.unmatched += 1
             return
-        entry = self._waiting.get(header.get("correlation_id", ""))
-        if entry is None or entry[0].done() or header["type"] not in _REPLIES:
+        cid = header.get("correlation_id", "")
+        pong = self._ping_id is not None and cid == self._ping_id
+        self._report(self._liveness.heard(time.monotonic(), pong=pong))
+        if pong:
+            self._ping_id = None
+            self._check_instance(frames[1])
+            return
+        call = self._waiting.get(cid)
+        if call is None or call.fut.done() or header["type"] not in _REPLIES:
             self.unmatched += 1
             return
-        entry[0].set_result((header, frames[1]))
+        call.fut.set_result((header, frames[1]))
+
+    def _check_instance(self, body: bytes) -> None:
+        """A pong from another broker instance (restarted on the same endpoint, which
+        libzmq reconnected to by itself): what the old one held is gone, so resend it."""
+        try:
+            instance = decode_payload(body).get("instance")
+        except (MeshError, AttributeError):
+            return
+        if instance is None:
+            return
+        if self._instance is not None and instance != self._instance and self._conn is not None:
+            log.warning("broker %s restarted; resending %d waiting call(s)", self.broker, len(self._waiting))
+            now = time.time()
+            for call in self._waiting.values():
+                if not call.fut.done():
+                    self._conn.send(call.frames(now))
+        self._instance = instance
 
     def _sweep(self) -> None:
-        """Fail the calls whose broker stayed silent past their deadline (one timer for all),
-        or all of them when the broker refused the handshake."""
+        """Every SWEEP_S: fail the calls whose broker stayed silent past their deadline (one
+        timer for all), or all of them when the broker refused the handshake; then tick
+        the broker's liveness: heartbeat, or fail over."""
+        assert self._loop is not None
+        self._sweeper = self._loop.call_later(SWEEP_S, self._sweep)
         now = time.time()
         refused: MeshError | None = None
         if self._watch is not None:
@@ -289,59 +391,146 @@ class AsyncClient:
                 self._watch.check()
             except MeshError as err:
                 refused = err
-        for fut, expires in list(self._waiting.values()):
-            if refused is not None and not fut.done():
-                fut.set_exception(refused)
-            elif now >= expires and not fut.done():
-                fut.set_exception(
+        for call in list(self._waiting.values()):
+            if refused is not None and not call.fut.done():
+                call.fut.set_exception(refused)
+            elif now >= call.expires and not call.fut.done():
+                call.fut.set_exception(
                     DeadlineExceededError(
                         f"no answer from the broker at {self.broker}", details={"broker": self.broker}
                     )
                 )
+        self._beat()
+
+    def _beat(self) -> None:
+        busy = any(not call.fut.done() for call in self._waiting.values())
+        tick = self._liveness.tick(time.monotonic(), busy=busy)
+        self._report(tick.transitions)
+        if tick.transitions and tick.transitions[-1].new is LinkState.DEAD:
+            self._fail_over()  # once per dead link; the sweeps while backing off wait
+        elif tick.ping and self._conn is not None:
+            self._ping()
+
+    def _ping(self) -> None:
         assert self._conn is not None
-        self._sweeper = self._conn.loop.call_later(SWEEP_S, self._sweep)
+        self._ping_id = pid = new_id()
+        now = time.time()
+        expiry = now + self._liveness.interval * self._liveness.liveness
+        header = encode_command_header("mesh", "ping", id=pid, now=now, deadline=expiry)
+        self._conn.send(self._sealed(header, encode_payload(None), now))
+
+    def _report(self, transitions: list[Transition]) -> None:
+        for old, new in transitions:
+            level = logging.INFO if new is LinkState.UP else logging.WARNING
+            log.log(level, "broker %s is %s (was %s)", self.broker, new, old)
+            if self.on_state is not None:
+                try:
+                    self.on_state(self.broker, old, new)
+                except Exception:  # a caller's hook must not stop the client's timer
+                    log.exception("the on_state hook failed")
+
+    def _close_link(self) -> None:
+        """Close the current socket and its handshake watch; what it still queued is dropped."""
+        if self._watch is not None:
+            self._watch.close()
+            self._watch = None
+        if self._conn is not None:
+            self._conn.close(linger_ms=0)
+        elif self._sock is not None:
+            self._sock.close(linger=0)
+        self._conn = self._sock = None
+        self._ping_id = None
+
+    def _fail_over(self) -> None:
+        assert self._loop is not None
+        self._close_link()
+        self._index = (self._index + 1) % len(self.brokers)
+        delay = self._liveness.retry_delay(len(self.brokers), random.random())
+        if delay > 0:
+            log.warning("no broker of %s answers; next try in %.2f s", list(self.brokers), delay)
+            self._reconnect = self._loop.call_later(delay, self._open_link)
+        else:
+            self._open_link()
+
+    def _open_link(self) -> None:
+        """Connect to the endpoint at `_index` and resend every waiting call to it."""
+        assert self._loop is not None
+        self._reconnect = None
+        for _ in self.brokers:
+            endpoint = self.brokers[self._index]
+            try:
+                self._sock = dealer(self._ctx, endpoint, secure=self._watched)
+                break
+            except ConfigurationError as err:  # a malformed endpoint never works: skip it
+                log.error("cannot fail over to %s: %s", endpoint, err.message)
+                if self._watch is not None:  # made for the socket that did not connect
+                    self._watch.close()
+                    self._watch = None
+                self._index = (self._index + 1) % len(self.brokers)
+        else:  # pragma: no cover - the first endpoint opened in __init__, so one is valid
+            raise ConfigurationError("no broker endpoint can be opened")
+        self.broker = endpoint
+        self.failovers += 1
+        self._conn = conn = AsyncSocket(self._loop, self._sock, self._on_reply)
+        self._report(self._liveness.connected(time.monotonic()))
+        now = time.time()
+        for call in self._waiting.values():
+            if not call.fut.done():
+                conn.send(call.frames(now))
+        self._beat()  # the first heartbeat now: prove the new broker without waiting a tick
 
     async def close(self) -> None:
         """Fail calls still waiting and close the connection."""
-        if self._sweeper is not None:
-            self._sweeper.cancel()
-        for fut, _ in self._waiting.values():
-            if not fut.done():
-                fut.set_exception(UnavailableError("client closed"))
+        for timer in (self._sweeper, self._reconnect):
+            if timer is not None:
+                timer.cancel()
+        for call in self._waiting.values():
+            if not call.fut.done():
+                call.fut.set_exception(UnavailableError("client closed"))
         for sub in list(self._subscriptions):
             await sub.close()
-        if self._watch is not None:
-            self._watch.close()
-        if self._conn is not None:
-            self._conn.close()
-        else:
-            self._sock.close(linger=0)
+        self._close_link()
         self._ctx.term()
 
 
 class Client:
-    """A blocking client of one broker; safe to share between threads.
+    """A blocking client of a broker (or of a list to fail over between); safe to share
+    between threads.
 
     Args:
-        broker: the broker's client endpoint, e.g. ``tcp://127.0.0.1:5555``.
+        broker: the broker's client endpoint, e.g. ``tcp://127.0.0.1:5555``, or a list.
         timeout: default budget of a call in seconds.
         retries: default number of automatic retries (of the errors in `AUTO_RETRY`).
         credentials: keys and token when the mesh runs with security on.
+        heartbeat_interval: seconds of silence, while calls wait, before a heartbeat.
+        liveness: intervals of silence before the broker counts as dead.
+        on_state: called with (endpoint, old, new) at each change, on the client's thread.
     """
 
     def __init__(
         self,
-        broker: str,
+        broker: str | Sequence[str],
         *,
         timeout: float = DEFAULT_TIMEOUT,
         retries: int = 2,
         credentials: Credentials | None = None,
+        heartbeat_interval: float = DEFAULT_INTERVAL,
+        liveness: int = DEFAULT_LIVENESS,
+        on_state: StateHook | None = None,
     ) -> None:
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="mesh-client", daemon=True)
         self._thread.start()
+        options: dict[str, Any] = {
+            "timeout": timeout,
+            "retries": retries,
+            "credentials": credentials,
+            "heartbeat_interval": heartbeat_interval,
+            "liveness": liveness,
+            "on_state": on_state,
+        }
         try:
-            self._inner: AsyncClient = self._run(self._make(broker, timeout, retries, credentials))
+            self._inner: AsyncClient = self._run(self._make(broker, options))
         except BaseException:
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(timeout=5)
@@ -349,8 +538,28 @@ class Client:
             raise
 
     @staticmethod
-    async def _make(broker: str, timeout: float, retries: int, credentials: Credentials | None) -> AsyncClient:
-        return AsyncClient(broker, timeout=timeout, retries=retries, credentials=credentials)
+    async def _make(broker: str | Sequence[str], options: dict[str, Any]) -> AsyncClient:
+        return AsyncClient(broker, **options)
+
+    @property
+    def broker(self) -> str:
+        """The endpoint of the broker the client talks to now."""
+        return self._inner.broker
+
+    @property
+    def broker_state(self) -> LinkState:
+        """Whether the current broker answers: up, suspect or dead (while failing over)."""
+        return self._inner.broker_state
+
+    @property
+    def unmatched(self) -> int:
+        """Replies that came for calls no longer waiting (late, or duplicates)."""
+        return self._inner.unmatched
+
+    @property
+    def failovers(self) -> int:
+        """Links opened in place of a dead one."""
+        return self._inner.failovers
 
     def _run(self, coro: Coroutine[Any, Any, T]) -> T:
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result()

@@ -9,8 +9,21 @@ Rules of this module:
   refused payload is answered `validation failed` naming the field.
 * A handler that raises is answered `internal` (with the exception type, never its
   message or the payload, which may hold secrets) and the node keeps serving.
-* The node registers on start, heartbeats every `heartbeat_interval`, and registers again
-  when the broker says it does not know the node (a restarted broker).
+* The node registers on start, heartbeats every `heartbeat_interval` whatever the
+  broker's state (never faster, so a returning broker is not met by a burst), and
+  registers again when the broker says it does not know the node (a restarted broker).
+  Each heartbeat carries the node's load: in-flight commands, capacity, work waiting for
+  a pool thread, and an exponentially weighted mean of handler time.
+* The node watches its broker with the broker's own table (`PEER_TRANSITIONS`): any
+  message from the broker counts, silence past 1.5 intervals makes it suspect, past 3
+  dead; each change is logged.
+* A command runs at most once while the node remembers its id (`CommandDedupe`: the
+  last `RECENT_COMMANDS` ids, up to `RECENT_COMMAND_S`): a resend of a finished command
+  gets the stored reply with its new envelope, and a resend of a running one gets the
+  first copy's reply when it finishes. Only outcomes of commands whose handler started
+  are stored; refusals (capacity, bad payload, no such action) are not, so a resend of
+  those is judged again. Ids are unique but not secret (`new_id`), so a stored reply is
+  given only to a resend of the same action carrying the same token.
 * With credentials (security on) the link is CURVE; encrypted commands are decrypted
   (and signatures checked, when the credentials require signers) before validation,
   and their replies are encrypted with the same key ring.
@@ -22,11 +35,12 @@ Rules of this module:
 from __future__ import annotations
 
 import asyncio
+import enum
 import inspect
 import logging
 import threading
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Hashable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Any, Final
@@ -63,16 +77,93 @@ from .protocol import (
     unpack_header,
 )
 from .aio import AsyncSocket
+from .broker.core import RecentReplies
+from .broker.registry import PeerEvent, PeerState, advance_peer, silence_event
 from .security.credentials import Credentials
 from .security.envelope import Opener, Sealer
 from .sockets import dealer
 
-__all__ = ["Node", "Action", "Handler"]
+__all__ = ["Node", "Action", "Handler", "CommandDedupe", "Seen"]
 
 log = logging.getLogger("mesh.node")
 
 Handler = Callable[[Any], Any] | Callable[[Any], Awaitable[Any]]
 EXPIRY_S: Final = 0.05
+# How much of each new handler time goes into the reported mean (the rest is history).
+LATENCY_WEIGHT: Final = 0.2
+# Finished commands remembered for resends: this many, this long, this many reply bytes.
+RECENT_COMMANDS: Final = 10_000
+RECENT_COMMAND_S: Final = 300.0
+RECENT_COMMAND_BYTES: Final = 64 * 1024 * 1024
+
+
+class Seen(enum.Enum):
+    """What a node knows of a command id when the command arrives."""
+
+    NEW = "new"  # run it
+    RUNNING = "running"  # a copy runs now; this one gets its reply
+    DONE = "done"  # finished recently; answer with the stored reply
+
+
+class CommandDedupe:
+    """Recent command ids of one node, so that a resent command never runs twice.
+
+    Sans-IO: the loop passes `now` (a monotonic clock) and sends what it is given.
+    Replies are stored without their envelope (the broker's name for the client), which
+    a resend through another broker, or another connection, does not share.
+
+    Args:
+        max_entries, max_age, max_bytes: the bounds of the stored replies, oldest out first.
+    """
+
+    def __init__(
+        self,
+        max_entries: int = RECENT_COMMANDS,
+        max_age: float = RECENT_COMMAND_S,
+        max_bytes: int = RECENT_COMMAND_BYTES,
+    ) -> None:
+        self.replies = RecentReplies(max_entries, max_age, max_bytes)
+        self.running: dict[Hashable, list[bytes]] = {}  # key -> envelopes of resends waiting on it
+
+    def admit(self, cid: Hashable, envelope: bytes, now: float) -> tuple[Seen, list[bytes] | None]:
+        """What to do with command `cid` (its id, or a key naming it) that arrived with `envelope`.
+
+        Returns:
+            (NEW, None): run it, after `start`; (RUNNING, None): nothing now, its reply
+            comes from `finish`; (DONE, frames): send `frames`, the stored reply.
+        """
+        waiting = self.running.get(cid)
+        if waiting is not None:
+            waiting.append(envelope)
+            return Seen.RUNNING, None
+        stored = self.replies.get(cid, now)
+        if stored is not None:
+            return Seen.DONE, [envelope, *stored]
+        return Seen.NEW, None
+
+    def start(self, cid: Hashable) -> None:
+        """Command `cid` (admitted NEW) is running."""
+        self.running[cid] = []
+
+    def finish(self, cid: Hashable, reply: list[bytes], now: float, *, remember: bool) -> list[list[bytes]]:
+        """Command `cid` ended with `reply` ([envelope, header, payload]).
+
+        Args:
+            remember: store the reply for resends (its handler started, so running it
+                again could repeat what it did).
+
+        Returns:
+            The same reply addressed to each resend that waited for it.
+        """
+        waiting = self.running.pop(cid, ())
+        body = reply[1:]
+        if remember:
+            self.replies.put(cid, body, now)
+        return [[envelope, *body] for envelope in waiting]
+
+    def expire(self, now: float) -> None:
+        """Forget stored replies past their age."""
+        self.replies.expire(now)
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,10 +186,24 @@ class _Work:
     header: dict[str, Any]
     payload: bytes
     action: Action | None = None
+    # perf_counter when the handler was called (set by the worker thread); None before.
+    started: float | None = None
 
     @property
     def name(self) -> str:
         return f"{self.header['service']}.{self.header['action']}"
+
+    @property
+    def key(self) -> tuple[str, str, str, Any]:
+        """What names this command for `CommandDedupe`: its id, action and caller's token."""
+        return _command_key(self.header)
+
+
+def _command_key(header: dict[str, Any]) -> tuple[str, str, str, Any]:
+    """Id, service, action and token (None without security) of a command header."""
+    security = header.get("security")
+    token = security.get("token") if isinstance(security, dict) else None
+    return header["id"], header["service"], header["action"], token if isinstance(token, str) else None
 
 
 class Node:
@@ -120,6 +225,7 @@ class Node:
         self._stop = threading.Event()
         self.registered = threading.Event()
         self.in_flight = 0
+        self.latency_ms: float | None = None  # mean handler time, for the heartbeat's load report
         self._wake: Callable[[], None] | None = None
         self._send: Callable[[list[bytes]], None] | None = None  # set while run() runs
         self._opener: Opener | None = None  # set by run() with credentials
@@ -204,7 +310,9 @@ class Node:
         """Run one command to its reply frames (on a worker thread)."""
         try:
             action = self._check(work)
-            result = action.handler(_decode_checked(action, self._open(work)))
+            payload = _decode_checked(action, self._open(work))
+            work.started = time.perf_counter()
+            result = action.handler(payload)
             return self._reply(work, result)
         except BaseException as exc:  # the node keeps serving whatever a handler does
             return self._failure(work, exc)
@@ -217,7 +325,9 @@ class Node:
         """
         try:
             action = self._check(work)
-            result = await action.handler(_decode_checked(action, self._open(work)))  # type: ignore[misc]
+            payload = _decode_checked(action, self._open(work))
+            work.started = time.perf_counter()
+            result = await action.handler(payload)  # type: ignore[misc]
             return self._reply(work, result)
         except asyncio.CancelledError:
             return self._error(work, DeadlineExceededError(f"{work.name} ran past its deadline"))
@@ -325,10 +435,13 @@ class _NodeLoop:
         self.pending_control: dict[str, str] = {}  # command id -> mesh action
         self.stopping = False
         self.running: set[_Work] = set()  # commands taken and not yet answered
-        # At most one heartbeat and one registration are in flight, so a broker outage
-        # does not pile them up to be answered (and re-registered) all at once later.
-        self.beat: tuple[str, float] | None = None  # (command id, monotonic time sent)
+        self.dedupe = CommandDedupe()
+        # Only the newest heartbeat is awaited, and one registration at a time, so an
+        # outage does not leave answers to match (and re-registrations) piling up.
+        self.beat: str | None = None  # id of the heartbeat not answered yet
         self.registering = False
+        self.broker_state = PeerState.UP
+        self.heard_at = time.monotonic()  # the last message from the broker
         # running async handlers: their task and deadline
         self.deadlines: dict[_Work, tuple[asyncio.Task[None], float]] = {}
 
@@ -379,11 +492,36 @@ class _NodeLoop:
             return
         interval = self.node.heartbeat_interval
         now = time.monotonic()
-        if self.beat is None or now - self.beat[1] > 3 * interval:
-            if self.beat is not None:
-                self.pending_control.pop(self.beat[0], None)  # unanswered: the broker was away
-            self.beat = (self._control("heartbeat", {"in_flight": self.node.in_flight}), now)
+        self._watch_broker(now)
+        self.dedupe.expire(now)
+        if self.beat is not None:
+            self.pending_control.pop(self.beat, None)  # unanswered: its answer is ignored
+        self.beat = self._control("heartbeat", self._load())
         self.loop.call_later(interval, self._heartbeat)
+
+    def _load(self) -> dict[str, Any]:
+        """The heartbeat's load report (the broker checks each field)."""
+        node = self.node
+        # Sync commands taken but whose handler has not started: waiting for a thread.
+        queued = sum(1 for w in self.running if w.started is None and w.action is not None and not w.action.is_async)
+        load: dict[str, Any] = {"in_flight": node.in_flight, "capacity": node.capacity, "queued": queued}
+        if node.latency_ms is not None:
+            load["latency_ms"] = round(node.latency_ms, 3)
+        return load
+
+    def _watch_broker(self, now: float) -> None:
+        """Suspect or declare dead a broker silent too long (checked at each heartbeat)."""
+        silence = now - self.heard_at
+        event = silence_event(silence, self.node.heartbeat_interval)
+        if event is not None:
+            self._broker_event(event, f"silent for {silence:.1f} s")
+
+    def _broker_event(self, event: PeerEvent, why: str) -> None:
+        before = self.broker_state
+        self.broker_state = advance_peer(before, event)
+        if self.broker_state is not before:
+            level = logging.INFO if self.broker_state is PeerState.UP else logging.WARNING
+            log.log(level, "broker %s is %s (was %s): %s", self.broker, self.broker_state.value, before.value, why)
 
     def _register(self) -> None:
         if not self.registering:
@@ -413,12 +551,24 @@ class _NodeLoop:
         if work not in self.running:
             return  # already answered when the node stopped
         self.running.discard(work)
-        self.node.in_flight = len(self.running)
+        node = self.node
+        node.in_flight = len(self.running)
+        ran = work.started is not None
+        if ran:
+            ms = (time.perf_counter() - work.started) * 1000.0
+            mean = node.latency_ms
+            node.latency_ms = ms if mean is None else mean + LATENCY_WEIGHT * (ms - mean)
         self.conn.send(frames)
+        for resend in self.dedupe.finish(work.key, frames, time.monotonic(), remember=ran):
+            self.conn.send(resend)
         self._maybe_done()
 
     def _on_broker(self, frames: list[bytes]) -> None:
         node = self.node
+        now = time.monotonic()
+        if self.broker_state is not PeerState.UP:
+            self._broker_event(PeerEvent.HEARD, f"heard after {now - self.heard_at:.1f} s")
+        self.heard_at = now  # any message, even one dropped below, shows the broker is there
         if len(frames) != 3:
             log.warning("dropped a message of %d frames from the broker", len(frames))
             return
@@ -433,10 +583,21 @@ class _NodeLoop:
             return
         if header["type"] != "command":
             return
+        key = _command_key(header)
+        seen, stored = self.dedupe.admit(key, envelope, now)
+        if seen is Seen.DONE:
+            assert stored is not None
+            log.debug("command %s ran already: answered with its stored reply", key[0])
+            self.conn.send(stored)
+            return
+        if seen is Seen.RUNNING:
+            log.debug("command %s is running: the resend gets its reply", key[0])
+            return
         work = _Work(envelope, header, payload, node.actions.get((header["service"], header["action"])))
         if node.in_flight >= node.capacity:
             self.conn.send(node._error(work, ResourceExhaustedError("node is at capacity")))
             return
+        self.dedupe.start(key)
         self.running.add(work)
         node.in_flight = len(self.running)
         if work.action is not None and work.action.is_async:

@@ -6,6 +6,14 @@ Rules of this module:
 * ROUTER sockets are mandatory-routing: a send to a vanished peer raises instead of
   vanishing (`zmq.ZMQError` with EHOSTUNREACH), and the loop reports it to its core.
 * Oversized frames are cut off by libzmq itself (`MAXMSGSIZE`) before Python sees them.
+* DEALERs and ROUTERs run ZMTP heartbeats (`ZMQ_HEARTBEAT_IVL` / `_TIMEOUT` / `_TTL`:
+  a PING every second, the link dropped after 3 s without traffic, and the peer told to
+  drop it after 6 s). That notices a TCP peer that vanished without closing (a pulled
+  cable, a frozen VM), which TCP alone may not for many minutes: a DEALER then
+  reconnects, and a ROUTER forgets the peer, so the next send to it is undeliverable and
+  the broker settles what that peer owed. These pings live inside libzmq and never
+  reach the application; the application's own heartbeats (`mesh.heartbeat`) report
+  whether the *process* at the other end still works.
 * `ZMQError` is turned into `NetworkError`/`ConfigurationError` here, at the boundary.
 """
 
@@ -40,6 +48,9 @@ HWM: Final = 100_000
 # Plain ints: pyzmq's flag enums make every `|` and `&` a Python-level call on the hot path.
 _NOBLOCK: Final = int(zmq.NOBLOCK)
 _MORE_NOBLOCK: Final = int(zmq.SNDMORE) | _NOBLOCK
+HEARTBEAT_IVL_MS: Final = 1000
+HEARTBEAT_TIMEOUT_MS: Final = 3000
+HEARTBEAT_TTL_MS: Final = 6000
 
 
 def recv_frames(sock: zmq.Socket) -> list[bytes]:
@@ -124,6 +135,13 @@ def _common(sock: zmq.Socket, max_message_bytes: int) -> None:
     sock.setsockopt(zmq.MAXMSGSIZE, 2 * max_message_bytes + MAX_HEADER_BYTES)
 
 
+def _heartbeats(sock: zmq.Socket) -> None:
+    """ZMTP pings on `sock`, so a peer gone without a word is dropped (see the module rules)."""
+    sock.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_IVL_MS)
+    sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT_MS)
+    sock.setsockopt(zmq.HEARTBEAT_TTL, HEARTBEAT_TTL_MS)
+
+
 def _attach(
     sock: zmq.Socket, attach: Callable[[str], Any], endpoint: str, verb: str, secure: Secure | None = None
 ) -> zmq.Socket:
@@ -141,13 +159,14 @@ def _attach(
 def router(
     ctx: zmq.Context, endpoint: str, max_message_bytes: int = MAX_MESSAGE_BYTES, secure: Secure | None = None
 ) -> zmq.Socket:
-    """A bound ROUTER with mandatory routing.
+    """A bound ROUTER with mandatory routing and ZMTP heartbeats.
 
     Raises:
         ConfigurationError: the endpoint is malformed or already in use.
     """
     sock = ctx.socket(zmq.ROUTER)
     _common(sock, max_message_bytes)
+    _heartbeats(sock)
     sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
     _prepare_ipc(endpoint)
     return _attach(sock, sock.bind, endpoint, "listen on", secure)
@@ -156,13 +175,14 @@ def router(
 def dealer(
     ctx: zmq.Context, endpoint: str, max_message_bytes: int = MAX_MESSAGE_BYTES, secure: Secure | None = None
 ) -> zmq.Socket:
-    """A DEALER connected to a broker; libzmq reconnects it by itself.
+    """A DEALER connected to a broker, with ZMTP heartbeats; libzmq reconnects it by itself.
 
     Raises:
         ConfigurationError: the endpoint is malformed.
     """
     sock = ctx.socket(zmq.DEALER)
     _common(sock, max_message_bytes)
+    _heartbeats(sock)
     sock.setsockopt(zmq.RECONNECT_IVL, 100)
     sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
     return _attach(sock, sock.connect, endpoint, "connect to", secure)

@@ -8,6 +8,15 @@ Rules of this module:
 * Only header frames are decoded. Payload frames are forwarded as the same bytes objects.
 * Every accepted command is answered exactly once: by its node, or by the broker with an
   error (no handler, deadline, capacity, node lost, shutting down).
+* A resend (same client, same id) never runs twice: one still in flight waits for the
+  first copy's answer; one the broker already answered with its node's reply gets that
+  reply again from `RecentReplies` (bounded by count, age and bytes). Broker-made errors
+  and the node errors that prove the command never started (RESOURCE_EXHAUSTED,
+  UNAVAILABLE, which clients retry by themselves) are not remembered.
+* Every message from a node proves it alive. `tick` makes a node silent past 1.5
+  heartbeat intervals suspect (`mesh.node.suspect`; `pick` then prefers other nodes) and
+  one silent past its liveness window dead (`mesh.node.down`); a suspect node that
+  speaks again is `mesh.node.recovered`. Heartbeats carry the node's load report.
 * Bad input is answered with an error when the sender is known, and counted otherwise;
   it never raises out of this module.
 * With security on (a `BrokerSecurity`), every client message passes the `Gate` first
@@ -31,8 +40,8 @@ Wire shapes (docs/protocol.md has the byte-level spec):
 
 from __future__ import annotations
 
-from collections import Counter, deque
-from collections.abc import Sequence
+from collections import Counter, OrderedDict, deque
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Any, Final
@@ -44,6 +53,7 @@ from ..protocol import (
     CommandState,
     DeadlineExceededError,
     AccessDeniedError,
+    ErrorCode,
     HandlerNotFoundError,
     InternalError,
     MessageTooLargeError,
@@ -69,9 +79,9 @@ from ..protocol import (
 from ..protocol.names import ID_MATCH
 from ..security.gate import Gate, Peer
 from .events import DEFAULT_RULE, EventBus, RetentionRule
-from .registry import NodeInfo, Registry
+from .registry import NodeInfo, PeerEvent, Registry, parse_load, silence_event
 
-__all__ = ["Side", "Outgoing", "BrokerConfig", "Broker", "Command", "ConnectionState"]
+__all__ = ["Side", "Outgoing", "BrokerConfig", "Broker", "Command", "ConnectionState", "RecentReplies"]
 
 SYSTEM_SERVICE: Final = "mesh"
 _REPLY_TYPES: Final = frozenset({"response", "error"})
@@ -79,6 +89,9 @@ CLIENT_IDLE_S: Final = 300.0  # a client with nothing pending, silent this long,
 CLIENT_SWEEP_S: Final = 10.0
 _NODE_ACTIONS: Final = frozenset({"register", "unregister", "heartbeat"})
 _NOBODY: Final = Peer()
+# Node errors that prove the command never ran: clients resend these with the same id
+# (see client.AUTO_RETRY), so remembering them would turn every retry into the refusal.
+_NEVER_STARTED: Final = frozenset({int(ErrorCode.RESOURCE_EXHAUSTED), int(ErrorCode.UNAVAILABLE)})
 
 
 class Side(IntEnum):
@@ -103,6 +116,10 @@ class BrokerConfig:
     max_topics: int = 10_000
     max_retained_bytes: int = 64 * 1024 * 1024
     event_hwm: int = 10_000  # events queued per subscriber before it starts missing some
+    # Answered commands remembered for resends: this many, this long, this many bytes.
+    recent_replies: int = 10_000
+    recent_reply_s: float = 60.0
+    recent_reply_bytes: int = 64 * 1024 * 1024
 
 
 @dataclass(slots=True)
@@ -128,6 +145,59 @@ class ConnectionState:
     pending_commands: set[Any] = field(default_factory=set)
     message_count: int = 0
     last_activity: float = 0.0
+
+
+class RecentReplies:
+    """The replies to recently finished commands, so that a resend gets the same answer.
+
+    Bounded three ways, oldest first: at most `max_entries` replies, none older than
+    `max_age` seconds, at most `max_bytes` of frames (a reply larger than that is not
+    kept). Frames are kept as the same bytes objects, never copied. Time comes in as
+    `now`; entries are ordered by when they were stored, so a clock that steps back
+    only delays their expiry.
+    """
+
+    def __init__(self, max_entries: int, max_age: float, max_bytes: int) -> None:
+        self.max_entries = max_entries
+        self.max_age = max_age
+        self.max_bytes = max_bytes
+        self._items: OrderedDict[Hashable, tuple[float, list[bytes], int]] = OrderedDict()
+        self.bytes = 0
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def get(self, key: Hashable, now: float) -> list[bytes] | None:
+        """The frames stored for `key`, unless they are older than `max_age`."""
+        item = self._items.get(key)
+        if item is None or now - item[0] > self.max_age:
+            return None
+        return item[1]
+
+    def put(self, key: Hashable, frames: list[bytes], now: float) -> None:
+        """Remember `frames` for `key` (replacing what was there), then trim to the bounds."""
+        items = self._items
+        old = items.pop(key, None)
+        if old is not None:
+            self.bytes -= old[2]
+        size = sum(map(len, frames))
+        if size > self.max_bytes:
+            return
+        items[key] = (now, frames, size)
+        self.bytes += size
+        while len(items) > self.max_entries or self.bytes > self.max_bytes:
+            self.bytes -= items.popitem(last=False)[1][2]
+
+    def expire(self, now: float) -> None:
+        """Forget the replies older than `max_age`."""
+        items = self._items
+        limit = now - self.max_age
+        while items:
+            key, (stored, _, size) = next(iter(items.items()))
+            if stored >= limit:
+                break
+            del items[key]
+            self.bytes -= size
 
 
 @dataclass(slots=True)
@@ -170,6 +240,9 @@ class Broker:
         )
         self.events_endpoint: str | None = None  # told to clients by mesh.ping (set by the loop)
         self._published: list[list[bytes]] = []  # for subscribers, until the loop takes them
+        self.recent = RecentReplies(
+            self.config.recent_replies, self.config.recent_reply_s, self.config.recent_reply_bytes
+        )
 
     def take_published(self) -> list[list[bytes]]:
         """The messages for subscribers (events, sync markers) since the last call, in order."""
@@ -222,6 +295,11 @@ class Broker:
             # The client resent a command still in flight: the first copy will answer.
             self.counters["duplicates"] += 1
             return []
+        answered = self.recent.get(key, now)
+        if answered is not None:
+            # Answered already (the reply was lost, or the client gave up and resent it).
+            self.counters["replayed"] += 1
+            return [(Side.CLIENT, ident, answered)]
         if self.draining:
             return self._refuse(ident, cid, UnavailableError("broker is shutting down"), now)
         deadline = header.get("deadline")
@@ -351,6 +429,8 @@ class Broker:
         link = self._touch(self.node_links, ident, now)
         node = self.registry.nodes.get(ident)
         if node is not None:
+            if node.suspect:
+                self._node_recovered(node, now)
             node.last_seen = now
         try:
             header = self._decode(frames, 3)
@@ -406,13 +486,17 @@ class Broker:
         else:
             if node is not None:
                 node.completed += 1
+            answer = [frames[1], frames[2]]
             if mtype == "response":
                 self._finish(cmd, CommandEvent.RESPOND)
+                self.recent.put(key, answer, now)
             else:
                 self._finish(cmd, CommandEvent.FAIL)
                 code = header["error"]["code"] if "error" in header else 0
                 self._command_failed(cmd.id, cmd.service, cmd.action, code, now)
-            out.append((Side.CLIENT, envelope, [frames[1], frames[2]]))
+                if code not in _NEVER_STARTED:
+                    self.recent.put(key, answer, now)
+            out.append((Side.CLIENT, envelope, answer))
         if node is not None:
             out.extend(self._drain_queues(node))
         return out
@@ -477,7 +561,8 @@ class Broker:
     ) -> Any:
         action = header.action
         if action == "ping":
-            return {"pong": True, "broker": self.config.name, "time": now, "events": self.events_endpoint}
+            return {"pong": True, "broker": self.config.name, "time": now, "events": self.events_endpoint,
+                    "instance": self.events.epoch}
         if action == "services":
             return self.registry.describe()
         if action == "stats":
@@ -511,7 +596,10 @@ class Broker:
                 del self.node_links[ident]
             return {"unregistered": True}
         if side is Side.NODE and action == "heartbeat":
-            return {"known": ident in self.registry.nodes}
+            node = self.registry.nodes.get(ident)
+            if node is not None:
+                self._take_load(node, payload)
+            return {"known": node is not None}
         if action in _NODE_ACTIONS:
             raise AccessDeniedError(f"mesh.{action} is for handler nodes", details={"action": action})
         raise HandlerNotFoundError(
@@ -543,6 +631,17 @@ class Broker:
         self.counters["tokens_revoked"] += 1
         return {"revoked": request["jti"]}
 
+    def _take_load(self, node: NodeInfo, payload: bytes) -> None:
+        """Keep the valid part of a heartbeat's load report; count a bad one, never refuse it."""
+        try:
+            load, bad = parse_load(decode_payload(payload))
+        except MeshError:
+            load, bad = {}, ["payload"]
+        if bad:
+            self.counters["bad_load_reports"] += 1
+        if load:
+            node.report_load(load)
+
     def _after_registry_change(self, ident: bytes, now: float) -> list[Outgoing]:
         """After a node (re)registers or leaves: feed it queued work, fail what nobody offers."""
         node = self.registry.nodes.get(ident)
@@ -571,9 +670,9 @@ class Broker:
                 ]
                 for ident in idle:
                     del table[ident]
+        self.recent.expire(now)
         out: list[Outgoing] = []
-        silent = [n.identity for n in self.registry.nodes.values() if now - n.last_seen > n.liveness]
-        for ident in silent:
+        for ident in self._check_health(now):
             self.counters["nodes_expired"] += 1
             out.extend(self._lose_node(ident, set(), now, "silent"))
         expired = [c for c in self.commands.values() if c.deadline <= now]
@@ -595,6 +694,31 @@ class Broker:
                 )
             )
         return out
+
+    def _check_health(self, now: float) -> list[bytes]:
+        """Mark nodes silent past 1.5 intervals suspect; return those past their liveness window.
+
+        A node that goes from up to dead in one tick (the loop was held up) is announced
+        down only, not suspect first.
+        """
+        dead: list[bytes] = []
+        for node in self.registry.nodes.values():
+            silence = now - node.last_seen
+            event = silence_event(silence, node.interval)
+            if event is PeerEvent.SILENT:
+                node.observe(event)
+                dead.append(node.identity)
+            elif event is PeerEvent.QUIET and not node.suspect:
+                node.observe(event)
+                self.counters["nodes_suspected"] += 1
+                self._emit("mesh.node.suspect", {**_health_view(node), "silent_s": round(silence, 3)}, now)
+        return dead
+
+    def _node_recovered(self, node: NodeInfo, now: float) -> None:
+        """A suspect node spoke again: it is up, and routing treats it as any other."""
+        node.observe(PeerEvent.HEARD)
+        self.counters["nodes_recovered"] += 1
+        self._emit("mesh.node.recovered", {**_health_view(node), "silent_s": round(now - node.last_seen, 3)}, now)
 
     def undeliverable(
         self,
@@ -759,6 +883,8 @@ class Broker:
             "in_flight": len(self.commands),
             "queued": self.queued,
             "nodes": len(self.registry.nodes),
+            "suspect_nodes": sum(1 for n in self.registry.nodes.values() if n.suspect),
+            "recent_replies": len(self.recent),
             "clients": len(self.clients),
             "events": self.events.stats(),
             **({"security": self.security.gate.stats()} if self.security is not None else {}),
@@ -776,6 +902,11 @@ def _readable_id(frames: Sequence[bytes]) -> str | None:
 def _node_view(node: NodeInfo) -> dict[str, Any]:
     """What lifecycle events say about a node: names and numbers, nothing secret."""
     return {"node": node.name, "id": node.identity.hex(), "capacity": node.capacity, "services": sorted(node.services)}
+
+
+def _health_view(node: NodeInfo) -> dict[str, Any]:
+    """What health events say about a node: its name, id and heartbeat interval."""
+    return {"node": node.name, "id": node.identity.hex(), "interval": node.interval}
 
 
 def _ran_on(cmd: Command, ident: bytes) -> bool:

@@ -3,27 +3,114 @@
 Rules of this module:
 
 * A node registers all of its services at once; registering again replaces them.
-* `pick()` returns the least-loaded node (in-flight / capacity) that offers the action
-  and has room, so a node's capacity is never exceeded; ties go round-robin.
+* `pick()` returns a node that offers the action and has room, so a node's capacity is
+  never exceeded. It prefers, in order: a node that is not suspect, the least load
+  (in-flight / capacity), the lower reported handler latency (in coarse bands, so
+  nodes that differ only by noise still share work), then round-robin.
+* A node's health (`PeerState`) changes only through `PEER_TRANSITIONS`: silence past
+  `SUSPECT_MISSES` heartbeat intervals makes it suspect, past `LIVENESS_MISSES` dead,
+  and any message makes it up again. Nodes use the same table for their broker.
+* Load reports (`parse_load`) keep the fields that are valid and name the others; a
+  bad report never fails the heartbeat that carried it.
 * The registry holds no sockets and reads no clock.
 """
 
 from __future__ import annotations
 
+import enum
 import itertools
+import math
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-from ..protocol import ValidationFailedError, check_name
+from ..protocol import InvalidStateError, ValidationFailedError, check_name
 
-__all__ = ["ActionSpec", "NodeInfo", "Registry", "parse_registration", "MAX_CAPACITY"]
+__all__ = [
+    "ActionSpec",
+    "NodeInfo",
+    "Registry",
+    "parse_registration",
+    "parse_load",
+    "PeerState",
+    "PeerEvent",
+    "PEER_TRANSITIONS",
+    "advance_peer",
+    "silence_event",
+    "MAX_CAPACITY",
+    "LIVENESS_MISSES",
+    "SUSPECT_MISSES",
+]
 
 MAX_CAPACITY: Final = 10_000
 MAX_DESCRIPTION: Final = 4096
 DEFAULT_HEARTBEAT_S: Final = 1.0
 # A node silent for this many of its heartbeat intervals is dead (any message counts).
 LIVENESS_MISSES: Final = 3
+# ... and suspect past this many: one heartbeat missed, with half an interval of grace,
+# because a heartbeat timer always fires a little late and a healthy node must not flap.
+SUSPECT_MISSES: Final = 1.5
+MAX_QUEUED: Final = 1_000_000
+MAX_LATENCY_MS: Final = 86_400_000.0  # a day: anything longer is a broken clock
+# Latency bands per doubling: nodes within about 19 % of each other tie on latency.
+LATENCY_BANDS_PER_DOUBLING: Final = 4
+
+
+class PeerState(str, enum.Enum):
+    """How a peer's silence looks from this side of the link (values as the monitor shows them)."""
+
+    UP = "up"
+    SUSPECT = "suspect"
+    DEAD = "dead"
+
+
+class PeerEvent(str, enum.Enum):
+    HEARD = "heard"  # any message from the peer
+    QUIET = "quiet"  # silent past SUSPECT_MISSES intervals
+    SILENT = "silent"  # silent past LIVENESS_MISSES intervals
+
+
+P, V = PeerState, PeerEvent
+
+# DEAD -> UP is for a node watching its broker: the broker may come back, and the node
+# keeps heartbeating for that. The broker forgets a dead node, which must register again.
+PEER_TRANSITIONS: Final[dict[tuple[PeerState, PeerEvent], PeerState]] = {
+    (P.UP, V.HEARD): P.UP,
+    (P.UP, V.QUIET): P.SUSPECT,
+    (P.UP, V.SILENT): P.DEAD,  # a late tick may skip suspect
+    (P.SUSPECT, V.HEARD): P.UP,
+    (P.SUSPECT, V.QUIET): P.SUSPECT,
+    (P.SUSPECT, V.SILENT): P.DEAD,
+    (P.DEAD, V.HEARD): P.UP,
+    (P.DEAD, V.QUIET): P.DEAD,
+    (P.DEAD, V.SILENT): P.DEAD,
+}
+
+del P, V
+
+
+def advance_peer(state: PeerState, event: PeerEvent) -> PeerState:
+    """The state after `event`.
+
+    Raises:
+        InvalidStateError: the table has no entry for (state, event).
+    """
+    try:
+        return PEER_TRANSITIONS[(state, event)]
+    except KeyError:
+        raise InvalidStateError(
+            f"a peer that is {state.value} cannot take {event.value}",
+            details={"state": state.value, "event": event.value},
+        ) from None
+
+
+def silence_event(silence: float, interval: float) -> PeerEvent | None:
+    """What `silence` seconds mean for a peer heartbeating every `interval` (None: nothing yet)."""
+    if silence > LIVENESS_MISSES * interval:
+        return PeerEvent.SILENT
+    if silence > SUSPECT_MISSES * interval:
+        return PeerEvent.QUIET
+    return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,11 +133,17 @@ class NodeInfo:
     registered_at: float
     last_seen: float
     liveness: float  # seconds of silence after which the node counts as dead
+    interval: float = DEFAULT_HEARTBEAT_S
     # Replies the node still owes, shared with the broker's view of its link, so that
     # capacity counts what the node is really running, across re-registrations too.
     owed: set[Any] = field(default_factory=set)
     completed: int = 0
     order: int = 0
+    state: PeerState = PeerState.UP
+    suspect: bool = False  # state is SUSPECT, kept as a flag for pick()'s hot loop
+    # The node's own last load report (`parse_load`); None until it sends one.
+    reported: dict[str, float] | None = None
+    latency_band: int = 0  # pick()'s view of reported latency_ms; 0 (best) until reported
 
     @property
     def in_flight(self) -> int:
@@ -59,6 +152,21 @@ class NodeInfo:
     @property
     def load(self) -> float:
         return len(self.owed) / self.capacity
+
+
+    def observe(self, event: PeerEvent) -> PeerState:
+        """Apply a health event; returns the state before it."""
+        before = self.state
+        self.state = advance_peer(before, event)
+        self.suspect = self.state is PeerState.SUSPECT
+        return before
+
+    def report_load(self, load: dict[str, float]) -> None:
+        """Keep the valid fields of a load report (see `parse_load`)."""
+        self.reported = {**(self.reported or {}), **load}
+        latency = load.get("latency_ms")
+        if latency is not None:
+            self.latency_band = int(LATENCY_BANDS_PER_DOUBLING * math.log2(1.0 + latency))
 
 
 @dataclass(slots=True)
@@ -121,6 +229,41 @@ def parse_registration(payload: Any) -> _Registration:
     return reg
 
 
+def parse_load(payload: Any) -> tuple[dict[str, float], list[str]]:
+    """The valid fields of a node's heartbeat load report, and the names of the bad ones.
+
+    Fields (all optional): `in_flight` (0..MAX_CAPACITY), `capacity` (1..MAX_CAPACITY),
+    `queued` (0..MAX_QUEUED) and `latency_ms` (a finite number, 0..MAX_LATENCY_MS).
+    A payload that is not a map is one bad field named "payload"; None is no report.
+    """
+    if payload is None:
+        return {}, []
+    if not isinstance(payload, dict):
+        return {}, ["payload"]
+    good: dict[str, float] = {}
+    bad: list[str] = []
+    for name, low, high in (("in_flight", 0, MAX_CAPACITY), ("capacity", 1, MAX_CAPACITY), ("queued", 0, MAX_QUEUED)):
+        value = payload.get(name)
+        if value is None:
+            continue
+        if isinstance(value, int) and not isinstance(value, bool) and low <= value <= high:
+            good[name] = value
+        else:
+            bad.append(name)
+    latency = payload.get("latency_ms")
+    if latency is not None:
+        if (
+            isinstance(latency, (int, float))
+            and not isinstance(latency, bool)
+            and math.isfinite(latency)
+            and 0.0 <= latency <= MAX_LATENCY_MS
+        ):
+            good["latency_ms"] = float(latency)
+        else:
+            bad.append("latency_ms")
+    return good, bad
+
+
 class Registry:
     """Live nodes and the (service, action) pairs each one offers."""
 
@@ -146,6 +289,7 @@ class Registry:
             registered_at=now,
             last_seen=now,
             liveness=LIVENESS_MISSES * reg.heartbeat_interval,
+            interval=reg.heartbeat_interval,
             owed=owed if owed is not None else set(),
         )
         self.nodes[identity] = node
@@ -184,15 +328,23 @@ class Registry:
         return (service, action) in self._by_action
 
     def pick(self, service: str, action: str) -> NodeInfo | None:
-        """Least-loaded node with room for one more command, or None if all are full."""
+        """The best node with room for one more command (see the module rules), or None.
+
+        A suspect node still gets work when no other has room: it may only be slow.
+        On the hot path: one tuple per candidate, attributes read once.
+        """
         best: NodeInfo | None = None
+        best_key: tuple[bool, float, int, int] | None = None
         for node in self._by_action.get((service, action), ()):
-            if node.in_flight >= node.capacity:
+            running = len(node.owed)
+            capacity = node.capacity
+            if running >= capacity:
                 continue
-            if best is None or (node.load, node.order) < (best.load, best.order):
-                best = node
+            key = (node.suspect, running / capacity, node.latency_band, node.order)
+            if best_key is None or key < best_key:
+                best, best_key = node, key
         if best is not None:
-            best.order = next(self._order)  # rotate among equally loaded nodes
+            best.order = next(self._order)  # rotate among otherwise equal nodes
         return best
 
     def actions_of(self, node: NodeInfo) -> Iterator[tuple[str, str]]:

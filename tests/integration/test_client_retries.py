@@ -40,9 +40,12 @@ class ScriptedBroker:
             if not self.sock.poll(5000):
                 return
             ident, header, _payload = self.sock.recv_multipart()
+            cmd = decode_header(header)
+            if cmd.service == "mesh":  # the client's heartbeat: answered, not scripted
+                self.sock.send_multipart([ident, encode_header(response_to(cmd, now=time.time())), encode_payload({"pong": True})])
+                continue
             self.ids.append(unpack_header(header)["id"])
             outcome = self.outcomes.pop(0)
-            cmd = decode_header(header)
             if isinstance(outcome, Exception):
                 frames = [encode_header(error_header(outcome, now=time.time(), correlation_id=cmd.id)), b"\xc0"]
             else:

@@ -253,7 +253,7 @@ def test_ping_is_answered_by_the_broker(broker: Broker) -> None:
     """`mesh.ping` from a client is answered by the broker itself."""
     h, p = system(broker, CLIENT, "ping", now=7.0)
     assert h.type is MessageType.RESPONSE
-    assert p == {"pong": True, "broker": "b1", "time": 7.0, "events": None}
+    assert p == {"pong": True, "broker": "b1", "time": 7.0, "events": None, "instance": broker.events.epoch}
 
 
 def test_services_lists_every_action_with_schema_and_description(broker: Broker) -> None:

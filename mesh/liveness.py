@@ -1,0 +1,213 @@
+"""Whether the broker at the other end of a link still answers: a sans-IO state machine.
+
+Rules of this module:
+
+* Time comes in as `now` (a monotonic clock); nothing here reads a clock, opens a
+  socket or sleeps. The client loop feeds it what it hears and ticks it.
+* Any message from the broker proves it alive (`heard`). Silence only counts while the
+  client is waiting for something (`tick(now, busy=True)`): an idle client asks the
+  broker nothing, so its silence says nothing, and the clock is held at `now`.
+* After one `interval` of silence the link is `SUSPECT` and one heartbeat is due; after
+  `liveness` intervals it is `DEAD`. At most one heartbeat is in flight per link: a
+  second one is never queued behind an unanswered first, so a broker that comes back
+  is not met by a pile of pings. A new link (`connected`) starts `SUSPECT` with one
+  heartbeat due, to prove the new broker quickly.
+* Every state change is a transition in `TRANSITIONS`; an event with no entry for the
+  current state is a bug in the caller and raises `InvalidStateError`.
+* `backoff_delay` spaces reconnections: none while the list of brokers has not been
+  tried through once since the last one answered, then doubling and capped, with
+  jitter so that clients of one broker do not all come back at the same instant.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Final, NamedTuple
+
+from .protocol import InvalidStateError
+
+__all__ = [
+    "BACKOFF_BASE",
+    "BACKOFF_CAP",
+    "BACKOFF_JITTER",
+    "DEFAULT_INTERVAL",
+    "DEFAULT_LIVENESS",
+    "TRANSITIONS",
+    "LinkEvent",
+    "LinkState",
+    "Liveness",
+    "Tick",
+    "Transition",
+    "backoff_delay",
+]
+
+DEFAULT_INTERVAL: Final = 1.0
+DEFAULT_LIVENESS: Final = 3
+BACKOFF_BASE: Final = 0.1
+BACKOFF_CAP: Final = 2.0
+BACKOFF_JITTER: Final = 0.2
+
+
+class LinkState(enum.StrEnum):
+    UP = "up"
+    SUSPECT = "suspect"
+    DEAD = "dead"
+
+
+class LinkEvent(enum.Enum):
+    HEARD = "heard"  # a message came from the broker
+    QUIET = "quiet"  # one interval of silence while busy
+    LOST = "lost"  # `liveness` intervals of silence while busy
+    CONNECTED = "connected"  # the caller replaced the dead link with a new one
+
+
+TRANSITIONS: Final[dict[tuple[LinkState, LinkEvent], LinkState]] = {
+    (LinkState.UP, LinkEvent.HEARD): LinkState.UP,
+    (LinkState.UP, LinkEvent.QUIET): LinkState.SUSPECT,
+    (LinkState.SUSPECT, LinkEvent.HEARD): LinkState.UP,
+    (LinkState.SUSPECT, LinkEvent.LOST): LinkState.DEAD,
+    (LinkState.DEAD, LinkEvent.CONNECTED): LinkState.SUSPECT,
+}
+
+
+class Transition(NamedTuple):
+    old: LinkState
+    new: LinkState
+
+
+class Tick(NamedTuple):
+    """What the caller should do now: report `transitions` (in order), send a heartbeat
+    when `ping` is true, and replace the link when the last transition is to `DEAD`."""
+
+    transitions: list[Transition]
+    ping: bool
+
+
+class Liveness:
+    """The liveness of one link at a time (the client's current broker).
+
+    Args:
+        interval: seconds of silence before the link is suspect and a heartbeat goes out.
+        liveness: intervals of silence before the link is dead.
+        now: the time the link was opened.
+        state: the state to start in; a first link starts `UP` (nothing was asked yet).
+
+    Raises:
+        ValueError: `interval` is not positive or `liveness` is below 2 (a link must be
+            suspect, and pinged, before it can be dead).
+    """
+
+    def __init__(
+        self,
+        interval: float = DEFAULT_INTERVAL,
+        liveness: int = DEFAULT_LIVENESS,
+        *,
+        now: float,
+        state: LinkState = LinkState.UP,
+    ) -> None:
+        if interval <= 0:
+            raise ValueError("the heartbeat interval must be positive")
+        if liveness < 2:
+            raise ValueError("liveness must be at least 2 intervals")
+        self.interval = interval
+        self.liveness = liveness
+        self.state = state
+        self.quiet_since = now
+        self.ping_in_flight = False
+        self.failures = 0  # links declared dead since a broker last answered
+
+    def _apply(self, event: LinkEvent, out: list[Transition]) -> None:
+        try:
+            new = TRANSITIONS[(self.state, event)]
+        except KeyError:
+            raise InvalidStateError(
+                f"a link that is {self.state} cannot take {event.value}",
+                details={"state": str(self.state), "event": event.value},
+            ) from None
+        if new is not self.state:
+            out.append(Transition(self.state, new))
+            self.state = new
+
+    def heard(self, now: float, *, pong: bool = False) -> list[Transition]:
+        """A message came from the broker; `pong` when it answers our heartbeat.
+
+        Returns:
+            The state change it caused (to `UP`), if any.
+        """
+        out: list[Transition] = []
+        self._apply(LinkEvent.HEARD, out)
+        self.quiet_since = now
+        self.failures = 0
+        if pong:
+            self.ping_in_flight = False
+        return out
+
+    def tick(self, now: float, *, busy: bool) -> Tick:
+        """Advance the clock; `busy` when calls wait for the broker.
+
+        A late tick (the loop was held up) may take the link from `UP` to `DEAD` at once;
+        both transitions are returned, in order.
+        """
+        out: list[Transition] = []
+        if not busy or self.state is LinkState.DEAD:
+            # Nothing asked, nothing owed: silence now is no sign of anything.
+            self.quiet_since = now
+            return Tick(out, False)
+        silent = now - self.quiet_since
+        if self.state is LinkState.UP and silent >= self.interval:
+            self._apply(LinkEvent.QUIET, out)
+        if self.state is LinkState.SUSPECT and silent >= self.interval * self.liveness:
+            self._apply(LinkEvent.LOST, out)
+            self.failures += 1
+            self.ping_in_flight = False  # it went down with the link
+            return Tick(out, False)
+        ping = self.state is LinkState.SUSPECT and not self.ping_in_flight
+        if ping:
+            self.ping_in_flight = True
+        return Tick(out, ping)
+
+    def connected(self, now: float) -> list[Transition]:
+        """The caller opened a new link in place of the dead one; it starts `SUSPECT`,
+        with its silence counted from `now` and one heartbeat due at the next tick."""
+        out: list[Transition] = []
+        self._apply(LinkEvent.CONNECTED, out)
+        self.quiet_since = now
+        self.ping_in_flight = False
+        return out
+
+    def retry_delay(self, endpoints: int, rand: float, *, base: float = BACKOFF_BASE, cap: float = BACKOFF_CAP,
+                    jitter: float = BACKOFF_JITTER) -> float:
+        """Seconds to wait before opening the next link; see `backoff_delay`."""
+        return backoff_delay(self.failures, endpoints, rand, base=base, cap=cap, jitter=jitter)
+
+
+def backoff_delay(
+    failures: int,
+    endpoints: int,
+    rand: float,
+    *,
+    base: float = BACKOFF_BASE,
+    cap: float = BACKOFF_CAP,
+    jitter: float = BACKOFF_JITTER,
+) -> float:
+    """How long to wait before the next connection attempt.
+
+    The first pass through the list is immediate: the next broker is likely alive, and
+    every moment waited is a stall the caller sees. Once every endpoint has failed in a
+    row, the pause starts at `base` and doubles per failure up to `cap`.
+
+    Args:
+        failures: links declared dead in a row (since a broker last answered).
+        endpoints: how many brokers the client knows.
+        rand: a number in [0, 1) from the caller's random source (the jitter).
+        base, cap: the first pause and the largest, in seconds.
+        jitter: the pause varies by this fraction either way.
+
+    Returns:
+        Seconds to wait; 0 while the list has not been tried through once.
+    """
+    beyond = failures - endpoints  # failures past the first full pass
+    if beyond < 0:
+        return 0.0
+    pause = min(cap, base * 2.0 ** min(beyond, 32))
+    return pause * (1.0 - jitter + 2.0 * jitter * rand)

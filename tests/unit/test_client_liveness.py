@@ -1,0 +1,138 @@
+"""The client's view of its broker, up -> suspect -> dead, driven by a fake clock (no sockets)."""
+
+from __future__ import annotations
+
+import pytest
+
+from mesh.liveness import (
+    TRANSITIONS,
+    LinkEvent,
+    LinkState,
+    Liveness,
+    Transition,
+    backoff_delay,
+)
+from mesh.protocol import InvalidStateError
+from mesh.testing import FakeClock
+
+UP, SUSPECT, DEAD = LinkState.UP, LinkState.SUSPECT, LinkState.DEAD
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+def make(clock: FakeClock, state: LinkState = UP) -> Liveness:
+    return Liveness(1.0, 3, now=clock.now, state=state)
+
+
+def test_silence_while_busy_goes_suspect_then_dead(clock):
+    """One interval of silence: suspect and one ping; three: dead."""
+    lv = make(clock)
+    assert lv.tick(clock.advance(0.9), busy=True) == ([], False)
+    assert lv.tick(clock.advance(0.1), busy=True) == ([Transition(UP, SUSPECT)], True)
+    assert lv.tick(clock.advance(1.0), busy=True) == ([], False)
+    assert lv.tick(clock.advance(0.99), busy=True) == ([], False)
+    assert lv.tick(clock.advance(0.01), busy=True) == ([Transition(SUSPECT, DEAD)], False)
+    assert lv.state is DEAD and lv.failures == 1
+
+
+def test_an_idle_client_never_pings_and_never_declares_the_broker_dead(clock):
+    """Silence while nothing waits is no sign: no ping, no transition, however long."""
+    lv = make(clock)
+    for _ in range(100):
+        assert lv.tick(clock.advance(1.0), busy=False) == ([], False)
+    assert lv.state is UP
+    # The silence of a call starts when the call does, not at the last reply before the idle time.
+    assert lv.tick(clock.advance(0.5), busy=True) == ([], False)
+
+
+def test_any_message_resets_the_silence(clock):
+    """Replies keep the link up without a single heartbeat."""
+    lv = make(clock)
+    for _ in range(10):
+        clock.advance(0.9)
+        assert lv.heard(clock.now) == []
+        assert lv.tick(clock.now, busy=True) == ([], False)
+    assert lv.state is UP
+
+
+def test_at_most_one_heartbeat_is_in_flight(clock):
+    """Suspect again after other traffic, the unanswered ping is not followed by a second."""
+    lv = make(clock)
+    assert lv.tick(clock.advance(1.0), busy=True).ping
+    assert lv.heard(clock.advance(0.1)) == [Transition(SUSPECT, UP)]  # not the pong
+    assert lv.tick(clock.advance(1.0), busy=True) == ([Transition(UP, SUSPECT)], False)
+    assert lv.heard(clock.advance(0.1), pong=True) == [Transition(SUSPECT, UP)]
+    assert lv.tick(clock.advance(1.0), busy=True) == ([Transition(UP, SUSPECT)], True)
+
+
+def test_a_late_tick_reports_both_transitions_in_order(clock):
+    """A loop held up for long goes up -> suspect -> dead in one tick."""
+    lv = make(clock)
+    assert lv.tick(clock.advance(10), busy=True) == ([Transition(UP, SUSPECT), Transition(SUSPECT, DEAD)], False)
+
+
+def test_a_new_link_is_suspect_and_pinged_at_once(clock):
+    """After connected() the first tick sends a heartbeat; silence then counts from the connection."""
+    lv = make(clock)
+    lv.tick(clock.advance(3.0), busy=True)
+    assert lv.state is DEAD
+    clock.advance(5.0)  # backing off: no clock runs against a link that is not there
+    assert lv.tick(clock.now, busy=True) == ([], False)
+    assert lv.connected(clock.now) == [Transition(DEAD, SUSPECT)]
+    assert lv.tick(clock.now, busy=True) == ([], True)
+    assert lv.tick(clock.advance(2.9), busy=True) == ([], False)
+    assert lv.tick(clock.advance(0.1), busy=True) == ([Transition(SUSPECT, DEAD)], False)
+    assert lv.failures == 2
+    lv.connected(clock.now)
+    assert lv.heard(clock.advance(0.01), pong=True) == [Transition(SUSPECT, UP)]
+    assert lv.failures == 0
+
+
+def test_every_transition_of_the_table(clock):
+    """Each entry of TRANSITIONS is reachable by its event, and each missing pair raises."""
+    events = {
+        LinkEvent.HEARD: lambda lv: lv.heard(clock.now),
+        LinkEvent.CONNECTED: lambda lv: lv.connected(clock.now),
+    }
+    for (state, event), new in TRANSITIONS.items():
+        lv = make(clock, state)
+        if event in events:
+            events[event](lv)
+        else:
+            lv.tick(clock.now + (1.0 if event is LinkEvent.QUIET else 3.0), busy=True)
+        assert lv.state is new, (state, event)
+    for state in LinkState:
+        for event in (LinkEvent.HEARD, LinkEvent.CONNECTED):
+            if (state, event) not in TRANSITIONS:
+                with pytest.raises(InvalidStateError):
+                    events[event](make(clock, state))
+
+
+def test_settings_that_cannot_work_are_refused(clock):
+    """A link must be suspect (and pinged) before it is dead, and intervals are positive."""
+    with pytest.raises(ValueError):
+        Liveness(1.0, 1, now=clock.now)
+    with pytest.raises(ValueError):
+        Liveness(0.0, 3, now=clock.now)
+
+
+@pytest.mark.parametrize(
+    ("failures", "endpoints", "rand", "expected"),
+    [
+        (1, 2, 0.5, 0.0),  # the other broker is tried at once
+        (2, 2, 0.5, 0.1),  # both failed: back off
+        (3, 2, 0.5, 0.2),
+        (6, 2, 0.5, 1.6),
+        (7, 2, 0.5, 2.0),  # capped
+        (50, 2, 0.5, 2.0),
+        (1, 1, 0.5, 0.1),  # one broker: its own restart is awaited with a pause
+        (50, 1, 0.0, 1.6),  # jitter -20 %
+        (50, 1, 0.9999999, 2.4),  # jitter +20 %
+    ],
+)
+def test_backoff_is_immediate_for_the_first_pass_then_doubles_capped_with_jitter(failures, endpoints, rand, expected):
+    """The pause between attempts once the whole list failed: 0.1 s doubling to 2 s, +-20 %."""
+    assert backoff_delay(failures, endpoints, rand) == pytest.approx(expected, abs=1e-6)
