@@ -119,6 +119,8 @@ def _retention_rule(value: str) -> Any:
 @click.option("--deny-ip", "deny_ips", multiple=True, help="With --state: these addresses may not connect (repeatable).")
 @click.option("--token-algorithm", default="HS256", show_default=True, type=click.Choice(["HS256", "EdDSA", "RS256"]), help="With --state: how tokens are signed.")
 @click.option("--token-key", default=None, type=click.Path(dir_okay=False), help="With EdDSA/RS256: the issuer's public key (PEM) or a JWKS file (.json).")
+@click.option("--monitor", "monitor_address", default=None, metavar="HOST:PORT", help="Serve the monitor (dashboard, /varz, /metrics, ...) here; off by default. docs/monitoring.md.")
+@click.option("--monitor-token-file", default=None, type=click.Path(dir_okay=False), help="The monitor's bearer token (required off loopback; with --state, default STATE/monitor.token, made if missing).")
 @click.option("--log-level", default="info", type=click.Choice(["debug", "info", "warning", "error"]), show_default=True)
 def broker(
     name: str,
@@ -139,11 +141,14 @@ def broker(
     deny_ips: tuple[str, ...],
     token_algorithm: str,
     token_key: str | None,
+    monitor_address: str | None,
+    monitor_token_file: str | None,
     log_level: str,
 ) -> None:
     """Run a broker until SIGTERM or Ctrl-C; then drain in-flight commands and exit.
 
     With --state, security is on: CURVE on every socket, tokens, the access policy.
+    With --monitor, it also serves the dashboard and monitoring endpoints over HTTP.
     """
     from .broker import BrokerConfig, BrokerServer, Endpoints
 
@@ -158,7 +163,7 @@ def broker(
         max_retained_bytes=max_retained_bytes,
         retention=retention or _BROKER.retention,
     )
-    secured: dict[str, Any] = {}
+    options: dict[str, Any] = {}
     try:
         if state_dir is not None:
             from .security.brokerside import broker_security
@@ -172,15 +177,23 @@ def broker(
                 token_algorithm=token_algorithm,  # type: ignore[arg-type]
                 token_key=token_key,
             )
-            secured = {"security": setup.security, "secure": setup.secure, "zap": setup.zap}
+            options = {"security": setup.security, "secure": setup.secure, "zap": setup.zap}
         elif service_levels or allow_ips or deny_ips:
             raise UsageError("--service-level, --allow-ip and --deny-ip need --state (security on)")
-        server = BrokerServer(Endpoints(clients, nodes, events), config, **secured)
+        if monitor_address is not None:
+            from .monitor.server import monitor_settings
+
+            options["monitor"] = monitor_settings(monitor_address, monitor_token_file, state_dir)
+        elif monitor_token_file is not None:
+            raise UsageError("--monitor-token-file needs --monitor")
+        server = BrokerServer(Endpoints(clients, nodes, events), config, **options)
     except MeshError as err:
         _fail(err)
     _on_stop(server.stop)
     tune_for_serving()
     ep = server.endpoints
+    if server.monitor is not None:
+        click.echo(f"broker {name} monitor {server.monitor.url}")
     click.echo(f"broker {name} ready clients={ep.clients} nodes={ep.nodes} events={ep.events}")
     server.run()
 

@@ -145,6 +145,10 @@ class Launcher:
         ]
         for rule in b.retention:
             argv += ["--retention", f"{rule.prefix}:{rule.max_events}:{rule.max_bytes}"]
+        if b.monitor is not None:
+            argv += ["--monitor", b.monitor]
+        if b.monitor_token_file is not None:
+            argv += ["--monitor-token-file", b.monitor_token_file]
         return _Process(f"broker:{b.name}", argv, b.name, True)
 
     @staticmethod

@@ -21,7 +21,7 @@ from .plugins import plugin_problem
 from .broker.core import BrokerConfig
 from .broker.events import DEFAULT_RULE, RetentionRule
 from .problems import Checker, Problem, ProblemsError
-from .protocol import NAME_PATTERN, TOPIC_PATTERN
+from .protocol import NAME_PATTERN, TOPIC_PATTERN, MeshError
 
 __all__ = ["Topology", "BrokerSpec", "NodeSpec", "SecuritySpec", "TopologyError", "Problem", "load", "parse"]
 
@@ -52,6 +52,8 @@ class BrokerSpec:
     max_topics: int = _BROKER.max_topics
     max_retained_bytes: int = _BROKER.max_retained_bytes
     retention: tuple[RetentionRule, ...] = _BROKER.retention
+    monitor: str | None = None  # HOST:PORT of the HTTP monitor; None: off
+    monitor_token_file: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,7 +151,7 @@ def parse(data: dict[str, Any], source: str = "<topology>") -> Topology:
         c.unknown(
             raw,
             {"clients", "nodes", "events", "queue_limit", "timeout", "max_message_bytes", "event_hwm",
-             "max_topics", "max_retained_bytes", "retention"},
+             "max_topics", "max_retained_bytes", "retention", "monitor", "monitor_token_file"},
             where,
         )
         eps = {}
@@ -175,7 +177,10 @@ def parse(data: dict[str, Any], source: str = "<topology>") -> Topology:
             max_topics=c.get(raw, "max_topics", int, where, _BROKER.max_topics),
             max_retained_bytes=c.get(raw, "max_retained_bytes", int, where, _BROKER.max_retained_bytes),
             retention=_retention(c, raw.get("retention"), f"{where}.retention"),
+            monitor=c.get(raw, "monitor", str, where, None),
+            monitor_token_file=c.get(raw, "monitor_token_file", str, where, None),
         )
+        _monitor(c, spec, where, data.get("security"))
         for key in ("queue_limit", "timeout", "max_message_bytes", "event_hwm", "max_topics", "max_retained_bytes"):
             _positive(c, getattr(spec, key), f"{where}.{key}")
         brokers[bname] = spec
@@ -256,6 +261,24 @@ def _security(c: _Checker, raw: Any, node_names: set[str]) -> SecuritySpec | Non
         allow_ips=tuple(allow),
         deny_ips=tuple(deny),
     )
+
+
+def _monitor(c: _Checker, spec: BrokerSpec, where: str, security: Any) -> None:
+    """A monitor address is HOST:PORT; off loopback it needs a token file (docs/monitoring.md)."""
+    if spec.monitor is None:
+        if spec.monitor_token_file is not None:
+            c.bad(f"{where}.monitor_token_file", "needs a monitor address (monitor = \"127.0.0.1:PORT\")")
+        return
+    from .monitor.server import is_loopback, parse_address
+
+    try:
+        host, _ = parse_address(spec.monitor)
+    except MeshError as err:
+        c.bad(f"{where}.monitor", err.message.removeprefix("monitor: "))
+        return
+    secured = isinstance(security, dict) and security.get("enabled", True) is not False
+    if spec.monitor_token_file is None and not is_loopback(host) and not secured:
+        c.bad(f"{where}.monitor_token_file", f"is required: {host} is reachable from other machines")
 
 
 def _strings(c: _Checker, raw: dict[str, Any], key: str, where: str, default: list[str]) -> list[str]:

@@ -14,6 +14,9 @@ Rules of this module:
   (`undeliverable`), never silently lost.
 * `stop()` may be called from any thread or a signal handler: the loop stops accepting
   commands, lets the accepted ones finish (up to `drain_timeout`), then closes.
+* With the monitor on, the tick builds a snapshot of the core at most every
+  `SNAPSHOT_S` and hands it to the HTTP thread, which never touches the core. Per
+  message the cost is one boolean test; one node reply every `SAMPLE_S` is timed.
 """
 
 from __future__ import annotations
@@ -22,13 +25,17 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import zmq
 
+from ..monitor.snapshot import SAMPLE_S, SNAPSHOT_S, Monitor, process_usage, reply_latency
 from ..security.gate import Peer
 from ..sockets import LINGER_MS, Secure, bound_endpoint, publisher, recv_frames, recv_frames_from, router, send_frames
 from .core import Broker, BrokerConfig, BrokerSecurity, Outgoing, Side
+
+if TYPE_CHECKING:
+    from ..monitor.server import MonitorServer, MonitorSettings
 
 __all__ = ["BrokerServer", "Endpoints"]
 
@@ -61,6 +68,7 @@ class BrokerServer:
         security: BrokerSecurity | None = None,
         secure: Secure | None = None,
         zap: Callable[[zmq.Context], Any] | None = None,
+        monitor: MonitorSettings | None = None,
     ) -> None:
         self.core = Broker(config, security)
         self.drain_timeout = drain_timeout
@@ -74,6 +82,11 @@ class BrokerServer:
             self._clients = router(self._ctx, endpoints.clients, limit, secure)
             self._nodes = router(self._ctx, endpoints.nodes, limit, secure)
             self._events = publisher(self._ctx, endpoints.events, self.core.config.event_hwm, secure)
+            self.monitor: MonitorServer | None = None
+            if monitor is not None:
+                from ..monitor.server import MonitorServer  # HTTP and prometheus_client only when on
+
+                self.monitor = MonitorServer(monitor, clock)
         except Exception:
             if self._zap is not None:
                 self._zap.stop()
@@ -85,6 +98,9 @@ class BrokerServer:
         self.core.events_endpoint = self.endpoints.events
         self._stop_requested = False
         self._sockets = {Side.CLIENT: self._clients, Side.NODE: self._nodes}
+        self._watch = Monitor(self.core.config.name, clock()) if monitor is not None else None
+        self._next_sample = clock() if monitor is not None else float("inf")  # when to time a reply
+        self._sent = 0  # messages sent, for the monitor
 
     def stop(self) -> None:
         """Ask the loop to drain and exit (safe from signal handlers and other threads)."""
@@ -99,8 +115,10 @@ class BrokerServer:
         poller.register(events, zmq.POLLIN)
         clock = self._clock
         next_tick = clock() + TICK_S
-        next_refresh = next_tick
+        next_refresh = next_snapshot = next_tick
         drain_deadline: float | None = None
+        if self.monitor is not None:
+            self.monitor.start()
         try:
             while True:
                 ready = dict(poller.poll(max(0.0, next_tick - clock()) * 1000))
@@ -118,6 +136,9 @@ class BrokerServer:
                     if self._zap is not None and now >= next_refresh:
                         next_refresh = now + REFRESH_S
                         self._zap.reload_if_changed()  # keys added or removed by the operator
+                    if self._watch is not None and now >= next_snapshot:
+                        next_snapshot = now + SNAPSHOT_S
+                        self._snapshot(now)
                     if self._stop_requested and drain_deadline is None:
                         core.begin_drain()
                         drain_deadline = now + self.drain_timeout
@@ -137,6 +158,8 @@ class BrokerServer:
         now = self._clock()
         pending: list[Outgoing] = []
         secure = self.core.security is not None
+        # With the monitor on, time the first reply of a node batch now and then.
+        probe = sock is self._nodes and now >= self._next_sample
         for _ in range(BATCH):
             try:
                 if secure:
@@ -145,6 +168,9 @@ class BrokerServer:
                     frames = recv_frames(sock)
             except zmq.Again:
                 break
+            if probe:
+                probe = False
+                self._sample(frames, now)
             try:
                 if secure:
                     pending += handle(frames[0], frames[1:], now, Peer(user, address))
@@ -156,6 +182,23 @@ class BrokerServer:
         if pending:
             self._send(pending)
         self._publish()
+
+    def _sample(self, frames: list[bytes], now: float) -> None:
+        assert self._watch is not None
+        self._next_sample = now + SAMPLE_S
+        latency = reply_latency(self.core, frames[1:], now)
+        if latency is not None:
+            self._watch.observe(latency)
+
+    def _snapshot(self, now: float) -> None:
+        """Build the monitor's snapshot here, in the core's thread, and hand it over."""
+        assert self._watch is not None and self.monitor is not None
+        try:
+            snap = self._watch.snapshot(self.core, now, messages_out=self._sent, usage=process_usage())
+        except Exception:  # a bug in the monitor must not take the broker down
+            log.exception("monitor snapshot failed")
+            return
+        self.monitor.publish(snap)
 
     def _upstream(self) -> None:
         """Subscriptions and drop reports from subscribers (single frames)."""
@@ -175,6 +218,7 @@ class BrokerServer:
     def _send(self, out: list[Outgoing]) -> None:
         sockets = self._sockets
         while out:
+            self._sent += len(out)
             follow_up: list[Outgoing] = []
             gone: set[tuple[Side, bytes]] = set()
             for i, (side, ident, frames) in enumerate(out):
@@ -195,6 +239,8 @@ class BrokerServer:
         self._clients.close(linger=LINGER_MS)
         self._nodes.close(linger=LINGER_MS)
         self._events.close(linger=0)
+        if self.monitor is not None:
+            self.monitor.close()
         if self._zap is not None:
             self._zap.stop()
         self._ctx.term()
