@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -25,6 +26,7 @@ def quickstart(tmp_path_factory: pytest.TempPathFactory):
         topology.replace("tcp://127.0.0.1:5555", f"ipc://{work}/c.sock")
         .replace("tcp://127.0.0.1:5556", f"ipc://{work}/n.sock")
         .replace("tcp://127.0.0.1:5557", f"ipc://{work}/e.sock")
+        .replace("127.0.0.1:8222", f"127.0.0.1:{free_port()}")
     )
     (work / "quickstart.toml").write_text(topology)
     subprocess.run([sys.executable, "-m", "nodes.sample", "var"], cwd=work, check=True, timeout=60)
@@ -37,6 +39,12 @@ def quickstart(tmp_path_factory: pytest.TempPathFactory):
             yield f"ipc://{work}/c.sock"
         finally:
             del os.environ["MESH_CREDENTIALS"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def call(broker: str, target: str, payload: str) -> subprocess.CompletedProcess[str]:
