@@ -13,6 +13,7 @@ import os
 import signal
 import sys
 import threading
+from datetime import UTC, datetime
 from typing import Any, NoReturn
 
 import click
@@ -63,12 +64,36 @@ def _fail(err: MeshError) -> NoReturn:
     raise MeshCallError(err)
 
 
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper()),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+class JsonLogFormatter(logging.Formatter):
+    """One JSON object per line: ts (UTC, ISO 8601), level, logger, message (and exc if any)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "ts": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["exc"] = self.formatException(record.exc_info)
+        return json.dumps(entry, ensure_ascii=False, default=str)
+
+
+LOG_FORMATS = ("text", "json")
+log_format_option = click.option(
+    "--log-format", default="text", type=click.Choice(LOG_FORMATS), show_default=True,
+    help="text for people, json for one JSON object per line (ts, level, logger, message).",
+)
+
+
+def _setup_logging(level: str, fmt: str = "text") -> None:
+    """Log to stderr at `level`, as text lines or JSON lines (`fmt`)."""
+    handler = logging.StreamHandler(sys.stderr)
+    if fmt == "json":
+        handler.setFormatter(JsonLogFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=getattr(logging, level.upper()), handlers=[handler])
 
 
 def _on_stop(stop: Any) -> None:
@@ -122,6 +147,7 @@ def _retention_rule(value: str) -> Any:
 @click.option("--monitor", "monitor_address", default=None, metavar="HOST:PORT", help="Serve the monitor (dashboard, /varz, /metrics, ...) here; off by default. docs/monitoring.md.")
 @click.option("--monitor-token-file", default=None, type=click.Path(dir_okay=False), help="The monitor's bearer token (required off loopback; with --state, default STATE/monitor.token, made if missing).")
 @click.option("--log-level", default="info", type=click.Choice(["debug", "info", "warning", "error"]), show_default=True)
+@log_format_option
 def broker(
     name: str,
     clients: str,
@@ -144,6 +170,7 @@ def broker(
     monitor_address: str | None,
     monitor_token_file: str | None,
     log_level: str,
+    log_format: str,
 ) -> None:
     """Run a broker until SIGTERM or Ctrl-C; then drain in-flight commands and exit.
 
@@ -152,7 +179,7 @@ def broker(
     """
     from .broker import BrokerConfig, BrokerServer, Endpoints
 
-    _setup_logging(log_level)
+    _setup_logging(log_level, log_format)
     config = BrokerConfig(
         name=name,
         queue_limit=queue_limit,
@@ -207,6 +234,7 @@ def broker(
 @click.option("--drain-timeout", default=10.0, show_default=True, type=click.FloatRange(min=0), help="Seconds to finish running commands after SIGTERM.")
 @click.option("--credentials", envvar="MESH_CREDENTIALS", type=click.Path(dir_okay=False), default=None, help="Security on: this node's credentials file (env MESH_CREDENTIALS).")
 @click.option("--log-level", default="info", type=click.Choice(["debug", "info", "warning", "error"]), show_default=True)
+@log_format_option
 def node(
     use: str,
     broker_ep: str,
@@ -216,11 +244,12 @@ def node(
     drain_timeout: float,
     credentials: str | None,
     log_level: str,
+    log_format: str,
 ) -> None:
     """Run a handler node: USE is an installed node (echo, kv, sqlite, fs) or MODULE:ATTR."""
     from .plugins import load_node
 
-    _setup_logging(log_level)
+    _setup_logging(log_level, log_format)
     try:
         config = json.loads(config_json)
     except json.JSONDecodeError as exc:
@@ -588,6 +617,38 @@ def bench(
         report = run_bench(BenchSettings(clients, inflight, payload, duration, transport))
         text = format_report(report)
     click.echo(json.dumps(report, indent=2) if as_json else text)
+
+
+DEFAULT_MONITOR_TOKEN = "var/mesh/monitor.token"  # what `mesh broker --state var/mesh --monitor ...` writes
+
+
+@main.command()
+@click.option("--monitor", "monitor_url", default="http://127.0.0.1:8222", show_default=True, help="The broker monitor's address.")
+@click.option("--token-file", default=None, type=click.Path(dir_okay=False), help="The monitor's bearer token (default var/mesh/monitor.token when it exists).")
+@click.option("--interval", default=1.0, show_default=True, type=click.FloatRange(min=0.1), help="Seconds between refreshes.")
+def top(monitor_url: str, token_file: str | None, interval: float) -> None:
+    """Show brokers and nodes live (state, heartbeat, load, throughput, errors) until Ctrl-C.
+
+    Exits with 2 when the monitor cannot be reached or refuses the token at start;
+    later failures are shown above the last snapshot while it keeps retrying.
+    """
+    from .monitor.top import MonitorUnavailableError, watch
+
+    path = token_file
+    if path is None and os.path.exists(DEFAULT_MONITOR_TOKEN):
+        path = DEFAULT_MONITOR_TOKEN
+    token = None
+    if path is not None:
+        try:
+            with open(path, encoding="utf-8") as f:
+                token = f.read().strip() or None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise UsageError(f"cannot read the token file {path}: {exc}") from None
+    try:
+        watch(monitor_url, token, interval)
+    except MonitorUnavailableError as exc:
+        raise UsageError(str(exc)) from None
+
 
 
 if __name__ == "__main__":  # pragma: no cover

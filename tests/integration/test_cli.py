@@ -24,7 +24,7 @@ def run(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
     "command",
     [[], ["up"], ["broker"], ["node"], ["call"], ["services"], ["topology", "check"], ["bench"],
      ["events"], ["events", "publish"], ["events", "subscribe"], ["keys", "curve"], ["keys", "rotate"],
-     ["token", "issue"], ["token", "revoke"]],
+     ["token", "issue"], ["token", "revoke"], ["top"]],
 )
 def test_every_command_has_help(command):
     """`--help` works on every command and describes it."""
