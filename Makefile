@@ -3,6 +3,9 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# The dashboard's browser test drives Debian's Chromium through its ChromeDriver.
+BROWSER := /usr/bin/chromedriver
+SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 
 .PHONY: run test soak bench sample clean
 
@@ -19,7 +22,13 @@ sample: $(STAMP)
 run: sample
 	$(BIN)/mesh up topologies/quickstart.toml
 
-test: $(STAMP)
+$(BROWSER):
+	@if command -v apt-get >/dev/null; then \
+		$(SUDO) apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium chromium-driver; \
+	else echo "no apt-get: install Chromium and ChromeDriver yourself, or the browser test is skipped"; fi
+
+test: $(STAMP) $(BROWSER)
 	$(BIN)/pytest -m "not slow"
 
 soak: $(STAMP)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -25,7 +26,7 @@ from typing import Any
 
 from .launcher import BROKER_READY, NODE_READY
 
-__all__ = ["MeshProcess", "BrokerProcess", "spawn", "run_broker", "run_node", "FakeClock"]
+__all__ = ["MeshProcess", "BrokerProcess", "spawn", "run_broker", "run_node", "free_ports", "FakeClock"]
 
 
 
@@ -138,6 +139,21 @@ def run_node(use: str, broker: BrokerProcess | str, *extra: str, config: str = "
     with spawn(["node", use, "--broker", endpoint, "--config", config, *extra]) as proc:
         proc.wait_for(NODE_READY.pattern)
         yield proc
+
+
+def free_ports(count: int = 1) -> list[int]:
+    """TCP ports free on 127.0.0.1 right now, for listeners that need a fixed port.
+
+    All are held open together while they are picked, so they differ from each other.
+    """
+    socks = [socket.socket() for _ in range(count)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
 
 
 class FakeClock:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import itertools
 import signal
-import socket
 import statistics
 import threading
 import time
@@ -16,7 +15,7 @@ import pytest
 
 from mesh.client import Client
 from mesh.liveness import LinkState
-from mesh.testing import run_broker, run_node
+from mesh.testing import free_ports, run_broker, run_node
 
 LOOPS = 4
 
@@ -36,11 +35,6 @@ class StateLog:
         with self._lock:
             return next((at for at, ep, _, n in self.changes if ep == endpoint and n is new), None)
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def stream(client: Client, loop: int, until: float, answers: list[tuple[float, Any, Any]]) -> None:
@@ -114,7 +108,7 @@ def test_a_single_broker_restarted_on_its_port_serves_the_waiting_client_again()
     knows no service until its nodes register again, and would answer a node's service
     with HANDLER_NOT_FOUND in that moment.
     """
-    port = free_port()
+    port = free_ports()[0]
     endpoint = f"tcp://127.0.0.1:{port}"
     states = StateLog()
     outcomes: list[Any] = []

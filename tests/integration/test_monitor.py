@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import re
-import socket
 import time
 import urllib.error
 import urllib.request
@@ -17,7 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from mesh.client import Client
 from mesh.monitor.metrics import METRICS
-from mesh.testing import BrokerProcess, run_broker, run_node
+from mesh.testing import BrokerProcess, free_ports, run_broker, run_node
 
 DOC = Path(__file__).parents[2] / "docs" / "monitoring.md"
 ENDPOINTS = ("/healthz", "/varz", "/nodes", "/services", "/clients", "/cluster", "/events", "/errors", "/snapshot")
@@ -28,11 +27,6 @@ def documented_schemas() -> dict[str, dict]:
     blocks = (json.loads(b) for b in re.findall(r"```json\n(.*?)\n```", DOC.read_text(), re.S))
     return {b["$id"]: b for b in blocks if isinstance(b, dict) and "$id" in b}
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def get(url: str, token: str | None = None) -> tuple[int, bytes]:
@@ -60,7 +54,7 @@ def wait_for_snapshot(base: str, token: str | None = None, *, nodes: int = 1) ->
 @pytest.fixture
 def monitored() -> Iterator[tuple[BrokerProcess, str]]:
     """A broker with its monitor on a free loopback port, an echo node, and some calls made."""
-    port = free_port()
+    port = free_ports()[0]
     with run_broker("tcp://127.0.0.1:*", "tcp://127.0.0.1:*", "--monitor", f"127.0.0.1:{port}") as broker:
         base = broker.process.wait_for(r"monitor (http://\S+)").group(1)
         assert base == f"http://127.0.0.1:{port}"
@@ -124,7 +118,7 @@ def test_a_token_file_makes_the_monitor_require_a_bearer_token(tmp_path: Path):
     token = "s3cret-token-for-tests"
     token_file = tmp_path / "monitor.token"
     token_file.write_text(token + "\n")
-    port = free_port()
+    port = free_ports()[0]
     with run_broker(
         "tcp://127.0.0.1:*", "tcp://127.0.0.1:*", "--monitor", f"127.0.0.1:{port}", "--monitor-token-file", str(token_file)
     ) as broker:

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from mesh.testing import spawn
+from mesh.testing import free_ports, spawn
 
 ROOT = Path(__file__).parents[2]
 MESH = str(Path(sys.executable).parent / "mesh")
@@ -26,7 +25,7 @@ def quickstart(tmp_path_factory: pytest.TempPathFactory):
         topology.replace("tcp://127.0.0.1:5555", f"ipc://{work}/c.sock")
         .replace("tcp://127.0.0.1:5556", f"ipc://{work}/n.sock")
         .replace("tcp://127.0.0.1:5557", f"ipc://{work}/e.sock")
-        .replace("127.0.0.1:8222", f"127.0.0.1:{free_port()}")
+        .replace("127.0.0.1:8222", f"127.0.0.1:{free_ports()[0]}")
     )
     (work / "quickstart.toml").write_text(topology)
     subprocess.run([sys.executable, "-m", "nodes.sample", "var"], cwd=work, check=True, timeout=60)
@@ -40,11 +39,6 @@ def quickstart(tmp_path_factory: pytest.TempPathFactory):
         finally:
             del os.environ["MESH_CREDENTIALS"]
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def call(broker: str, target: str, payload: str) -> subprocess.CompletedProcess[str]:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import signal
-import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -20,7 +19,7 @@ from typing import Any
 from mesh.client import Client
 from mesh.protocol import DeadlineExceededError, MeshError, NodeLostError
 from mesh.subscription import Event
-from mesh.testing import run_broker, run_node
+from mesh.testing import free_ports, run_broker, run_node
 
 # The broker declares a node dead after 3 silent heartbeat intervals (1 s by default);
 # it checks every 50 ms, and the node may have spoken just before it froze.
@@ -101,19 +100,6 @@ def is_node(topic: str, name: str, **fields: Any) -> Callable[[Event], bool]:
         ev.payload.get(k) == v for k, v in fields.items()
     )
 
-
-def free_ports(count: int) -> list[int]:
-    """Ports free on 127.0.0.1 right now (all held open together, so they differ)."""
-    socks = []
-    try:
-        for _ in range(count):
-            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 def test_a_frozen_node_is_declared_dead_then_accepted_back_after_sigcont(tcp_broker):
