@@ -20,6 +20,7 @@ import os
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any, Final
 
@@ -30,6 +31,7 @@ from .process import tune_for_serving
 __all__ = ["BenchSettings", "run_bench", "format_report"]
 
 WARMUP_S: Final = 1.0
+STARTUP_S: Final = 30.0  # for a process to be ready on a loaded machine
 SAMPLE_LIMIT: Final = 100_000
 
 
@@ -215,7 +217,7 @@ def _mesh_client(clients_ep: str, s: BenchSettings, start: float, results: Any, 
     results.put(asyncio.run(main()))
 
 
-def _wait_for_echo(clients_ep: str, timeout: float = 15.0, creds: Any = None) -> None:
+def _wait_for_echo(clients_ep: str, timeout: float = STARTUP_S, creds: Any = None) -> None:
     from .client import Client
     from .protocol import MeshError
 
@@ -234,29 +236,70 @@ def _wait_for_echo(clients_ep: str, timeout: float = 15.0, creds: Any = None) ->
 # ------------------------------------------------------------------- driver
 
 
-def _measure(kind: str, s: BenchSettings) -> dict[str, Any]:
+@dataclass(frozen=True, slots=True)
+class Run:
+    """The processes of one measured run, each a spawned function with its extra arguments.
+
+    `broker(front, back, ready, stop, *args)` binds and puts its endpoints on `ready`;
+    `worker(back, capacity, stop, *args)` serves; `client(front, settings, start, results,
+    *args)` puts `(count, latencies)` on `results`. `serving(front)` returns once the
+    worker is ready; `during(stop)` runs in a thread of this process while clients run.
+    """
+
+    broker: Callable[..., None]
+    worker: Callable[..., None]
+    client: Callable[..., None]
+    serving: Callable[[str], None]
+    broker_args: tuple[Any, ...] = ()
+    worker_args: tuple[Any, ...] = ()
+    client_args: tuple[Any, ...] = ()
+    during: Callable[[Any], None] | None = None
+
+
+RAW: Final = Run(_raw_broker, _raw_worker, _raw_client, serving=lambda front: time.sleep(0.3))
+MESH: Final = Run(_mesh_broker, _mesh_node, _mesh_client, serving=_wait_for_echo)
+
+
+def measure(run: Run, s: BenchSettings) -> dict[str, Any]:
+    """Start `run`'s processes, drive load for `s.duration` after a warm-up, and return figures.
+
+    Clients are stopped first, then the worker and the broker they use; a process that
+    does not exit in time is killed.
+    """
+    import threading
+
     ctx = mp.get_context("spawn")
     ready, results, stop = ctx.Queue(), ctx.Queue(), ctx.Event()
+    procs: list[Any] = []
+    watcher: threading.Thread | None = None
     with tempfile.TemporaryDirectory(prefix="mesh-bench-") as tmp:
         front, back = _endpoint(s.transport, tmp, "clients"), _endpoint(s.transport, tmp, "nodes")
-        server_fn, worker_fn, client_fn = (
-            (_raw_broker, _raw_worker, _raw_client) if kind == "raw" else (_mesh_broker, _mesh_node, _mesh_client)
-        )
-        broker = ctx.Process(target=server_fn, args=(front, back, ready, stop), daemon=True)
-        broker.start()
-        front, back = ready.get(timeout=15)
-        worker = ctx.Process(target=worker_fn, args=(back, s.clients * s.inflight, stop), daemon=True)
-        worker.start()
-        if kind == "mesh":
-            _wait_for_echo(front)
-        else:
-            time.sleep(0.3)
-        start = time.time() + 0.5
-        clients = [ctx.Process(target=client_fn, args=(front, s, start, results), daemon=True) for _ in range(s.clients)]
-        for c in clients:
-            c.start()
-        outcomes = [results.get(timeout=WARMUP_S + s.duration + 60) for _ in clients]
-        _stop(stop, [*clients, worker, broker])
+        try:
+            broker = ctx.Process(target=run.broker, args=(front, back, ready, stop, *run.broker_args), daemon=True)
+            procs.append(broker)
+            broker.start()
+            front, back = ready.get(timeout=STARTUP_S)
+            capacity = s.clients * s.inflight
+            worker = ctx.Process(target=run.worker, args=(back, capacity, stop, *run.worker_args), daemon=True)
+            procs.append(worker)
+            worker.start()
+            run.serving(front)
+            start = time.time() + 0.5
+            clients = [
+                ctx.Process(target=run.client, args=(front, s, start, results, *run.client_args), daemon=True)
+                for _ in range(s.clients)
+            ]
+            procs[:0] = clients
+            for c in clients:
+                c.start()
+            if run.during is not None:
+                watcher = threading.Thread(target=run.during, args=(stop,), daemon=True)
+                watcher.start()
+            outcomes = [results.get(timeout=WARMUP_S + s.duration + 60) for _ in clients]
+        finally:
+            _stop(stop, procs)
+            if watcher is not None:
+                watcher.join(timeout=15)
     return _figures(sum(n for n, _ in outcomes), [x for _, sample in outcomes for x in sample], s.duration)
 
 
@@ -281,8 +324,8 @@ def _figures(count: int, latencies: list[float], duration: float) -> dict[str, A
 
 def run_bench(settings: BenchSettings) -> dict[str, Any]:
     """Run the baseline, then the mesh, with the same settings; return the report."""
-    raw = _measure("raw", settings)
-    mesh = _measure("mesh", settings)
+    raw = measure(RAW, settings)
+    mesh = measure(MESH, settings)
     return {
         "settings": asdict(settings),
         "machine": _machine(),

@@ -24,13 +24,13 @@ Rules of this module:
   verification is counted.
 * `ratio` is a row's throughput over the "off" row's, measured in the same invocation,
   so the figures stay comparable on a noisy machine.
-* Processes are spawned (never forked); every process is joined, or killed when it does
-  not exit in time (`bench._stop`).
+* Processes are spawned (never forked) and stopped by `bench.measure`, the runner every
+  command benchmark shares.
 """
 
 from __future__ import annotations
 
-import multiprocessing as mp
+import functools
 import tempfile
 import time
 from dataclasses import asdict, dataclass, replace
@@ -38,23 +38,21 @@ from pathlib import Path
 from typing import Any, Final
 
 from .bench import (
-    WARMUP_S,
+    STARTUP_S,
     BenchSettings,
-    _endpoint,
-    _figures,
+    Run,
     _machine,
     _mesh_client,
     _mesh_node,
     _ratio,
-    _stop,
     _wait_for_echo,
+    measure,
 )
 from .process import tune_for_serving
 from .security.credentials import Credentials, load_credentials
 
 __all__ = ["MODES", "format_security_report", "run_security_bench"]
 
-STARTUP_S: Final = 30.0  # for a process to be ready on a loaded machine
 CLIENT: Final = "bench"  # the client's name in the state directory (its CURVE key and token subject)
 NODE: Final = "echo"  # the node's name: its CURVE key, and the policy lets it offer "echo"
 TOKEN_TTL: Final = 3600.0
@@ -128,33 +126,13 @@ def _broker(clients_ep: str, nodes_ep: str, ready: Any, stop: Any, mode: Mode, s
     server.run()
 
 
-def _measure(mode: Mode, s: BenchSettings, peers: _Peers) -> dict[str, Any]:
-    ctx = mp.get_context("spawn")
-    ready, results, stop = ctx.Queue(), ctx.Queue(), ctx.Event()
-    procs: list[Any] = []
-    with tempfile.TemporaryDirectory(prefix="mesh-bench-") as tmp:
-        front, back = _endpoint(s.transport, tmp, "clients"), _endpoint(s.transport, tmp, "nodes")
-        try:
-            broker = ctx.Process(target=_broker, args=(front, back, ready, stop, mode, peers.state), daemon=True)
-            procs.append(broker)
-            broker.start()
-            front, back = ready.get(timeout=STARTUP_S)
-            node = ctx.Process(target=_mesh_node, args=(back, s.clients * s.inflight, stop, peers.node), daemon=True)
-            procs.append(node)
-            node.start()
-            _wait_for_echo(front, STARTUP_S, peers.client)
-            start = time.time() + 0.5
-            clients = [
-                ctx.Process(target=_mesh_client, args=(front, s, start, results, peers.client), daemon=True)
-                for _ in range(s.clients)
-            ]
-            procs[:0] = clients  # stopped first, before the node and the broker they use
-            for c in clients:
-                c.start()
-            outcomes = [results.get(timeout=WARMUP_S + s.duration + 60) for _ in clients]
-        finally:
-            _stop(stop, procs)
-    return _figures(sum(n for n, _ in outcomes), [x for _, sample in outcomes for x in sample], s.duration)
+def _run(mode: Mode, peers: _Peers) -> Run:
+    """The command benchmark's processes, with `mode`'s broker and credentials."""
+    return Run(
+        _broker, _mesh_node, _mesh_client,
+        serving=functools.partial(_wait_for_echo, timeout=STARTUP_S, creds=peers.client),
+        broker_args=(mode, peers.state), worker_args=(peers.node,), client_args=(peers.client,),
+    )
 
 
 def run_security_bench(settings: BenchSettings) -> dict[str, Any]:
@@ -170,7 +148,7 @@ def run_security_bench(settings: BenchSettings) -> dict[str, Any]:
         state = Path(tmp) / "state"
         ensure_state(state, nodes={NODE: [NODE]}, clients={CLIENT: ["admin"]}, token_ttl=TOKEN_TTL, now=time.time())
         for mode in MODES:
-            figures = _measure(mode, settings, _peers(mode, state))
+            figures = measure(_run(mode, _peers(mode, state)), settings)
             rows.append({"mode": mode.name, "label": mode.label, "level": mode.level, **figures})
     off = rows[0]["throughput"]
     for row in rows:
