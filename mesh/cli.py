@@ -24,7 +24,7 @@ from .protocol import ConfigurationError, MeshError
 
 DEFAULT_BROKER = "tcp://127.0.0.1:5555"
 _BROKER = BrokerConfig()  # the defaults of `mesh broker`, defined once in the core
-BROKER_HELP = "Broker client endpoint (env MESH_BROKER)."
+BROKER_HELP = "Broker client endpoint (env MESH_BROKER); a comma list tries each broker of a cluster in turn."
 
 
 class MeshCallError(click.ClickException):
@@ -227,7 +227,7 @@ def broker(
 
 @main.command()
 @click.argument("use")
-@click.option("--broker", "broker_ep", default="tcp://127.0.0.1:5556", show_default=True, help="Broker endpoint for nodes.")
+@click.option("--broker", "broker_ep", default="tcp://127.0.0.1:5556", show_default=True, help="Broker endpoint for nodes; a comma list for every broker of a cluster.")
 @click.option("--config", "config_json", default="{}", envvar="MESH_NODE_CONFIG", help="The node's config as a JSON object (env MESH_NODE_CONFIG keeps secrets out of `ps`).")
 @click.option("--name", default=None, help="Name in the registry (default: the node's own).")
 @click.option("--capacity", default=None, type=click.IntRange(1), help="Commands run at once (default: the node's own).")
@@ -279,7 +279,7 @@ def node(
     threading.Thread(target=announce, daemon=True).start()
     tune_for_serving()
     try:
-        n.run(broker_ep, drain_timeout=drain_timeout, credentials=creds)
+        n.run(_endpoints(broker_ep), drain_timeout=drain_timeout, credentials=creds)
     except MeshError as err:
         _fail(err)
     # run() has answered every command; a handler thread still stuck in user code must
@@ -302,6 +302,14 @@ def _levels(items: tuple[str, ...]) -> dict[str, int]:
 DEFAULT_CREDENTIALS = "var/mesh/credentials/dev.toml"  # what `make run` (the quickstart) writes
 
 
+def _endpoints(value: str) -> list[str]:
+    """The endpoints of a `--broker` value: one, or a comma list (a cluster's brokers)."""
+    endpoints = [e.strip() for e in value.split(",")]
+    if not all(endpoints):
+        raise UsageError(f"--broker has an empty endpoint: {value!r}")
+    return endpoints
+
+
 def _credentials(path: str | None, broker_ep: str) -> Any:
     """The credentials to use: the given file; for the quickstart's broker, the quickstart's
     when they exist (so `make run` then `mesh call` just works); else none."""
@@ -317,7 +325,7 @@ def _credentials(path: str | None, broker_ep: str) -> Any:
 def _client(broker_ep: str, timeout: float, credentials: str | None = None) -> Any:
     from .client import Client
 
-    return Client(broker_ep, timeout=timeout, credentials=_credentials(credentials, broker_ep))
+    return Client(_endpoints(broker_ep), timeout=timeout, credentials=_credentials(credentials, broker_ep))
 
 
 credentials_option = click.option(

@@ -33,6 +33,10 @@ Rules of this module:
   that died may have passed it on): at-least-once, like every retry; each call still
   returns exactly one answer, and replies for calls no longer waiting are counted in
   `unmatched`. A published event resent this way may be published twice.
+* A broker the client just moved to (failover, or a restart seen by its instance id)
+  may not know its nodes yet: they register with it within a heartbeat. For one
+  liveness window after the move, `HANDLER_NOT_FOUND` is retried after a short pause
+  (same id, within the budget) instead of failing the call.
 * Subscriptions stay on the event endpoint of the broker the client first asked for
   it; they do not fail over.
 * With `credentials` (security on) the link is CURVE, every message carries the token
@@ -45,6 +49,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import random
 import threading
 import time
@@ -172,6 +177,7 @@ class AsyncClient:
         self._reconnect: asyncio.TimerHandle | None = None  # a pending failover, backing off
         self._ping_id: str | None = None  # the heartbeat in flight
         self._instance: str | None = None  # the broker's start id, from its pongs
+        self._changed_at = -math.inf  # monotonic time the client moved to another broker (instance)
         self.unmatched = 0  # replies for calls that were no longer waiting
         self.failovers = 0  # links opened in place of a dead one
         self._events: str | None = None
@@ -299,16 +305,28 @@ class AsyncClient:
     ) -> Any:
         attempts = 1 + (self.retries if retries is None else retries)
         pause = RETRY_PAUSE
-        for attempt in range(attempts):
+        attempt = 0
+        while True:
             try:
                 return await self._once(cid, lambda now: self._sealed(make_header(now), payload_frame, now), deadline)
             except MeshError as err:
-                left = deadline - time.time()
-                if err.code not in AUTO_RETRY or attempt + 1 >= attempts or left <= pause:
+                if deadline - time.time() <= pause:
+                    raise
+                if err.code == ErrorCode.HANDLER_NOT_FOUND and self._nodes_rejoining():
+                    # A broker new to this client may not know its nodes yet: they register
+                    # with it within a heartbeat. Wait for them instead of failing the call.
+                    await asyncio.sleep(RETRY_PAUSE)
+                    continue
+                attempt += 1
+                if err.code not in AUTO_RETRY or attempt >= attempts:
                     raise
             await asyncio.sleep(pause)
             pause *= 2
-        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _nodes_rejoining(self) -> bool:
+        """Whether the broker became this client's (by failover or restart) within a liveness window."""
+        window = self._liveness.interval * self._liveness.liveness
+        return time.monotonic() - self._changed_at < window
 
     def _sealed(self, header: bytes, body: bytes, now: float) -> list[bytes]:
         if self._sealer is not None:
@@ -372,6 +390,7 @@ class AsyncClient:
             return
         if self._instance is not None and instance != self._instance and self._conn is not None:
             log.warning("broker %s restarted; resending %d waiting call(s)", self.broker, len(self._waiting))
+            self._changed_at = time.monotonic()
             now = time.time()
             for call in self._waiting.values():
                 if not call.fut.done():
@@ -471,6 +490,7 @@ class AsyncClient:
             raise ConfigurationError("no broker endpoint can be opened")
         self.broker = endpoint
         self.failovers += 1
+        self._changed_at = time.monotonic()
         self._conn = conn = AsyncSocket(self._loop, self._sock, self._on_reply)
         self._report(self._liveness.connected(time.monotonic()))
         now = time.time()

@@ -2,8 +2,10 @@
 
 Rules of this module:
 
-* `run()` drives the DEALER to the broker from an asyncio loop on the calling thread, and
-  only that loop touches it. Async handlers run on that loop (no thread hop: the fast
+* `run()` drives one DEALER per broker from an asyncio loop on the calling thread, and
+  only that loop touches them. A node of a cluster connects to every broker and serves
+  each: it registers and heartbeats on every link, and answers a command on the link
+  it came in on. Async handlers run on that loop (no thread hop: the fast
   choice for non-blocking work); sync handlers run on a pool of `capacity` threads.
 * A payload is validated against its action's schema before the handler sees it; a
   refused payload is answered `validation failed` naming the field.
@@ -18,9 +20,9 @@ Rules of this module:
   message from the broker counts, silence past 1.5 intervals makes it suspect, past 3
   dead; each change is logged.
 * A command runs at most once while the node remembers its id (`CommandDedupe`: the
-  last `RECENT_COMMANDS` ids, up to `RECENT_COMMAND_S`): a resend of a finished command
-  gets the stored reply with its new envelope, and a resend of a running one gets the
-  first copy's reply when it finishes. Only outcomes of commands whose handler started
+  last `RECENT_COMMANDS` ids, up to `RECENT_COMMAND_S`), whichever broker it comes
+  through: a resend of a finished command gets the stored reply with its new envelope,
+  and a resend of a running one gets the first copy's reply when it finishes. Only outcomes of commands whose handler started
   are stored; refusals (capacity, bad payload, no such action) are not, so a resend of
   those is judged again. Ids are unique but not secret (`new_id`), so a stored reply is
   given only to a resend of the same action carrying the same token.
@@ -28,7 +30,7 @@ Rules of this module:
   (and signatures checked, when the credentials require signers) before validation,
   and their replies are encrypted with the same key ring.
 * `publish()` may be called from any thread (handlers included); the event leaves on the
-  node's connection in order with its replies. Nobody waits for the broker's
+  first link whose broker is up, in order with the replies on that link. Nobody waits for the broker's
   acknowledgement, so a refusal is logged.
 """
 
@@ -36,11 +38,12 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import functools
 import inspect
 import logging
 import threading
 import time
-from collections.abc import Awaitable, Callable, Hashable, Mapping
+from collections.abc import Awaitable, Callable, Hashable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Any, Final
@@ -123,10 +126,13 @@ class CommandDedupe:
         max_bytes: int = RECENT_COMMAND_BYTES,
     ) -> None:
         self.replies = RecentReplies(max_entries, max_age, max_bytes)
-        self.running: dict[Hashable, list[bytes]] = {}  # key -> envelopes of resends waiting on it
+        self.running: dict[Hashable, list[Any]] = {}  # key -> envelopes of resends waiting on it
 
-    def admit(self, cid: Hashable, envelope: bytes, now: float) -> tuple[Seen, list[bytes] | None]:
+    def admit(self, cid: Hashable, envelope: Any, now: float) -> tuple[Seen, list[Any] | None]:
         """What to do with command `cid` (its id, or a key naming it) that arrived with `envelope`.
+
+        `envelope` says where a reply goes; the dedupe only hands it back, so the loop
+        may pass the link it came on with it.
 
         Returns:
             (NEW, None): run it, after `start`; (RUNNING, None): nothing now, its reply
@@ -145,7 +151,7 @@ class CommandDedupe:
         """Command `cid` (admitted NEW) is running."""
         self.running[cid] = []
 
-    def finish(self, cid: Hashable, reply: list[bytes], now: float, *, remember: bool) -> list[list[bytes]]:
+    def finish(self, cid: Hashable, reply: list[Any], now: float, *, remember: bool) -> list[list[Any]]:
         """Command `cid` ended with `reply` ([envelope, header, payload]).
 
         Args:
@@ -188,6 +194,7 @@ class _Work:
     action: Action | None = None
     # perf_counter when the handler was called (set by the worker thread); None before.
     started: float | None = None
+    link: _Link | None = None  # the broker link it came on, where its reply goes
 
     @property
     def name(self) -> str:
@@ -398,11 +405,13 @@ class Node:
 
     # ------------------------------------------------------------- the loop
 
-    def run(self, broker: str, *, drain_timeout: float = 10.0, credentials: Credentials | None = None) -> None:
-        """Serve commands from `broker` until `stop()`; blocks.
+    def run(
+        self, broker: str | Sequence[str], *, drain_timeout: float = 10.0, credentials: Credentials | None = None
+    ) -> None:
+        """Serve commands from `broker` (or every broker of a cluster) until `stop()`; blocks.
 
         Args:
-            broker: the broker's node endpoint.
+            broker: the broker's node endpoint, or the node endpoints of every broker.
             drain_timeout: seconds to finish running commands once stopping.
             credentials: this node's keys when the mesh runs with security on.
 
@@ -414,7 +423,10 @@ class Node:
             sealer = credentials.sealer()
             self._opener = credentials.opener()
             self._sealer = replace(sealer, level=max(sealer.level, SecurityLevel.ENCRYPTED))
-        _NodeLoop(self, broker, drain_timeout, credentials).run()
+        brokers = [broker] if isinstance(broker, str) else list(dict.fromkeys(broker))
+        if not brokers:
+            raise ValueError("a node needs at least one broker")
+        _NodeLoop(self, brokers, drain_timeout, credentials).run()
 
 
 def _decode_checked(action: Action, frame: bytes) -> Any:
@@ -424,24 +436,38 @@ def _decode_checked(action: Action, frame: bytes) -> Any:
     return payload
 
 
-class _NodeLoop:
-    """The socket loop of one running node (see the module rules)."""
+class _Link:
+    """One broker this node serves: its socket, and what the node knows of that broker."""
 
-    def __init__(self, node: Node, broker: str, drain_timeout: float, credentials: Credentials | None = None) -> None:
-        self.node = node
-        self.broker = broker
-        self.credentials = credentials
-        self.drain_timeout = drain_timeout
+    def __init__(self, endpoint: str) -> None:
+        self.endpoint = endpoint
+        self.conn: AsyncSocket
         self.pending_control: dict[str, str] = {}  # command id -> mesh action
-        self.stopping = False
-        self.running: set[_Work] = set()  # commands taken and not yet answered
-        self.dedupe = CommandDedupe()
         # Only the newest heartbeat is awaited, and one registration at a time, so an
         # outage does not leave answers to match (and re-registrations) piling up.
         self.beat: str | None = None  # id of the heartbeat not answered yet
         self.registering = False
-        self.broker_state = PeerState.UP
+        self.registered = False
+        self.state = PeerState.UP
         self.heard_at = time.monotonic()  # the last message from the broker
+
+    def send(self, frames: list[bytes]) -> None:
+        self.conn.send(frames)
+
+
+class _NodeLoop:
+    """The socket loop of one running node (see the module rules)."""
+
+    def __init__(
+        self, node: Node, brokers: list[str], drain_timeout: float, credentials: Credentials | None = None
+    ) -> None:
+        self.node = node
+        self.links = [_Link(endpoint) for endpoint in brokers]
+        self.credentials = credentials
+        self.drain_timeout = drain_timeout
+        self.stopping = False
+        self.running: set[_Work] = set()  # commands taken and not yet answered
+        self.dedupe = CommandDedupe()
         # running async handlers: their task and deadline
         self.deadlines: dict[_Work, tuple[asyncio.Task[None], float]] = {}
 
@@ -453,7 +479,10 @@ class _NodeLoop:
         self.loop = loop = asyncio.get_running_loop()
         ctx = zmq.Context()
         secure = self.credentials.secure if self.credentials is not None else None
-        self.conn = AsyncSocket(loop, dealer(ctx, self.broker, secure=secure), self._on_broker)
+        for link in self.links:
+            link.conn = AsyncSocket(
+                loop, dealer(ctx, link.endpoint, secure=secure), functools.partial(self._on_broker, link)
+            )
         sync_actions = any(not a.is_async for a in node.actions.values())
         self.pool = ThreadPoolExecutor(node.capacity, "mesh-worker") if sync_actions else None
         self.done = asyncio.Event()
@@ -462,14 +491,15 @@ class _NodeLoop:
 
         def send(frames: list[bytes]) -> None:
             if threading.get_ident() == loop_thread:
-                self.conn.send(frames)
+                self._publish_link().send(frames)
             else:
-                loop.call_soon_threadsafe(self.conn.send, frames)
+                loop.call_soon_threadsafe(lambda: self._publish_link().send(frames))
 
         node._send = send
         if node._stop.is_set():
             self._begin_stop()
-        self._register()
+        for link in self.links:
+            self._register(link)
         beat = loop.call_later(node.heartbeat_interval, self._heartbeat)
         self.expiry = loop.call_later(EXPIRY_S, self._expire)
         try:
@@ -484,20 +514,29 @@ class _NodeLoop:
                 self._reply(work, node._error(work, NodeLostError(f"the node stopped while running {work.name}")))
             if self.pool is not None:
                 self.pool.shutdown(wait=False, cancel_futures=True)
-            self.conn.close(linger_ms=500)
+            for link in self.links:
+                link.conn.close(linger_ms=500)
             ctx.term()
+
+    def _publish_link(self) -> _Link:
+        """Where events leave: the first link whose broker is up and knows this node."""
+        for link in self.links:
+            if link.registered and link.state is PeerState.UP:
+                return link
+        return self.links[0]
 
     def _heartbeat(self) -> None:
         if self.stopping:
             return
-        interval = self.node.heartbeat_interval
         now = time.monotonic()
-        self._watch_broker(now)
         self.dedupe.expire(now)
-        if self.beat is not None:
-            self.pending_control.pop(self.beat, None)  # unanswered: its answer is ignored
-        self.beat = self._control("heartbeat", self._load())
-        self.loop.call_later(interval, self._heartbeat)
+        load = self._load()
+        for link in self.links:
+            self._watch_broker(link, now)
+            if link.beat is not None:
+                link.pending_control.pop(link.beat, None)  # unanswered: its answer is ignored
+            link.beat = self._control(link, "heartbeat", load)
+        self.loop.call_later(self.node.heartbeat_interval, self._heartbeat)
 
     def _load(self) -> dict[str, Any]:
         """The heartbeat's load report (the broker checks each field)."""
@@ -509,30 +548,31 @@ class _NodeLoop:
             load["latency_ms"] = round(node.latency_ms, 3)
         return load
 
-    def _watch_broker(self, now: float) -> None:
+    def _watch_broker(self, link: _Link, now: float) -> None:
         """Suspect or declare dead a broker silent too long (checked at each heartbeat)."""
-        silence = now - self.heard_at
+        silence = now - link.heard_at
         event = silence_event(silence, self.node.heartbeat_interval)
         if event is not None:
-            self._broker_event(event, f"silent for {silence:.1f} s")
+            self._broker_event(link, event, f"silent for {silence:.1f} s")
 
-    def _broker_event(self, event: PeerEvent, why: str) -> None:
-        before = self.broker_state
-        self.broker_state = advance_peer(before, event)
-        if self.broker_state is not before:
-            level = logging.INFO if self.broker_state is PeerState.UP else logging.WARNING
-            log.log(level, "broker %s is %s (was %s): %s", self.broker, self.broker_state.value, before.value, why)
+    def _broker_event(self, link: _Link, event: PeerEvent, why: str) -> None:
+        before = link.state
+        link.state = advance_peer(before, event)
+        if link.state is not before:
+            level = logging.INFO if link.state is PeerState.UP else logging.WARNING
+            log.log(level, "broker %s is %s (was %s): %s", link.endpoint, link.state.value, before.value, why)
 
-    def _register(self) -> None:
-        if not self.registering:
-            self.registering = True
-            self._control("register", self.node.registration())
+    def _register(self, link: _Link) -> None:
+        if not link.registering:
+            link.registering = True
+            self._control(link, "register", self.node.registration())
 
     def _begin_stop(self) -> None:
         if self.stopping:
             return
         self.stopping = True
-        self._control("unregister", {})
+        for link in self.links:
+            self._control(link, "unregister", {})
         self.loop.call_later(self.drain_timeout, self.done.set)
         self._maybe_done()
 
@@ -541,10 +581,10 @@ class _NodeLoop:
             # Let the unregister and the last replies leave before closing.
             self.loop.call_later(0.05, self.done.set)
 
-    def _control(self, action: str, payload: Any) -> str:
+    def _control(self, link: _Link, action: str, payload: Any) -> str:
         header = command("mesh", action, now=time.time())
-        self.pending_control[header.id] = action
-        self.conn.send([b"", encode_header(header), encode_payload(payload)])
+        link.pending_control[header.id] = action
+        link.send([b"", encode_header(header), encode_payload(payload)])
         return header.id
 
     def _reply(self, work: _Work, frames: list[bytes]) -> None:
@@ -558,44 +598,46 @@ class _NodeLoop:
             ms = (time.perf_counter() - work.started) * 1000.0
             mean = node.latency_ms
             node.latency_ms = ms if mean is None else mean + LATENCY_WEIGHT * (ms - mean)
-        self.conn.send(frames)
-        for resend in self.dedupe.finish(work.key, frames, time.monotonic(), remember=ran):
-            self.conn.send(resend)
+        assert work.link is not None
+        work.link.send(frames)
+        for (link, envelope), *body in self.dedupe.finish(work.key, [(work.link, work.envelope), *frames[1:]],
+                                                          time.monotonic(), remember=ran):
+            link.send([envelope, *body])
         self._maybe_done()
 
-    def _on_broker(self, frames: list[bytes]) -> None:
+    def _on_broker(self, link: _Link, frames: list[bytes]) -> None:
         node = self.node
         now = time.monotonic()
-        if self.broker_state is not PeerState.UP:
-            self._broker_event(PeerEvent.HEARD, f"heard after {now - self.heard_at:.1f} s")
-        self.heard_at = now  # any message, even one dropped below, shows the broker is there
+        if link.state is not PeerState.UP:
+            self._broker_event(link, PeerEvent.HEARD, f"heard after {now - link.heard_at:.1f} s")
+        link.heard_at = now  # any message, even one dropped below, shows the broker is there
         if len(frames) != 3:
-            log.warning("dropped a message of %d frames from the broker", len(frames))
+            log.warning("dropped a message of %d frames from broker %s", len(frames), link.endpoint)
             return
         envelope, hframe, payload = frames
         try:
             header = unpack_header(hframe)
         except MeshError as err:
-            log.warning("dropped a malformed message from the broker: %s", err.message)
+            log.warning("dropped a malformed message from broker %s: %s", link.endpoint, err.message)
             return
         if not envelope:
-            self._on_control(decode_header(hframe), payload)
+            self._on_control(link, decode_header(hframe), payload)
             return
         if header["type"] != "command":
             return
         key = _command_key(header)
-        seen, stored = self.dedupe.admit(key, envelope, now)
+        seen, stored = self.dedupe.admit(key, (link, envelope), now)
         if seen is Seen.DONE:
             assert stored is not None
             log.debug("command %s ran already: answered with its stored reply", key[0])
-            self.conn.send(stored)
+            link.send([envelope, *stored[1:]])
             return
         if seen is Seen.RUNNING:
             log.debug("command %s is running: the resend gets its reply", key[0])
             return
-        work = _Work(envelope, header, payload, node.actions.get((header["service"], header["action"])))
+        work = _Work(envelope, header, payload, node.actions.get((header["service"], header["action"])), link=link)
         if node.in_flight >= node.capacity:
-            self.conn.send(node._error(work, ResourceExhaustedError("node is at capacity")))
+            link.send(node._error(work, ResourceExhaustedError("node is at capacity")))
             return
         self.dedupe.start(key)
         self.running.add(work)
@@ -624,9 +666,8 @@ class _NodeLoop:
                 task.cancel()
         self.expiry = self.loop.call_later(EXPIRY_S, self._expire)
 
-
-    def _on_control(self, header: Header, payload: bytes) -> None:
-        action = self.pending_control.pop(header.correlation_id or "", None)
+    def _on_control(self, link: _Link, header: Header, payload: bytes) -> None:
+        action = link.pending_control.pop(header.correlation_id or "", None)
         if action is None:
             # The broker acknowledging an event this node published.
             if header.error is not None:
@@ -634,28 +675,33 @@ class _NodeLoop:
             return
         if header.type is MessageType.ERROR:
             assert header.error is not None
-            log.error("broker refused mesh.%s: %s", action, header.error.message)
+            log.error("broker %s refused mesh.%s: %s", link.endpoint, action, header.error.message)
             if action == "register":
-                self.registering = False
+                link.registering = False
                 self.node.stop()
             return
         if action == "register":
-            self.registering = False
+            link.registering = False
+            link.registered = True
             try:
                 limit = decode_payload(payload).get("max_message_bytes")
             except (MeshError, AttributeError):
                 limit = None
             if isinstance(limit, int) and limit > 0:
-                self.node.max_message_bytes = limit
+                # The smallest limit of the brokers: a reply must fit through any of them.
+                others = self.node.max_message_bytes if any(k.registered for k in self.links if k is not link) else limit
+                self.node.max_message_bytes = min(limit, others)
             self.node.registered.set()
-            log.info("registered %s", ", ".join(sorted({s for s, _ in self.node.actions})))
+            log.info("registered %s with %s", ", ".join(sorted({s for s, _ in self.node.actions})), link.endpoint)
         elif action == "heartbeat":
-            self.beat = None
+            link.beat = None
             try:
                 known = decode_payload(payload).get("known", True)
             except (MeshError, AttributeError):
                 known = True
-            if not known and not self.registering:
-                log.warning("broker forgot this node; registering again")
-                self.node.registered.clear()
-                self._register()
+            if not known and not link.registering:
+                log.warning("broker %s forgot this node; registering again", link.endpoint)
+                link.registered = False
+                if not any(k.registered for k in self.links):
+                    self.node.registered.clear()
+                self._register(link)

@@ -15,6 +15,7 @@ def node(name: str = "t", services: list[str] | None = None, capacity: int = 4) 
     n = Node(name, capacity=capacity)
     lock = threading.Lock()
     running = {"now": 0, "max": 0}
+    runs = {"tally": 0}
 
     for svc in services or ["alpha"]:
 
@@ -50,6 +51,13 @@ def node(name: str = "t", services: list[str] | None = None, capacity: int = 4) 
         def idem(payload: dict[str, Any]) -> dict[str, Any]:
             time.sleep(float(payload.get("sleep", 0)))
             return {"node": name}
+
+        @n.action(svc, "tally", description="Sleep, then count this run: how many tally commands ran here.")
+        def tally(payload: dict[str, Any]) -> dict[str, Any]:
+            time.sleep(float(payload.get("sleep", 0)))
+            with lock:
+                runs["tally"] += 1
+                return {"node": name, "runs": runs["tally"]}
 
         @n.action(svc, "nap", description="Sleep on the event loop (an async handler).")
         async def nap(payload: dict[str, Any]) -> dict[str, Any]:
