@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import functools
 import threading
-import time
 import urllib.request
 from dataclasses import asdict, dataclass
 from typing import Any, Final
