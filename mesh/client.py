@@ -23,6 +23,10 @@ Rules of this module:
   to a dead broker, thousands of idle tools must not keep a broker busy, and its next
   call finds a dead broker within the same window. `on_state(endpoint, old, new)` and
   the log report every change.
+* A connection the transport reports closed while calls wait (the broker's process
+  died and its kernel closed the socket) makes the link dead at once, without waiting
+  out the heartbeat window; a silent broker (frozen, or a cut network) still takes the
+  window.
 * Failover: a dead link is closed (linger 0, its queued messages die with it) and a new
   DEALER opens to the next endpoint of the list, round robin (the same one again when
   there is one: a new socket is what reaches a restarted broker). The first pass
@@ -423,6 +427,13 @@ class AsyncClient:
 
     def _beat(self) -> None:
         busy = any(not call.fut.done() for call in self._waiting.values())
+        if self._watch is not None and self._watch.drops:
+            self._watch.drops = 0
+            dropped = self._liveness.dropped(busy=busy)
+            self._report(dropped)
+            if dropped and dropped[-1].new is LinkState.DEAD:
+                self._fail_over()  # the broker's process is gone: no window to wait out
+                return
         tick = self._liveness.tick(time.monotonic(), busy=busy)
         self._report(tick.transitions)
         if tick.transitions and tick.transitions[-1].new is LinkState.DEAD:

@@ -8,7 +8,9 @@ Rules of this module:
   client is waiting for something (`tick(now, busy=True)`): an idle client asks the
   broker nothing, so its silence says nothing, and the clock is held at `now`.
 * After one `interval` of silence the link is `SUSPECT` and one heartbeat is due; after
-  `liveness` intervals it is `DEAD`. At most one heartbeat is in flight per link: a
+  `liveness` intervals it is `DEAD`. A connection the transport reports closed while
+  the client waits (`dropped`: the broker process died, its kernel closed the socket)
+  is `DEAD` at once: no need to wait out a window for what is already known. At most one heartbeat is in flight per link: a
   second one is never queued behind an unanswered first, so a broker that comes back
   is not met by a pile of pings. A new link (`connected`) starts `SUSPECT` with one
   heartbeat due, to prove the new broker quickly.
@@ -58,6 +60,7 @@ class LinkEvent(enum.Enum):
     HEARD = "heard"  # a message came from the broker
     QUIET = "quiet"  # one interval of silence while busy
     LOST = "lost"  # `liveness` intervals of silence while busy
+    DROPPED = "dropped"  # the transport closed the connection while busy
     CONNECTED = "connected"  # the caller replaced the dead link with a new one
 
 
@@ -66,6 +69,8 @@ TRANSITIONS: Final[dict[tuple[LinkState, LinkEvent], LinkState]] = {
     (LinkState.UP, LinkEvent.QUIET): LinkState.SUSPECT,
     (LinkState.SUSPECT, LinkEvent.HEARD): LinkState.UP,
     (LinkState.SUSPECT, LinkEvent.LOST): LinkState.DEAD,
+    (LinkState.UP, LinkEvent.DROPPED): LinkState.DEAD,
+    (LinkState.SUSPECT, LinkEvent.DROPPED): LinkState.DEAD,
     (LinkState.DEAD, LinkEvent.CONNECTED): LinkState.SUSPECT,
 }
 
@@ -165,6 +170,19 @@ class Liveness:
         if ping:
             self.ping_in_flight = True
         return Tick(out, ping)
+
+    def dropped(self, *, busy: bool) -> list[Transition]:
+        """The transport reports the connection closed; `busy` when calls wait.
+
+        An idle client ignores it (libzmq reconnects by itself, and nothing is owed);
+        a busy one's link is dead now, so the caller replaces it without waiting.
+        """
+        out: list[Transition] = []
+        if busy and self.state is not LinkState.DEAD:
+            self._apply(LinkEvent.DROPPED, out)
+            self.failures += 1
+            self.ping_in_flight = False
+        return out
 
     def connected(self, now: float) -> list[Transition]:
         """The caller opened a new link in place of the dead one; it starts `SUSPECT`,

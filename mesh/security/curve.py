@@ -414,6 +414,7 @@ class HandshakeWatch:
         self._ready: set[str] = set()
         self._failed: dict[str, dict[str, Any]] = {}  # endpoint -> details of its refusal
         self._silent: dict[str, int] = {}
+        self.drops = 0  # connections closed after a completed handshake
         self._sock = sock
         try:
             self.socket: zmq.Socket = sock.get_monitor_socket(_WATCHED)
@@ -496,6 +497,8 @@ class HandshakeWatch:
             self._failed.pop(endpoint, None)
             self._silent.pop(endpoint, None)
         elif event == zmq.EVENT_DISCONNECTED:
+            if endpoint in self._ready:
+                self.drops += 1
             self._ready.discard(endpoint)
         elif event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
             reason = REFUSED if value == 400 else f"the broker's authenticator answered {value}"

@@ -96,6 +96,7 @@ def test_every_transition_of_the_table(clock):
     events = {
         LinkEvent.HEARD: lambda lv: lv.heard(clock.now),
         LinkEvent.CONNECTED: lambda lv: lv.connected(clock.now),
+        LinkEvent.DROPPED: lambda lv: lv.dropped(busy=True),
     }
     for (state, event), new in TRANSITIONS.items():
         lv = make(clock, state)
@@ -105,7 +106,7 @@ def test_every_transition_of_the_table(clock):
             lv.tick(clock.now + (1.0 if event is LinkEvent.QUIET else 3.0), busy=True)
         assert lv.state is new, (state, event)
     for state in LinkState:
-        for event in (LinkEvent.HEARD, LinkEvent.CONNECTED):
+        for event in (LinkEvent.HEARD, LinkEvent.CONNECTED):  # DROPPED when dead is ignored, below
             if (state, event) not in TRANSITIONS:
                 with pytest.raises(InvalidStateError):
                     events[event](make(clock, state))
@@ -136,3 +137,12 @@ def test_settings_that_cannot_work_are_refused(clock):
 def test_backoff_is_immediate_for_the_first_pass_then_doubles_capped_with_jitter(failures, endpoints, rand, expected):
     """The pause between attempts once the whole list failed: 0.1 s doubling to 2 s, +-20 %."""
     assert backoff_delay(failures, endpoints, rand) == pytest.approx(expected, abs=1e-6)
+
+
+def test_a_dropped_connection_is_dead_at_once_only_while_calls_wait(clock):
+    """The transport's close kills a busy link without a window; an idle one ignores it."""
+    lv = make(clock, UP)
+    assert lv.dropped(busy=False) == [] and lv.state is UP
+    assert lv.dropped(busy=True) == [Transition(UP, DEAD)]
+    assert lv.failures == 1
+    assert lv.dropped(busy=True) == []  # already dead: nothing more to report
