@@ -156,10 +156,16 @@ class Ready:
 
 @dataclass
 class Progress:
-    """A leader's view of one follower: what it holds and what to send it next."""
+    """A leader's view of one follower: what it holds and what to send it next.
+
+    While `probing` the leader does not know where the follower's log matches its own,
+    so it sends from `next_index` without moving it until an answer arrives. Once an
+    append succeeds it replicates optimistically: `next_index` moves past what was sent.
+    """
 
     next_index: int
     match_index: int = 0
+    probing: bool = True
     recently_active: bool = False
 
 
@@ -400,7 +406,7 @@ class RaftNode:
         self._reset_timers()
         nxt = self.log.last_index + 1
         self.progress = {peer: Progress(nxt) for peer in self._peers}
-        self.progress[self.id] = Progress(nxt, match_index=self.log.stable, recently_active=True)
+        self.progress[self.id] = Progress(nxt, match_index=self.log.stable, probing=False, recently_active=True)
         self.log.append([Entry(nxt, self.term, b"", EntryKind.NOOP)])
         self._broadcast_append()
 
@@ -501,18 +507,22 @@ class RaftNode:
             if msg.match_index > p.match_index:
                 p.match_index = msg.match_index
                 p.next_index = max(p.next_index, msg.match_index + 1)
+                p.probing = False
                 self._maybe_commit()
                 if p.next_index <= self.log.last_index:
                     self._send_append(msg.frm, p)
             return
-        if msg.reject_index != p.next_index - 1:
-            return  # an answer to an older probe
-        next_index = msg.conflict_index
+        # A rejection is stale when it answers an older probe, or (while replicating)
+        # concerns entries the follower has since acknowledged.
+        if msg.reject_index <= p.match_index or p.probing and msg.reject_index != p.next_index - 1:
+            return
+        hint = msg.conflict_index
         if msg.conflict_term:
             found = self.log.last_index_of_term(msg.conflict_term, msg.reject_index)
             if found is not None:
-                next_index = found + 1
-        p.next_index = max(p.match_index + 1, min(next_index, p.next_index - 1))
+                hint = found + 1
+        p.probing = True
+        p.next_index = max(p.match_index + 1, min(hint, msg.reject_index))
         self._send_append(msg.frm, p)
 
     def _answer_stale(self, msg: Message) -> None:
@@ -539,14 +549,23 @@ class RaftNode:
             self._send_append(peer, self.progress[peer])
 
     def _send_append(self, peer: str, p: Progress) -> None:
+        """Send what follows `next_index`; when replicating, assume it arrives (as etcd does).
+
+        A lost message shows up as the rejection of a later append or heartbeat; the
+        leader then probes back from the follower's hint and sends again.
+        """
         prev_index = p.next_index - 1
         prev_term = self.log.term(prev_index)
         if prev_term is None or p.next_index < self.log.first_index:
+            # The follower needs compacted entries: send the snapshot, then probe after it.
             self._send(SnapshotRequest(peer, self.id, self.term, self.log.snapshot))
+            p.next_index, p.probing = self.log.snapshot.index + 1, True
             return
         last = min(self.log.last_index, prev_index + self.config.max_entries_per_message)
         entries = tuple(self.log.slice(p.next_index, last))
         self._send(AppendRequest(peer, self.id, self.term, prev_index, prev_term, entries, self.log.commit))
+        if not p.probing:
+            p.next_index = last + 1
 
     def _reply_append(self, to: str, success: bool, match_index: int) -> None:
         self._send(AppendResponse(to, self.id, self.term, success, match_index, 0, 0, 0))
