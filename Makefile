@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test soak bench sample clean
+.PHONY: run test soak bench sim sample clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,10 @@ soak: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/mesh bench --clients 4 --inflight 32 --payload 256
+
+# The consensus core under 20 000 seeded fault schedules (docs/cluster-core.md).
+sim: $(STAMP)
+	$(BIN)/python -m mesh.cluster.sim --seeds 20000
 
 clean:
 	rm -rf $(VENV) var .mesh

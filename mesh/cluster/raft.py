@@ -382,7 +382,7 @@ class RaftNode:
         self._reset_timers()
 
     def _leader_seen(self, leader: str) -> None:
-        if self.role is not Role.FOLLOWER and self.role is not Role.LEARNER or self.leader != leader:
+        if self.role not in (Role.FOLLOWER, Role.LEARNER) or self.leader != leader:
             self._transition(RoleEvent.LEADER_SEEN)
             self.leader = leader
         self._election_elapsed = 0

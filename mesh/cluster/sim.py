@@ -106,7 +106,9 @@ class _Stop(Exception):
 class _BuggyNode(RaftNode):
     """A node with some of Raft's rules deliberately broken."""
 
-    bugs: frozenset[Bug] = frozenset()
+    def __init__(self, config: Config, rng: random.Random, state: PersistedState, bugs: frozenset[Bug]) -> None:
+        super().__init__(config, rng, state)
+        self.bugs = bugs
 
     def _may_vote_for(self, msg: VoteRequest) -> bool:
         if Bug.DOUBLE_VOTE in self.bugs and not msg.pre_vote:
@@ -176,7 +178,7 @@ class Simulation:
         self.duplication = rng.uniform(0.0, 0.1)
         self.max_delay = rng.randint(1, 3)
         self.ready_rate = rng.uniform(0.5, 1.0)
-        self.node_class = type("Node", (_BuggyNode,), {"bugs": frozenset(bugs)}) if bugs else RaftNode
+        self.bugs = frozenset(bugs)
         self.disks = {m: _Disk() for m in (*self.voters, *self.learners)}
         self.apps = {m: _App() for m in self.disks}
         self.nodes: dict[str, RaftNode | None] = {m: self._boot(m) for m in self.disks}
@@ -261,7 +263,8 @@ class Simulation:
 
     def _boot(self, name: str) -> RaftNode:
         config = Config(name, self.voters, self.learners, election_ticks=ELECTION_TICKS, heartbeat_ticks=1)
-        return self.node_class(config, random.Random(self.rng.getrandbits(64)), self.disks[name].state())
+        rng, state = random.Random(self.rng.getrandbits(64)), self.disks[name].state()
+        return _BuggyNode(config, rng, state, self.bugs) if self.bugs else RaftNode(config, rng, state)
 
     def _restart(self, name: str) -> None:
         self.nodes[name] = self._boot(name)
