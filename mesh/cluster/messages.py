@@ -166,7 +166,7 @@ _TAGS: Final[dict[type, int]] = {
     AppendResponse: 4,
     SnapshotRequest: 5,
 }
-_CLASSES: Final = {tag: cls for cls, tag in _TAGS.items()}
+_CLASSES: Final[dict[int, type[Message]]] = {tag: cls for cls, tag in _TAGS.items()}
 _FIELDS: Final = {cls: tuple(f.name for f in fields(cls)) for cls in _TAGS}
 
 
@@ -217,8 +217,10 @@ def decode_message(raw: bytes) -> Message:
             f"{cls.__name__} has {len(names)} fields, got {len(items) - 2}",
             details={"message": cls.__name__},
         )
-    values = {name: _FIELD_CHECKS[name](name, value) for name, value in zip(names, items[2:])}
-    msg = cls(**values)
+    values: dict[str, Any] = {
+        name: _FIELD_CHECKS[name](name, value) for name, value in zip(names, items[2:], strict=True)
+    }
+    msg: Message = cls(**values)
     _check_consistency(msg)
     return msg
 
@@ -294,6 +296,8 @@ _FIELD_CHECKS: Final = {
 
 def _check_consistency(msg: Message) -> None:
     """Facts between fields that the core relies on and a correct peer never breaks."""
+    if msg.term == 0:
+        raise _invalid("term", "must be at least 1")
     if isinstance(msg, AppendRequest):
         for offset, entry in enumerate(msg.entries, start=1):
             if entry.index != msg.prev_index + offset:
@@ -302,8 +306,5 @@ def _check_consistency(msg: Message) -> None:
                 raise _invalid(f"entries.{offset - 1}.term", "must lie between prev_term and the message term")
             if offset > 1 and entry.term < msg.entries[offset - 2].term:
                 raise _invalid(f"entries.{offset - 1}.term", "must not go backwards")
-    elif isinstance(msg, SnapshotRequest):
-        if msg.snapshot.term > msg.term:
-            raise _invalid("snapshot.term", "must not be after the message term")
-    if msg.term == 0:
-        raise _invalid("term", "must be at least 1")
+    elif isinstance(msg, SnapshotRequest) and msg.snapshot.term > msg.term:
+        raise _invalid("snapshot.term", "must not be after the message term")

@@ -9,6 +9,8 @@ Rules of this module:
 * The network loses, duplicates, delays and reorders messages, and partitions and heals;
   nodes crash and restart from their simulated disk. A node's Ready is handled (persist,
   send, apply) only at some steps, so a crash loses exactly what was never persisted.
+* A tenth of the messages travel through `encode_message`/`decode_message`, so the
+  codec sees real traffic; a refused message is a violation too.
 * Safety is checked as the run goes: election safety after every step (at most one
   leader per term), log matching on every entry a node persists, leader completeness
   whenever a node becomes leader, state machine safety on every entry applied and every
@@ -32,8 +34,8 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Final
 
-from ..protocol.errors import InvalidStateError, NotLeaderError
-from .messages import Entry, EntryKind, HardState, Message, Snapshot, VoteRequest
+from ..protocol.errors import InvalidStateError, MeshError, NotLeaderError
+from .messages import Entry, HardState, Message, Snapshot, VoteRequest, decode_message, encode_message
 from .raft import Config, PersistedState, RaftNode, Ready, Role
 
 __all__ = ["Bug", "Property", "Violation", "SimResult", "Summary", "Simulation", "run_seeds", "main"]
@@ -41,6 +43,7 @@ __all__ = ["Bug", "Property", "Violation", "SimResult", "Summary", "Simulation",
 ELECTION_TICKS: Final = 6
 SETTLE_TICKS: Final = 120
 DEFAULT_STEPS: Final = 150
+CODEC_SAMPLE: Final = 0.1  # the share of messages sent through encode_message/decode_message
 
 
 class Bug(str, Enum):
@@ -56,6 +59,7 @@ class Property(str, Enum):
     LEADER_COMPLETENESS = "leader completeness"
     STATE_MACHINE_SAFETY = "state machine safety"
     CORE_INVARIANT = "core invariant"  # the core itself refused a state (InvalidStateError)
+    WIRE_CODEC = "wire codec"  # a message the core sent did not survive encode and decode
 
 
 @dataclass(frozen=True)
@@ -293,6 +297,11 @@ class Simulation:
         self.messages += 1
         if rng.random() < self.loss:
             return
+        if rng.random() < CODEC_SAMPLE:
+            try:
+                msg = decode_message(encode_message(msg))
+            except MeshError as err:
+                raise _Stop(Property.WIRE_CODEC, f"{msg} was refused: {err.message}") from None
         for _ in range(2 if rng.random() < self.duplication else 1):
             heapq.heappush(self.wire, (self.now + rng.randint(1, self.max_delay), rng.random(), msg))
 
@@ -418,7 +427,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"time: {summary.seconds:.1f} s, {rate:.1f} seeds/s")
     for v in summary.violations:
         flags = "".join(f" --bug {b.value}" for b in bugs)
-        print(f"VIOLATION {v}\n  replay: python -m mesh.cluster.sim --start {v.seed} --seeds 1 --steps {args.steps}{flags}")
+        print(f"VIOLATION {v}")
+        print(f"  replay: python -m mesh.cluster.sim --start {v.seed} --seeds 1 --steps {args.steps}{flags}")
     return 1 if summary.violations else 0
 
 

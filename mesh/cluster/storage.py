@@ -82,7 +82,7 @@ class RaftStorage:
         path = Path(path)
         existed = path.exists()
         try:
-            conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+            conn = sqlite3.connect(path, isolation_level=None)
         except sqlite3.Error as exc:
             raise _corrupt(path, f"cannot be opened ({exc})") from None
         storage = cls(conn, path)

@@ -6,6 +6,7 @@ import itertools
 import random
 
 import pytest
+from raft_cluster import Cluster
 
 from mesh.cluster import (
     TRANSITIONS,
@@ -21,8 +22,6 @@ from mesh.cluster import (
     VoteResponse,
 )
 from mesh.protocol import InvalidStateError, ValidationFailedError
-
-from raft_cluster import Cluster
 
 MISSING = [pair for pair in itertools.product(Role, RoleEvent) if pair not in TRANSITIONS]
 
@@ -71,7 +70,8 @@ def test_pre_vote_does_not_change_any_term() -> None:
         node.tick()
     requests = node.ready().messages
     assert node.term == 0
-    assert {(m.to, m.term, m.pre_vote) for m in requests if isinstance(m, VoteRequest)} == {("b", 1, True), ("c", 1, True)}
+    votes = {(m.to, m.term, m.pre_vote) for m in requests if isinstance(m, VoteRequest)}
+    assert votes == {("b", 1, True), ("c", 1, True)}
 
 
 def test_an_isolated_node_cannot_disrupt_the_leader_when_it_returns() -> None:
@@ -185,7 +185,10 @@ def test_a_message_for_another_node_or_from_a_stranger_is_refused() -> None:
         node.step(VoteRequest("a", "zed", 1, 0, 0, False))
 
 
-@pytest.mark.parametrize("pair, target", list(TRANSITIONS.items()), ids=[f"{r.value}-{e.value}" for r, e in TRANSITIONS])
+TABLE_IDS = [f"{r.value}-{e.value}" for r, e in TRANSITIONS]
+
+
+@pytest.mark.parametrize("pair, target", list(TRANSITIONS.items()), ids=TABLE_IDS)
 def test_every_role_table_entry_is_reachable_through_transition(pair: tuple[Role, RoleEvent], target: Role) -> None:
     """_transition moves a node along each entry of the role table."""
     node = _node()

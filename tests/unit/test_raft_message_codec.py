@@ -85,7 +85,9 @@ BAD: list[tuple[str, bytes, type[MeshError], str | None]] = [
 
 
 @pytest.mark.parametrize("raw, error, field", [b[1:] for b in BAD], ids=[b[0] for b in BAD])
-def test_bad_input_raises_a_mesh_error_naming_the_problem(raw: bytes, error: type[MeshError], field: str | None) -> None:
+def test_bad_input_raises_a_mesh_error_naming_the_problem(
+    raw: bytes, error: type[MeshError], field: str | None
+) -> None:
     """Each kind of bad input gives its taxonomy error; validation errors name the field."""
     with pytest.raises(error) as info:
         decode_message(raw)

@@ -12,7 +12,6 @@ from mesh.cluster import (
     AppendResponse,
     Config,
     Entry,
-    EntryKind,
     HardState,
     PersistedState,
     RaftNode,

@@ -1,4 +1,4 @@
-"""The consensus core under the seeded fault simulator: thousands of seeds stay safe and live; broken rules are caught."""
+"""The core under the seeded fault simulator: thousands of seeds stay safe and live; broken rules are caught."""
 
 from __future__ import annotations
 

@@ -94,7 +94,7 @@ def test_an_installed_snapshot_replaces_the_whole_log(path: Path) -> None:
     """A Ready with a snapshot from the leader clears every entry before writing the new ones."""
     with RaftStorage.open(path, CLUSTER) as st:
         st.append(_entries(1, 5))
-        st.persist(Ready(snapshot=Snapshot(9, 3, b"s"), entries=(Entry(10, 3, b"x"),), hard_state=HardState(3, None, 9)))
+        st.persist(Ready(snapshot=Snapshot(9, 3, b"s"), entries=(Entry(10, 3, b"x"),), hard_state=HardState(3)))
         state = st.load()
     assert state.snapshot == Snapshot(9, 3, b"s") and state.entries == (Entry(10, 3, b"x"),)
 
