@@ -194,6 +194,7 @@ class Simulation:
         self.leaders: dict[int, str] = {}
         self.entry_at: dict[tuple[int, int], tuple[bytes, int, int | None]] = {}
         self.committed: dict[int, int] = {}
+        self.commit_mark = 0  # the highest index recorded in `committed` from a leader's commit index
         self.applied_at: dict[int, tuple[int, bytes]] = {}
         self.digest_at: dict[int, bytes] = {0: b""}
         self.complete_terms: set[int] = set()  # terms whose leader passed the completeness check
@@ -370,6 +371,20 @@ class Simulation:
         for name, node in self.nodes.items():
             if node is not None and node.role is Role.LEADER:
                 self._check_leader(name, node)
+                self._record_commits(name, node)
+
+    def _record_commits(self, name: str, node: RaftNode) -> None:
+        """Entries a leader counts as committed are committed, even before anyone applies them."""
+        for index in range(max(self.commit_mark, node.log.snapshot.index) + 1, node.commit_index + 1):
+            term = node.log.term(index)
+            assert term is not None  # between the snapshot and the commit index
+            if self.committed.setdefault(index, term) != term:
+                raise _Stop(
+                    Property.STATE_MACHINE_SAFETY,
+                    f"{name} committed index {index} in term {term}, another entry (term "
+                    f"{self.committed[index]}) was committed there before",
+                )
+        self.commit_mark = max(self.commit_mark, node.commit_index)
 
     def _check_leader(self, name: str, node: RaftNode) -> None:
         other = self.leaders.setdefault(node.term, name)
