@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 BROWSER := /usr/bin/chromedriver
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 
-.PHONY: run test soak bench sample clean
+.PHONY: run test soak bench sim sample clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,10 @@ soak: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/mesh bench --clients 4 --inflight 32 --payload 256
+
+# The consensus core under 20 000 seeded fault schedules (docs/cluster-core.md).
+sim: $(STAMP)
+	$(BIN)/python -m mesh.cluster.sim --seeds 20000
 
 clean:
 	rm -rf $(VENV) var .mesh

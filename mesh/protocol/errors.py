@@ -46,6 +46,8 @@ __all__ = [
     "DeadlineExceededError",
     "NodeLostError",
     "UnavailableError",
+    "CorruptStateError",
+    "NotLeaderError",
     "error_class",
     "error_from_wire",
 ]
@@ -85,6 +87,8 @@ class ErrorCode(IntEnum):
     DEADLINE_EXCEEDED = 3004
     NODE_LOST = 3005
     UNAVAILABLE = 3006
+    CORRUPT_STATE = 3007
+    NOT_LEADER = 3008
 
     @property
     def category(self) -> Category:
@@ -228,6 +232,19 @@ class UnavailableError(MeshSystemError):
     retryable = True
 
 
+class CorruptStateError(MeshSystemError):
+    """Durable state failed its integrity checks; only an operator can repair it."""
+
+    code = ErrorCode.CORRUPT_STATE
+
+
+class NotLeaderError(MeshSystemError):
+    """This broker is not the cluster leader; `details["leader"]` names it when known."""
+
+    code = ErrorCode.NOT_LEADER
+    retryable = True
+
+
 _BY_CODE: dict[int, type[MeshError]] = {
     int(cls.code): cls
     for cls in (
@@ -252,6 +269,8 @@ _BY_CODE: dict[int, type[MeshError]] = {
         DeadlineExceededError,
         NodeLostError,
         UnavailableError,
+        CorruptStateError,
+        NotLeaderError,
     )
 }
 

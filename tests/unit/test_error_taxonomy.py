@@ -10,6 +10,7 @@ from mesh.protocol import (
     BadFormatError,
     Category,
     ConfigurationError,
+    CorruptStateError,
     DeadlineExceededError,
     EncryptionFailedError,
     ErrorCode,
@@ -21,6 +22,7 @@ from mesh.protocol import (
     MessageTooLargeError,
     NetworkError,
     NodeLostError,
+    NotLeaderError,
     ProtocolError,
     ResourceExhaustedError,
     SecurityError,
@@ -63,6 +65,8 @@ CODES = {
     "DEADLINE_EXCEEDED": 3004,
     "NODE_LOST": 3005,
     "UNAVAILABLE": 3006,
+    "CORRUPT_STATE": 3007,
+    "NOT_LEADER": 3008,
 }
 
 CLASSES: dict[int, type[MeshError]] = {
@@ -87,9 +91,11 @@ CLASSES: dict[int, type[MeshError]] = {
     3004: DeadlineExceededError,
     3005: NodeLostError,
     3006: UnavailableError,
+    3007: CorruptStateError,
+    3008: NotLeaderError,
 }
 
-RETRYABLE = {3000, 3002, 3004, 3005, 3006}
+RETRYABLE = {3000, 3002, 3004, 3005, 3006, 3008}
 
 BASES = {Category.PROTOCOL: ProtocolError, Category.SECURITY: SecurityError, Category.SYSTEM: MeshSystemError}
 
@@ -156,7 +162,7 @@ def test_error_class_of_an_unknown_code_is_mesh_error() -> None:
 
 @pytest.mark.parametrize("code", list(ErrorCode), ids=lambda c: c.name)
 def test_retryable_flags_are_as_documented(code: ErrorCode) -> None:
-    """Only resource exhaustion, network, deadline, node lost and unavailable are retryable."""
+    """Only resource exhaustion, network, deadline, node lost, unavailable and not-leader are retryable."""
     assert CLASSES[int(code)].retryable is (int(code) in RETRYABLE)
     assert CLASSES[int(code)]().retryable is (int(code) in RETRYABLE)
 

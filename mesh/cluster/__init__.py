@@ -1,0 +1,13 @@
+"""The replicated log of the broker cluster: consensus core (sans-IO), storage (SQLite).
+
+`raft` is the Raft state machine (no I/O), `messages` its records and wire codec,
+`storage` the durable SQLite state, `sim` a deterministic fault simulator that checks
+the core's safety. The transport between brokers lives elsewhere and only moves bytes.
+"""
+
+from .messages import *  # noqa: F401,F403
+from .messages import __all__ as _messages_all
+from .raft import *  # noqa: F401,F403
+from .raft import __all__ as _raft_all
+
+__all__ = [*_messages_all, *_raft_all]

@@ -1,0 +1,246 @@
+"""The SQLite state file of a consensus node: what it keeps, how it is written, and every corruption it refuses."""
+
+from __future__ import annotations
+
+import random
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from mesh.cluster import Config, Entry, EntryKind, HardState, PersistedState, RaftNode, Ready, Role, Snapshot
+from mesh.cluster.storage import SCHEMA_VERSION, RaftStorage
+from mesh.protocol import CorruptStateError, ErrorCode
+
+CLUSTER = "test-cluster"
+MARKER = b"MARKER-0123456789"
+
+
+def _entries(first: int, last: int, term: int = 1) -> list[Entry]:
+    return [Entry(i, term, b"data%d" % i) for i in range(first, last + 1)]
+
+
+@pytest.fixture
+def path(tmp_path: Path) -> Path:
+    return tmp_path / "node.db"
+
+
+def _filled(path: Path) -> None:
+    with RaftStorage.open(path, CLUSTER) as st:
+        st.persist(Ready(entries=(*_entries(1, 2), Entry(3, 2, MARKER), Entry(4, 2, b"x")),
+                         hard_state=HardState(2, "a", 3)))
+
+
+def _sql(path: Path, statement: str) -> None:
+    conn = sqlite3.connect(path)
+    conn.execute(statement)
+    conn.commit()
+    conn.close()
+
+
+def _open_corrupt(path: Path) -> CorruptStateError:
+    with pytest.raises(CorruptStateError) as info:
+        RaftStorage.open(path, CLUSTER)
+    err = info.value
+    assert str(path) in err.message and err.details["path"] == str(path)
+    assert err.code == ErrorCode.CORRUPT_STATE and not err.retryable
+    return err
+
+
+def test_a_new_file_loads_as_the_empty_state(path: Path) -> None:
+    """Opening a missing file creates it; a fresh node's state is empty."""
+    with RaftStorage.open(path, CLUSTER) as st:
+        assert st.load() == PersistedState()
+    assert path.exists()
+
+
+def test_the_file_runs_in_wal_mode_with_full_sync(path: Path) -> None:
+    """Commits fsync: journal_mode is WAL and synchronous is FULL (2)."""
+    with RaftStorage.open(path, CLUSTER) as st:
+        assert st._conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert st._conn.execute("PRAGMA synchronous").fetchone()[0] == 2
+
+
+def test_what_was_persisted_comes_back_after_reopening(path: Path) -> None:
+    """Hard state, entries (with kinds) and snapshot survive close and open."""
+    with RaftStorage.open(path, CLUSTER) as st:
+        st.persist(Ready(entries=(Entry(1, 1, b"", EntryKind.NOOP), *_entries(2, 5)), hard_state=HardState(1, "b", 4)))
+        st.save_snapshot(Snapshot(2, 1, b"state@2"))
+    with RaftStorage.open(path, CLUSTER) as st:
+        state = st.load()
+    assert state.hard_state == HardState(1, "b", 4)
+    assert state.snapshot == Snapshot(2, 1, b"state@2")
+    assert state.entries == tuple(_entries(3, 5))
+
+
+def test_append_replaces_a_conflicting_suffix(path: Path) -> None:
+    """Appending from index 3 drops the stored 3..5 before writing the new ones."""
+    with RaftStorage.open(path, CLUSTER) as st:
+        st.append(_entries(1, 5))
+        st.append([Entry(3, 2, b"new3")])
+        assert [(e.index, e.term) for e in st.load().entries] == [(1, 1), (2, 1), (3, 2)]
+
+
+@pytest.mark.parametrize("entries", [[Entry(3, 1)], [Entry(1, 1), Entry(3, 1)]], ids=["gap", "not-consecutive"])
+def test_append_refuses_entries_that_would_leave_a_gap(path: Path, entries: list[Entry]) -> None:
+    """The log on disk never has holes, so a bad append is a programming error."""
+    with RaftStorage.open(path, CLUSTER) as st:
+        st.append(_entries(1, 1))
+        with pytest.raises(ValueError):
+            st.append(entries)
+
+
+def test_an_installed_snapshot_replaces_the_whole_log(path: Path) -> None:
+    """A Ready with a snapshot from the leader clears every entry before writing the new ones."""
+    with RaftStorage.open(path, CLUSTER) as st:
+        st.append(_entries(1, 5))
+        st.persist(Ready(snapshot=Snapshot(9, 3, b"s"), entries=(Entry(10, 3, b"x"),), hard_state=HardState(3)))
+        state = st.load()
+    assert state.snapshot == Snapshot(9, 3, b"s") and state.entries == (Entry(10, 3, b"x"),)
+
+
+def test_save_snapshot_refuses_an_older_snapshot(path: Path) -> None:
+    """Compaction only moves forward."""
+    with RaftStorage.open(path, CLUSTER) as st:
+        st.append(_entries(1, 5))
+        st.save_snapshot(Snapshot(4, 1, b"s"))
+        with pytest.raises(ValueError):
+            st.save_snapshot(Snapshot(2, 1, b"s"))
+
+
+def test_a_failed_transaction_leaves_nothing_behind(path: Path) -> None:
+    """persist is atomic: an error halfway through rolls the hard state back too."""
+    with RaftStorage.open(path, CLUSTER) as st:
+        with pytest.raises(ValueError):
+            st.persist(Ready(hard_state=HardState(5, "a", 0), entries=(Entry(7, 1),)))
+        assert st.load() == PersistedState()
+
+
+def test_a_restarted_node_continues_from_the_file(path: Path) -> None:
+    """A single-node cluster persisting every Ready to SQLite restarts with its log, term and commit."""
+    config = Config("a", ("a",))
+    node = RaftNode(config, random.Random(1))
+    with RaftStorage.open(path, CLUSTER) as st:
+        while node.role is not Role.LEADER:
+            node.tick()
+        for item in (b"x", b"y"):
+            node.propose(item)
+        while node.has_ready():
+            rd = node.ready()
+            st.persist(rd)
+            node.advance(rd)
+    with RaftStorage.open(path, CLUSTER) as st:
+        again = RaftNode(config, random.Random(1), st.load())
+    assert (again.term, again.vote, again.commit_index, again.log.last_index) == (1, "a", 3, 3)
+    assert [e.data for e in again.ready().committed_entries] == [b"", b"x", b"y"]
+
+
+# ------------------------------------------------------------------ corruption
+
+
+def test_a_flipped_byte_in_an_entry_is_a_bad_checksum(path: Path) -> None:
+    """Changing one byte of an entry's data inside the file is detected and named."""
+    _filled(path)
+    raw = bytearray(path.read_bytes())
+    at = raw.index(MARKER)
+    raw[at + 3] ^= 0x01
+    path.write_bytes(bytes(raw))
+    err = _open_corrupt(path)
+    assert err.details["problem"] == "entry 3 has a bad checksum"
+
+
+def test_an_edited_term_is_a_bad_checksum(path: Path) -> None:
+    """A row changed behind the storage's back no longer matches its checksum."""
+    _filled(path)
+    _sql(path, "UPDATE entries SET term = 2 WHERE idx = 2")
+    assert _open_corrupt(path).details["problem"] == "entry 2 has a bad checksum"
+
+
+def test_a_deleted_entry_row_is_a_gap(path: Path) -> None:
+    """A missing entry in the middle of the log is named by its index."""
+    _filled(path)
+    _sql(path, "DELETE FROM entries WHERE idx = 2")
+    assert _open_corrupt(path).details["problem"] == "log has a gap: entries 2 to 2 are missing"
+
+
+def test_deleted_last_entries_leave_the_commit_index_past_the_log(path: Path) -> None:
+    """Losing the committed tail is caught by the commit index check."""
+    _filled(path)
+    _sql(path, "DELETE FROM entries WHERE idx >= 3")
+    assert _open_corrupt(path).details["problem"] == "commit index 3 is past the last log index 2"
+
+
+def test_a_tampered_hard_state_is_a_bad_checksum(path: Path) -> None:
+    """Changing the persisted vote is detected."""
+    _filled(path)
+    _sql(path, "UPDATE hard_state SET vote = 'c'")
+    assert "hard state" in _open_corrupt(path).details["problem"]
+
+
+def test_a_tampered_snapshot_is_a_bad_checksum(path: Path) -> None:
+    """Changing the snapshot's data is detected."""
+    with RaftStorage.open(path, CLUSTER) as st:
+        st.append(_entries(1, 3))
+        st.save_snapshot(Snapshot(2, 1, b"state"))
+    _sql(path, "UPDATE snapshot SET data = x'00'")
+    assert _open_corrupt(path).details["problem"] == "snapshot at index 2 has a bad checksum"
+
+
+def test_entries_left_inside_the_snapshot_are_refused(path: Path) -> None:
+    """An entry at or below the snapshot's index means compaction was not finished correctly."""
+    with RaftStorage.open(path, CLUSTER) as st:
+        st.append(_entries(1, 3))
+        st.save_snapshot(Snapshot(2, 1, b"state"))
+    conn = sqlite3.connect(path)
+    conn.execute("INSERT INTO entries SELECT 2, term, kind, data, checksum FROM entries WHERE idx = 3")
+    conn.commit()
+    conn.close()
+    assert _open_corrupt(path).details["problem"] == "entry 2 lies inside the snapshot, which ends at 2"
+
+
+def test_terms_going_backwards_are_refused(path: Path) -> None:
+    """A log whose terms decrease was not written by a correct node, even with good checksums."""
+    with RaftStorage.open(path, CLUSTER) as st:
+        st.append([Entry(1, 3), Entry(2, 3)])
+        st._conn.execute("DELETE FROM entries WHERE idx = 2")
+        st.append([Entry(2, 2)])
+        st.set_hard_state(HardState(3))
+    assert _open_corrupt(path).details["problem"] == "entry 2 has term 2, before the term 3 preceding it"
+
+
+def test_a_term_before_the_logs_last_term_is_refused(path: Path) -> None:
+    """The current term can never be older than the last entry's term."""
+    with RaftStorage.open(path, CLUSTER) as st:
+        st.persist(Ready(entries=(Entry(1, 4),), hard_state=HardState(2)))
+    assert _open_corrupt(path).details["problem"] == "current term 2 is before the log's last term 4"
+
+
+@pytest.mark.parametrize("keep", [0, 100, 2000], ids=["empty", "header-only", "half"])
+def test_a_truncated_file_is_refused_and_never_recreated(path: Path, keep: int) -> None:
+    """Cutting the file short (even to nothing) raises instead of starting a node with no state."""
+    _filled(path)
+    raw = path.read_bytes()
+    assert len(raw) > keep
+    path.write_bytes(raw[:keep])
+    _open_corrupt(path)
+
+
+def test_a_file_that_is_not_sqlite_is_refused(path: Path) -> None:
+    """Garbage in place of the database gives a clear error, not a sqlite3 exception."""
+    path.write_bytes(b"this is not a database" * 100)
+    assert "not a readable SQLite database" in _open_corrupt(path).details["problem"]
+
+
+def test_a_file_of_another_cluster_is_refused(path: Path) -> None:
+    """The cluster id row keeps a broker from joining with another cluster's log."""
+    _filled(path)
+    with pytest.raises(CorruptStateError) as info:
+        RaftStorage.open(path, "other-cluster")
+    assert info.value.details["problem"] == "cluster id is 'test-cluster', expected 'other-cluster'"
+
+
+def test_a_file_of_another_schema_version_is_refused(path: Path) -> None:
+    """A file written by a different schema version is not read as if it were this one."""
+    _filled(path)
+    _sql(path, "UPDATE meta SET value = '99' WHERE key = 'schema_version'")
+    assert _open_corrupt(path).details["problem"] == f"schema version is '99', expected '{SCHEMA_VERSION}'"
