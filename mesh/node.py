@@ -182,6 +182,7 @@ class Action:
     validate: PayloadValidator
     is_async: bool
     idempotent: bool
+    exactly_once: bool = False
 
 
 @dataclass(slots=True, eq=False)  # hashed by identity: a key of the running handlers
@@ -228,6 +229,7 @@ class Node:
         self.name = name
         self.capacity = capacity
         self.heartbeat_interval = heartbeat_interval
+        self.instance = new_id()  # this process's own id, the same on every broker it serves
         self.actions: dict[tuple[str, str], Action] = {}
         self._stop = threading.Event()
         self.registered = threading.Event()
@@ -247,12 +249,19 @@ class Node:
         schema: Mapping[str, Any] | None = None,
         description: str | None = None,
         idempotent: bool = False,
+        exactly_once: bool = False,
     ) -> Callable[[Handler], Handler]:
         """Declare a handler for `service.name` (the function's name when `name` is None).
 
         The description defaults to the handler's docstring; `schema` is the JSON Schema
-        of the payload (anything is accepted without one).
+        of the payload (anything is accepted without one). `idempotent` lets a broker
+        run a command again on another node when this one is lost; `exactly_once` asks a
+        broker cluster to commit each outcome to its replicated log before the reply,
+        so a command resent after any failover gets that outcome instead of a second run
+        (a plain broker treats it as an ordinary action).
         """
+        if idempotent and exactly_once:
+            raise ValueError("an action is idempotent (may run again) or exactly-once, not both")
 
         def register(fn: Handler) -> Handler:
             act_name = name or fn.__name__
@@ -268,6 +277,7 @@ class Node:
                 validate=compile_schema(sch),
                 is_async=inspect.iscoroutinefunction(fn),
                 idempotent=idempotent,
+                exactly_once=exactly_once,
             )
             return fn
 
@@ -281,9 +291,11 @@ class Node:
                 "description": spec.description,
                 "schema": dict(spec.schema),
                 "idempotent": spec.idempotent,
+                "exactly_once": spec.exactly_once,
             }
         return {
             "name": self.name,
+            "instance": self.instance,
             "capacity": self.capacity,
             "heartbeat_interval": self.heartbeat_interval,
             "services": services,

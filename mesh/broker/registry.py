@@ -120,6 +120,8 @@ class ActionSpec:
     description: str
     schema: Mapping[str, Any]
     idempotent: bool = False
+    # Outcomes committed to the cluster's replicated log before the reply (cluster only).
+    exactly_once: bool = False
 
 
 @dataclass(slots=True)
@@ -144,6 +146,8 @@ class NodeInfo:
     # The node's own last load report (`parse_load`); None until it sends one.
     reported: dict[str, float] | None = None
     latency_band: int = 0  # pick()'s view of reported latency_ms; 0 (best) until reported
+    # The node process's own id (the same on every broker of a cluster), or None.
+    instance: str | None = None
 
     @property
     def in_flight(self) -> int:
@@ -174,6 +178,7 @@ class _Registration:
     name: str
     capacity: int
     heartbeat_interval: float
+    instance: str | None = None
     services: dict[str, dict[str, ActionSpec]] = field(default_factory=dict)
 
 
@@ -201,7 +206,10 @@ def parse_registration(payload: Any) -> _Registration:
     interval = payload.get("heartbeat_interval", DEFAULT_HEARTBEAT_S)
     if isinstance(interval, bool) or not isinstance(interval, (int, float)) or not 0.05 <= interval <= 60:
         raise _field_error("heartbeat_interval", "must be a number of seconds from 0.05 to 60")
-    reg = _Registration(name, capacity, float(interval))
+    instance = payload.get("instance")
+    if instance is not None and (not isinstance(instance, str) or not 0 < len(instance) <= 64):
+        raise _field_error("instance", "must be a string of 1 to 64 characters")
+    reg = _Registration(name, capacity, float(interval), instance)
     for svc, spec in services.items():
         check_name(svc, f"services.{svc}")
         if svc == "mesh":
@@ -221,10 +229,13 @@ def parse_registration(payload: Any) -> _Registration:
             schema = aspec.get("schema", {})
             if not isinstance(schema, dict):
                 raise _field_error(f"{where}.schema", "must be a JSON Schema object")
-            idem = aspec.get("idempotent", False)
-            if not isinstance(idem, bool):
-                raise _field_error(f"{where}.idempotent", "must be a boolean")
-            parsed[act] = ActionSpec(desc, schema, idem)
+            flags = []
+            for flag in ("idempotent", "exactly_once"):
+                value = aspec.get(flag, False)
+                if not isinstance(value, bool):
+                    raise _field_error(f"{where}.{flag}", "must be a boolean")
+                flags.append(value)
+            parsed[act] = ActionSpec(desc, schema, *flags)
         reg.services[svc] = parsed
     return reg
 
@@ -271,6 +282,8 @@ class Registry:
         self.nodes: dict[bytes, NodeInfo] = {}
         self._by_action: dict[tuple[str, str], list[NodeInfo]] = {}
         self._services: dict[str, int] = {}  # service -> number of nodes offering it
+        self._once: dict[tuple[str, str], int] = {}  # exactly-once action -> nodes declaring it
+        self._instances: dict[str, NodeInfo] = {}  # a node process's own id -> its registration here
         self._order = itertools.count(1)  # 0 is "never picked", which goes first
 
     def register(self, identity: bytes, payload: Any, now: float, owed: set[Any] | None = None) -> NodeInfo:
@@ -291,12 +304,17 @@ class Registry:
             liveness=LIVENESS_MISSES * reg.heartbeat_interval,
             interval=reg.heartbeat_interval,
             owed=owed if owed is not None else set(),
+            instance=reg.instance,
         )
         self.nodes[identity] = node
+        if reg.instance is not None:
+            self._instances[reg.instance] = node
         for svc, actions in reg.services.items():
             self._services[svc] = self._services.get(svc, 0) + 1
-            for act in actions:
+            for act, spec in actions.items():
                 self._by_action.setdefault((svc, act), []).append(node)
+                if spec.exactly_once:
+                    self._once[(svc, act)] = self._once.get((svc, act), 0) + 1
         return node
 
     def remove(self, identity: bytes) -> NodeInfo | None:
@@ -304,13 +322,21 @@ class Registry:
         node = self.nodes.pop(identity, None)
         if node is None:
             return None
+        if node.instance is not None and self._instances.get(node.instance) is node:
+            del self._instances[node.instance]
         for svc, actions in node.services.items():
             left = self._services[svc] - 1
             if left:
                 self._services[svc] = left
             else:
                 del self._services[svc]
-            for act in actions:
+            for act, spec in actions.items():
+                if spec.exactly_once:
+                    once = self._once[(svc, act)] - 1
+                    if once:
+                        self._once[(svc, act)] = once
+                    else:
+                        del self._once[(svc, act)]
                 peers = self._by_action[(svc, act)]
                 peers.remove(node)
                 if not peers:
@@ -326,6 +352,14 @@ class Registry:
 
     def offers(self, service: str, action: str) -> bool:
         return (service, action) in self._by_action
+
+    def exactly_once(self, service: str, action: str) -> bool:
+        """Whether a node offering `service.action` declared it exactly-once."""
+        return (service, action) in self._once
+
+    def by_instance(self, instance: str) -> NodeInfo | None:
+        """The registration of the node process with this own id, if it is registered here."""
+        return self._instances.get(instance)
 
     def pick(self, service: str, action: str) -> NodeInfo | None:
         """The best node with room for one more command (see the module rules), or None.
@@ -362,6 +396,7 @@ class Registry:
                 "description": spec.description,
                 "schema": dict(spec.schema),
                 "idempotent": spec.idempotent,
+                "exactly_once": spec.exactly_once,
             }
         for svc in out:
             out[svc]["nodes"] = self._services[svc]

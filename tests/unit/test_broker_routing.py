@@ -271,13 +271,13 @@ def test_services_lists_every_action_with_schema_and_description(broker: Broker)
     assert p == {
         "echo": {
             "nodes": 1,
-            "actions": {"say": {"description": "echo.say", "schema": {}, "idempotent": False}},
+            "actions": {"say": {"description": "echo.say", "schema": {}, "idempotent": False, "exactly_once": False}},
         },
         "kv": {
             "nodes": 2,
             "actions": {
-                "get": {"description": "read a key", "schema": schema, "idempotent": True},
-                "put": {"description": "write a key", "schema": {}, "idempotent": False},
+                "get": {"description": "read a key", "schema": schema, "idempotent": True, "exactly_once": False},
+                "put": {"description": "write a key", "schema": {}, "idempotent": False, "exactly_once": False},
             },
         },
     }
