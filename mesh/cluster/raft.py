@@ -275,8 +275,9 @@ class RaftNode:
 
         Raises:
             ValidationFailedError: the message is not for this node or is from a stranger.
-            InvalidStateError: a second leader spoke in this node's term as leader
-                (only a safety bug elsewhere can cause it).
+            InvalidStateError: the message breaks a safety invariant (a second leader in
+                this leader's term, or an append that would overwrite a committed entry);
+                only a bug in a peer can cause it.
         """
         if msg.to != self.id or msg.frm not in self._peers:
             raise ValidationFailedError(

@@ -6,9 +6,10 @@ Rules of this module:
   rates, and every choice of the run, all drawn from one `random.Random(seed)`. The same
   seed replays the same run, so a failing seed is a bug report:
   `python -m mesh.cluster.sim --start SEED --seeds 1`.
-* The network loses, duplicates, delays and reorders messages, and partitions and heals;
-  nodes crash and restart from their simulated disk. A node's Ready is handled (persist,
-  send, apply) only at some steps, so a crash loses exactly what was never persisted.
+* The network loses, duplicates, delays and reorders messages, partitions (also one
+  way: a link that loses everything in one direction) and heals; nodes crash and
+  restart from their simulated disk. A node's Ready is handled (persist, send, apply)
+  only at some steps, so a crash loses exactly what was never persisted.
 * A tenth of the messages travel through `encode_message`/`decode_message`, so the
   codec sees real traffic; a refused message is a violation too.
 * Safety is checked as the run goes: election safety after every step (at most one
@@ -187,6 +188,7 @@ class Simulation:
         self.apps = {m: _App() for m in self.disks}
         self.nodes: dict[str, RaftNode | None] = {m: self._boot(m) for m in self.disks}
         self.groups: dict[str, int] | None = None
+        self.one_way: set[tuple[str, str]] = set()  # (from, to) links that lose everything
         self.wire: list[tuple[int, float, Message]] = []
         self.now = 0
         self.messages = 0
@@ -231,6 +233,7 @@ class Simulation:
     def _settle(self) -> bool:
         """Heal everything; a leader must emerge and commit a proposal on every voter."""
         self.groups = None
+        self.one_way.clear()
         self.loss = self.duplication = 0.0
         for name, node in self.nodes.items():
             if node is None:
@@ -256,6 +259,10 @@ class Simulation:
             self.groups = {m: rng.randrange(2) for m in members}
         elif self.groups is not None and rng.random() < 0.08:
             self.groups = None
+        if rng.random() < 0.01:
+            self.one_way.add((rng.choice(members), rng.choice(members)))
+        elif self.one_way and rng.random() < 0.05:
+            self.one_way.clear()
         running = [m for m in members if self.nodes[m] is not None]
         if running and rng.random() < 0.015:
             self.nodes[rng.choice(running)] = None
@@ -311,6 +318,8 @@ class Simulation:
             _, _, msg = heapq.heappop(self.wire)
             node = self.nodes[msg.to]
             if node is None or (self.groups is not None and self.groups[msg.frm] != self.groups[msg.to]):
+                continue
+            if (msg.frm, msg.to) in self.one_way:
                 continue
             try:
                 node.step(msg)

@@ -113,6 +113,8 @@ class RaftStorage:
 
     def persist(self, rd: Ready) -> None:
         """Write what a Ready asks for (snapshot, entries, hard state) in one transaction."""
+        if rd.snapshot is None and not rd.entries and rd.hard_state is None:
+            return  # most Readies only carry messages: no transaction, no fsync
         with self._transaction():
             if rd.snapshot is not None:
                 self._write_snapshot(rd.snapshot)
