@@ -18,7 +18,7 @@ import zmq
 
 from mesh.cluster.member import STATE_FILE, ClusterMember
 from mesh.cluster.transport import KIND_PROPOSAL, KIND_RAFT, PeerSecurity
-from mesh.protocol.errors import CorruptStateError
+from mesh.protocol.errors import ConfigurationError, CorruptStateError
 from mesh.security.curve import CurveAuthenticator, create_keypair, secure_client, secure_server
 from mesh.security.state import ensure_state
 
@@ -76,11 +76,20 @@ class Cluster:
 
     def start(self, m: str, **kw) -> ClusterMember:
         self.machines[m] = ListMachine()
-        self.members[m] = ClusterMember(
-            m, self.endpoints, self.learners, self.tmp / m, self.machines[m], self.ctx,
-            seed=sum(map(ord, m)), **{**self.kw, **kw},
-        )  # fmt: skip
-        return self.members[m]
+        # libzmq unbinds a closed socket in its I/O thread, a moment after close(): a
+        # member restarted in the same process may find its port still taken briefly.
+        deadline = time.monotonic() + 2.0
+        while True:
+            try:
+                self.members[m] = ClusterMember(
+                    m, self.endpoints, self.learners, self.tmp / m, self.machines[m], self.ctx,
+                    seed=sum(map(ord, m)), **{**self.kw, **kw},
+                )  # fmt: skip
+                return self.members[m]
+            except ConfigurationError as exc:
+                if "in use" not in str(exc) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
 
     def crash(self, m: str) -> None:
         self.members.pop(m).close()
