@@ -17,7 +17,7 @@ import pytest
 import zmq
 
 from mesh.cluster.member import STATE_FILE, ClusterMember
-from mesh.cluster.transport import KIND_PROPOSAL, KIND_RAFT, PeerSecurity
+from mesh.cluster.transport import KIND_RAFT, PeerSecurity
 from mesh.protocol.errors import ConfigurationError, CorruptStateError
 from mesh.security.curve import CurveAuthenticator, create_keypair, secure_client, secure_server
 from mesh.security.state import ensure_state
