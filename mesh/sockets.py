@@ -32,6 +32,8 @@ __all__ = [
     "dealer",
     "publisher",
     "subscriber",
+    "peer_router",
+    "peer_dealer",
     "bound_endpoint",
     "send_frames",
     "recv_frames",
@@ -217,6 +219,54 @@ def subscriber(
     sock = ctx.socket(zmq.XSUB)
     _common(sock, max_message_bytes)
     sock.rcvhwm = hwm
+    sock.setsockopt(zmq.RECONNECT_IVL, 100)
+    sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
+    return _attach(sock, sock.connect, endpoint, "connect to", secure)
+
+
+def peer_router(ctx: zmq.Context, endpoint: str, max_message_bytes: int, hwm: int, secure: Secure | None = None) -> zmq.Socket:
+    """The bound ROUTER on which a broker receives its cluster peers' messages.
+
+    Like `router`, with a small queue (`hwm`) because the consensus core resends what
+    is lost, and ROUTER_HANDOVER: a peer that restarts takes over its routing id at
+    once instead of being refused until its old link times out.
+
+    Raises:
+        ConfigurationError: the endpoint is malformed or already in use.
+    """
+    sock = ctx.socket(zmq.ROUTER)
+    _common(sock, max_message_bytes)
+    sock.sndhwm = sock.rcvhwm = hwm
+    _heartbeats(sock)
+    sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+    sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
+    _prepare_ipc(endpoint)
+    return _attach(sock, sock.bind, endpoint, "listen on", secure)
+
+
+def peer_dealer(
+    ctx: zmq.Context,
+    endpoint: str,
+    routing_id: bytes,
+    max_message_bytes: int,
+    hwm: int,
+    secure: Secure | None = None,
+) -> zmq.Socket:
+    """A DEALER to one cluster peer's ROUTER, named `routing_id` (the sender's member id).
+
+    IMMEDIATE: messages queue only on a link that is up (and, with CURVE, past its
+    handshake), so a send to a peer that is down fails at once (EAGAIN) instead of
+    queueing stale consensus messages for when it returns.
+
+    Raises:
+        ConfigurationError: the endpoint is malformed.
+    """
+    sock = ctx.socket(zmq.DEALER)
+    _common(sock, max_message_bytes)
+    sock.sndhwm = sock.rcvhwm = hwm
+    _heartbeats(sock)
+    sock.setsockopt(zmq.ROUTING_ID, routing_id)
+    sock.setsockopt(zmq.IMMEDIATE, 1)
     sock.setsockopt(zmq.RECONNECT_IVL, 100)
     sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
     return _attach(sock, sock.connect, endpoint, "connect to", secure)

@@ -2,7 +2,9 @@
 
 `raft` is the Raft state machine (no I/O), `messages` its records and wire codec,
 `storage` the durable SQLite state, `sim` a deterministic fault simulator that checks
-the core's safety. The transport between brokers lives elsewhere and only moves bytes.
+the core's safety. `transport` holds the ZeroMQ peer links between brokers and
+`member` the `ClusterMember` a broker's loop drives (import them from their modules:
+they bring in zmq, the core does not).
 """
 
 from .messages import *  # noqa: F401,F403

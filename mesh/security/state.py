@@ -5,6 +5,8 @@
 
     DIR/
       curve/broker.key, broker.key_secret     the brokers' CURVE pair (one for all brokers)
+      curve/broker-peer.key, .key_secret      the pair a broker's cluster peer links use as
+                                              CURVE clients (one for all brokers)
       curve/allowed/NAME.key                  public certificates the broker admits
       curve/private/NAME.key, NAME.key_secret each client's and node's CURVE pair
       tokens/secret                           the HS256 token secret
@@ -30,6 +32,9 @@ Rules of this module:
 * A new node does not get a `[nodes.NAME]` table in an existing policy: it is named in
   `StateLayout.policy_missing_nodes` (also when its table lacks one of its services) so
   that the caller can tell the operator what to add.
+* The name `broker-peer` (`PEER_KEY_NAME`) is reserved: its public key is copied into
+  `curve/allowed/`, so the ZAP handler admits the brokers' peer links, and the cluster
+  transport accepts consensus messages only from links of that User-Id.
 * Key material and tokens never appear in a message, a `repr` or `created`.
 """
 
@@ -59,6 +64,7 @@ __all__ = [
     "AUDIENCE",
     "DEFAULT_TOKEN_TTL",
     "ISSUER",
+    "PEER_KEY_NAME",
     "READER_ALLOW",
     "StateLayout",
     "ensure_state",
@@ -68,6 +74,7 @@ __all__ = [
 ]
 
 ISSUER: Final = "mesh"
+PEER_KEY_NAME: Final = "broker-peer"  # the CURVE identity of the brokers' cluster links
 AUDIENCE: Final = "mesh"
 DEFAULT_TOKEN_TTL: Final = 30 * 86400
 TOKEN_LEEWAY: Final = 5.0
@@ -103,6 +110,8 @@ class StateLayout:
     root: Path
     broker_secret: Path
     broker_public: Path
+    peer_secret: Path
+    peer_public: Path
     allowed_dir: Path
     private_dir: Path
     token_secret: Path
@@ -126,6 +135,8 @@ class StateLayout:
             root=root,
             broker_secret=curve / "broker.key_secret",
             broker_public=curve / "broker.key",
+            peer_secret=curve / f"{PEER_KEY_NAME}.key_secret",
+            peer_public=curve / f"{PEER_KEY_NAME}.key",
             allowed_dir=curve / "allowed",
             private_dir=curve / "private",
             token_secret=root / "tokens" / "secret",
@@ -200,6 +211,12 @@ def ensure_state(
         create_keypair(layout.root / "curve", "broker")
         note(layout.broker_public)
         note(layout.broker_secret)
+    if _missing_pair(layout.peer_public, layout.peer_secret):
+        create_keypair(layout.root / "curve", PEER_KEY_NAME)
+        note(layout.peer_public)
+        note(layout.peer_secret)
+    if _copy_if_missing(layout.peer_public, layout.allowed_dir / f"{PEER_KEY_NAME}.key"):
+        note(layout.allowed_dir / f"{PEER_KEY_NAME}.key")
     if not layout.token_secret.exists():
         generate_secret(layout.token_secret)
         note(layout.token_secret)
@@ -296,6 +313,12 @@ def _check_names(nodes: Mapping[str, tuple[str, ...]], clients: Mapping[str, tup
                 raise ConfigurationError(
                     f"{kind} name {name!r} must match {NAME_PATTERN}", details={"name": str(name)}
                 )
+    reserved = sorted({PEER_KEY_NAME} & (set(nodes) | set(clients)))
+    if reserved:
+        raise ConfigurationError(
+            f"{PEER_KEY_NAME} is the name of the brokers' cluster key; name the client or node otherwise",
+            details={"names": reserved},
+        )
     both = sorted(set(nodes) & set(clients))
     if both:
         raise ConfigurationError(

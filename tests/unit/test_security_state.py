@@ -23,6 +23,7 @@ NODES = {"echo": ["echo"], "kv": ["kv", "kv-admin"]}
 
 SECRET_FILES = [
     "curve/broker.key_secret",
+    "curve/broker-peer.key_secret",
     "curve/private/dev.key_secret",
     "curve/private/echo.key_secret",
     "curve/private/kv.key_secret",
@@ -35,6 +36,8 @@ SECRET_FILES = [
 ]
 PUBLIC_FILES = [
     "curve/broker.key",
+    "curve/broker-peer.key",
+    "curve/allowed/broker-peer.key",
     "curve/allowed/dev.key",
     "curve/allowed/echo.key",
     "curve/allowed/kv.key",
@@ -215,7 +218,9 @@ def test_curve_files_are_zeromq_certificates_and_allowed_copies_match(state: Sta
         assert peer_secret is not None
         assert zmq.auth.load_certificate(state.allowed_dir / f"{name}.key") == (peer_public, None)
         assert load_secret_key(state.root / "curve" / "private" / f"{name}.key_secret")[0] == peer_public
-    assert sorted(p.name for p in state.allowed_dir.iterdir()) == ["dev.key", "echo.key", "kv.key"]
+    assert sorted(p.name for p in state.allowed_dir.iterdir()) == ["broker-peer.key", "dev.key", "echo.key", "kv.key"]
+    peer_public, _ = zmq.auth.load_certificate(state.peer_secret)
+    assert zmq.auth.load_certificate(state.allowed_dir / "broker-peer.key") == (peer_public, None)
     assert load_public_key(state.broker_public) != load_public_key(state.allowed_dir / "dev.key")
 
 
