@@ -46,6 +46,7 @@ __all__ = [
     "DeadlineExceededError",
     "NodeLostError",
     "UnavailableError",
+    "CancelledError",
     "error_class",
     "error_from_wire",
 ]
@@ -85,6 +86,7 @@ class ErrorCode(IntEnum):
     DEADLINE_EXCEEDED = 3004
     NODE_LOST = 3005
     UNAVAILABLE = 3006
+    CANCELLED = 3007
 
     @property
     def category(self) -> Category:
@@ -228,6 +230,12 @@ class UnavailableError(MeshSystemError):
     retryable = True
 
 
+class CancelledError(MeshSystemError):
+    """The caller cancelled the command; it may have run in part (so not retried by itself)."""
+
+    code = ErrorCode.CANCELLED
+
+
 _BY_CODE: dict[int, type[MeshError]] = {
     int(cls.code): cls
     for cls in (
@@ -252,6 +260,7 @@ _BY_CODE: dict[int, type[MeshError]] = {
         DeadlineExceededError,
         NodeLostError,
         UnavailableError,
+        CancelledError,
     )
 }
 

@@ -7,6 +7,7 @@ import pytest
 from mesh.protocol import (
     AccessDeniedError,
     AuthenticationFailedError,
+    CancelledError,
     BadFormatError,
     Category,
     ConfigurationError,
@@ -63,6 +64,7 @@ CODES = {
     "DEADLINE_EXCEEDED": 3004,
     "NODE_LOST": 3005,
     "UNAVAILABLE": 3006,
+    "CANCELLED": 3007,
 }
 
 CLASSES: dict[int, type[MeshError]] = {
@@ -87,6 +89,7 @@ CLASSES: dict[int, type[MeshError]] = {
     3004: DeadlineExceededError,
     3005: NodeLostError,
     3006: UnavailableError,
+    3007: CancelledError,
 }
 
 RETRYABLE = {3000, 3002, 3004, 3005, 3006}
