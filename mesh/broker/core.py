@@ -285,7 +285,7 @@ class Broker:
                 return self._cancel(ident, header["correlation_id"], frames[0], now)
             self.counters["malformed"] += 1
             err = InvalidStateError(
-                f"clients send commands and events; got {header['type']}", details={"field": "type"}
+                f"clients send commands, events and cancels; got {header['type']}", details={"field": "type"}
             )
             return [(Side.CLIENT, ident, self._error_frames(err, now, cid))]
         self.counters["commands_received"] += 1

@@ -393,18 +393,24 @@ def encode_stamped_event(published: Mapping[str, Any], seq: int) -> bytes:
     return msgpack.packb(out, use_bin_type=True)
 
 
-def encode_cancel_header(command_id: str, *, now: float) -> bytes:
-    """The header of a `cancel` for the command `command_id` (client to broker to node)."""
+def encode_cancel_header(command_id: str, *, now: float, id: str | None = None) -> bytes:
+    """The header of a `cancel` for the command `command_id` (client to broker to node).
+
+    The same bytes as `encode_header` of the equal `Header`; `id` defaults to a fresh one.
+    """
     return msgpack.packb(
-        {"v": PROTOCOL_VERSION, "type": "cancel", "id": new_id(), "ts": now, "correlation_id": command_id},
+        {"v": PROTOCOL_VERSION, "type": "cancel", "id": id or new_id(), "ts": now, "correlation_id": command_id},
         use_bin_type=True,
     )
 
 
-def encode_progress_header(command_id: str, *, now: float) -> bytes:
-    """The header of a `progress` report on the command `command_id` (node to broker to client)."""
+def encode_progress_header(command_id: str, *, now: float, id: str | None = None) -> bytes:
+    """The header of a `progress` report on the command `command_id` (node to broker to client).
+
+    The same bytes as `encode_header` of the equal `Header`; `id` defaults to a fresh one.
+    """
     return msgpack.packb(
-        {"v": PROTOCOL_VERSION, "type": "progress", "id": new_id(), "ts": now, "correlation_id": command_id},
+        {"v": PROTOCOL_VERSION, "type": "progress", "id": id or new_id(), "ts": now, "correlation_id": command_id},
         use_bin_type=True,
     )
 
