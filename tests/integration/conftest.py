@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import json
 import os
+import sqlite3
+import time
 from collections.abc import Iterator
+from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
 
 from mesh.client import Client
-from mesh.testing import BrokerProcess, run_broker
+from mesh.security.state import ensure_state
+from mesh.testing import BrokerProcess, run_broker, run_node
 
 HERE = Path(__file__).parent
 # So that `mesh node testnodes:node` processes can import the test nodes.
@@ -91,13 +96,6 @@ class SecureMesh:
 @pytest.fixture(scope="module")
 def secure_mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SecureMesh]:
     """A secure mesh for the MCP bridge tests, shared by a module's tests."""
-    import sqlite3
-    import time
-    from contextlib import ExitStack
-
-    from mesh.security.state import ensure_state
-    from mesh.testing import run_node
-
     root = tmp_path_factory.mktemp("mcp")
     state = root / "state"
     state.mkdir(mode=0o700)
@@ -118,8 +116,6 @@ def secure_mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SecureMesh
             ("mcpnodes:slow", "slow", {}),
             ("mcpnodes:secret", "secret", {}),
         ):
-            import json
-
             stack.enter_context(
                 run_node(use, b, "--credentials", mesh.credentials(name), config=json.dumps(config))
             )

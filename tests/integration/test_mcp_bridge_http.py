@@ -7,6 +7,7 @@ import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import anyio
 import httpx2
@@ -18,7 +19,8 @@ from mcp.client.streamable_http import streamable_http_client
 
 from mesh.testing import MeshProcess, run_node, spawn
 
-SecureMesh = object  # the secure_mesh fixture's type (conftest.SecureMesh)
+if TYPE_CHECKING:
+    from conftest import SecureMesh
 
 
 @pytest.fixture

@@ -7,6 +7,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import anyio
 import mcp_types as types
@@ -17,7 +18,8 @@ from mcp.client.stdio import StdioServerParameters, stdio_client
 
 from mesh.testing import run_node
 
-SecureMesh = object  # the secure_mesh fixture's type (conftest.SecureMesh)
+if TYPE_CHECKING:
+    from conftest import SecureMesh
 
 
 @pytest.fixture
@@ -62,6 +64,18 @@ async def test_tools_are_the_actions_the_role_may_call_with_their_schemas(secure
     get = next(t for t in tools if t.name == "kv.get")
     assert get.description == "Read the value stored under a key."
     assert get.input_schema["type"] == "object" and "key" in get.input_schema["properties"]
+
+
+@pytest.mark.anyio
+async def test_the_registry_and_each_service_are_resources(secure_mesh: SecureMesh) -> None:
+    """mesh://services holds what the bridge exposes; mesh://services/kv one service's schemas."""
+    async with Client(bridge_params(secure_mesh, "--exclude", "echo.*")) as client:
+        uris = [str(r.uri) for r in (await client.list_resources()).resources]
+        registry = json.loads((await client.read_resource("mesh://services")).contents[0].text)
+        kv = json.loads((await client.read_resource("mesh://services/kv")).contents[0].text)
+    assert uris[0] == "mesh://services" and "mesh://services/kv" in uris and "mesh://services/echo" not in uris
+    assert "echo" not in registry and set(registry["kv"]["actions"]) == {"get", "list", "put"}
+    assert kv["actions"]["get"]["schema"]["required"] == ["key"]
 
 
 @pytest.mark.anyio
