@@ -16,6 +16,8 @@ from __future__ import annotations
 import hmac
 import ipaddress
 import logging
+import signal
+import threading
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any, Final
 
@@ -97,6 +99,7 @@ async def serve_http(bridge: Bridge, host: str, port: int, token: str | None, *,
         app = BearerGuard(app, token)
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on", access_log=False)
     server = uvicorn.Server(config)
+    _stop_on_signals(server)
     await bridge.start()
     try:
         async with anyio.create_task_group() as tg:
@@ -111,6 +114,23 @@ async def serve_http(bridge: Bridge, host: str, port: int, token: str | None, *,
                 ready(f"http://{shown}:{bound[1]}{MCP_PATH}")
     finally:
         await _close(bridge)
+
+
+def _stop_on_signals(server: Any) -> None:
+    """SIGTERM and SIGINT stop the HTTP server, and the bridge then closes its mesh client.
+
+    uvicorn handles both signals while it serves and raises them again when it is done;
+    with the default handlers in place that would kill the process before the bridge
+    closes, so these handlers stay installed and only ask the server to exit.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return
+
+    def stop(signum: int, frame: Any) -> None:
+        server.should_exit = True
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, stop)
 
 
 async def _close(bridge: Bridge) -> None:
