@@ -14,7 +14,6 @@ Rules of this module:
 from __future__ import annotations
 
 import hmac
-import ipaddress
 import logging
 import signal
 import threading
@@ -23,27 +22,17 @@ from typing import Any, Final
 
 import anyio
 
-from ..client import AsyncClient
+from ..monitor.server import is_loopback  # the same rule as the monitor's token
 from ..protocol import ConfigurationError
 from .bridge import Bridge
 
-__all__ = ["serve_stdio", "serve_http", "is_loopback", "BearerGuard", "MCP_PATH"]
+__all__ = ["serve_stdio", "serve_http", "BearerGuard", "MCP_PATH"]
 
 log = logging.getLogger("mesh.mcp")
 
 MCP_PATH: Final = "/mcp"
 Scope = MutableMapping[str, Any]
 ASGIApp = Callable[[Scope, Callable[[], Awaitable[Any]], Callable[[Any], Awaitable[None]]], Awaitable[None]]
-
-
-def is_loopback(host: str) -> bool:
-    """Whether `host` (a name or an address) is reachable from this machine only."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
 
 
 class BearerGuard:
