@@ -73,7 +73,6 @@ class Bridge:
         self.bus = InMemorySubscriptionBus()
         self.listen = ListenHandler(self.bus)
         self._watcher: asyncio.Task[None] | None = None
-        self.changes = 0  # how many times the tool list changed since start
         self.server: Server[Any] = Server(
             name,
             version=_version(),
@@ -109,11 +108,11 @@ class Bridge:
         """Ask the broker for what the bridge may call; return whether the tools changed."""
         registry = await self.client.call("mesh", "services", {"callable": True}, timeout=self.timeout)
         tools = tools_from_registry(registry if isinstance(registry, Mapping) else {}, self.selection)
-        changed = tools != list(self.tools.values())
-        self.tools = {t.name: t for t in tools}
+        before, self.tools = self.tools, {t.name: t for t in tools}
         self.registry = selected_registry(registry, tools)
-        self._validators = {n: v for n, v in self._validators.items() if n in self.tools}
-        return changed
+        # A validator stays only while its tool (and so its schema) is the same.
+        self._validators = {n: v for n, v in self._validators.items() if before[n] == self.tools.get(n)}
+        return tools != list(before.values())
 
     async def _watch(self) -> None:
         """Refresh on every service lifecycle event; tell clients when the tools changed."""
@@ -137,7 +136,6 @@ class Bridge:
 
     async def _changed(self) -> None:
         if await self.refresh():
-            self.changes += 1
             log.info("tools changed: %s", ", ".join(self.tools) or "none")
             await self.notify()
 

@@ -24,7 +24,10 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-__all__ = ["ToolSpec", "Selection", "tools_from_registry", "REGISTRY_URI", "schema_uri", "WRAPPED_KEY"]
+__all__ = [
+    "ToolSpec", "Selection", "tools_from_registry", "selected_registry", "as_text", "REGISTRY_URI", "schema_uri",
+    "WRAPPED_KEY",
+]
 
 REGISTRY_URI: Final = "mesh://services"
 WRAPPED_KEY: Final = "payload"
