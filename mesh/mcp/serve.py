@@ -14,7 +14,6 @@ Rules of this module:
 from __future__ import annotations
 
 import hmac
-import logging
 import signal
 import threading
 from collections.abc import Awaitable, Callable, MutableMapping
@@ -27,8 +26,6 @@ from ..protocol import ConfigurationError
 from .bridge import Bridge
 
 __all__ = ["serve_stdio", "serve_http", "BearerGuard", "MCP_PATH"]
-
-log = logging.getLogger("mesh.mcp")
 
 MCP_PATH: Final = "/mcp"
 Scope = MutableMapping[str, Any]
