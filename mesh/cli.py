@@ -300,6 +300,7 @@ def _levels(items: tuple[str, ...]) -> dict[str, int]:
 
 
 DEFAULT_CREDENTIALS = "var/mesh/credentials/dev.toml"  # what `make run` (the quickstart) writes
+DEFAULT_BRIDGE_CREDENTIALS = "var/mesh/credentials/bridge.toml"  # the MCP bridge's, from the same
 
 
 def _endpoints(value: str) -> list[str]:
@@ -369,6 +370,65 @@ def services(broker_ep: str, timeout: float, credentials: str | None) -> None:
     except MeshError as err:
         _fail(err)
     _print_json(result)
+
+
+@main.command("mcp")
+@click.option("--broker", "broker_ep", envvar="MESH_BROKER", default=DEFAULT_BROKER, show_default=True, help=BROKER_HELP)
+@click.option("--credentials", envvar="MESH_CREDENTIALS", type=click.Path(dir_okay=False), default=None,
+              help=f"Security on: the bridge's credentials (env MESH_CREDENTIALS; default {DEFAULT_BRIDGE_CREDENTIALS} when it exists, for the quickstart's broker).")
+@click.option("--include", multiple=True, metavar="GLOB", help="Expose only tools whose name (service.action) matches (repeatable).")
+@click.option("--exclude", multiple=True, metavar="GLOB", help="Never expose tools whose name matches (repeatable; beats --include).")
+@click.option("--timeout", default=30.0, show_default=True, type=click.FloatRange(min=0, min_open=True), help="Seconds one tool call may take.")
+@click.option("--http", "http_address", default=None, metavar="HOST:PORT", help="Serve streamable HTTP at http://HOST:PORT/mcp instead of stdio.")
+@click.option("--token-file", default=None, type=click.Path(dir_okay=False, exists=True), help="With --http: the bearer token clients must send (required off loopback).")
+@click.option("--log-level", default="warning", type=click.Choice(["debug", "info", "warning", "error"]), show_default=True)
+@log_format_option
+def mcp(broker_ep: str, credentials: str | None, include: tuple[str, ...], exclude: tuple[str, ...], timeout: float,
+        http_address: str | None, token_file: str | None, log_level: str, log_format: str) -> None:
+    """Run the MCP bridge: every service action the bridge may call, as a tool for AI clients (docs/mcp.md)."""
+    import asyncio
+
+    from .client import AsyncClient
+    from .mcp.bridge import Bridge
+    from .mcp.serve import serve_http, serve_stdio
+    from .mcp.tools import Selection
+
+    _setup_logging(log_level, log_format)  # stderr: on stdio, stdout carries the protocol
+    if token_file is not None and http_address is None:
+        raise UsageError("--token-file goes with --http")
+    host, port = _host_port(http_address) if http_address is not None else ("", 0)
+    token = None
+    if token_file is not None:
+        token = open(token_file, encoding="utf-8").read().strip()
+        if not token:
+            raise UsageError(f"{token_file} is empty")
+
+    async def run() -> None:
+        if credentials is None and broker_ep == DEFAULT_BROKER and os.path.exists(DEFAULT_BRIDGE_CREDENTIALS):
+            creds = _credentials(DEFAULT_BRIDGE_CREDENTIALS, broker_ep)
+        else:
+            creds = _credentials(credentials, broker_ep)
+        client = AsyncClient(broker_ep, timeout=timeout, credentials=creds)
+        bridge = Bridge(client, selection=Selection(include, exclude), timeout=timeout)
+        if http_address is None:
+            await serve_stdio(bridge)
+        else:
+            await serve_http(bridge, host, port, token,
+                             ready=lambda url: click.echo(f"mcp bridge ready url={url} tools={len(bridge.tools)}"))
+
+    try:
+        asyncio.run(run())
+    except MeshError as err:
+        _fail(err)
+    except KeyboardInterrupt:
+        pass
+
+
+def _host_port(address: str) -> tuple[str, int]:
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        raise UsageError(f"--http must be HOST:PORT, got {address!r}")
+    return host.strip("[]"), int(port)
 
 
 @main.group()

@@ -11,6 +11,9 @@ Rules of this module:
   lasts. Other retryable errors (`NODE_LOST`, `DEADLINE_EXCEEDED`) may come after the
   command ran, so only the caller, who knows whether it is safe, retries them.
 * An `error` reply raises the `MeshError` subclass for its code.
+* A call whose awaiting task is cancelled sends a `cancel` for its command id, so the
+  mesh stops the work too; `progress` messages for a waiting call go to its
+  `on_progress` hook.
 * `publish` sends an event the same way and returns the sequence number the broker
   gave it; `subscribe` opens a subscription (see `subscription.py`) on the broker's
   event endpoint, which the broker names in its `mesh.ping` answer.
@@ -82,6 +85,7 @@ from .protocol import (
     UnavailableError,
     check_topic,
     decode_payload,
+    encode_cancel_header,
     encode_command_header,
     encode_event_header,
     encode_payload,
@@ -112,6 +116,8 @@ T = TypeVar("T")
 # Called on the client's loop with (endpoint, old state, new state) at each change.
 StateHook = Callable[[str, LinkState, LinkState], None]
 Reply = tuple[dict[str, Any], bytes]
+# Called on the client's loop with (progress, total or None, message or None).
+ProgressHook = Callable[[float, float | None, str | None], None]
 
 
 @dataclass(slots=True)
@@ -122,6 +128,7 @@ class _Call:
     fut: asyncio.Future[Reply]
     expires: float  # when to stop waiting: the deadline plus GRACE
     frames: Callable[[float], list[bytes]]
+    on_progress: ProgressHook | None = None
 
 
 class AsyncClient:
@@ -214,8 +221,16 @@ class AsyncClient:
         timeout: float | None = None,
         retries: int | None = None,
         metadata: dict[str, Any] | None = None,
+        on_progress: ProgressHook | None = None,
     ) -> Any:
         """Run `service.action` with `payload` somewhere in the mesh; return its result.
+
+        Cancelling the task that awaits the call sends the broker a `cancel`: the node
+        running the command is told to stop it.
+
+        Args:
+            on_progress: called with (progress, total, message) for each progress report
+                the node sends while the command runs (on the client's loop; keep it short).
 
         Raises:
             MeshError: the subclass for the error code the mesh answered with, or
@@ -229,6 +244,7 @@ class AsyncClient:
             encode_payload(payload),
             deadline,
             retries,
+            on_progress,
         )
 
     async def renew(self) -> float:
@@ -306,13 +322,16 @@ class AsyncClient:
         payload_frame: bytes,
         deadline: float,
         retries: int | None,
+        on_progress: ProgressHook | None = None,
     ) -> Any:
         attempts = 1 + (self.retries if retries is None else retries)
         pause = RETRY_PAUSE
         attempt = 0
         while True:
             try:
-                return await self._once(cid, lambda now: self._sealed(make_header(now), payload_frame, now), deadline)
+                return await self._once(
+                    cid, lambda now: self._sealed(make_header(now), payload_frame, now), deadline, on_progress
+                )
             except MeshError as err:
                 if deadline - time.time() <= pause:
                     raise
@@ -337,7 +356,9 @@ class AsyncClient:
             header, body = self._sealer.seal(unpack_header(header), body, now)
         return [header, body]
 
-    async def _once(self, cid: str, frames: Callable[[float], list[bytes]], deadline: float) -> Any:
+    async def _once(
+        self, cid: str, frames: Callable[[float], list[bytes]], deadline: float, on_progress: ProgressHook | None = None
+    ) -> Any:
         loop = asyncio.get_running_loop()
         if self._loop is None:
             self._loop = loop
@@ -346,11 +367,15 @@ class AsyncClient:
             self._sweeper = loop.call_later(SWEEP_S, self._sweep)
             self._ping()  # learn which broker instance this is (see _check_instance)
         fut: asyncio.Future[Reply] = loop.create_future()
-        self._waiting[cid] = _Call(fut, deadline + GRACE, frames)
+        self._waiting[cid] = _Call(fut, deadline + GRACE, frames, on_progress)
         try:
             if self._conn is not None:  # None while failing over: the next link sends it
                 self._conn.send(frames(time.time()))
             reply, body = await fut
+        except asyncio.CancelledError:
+            if self._conn is not None:  # tell the mesh the caller gave up (the broker ignores a cancel of nothing)
+                self._conn.send([encode_cancel_header(cid, now=time.time()), b"\xc0"])
+            raise
         finally:
             del self._waiting[cid]
         if reply["type"] == "error":
@@ -379,9 +404,28 @@ class AsyncClient:
             return
         call = self._waiting.get(cid)
         if call is None or call.fut.done() or header["type"] not in _REPLIES:
+            if call is not None and header["type"] == "progress":
+                self._progress(call, frames[1])
+                return
             self.unmatched += 1
             return
         call.fut.set_result((header, frames[1]))
+
+    def _progress(self, call: _Call, body: bytes) -> None:
+        """A node's progress report on a waiting call: to its hook, if it has one."""
+        hook = call.on_progress
+        if hook is None or call.fut.done():
+            return
+        try:
+            report = decode_payload(body)
+            progress = float(report["progress"])
+            total = report.get("total")
+            message = report.get("message")
+            hook(progress, None if total is None else float(total), message if isinstance(message, str) else None)
+        except (MeshError, KeyError, TypeError, ValueError, AttributeError):
+            log.debug("dropped a malformed progress report")
+        except Exception:  # a caller's hook must not stop the client's reader
+            log.exception("the on_progress hook failed")
 
     def _check_instance(self, body: bytes) -> None:
         """A pong from another broker instance (restarted on the same endpoint, which
@@ -610,10 +654,13 @@ class Client:
         timeout: float | None = None,
         retries: int | None = None,
         metadata: dict[str, Any] | None = None,
+        on_progress: ProgressHook | None = None,
     ) -> Any:
-        """Blocking `AsyncClient.call`; same arguments, result and errors."""
+        """Blocking `AsyncClient.call`; same arguments, result and errors (`on_progress`
+        runs on the client's thread)."""
         return self._run(
-            self._inner.call(service, action, payload, timeout=timeout, retries=retries, metadata=metadata)
+            self._inner.call(service, action, payload, timeout=timeout, retries=retries, metadata=metadata,
+                             on_progress=on_progress)
         )
 
     def publish(

@@ -29,6 +29,10 @@ Rules of this module:
 * With credentials (security on) the link is CURVE; encrypted commands are decrypted
   (and signatures checked, when the credentials require signers) before validation,
   and their replies are encrypted with the same key ring.
+* A `cancel` from the broker (the caller gave up) cancels an async handler's task, which
+  is answered CANCELLED; a sync handler cannot be stopped, so it finishes and the
+  broker drops its reply. Handlers report progress with `report_progress()`, which
+  finds its command through a context variable.
 * `publish()` may be called from any thread (handlers included); the event leaves on the
   first link whose broker is up, in order with the replies on that link. Nobody waits for the broker's
   acknowledgement, so a refusal is logged.
@@ -37,6 +41,7 @@ Rules of this module:
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import enum
 import functools
 import inspect
@@ -52,6 +57,7 @@ import zmq
 
 from .protocol import (
     MAX_MESSAGE_BYTES,
+    CancelledError,
     DeadlineExceededError,
     HandlerNotFoundError,
     Header,
@@ -74,6 +80,7 @@ from .protocol import (
     encode_event_header,
     encode_header,
     encode_payload,
+    encode_progress_header,
     encode_response_header,
     error_header,
     new_id,
@@ -86,7 +93,7 @@ from .security.credentials import Credentials
 from .security.envelope import Opener, Sealer
 from .sockets import dealer
 
-__all__ = ["Node", "Action", "Handler", "CommandDedupe", "Seen"]
+__all__ = ["Node", "Action", "Handler", "CommandDedupe", "Seen", "report_progress"]
 
 log = logging.getLogger("mesh.node")
 
@@ -196,6 +203,8 @@ class _Work:
     # perf_counter when the handler was called (set by the worker thread); None before.
     started: float | None = None
     link: _Link | None = None  # the broker link it came on, where its reply goes
+    task: asyncio.Task[None] | None = None  # an async handler's task
+    cancelled: bool = False  # the caller sent a cancel
 
     @property
     def name(self) -> str:
@@ -236,7 +245,7 @@ class Node:
         self.in_flight = 0
         self.latency_ms: float | None = None  # mean handler time, for the heartbeat's load report
         self._wake: Callable[[], None] | None = None
-        self._send: Callable[[list[bytes]], None] | None = None  # set while run() runs
+        self._send: Callable[..., None] | None = None  # set while run() runs
         self._opener: Opener | None = None  # set by run() with credentials
         self._sealer: Sealer | None = None
         self.max_message_bytes = MAX_MESSAGE_BYTES  # the broker tells its own on registration
@@ -331,7 +340,11 @@ class Node:
             action = self._check(work)
             payload = _decode_checked(action, self._open(work))
             work.started = time.perf_counter()
-            result = action.handler(payload)
+            token = _RUNNING.set((self, work))
+            try:
+                result = action.handler(payload)
+            finally:
+                _RUNNING.reset(token)
             return self._reply(work, result)
         except BaseException as exc:  # the node keeps serving whatever a handler does
             return self._failure(work, exc)
@@ -346,9 +359,12 @@ class Node:
             action = self._check(work)
             payload = _decode_checked(action, self._open(work))
             work.started = time.perf_counter()
+            _RUNNING.set((self, work))  # this task's own context: no reset needed
             result = await action.handler(payload)  # type: ignore[misc]
             return self._reply(work, result)
         except asyncio.CancelledError:
+            if work.cancelled:
+                return self._error(work, CancelledError(f"{work.name} was cancelled by its caller"))
             return self._error(work, DeadlineExceededError(f"{work.name} ran past its deadline"))
         except BaseException as exc:  # the node keeps serving whatever a handler does
             return self._failure(work, exc)
@@ -441,6 +457,38 @@ class Node:
         _NodeLoop(self, brokers, drain_timeout, credentials).run()
 
 
+# The node and command a handler runs for, so that `report_progress` needs no arguments
+# naming them (set on the worker thread, or in the async handler's task).
+_RUNNING: contextvars.ContextVar[tuple[Node, _Work]] = contextvars.ContextVar("mesh_running")
+
+
+def report_progress(progress: float, total: float | None = None, message: str | None = None) -> None:
+    """Tell the caller of the running command how far it is (from inside a handler).
+
+    The report travels node to broker to client as a `progress` message; a client that
+    passed `on_progress` to `call` gets it, others drop it. Thread-safe, never blocks;
+    outside a handler, or after the node stopped, it does nothing.
+
+    Args:
+        progress: how much is done; should grow with each report.
+        total: how much there is to do, when known.
+        message: a short sentence for a person.
+    """
+    running = _RUNNING.get(None)
+    if running is None:
+        return
+    node, work = running
+    send = node._send
+    if send is None or work.cancelled:
+        return
+    body: dict[str, Any] = {"progress": progress}
+    if total is not None:
+        body["total"] = total
+    if message is not None:
+        body["message"] = message
+    send([work.envelope, encode_progress_header(work.header["id"], now=time.time()), encode_payload(body)], work.link)
+
+
 def _decode_checked(action: Action, frame: bytes) -> Any:
     """The payload of a command for `action`, validated against its schema."""
     payload = decode_payload(frame)
@@ -501,11 +549,15 @@ class _NodeLoop:
         node._wake = lambda: loop.call_soon_threadsafe(self._begin_stop)
         loop_thread = threading.get_ident()
 
-        def send(frames: list[bytes]) -> None:
+        def send(frames: list[bytes], link: _Link | None = None) -> None:
+            # No link: an event, on whichever link publishes now.
+            def out() -> None:
+                (link or self._publish_link()).send(frames)
+
             if threading.get_ident() == loop_thread:
-                self._publish_link().send(frames)
+                out()
             else:
-                loop.call_soon_threadsafe(lambda: self._publish_link().send(frames))
+                loop.call_soon_threadsafe(out)
 
         node._send = send
         if node._stop.is_set():
@@ -636,6 +688,8 @@ class _NodeLoop:
             self._on_control(link, decode_header(hframe), payload)
             return
         if header["type"] != "command":
+            if header["type"] == "cancel":
+                self._cancel(link, envelope, header["correlation_id"])
             return
         key = _command_key(header)
         seen, stored = self.dedupe.admit(key, (link, envelope), now)
@@ -655,7 +709,7 @@ class _NodeLoop:
         self.running.add(work)
         node.in_flight = len(self.running)
         if work.action is not None and work.action.is_async:
-            task = self.loop.create_task(self._run_async(work))
+            work.task = task = self.loop.create_task(self._run_async(work))
             if "deadline" in header:
                 self.deadlines[work] = (task, header["deadline"])
         elif self.pool is not None:
@@ -663,6 +717,21 @@ class _NodeLoop:
             fut.add_done_callback(lambda f: f.cancelled() or self._reply(work, f.result()))
         else:  # an action this node does not have: answer at once
             self._reply(work, node.execute(work))
+
+    def _cancel(self, link: _Link, envelope: bytes, cid: str) -> None:
+        """The caller cancelled a command: stop its async handler; a sync one runs on.
+
+        The broker has already answered the caller, so whatever reply the command still
+        makes only frees its slot. Looked up by a scan of the running commands (at most
+        `capacity`), so the command path keeps no index for this rare message.
+        """
+        for work in self.running:
+            if work.link is link and work.envelope == envelope and work.header["id"] == cid:
+                work.cancelled = True
+                log.info("command %s (%s) cancelled by its caller", cid, work.name)
+                if work.task is not None:
+                    work.task.cancel()
+                return
 
     async def _run_async(self, work: _Work) -> None:
         try:

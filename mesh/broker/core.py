@@ -49,6 +49,7 @@ from typing import Any, Final
 from ..protocol import (
     MAX_MESSAGE_BYTES,
     BadFormatError,
+    CancelledError,
     CommandEvent,
     CommandState,
     DeadlineExceededError,
@@ -280,16 +281,18 @@ class Broker:
         if header["type"] != "command":
             if header["type"] == "event":
                 return self._publish(Side.CLIENT, ident, header, frames[1], now)
+            if header["type"] == "cancel":
+                return self._cancel(ident, header["correlation_id"], frames[0], now)
             self.counters["malformed"] += 1
             err = InvalidStateError(
-                f"clients send commands and events; got {header['type']}", details={"field": "type"}
+                f"clients send commands, events and cancels; got {header['type']}", details={"field": "type"}
             )
             return [(Side.CLIENT, ident, self._error_frames(err, now, cid))]
         self.counters["commands_received"] += 1
         service: str = header["service"]
         action: str = header["action"]
         if service == SYSTEM_SERVICE:
-            return self._system(ident, frames[0], frames[1], now, Side.CLIENT, identity=identity)
+            return self._system(ident, frames[0], frames[1], now, Side.CLIENT, identity=identity, peer=peer)
         key = (ident, cid)
         if key in self.commands:
             # The client resent a command still in flight: the first copy will answer.
@@ -351,6 +354,28 @@ class Broker:
             return []
         self._track(cmd, conn)
         return [self._dispatch(cmd, node)]
+
+    def _cancel(self, ident: bytes, cid: str, header_frame: bytes, now: float) -> list[Outgoing]:
+        """A client's `cancel` of its command `cid`: answer it CANCELLED, tell its node.
+
+        A command the broker no longer holds (answered, expired, never sent) is ignored:
+        its one answer is already on its way. A dispatched command keeps its node slot
+        until the node answers, as after a deadline, and that late answer is dropped.
+        """
+        cmd = self.commands.get((ident, cid))
+        if cmd is None:
+            self.counters["cancels_ignored"] += 1
+            return []
+        self.counters["cancelled"] += 1
+        out: list[Outgoing] = []
+        if cmd.state is CommandState.QUEUED:
+            self.queues[(cmd.service, cmd.action)].remove(cmd)
+            self.queued -= 1
+        elif cmd.node is not None:
+            out.append((Side.NODE, cmd.node.identity, [ident, header_frame, b"\xc0"]))
+        out.append(self._fail(cmd, CancelledError(f"{cmd.service}.{cmd.action} was cancelled by its caller",
+                                                  details={"state": cmd.state.value}), now, CommandEvent.FAIL))
+        return out
 
     def _track(self, cmd: Command, conn: ConnectionState) -> None:
         self.commands[(cmd.client, cmd.id)] = cmd
@@ -469,6 +494,8 @@ class Broker:
             return [(Side.NODE, ident, [b"", *self._error_frames(err, now, header["id"])])]
         correlation_id = header.get("correlation_id")
         if mtype not in _REPLY_TYPES or correlation_id is None:
+            if mtype == "progress":
+                return self._progress(link, ident, envelope, correlation_id, frames)
             self.counters["malformed"] += 1
             err = BadFormatError("a reply must be a response or error with a correlation_id")
             return [(Side.NODE, ident, [b"", *self._error_frames(err, now, header["id"])])]
@@ -500,6 +527,18 @@ class Broker:
         if node is not None:
             out.extend(self._drain_queues(node))
         return out
+
+    def _progress(
+        self, link: ConnectionState, ident: bytes, envelope: bytes, cid: str, frames: Sequence[bytes]
+    ) -> list[Outgoing]:
+        """A node's progress report on a command it runs: passed to the client as it is."""
+        key = (envelope, cid)
+        cmd = self.commands.get(key)
+        if key not in link.pending_commands or cmd is None or not _ran_on(cmd, ident):
+            self.counters["stray_progress"] += 1
+            return []
+        self.counters["progress"] += 1
+        return [(Side.CLIENT, envelope, [frames[1], frames[2]])]
 
     def _settle(self, link: ConnectionState, ident: bytes, key: tuple[bytes, str]) -> None:
         """The node no longer owes `key`: its slot is free."""
@@ -564,7 +603,7 @@ class Broker:
             return {"pong": True, "broker": self.config.name, "time": now, "events": self.events_endpoint,
                     "instance": self.events.epoch}
         if action == "services":
-            return self.registry.describe()
+            return self._services(payload, identity, peer)
         if action == "stats":
             return self.stats()
         if action == "replay":
@@ -606,6 +645,30 @@ class Broker:
             f"the broker has no action mesh.{action}",
             details={"service": SYSTEM_SERVICE, "action": action},
         )
+
+    def _services(self, payload: bytes, identity: Any, peer: Peer) -> dict[str, Any]:
+        """The registry; with `{"callable": true}`, only the actions the caller may run.
+
+        The MCP bridge lists as tools exactly what its role may call. Without security
+        every caller may call everything.
+        """
+        described = self.registry.describe()
+        try:
+            request = decode_payload(payload)
+        except MeshError:
+            request = None
+        if not (isinstance(request, dict) and request.get("callable") is True):
+            return described
+        if self.security is None or identity is None:
+            return described
+        policy = self.security.gate.policy
+        out: dict[str, Any] = {}
+        for svc, entry in described.items():
+            actions = {a: spec for a, spec in entry["actions"].items()
+                       if policy.decide(identity.roles, svc, a, peer.address).allowed}
+            if actions:
+                out[svc] = {**entry, "actions": actions}
+        return out
 
     def _token_action(self, action: str, identity: Any, request: Any, now: float) -> Any:
         """`mesh.renew` (a fresh token for the caller) and `mesh.revoke` (by jti, persisted).

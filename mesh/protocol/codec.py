@@ -58,6 +58,8 @@ __all__ = [
     "encode_response_header",
     "encode_event_header",
     "encode_stamped_event",
+    "encode_cancel_header",
+    "encode_progress_header",
     "decode_header",
     "unpack_header",
     "peek_header",
@@ -85,6 +87,8 @@ _HEADER_KEYS: Final = frozenset(
     {"v", "type", "id", "ts", "service", "action", "topic", "seq", "correlation_id",
      "deadline", "metadata", "security", "error"}
 )
+# Types that answer or refer to one command, and so must name it.
+_CORRELATED: Final = frozenset({"response", "cancel", "progress"})
 _SECURITY_KEYS: Final = frozenset({"level", "encryption", "signature", "token"})
 _ERROR_KEYS: Final = frozenset({"code", "message", "retryable", "details"})
 
@@ -176,7 +180,7 @@ def unpack_header(frame: bytes) -> dict[str, Any]:
         raise _invalid(unknown, "unknown header key")
     mtype = raw.get("type")
     if type(mtype) is not str or mtype not in _TYPES:
-        raise _invalid("type", "must be one of command, response, event, error")
+        raise _invalid("type", "must be one of command, response, event, error, cancel, progress")
     value = raw.get("id")
     if type(value) is not str or not _id_match(value):
         _check_id(value, "id")
@@ -207,7 +211,7 @@ def unpack_header(frame: bytes) -> dict[str, Any]:
         value = raw["seq"]
         if type(value) is not int or value < 1 or mtype != "event":
             raise _invalid("seq", "an event's positive integer sequence number")
-    if "correlation_id" in raw or mtype == "response":
+    if "correlation_id" in raw or mtype in _CORRELATED:
         value = raw.get("correlation_id")
         if type(value) is not str or not _id_match(value):
             _check_id(value, "correlation_id")
@@ -387,6 +391,28 @@ def encode_stamped_event(published: Mapping[str, Any], seq: int) -> bytes:
     if "metadata" in published:
         out["metadata"] = published["metadata"]
     return msgpack.packb(out, use_bin_type=True)
+
+
+def encode_cancel_header(command_id: str, *, now: float, id: str | None = None) -> bytes:
+    """The header of a `cancel` for the command `command_id` (client to broker to node).
+
+    The same bytes as `encode_header` of the equal `Header`; `id` defaults to a fresh one.
+    """
+    return msgpack.packb(
+        {"v": PROTOCOL_VERSION, "type": "cancel", "id": id or new_id(), "ts": now, "correlation_id": command_id},
+        use_bin_type=True,
+    )
+
+
+def encode_progress_header(command_id: str, *, now: float, id: str | None = None) -> bytes:
+    """The header of a `progress` report on the command `command_id` (node to broker to client).
+
+    The same bytes as `encode_header` of the equal `Header`; `id` defaults to a fresh one.
+    """
+    return msgpack.packb(
+        {"v": PROTOCOL_VERSION, "type": "progress", "id": id or new_id(), "ts": now, "correlation_id": command_id},
+        use_bin_type=True,
+    )
 
 
 def encode_response_header(request: Mapping[str, Any], now: float) -> bytes:

@@ -48,6 +48,7 @@ __all__ = [
     "UnavailableError",
     "CorruptStateError",
     "NotLeaderError",
+    "CancelledError",
     "error_class",
     "error_from_wire",
 ]
@@ -89,6 +90,7 @@ class ErrorCode(IntEnum):
     UNAVAILABLE = 3006
     CORRUPT_STATE = 3007
     NOT_LEADER = 3008
+    CANCELLED = 3009
 
     @property
     def category(self) -> Category:
@@ -243,6 +245,10 @@ class NotLeaderError(MeshSystemError):
 
     code = ErrorCode.NOT_LEADER
     retryable = True
+class CancelledError(MeshSystemError):
+    """The caller cancelled the command; it may have run in part (so not retried by itself)."""
+
+    code = ErrorCode.CANCELLED
 
 
 _BY_CODE: dict[int, type[MeshError]] = {
@@ -271,6 +277,7 @@ _BY_CODE: dict[int, type[MeshError]] = {
         UnavailableError,
         CorruptStateError,
         NotLeaderError,
+        CancelledError,
     )
 }
 

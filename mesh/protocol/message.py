@@ -45,6 +45,8 @@ class MessageType(StrEnum):
     RESPONSE = "response"
     EVENT = "event"
     ERROR = "error"
+    CANCEL = "cancel"  # client -> broker -> node: stop the command `correlation_id` names
+    PROGRESS = "progress"  # node -> broker -> client: how far the command `correlation_id` is
 
 
 class SecurityLevel(IntEnum):

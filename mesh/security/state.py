@@ -66,6 +66,8 @@ __all__ = [
     "ISSUER",
     "PEER_KEY_NAME",
     "READER_ALLOW",
+    "BRIDGE_CLIENT",
+    "BRIDGE_ALLOW",
     "StateLayout",
     "ensure_state",
     "issue_token",
@@ -79,12 +81,21 @@ AUDIENCE: Final = "mesh"
 DEFAULT_TOKEN_TTL: Final = 30 * 86400
 TOKEN_LEEWAY: Final = 5.0
 # The client made by default; its token holds the admin role. Other clients named only
-# by name get the reader role: a secure default for a dashboard or a read-only tool.
+# by name get the reader role (a secure default for a dashboard or a read-only tool),
+# except the MCP bridge's, below.
 ADMIN_CLIENT: Final = "dev"
 _DEFAULT_ROLE: Final = "reader"
 READER_ALLOW: Final = (
     "mesh.ping", "mesh.services", "mesh.replay",
     "*.get", "*.list", "*.query", "*.read", "*.search", "echo.*",
+)  # fmt: skip
+# The MCP bridge (`mesh mcp`): a client named "bridge" gets the role "bridge", which
+# may list and follow the registry and call what an AI assistant may safely use
+# (reads, the kv store, echo; never kv.delete or mesh.revoke).
+BRIDGE_CLIENT: Final = "bridge"
+BRIDGE_ALLOW: Final = (
+    "mesh.ping", "mesh.services",
+    "*.get", "*.list", "*.query", "*.read", "*.search", "*.tables", "echo.*", "kv.put",
 )  # fmt: skip
 _NAME: Final = re.compile(NAME_PATTERN)
 _DIR_MODE: Final = 0o700
@@ -178,7 +189,8 @@ def ensure_state(
         nodes: node name -> the service names it offers (its CURVE identity and its
             `[nodes.NAME]` table in a generated policy).
         clients: client names, or client name -> token roles. A client named only by
-            name gets the role "admin" if it is "dev", "reader" otherwise.
+            name gets the role "admin" if it is "dev", "bridge" if it is
+            "bridge", "reader" otherwise.
         issuer: the `iss` of the clients' tokens.
         audience: the `aud` of the clients' tokens.
         token_ttl: lifetime of a new client token, in seconds.
@@ -303,7 +315,8 @@ def _client_roles(clients: Iterable[str] | Mapping[str, Iterable[str]]) -> dict[
         raise ConfigurationError("clients must be a collection of names, not one string")
     if isinstance(clients, Mapping):
         return {name: tuple(roles) for name, roles in clients.items()}
-    return {name: ("admin",) if name == ADMIN_CLIENT else (_DEFAULT_ROLE,) for name in clients}
+    named = {ADMIN_CLIENT: "admin", BRIDGE_CLIENT: "bridge"}
+    return {name: (named.get(name, _DEFAULT_ROLE),) for name in clients}
 
 
 def _check_names(nodes: Mapping[str, tuple[str, ...]], clients: Mapping[str, tuple[str, ...]]) -> None:
@@ -414,6 +427,13 @@ def policy_text(nodes: Mapping[str, Iterable[str]]) -> str:
         "[roles.reader]",
         f"allow = {_toml_list(READER_ALLOW)}",
         'subscribe = ["*"]',
+        "",
+        "# The MCP bridge (mesh mcp, docs/mcp.md): its tools are exactly what this allows;",
+        "# it follows the registry's mesh.service events to keep its tool list current.",
+        "[roles.bridge]",
+        f"allow = {_toml_list(BRIDGE_ALLOW)}",
+        'deny = ["*.delete"]',
+        'subscribe = ["mesh.service"]',
         "",
         "# The services each node (by the name of its CURVE key) may register. A node that",
         "# is not listed here may not register anything.",

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import json
 import os
+import sqlite3
+import time
 from collections.abc import Iterator
+from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
 
 from mesh.client import Client
-from mesh.testing import BrokerProcess, run_broker
+from mesh.security.state import ensure_state
+from mesh.testing import BrokerProcess, run_broker, run_node
 
 HERE = Path(__file__).parent
 # So that `mesh node testnodes:node` processes can import the test nodes.
@@ -46,3 +51,72 @@ def client_of() -> Iterator:
     yield make
     for c in made:
         c.close()
+
+
+MCP_POLICY = """
+[roles.bridge]
+allow = ["mesh.ping", "mesh.services", "echo.*", "kv.get", "kv.put", "kv.list", "sqlite.*", "slow.*", "late.*"]
+deny = ["kv.delete"]
+subscribe = ["mesh.service"]
+
+[roles.admin]
+allow = ["*"]
+
+[nodes.echo]
+services = ["echo"]
+
+[nodes.kv]
+services = ["kv"]
+
+[nodes.sqlite]
+services = ["sqlite"]
+
+[nodes.slow]
+services = ["slow"]
+
+[nodes.late]
+services = ["late"]
+
+[nodes.secret]
+services = ["secret"]
+"""
+
+
+class SecureMesh:
+    """A broker with security on, the ready nodes echo, kv and sqlite, and test nodes."""
+
+    def __init__(self, root: Path, broker: BrokerProcess) -> None:
+        self.root = root
+        self.broker = broker
+
+    def credentials(self, name: str) -> str:
+        return str(self.root / "state" / "credentials" / f"{name}.toml")
+
+
+@pytest.fixture(scope="module")
+def secure_mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SecureMesh]:
+    """A secure mesh for the MCP bridge tests, shared by a module's tests."""
+    root = tmp_path_factory.mktemp("mcp")
+    state = root / "state"
+    state.mkdir(mode=0o700)
+    (state / "policy.toml").write_text(MCP_POLICY)
+    nodes = {name: [name] for name in ("echo", "kv", "sqlite", "slow", "late", "secret")}
+    ensure_state(state, nodes=nodes, clients={"bridge": ["bridge"], "dev": ["admin"]}, now=time.time())
+    db = root / "sample.db"
+    with sqlite3.connect(db) as conn:
+        conn.execute("CREATE TABLE fruit (name TEXT, colour TEXT)")
+        conn.executemany("INSERT INTO fruit VALUES (?, ?)", [("apple", "red"), ("banana", "yellow")])
+    with ExitStack() as stack:
+        b = stack.enter_context(run_broker("tcp://127.0.0.1:*", "tcp://127.0.0.1:*", "--state", str(state)))
+        mesh = SecureMesh(root, b)
+        for use, name, config in (
+            ("echo", "echo", {}),
+            ("kv", "kv", {"path": str(root / "kv.sqlite3")}),
+            ("sqlite", "sqlite", {"database": str(db)}),
+            ("mcpnodes:slow", "slow", {}),
+            ("mcpnodes:secret", "secret", {}),
+        ):
+            stack.enter_context(
+                run_node(use, b, "--credentials", mesh.credentials(name), config=json.dumps(config))
+            )
+        yield mesh

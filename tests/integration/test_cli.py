@@ -24,13 +24,23 @@ def run(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
     "command",
     [[], ["up"], ["broker"], ["node"], ["call"], ["services"], ["topology", "check"], ["bench"],
      ["events"], ["events", "publish"], ["events", "subscribe"], ["keys", "curve"], ["keys", "rotate"],
-     ["token", "issue"], ["token", "revoke"], ["top"]],
+     ["token", "issue"], ["token", "revoke"], ["top"], ["mcp"]],
 )
 def test_every_command_has_help(command):
     """`--help` works on every command and describes it."""
     result = CliRunner().invoke(main, [*command, "--help"])
     assert result.exit_code == 0, result.output
     assert "Usage:" in result.output
+
+
+@pytest.mark.parametrize(
+    ("args", "problem"),
+    [(["--token-file", __file__], "--token-file goes with --http"), (["--http", "nowhere"], "HOST:PORT")],
+)
+def test_mcp_refuses_bad_options_before_starting(args, problem):
+    """`mesh mcp` names a token file without --http, or a bad address, as a usage error."""
+    result = CliRunner().invoke(main, ["mcp", *args])
+    assert result.exit_code == 2 and problem in result.output
 
 
 def test_topology_check_accepts_the_quickstart():

@@ -7,6 +7,7 @@ import pytest
 from mesh.protocol import (
     AccessDeniedError,
     AuthenticationFailedError,
+    CancelledError,
     BadFormatError,
     Category,
     ConfigurationError,
@@ -67,6 +68,7 @@ CODES = {
     "UNAVAILABLE": 3006,
     "CORRUPT_STATE": 3007,
     "NOT_LEADER": 3008,
+    "CANCELLED": 3009,
 }
 
 CLASSES: dict[int, type[MeshError]] = {
@@ -93,6 +95,7 @@ CLASSES: dict[int, type[MeshError]] = {
     3006: UnavailableError,
     3007: CorruptStateError,
     3008: NotLeaderError,
+    3009: CancelledError,
 }
 
 RETRYABLE = {3000, 3002, 3004, 3005, 3006, 3008}

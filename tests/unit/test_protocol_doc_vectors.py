@@ -27,7 +27,9 @@ from mesh.protocol import (
     SecurityLevel,
     decode_header,
     decode_payload,
+    encode_cancel_header,
     encode_header,
+    encode_progress_header,
     encode_payload,
     error_class,
 )
@@ -98,11 +100,22 @@ def same(a: Any, b: Any) -> bool:
 
 
 def test_the_doc_has_the_required_vectors() -> None:
-    """protocol.md has a command, a response, an error reply and a command with metadata and security."""
+    """protocol.md has a command, a response, an error reply, a command with metadata and security,
+    a cancel and a progress."""
     names = [v["name"] for v in VECTORS]
     assert len(names) == len(set(names))
     kinds = {(v["header"]["type"], "metadata" in v["header"] and "security" in v["header"]) for v in VECTORS}
-    assert {("command", False), ("response", False), ("error", False), ("command", True)} <= kinds
+    assert {("command", False), ("response", False), ("error", False), ("command", True), ("cancel", False),
+            ("progress", False)} <= kinds
+
+
+@pytest.mark.parametrize("vector", [v for v in VECTORS if v["header"]["type"] in ("cancel", "progress")],
+                         ids=lambda v: v["name"])
+def test_the_fast_cancel_and_progress_encoders_write_the_documented_bytes(vector: dict[str, Any]) -> None:
+    """encode_cancel_header / encode_progress_header give the vectors' bytes, like encode_header."""
+    h = vector["header"]
+    encode = encode_cancel_header if h["type"] == "cancel" else encode_progress_header
+    assert encode(h["correlation_id"], now=h["ts"], id=h["id"]) == _hex(vector["header_hex"])
 
 
 @pytest.mark.parametrize("vector", VECTORS, ids=[v["name"] for v in VECTORS])

@@ -1,0 +1,145 @@
+"""From the mesh registry to MCP tools and resources, and back: no I/O, no SDK.
+
+Rules of this module:
+
+* A tool is one `service.action` of the registry. Its name is `service.action`: mesh
+  names are letters, digits, `_` and `-`, so the name is already valid for MCP (letters,
+  digits, `_ . -`), the same for every bridge and every session, and maps back without
+  a table.
+* Tools come sorted by name, so a client that caches the list sees no change when
+  nothing changed.
+* `--include` / `--exclude` are shell globs over tool names (`kv.*`, `*.delete`). With
+  no include pattern every tool is included; an exclude pattern always wins.
+* The `mesh` service (the broker's own) is never a tool: the registry does not list it.
+* A mesh action without a schema accepts any payload; MCP needs an object schema, so
+  such a tool gets `{"type": "object"}`. An action whose schema is not an object (a
+  string, say) gets its payload wrapped: the tool takes `{"payload": ...}`.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+__all__ = [
+    "ToolSpec", "Selection", "tools_from_registry", "selected_registry", "as_text", "REGISTRY_URI", "schema_uri",
+    "WRAPPED_KEY",
+]
+
+REGISTRY_URI: Final = "mesh://services"
+WRAPPED_KEY: Final = "payload"
+
+
+def schema_uri(service: str) -> str:
+    """The resource URI of one service's actions and schemas."""
+    return f"mesh://services/{service}"
+
+
+@dataclass(frozen=True, slots=True)
+class ToolSpec:
+    """One mesh action as an MCP tool."""
+
+    name: str
+    service: str
+    action: str
+    description: str
+    input_schema: dict[str, Any]
+    wrapped: bool = False  # the tool's arguments are {"payload": <the mesh payload>}
+    idempotent: bool = False
+
+    def payload(self, arguments: Mapping[str, Any] | None) -> Any:
+        """The mesh payload for the tool's arguments."""
+        args = dict(arguments or {})
+        return args.get(WRAPPED_KEY) if self.wrapped else args
+
+
+@dataclass(frozen=True, slots=True)
+class Selection:
+    """Which tools to expose: shell globs over tool names."""
+
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = field(default_factory=tuple)
+
+    def admits(self, name: str) -> bool:
+        """Whether the tool `name` is exposed."""
+        if any(fnmatch.fnmatchcase(name, p) for p in self.exclude):
+            return False
+        return not self.include or any(fnmatch.fnmatchcase(name, p) for p in self.include)
+
+
+def _input_schema(schema: Mapping[str, Any]) -> tuple[dict[str, Any], bool]:
+    """The tool's inputSchema for a mesh action's payload schema, and whether it wraps."""
+    if not schema:
+        return {"type": "object"}, False
+    if schema.get("type") == "object":
+        return dict(schema), False
+    return {"type": "object", "properties": {WRAPPED_KEY: dict(schema)}, "required": [WRAPPED_KEY]}, True
+
+
+def _description(service: str, action: str, text: str) -> str:
+    text = text.strip()
+    return text or f"The mesh action {service}.{action}."
+
+
+def tools_from_registry(registry: Mapping[str, Any], selection: Selection = Selection()) -> list[ToolSpec]:
+    """The tools for a `mesh.services` answer, sorted by name.
+
+    Args:
+        registry: service -> {"actions": {action -> {"description", "schema", ...}}}.
+        selection: the include and exclude patterns.
+
+    Returns:
+        One `ToolSpec` per selected action; entries that are not shaped like the
+        registry's (a newer broker's, say) are skipped rather than guessed at.
+    """
+    out: list[ToolSpec] = []
+    for service, entry in registry.items():
+        actions = entry.get("actions") if isinstance(entry, Mapping) else None
+        if not isinstance(actions, Mapping):
+            continue
+        for action, spec in actions.items():
+            name = f"{service}.{action}"
+            if not isinstance(spec, Mapping) or not selection.admits(name):
+                continue
+            raw_schema = spec.get("schema")
+            schema, wrapped = _input_schema(raw_schema if isinstance(raw_schema, Mapping) else {})
+            desc = spec.get("description")
+            out.append(
+                ToolSpec(
+                    name=name,
+                    service=service,
+                    action=action,
+                    description=_description(service, action, desc if isinstance(desc, str) else ""),
+                    input_schema=schema,
+                    wrapped=wrapped,
+                    idempotent=bool(spec.get("idempotent", False)),
+                )
+            )
+    out.sort(key=lambda t: t.name)
+    return out
+
+
+def selected_registry(registry: Mapping[str, Any], tools: Iterable[ToolSpec]) -> dict[str, Any]:
+    """The part of the registry the tools cover (what the resources show)."""
+    keep: dict[str, set[str]] = {}
+    for t in tools:
+        keep.setdefault(t.service, set()).add(t.action)
+    out: dict[str, Any] = {}
+    for service in sorted(keep):
+        entry = registry[service]
+        out[service] = {**entry, "actions": {a: entry["actions"][a] for a in sorted(keep[service])}}
+    return out
+
+
+def as_text(value: Any) -> str:
+    """A mesh result as the text of a tool result: JSON, bytes shown as hex."""
+    return json.dumps(value, ensure_ascii=False, default=_jsonable, sort_keys=False)
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return bytes(value).hex()
+    return repr(value)

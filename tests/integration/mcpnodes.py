@@ -1,0 +1,73 @@
+"""Handler nodes for the MCP bridge tests, run by real `mesh node mcpnodes:...` processes."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+from mesh.node import Node, report_progress
+
+
+def slow() -> Node:
+    """A node whose commands take time: one records its cancellation, one reports progress."""
+    n = Node("slow", capacity=4)
+
+    @n.action(
+        "slow",
+        "wait",
+        schema={
+            "type": "object",
+            "properties": {"seconds": {"type": "number", "minimum": 0}, "marker": {"type": "string"}},
+            "required": ["seconds", "marker"],
+        },
+    )
+    async def wait(payload: dict[str, Any]) -> dict[str, Any]:
+        """Wait, writing `started` to the marker file, then `cancelled` if the caller cancels."""
+        marker = Path(payload["marker"])
+        marker.write_text("started")
+        try:
+            await asyncio.sleep(payload["seconds"])
+        except asyncio.CancelledError:
+            marker.write_text("cancelled")
+            raise
+        marker.write_text("finished")
+        return {"waited": payload["seconds"]}
+
+    @n.action(
+        "slow",
+        "steps",
+        schema={"type": "object", "properties": {"count": {"type": "integer", "minimum": 1}}, "required": ["count"]},
+    )
+    async def steps(payload: dict[str, Any]) -> dict[str, Any]:
+        """Take `count` short steps, reporting progress after each."""
+        for i in range(payload["count"]):
+            await asyncio.sleep(0.02)
+            report_progress(i + 1, payload["count"], f"step {i + 1}")
+        return {"steps": payload["count"]}
+
+    return n
+
+
+def late() -> Node:
+    """A node that joins in the middle of a session."""
+    n = Node("late", capacity=2)
+
+    @n.action("late", "hello", schema={"type": "object", "properties": {"name": {"type": "string"}}, "required": ["name"]})
+    async def hello(payload: dict[str, Any]) -> dict[str, Any]:
+        """Greet `name`."""
+        return {"greeting": f"hello {payload['name']}"}
+
+    return n
+
+
+def secret() -> Node:
+    """A service the bridge's role may not call."""
+    n = Node("secret", capacity=2)
+
+    @n.action("secret", "reveal", schema={"type": "object"})
+    async def reveal(payload: dict[str, Any]) -> dict[str, Any]:
+        """What the bridge must never reach."""
+        return {"secret": 42}
+
+    return n

@@ -1,0 +1,161 @@
+"""The MCP bridge over streamable HTTP with a bearer token, driven by the MCP SDK's clients."""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import anyio
+import httpx2
+import mcp_types as types
+import pytest
+from mcp import Client
+from mcp.client.session import ClientSession
+from mcp.client.streamable_http import streamable_http_client
+
+from mesh.testing import MeshProcess, run_node, spawn
+
+if TYPE_CHECKING:
+    from conftest import SecureMesh
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+class HttpBridge:
+    def __init__(self, url: str, token: str, process: MeshProcess) -> None:
+        self.url = url
+        self.token = token
+        self.process = process
+
+    def http(self, token: str | None = "") -> httpx2.AsyncClient:
+        """An HTTP client sending `token` (the bridge's by default, none for None)."""
+        token = self.token if token == "" else token
+        headers = {} if token is None else {"Authorization": f"Bearer {token}"}
+        return httpx2.AsyncClient(headers=headers, timeout=httpx2.Timeout(30.0, read=300.0))
+
+    @asynccontextmanager
+    async def session(self, **kwargs: object) -> AsyncIterator[ClientSession]:
+        """A handshake-era ClientSession over streamable HTTP, initialized."""
+        async with self.http() as http, streamable_http_client(self.url, http_client=http) as (read, write):
+            async with ClientSession(read, write, **kwargs) as session:  # type: ignore[arg-type]
+                await session.initialize()
+                yield session
+
+
+@pytest.fixture(scope="module")
+def bridge(secure_mesh: SecureMesh, tmp_path_factory: pytest.TempPathFactory) -> Iterator[HttpBridge]:
+    """`mesh mcp --http` on a free loopback port, with a token file."""
+    token = secrets.token_urlsafe(24)
+    token_file = tmp_path_factory.mktemp("mcp-http") / "token"
+    token_file.write_text(token + "\n")
+    with spawn(["mcp", "--broker", secure_mesh.broker.clients, "--credentials", secure_mesh.credentials("bridge"),
+                "--timeout", "10", "--http", "127.0.0.1:0", "--token-file", str(token_file)]) as proc:
+        url = proc.wait_for(r"mcp bridge ready url=(\S+)").group(1)
+        yield HttpBridge(url, token, proc)
+
+
+async def wait_for_file(path: Path, content: str, timeout: float = 5.0) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.exists() and path.read_text() == content:
+            return content
+        await anyio.sleep(0.02)
+    return path.read_text() if path.exists() else "<missing>"
+
+
+@pytest.mark.anyio
+async def test_without_the_bearer_token_every_request_is_refused_401(bridge: HttpBridge) -> None:
+    """No token, or the wrong one, is answered 401 before any MCP processing."""
+    call = {"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": "echo.echo", "arguments": {"text": "x"}}}
+    headers = {"Accept": "application/json, text/event-stream"}
+    for token in (None, "not-the-token"):
+        async with bridge.http(token) as http:
+            response = await http.post(bridge.url, json=call, headers=headers)
+        assert response.status_code == 401
+        assert response.headers["www-authenticate"].startswith("Bearer")
+
+
+@pytest.mark.anyio
+async def test_the_sdk_client_without_a_token_cannot_connect(bridge: HttpBridge) -> None:
+    """The SDK's own client fails to connect without the token."""
+    with pytest.raises(Exception):
+        async with bridge.http(None) as http:
+            async with Client(streamable_http_client(bridge.url, http_client=http)) as client:
+                await client.call_tool("echo.echo", {"text": "x"})
+
+
+@pytest.mark.anyio
+async def test_tools_calls_and_errors_over_http(bridge: HttpBridge) -> None:
+    """With the token: tools listed with schemas, echo/kv/sqlite calls succeed, a mesh error is isError."""
+    async with bridge.session() as session:
+        tools = {t.name: t for t in (await session.list_tools()).tools}
+        echo = await session.call_tool("echo.echo", {"text": "over http"})
+        await session.call_tool("kv.put", {"key": "k", "value": [1, 2]})
+        got = await session.call_tool("kv.get", {"key": "k"})
+        rows = await session.call_tool("sqlite.query", {"sql": "SELECT colour FROM fruit WHERE name = 'apple'"})
+        refused = await session.call_tool("sqlite.query", {"sql": "DROP TABLE fruit"})
+    assert tools["echo.echo"].input_schema["type"] == "object" and "kv.delete" not in tools
+    assert echo.structured_content == {"text": "over http"}
+    assert got.structured_content["value"] == [1, 2]
+    assert rows.structured_content["rows"] == [{"colour": "red"}]
+    assert refused.is_error and refused.structured_content["error"]["code"] == 2002
+
+
+@pytest.mark.anyio
+async def test_a_tool_outside_the_role_cannot_be_called_over_http(bridge: HttpBridge) -> None:
+    """The high-level Client over HTTP neither sees nor reaches secret.reveal."""
+    async with bridge.http() as http, Client(streamable_http_client(bridge.url, http_client=http)) as client:
+        names = {t.name for t in (await client.list_tools()).tools}
+        result = await client.call_tool("secret.reveal", {})
+    assert "secret.reveal" not in names
+    assert result.is_error and result.structured_content["error"]["code"] == 1003
+
+
+@pytest.mark.anyio
+async def test_new_tools_are_announced_to_http_sessions_both_ways(bridge: HttpBridge, secure_mesh: SecureMesh) -> None:
+    """A session gets tools/list_changed and a modern client its listen event; the new tool works."""
+    changed = anyio.Event()
+
+    async def on_message(message: object) -> None:
+        if isinstance(message, types.ToolListChangedNotification):
+            changed.set()
+
+    async with bridge.session(message_handler=on_message) as session:
+        async with bridge.http() as http, Client(streamable_http_client(bridge.url, http_client=http)) as client:
+            async with client.listen(tools_list_changed=True) as sub:
+                with run_node("mcpnodes:late", secure_mesh.broker, "--credentials", secure_mesh.credentials("late")):
+                    with anyio.fail_after(10):
+                        event = await sub.__anext__()
+                        await changed.wait()
+                    assert type(event).__name__ == "ToolsListChanged"
+                    modern = await client.call_tool("late.hello", {"name": "http"})
+                    legacy = await session.call_tool("late.hello", {"name": "session"})
+    assert modern.structured_content == {"greeting": "hello http"}
+    assert legacy.structured_content == {"greeting": "hello session"}
+
+
+@pytest.mark.anyio
+async def test_a_cancelled_http_call_cancels_the_mesh_command(bridge: HttpBridge, tmp_path: Path) -> None:
+    """Cancelling tools/call over HTTP makes the node's handler see the cancellation."""
+    marker = tmp_path / "marker"
+    async with bridge.session() as session:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(session.call_tool, "slow.wait", {"seconds": 30, "marker": str(marker)})
+            assert await wait_for_file(marker, "started") == "started"
+            tg.cancel_scope.cancel()
+        assert await wait_for_file(marker, "cancelled") == "cancelled"
+
+
+def test_listening_beyond_loopback_needs_a_token(secure_mesh: SecureMesh) -> None:
+    """`mesh mcp --http 0.0.0.0:PORT` without --token-file refuses to start."""
+    with spawn(["mcp", "--broker", secure_mesh.broker.clients, "--credentials", secure_mesh.credentials("bridge"),
+                "--http", "0.0.0.0:0"]) as proc:
+        proc.wait_for("needs a bearer token", timeout=20)
+        assert proc.popen.wait(20) != 0

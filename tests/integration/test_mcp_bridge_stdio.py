@@ -1,0 +1,182 @@
+"""The MCP bridge over stdio, driven by the MCP SDK's own clients against a real secure mesh."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import anyio
+import mcp_types as types
+import pytest
+from mcp import Client
+from mcp.client.session import ClientSession
+from mcp.client.stdio import StdioServerParameters, stdio_client
+
+from mesh.testing import run_node
+
+if TYPE_CHECKING:
+    from conftest import SecureMesh
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+def bridge_params(mesh: SecureMesh, *extra: str) -> StdioServerParameters:
+    """How to start `mesh mcp` as the bridge client of `mesh`."""
+    return StdioServerParameters(
+        command=sys.executable,
+        args=["-m", "mesh", "mcp", "--broker", mesh.broker.clients, "--credentials", mesh.credentials("bridge"),
+              "--timeout", "10", *extra],
+        env=dict(os.environ),
+    )
+
+
+def text_of(result: types.CallToolResult) -> str:
+    return "".join(c.text for c in result.content if isinstance(c, types.TextContent))
+
+
+async def wait_for_file(path: Path, content: str, timeout: float = 5.0) -> str:
+    """The file's text once it equals `content` (or whatever it holds at the timeout)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.exists() and path.read_text() == content:
+            return content
+        await anyio.sleep(0.02)
+    return path.read_text() if path.exists() else "<missing>"
+
+
+@pytest.mark.anyio
+async def test_tools_are_the_actions_the_role_may_call_with_their_schemas(secure_mesh: SecureMesh) -> None:
+    """tools/list names each callable action service.action with its description and schema, sorted."""
+    async with stdio_client(bridge_params(secure_mesh)) as (read, write), ClientSession(read, write) as session:
+        await session.initialize()
+        tools = (await session.list_tools()).tools
+    names = [t.name for t in tools]
+    assert names == sorted(names)
+    assert {"echo.echo", "kv.get", "kv.put", "kv.list", "sqlite.query", "slow.wait"} <= set(names)
+    assert "kv.delete" not in names and not any(n.startswith("secret.") for n in names)
+    get = next(t for t in tools if t.name == "kv.get")
+    assert get.description == "Read the value stored under a key."
+    assert get.input_schema["type"] == "object" and "key" in get.input_schema["properties"]
+
+
+@pytest.mark.anyio
+async def test_the_registry_and_each_service_are_resources(secure_mesh: SecureMesh) -> None:
+    """mesh://services holds what the bridge exposes; mesh://services/kv one service's schemas."""
+    async with Client(bridge_params(secure_mesh, "--exclude", "echo.*")) as client:
+        uris = [str(r.uri) for r in (await client.list_resources()).resources]
+        registry = json.loads((await client.read_resource("mesh://services")).contents[0].text)
+        kv = json.loads((await client.read_resource("mesh://services/kv")).contents[0].text)
+    assert uris[0] == "mesh://services" and "mesh://services/kv" in uris and "mesh://services/echo" not in uris
+    assert "echo" not in registry and set(registry["kv"]["actions"]) == {"get", "list", "put"}
+    assert kv["actions"]["get"]["schema"]["required"] == ["key"]
+
+
+@pytest.mark.anyio
+async def test_calls_to_echo_kv_and_sqlite_return_their_results(secure_mesh: SecureMesh) -> None:
+    """Tool calls run the mesh actions and return their results as JSON text and structured content."""
+    async with stdio_client(bridge_params(secure_mesh)) as (read, write), ClientSession(read, write) as session:
+        await session.initialize()
+        echo = await session.call_tool("echo.echo", {"text": "hi"})
+        put = await session.call_tool("kv.put", {"key": "colour", "value": {"name": "blue"}})
+        got = await session.call_tool("kv.get", {"key": "colour"})
+        rows = await session.call_tool("sqlite.query", {"sql": "SELECT name FROM fruit ORDER BY name"})
+    assert not echo.is_error and json.loads(text_of(echo)) == {"text": "hi"}
+    assert not put.is_error
+    assert got.structured_content == {"key": "colour", "found": True, "value": {"name": "blue"}}
+    assert [r["name"] for r in rows.structured_content["rows"]] == ["apple", "banana"]
+
+
+@pytest.mark.anyio
+async def test_mesh_errors_are_tool_results_with_their_code(secure_mesh: SecureMesh) -> None:
+    """A node's refusal and a payload the schema refuses both come back isError with the mesh code."""
+    async with stdio_client(bridge_params(secure_mesh)) as (read, write), ClientSession(read, write) as session:
+        await session.initialize()
+        refused = await session.call_tool("sqlite.query", {"sql": "DELETE FROM fruit"})
+        invalid = await session.call_tool("kv.get", {"key": 7})
+    assert refused.is_error and refused.structured_content["error"]["code"] == 2002
+    assert "2002 ACCESS_DENIED" in text_of(refused)
+    assert invalid.is_error and invalid.structured_content["error"]["code"] == 1002
+
+
+@pytest.mark.anyio
+async def test_a_tool_outside_the_role_is_not_listed_and_cannot_be_called(secure_mesh: SecureMesh) -> None:
+    """secret.reveal and kv.delete are registered but the bridge's role may not call them."""
+    async with Client(bridge_params(secure_mesh)) as client:
+        names = {t.name for t in (await client.list_tools()).tools}
+        reveal = await client.call_tool("secret.reveal", {})
+        delete = await client.call_tool("kv.delete", {"key": "colour"})
+    assert "secret.reveal" not in names and "kv.delete" not in names
+    assert reveal.is_error and reveal.structured_content["error"]["code"] == 1003
+    assert delete.is_error and delete.structured_content["error"]["code"] == 1003
+
+
+@pytest.mark.anyio
+async def test_a_node_joining_mid_session_changes_the_tool_list(secure_mesh: SecureMesh) -> None:
+    """A handshake-era session gets notifications/tools/list_changed and can call the new tool."""
+    changed = anyio.Event()
+
+    async def on_message(message: object) -> None:
+        if isinstance(message, types.ToolListChangedNotification):
+            changed.set()
+
+    async with stdio_client(bridge_params(secure_mesh)) as (read, write), ClientSession(
+        read, write, message_handler=on_message
+    ) as session:
+        await session.initialize()
+        assert "late.hello" not in {t.name for t in (await session.list_tools()).tools}
+        with run_node("mcpnodes:late", secure_mesh.broker, "--credentials", secure_mesh.credentials("late")):
+            with anyio.fail_after(10):
+                await changed.wait()
+            assert "late.hello" in {t.name for t in (await session.list_tools()).tools}
+            result = await session.call_tool("late.hello", {"name": "mesh"})
+    assert result.structured_content == {"greeting": "hello mesh"}
+
+
+@pytest.mark.anyio
+async def test_a_modern_client_hears_of_new_tools_on_its_listen_stream(secure_mesh: SecureMesh) -> None:
+    """The high-level Client (2026-07-28) gets tools_list_changed on subscriptions/listen."""
+    async with Client(bridge_params(secure_mesh)) as client:
+        async with client.listen(tools_list_changed=True) as sub:
+            with run_node("mcpnodes:late", secure_mesh.broker, "--credentials", secure_mesh.credentials("late")):
+                with anyio.fail_after(10):
+                    event = await sub.__anext__()
+                assert type(event).__name__ == "ToolsListChanged"
+                result = await client.call_tool("late.hello", {"name": "again"})
+    assert result.structured_content == {"greeting": "hello again"}
+
+
+@pytest.mark.anyio
+async def test_a_cancelled_call_cancels_the_mesh_command(secure_mesh: SecureMesh, tmp_path: Path) -> None:
+    """Cancelling tools/call makes the node's handler see the cancellation (it writes it to a file)."""
+    marker = tmp_path / "marker"
+    async with stdio_client(bridge_params(secure_mesh)) as (read, write), ClientSession(read, write) as session:
+        await session.initialize()
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(session.call_tool, "slow.wait", {"seconds": 30, "marker": str(marker)})
+            assert await wait_for_file(marker, "started") == "started"
+            tg.cancel_scope.cancel()
+        assert await wait_for_file(marker, "cancelled") == "cancelled"
+        echo = await session.call_tool("echo.echo", {"text": "still here"})
+    assert not echo.is_error
+
+
+@pytest.mark.anyio
+async def test_progress_reported_by_the_node_reaches_the_caller(secure_mesh: SecureMesh) -> None:
+    """The node's report_progress calls arrive as progress notifications for the call."""
+    seen: list[tuple[float, float | None, str | None]] = []
+
+    async def on_progress(progress: float, total: float | None, message: str | None) -> None:
+        seen.append((progress, total, message))
+
+    async with stdio_client(bridge_params(secure_mesh)) as (read, write), ClientSession(read, write) as session:
+        await session.initialize()
+        result = await session.call_tool("slow.steps", {"count": 3}, progress_callback=on_progress)
+    assert result.structured_content == {"steps": 3}
+    assert seen == [(1, 3, "step 1"), (2, 3, "step 2"), (3, 3, "step 3")]
