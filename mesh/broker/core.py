@@ -79,7 +79,9 @@ from ..protocol import (
 )
 from ..protocol.names import ID_MATCH
 from ..security.gate import Gate, Peer
+from ..cluster.shared import Claimed, Committed, SharedState
 from .events import DEFAULT_RULE, EventBus, RetentionRule
+from .once import OnceTable, once_key
 from .registry import NodeInfo, PeerEvent, Registry, parse_load, silence_event
 
 __all__ = ["Side", "Outgoing", "BrokerConfig", "Broker", "Command", "ConnectionState", "RecentReplies"]
@@ -215,6 +217,7 @@ class Command:
     received_at: float
     state: CommandState = CommandState.RECEIVED
     node: NodeInfo | None = None
+    once: str | None = None  # the cluster-wide key of an exactly-once command
 
 
 class Broker:
@@ -244,6 +247,15 @@ class Broker:
         self.recent = RecentReplies(
             self.config.recent_replies, self.config.recent_reply_s, self.config.recent_reply_bytes
         )
+        self.once: OnceTable | None = None  # with a cluster (`join_cluster`)
+
+    def join_cluster(self, shared: SharedState) -> None:
+        """Run exactly-once actions through the cluster's replicated `shared` state."""
+        self.once = OnceTable(self.config.name, shared)
+
+    def take_proposals(self, now: float) -> list[bytes]:
+        """Records for the replicated log since the last call (and those due again)."""
+        return self.once.take_proposals(now) if self.once is not None else []
 
     def take_published(self) -> list[list[bytes]]:
         """The messages for subscribers (events, sync markers) since the last call, in order."""
@@ -326,6 +338,9 @@ class Broker:
                 command=(service, action),
             )
         cmd = Command(ident, cid, service, action, frames[0], frames[1], deadline, now)
+        if self.once is not None and self.registry.exactly_once(service, action):
+            subject = getattr(identity, "subject", None)
+            return self._once_command(cmd, conn, once_key(cid, service, action, subject), now)
         holder = self.registry.nodes.get(self._owed_by.get(key, b""))
         if holder is not None:
             # A resend of a command that timed out while this node still runs it: the
@@ -375,6 +390,105 @@ class Broker:
             out.append((Side.NODE, cmd.node.identity, [ident, header_frame, b"\xc0"]))
         out.append(self._fail(cmd, CancelledError(f"{cmd.service}.{cmd.action} was cancelled by its caller",
                                                   details={"state": cmd.state.value}), now, CommandEvent.FAIL))
+        return out
+
+    # ------------------------------------------------------------ exactly once
+
+    def _once_command(self, cmd: Command, conn: ConnectionState, key: str, now: float) -> list[Outgoing]:
+        """An exactly-once command: its committed outcome, or run it where its claim says."""
+        once = self.once
+        assert once is not None
+        outcome = once.shared.outcomes.get(key)
+        if outcome is not None:
+            self.counters["once_replayed"] += 1
+            return [(Side.CLIENT, cmd.client, list(outcome))]
+        claim = once.shared.claims.get(key)
+        node = None if claim is not None else self.registry.pick(cmd.service, cmd.action)
+        if claim is None and (node is None or node.instance is None):
+            # No queue here: a queued command would need a claim for a node not yet chosen.
+            return self._refuse(
+                cmd.client, cmd.id,
+                ResourceExhaustedError(f"every node of {cmd.service} is busy", details={"exactly_once": True}),
+                now, command=(cmd.service, cmd.action),
+            )  # fmt: skip
+        cmd.once = key
+        self._track(cmd, conn)
+        once.wait(key, (cmd.client, cmd.id))
+        if claim is not None:
+            return self._once_dispatch(cmd, claim[0], now)
+        assert node is not None and node.instance is not None
+        once.propose_claim(key, node.instance, now)
+        self.counters["once_claims"] += 1
+        return []
+
+    def _once_dispatch(self, cmd: Command, instance: str, now: float) -> list[Outgoing]:
+        """Send a claimed command to the node process its claim names, and to no other."""
+        assert self.once is not None and cmd.once is not None
+        node = self.registry.by_instance(instance)
+        if node is None:
+            err = NodeLostError(
+                f"the node claimed to run {cmd.service}.{cmd.action} is gone; the command may have run",
+                details={"exactly_once": True},
+            )
+            return [self._fail(cmd, err, now, CommandEvent.FAIL)]
+        self.once.running[(cmd.client, cmd.id)] = cmd.once
+        return [self._dispatch(cmd, node)]
+
+    def _once_reply(
+        self, key: tuple[bytes, str], cmd: Command | None, ident: bytes, header: dict[str, Any],
+        answer: list[bytes], now: float,
+    ) -> list[Outgoing]:  # fmt: skip
+        """A node's reply to an exactly-once command: proposed as its outcome, answered on commit.
+
+        An error proving the command never started is answered at once (the client
+        retries it by itself) and not committed: the claimed node may still run it later.
+        """
+        once = self.once
+        assert once is not None
+        okey = once.running.pop(key)
+        mine = cmd is not None and cmd.state is CommandState.DISPATCHED and _ran_on(cmd, ident)
+        node = self.registry.nodes.get(ident)
+        if node is not None:
+            node.completed += 1
+        code = header["error"]["code"] if header["type"] == "error" and "error" in header else 0
+        if code in _NEVER_STARTED:
+            if mine:
+                assert cmd is not None
+                self._finish(cmd, CommandEvent.FAIL)
+                return [(Side.CLIENT, key[0], answer)]
+            return []
+        if okey not in once.shared.outcomes:
+            once.propose_outcome(okey, answer, now)
+            self.counters["once_outcomes"] += 1
+        if mine:
+            assert cmd is not None
+            cmd.node = None  # the node is done with it; the client waits for the commit
+        return []
+
+    def apply_shared(self, now: float) -> list[Outgoing]:
+        """Act on what the replicated log committed since the last call."""
+        once = self.once
+        if once is None:
+            return []
+        out: list[Outgoing] = []
+        for effect in once.shared.take_effects():
+            if isinstance(effect, Claimed):
+                once.confirmed(effect.key, outcome=False)
+                for ref in once.waiting.get(effect.key, ()):
+                    cmd = self.commands.get(ref)
+                    if cmd is not None and cmd.once == effect.key and cmd.state is CommandState.RECEIVED:
+                        out.extend(self._once_dispatch(cmd, effect.node, now))
+            elif isinstance(effect, Committed):
+                once.confirmed(effect.key, outcome=True)
+                failed = peek_header(effect.reply[0], "type") == "error"
+                for ref in once.waiting.pop(effect.key, ()):
+                    cmd = self.commands.get(ref)
+                    if cmd is None or cmd.once != effect.key:
+                        continue
+                    if cmd.state is CommandState.RECEIVED:
+                        cmd.state = CommandState.DISPATCHED  # it ran, through another broker
+                    self._finish(cmd, CommandEvent.FAIL if failed else CommandEvent.RESPOND)
+                    out.append((Side.CLIENT, cmd.client, list(effect.reply)))
         return out
 
     def _track(self, cmd: Command, conn: ConnectionState) -> None:
@@ -507,7 +621,9 @@ class Broker:
         self._settle(link, ident, key)
         cmd = self.commands.get(key)
         out: list[Outgoing] = []
-        if cmd is None or cmd.state is not CommandState.DISPATCHED or not _ran_on(cmd, ident):
+        if self.once is not None and key in self.once.running:
+            out.extend(self._once_reply(key, cmd, ident, header, [frames[1], frames[2]], now))
+        elif cmd is None or cmd.state is not CommandState.DISPATCHED or not _ran_on(cmd, ident):
             # It timed out, its client left, or it was resent elsewhere: only the slot frees.
             self.counters["late_replies"] += 1
         else:
@@ -734,6 +850,8 @@ class Broker:
                 for ident in idle:
                     del table[ident]
         self.recent.expire(now)
+        if self.once is not None:
+            self.once.forget_done(self.commands)
         out: list[Outgoing] = []
         for ident in self._check_health(now):
             self.counters["nodes_expired"] += 1
@@ -837,18 +955,23 @@ class Broker:
         for key in owed:
             if self._owed_by.get(key) == ident:
                 del self._owed_by[key]
+            if self.once is not None:
+                self.once.running.pop(key, None)
             cmd = self.commands.get(key)
             if cmd is None or cmd.state is not CommandState.DISPATCHED or not _ran_on(cmd, ident):
                 continue
             spec = cmd.node.services.get(cmd.service, {}).get(cmd.action) if cmd.node else None
             cmd.node = None
-            if key in unsent or (spec is not None and spec.idempotent):
+            if cmd.once is None and (key in unsent or (spec is not None and spec.idempotent)):
                 requeue.append(cmd)
             else:
                 out.append(
                     self._fail(
                         cmd,
-                        NodeLostError(f"the node running {cmd.service}.{cmd.action} is gone"),
+                        NodeLostError(
+                            f"the node running {cmd.service}.{cmd.action} is gone",
+                            details={"exactly_once": True} if cmd.once is not None else None,
+                        ),
                         now,
                         CommandEvent.FAIL,
                     )
@@ -951,6 +1074,7 @@ class Broker:
             "clients": len(self.clients),
             "events": self.events.stats(),
             **({"security": self.security.gate.stats()} if self.security is not None else {}),
+            **({"exactly_once": self.once.stats()} if self.once is not None else {}),
         }
 
 

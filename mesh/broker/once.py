@@ -1,0 +1,109 @@
+"""Exactly-once commands across a broker cluster: the bookkeeping of one broker.
+
+Rules of this module:
+
+* Sans-IO. The core asks `key()` for a command's cluster-wide key, records what it
+  proposes (`propose_claim`, `propose_outcome`) and hands committed effects back; the
+  loop carries `take_proposals()` to the cluster member and the member's committed
+  entries into `SharedState`.
+* A command of an `exactly_once` action runs only after its claim is committed: the
+  claim names one node process (its `instance`), and every broker sends the command
+  to that process only, never to another. The node's own resend table answers a
+  command it has run already, so sending it again after a failover is safe.
+* The reply is proposed as the command's outcome and sent to the client only once it
+  is committed. A resend, to any broker and after any failover, gets that outcome.
+* A proposal may be lost (a leader change); what waits for a commit is proposed again
+  every `RETRY_S` until its effect arrives. The shared state keeps the first claim and
+  the first outcome, so a repeated proposal changes nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Final
+
+from ..cluster.shared import SharedState, claim_record, outcome_record
+
+__all__ = ["RETRY_S", "CommandRef", "OnceTable", "once_key"]
+
+RETRY_S: Final = 1.0
+
+CommandRef = tuple[bytes, str]  # a command on this broker: (client identity, command id)
+
+
+def once_key(cid: str, service: str, action: str, subject: str | None) -> str:
+    """The cluster-wide key of a command: the same on every broker a client may try.
+
+    A client's connection (its ROUTER identity) changes with the broker, so it is not
+    part of the key; the caller's subject is, so one caller cannot read another's outcome.
+    """
+    return f"{cid}|{service}.{action}|{subject or ''}"
+
+
+class OnceTable:
+    """What one broker waits for from the replicated log (see the module rules).
+
+    Args:
+        broker: this broker's name, recorded with its claims.
+        shared: the replicated state this broker's cluster member applies to.
+    """
+
+    def __init__(self, broker: str, shared: SharedState) -> None:
+        self.broker = broker
+        self.shared = shared
+        self.waiting: dict[str, list[CommandRef]] = {}  # key -> commands (client, id) here
+        self.running: dict[CommandRef, str] = {}  # dispatched (client, id) -> key
+        self._proposals: list[bytes] = []
+        self._unconfirmed: dict[str, tuple[bytes, float]] = {}  # key -> (record, retry at)
+        self._outcomes: set[str] = set()  # the unconfirmed keys whose record is an outcome
+
+    def wait(self, key: str, command: CommandRef) -> None:
+        """`command` is answered when `key`'s claim or outcome is committed."""
+        self.waiting.setdefault(key, []).append(command)
+
+    def propose_claim(self, key: str, instance: str, now: float) -> None:
+        if key not in self._unconfirmed:
+            self._propose(key, claim_record(key, instance, self.broker), now)
+
+    def propose_outcome(self, key: str, reply: list[bytes], now: float) -> None:
+        self._outcomes.add(key)
+        self._propose(key, outcome_record(key, reply), now)
+
+    def _propose(self, key: str, record: bytes, now: float) -> None:
+        self._unconfirmed[key] = (record, now + RETRY_S)
+        self._proposals.append(record)
+
+    def confirmed(self, key: str, *, outcome: bool) -> None:
+        """`key`'s claim (or outcome) is in the log: stop proposing it."""
+        if outcome or key not in self._outcomes:
+            self._unconfirmed.pop(key, None)
+            self._outcomes.discard(key)
+
+    def take_proposals(self, now: float) -> list[bytes]:
+        """Records to propose: new ones, and those unconfirmed past `RETRY_S`."""
+        for key, (record, at) in self._unconfirmed.items():
+            if at <= now:
+                self._unconfirmed[key] = (record, now + RETRY_S)
+                self._proposals.append(record)
+        out, self._proposals = self._proposals, []
+        return out
+
+    def forget_done(self, alive: Mapping[CommandRef, object]) -> None:
+        """Drop waiters whose commands are retired (deadline, client gone, cancelled).
+
+        A claim nobody waits for is no longer proposed; an outcome is, until committed,
+        so that a resend after the deadline still finds it.
+        """
+        for key in [k for k, cmds in self.waiting.items() if not any(c in alive for c in cmds)]:
+            del self.waiting[key]
+            if key not in self._outcomes:
+                self._unconfirmed.pop(key, None)
+
+    def stats(self) -> dict[str, int]:
+        return {
+            "waiting": len(self.waiting),
+            "running": len(self.running),
+            "unconfirmed": len(self._unconfirmed),
+            "claims": len(self.shared.claims),
+            "outcomes": len(self.shared.outcomes),
+        }

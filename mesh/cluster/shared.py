@@ -1,0 +1,185 @@
+"""The state the brokers of a cluster share: what the replicated log's entries mean.
+
+Rules of this module:
+
+* Sans-IO and deterministic: `apply` is called with the committed entries in log order
+  on every broker, and must leave every broker in the same state. Nothing here reads a
+  clock or a random source; what varies (a broker's name, a node's id) is in the record.
+* Each entry is one MessagePack map with an `op` (`claim`, `outcome`, `revoke`). An
+  entry that is not a valid record (a bug, or a newer broker's op) is counted in
+  `invalid` and skipped, the same way on every broker.
+* Exactly-once bookkeeping: the first `claim` of a command key wins and later ones are
+  ignored; the first `outcome` wins. Both tables are bounded (`max_commands` keys,
+  oldest out first, by log order), so the state, and each snapshot, stays small.
+* What the broker must act on (a claim or outcome committed, a token revoked) is
+  collected as effects, in log order, for `take_effects`.
+* `snapshot()` / `restore()` carry the whole state; a snapshot is itself a MessagePack
+  map with a format version.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any, Final
+
+import msgpack
+
+__all__ = [
+    "MAX_COMMANDS",
+    "Claimed",
+    "Committed",
+    "Effect",
+    "Revoked",
+    "SharedState",
+    "claim_record",
+    "outcome_record",
+    "revoke_record",
+]
+
+MAX_COMMANDS: Final = 100_000  # exactly-once command keys remembered (claims and outcomes)
+SNAPSHOT_VERSION: Final = 1
+
+
+@dataclass(frozen=True, slots=True)
+class Claimed:
+    """The command `key` is to run on node process `node` (claimed by broker `broker`)."""
+
+    key: str
+    node: str
+    broker: str
+
+
+@dataclass(frozen=True, slots=True)
+class Committed:
+    """The outcome of command `key` is committed: `reply` is its [header, payload]."""
+
+    key: str
+    reply: tuple[bytes, bytes]
+
+
+@dataclass(frozen=True, slots=True)
+class Revoked:
+    """A token id revoked cluster-wide, remembered until `expires` (epoch seconds)."""
+
+    jti: str
+    expires: float
+
+
+Effect = Claimed | Committed | Revoked
+
+
+def _pack(record: dict[str, Any]) -> bytes:
+    return msgpack.packb(record, use_bin_type=True)
+
+
+def claim_record(key: str, node: str, broker: str) -> bytes:
+    """The log entry claiming command `key` for node process `node`."""
+    return _pack({"op": "claim", "key": key, "node": node, "broker": broker})
+
+
+def outcome_record(key: str, reply: tuple[bytes, bytes] | list[bytes]) -> bytes:
+    """The log entry committing command `key`'s reply frames [header, payload]."""
+    return _pack({"op": "outcome", "key": key, "reply": [bytes(reply[0]), bytes(reply[1])]})
+
+
+def revoke_record(jti: str, expires: float) -> bytes:
+    """The log entry revoking token id `jti` until `expires`."""
+    return _pack({"op": "revoke", "jti": jti, "expires": float(expires)})
+
+
+class SharedState:
+    """The replicated state machine of a broker cluster (see the module rules).
+
+    Args:
+        max_commands: exactly-once command keys kept, oldest forgotten first.
+    """
+
+    def __init__(self, max_commands: int = MAX_COMMANDS) -> None:
+        self.max_commands = max_commands
+        self.claims: OrderedDict[str, tuple[str, str]] = OrderedDict()  # key -> (node, broker)
+        self.outcomes: dict[str, tuple[bytes, bytes]] = {}
+        self.revoked: dict[str, float] = {}
+        self.applied = 0  # index of the last entry applied
+        self.invalid = 0  # entries that were not valid records
+        self._effects: list[Effect] = []
+
+    def take_effects(self) -> list[Effect]:
+        """What the committed entries since the last call mean for the broker, in order."""
+        out, self._effects = self._effects, []
+        return out
+
+    def apply(self, index: int, data: bytes) -> None:
+        """Apply the committed entry at `index` (entries arrive once each, in order)."""
+        self.applied = index
+        try:
+            record = msgpack.unpackb(data, raw=False)
+            op = record["op"] if isinstance(record, dict) else None
+            if op == "claim":
+                self._claim(_text(record, "key"), _text(record, "node"), _text(record, "broker"))
+            elif op == "outcome":
+                reply = record.get("reply")
+                if not (isinstance(reply, list) and len(reply) == 2 and all(isinstance(f, bytes) for f in reply)):
+                    raise ValueError("reply")
+                self._outcome(_text(record, "key"), (reply[0], reply[1]))
+            elif op == "revoke":
+                expires = record.get("expires")
+                if isinstance(expires, bool) or not isinstance(expires, (int, float)):
+                    raise ValueError("expires")
+                jti = _text(record, "jti")
+                self.revoked[jti] = float(expires)
+                self._effects.append(Revoked(jti, float(expires)))
+            else:
+                raise ValueError("op")
+        except (ValueError, TypeError, KeyError, msgpack.UnpackException):
+            self.invalid += 1
+
+    def _claim(self, key: str, node: str, broker: str) -> None:
+        first = self.claims.setdefault(key, (node, broker))
+        if len(self.claims) > self.max_commands:
+            old, _ = self.claims.popitem(last=False)
+            self.outcomes.pop(old, None)
+        # Every broker hears which claim won, also the one whose claim lost.
+        self._effects.append(Claimed(key, *first))
+
+    def _outcome(self, key: str, reply: tuple[bytes, bytes]) -> None:
+        if key not in self.claims:
+            return  # forgotten already (older than max_commands keys): nobody waits for it
+        first = self.outcomes.setdefault(key, reply)
+        self._effects.append(Committed(key, first))
+
+    def snapshot(self) -> bytes:
+        """The whole state as bytes, for log compaction and lagging members."""
+        return _pack({
+            "version": SNAPSHOT_VERSION,
+            "applied": self.applied,
+            "claims": [[k, n, b] for k, (n, b) in self.claims.items()],
+            "outcomes": [[k, h, p] for k, (h, p) in self.outcomes.items()],
+            "revoked": self.revoked,
+        })
+
+    def restore(self, data: bytes) -> None:
+        """Replace the state with a snapshot's.
+
+        Raises:
+            ValueError: the bytes are not a snapshot of this version.
+        """
+        try:
+            snap = msgpack.unpackb(data, raw=False)
+            if not isinstance(snap, dict) or snap.get("version") != SNAPSHOT_VERSION:
+                raise ValueError(f"not a version {SNAPSHOT_VERSION} shared-state snapshot")
+            claims = OrderedDict((str(k), (str(n), str(b))) for k, n, b in snap["claims"])
+            outcomes = {str(k): (bytes(h), bytes(p)) for k, h, p in snap["outcomes"]}
+            revoked = {str(j): float(e) for j, e in snap["revoked"].items()}
+            applied = int(snap["applied"])
+        except (TypeError, KeyError, msgpack.UnpackException) as exc:
+            raise ValueError(f"a damaged shared-state snapshot: {exc}") from None
+        self.claims, self.outcomes, self.revoked, self.applied = claims, outcomes, revoked, applied
+        self._effects = []
+
+
+def _text(record: dict[str, Any], field: str) -> str:
+    value = record.get(field)
+    if not isinstance(value, str) or not value:
+        raise ValueError(field)
+    return value

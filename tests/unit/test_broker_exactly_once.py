@@ -1,0 +1,195 @@
+"""Exactly-once commands on two broker cores sharing one replicated log (sans-IO).
+
+The log here is a list both brokers' proposals go into, in the order taken; each
+broker's `SharedState` applies it, as the cluster member does once entries commit.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from frames import (
+    CLIENT,
+    CLIENT_B,
+    NODE_A,
+    NODE_B,
+    command_frames,
+    error_of,
+    error_reply,
+    header_of,
+    node_system,
+    only,
+    payload_of,
+    registration,
+    reply,
+    to_clients,
+    to_nodes,
+)
+
+from mesh.broker import Broker, BrokerConfig, Side
+from mesh.broker.core import Outgoing
+from mesh.cluster.shared import SharedState
+from mesh.protocol import ErrorCode, ResourceExhaustedError, ValidationFailedError
+
+ONCE = {"pay": {"charge": {"description": "charge a card", "schema": {}, "exactly_once": True}}}
+
+
+class Cluster:
+    """Two broker cores and the log they share."""
+
+    def __init__(self) -> None:
+        self.log: list[bytes] = []
+        self.brokers = [Broker(BrokerConfig(name=f"b{i}")) for i in (1, 2)]
+        self.states = [SharedState() for _ in self.brokers]
+        for broker, state in zip(self.brokers, self.states):
+            broker.join_cluster(state)
+
+    def register(self, ident: bytes, instance: str, *, capacity: int = 2) -> None:
+        payload = {**registration(ONCE, capacity=capacity, name=ident.decode()), "instance": instance}
+        for broker in self.brokers:
+            out = broker.node_message(ident, node_system("register", payload), 0.0)
+            assert header_of(out[0][2][1:]).type.value == "response"
+
+    def commit(self, now: float = 1.0, *, drop: bool = False) -> list[list[Outgoing]]:
+        """Take every broker's proposals into the log (or lose them), apply, act."""
+        for broker in self.brokers:
+            taken = broker.take_proposals(now)
+            if not drop:
+                self.log.extend(taken)
+        for state in self.states:
+            for index in range(state.applied + 1, len(self.log) + 1):
+                state.apply(index, self.log[index - 1])
+        return [broker.apply_shared(now) for broker in self.brokers]
+
+
+@pytest.fixture
+def cluster() -> Cluster:
+    c = Cluster()
+    c.register(NODE_A, "inst-a")
+    return c
+
+
+def test_command_runs_after_its_claim_commits_and_answers_after_its_outcome(cluster: Cluster) -> None:
+    b1, _ = cluster.brokers
+    frames = command_frames("pay", "charge", id="c1", payload={"cents": 5})
+    assert b1.client_message(CLIENT, frames, 1.0) == []  # nothing runs before the claim commits
+    out1, out2 = cluster.commit()
+    side, ident, dispatch = only(out1)
+    assert (side, ident) == (Side.NODE, NODE_A) and out2 == []
+    assert b1.node_message(NODE_A, reply(dispatch, {"ok": 1}), 1.1) == []  # not before the commit
+    out1, out2 = cluster.commit(1.2)
+    side, ident, answer = only(out1)
+    assert (side, ident) == (Side.CLIENT, CLIENT)
+    assert header_of(answer).correlation_id == "c1" and payload_of(answer) == {"ok": 1}
+    assert out2 == [] and not b1.commands and b1.counters["completed"] >= 1
+
+
+def test_a_resend_to_another_broker_gets_the_committed_outcome(cluster: Cluster) -> None:
+    b1, b2 = cluster.brokers
+    b1.client_message(CLIENT, command_frames("pay", "charge", id="c1"), 1.0)
+    (dispatch,) = [f for _, _, f in cluster.commit()[0]]
+    b1.node_message(NODE_A, reply(dispatch, "charged"), 1.1)
+    cluster.commit(1.2)
+    out = b2.client_message(CLIENT_B, command_frames("pay", "charge", id="c1"), 2.0)
+    assert to_nodes(out) == []
+    assert payload_of(only(out)[2]) == "charged" and b2.counters["once_replayed"] == 1
+
+
+def test_a_resend_while_it_runs_goes_to_the_claimed_node_only(cluster: Cluster) -> None:
+    """After a failover the command goes again to the node holding the claim, never to another."""
+    b1, b2 = cluster.brokers
+    cluster.register(NODE_B, "inst-b", capacity=10)  # emptier: plain routing would pick it
+    b1.client_message(CLIENT, command_frames("pay", "charge", id="c1"), 1.0)
+    first = only(cluster.commit()[0])
+    claimed = first[1]
+    out = b2.client_message(CLIENT_B, command_frames("pay", "charge", id="c1"), 2.0)
+    side, ident, again = only(out)
+    assert (side, ident) == (Side.NODE, claimed)
+    # The node answers the resend (its own table replays the reply); b2 commits it.
+    b2.node_message(claimed, reply(again, "done"), 2.1)
+    out1, out2 = cluster.commit(2.2)
+    assert [payload_of(f) for _, _, f in to_clients(out1)] == ["done"]
+    assert [payload_of(f) for _, _, f in to_clients(out2)] == ["done"]
+    # b1's own copy of the reply arrives late: nothing is answered or committed twice.
+    assert b1.node_message(claimed, reply(first[2], "done"), 2.3) == []
+    cluster.commit(2.4)
+    assert len(cluster.states[0].outcomes) == 1
+
+
+def test_racing_claims_agree_on_the_first(cluster: Cluster) -> None:
+    b1, b2 = cluster.brokers
+    cluster.register(NODE_B, "inst-b")
+    b1.client_message(CLIENT, command_frames("pay", "charge", id="c1"), 1.0)
+    b2.client_message(CLIENT_B, command_frames("pay", "charge", id="c1"), 1.0)
+    out1, out2 = cluster.commit()
+    targets = {ident for _, ident, _ in to_nodes(out1 + out2)}
+    assert len(targets) == 1
+    assert cluster.states[0].claims == cluster.states[1].claims
+
+
+def test_a_lost_proposal_is_proposed_again(cluster: Cluster) -> None:
+    b1, _ = cluster.brokers
+    b1.client_message(CLIENT, command_frames("pay", "charge", id="c1"), 1.0)
+    assert cluster.commit(1.0, drop=True) == [[], []]  # the leader changed: the claim is lost
+    assert cluster.commit(1.5) == [[], []]  # not yet due again
+    assert len(to_nodes(cluster.commit(2.1)[0])) == 1
+
+
+def test_a_claimed_node_that_is_gone_is_node_lost_and_nobody_else_runs_it(cluster: Cluster) -> None:
+    b1, b2 = cluster.brokers
+    b1.client_message(CLIENT, command_frames("pay", "charge", id="c1"), 1.0)
+    cluster.commit()
+    cluster.register(NODE_B, "inst-b")
+    out = b1.undeliverable(Side.NODE, NODE_A, [b"x"], 2.0)
+    b2.undeliverable(Side.NODE, NODE_A, [b"x"], 2.0)
+    err = error_of(only(to_clients(out))[2])
+    assert err.code == ErrorCode.NODE_LOST and err.details["exactly_once"] is True
+    assert to_nodes(out) == []
+    again = b2.client_message(CLIENT_B, command_frames("pay", "charge", id="c1"), 3.0)
+    assert to_nodes(again) == [] and error_of(only(again)[2]).code == ErrorCode.NODE_LOST
+
+
+def test_a_handler_error_is_committed_but_a_capacity_refusal_is_not(cluster: Cluster) -> None:
+    b1, b2 = cluster.brokers
+    b1.client_message(CLIENT, command_frames("pay", "charge", id="c1"), 1.0)
+    (_, _, d1), = cluster.commit()[0]
+    out = b1.node_message(NODE_A, error_reply(d1, ResourceExhaustedError("busy")), 1.1)
+    assert error_of(only(out)[2]).code == ErrorCode.RESOURCE_EXHAUSTED
+    assert cluster.commit(1.2) == [[], []] and not cluster.states[0].outcomes
+    # The client retries: the claim stands, so the same node gets it again.
+    (_, ident, d2), = b2.client_message(CLIENT_B, command_frames("pay", "charge", id="c1"), 2.0)
+    assert ident == NODE_A
+    b2.node_message(NODE_A, error_reply(d2, ValidationFailedError("no such card")), 2.1)
+    _, out2 = cluster.commit(2.2)
+    assert error_of(only(out2)[2]).code == ErrorCode.VALIDATION_FAILED
+    replay = b1.client_message(CLIENT, command_frames("pay", "charge", id="c1"), 3.0)
+    assert error_of(only(replay)[2]).code == ErrorCode.VALIDATION_FAILED
+
+
+def test_same_id_from_another_subject_is_another_command() -> None:
+    from mesh.broker.once import once_key
+
+    assert once_key("c1", "pay", "charge", "alice") != once_key("c1", "pay", "charge", "bob")
+    assert once_key("c1", "pay", "charge", None) == once_key("c1", "pay", "charge", "")
+
+
+def test_deadline_answers_the_client_and_a_late_outcome_still_commits(cluster: Cluster) -> None:
+    b1, b2 = cluster.brokers
+    frames = command_frames("pay", "charge", id="c1", deadline=5.0)
+    b1.client_message(CLIENT, frames, 1.0)
+    (_, _, d), = cluster.commit()[0]
+    expired = b1.tick(6.0)
+    assert error_of(only(to_clients(expired))[2]).code == ErrorCode.DEADLINE_EXCEEDED
+    b1.node_message(NODE_A, reply(d, "late"), 7.0)
+    assert cluster.commit(7.1) == [[], []]
+    replay = b2.client_message(CLIENT_B, command_frames("pay", "charge", id="c1"), 8.0)
+    assert payload_of(only(replay)[2]) == "late"
+
+
+def test_without_a_cluster_the_action_takes_the_plain_path() -> None:
+    broker = Broker(BrokerConfig(name="solo"))
+    payload: dict[str, Any] = {**registration(ONCE, name="a"), "instance": "inst-a"}
+    broker.node_message(NODE_A, node_system("register", payload), 0.0)
+    assert to_nodes(broker.client_message(CLIENT, command_frames("pay", "charge", id="c1"), 1.0))
+    assert broker.take_proposals(1.0) == [] and broker.apply_shared(1.0) == []

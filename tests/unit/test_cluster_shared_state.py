@@ -1,0 +1,75 @@
+"""The cluster's replicated state machine: same entries in, same state out, on every broker."""
+
+from __future__ import annotations
+
+import msgpack
+import pytest
+
+from mesh.cluster.shared import (
+    Claimed,
+    Committed,
+    Revoked,
+    SharedState,
+    claim_record,
+    outcome_record,
+    revoke_record,
+)
+
+ENTRIES = [
+    claim_record("k1", "inst-a", "b1"),
+    claim_record("k1", "inst-b", "b2"),  # loses: the first claim wins
+    outcome_record("k1", [b"h1", b"p1"]),
+    outcome_record("k1", [b"h2", b"p2"]),  # loses: the first outcome wins
+    outcome_record("k9", [b"h", b"p"]),  # no claim: nobody waits for it
+    revoke_record("jti-1", 2e9),
+    msgpack.packb({"op": "future-op"}),
+    b"\xff not msgpack",
+]
+
+
+def apply_all(state: SharedState, entries: list[bytes]) -> None:
+    for index, data in enumerate(entries, start=1):
+        state.apply(index, data)
+
+
+def test_first_claim_and_first_outcome_win_and_effects_say_so() -> None:
+    state = SharedState()
+    apply_all(state, ENTRIES)
+    assert state.claims == {"k1": ("inst-a", "b1")}
+    assert state.outcomes == {"k1": (b"h1", b"p1")}
+    assert state.take_effects() == [
+        Claimed("k1", "inst-a", "b1"),
+        Claimed("k1", "inst-a", "b1"),
+        Committed("k1", (b"h1", b"p1")),
+        Committed("k1", (b"h1", b"p1")),
+        Revoked("jti-1", 2e9),
+    ]
+    assert state.take_effects() == []
+    assert (state.invalid, state.applied) == (2, len(ENTRIES))
+
+
+def test_snapshot_restores_an_equal_state() -> None:
+    state = SharedState()
+    apply_all(state, ENTRIES)
+    copy = SharedState()
+    copy.restore(state.snapshot())
+    assert (copy.claims, copy.outcomes, copy.revoked, copy.applied) == (
+        state.claims, state.outcomes, state.revoked, state.applied,
+    )  # fmt: skip
+    assert copy.snapshot() == state.snapshot()
+
+
+@pytest.mark.parametrize("data", [b"", msgpack.packb({"version": 99}), msgpack.packb({"version": 1})])
+def test_a_damaged_snapshot_is_refused(data: bytes) -> None:
+    with pytest.raises(ValueError):
+        SharedState().restore(data)
+
+
+def test_tables_stay_bounded_oldest_first() -> None:
+    state = SharedState(max_commands=3)
+    entries = []
+    for i in range(5):
+        entries += [claim_record(f"k{i}", "inst", "b1"), outcome_record(f"k{i}", [b"h", b"p"])]
+    apply_all(state, entries)
+    assert list(state.claims) == ["k2", "k3", "k4"]
+    assert sorted(state.outcomes) == ["k2", "k3", "k4"]
