@@ -144,6 +144,10 @@ def _retention_rule(value: str) -> Any:
 @click.option("--deny-ip", "deny_ips", multiple=True, help="With --state: these addresses may not connect (repeatable).")
 @click.option("--token-algorithm", default="HS256", show_default=True, type=click.Choice(["HS256", "EdDSA", "RS256"]), help="With --state: how tokens are signed.")
 @click.option("--token-key", default=None, type=click.Path(dir_okay=False), help="With EdDSA/RS256: the issuer's public key (PEM) or a JWKS file (.json).")
+@click.option("--member", "members", multiple=True, metavar="NAME=ENDPOINT", help="Cluster on: every broker of the cluster and its peer endpoint, this one (--name) included (repeatable). docs/operations.md.")
+@click.option("--learner", "learners", multiple=True, metavar="NAME", help="With --member: a member that gets the log but does not vote (repeatable).")
+@click.option("--data", "data_dir", type=click.Path(file_okay=False), default=None, help="With --member: this broker's cluster data directory (its replicated log, in SQLite).")
+@click.option("--election-ticks", default=10, show_default=True, type=click.IntRange(3), help="With --member: 50 ms ticks without a leader before an election (failover takes 1 to 2 times this).")
 @click.option("--monitor", "monitor_address", default=None, metavar="HOST:PORT", help="Serve the monitor (dashboard, /varz, /metrics, ...) here; off by default. docs/monitoring.md.")
 @click.option("--monitor-token-file", default=None, type=click.Path(dir_okay=False), help="The monitor's bearer token (required off loopback; with --state, default STATE/monitor.token, made if missing).")
 @click.option("--log-level", default="info", type=click.Choice(["debug", "info", "warning", "error"]), show_default=True)
@@ -167,6 +171,10 @@ def broker(
     deny_ips: tuple[str, ...],
     token_algorithm: str,
     token_key: str | None,
+    members: tuple[str, ...],
+    learners: tuple[str, ...],
+    data_dir: str | None,
+    election_ticks: int,
     monitor_address: str | None,
     monitor_token_file: str | None,
     log_level: str,
@@ -213,6 +221,10 @@ def broker(
             options["monitor"] = monitor_settings(monitor_address, monitor_token_file, state_dir)
         elif monitor_token_file is not None:
             raise UsageError("--monitor-token-file needs --monitor")
+        if members:
+            options["cluster"] = _cluster_settings(name, members, learners, data_dir, state_dir, election_ticks)
+        elif learners or data_dir is not None:
+            raise UsageError("--learner and --data need --member (cluster on)")
         server = BrokerServer(Endpoints(clients, nodes, events), config, **options)
     except MeshError as err:
         _fail(err)
@@ -223,6 +235,33 @@ def broker(
         click.echo(f"broker {name} monitor {server.monitor.url}")
     click.echo(f"broker {name} ready clients={ep.clients} nodes={ep.nodes} events={ep.events}")
     server.run()
+
+
+def _cluster_settings(
+    name: str, members: tuple[str, ...], learners: tuple[str, ...], data_dir: str | None,
+    state_dir: str | None, election_ticks: int,
+) -> Any:  # fmt: skip
+    """The broker's `ClusterSettings` from its command line, with errors that say what to fix."""
+    from .broker import ClusterSettings
+
+    table: dict[str, str] = {}
+    for item in members:
+        member, sep, endpoint = item.partition("=")
+        if not sep or not member or not endpoint.startswith(("tcp://", "ipc://")):
+            raise UsageError(f"--member {item!r}: expected NAME=tcp://HOST:PORT")
+        if member in table:
+            raise UsageError(f"--member {member!r} is given twice")
+        table[member] = endpoint
+    if name not in table:
+        raise UsageError(f"--member must list this broker too (--name {name!r})")
+    unknown = sorted(set(learners) - set(table))
+    if unknown:
+        raise UsageError(f"--learner {', '.join(unknown)}: not a --member")
+    if data_dir is None:
+        raise UsageError("a cluster member needs --data DIR for its replicated log")
+    return ClusterSettings(
+        table, data_dir, frozenset(learners), state_dir=state_dir, election_ticks=election_ticks
+    )
 
 
 @main.command()

@@ -1,7 +1,7 @@
 """The broker: a sans-IO routing core (`Broker`) and the socket loop that runs it."""
 
 from .core import Broker, BrokerConfig, Command, ConnectionState, Outgoing, Side
-from .loop import BrokerServer, Endpoints
+from .loop import BrokerServer, ClusterSettings, Endpoints
 from .registry import ActionSpec, NodeInfo, Registry
 
 __all__ = [
@@ -9,6 +9,7 @@ __all__ = [
     "Broker",
     "BrokerConfig",
     "BrokerServer",
+    "ClusterSettings",
     "Command",
     "ConnectionState",
     "Endpoints",

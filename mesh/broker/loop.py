@@ -14,6 +14,10 @@ Rules of this module:
   (`undeliverable`), never silently lost.
 * `stop()` may be called from any thread or a signal handler: the loop stops accepting
   commands, lets the accepted ones finish (up to `drain_timeout`), then closes.
+* With a cluster (`ClusterSettings`), the broker is also a member of the Raft group:
+  the peer socket is polled with the others, and each loop turn hands the core's
+  proposals to the member, drives the member, and sends what the newly committed
+  entries mean for this broker's clients and nodes (`Broker.apply_shared`).
 * With the monitor on, the tick builds a snapshot of the core at most every
   `SNAPSHOT_S` and hands it to the HTTP thread, which never touches the core. Per
   message the cost is one boolean test; one node reply every `SAMPLE_S` is timed.
@@ -23,21 +27,23 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final
 
 import zmq
 
 from ..monitor.snapshot import SAMPLE_S, SNAPSHOT_S, Monitor, process_usage, reply_latency
+from ..protocol.errors import MeshError
 from ..security.gate import Peer
 from ..sockets import LINGER_MS, Secure, bound_endpoint, publisher, recv_frames, recv_frames_from, router, send_frames
 from .core import Broker, BrokerConfig, BrokerSecurity, Outgoing, Side
 
 if TYPE_CHECKING:
+    from ..cluster.member import ClusterMember
     from ..monitor.server import MonitorServer, MonitorSettings
 
-__all__ = ["BrokerServer", "Endpoints"]
+__all__ = ["BrokerServer", "ClusterSettings", "Endpoints"]
 
 log = logging.getLogger("mesh.broker")
 
@@ -55,6 +61,29 @@ class Endpoints:
     events: str = "tcp://127.0.0.1:*"
 
 
+@dataclass(frozen=True, slots=True)
+class ClusterSettings:
+    """This broker's place in a cluster (docs/operations.md).
+
+    Args:
+        members: broker name -> peer endpoint, for every member, this broker included
+            (its name is `BrokerConfig.name`).
+        data_dir: this broker's durable cluster state (created if missing).
+        learners: members that receive the log but do not vote.
+        state_dir: security on: the state directory with the brokers' peer keys.
+        tick_s: one consensus tick; `election_ticks` of them without a leader start
+            an election (0.5 to 1 s by default).
+        election_ticks: see `tick_s`.
+    """
+
+    members: Mapping[str, str]
+    data_dir: str
+    learners: frozenset[str] = field(default_factory=frozenset)
+    state_dir: str | None = None
+    tick_s: float = 0.05
+    election_ticks: int = 10
+
+
 class BrokerServer:
     """Runs a `Broker` on real sockets until stopped."""
 
@@ -69,8 +98,10 @@ class BrokerServer:
         secure: Secure | None = None,
         zap: Callable[[zmq.Context], Any] | None = None,
         monitor: MonitorSettings | None = None,
+        cluster: ClusterSettings | None = None,
     ) -> None:
         self.core = Broker(config, security)
+        self.member: ClusterMember | None = None
         self.drain_timeout = drain_timeout
         self._clock = clock
         self._ctx = zmq.Context()
@@ -82,6 +113,8 @@ class BrokerServer:
             self._clients = router(self._ctx, endpoints.clients, limit, secure)
             self._nodes = router(self._ctx, endpoints.nodes, limit, secure)
             self._events = publisher(self._ctx, endpoints.events, self.core.config.event_hwm, secure)
+            if cluster is not None:
+                self.member = self._join(cluster)
             self.monitor: MonitorServer | None = None
             if monitor is not None:
                 from ..monitor.server import MonitorServer  # HTTP and prometheus_client only when on
@@ -102,6 +135,25 @@ class BrokerServer:
         self._next_sample = clock() if monitor is not None else float("inf")  # when to time a reply
         self._sent = 0  # messages sent, for the monitor
 
+    def _join(self, cluster: ClusterSettings) -> ClusterMember:
+        """Open this broker's cluster state and peer link (raises CorruptStateError)."""
+        from ..cluster.member import ClusterMember
+        from ..cluster.shared import SharedState
+        from ..cluster.transport import PeerSecurity
+
+        name = self.core.config.name
+        if name not in cluster.members:
+            raise ValueError(f"broker {name!r} is not one of the cluster's members {sorted(cluster.members)}")
+        shared = SharedState()
+        member = ClusterMember(
+            name, cluster.members, cluster.learners, cluster.data_dir, shared, self._ctx,
+            security=PeerSecurity.from_state(cluster.state_dir) if cluster.state_dir is not None else None,
+            tick_s=cluster.tick_s, election_ticks=cluster.election_ticks,
+        )  # fmt: skip
+        self.core.join_cluster(shared)
+        shared.take_effects()  # what the restart re-applied concerns no command of this run
+        return member
+
     def stop(self) -> None:
         """Ask the loop to drain and exit (safe from signal handlers and other threads)."""
         self._stop_requested = True
@@ -113,6 +165,10 @@ class BrokerServer:
         poller.register(clients, zmq.POLLIN)
         poller.register(nodes, zmq.POLLIN)
         poller.register(events, zmq.POLLIN)
+        member = self.member
+        peer_sockets = tuple(member.sockets) if member is not None else ()
+        for sock in peer_sockets:
+            poller.register(sock, zmq.POLLIN)
         clock = self._clock
         next_tick = clock() + TICK_S
         next_refresh = next_snapshot = next_tick
@@ -121,13 +177,18 @@ class BrokerServer:
             self.monitor.start()
         try:
             while True:
-                ready = dict(poller.poll(max(0.0, next_tick - clock()) * 1000))
+                wait = next_tick - clock()
+                if member is not None:
+                    wait = min(wait, member.next_tick_in(time.monotonic()))
+                ready = dict(poller.poll(max(0.0, wait) * 1000))
                 if clients in ready:
                     self._drain(clients, core.client_message)
                 if nodes in ready:
                     self._drain(nodes, core.node_message)
                 if events in ready:
                     self._upstream()
+                if member is not None:
+                    self._cluster_turn(member, [s for s in peer_sockets if s in ready])
                 now = clock()
                 if now >= next_tick:
                     next_tick = now + TICK_S
@@ -149,6 +210,23 @@ class BrokerServer:
                         break
         finally:
             self.close()
+
+    def _cluster_turn(self, member: ClusterMember, readable: list[zmq.Socket]) -> None:
+        """Peer messages in, proposals out, ticks, then act on what committed."""
+        for sock in readable:
+            member.on_readable(sock)
+        now = self._clock()
+        for record in self.core.take_proposals(now):
+            try:
+                member.propose(record)
+            except MeshError as err:  # an outcome over the proposal limit: never committed
+                self.core.counters["proposals_refused"] += 1
+                log.warning("cluster: a proposal was refused: %s", err.message)
+        member.tick(time.monotonic())
+        member.process()
+        out = self.core.apply_shared(now)
+        if out:
+            self._send(out)
 
     def _drain(self, sock: zmq.Socket, handle: Callable[..., list[Outgoing]]) -> None:
         """Handle up to BATCH waiting messages, then send what they produced in one burst.
@@ -194,7 +272,10 @@ class BrokerServer:
         """Build the monitor's snapshot here, in the core's thread, and hand it over."""
         assert self._watch is not None and self.monitor is not None
         try:
-            snap = self._watch.snapshot(self.core, now, messages_out=self._sent, usage=process_usage())
+            snap = self._watch.snapshot(
+                self.core, now, messages_out=self._sent, usage=process_usage(),
+                cluster=self.member.status() if self.member is not None else None,
+            )  # fmt: skip
         except Exception:  # a bug in the monitor must not take the broker down
             log.exception("monitor snapshot failed")
             return
@@ -239,6 +320,8 @@ class BrokerServer:
         self._clients.close(linger=LINGER_MS)
         self._nodes.close(linger=LINGER_MS)
         self._events.close(linger=0)
+        if self.member is not None:
+            self.member.close()
         if self.monitor is not None:
             self.monitor.close()
         if self._zap is not None:

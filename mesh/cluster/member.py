@@ -151,6 +151,7 @@ class ClusterMember:
         self._now: float | None = None
         self._next_tick: float | None = None
         self._closed = False
+        self._heard: dict[str, float] = {}  # peer -> monotonic time of its last message
 
         directory = Path(data_dir)
         directory.mkdir(parents=True, exist_ok=True)
@@ -190,7 +191,9 @@ class ClusterMember:
         """Take what waits on `sock` (up to a batch) without blocking; call `process()` after."""
         if sock is not self.transport.router:
             return
+        heard = time.monotonic()
         for item in self.transport.receive():
+            self._heard[item.frm] = heard
             if isinstance(item, RaftIn):
                 self._step(item)
             else:
@@ -257,6 +260,7 @@ class ClusterMember:
     def status(self) -> dict[str, object]:
         """A JSON-friendly picture for the monitor's /cluster page."""
         core = self.raft.status()
+        now = time.monotonic()
         lags = core.pop("peers")
         assert isinstance(lags, dict)
         peers = {
@@ -265,6 +269,7 @@ class ClusterMember:
                 "voter": peer in self.raft.config.voters,
                 "match_index": lags.get(peer, {}).get("match_index"),
                 "lag": lags.get(peer, {}).get("lag"),
+                "silent_s": round(now - self._heard[peer], 3) if peer in self._heard else None,
             }
             for peer, endpoint in sorted(self.endpoints.items())
             if peer != self.id

@@ -45,6 +45,8 @@ RECENT_ERRORS: Final = 100
 DEAD_KEPT_S: Final = 300.0  # a lost node stays on the page, dead, this long
 DEAD_KEPT: Final = 256
 LISTED: Final = 200  # clients and subscribers listed, most recently active first
+PEER_SUSPECT_S: Final = 1.0  # a cluster peer not heard from this long is suspect ...
+PEER_DEAD_S: Final = 3.0  # ... and dead after this long (a leader speaks every 0.1 s)
 SUSPECT_FRACTION: Final = 0.5  # silent for half its liveness window: suspect
 STATES: Final = ("up", "suspect", "dead")
 _FINISHED: Final = ("completed", "failed", "timed_out", "abandoned")
@@ -156,7 +158,13 @@ class Monitor:
             self._fresh.append(latency_s)
 
     def snapshot(
-        self, core: Any, now: float, *, messages_out: int = 0, usage: Mapping[str, float] | None = None
+        self,
+        core: Any,
+        now: float,
+        *,
+        messages_out: int = 0,
+        usage: Mapping[str, float] | None = None,
+        cluster: Mapping[str, Any] | None = None,
     ) -> dict[str, Any]:
         """Everything the endpoints serve, as of `now`.
 
@@ -165,6 +173,7 @@ class Monitor:
             now: the loop's clock.
             messages_out: messages the loop has sent so far.
             usage: `process_usage()` of the broker process.
+            cluster: `ClusterMember.status()` when the broker is in a cluster.
         """
         usage = dict(usage or {"rss_bytes": 0.0, "cpu_user_s": 0.0, "cpu_system_s": 0.0})
         counters = {k: int(v) for k, v in core.counters.items()}
@@ -211,20 +220,49 @@ class Monitor:
             "nodes": {"broker": self.name, "nodes": nodes},
             "services": {"broker": self.name, "services": self._services(core)},
             "clients": self._clients(core, now),
-            "cluster": {
-                "mode": "standalone",
-                "role": "standalone",
-                "term": None,
-                "commit_index": None,
-                "brokers": [{"name": self.name, "role": "standalone", "state": "up", "last_seen": now}],
-                "peers": [],
-            },
+            "cluster": self._cluster(cluster, now),
             "events": self._events(core),
             "errors": errors,
             "history": list(self._history),
         }
 
     # ------------------------------------------------------------------ parts
+
+    def _cluster(self, status: Mapping[str, Any] | None, now: float) -> dict[str, Any]:
+        """The /cluster section: this broker's view of the cluster, or standalone."""
+        if status is None:
+            return {
+                "mode": "standalone",
+                "role": "standalone",
+                "term": None,
+                "commit_index": None,
+                "leader": None,
+                "brokers": [{"name": self.name, "role": "standalone", "state": "up", "last_seen": now}],
+                "peers": [],
+            }
+        leader = status["leader"]
+        brokers = [{"name": self.name, "role": status["role"], "state": "up", "last_seen": now}]
+        peers = []
+        for name, peer in status["peers"].items():
+            silent = peer["silent_s"]
+            state = "dead" if silent is None or silent > PEER_DEAD_S else "suspect" if silent > PEER_SUSPECT_S else "up"
+            role = "leader" if name == leader else "follower" if peer["voter"] else "learner"
+            last_seen = now - silent if silent is not None else 0.0
+            brokers.append({"name": name, "role": role, "state": state, "last_seen": last_seen})
+            peers.append({"name": name, **peer})
+        return {
+            "mode": "cluster",
+            "role": status["role"],
+            "term": status["term"],
+            "commit_index": status["commit_index"],
+            "leader": leader,
+            "applied_index": status["applied_index"],
+            "last_index": status["last_index"],
+            "snapshot_index": status["snapshot_index"],
+            "counters": status["counters"],
+            "brokers": brokers,
+            "peers": peers,
+        }
 
     def _rate(self, now: float, counters: dict[str, int], out: int, cpu: float) -> None:
         last = self._last
