@@ -58,6 +58,10 @@ def _keyed(extra: dict[str, Any] | None = None) -> dict[str, Any]:
 GET_SCHEMA: Final = _keyed()
 PUT_SCHEMA: Final = _keyed({"value": {"description": "Any JSON value to store under the key."}})
 DELETE_SCHEMA: Final = _keyed()
+INCR_SCHEMA: Final = {
+    **_keyed({"by": {"type": "integer", "description": "How much to add (may be negative)."}}),
+    "required": ["key", "by"],
+}
 LIST_SCHEMA: Final = {
     "type": "object",
     "properties": {
@@ -149,6 +153,21 @@ class _Store:
                 conn.execute("UPDATE kv SET value = ? WHERE key = ?", (blob, key))
         return created
 
+    def incr(self, key: str, by: int) -> int:
+        """Add `by` to the integer under `key` (0 when missing) in one transaction."""
+        conn = self._conn()
+        with _storage_errors(), conn:
+            row = conn.execute("SELECT value FROM kv WHERE key = ?", (key,)).fetchone()
+            current = 0 if row is None else decode_payload(row[0])
+            if isinstance(current, bool) or not isinstance(current, int):
+                raise ValidationFailedError(f"{key} does not hold an integer", details={"field": "key"})
+            total = current + by
+            conn.execute(
+                "INSERT INTO kv (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                (key, encode_payload(total)),
+            )
+        return total
+
     def delete(self, key: str) -> bool:
         conn = self._conn()
         with _storage_errors(), conn:
@@ -172,7 +191,9 @@ def node(path: str = "var/kv.sqlite3") -> Node:
         path: the database file; it and its parent directory are created when missing.
 
     Returns:
-        A `Node` named "kv" offering `kv.get`, `kv.put`, `kv.delete` and `kv.list`.
+        A `Node` named "kv" offering `kv.get`, `kv.put`, `kv.incr`, `kv.delete` and
+        `kv.list`. `kv.incr` is exactly-once: in a broker cluster its result is committed
+        before the reply, so a retry after a failover never adds twice.
 
     Raises:
         ConfigurationError: the file cannot be created or opened as a database.
@@ -205,6 +226,13 @@ def node(path: str = "var/kv.sqlite3") -> Node:
                 details={"field": "value", "limit": MAX_VALUE_BYTES},
             )
         return {"key": payload["key"], "created": store.put(payload["key"], blob)}
+
+    @n.action(
+        "kv", "incr", schema=INCR_SCHEMA, exactly_once=True,
+        description="Add to the integer stored under a key and return the new value (runs once per command id).",
+    )
+    def incr(payload: dict[str, Any]) -> dict[str, Any]:
+        return {"key": payload["key"], "value": store.incr(payload["key"], payload["by"])}
 
     @n.action("kv", "delete", schema=DELETE_SCHEMA, idempotent=True, description="Remove a key and its value.")
     def delete(payload: dict[str, Any]) -> dict[str, Any]:

@@ -78,7 +78,8 @@ def fs_node(root: Path) -> Node:
 
 
 def test_every_action_schema_is_closed_and_described(tmp_path: Path, sample_dir: Path) -> None:
-    """Every action has a one-line description, a closed object schema with `required`, and is retry-safe."""
+    """Every action has a one-line description, a closed object schema with `required`, and is
+    retry-safe: idempotent, or exactly-once (kv.incr)."""
     nodes = [
         echo.node(),
         kv.node(path=str(tmp_path / "kv.sqlite3")),
@@ -89,7 +90,7 @@ def test_every_action_schema_is_closed_and_described(tmp_path: Path, sample_dir:
         for (service, name), act in n.actions.items():
             assert act.description and "\n" not in act.description, (service, name)
             assert act.schema["type"] == "object", (service, name)
-            assert act.idempotent, (service, name)
+            assert act.idempotent or (service, name) == ("kv", "incr") and act.exactly_once, (service, name)
             if (service, name) != ("echo", "echo"):  # echo takes any object on purpose
                 assert act.schema["additionalProperties"] is False, (service, name)
                 assert set(act.schema["required"]) <= set(act.schema["properties"]), (service, name)
@@ -105,7 +106,7 @@ def test_entry_points_load_each_node_with_its_config(tmp_path: Path, sample_dir:
     }
     assert {name: sorted(n.actions) for name, n in built.items()} == {
         "echo": [("echo", "echo"), ("echo", "reverse")],
-        "kv": [("kv", "delete"), ("kv", "get"), ("kv", "list"), ("kv", "put")],
+        "kv": [("kv", "delete"), ("kv", "get"), ("kv", "incr"), ("kv", "list"), ("kv", "put")],
         "sqlite": [("sqlite", "query"), ("sqlite", "tables")],
         "fs": [("fs", "list"), ("fs", "read"), ("fs", "search")],
     }
@@ -149,6 +150,17 @@ def test_kv_put_get_delete_round_trip(kv_node: Node) -> None:
     assert call(kv_node, "kv", "delete", {"key": "k"}) == {"key": "k", "deleted": True}
     assert call(kv_node, "kv", "delete", {"key": "k"}) == {"key": "k", "deleted": False}
     assert call(kv_node, "kv", "get", {"key": "k"}) == {"key": "k", "found": False, "value": None}
+
+
+def test_kv_incr_adds_and_refuses_a_non_integer(kv_node: Node) -> None:
+    """incr starts a missing key at 0 and returns the new value; a non-integer value is refused."""
+    assert call(kv_node, "kv", "incr", {"key": "n", "by": 5}) == {"key": "n", "value": 5}
+    assert call(kv_node, "kv", "incr", {"key": "n", "by": -2}) == {"key": "n", "value": 3}
+    assert call(kv_node, "kv", "get", {"key": "n"})["value"] == 3
+    call(kv_node, "kv", "put", {"key": "s", "value": "text"})
+    with pytest.raises(ValidationFailedError):
+        call(kv_node, "kv", "incr", {"key": "s", "by": 1})
+    assert kv_node.actions[("kv", "incr")].exactly_once
 
 
 def test_kv_values_come_back_with_their_types(kv_node: Node) -> None:
