@@ -79,9 +79,9 @@ from ..protocol import (
 )
 from ..protocol.names import ID_MATCH
 from ..security.gate import Gate, Peer
-from ..cluster.shared import Claimed, Committed, SharedState
+from ..cluster.shared import Claimed, Committed, Revoked, SharedState
 from .events import DEFAULT_RULE, EventBus, RetentionRule
-from .once import OnceTable, once_key
+from .once import OnceTable, once_key, revoke_key
 from .registry import NodeInfo, PeerEvent, Registry, parse_load, silence_event
 
 __all__ = ["Side", "Outgoing", "BrokerConfig", "Broker", "Command", "ConnectionState", "RecentReplies"]
@@ -489,6 +489,15 @@ class Broker:
                         cmd.state = CommandState.DISPATCHED  # it ran, through another broker
                     self._finish(cmd, CommandEvent.FAIL if failed else CommandEvent.RESPOND)
                     out.append((Side.CLIENT, cmd.client, list(effect.reply)))
+            elif isinstance(effect, Revoked):
+                once.confirmed(revoke_key(effect.jti), outcome=False)
+                revocations = self.security.revocations if self.security is not None else None
+                if revocations is not None:
+                    try:
+                        revocations.revoke(effect.jti, effect.expires, now)  # refused here even if the write fails
+                    except MeshError:
+                        self.counters["revocations_unsaved"] += 1
+                    self.counters["revocations_applied"] += 1
         return out
 
     def _track(self, cmd: Command, conn: ConnectionState) -> None:
@@ -807,6 +816,8 @@ class Broker:
         if isinstance(expires, bool) or not isinstance(expires, (int, float)):
             raise ValidationFailedError("expires: when the revoked token would expire (epoch seconds)", details={"field": "expires"})
         sec.revocations.revoke(request["jti"], float(expires), now)
+        if self.once is not None:
+            self.once.propose_revoke(request["jti"], float(expires), now)
         self.counters["tokens_revoked"] += 1
         return {"revoked": request["jti"]}
 

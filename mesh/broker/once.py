@@ -12,6 +12,8 @@ Rules of this module:
   command it has run already, so sending it again after a failover is safe.
 * The reply is proposed as the command's outcome and sent to the client only once it
   is committed. A resend, to any broker and after any failover, gets that outcome.
+* A token revoked on one broker is revoked there at once and proposed to the log; every
+  broker (this one again, harmlessly) adds it to its revocations when it commits.
 * A proposal may be lost (a leader change); what waits for a commit is proposed again
   every `RETRY_S` until its effect arrives. The shared state keeps the first claim and
   the first outcome, so a repeated proposal changes nothing.
@@ -22,13 +24,18 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Final
 
-from ..cluster.shared import SharedState, claim_record, outcome_record
+from ..cluster.shared import SharedState, claim_record, outcome_record, revoke_record
 
-__all__ = ["RETRY_S", "CommandRef", "OnceTable", "once_key"]
+__all__ = ["RETRY_S", "CommandRef", "OnceTable", "once_key", "revoke_key"]
 
 RETRY_S: Final = 1.0
 
 CommandRef = tuple[bytes, str]  # a command on this broker: (client identity, command id)
+
+
+def revoke_key(jti: str) -> str:
+    """The key a revocation's proposal waits under (apart from command keys, which hold `|`)."""
+    return f"revoke {jti}"
 
 
 def once_key(cid: str, service: str, action: str, subject: str | None) -> str:
@@ -64,6 +71,10 @@ class OnceTable:
     def propose_claim(self, key: str, instance: str, now: float) -> None:
         if key not in self._unconfirmed:
             self._propose(key, claim_record(key, instance, self.broker), now)
+
+    def propose_revoke(self, jti: str, expires: float, now: float) -> None:
+        """A token revoked here: every broker of the cluster refuses it once committed."""
+        self._propose(revoke_key(jti), revoke_record(jti, expires), now)
 
     def propose_outcome(self, key: str, reply: list[bytes], now: float) -> None:
         self._outcomes.add(key)

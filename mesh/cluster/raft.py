@@ -540,6 +540,13 @@ class RaftNode:
         index = matches[self._quorum - 1]
         if index > self.log.commit and self._may_commit(index):
             self.log.commit = index
+            # Tell the replicating followers now rather than at the next heartbeat (as
+            # etcd does): a broker waiting on a follower for a commit then waits one round
+            # trip. A probed follower gets one append per answer or heartbeat, as before.
+            for peer in self._peers:
+                p = self.progress[peer]
+                if not p.probing:
+                    self._send_append(peer, p)
 
     def _may_commit(self, index: int) -> bool:
         """Raft's commit rule: a quorum holds it, and it is of the leader's own term."""

@@ -193,3 +193,13 @@ def test_without_a_cluster_the_action_takes_the_plain_path() -> None:
     broker.node_message(NODE_A, node_system("register", payload), 0.0)
     assert to_nodes(broker.client_message(CLIENT, command_frames("pay", "charge", id="c1"), 1.0))
     assert broker.take_proposals(1.0) == [] and broker.apply_shared(1.0) == []
+
+
+def test_a_revocation_is_proposed_until_committed_and_reaches_every_broker(cluster: Cluster) -> None:
+    b1, _ = cluster.brokers
+    assert b1.once is not None
+    b1.once.propose_revoke("jti-1", 2e9, 1.0)
+    cluster.commit(1.0, drop=True)  # lost on the way
+    cluster.commit(2.1)  # proposed again, committed
+    assert all(state.revoked == {"jti-1": 2e9} for state in cluster.states)
+    assert b1.take_proposals(5.0) == []  # confirmed: not proposed again
