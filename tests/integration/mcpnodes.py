@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 from typing import Any
 
@@ -71,3 +72,13 @@ def secret() -> Node:
         return {"secret": 42}
 
     return n
+
+
+async def wait_for_file(path: Path, content: str, timeout: float = 5.0) -> str:
+    """The marker file's text once it equals `content` (or whatever it holds at the timeout)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.exists() and path.read_text() == content:
+            return content
+        await asyncio.sleep(0.02)
+    return path.read_text() if path.exists() else "<missing>"

@@ -7,7 +7,6 @@ way a broker's loop drives its member.
 
 from __future__ import annotations
 
-import socket
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -22,20 +21,7 @@ from mesh.protocol.errors import ConfigurationError, CorruptStateError
 from mesh.security.curve import CurveAuthenticator, create_keypair, secure_client, secure_server
 from mesh.security.state import ensure_state
 
-try:
-    from mesh.testing import free_ports  # type: ignore[attr-defined]
-except ImportError:  # older branches: the same helper, locally
-
-    def free_ports(count: int = 1) -> list[int]:
-        """TCP ports free on 127.0.0.1 right now (held open together, so they differ)."""
-        socks = [socket.socket() for _ in range(count)]
-        try:
-            for s in socks:
-                s.bind(("127.0.0.1", 0))
-            return [s.getsockname()[1] for s in socks]
-        finally:
-            for s in socks:
-                s.close()
+from mesh.testing import free_ports
 
 
 pytestmark = pytest.mark.timeout(40)

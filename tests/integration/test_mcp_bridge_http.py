@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import secrets
-import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -16,6 +15,8 @@ import pytest
 from mcp import Client
 from mcp.client.session import ClientSession
 from mcp.client.streamable_http import streamable_http_client
+
+from mcpnodes import wait_for_file
 
 from mesh.testing import MeshProcess, run_node, spawn
 
@@ -60,14 +61,6 @@ def bridge(secure_mesh: SecureMesh, tmp_path_factory: pytest.TempPathFactory) ->
         url = proc.wait_for(r"mcp bridge ready url=(\S+)").group(1)
         yield HttpBridge(url, token, proc)
 
-
-async def wait_for_file(path: Path, content: str, timeout: float = 5.0) -> str:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if path.exists() and path.read_text() == content:
-            return content
-        await anyio.sleep(0.02)
-    return path.read_text() if path.exists() else "<missing>"
 
 
 @pytest.mark.anyio

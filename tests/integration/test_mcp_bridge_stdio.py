@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -15,6 +14,8 @@ import pytest
 from mcp import Client
 from mcp.client.session import ClientSession
 from mcp.client.stdio import StdioServerParameters, stdio_client
+
+from mcpnodes import wait_for_file
 
 from mesh.testing import run_node
 
@@ -40,15 +41,6 @@ def bridge_params(mesh: SecureMesh, *extra: str) -> StdioServerParameters:
 def text_of(result: types.CallToolResult) -> str:
     return "".join(c.text for c in result.content if isinstance(c, types.TextContent))
 
-
-async def wait_for_file(path: Path, content: str, timeout: float = 5.0) -> str:
-    """The file's text once it equals `content` (or whatever it holds at the timeout)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if path.exists() and path.read_text() == content:
-            return content
-        await anyio.sleep(0.02)
-    return path.read_text() if path.exists() else "<missing>"
 
 
 @pytest.mark.anyio
