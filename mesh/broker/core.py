@@ -253,6 +253,11 @@ class Broker:
         """Run exactly-once actions through the cluster's replicated `shared` state."""
         self.once = OnceTable(self.config.name, shared)
 
+    def leader_changed(self) -> None:
+        """The cluster has a new leader: propose again what is not committed yet."""
+        if self.once is not None:
+            self.once.propose_again()
+
     def take_proposals(self, now: float) -> list[bytes]:
         """Records for the replicated log since the last call (and those due again)."""
         return self.once.take_proposals(now) if self.once is not None else []

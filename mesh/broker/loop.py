@@ -134,6 +134,7 @@ class BrokerServer:
         self._watch = Monitor(self.core.config.name, clock()) if monitor is not None else None
         self._next_sample = clock() if monitor is not None else float("inf")  # when to time a reply
         self._sent = 0  # messages sent, for the monitor
+        self._leader: str | None = None  # the cluster leader the last turn knew
 
     def _join(self, cluster: ClusterSettings) -> ClusterMember:
         """Open this broker's cluster state and peer link (raises CorruptStateError)."""
@@ -216,6 +217,10 @@ class BrokerServer:
         for sock in readable:
             member.on_readable(sock)
         now = self._clock()
+        if member.leader != self._leader:
+            self._leader = member.leader
+            if self._leader is not None:
+                self.core.leader_changed()
         for record in self.core.take_proposals(now):
             try:
                 member.propose(record)

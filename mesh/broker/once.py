@@ -15,7 +15,7 @@ Rules of this module:
 * A token revoked on one broker is revoked there at once and proposed to the log; every
   broker (this one again, harmlessly) adds it to its revocations when it commits.
 * A proposal may be lost (a leader change); what waits for a commit is proposed again
-  every `RETRY_S` until its effect arrives. The shared state keeps the first claim and
+  every `RETRY_S`, and at once when a new leader is known, until its effect arrives. The shared state keeps the first claim and
   the first outcome, so a repeated proposal changes nothing.
 """
 
@@ -89,6 +89,12 @@ class OnceTable:
         if outcome or key not in self._outcomes:
             self._unconfirmed.pop(key, None)
             self._outcomes.discard(key)
+
+    def propose_again(self) -> None:
+        """Propose every unconfirmed record at the next `take_proposals` (a new leader:
+        what the member forwarded to the old one may be lost with it)."""
+        for key, (record, _) in self._unconfirmed.items():
+            self._unconfirmed[key] = (record, 0.0)
 
     def take_proposals(self, now: float) -> list[bytes]:
         """Records to propose: new ones, and those unconfirmed past `RETRY_S`."""

@@ -203,3 +203,11 @@ def test_a_revocation_is_proposed_until_committed_and_reaches_every_broker(clust
     cluster.commit(2.1)  # proposed again, committed
     assert all(state.revoked == {"jti-1": 2e9} for state in cluster.states)
     assert b1.take_proposals(5.0) == []  # confirmed: not proposed again
+
+
+def test_a_new_leader_gets_what_is_unconfirmed_at_once(cluster: Cluster) -> None:
+    b1, _ = cluster.brokers
+    b1.client_message(CLIENT, command_frames("pay", "charge", id="c1"), 1.0)
+    cluster.commit(1.0, drop=True)  # forwarded to a leader that died
+    b1.leader_changed()
+    assert len(to_nodes(cluster.commit(1.1)[0])) == 1  # not RETRY_S later
