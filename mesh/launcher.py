@@ -36,7 +36,7 @@ from typing import IO, Final
 
 from .topology import BrokerSpec, ClusterSpec, NodeSpec, Topology
 
-__all__ = ["Launcher", "BROKER_READY", "NODE_READY"]
+__all__ = ["BROKER_READY", "NODE_READY", "Launcher"]
 
 BACKOFF_START: Final = 0.5
 BACKOFF_MAX: Final = 10.0
@@ -103,10 +103,10 @@ class Launcher:
         self.state: Path | None = None
         cluster = topology.cluster
         self.processes: list[_Process] = [self._broker(b, topology.brokers, cluster) for b in topology.brokers.values()]
-        served = tuple(topology.brokers) if cluster is not None else None
         for spec in topology.nodes.values():
+            served = tuple(topology.brokers) if cluster is not None else (spec.broker,)
             for i in range(spec.replicas):
-                self.processes.append(self._node(spec, served or (spec.broker,), i))
+                self.processes.append(self._node(spec, served, i))
 
     def prepare_security(self) -> None:
         """With security on: make the keys, tokens and policy that are missing, and give

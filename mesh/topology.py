@@ -20,14 +20,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
-from .plugins import plugin_problem
 from .broker.core import BrokerConfig
 from .broker.events import DEFAULT_RULE, RetentionRule
+from .plugins import plugin_problem
 from .problems import Checker, Problem, ProblemsError
 from .protocol import NAME_PATTERN, TOPIC_PATTERN, MeshError
 
 __all__ = [
-    "Topology", "BrokerSpec", "NodeSpec", "SecuritySpec", "ClusterSpec", "TopologyError", "Problem", "load", "parse",
+    "BrokerSpec",
+    "ClusterSpec",
+    "NodeSpec",
+    "Problem",
+    "SecuritySpec",
+    "Topology",
+    "TopologyError",
+    "load",
+    "parse",
 ]
 
 _NAME: Final = re.compile(NAME_PATTERN)
@@ -263,7 +271,7 @@ def parse(data: dict[str, Any], source: str = "<topology>") -> Topology:
     return Topology(name=name, brokers=brokers, nodes=nodes, source=source, security=security, cluster=cluster)
 
 
-def _float_or_none(value: int | float | None) -> float | None:
+def _float_or_none(value: float | None) -> float | None:
     return None if value is None else float(value)
 
 

@@ -40,7 +40,7 @@ class Mesh:
         done = subprocess.run(
             [sys.executable, "-m", "mesh", "call", target, json.dumps(payload), "--broker", self.clients,
              "--credentials", "var/cluster-mesh/credentials/dev.toml", "--timeout", "15"],
-            capture_output=True, text=True, timeout=30, cwd=self.work,
+            check=False, capture_output=True, text=True, timeout=30, cwd=self.work,
         )  # fmt: skip
         assert done.returncode == 0, done.stderr
         return json.loads(done.stdout)
@@ -123,6 +123,8 @@ def test_cluster_topology_survives_a_killed_broker_and_stops_cleanly(mesh: Mesh)
     pages = eventually(agreed, 10, "one leader on every broker's /cluster")
     assert {p["mode"] for p in pages.values()} == {"cluster"}
     victim = next(b for b, p in pages.items() if p["role"] == "leader")
+    # heartbeat_interval = 0.5: each broker declares a node dead after 3 silent intervals.
+    assert {n["liveness_s"] for n in mesh.page(victim, "/nodes")["nodes"]} == {1.5}  # type: ignore[index]
     term = pages[victim]["term"]
     old_pid = mesh.pids()[f"broker:{victim}"]
     mark = len(mesh.up.lines)
