@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 BROWSER := /usr/bin/chromedriver
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 
-.PHONY: run test soak bench sim sample clean
+.PHONY: run cluster test soak bench sim sample clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +21,10 @@ sample: $(STAMP)
 
 run: sample
 	$(BIN)/mesh up topologies/quickstart.toml
+
+# Three brokers in a cluster with the same nodes (docs/topologies.md, "Clusters").
+cluster: sample
+	$(BIN)/mesh up topologies/cluster.toml
 
 $(BROWSER):
 	@if command -v apt-get >/dev/null; then \

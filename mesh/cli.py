@@ -270,6 +270,7 @@ def _cluster_settings(
 @click.option("--config", "config_json", default="{}", envvar="MESH_NODE_CONFIG", help="The node's config as a JSON object (env MESH_NODE_CONFIG keeps secrets out of `ps`).")
 @click.option("--name", default=None, help="Name in the registry (default: the node's own).")
 @click.option("--capacity", default=None, type=click.IntRange(1), help="Commands run at once (default: the node's own).")
+@click.option("--heartbeat-interval", default=None, type=click.FloatRange(min=0, min_open=True), help="Seconds between heartbeats; the broker declares the node dead after 3 missed (default: the node's own, 1 s for the ready nodes).")
 @click.option("--drain-timeout", default=10.0, show_default=True, type=click.FloatRange(min=0), help="Seconds to finish running commands after SIGTERM.")
 @click.option("--credentials", envvar="MESH_CREDENTIALS", type=click.Path(dir_okay=False), default=None, help="Security on: this node's credentials file (env MESH_CREDENTIALS).")
 @click.option("--log-level", default="info", type=click.Choice(["debug", "info", "warning", "error"]), show_default=True)
@@ -280,6 +281,7 @@ def node(
     config_json: str,
     name: str | None,
     capacity: int | None,
+    heartbeat_interval: float | None,
     drain_timeout: float,
     credentials: str | None,
     log_level: str,
@@ -308,6 +310,8 @@ def node(
         n.name = name
     if capacity:
         n.capacity = capacity
+    if heartbeat_interval:
+        n.heartbeat_interval = heartbeat_interval
     _on_stop(n.stop)
 
     def announce() -> None:

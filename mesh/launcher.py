@@ -7,8 +7,14 @@ Rules of this module:
   nodes first (they finish their commands), then brokers (they drain), then SIGKILL for
   anything still alive after the grace period. On Linux every child also gets SIGTERM
   from the kernel if the launcher itself dies, so no process is ever orphaned.
-* A process that exits while the mesh is up is restarted after a backoff that doubles
-  from 0.5 s to 10 s, and resets once the process has stayed up for 10 s.
+* A process that exits while the mesh is up (a broker of a cluster too: it catches up
+  from its peers) is restarted after a backoff that doubles from 0.5 s to 10 s, and
+  resets once the process has stayed up for 10 s. One that fails `GIVE_UP_AFTER` times in
+  a row, each time within 10 s of its start, cannot start (a bad config, a taken port):
+  the launcher says so and stops restarting it, the rest of the mesh stays up, and
+  `mesh up` exits with status 1 at the end. Nothing is restarted once shutdown began.
+* A cluster's brokers each get every member (`--member`), their own data directory and
+  the cluster's settings; nodes get every broker's node endpoint, in topology order.
 * Child output is passed through line by line, prefixed with the process name.
 """
 
@@ -28,13 +34,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Final
 
-from .topology import BrokerSpec, NodeSpec, Topology
+from .topology import BrokerSpec, ClusterSpec, NodeSpec, Topology
 
-__all__ = ["Launcher", "BROKER_READY", "NODE_READY"]
+__all__ = ["BROKER_READY", "NODE_READY", "Launcher"]
 
 BACKOFF_START: Final = 0.5
 BACKOFF_MAX: Final = 10.0
 STABLE_AFTER: Final = 10.0
+GIVE_UP_AFTER: Final = 5  # quick failures in a row: 0.5 + 1 + 2 + 4 s of backoff, then no more
 STOP_GRACE: Final = 12.0
 READY_TIMEOUT: Final = 15.0
 # The lines `mesh broker` and `mesh node` print once they serve (see cli.py).
@@ -66,7 +73,7 @@ def _die_with_parent() -> None:  # runs in the child between fork and exec
 class _Process:
     name: str
     argv: list[str]
-    broker: str  # the broker's name, for a node; its own name, for a broker
+    brokers: tuple[str, ...]  # the brokers' names, for a node; its own name, for a broker
     is_broker: bool
     env: dict[str, str] = field(default_factory=dict)
     spec: str = ""  # a node's name in the topology (its replicas share its keys)
@@ -75,6 +82,8 @@ class _Process:
     backoff: float = BACKOFF_START
     restart_at: float | None = None
     restarts: int = 0
+    quick_failures: int = 0  # exits in a row within STABLE_AFTER of the start
+    given_up: bool = False
     ready: threading.Event = field(default_factory=threading.Event)
 
 
@@ -92,11 +101,12 @@ class Launcher:
         self._stopping = threading.Event()
         self.node_endpoints: dict[str, str] = {}  # broker name -> endpoint for nodes
         self.state: Path | None = None
-        self.processes: list[_Process] = [self._broker(b) for b in topology.brokers.values()]
+        cluster = topology.cluster
+        self.processes: list[_Process] = [self._broker(b, topology.brokers, cluster) for b in topology.brokers.values()]
         for spec in topology.nodes.values():
-            broker = topology.brokers[spec.broker]
+            served = tuple(topology.brokers) if cluster is not None else (spec.broker,)
             for i in range(spec.replicas):
-                self.processes.append(self._node(spec, broker, i))
+                self.processes.append(self._node(spec, served, i))
 
     def prepare_security(self) -> None:
         """With security on: make the keys, tokens and policy that are missing, and give
@@ -118,6 +128,13 @@ class Launcher:
         }
         layout = ensure_state(sec.state, nodes=services, clients=sec.clients, now=time.time())
         self.state = layout.root
+        # The monitor token is made by the first broker that misses it: brokers starting
+        # together would each make their own, so make it once here, before any starts.
+        from .monitor.server import monitor_settings
+
+        for b in self.topology.brokers.values():
+            if b.monitor is not None:
+                monitor_settings(b.monitor, b.monitor_token_file, str(layout.root))
         if layout.created:
             self.echo(f"security: created {len(layout.created)} file(s) in {layout.root}")
         for name in layout.policy_missing_nodes:
@@ -134,7 +151,7 @@ class Launcher:
                 p.env["MESH_CREDENTIALS"] = str(layout.credentials(p.spec))
 
     @staticmethod
-    def _broker(b: BrokerSpec) -> _Process:
+    def _broker(b: BrokerSpec, brokers: dict[str, BrokerSpec], cluster: ClusterSpec | None) -> _Process:
         argv = [
             sys.executable, "-m", "mesh", "broker", "--name", b.name,
             "--clients", b.clients, "--nodes", b.nodes,
@@ -149,17 +166,25 @@ class Launcher:
             argv += ["--monitor", b.monitor]
         if b.monitor_token_file is not None:
             argv += ["--monitor-token-file", b.monitor_token_file]
-        return _Process(f"broker:{b.name}", argv, b.name, True)
+        if cluster is not None:
+            argv += [a for m in brokers.values() for a in ("--member", f"{m.name}={m.peer}")]
+            argv += ["--data", str(Path(cluster.data) / b.name)]
+            argv += [a for learner in cluster.learners for a in ("--learner", learner)]
+            if cluster.election_ticks is not None:
+                argv += ["--election-ticks", str(cluster.election_ticks)]
+        return _Process(f"broker:{b.name}", argv, (b.name,), True)
 
     @staticmethod
-    def _node(spec: NodeSpec, broker: BrokerSpec, index: int) -> _Process:
+    def _node(spec: NodeSpec, brokers: tuple[str, ...], index: int) -> _Process:
         name = spec.name if spec.replicas == 1 else f"{spec.name}-{index + 1}"
         argv = [sys.executable, "-m", "mesh", "node", spec.use, "--name", name]
         if spec.capacity is not None:
             argv += ["--capacity", str(spec.capacity)]
+        if spec.heartbeat_interval is not None:
+            argv += ["--heartbeat-interval", str(spec.heartbeat_interval)]
         # The config goes by environment, not argv: argv is readable by every local user.
         env = {"MESH_NODE_CONFIG": json.dumps(spec.config)}
-        return _Process(f"node:{name}", argv, broker.name, False, env, spec=spec.name)
+        return _Process(f"node:{name}", argv, brokers, False, env, spec=spec.name)
 
     def stop(self) -> None:
         """Begin an orderly shutdown (safe from a signal handler)."""
@@ -184,7 +209,7 @@ class Launcher:
             self.echo("mesh is up; Ctrl-C stops it")
             while not self._stopping.wait(0.1):
                 self._supervise()
-            return 0
+            return 1 if any(p.given_up for p in self.processes) else 0
         finally:
             self._shutdown()
 
@@ -201,7 +226,7 @@ class Launcher:
 
     def _start(self, p: _Process) -> None:
         p.ready.clear()
-        argv = p.argv if p.is_broker else [*p.argv, "--broker", self.node_endpoints[p.broker]]
+        argv = p.argv if p.is_broker else [*p.argv, "--broker", ",".join(self.node_endpoints[b] for b in p.brokers)]
         p.popen = subprocess.Popen(
             argv,
             stdout=subprocess.PIPE,
@@ -224,7 +249,7 @@ class Launcher:
             m = BROKER_READY.match(line)
             if m:
                 # Where it really listens (a topology may ask for port `*`).
-                self.node_endpoints[p.broker] = m.group("nodes")
+                self.node_endpoints[p.brokers[0]] = m.group("nodes")
             if m or NODE_READY.match(line):
                 p.ready.set()
                 self.echo(f"[{p.name}] {line} pid={p.popen.pid if p.popen else '?'}")
@@ -234,10 +259,10 @@ class Launcher:
     def _supervise(self) -> None:
         now = time.monotonic()
         for p in self.processes:
-            if p.popen is None:
+            if p.popen is None or p.given_up:
                 continue
             if p.restart_at is not None:
-                if now >= p.restart_at:
+                if now >= p.restart_at and not self._stopping.is_set():
                     p.restarts += 1
                     self.echo(f"restarting {p.name} (restart {p.restarts})")
                     self._start(p)
@@ -246,7 +271,17 @@ class Launcher:
             if code is None:
                 continue
             if now - p.started_at >= STABLE_AFTER:
-                p.backoff = BACKOFF_START
+                p.backoff, p.quick_failures = BACKOFF_START, 0
+            else:
+                p.quick_failures += 1
+            if p.quick_failures >= GIVE_UP_AFTER:
+                p.given_up = True
+                self.echo(
+                    f"{p.name} exited with {code}: {p.quick_failures} failures in a row, each within "
+                    f"{STABLE_AFTER:.0f}s of its start; giving up on it (its output is above). "
+                    "The rest of the mesh stays up; fix it and restart mesh up"
+                )
+                continue
             self.echo(f"{p.name} exited with {code}; restarting in {p.backoff:.1f}s")
             p.restart_at = now + p.backoff
             p.backoff = min(p.backoff * 2, BACKOFF_MAX)

@@ -7,6 +7,9 @@ Rules of this module:
   pass.
 * Relative paths in node configs stay as written: every process runs in the directory
   `mesh up` was started in, which is what users expect of paths they type.
+* With a `[cluster]` table the brokers are one cluster (docs/topologies.md, "Clusters"):
+  every broker names its `peer` endpoint, and every node serves every broker, so a node
+  table has no `broker` key. Without it, brokers are independent, as they always were.
 """
 
 from __future__ import annotations
@@ -17,13 +20,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
-from .plugins import plugin_problem
 from .broker.core import BrokerConfig
 from .broker.events import DEFAULT_RULE, RetentionRule
+from .plugins import plugin_problem
 from .problems import Checker, Problem, ProblemsError
 from .protocol import NAME_PATTERN, TOPIC_PATTERN, MeshError
 
-__all__ = ["Topology", "BrokerSpec", "NodeSpec", "SecuritySpec", "TopologyError", "Problem", "load", "parse"]
+__all__ = [
+    "BrokerSpec",
+    "ClusterSpec",
+    "NodeSpec",
+    "Problem",
+    "SecuritySpec",
+    "Topology",
+    "TopologyError",
+    "load",
+    "parse",
+]
 
 _NAME: Final = re.compile(NAME_PATTERN)
 _BROKER: Final = BrokerConfig()  # the defaults a topology does not repeat
@@ -31,6 +44,8 @@ _ENDPOINT: Final = re.compile(r"(tcp://[^\s:]+:(\d{1,5}|\*)|ipc://\S+)")
 _SPEC: Final = re.compile(r"[A-Za-z_][\w.]*(:[A-Za-z_][\w.]*)?")
 _TOPIC: Final = re.compile(TOPIC_PATTERN)
 DEFAULT_EVENTS: Final = "tcp://127.0.0.1:*"
+DEFAULT_CLUSTER_DATA: Final = "var/cluster"
+MIN_ELECTION_TICKS: Final = 3  # what `mesh broker --election-ticks` accepts
 
 
 class TopologyError(ProblemsError):
@@ -54,17 +69,22 @@ class BrokerSpec:
     retention: tuple[RetentionRule, ...] = _BROKER.retention
     monitor: str | None = None  # HOST:PORT of the HTTP monitor; None: off
     monitor_token_file: str | None = None
+    peer: str | None = None  # the cluster peer endpoint; set exactly when the topology has [cluster]
 
 
 @dataclass(frozen=True, slots=True)
 class NodeSpec:
-    """One `[nodes.NAME]` table: `capacity` None keeps the node's own."""
+    """One `[nodes.NAME]` table: `capacity` and `heartbeat_interval` None keep the node's own.
+
+    In a cluster `broker` is the first broker's name, but the node serves every broker.
+    """
 
     name: str
     use: str
     broker: str
     replicas: int = 1
     capacity: int | None = None
+    heartbeat_interval: float | None = None
     config: dict[str, Any] = field(default_factory=dict)
 
 
@@ -81,14 +101,27 @@ class SecuritySpec:
 
 
 @dataclass(frozen=True, slots=True)
+class ClusterSpec:
+    """The `[cluster]` table: the brokers form one cluster, each keeps its log in `data`/NAME.
+
+    `election_ticks` None keeps the broker's default.
+    """
+
+    data: str = DEFAULT_CLUSTER_DATA
+    learners: tuple[str, ...] = ()
+    election_ticks: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class Topology:
-    """A checked topology file (`security` None: security off)."""
+    """A checked topology file (`security` None: security off; `cluster` None: no cluster)."""
 
     name: str
     brokers: dict[str, BrokerSpec]
     nodes: dict[str, NodeSpec]
     source: str = "<topology>"
     security: SecuritySpec | None = None
+    cluster: ClusterSpec | None = None
 
 
 class _Checker(Checker):
@@ -116,7 +149,7 @@ class _Checker(Checker):
         return value
 
 
-_TYPE_WORDS: Final = {"str": "a string", "int": "an integer", "int or float": "a number", "dict": "a table"}
+_TYPE_WORDS: Final = {"str": "a string", "int": "an integer", "int or float": "a number", "dict": "a table", "list": "a list"}
 
 
 def _positive(c: _Checker, value: float, key: str) -> None:
@@ -131,7 +164,8 @@ def parse(data: dict[str, Any], source: str = "<topology>") -> Topology:
         TopologyError: listing every problem found.
     """
     c = _Checker()
-    c.unknown(data, {"mesh", "brokers", "nodes", "security"}, "")
+    c.unknown(data, {"mesh", "brokers", "nodes", "security", "cluster"}, "")
+    clustered = "cluster" in data
     mesh = c.table(data, "mesh", "")
     c.unknown(mesh, {"name"}, "mesh")
     name = c.get(mesh, "name", str, "mesh", "mesh")
@@ -151,15 +185,21 @@ def parse(data: dict[str, Any], source: str = "<topology>") -> Topology:
         c.unknown(
             raw,
             {"clients", "nodes", "events", "queue_limit", "timeout", "max_message_bytes", "event_hwm",
-             "max_topics", "max_retained_bytes", "retention", "monitor", "monitor_token_file"},
+             "max_topics", "max_retained_bytes", "retention", "monitor", "monitor_token_file", "peer"},
             where,
         )
+        if "peer" in raw and not clustered:
+            c.bad(f"{where}.peer", "needs a [cluster] table (a peer endpoint is for a cluster of brokers)")
+        elif clustered and "peer" not in raw:
+            c.bad(f"{where}.peer", f"is required in a cluster: broker {bname} needs the endpoint its peers dial (peer = \"tcp://HOST:PORT\")")
         eps = {}
-        for side in ("clients", "nodes", "events"):
-            ep = c.get(raw, side, str, where, "", required=side != "events")
+        for side in ("clients", "nodes", "events", "peer"):
+            ep = c.get(raw, side, str, where, "", required=side in ("clients", "nodes"))
             m = _ENDPOINT.fullmatch(ep) if ep else None
             if ep and (m is None or (m.group(2) not in (None, "*") and not 0 < int(m.group(2)) < 65536)):
                 c.bad(f"{where}.{side}", f"{ep!r} is not a ZeroMQ endpoint (tcp://HOST:PORT with a port from 1 to 65535, or ipc://PATH)")
+            elif side == "peer" and m is not None and m.group(2) == "*":
+                c.bad(f"{where}.peer", "needs a fixed port: the other brokers dial it")
             elif ep and ep in endpoints:
                 c.bad(f"{where}.{side}", f"{ep} is already used by {endpoints[ep]}")
             elif ep:
@@ -179,6 +219,7 @@ def parse(data: dict[str, Any], source: str = "<topology>") -> Topology:
             retention=_retention(c, raw.get("retention"), f"{where}.retention"),
             monitor=c.get(raw, "monitor", str, where, None),
             monitor_token_file=c.get(raw, "monitor_token_file", str, where, None),
+            peer=eps["peer"] or None,
         )
         _monitor(c, spec, where, data.get("security"))
         for key in ("queue_limit", "timeout", "max_message_bytes", "event_hwm", "max_topics", "max_retained_bytes"):
@@ -193,13 +234,15 @@ def parse(data: dict[str, Any], source: str = "<topology>") -> Topology:
         if not isinstance(raw, dict):
             c.bad(where, "must be a table")
             continue
-        c.unknown(raw, {"use", "broker", "replicas", "capacity", "config"}, where)
+        c.unknown(raw, {"use", "broker", "replicas", "capacity", "heartbeat_interval", "config"}, where)
         use = c.get(raw, "use", str, where, "", required=True)
         if use and not _SPEC.fullmatch(use):
             c.bad(f"{where}.use", f"{use!r} is neither a node name (echo) nor module:attribute")
         default_broker = next(iter(brokers), "")
         broker = c.get(raw, "broker", str, where, default_broker)
-        if "broker" in raw and isinstance(broker, str) and broker not in raw_brokers:
+        if "broker" in raw and clustered:
+            c.bad(f"{where}.broker", "a node of a cluster serves every broker; remove this key")
+        elif "broker" in raw and isinstance(broker, str) and broker not in raw_brokers:
             c.bad(f"{where}.broker", f"no broker named {broker!r} (brokers: {', '.join(raw_brokers) or 'none'})")
         spec_n = NodeSpec(
             name=nname,
@@ -207,11 +250,13 @@ def parse(data: dict[str, Any], source: str = "<topology>") -> Topology:
             broker=broker,
             replicas=c.get(raw, "replicas", int, where, 1),
             capacity=c.get(raw, "capacity", int, where, None),
+            heartbeat_interval=_float_or_none(c.get(raw, "heartbeat_interval", (int, float), where, None)),
             config=c.get(raw, "config", dict, where, {}),
         )
         _positive(c, spec_n.replicas, f"{where}.replicas")
-        if spec_n.capacity is not None:
-            _positive(c, spec_n.capacity, f"{where}.capacity")
+        for key in ("capacity", "heartbeat_interval"):
+            if getattr(spec_n, key) is not None:
+                _positive(c, getattr(spec_n, key), f"{where}.{key}")
         _check_config(c, spec_n.config, f"{where}.config")
         if use and _SPEC.fullmatch(use):
             problem = plugin_problem(use, spec_n.config)
@@ -220,9 +265,43 @@ def parse(data: dict[str, Any], source: str = "<topology>") -> Topology:
         nodes[nname] = spec_n
 
     security = _security(c, data.get("security"), set(nodes))
+    cluster = _cluster(c, data["cluster"], list(raw_brokers)) if clustered else None
     if c.problems:
         raise TopologyError(source, c.problems)
-    return Topology(name=name, brokers=brokers, nodes=nodes, source=source, security=security)
+    return Topology(name=name, brokers=brokers, nodes=nodes, source=source, security=security, cluster=cluster)
+
+
+def _float_or_none(value: float | None) -> float | None:
+    return None if value is None else float(value)
+
+
+def _cluster(c: _Checker, raw: Any, broker_names: list[str]) -> ClusterSpec | None:
+    """`[cluster]`: an odd number of at least 3 voters, so a majority survives a lost broker."""
+    if not isinstance(raw, dict):
+        c.bad("cluster", "must be a table")
+        return None
+    where = "cluster"
+    c.unknown(raw, {"data", "learners", "election_ticks"}, where)
+    data = c.get(raw, "data", str, where, DEFAULT_CLUSTER_DATA)
+    if not data:
+        c.bad(f"{where}.data", "must name a directory (each broker keeps its log in DATA/NAME)")
+    learners = _strings(c, raw, "learners", where, [])
+    for learner in sorted(set(learners)):
+        if learner not in broker_names:
+            c.bad(f"{where}.learners", f"no broker named {learner!r} (brokers: {', '.join(broker_names) or 'none'})")
+        if learners.count(learner) > 1:
+            c.bad(f"{where}.learners", f"{learner!r} is listed twice")
+    voters = [b for b in broker_names if b not in learners]
+    if len(voters) < 3 or len(voters) % 2 == 0:
+        c.bad(
+            where,
+            f"needs an odd number of at least 3 voting brokers, has {len(voters)} ({', '.join(voters) or 'none'}): "
+            "a majority must survive the loss of a broker, and an even count adds a broker without adding safety",
+        )
+    ticks = c.get(raw, "election_ticks", int, where, None)
+    if ticks is not None and ticks < MIN_ELECTION_TICKS:
+        c.bad(f"{where}.election_ticks", f"must be {MIN_ELECTION_TICKS} or more, got {ticks}")
+    return ClusterSpec(data=data, learners=tuple(dict.fromkeys(learners)), election_ticks=ticks)
 
 
 def _security(c: _Checker, raw: Any, node_names: set[str]) -> SecuritySpec | None:

@@ -100,8 +100,9 @@ def test_up_serves_restarts_a_killed_node_and_stops_cleanly(topology: Path, tmp_
         up.stop()
 
 
-def test_a_node_that_cannot_start_is_retried_with_backoff(tmp_path: Path):
-    """A node that fails at start-up keeps being restarted with growing pauses; the broker stays up."""
+def test_a_node_that_cannot_start_is_retried_with_backoff_then_given_up(tmp_path: Path):
+    """A node that fails at start-up is restarted with growing pauses, given up on after
+    five quick failures with a message saying so; the broker stays up, exit status 1."""
     path = tmp_path / "bad.toml"
     path.write_text(
         TOPOLOGY.format(dir=tmp_path).replace('use = "testnodes:node"', 'use = "testnodes:broken"').replace('config = { name = "w" }\n', "").replace("replicas = 2", "replicas = 1")
@@ -110,8 +111,11 @@ def test_a_node_that_cannot_start_is_retried_with_backoff(tmp_path: Path):
         up.wait_for("mesh is up")
         up.wait_for(r"restarting in 1\.0s", timeout=20)
         assert "restarting in 0.5s" in up.output()
+        up.wait_for(r"node:worker exited with 2: 5 failures in a row, .* giving up on it", timeout=30)
+        assert "restarting in 8.0s" not in up.output()
         with Client(f"ipc://{tmp_path}/c.sock", timeout=5) as c:
             assert c.call("mesh", "ping")["pong"] is True
+        assert up.stop() == 1
 
 
 def test_killing_the_launcher_takes_its_children_along(topology: Path):

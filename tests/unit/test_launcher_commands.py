@@ -31,3 +31,46 @@ def test_node_config_travels_in_the_environment_not_on_the_command_line():
     kv = next(p for p in launcher.processes if p.name == "node:kv")
     assert not any("secret-kv" in arg for arg in kv.argv)
     assert json.loads(kv.env["MESH_NODE_CONFIG"]) == {"path": "var/secret-kv.sqlite3"}
+
+
+CLUSTER = {
+    "cluster": {"data": "var/c", "learners": ["b4"], "election_ticks": 20},
+    "brokers": {
+        f"b{i}": {
+            "clients": f"tcp://127.0.0.1:{7000 + 10 * i}",
+            "nodes": f"tcp://127.0.0.1:{7001 + 10 * i}",
+            "peer": f"tcp://127.0.0.1:{7002 + 10 * i}",
+        }
+        for i in range(1, 5)
+    },
+    "nodes": {"echo": {"use": "echo", "heartbeat_interval": 0.5}},
+}
+
+
+def values(argv: list[str], option: str) -> list[str]:
+    """Every value given to `option` in `argv`."""
+    return [argv[i + 1] for i, arg in enumerate(argv) if arg == option]
+
+
+def test_each_broker_of_a_cluster_gets_every_member_its_own_data_dir_and_the_settings():
+    """--member for every broker (itself included), --data DATA/NAME, --learner, --election-ticks."""
+    launcher = Launcher(parse(CLUSTER))
+    brokers = {p.name: p.argv for p in launcher.processes if p.is_broker}
+    members = [f"b{i}=tcp://127.0.0.1:{7002 + 10 * i}" for i in range(1, 5)]
+    for name, argv in brokers.items():
+        assert values(argv, "--member") == members
+        assert values(argv, "--data") == [f"var/c/{name.removeprefix('broker:')}"]
+        assert values(argv, "--learner") == ["b4"]
+        assert values(argv, "--election-ticks") == ["20"]
+
+
+def test_a_node_of_a_cluster_serves_every_broker_and_a_single_broker_mesh_is_unchanged():
+    """In a cluster every node is bound to all brokers; otherwise to its one broker, without cluster options."""
+    launcher = Launcher(parse(CLUSTER))
+    echo = next(p for p in launcher.processes if p.name == "node:echo")
+    assert echo.brokers == ("b1", "b2", "b3", "b4")
+    assert values(echo.argv, "--heartbeat-interval") == ["0.5"]
+    single = Launcher(parse(TOPOLOGY))
+    assert all(p.brokers == ("main",) for p in single.processes)
+    for p in single.processes:
+        assert not {"--member", "--data", "--learner", "--election-ticks", "--heartbeat-interval"} & set(p.argv)
