@@ -43,7 +43,17 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
-from .bench import STARTUP_S, WARMUP_S, BenchSettings, _endpoint, _machine, _mesh_client, _ratio, _wait_for_echo, load
+from .bench import (
+    STARTUP_S,
+    WARMUP_S,
+    BenchSettings,
+    _endpoint,
+    _machine,
+    _mesh_client,
+    _ratio,
+    _wait_for_echo,
+    load,
+)
 from .launcher import NODE_READY
 from .node import Node
 from .testing import free_ports, run_broker, spawn
