@@ -309,14 +309,13 @@ def load(
     ctx = mp.get_context("spawn")
     results, stop = ctx.Queue(), ctx.Event()
     start = time.time() + 0.5 if start is None else start
-    clients = [
-        ctx.Process(target=client, args=(front, s, start, results, *client_args), daemon=True)
-        for _ in range(s.clients)
-    ]
+    clients: list[Any] = []  # the started ones, to stop
     watcher: threading.Thread | None = None
     try:
-        for c in clients:
+        for _ in range(s.clients):
+            c = ctx.Process(target=client, args=(front, s, start, results, *client_args), daemon=True)
             c.start()
+            clients.append(c)
         if during is not None:
             watcher = threading.Thread(target=during, args=(stop,), daemon=True)
             watcher.start()

@@ -22,8 +22,8 @@ Rules of this module:
   committed before the node runs the command, its outcome committed before the reply.
 * Committed log entries are measured, not derived from the command count: the leader's
   monitor snapshot (`/snapshot`) carries the cluster's commit index and the loop time it
-  was taken at. `entries_per_s` is the commit index's rise between the snapshots read
-  at the start and at the end of the measured window, over their own times; `entries`
+  was taken at. `entries_per_s` is the commit index's rise between the first and the
+  last snapshot taken inside the measured window, over their own times; `entries`
   is its rise from before the clients start to after they stop (warm-up and the last
   commands in flight included), so it is at least twice the commands counted.
 * Ratios are against the plain run of the same invocation, so they stay comparable on
@@ -136,12 +136,13 @@ class _Window:
 
     def __call__(self, stop: Any) -> None:
         measure_from = self.start + WARMUP_S
-        for at in (measure_from, measure_from + self.duration):
-            stop.wait(max(0.0, at - time.time()))  # read at the end even if the clients are done
-            try:
-                self.marks.append(_mark(self.monitor))
-            except OSError:
-                return
+        stop.wait(max(0.0, measure_from - time.time()))
+        try:
+            self.marks.append(_mark(self.monitor, after=measure_from))  # the first snapshot inside
+            stop.wait(max(0.0, measure_from + self.duration - time.time()))  # and the last one
+            self.marks.append(_mark(self.monitor))
+        except OSError:
+            return
 
     def rate(self) -> float:
         if len(self.marks) < 2 or self.marks[1]["time"] <= self.marks[0]["time"]:

@@ -12,7 +12,7 @@ import pytest
 
 from mesh.bench_cluster import format_cluster_report
 
-DURATION = 1.0
+DURATION = 2.0
 RUNS = ["plain", "once_leader", "once_follower"]
 
 
