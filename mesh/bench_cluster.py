@@ -86,6 +86,8 @@ def bench_node(capacity: int = 128) -> Node:
 
 @dataclass(frozen=True, slots=True)
 class _Broker:
+    """Where a benchmark client and the sampler reach one broker of the cluster."""
+
     name: str
     clients: str
     monitor: str  # http://HOST:PORT
@@ -127,7 +129,7 @@ def _leader(brokers: list[_Broker]) -> str:
 
 @dataclass
 class _Window:
-    """Reads the leader's snapshot at the start and the end of the measured window (a `Run.during`)."""
+    """Reads the leader's first and last snapshot inside the measured window (a `Run.during`)."""
 
     monitor: str
     start: float  # the clients' start (`bench.load`)
@@ -145,6 +147,7 @@ class _Window:
             return
 
     def rate(self) -> float:
+        """Entries committed per second between the two snapshots (NaN without two distinct ones)."""
         if len(self.marks) < 2 or self.marks[1]["time"] <= self.marks[0]["time"]:
             return float("nan")
         first, last = self.marks
