@@ -190,8 +190,12 @@ def _mesh_node(nodes_ep: str, capacity: int, stop: Any, creds: Any = None) -> No
     node.run(nodes_ep, credentials=creds)
 
 
-def _mesh_client(clients_ep: str, s: BenchSettings, start: float, results: Any, creds: Any = None) -> None:
+def _mesh_client(
+    clients_ep: str, s: BenchSettings, start: float, results: Any, creds: Any = None, target: tuple[str, str] = ("echo", "echo")
+) -> None:
     from .client import AsyncClient
+
+    service, action = target
 
     async def main() -> tuple[int, list[float]]:
         payload = {"data": "x" * s.payload}
@@ -204,7 +208,7 @@ def _mesh_client(clients_ep: str, s: BenchSettings, start: float, results: Any, 
                 nonlocal count
                 while time.time() < end:
                     t0 = time.perf_counter()
-                    await client.call("echo", "echo", payload)
+                    await client.call(service, action, payload)
                     t1 = time.perf_counter()
                     if time.time() >= measure_from and time.time() < end:
                         count += 1
@@ -217,7 +221,7 @@ def _mesh_client(clients_ep: str, s: BenchSettings, start: float, results: Any, 
     results.put(asyncio.run(main()))
 
 
-def _wait_for_echo(clients_ep: str, timeout: float = STARTUP_S, creds: Any = None) -> None:
+def _wait_for_echo(clients_ep: str, timeout: float = STARTUP_S, creds: Any = None, service: str = "echo") -> None:
     from .client import Client
     from .protocol import MeshError
 
@@ -225,12 +229,12 @@ def _wait_for_echo(clients_ep: str, timeout: float = STARTUP_S, creds: Any = Non
         end = time.time() + timeout
         while time.time() < end:
             try:
-                if "echo" in client.call("mesh", "services"):
+                if service in client.call("mesh", "services"):
                     return
             except MeshError:
                 pass
             time.sleep(0.1)
-    raise RuntimeError("the echo node did not register in time")
+    raise RuntimeError(f"the {service} node did not register in time")
 
 
 # ------------------------------------------------------------------- driver
@@ -266,12 +270,9 @@ def measure(run: Run, s: BenchSettings) -> dict[str, Any]:
     Clients are stopped first, then the worker and the broker they use; a process that
     does not exit in time is killed.
     """
-    import threading
-
     ctx = mp.get_context("spawn")
-    ready, results, stop = ctx.Queue(), ctx.Queue(), ctx.Event()
+    ready, stop = ctx.Queue(), ctx.Event()
     procs: list[Any] = []
-    watcher: threading.Thread | None = None
     with tempfile.TemporaryDirectory(prefix="mesh-bench-") as tmp:
         front, back = _endpoint(s.transport, tmp, "clients"), _endpoint(s.transport, tmp, "nodes")
         try:
@@ -284,22 +285,45 @@ def measure(run: Run, s: BenchSettings) -> dict[str, Any]:
             procs.append(worker)
             worker.start()
             run.serving(front)
-            start = time.time() + 0.5
-            clients = [
-                ctx.Process(target=run.client, args=(front, s, start, results, *run.client_args), daemon=True)
-                for _ in range(s.clients)
-            ]
-            procs[:0] = clients
-            for c in clients:
-                c.start()
-            if run.during is not None:
-                watcher = threading.Thread(target=run.during, args=(stop,), daemon=True)
-                watcher.start()
-            outcomes = [results.get(timeout=WARMUP_S + s.duration + 60) for _ in clients]
+            return load(run.client, front, s, run.client_args, run.during)
         finally:
             _stop(stop, procs)
-            if watcher is not None:
-                watcher.join(timeout=15)
+
+
+def load(
+    client: Callable[..., None],
+    front: str,
+    s: BenchSettings,
+    client_args: tuple[Any, ...] = (),
+    during: Callable[[Any], None] | None = None,
+    start: float | None = None,
+) -> dict[str, Any]:
+    """Drive `s.clients` processes of `client` (see `Run`) against a serving broker's `front`.
+
+    Every client begins at `start` (default: in 0.5 s), counts what is answered from
+    `start + WARMUP_S` for `s.duration` seconds, and is stopped (killed if it does not
+    exit in time) before this returns the figures.
+    """
+    import threading
+
+    ctx = mp.get_context("spawn")
+    results, stop = ctx.Queue(), ctx.Event()
+    start = time.time() + 0.5 if start is None else start
+    clients: list[Any] = []  # the started ones, to stop
+    watcher: threading.Thread | None = None
+    try:
+        for _ in range(s.clients):
+            c = ctx.Process(target=client, args=(front, s, start, results, *client_args), daemon=True)
+            c.start()
+            clients.append(c)
+        if during is not None:
+            watcher = threading.Thread(target=during, args=(stop,), daemon=True)
+            watcher.start()
+        outcomes = [results.get(timeout=WARMUP_S + s.duration + 60) for _ in clients]
+    finally:
+        _stop(stop, clients)
+        if watcher is not None:
+            watcher.join(timeout=15)
     return _figures(sum(n for n, _ in outcomes), [x for _, sample in outcomes for x in sample], s.duration)
 
 
