@@ -98,12 +98,13 @@ def test_services_lists_every_action_with_its_schema(quickstart):
     registry = json.loads(done.stdout)
     expected = {
         "echo": {"echo", "reverse"},
-        "kv": {"get", "put", "delete", "list"},
+        "kv": {"get", "put", "delete", "list", "incr"},
         "sqlite": {"query", "tables"},
         "fs": {"list", "read", "search"},
     }
     assert {svc: set(entry["actions"]) for svc, entry in registry.items()} == expected
     assert registry["echo"]["nodes"] == 2
+    assert registry["kv"]["actions"]["incr"].get("exactly_once") is True
     for entry in registry.values():
         for action in entry["actions"].values():
             assert action["description"] and action["schema"]["type"] == "object"
