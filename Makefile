@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 BROWSER := /usr/bin/chromedriver
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 
-.PHONY: run cluster test soak bench sim sample clean
+.PHONY: run cluster test soak faults bench sim sample clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,11 @@ test: $(STAMP) $(BROWSER)
 
 soak: $(STAMP)
 	$(BIN)/pytest -m slow
+
+# topologies/cluster.toml under load while its leader, a follower and the kv node are
+# SIGKILLed 10 times each (docs/operations.md, "Measured"); part of `make soak` too.
+faults: $(STAMP)
+	$(BIN)/pytest -m slow -s tests/integration/test_cluster_faults.py
 
 bench: $(STAMP)
 	$(BIN)/mesh bench --clients 4 --inflight 32 --payload 256
