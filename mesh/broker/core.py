@@ -79,9 +79,10 @@ from ..protocol import (
 )
 from ..protocol.names import ID_MATCH
 from ..security.gate import Gate, Peer
-from ..cluster.shared import Claimed, Committed, Revoked, SharedState
-from .events import DEFAULT_RULE, EventBus, RetentionRule
-from .once import OnceTable, once_key, revoke_key
+from ..cluster.messages import MAX_PROPOSAL_BYTES
+from ..cluster.shared import Claimed, Committed, Published, Revoked, SharedState, event_record
+from .events import DEFAULT_RULE, EventBus, RetentionRule, check_publishable
+from .once import OnceTable, event_key, once_key, revoke_key
 from .registry import NodeInfo, PeerEvent, Registry, parse_load, silence_event
 
 __all__ = ["Side", "Outgoing", "BrokerConfig", "Broker", "Command", "ConnectionState", "RecentReplies"]
@@ -95,6 +96,7 @@ _NOBODY: Final = Peer()
 # Node errors that prove the command never ran: clients resend these with the same id
 # (see client.AUTO_RETRY), so remembering them would turn every retry into the refusal.
 _NEVER_STARTED: Final = frozenset({int(ErrorCode.RESOURCE_EXHAUSTED), int(ErrorCode.UNAVAILABLE)})
+MAX_UNCOMMITTED_EVENTS: Final = 10_000  # in a cluster: events waiting for their commit
 
 
 class Side(IntEnum):
@@ -248,6 +250,8 @@ class Broker:
             self.config.recent_replies, self.config.recent_reply_s, self.config.recent_reply_bytes
         )
         self.once: OnceTable | None = None  # with a cluster (`join_cluster`)
+        # In a cluster: (topic, id) of each event waiting for its commit -> who to acknowledge.
+        self._event_acks: dict[tuple[str, str], tuple[Side, bytes, dict[str, Any]]] = {}
 
     def join_cluster(self, shared: SharedState) -> None:
         """Run exactly-once actions through the cluster's replicated `shared` state."""
@@ -494,6 +498,18 @@ class Broker:
                         cmd.state = CommandState.DISPATCHED  # it ran, through another broker
                     self._finish(cmd, CommandEvent.FAIL if failed else CommandEvent.RESPOND)
                     out.append((Side.CLIENT, cmd.client, list(effect.reply)))
+            elif isinstance(effect, Published):
+                once.confirmed(event_key(effect.topic, effect.id), outcome=False)
+                if effect.frames is not None:
+                    self._published.append(effect.frames)
+                    self.counters["events_committed"] += 1
+                waiting = self._event_acks.pop((effect.topic, effect.id), None)
+                if waiting is not None:
+                    side, ident, header = waiting
+                    out.append(
+                        self._event_refused(side, ident, header, effect.error, now) if effect.error is not None
+                        else self._event_ack(side, ident, header, effect.seq, now)
+                    )  # fmt: skip
             elif isinstance(effect, Revoked):
                 once.confirmed(revoke_key(effect.jti), outcome=False)
                 revocations = self.security.revocations if self.security is not None else None
@@ -562,16 +578,47 @@ class Broker:
     # ------------------------------------------------------------------ events
 
     def _publish(self, side: Side, ident: bytes, header: dict[str, Any], payload: bytes, now: float) -> list[Outgoing]:
-        """Sequence a publisher's event; acknowledge it with its number (or refuse it)."""
-        prefix: list[bytes] = [b""] if side is Side.NODE else []
+        """Sequence a publisher's event; acknowledge it with its number (or refuse it).
+
+        In a cluster the event goes through the replicated log first: every broker
+        numbers it when it is committed, and the publisher's acknowledgement waits for that.
+        """
         try:
+            if self.once is not None:
+                return self._propose_event(side, ident, header, payload, now)
             seq, frames = self.events.publish(header, payload)
         except MeshError as err:
-            self.counters["events_refused"] += 1
-            return [(side, ident, [*prefix, *self._error_frames(err, now, header["id"])])]
+            return [self._event_refused(side, ident, header, err, now)]
         self._published.append(frames)
-        ack = encode_response_header(header, now)
-        return [(side, ident, [*prefix, ack, encode_payload({"seq": seq})])]
+        return [self._event_ack(side, ident, header, seq, now)]
+
+    def _propose_event(self, side: Side, ident: bytes, header: dict[str, Any], payload: bytes, now: float) -> list[Outgoing]:
+        assert self.once is not None
+        topic = header["topic"]
+        check_publishable(topic)
+        if len(self._event_acks) >= MAX_UNCOMMITTED_EVENTS:
+            raise UnavailableError(
+                f"{MAX_UNCOMMITTED_EVENTS} events wait for the cluster to commit them (is a majority of brokers up?)",
+                details={"uncommitted": len(self._event_acks)},
+            )
+        record = event_record(header, payload)
+        if len(record) > MAX_PROPOSAL_BYTES:
+            raise MessageTooLargeError(
+                f"an event of {len(payload)} bytes is over what the cluster's log takes ({MAX_PROPOSAL_BYTES} bytes)",
+                details={"limit": MAX_PROPOSAL_BYTES},
+            )
+        self._event_acks[(topic, header["id"])] = (side, ident, header)
+        self.once.propose_event(topic, header["id"], record, now)
+        return []
+
+    def _event_ack(self, side: Side, ident: bytes, header: dict[str, Any], seq: int, now: float) -> Outgoing:
+        prefix: list[bytes] = [b""] if side is Side.NODE else []
+        return (side, ident, [*prefix, encode_response_header(header, now), encode_payload({"seq": seq})])
+
+    def _event_refused(self, side: Side, ident: bytes, header: dict[str, Any], err: MeshError, now: float) -> Outgoing:
+        self.counters["events_refused"] += 1
+        prefix: list[bytes] = [b""] if side is Side.NODE else []
+        return (side, ident, [*prefix, *self._error_frames(err, now, header["id"])])
 
     # ------------------------------------------------------------------- nodes
 

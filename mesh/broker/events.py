@@ -37,7 +37,7 @@ from ..protocol import (
 )
 from ..protocol.topics import CONTROL, covers, topic_frame
 
-__all__ = ["DEFAULT_RULE", "EventBus", "RetentionRule", "SubscriberReport"]
+__all__ = ["DEFAULT_RULE", "EventBus", "RetentionRule", "SubscriberReport", "check_publishable"]
 
 SYNC_TOPIC: Final = "mesh.subscribed"
 RESERVED: Final = "mesh"
@@ -143,10 +143,7 @@ class EventBus:
             ResourceExhaustedError: a new topic, and the bus already tracks `max_topics`.
         """
         topic: str = published["topic"]
-        if covers(RESERVED, topic):
-            raise AccessDeniedError(
-                "the mesh.* topics are reserved for the broker", details={"field": "topic", "topic": topic}
-            )
+        check_publishable(topic)
         state = self._topic(topic)
         seq = state.seq + 1
         header = encode_stamped_event(published, seq)
@@ -205,6 +202,51 @@ class EventBus:
         self.retained_bytes -= item.size
         self.retained_events -= 1
         self.counters["events_evicted"] += 1
+
+    # ------------------------------------------------------------ cluster state
+
+    def snapshot_topics(self, max_bytes: int) -> dict[str, Any]:
+        """The published (not `mesh.*`) topics' numbering and their newest retained events,
+        at most `max_bytes` of them, for a cluster snapshot: `{"seqs": {topic: seq},
+        "history": [[topic, seq, header, payload], ...]}` in publication order."""
+        seqs = {name: t.seq for name, t in self.topics.items() if not covers(RESERVED, name)}
+        newest = sorted(
+            ((r.order, name, r) for name in seqs for r in self.topics[name].history), key=lambda x: x[0], reverse=True
+        )
+        history, size = [], 0
+        for _, name, item in newest:
+            size += item.size
+            if size > max_bytes:
+                break
+            history.append([name, item.seq, item.header, item.payload])
+        history.reverse()
+        return {"seqs": seqs, "history": history}
+
+    def restore_topics(self, snap: Mapping[str, Any]) -> None:
+        """Replace the published topics by a cluster snapshot's (see `snapshot_topics`);
+        the broker's own `mesh.*` topics stay as they are.
+
+        Raises:
+            ValueError: a malformed snapshot part.
+        """
+        try:
+            seqs = {str(k): int(v) for k, v in snap["seqs"].items()}
+            history = [(str(t), int(q), bytes(h), bytes(p)) for t, q, h, p in snap["history"]]
+        except (TypeError, KeyError, ValueError, AttributeError) as exc:
+            raise ValueError(f"a damaged event snapshot: {exc}") from None
+        for name in [n for n in self.topics if not covers(RESERVED, n)]:
+            state = self.topics.pop(name)
+            self.retained_bytes -= state.bytes
+            self.retained_events -= len(state.history)
+        try:
+            for name, seq, header, payload in history:
+                self._append(self._topic(name), seq, header, payload)
+            for name, seq in seqs.items():
+                self._topic(name).seq = seq
+        except ResourceExhaustedError as exc:
+            raise ValueError(f"the event snapshot holds more topics than this broker tracks: {exc}") from None
+        live = sorted((r.order, t.name, r.seq) for t in self.topics.values() for r in t.history)
+        self._oldest = deque((self.topics[name], seq) for _, name, seq in live)
 
     # ------------------------------------------------------------------ replay
 
@@ -312,6 +354,16 @@ class EventBus:
             },
             "counters": dict(self.counters),
         }
+
+
+def check_publishable(topic: str) -> None:
+    """Refuse a publisher's event to one of the broker's own `mesh.*` topics.
+
+    Raises:
+        AccessDeniedError: a reserved topic.
+    """
+    if covers(RESERVED, topic):
+        raise AccessDeniedError("the mesh.* topics are reserved for the broker", details={"field": "topic", "topic": topic})
 
 
 def _counts(*values: Any) -> bool:

@@ -145,7 +145,7 @@ class BrokerServer:
         name = self.core.config.name
         if name not in cluster.members:
             raise ValueError(f"broker {name!r} is not one of the cluster's members {sorted(cluster.members)}")
-        shared = SharedState()
+        shared = SharedState(events=self.core.events)
         member = ClusterMember(
             name, cluster.members, cluster.learners, cluster.data_dir, shared, self._ctx,
             security=PeerSecurity.from_state(cluster.state_dir) if cluster.state_dir is not None else None,

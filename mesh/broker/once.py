@@ -14,6 +14,8 @@ Rules of this module:
   is committed. A resend, to any broker and after any failover, gets that outcome.
 * A token revoked on one broker is revoked there at once and proposed to the log; every
   broker (this one again, harmlessly) adds it to its revocations when it commits.
+* An event published through one broker is proposed to the log; every broker numbers
+  and delivers it when it commits, and this one acknowledges it to its publisher then.
 * A proposal may be lost (a leader change); what waits for a commit is proposed again
   every `RETRY_S`, and at once when a new leader is known, until its effect arrives. The shared state keeps the first claim and
   the first outcome, so a repeated proposal changes nothing.
@@ -26,7 +28,7 @@ from typing import Final
 
 from ..cluster.shared import SharedState, claim_record, outcome_record, revoke_record
 
-__all__ = ["RETRY_S", "CommandRef", "OnceTable", "once_key", "revoke_key"]
+__all__ = ["RETRY_S", "CommandRef", "OnceTable", "event_key", "once_key", "revoke_key"]
 
 RETRY_S: Final = 1.0
 
@@ -36,6 +38,11 @@ CommandRef = tuple[bytes, str]  # a command on this broker: (client identity, co
 def revoke_key(jti: str) -> str:
     """The key a revocation's proposal waits under (apart from command keys, which hold `|`)."""
     return f"revoke {jti}"
+
+
+def event_key(topic: str, event_id: str) -> str:
+    """The key an event's proposal waits under."""
+    return f"event {topic} {event_id}"
 
 
 def once_key(cid: str, service: str, action: str, subject: str | None) -> str:
@@ -75,6 +82,10 @@ class OnceTable:
     def propose_revoke(self, jti: str, expires: float, now: float) -> None:
         """A token revoked here: every broker of the cluster refuses it once committed."""
         self._propose(revoke_key(jti), revoke_record(jti, expires), now)
+
+    def propose_event(self, topic: str, event_id: str, record: bytes, now: float) -> None:
+        """An event published here: every broker numbers and delivers it once committed."""
+        self._propose(event_key(topic, event_id), record, now)
 
     def propose_outcome(self, key: str, reply: list[bytes], now: float) -> None:
         self._outcomes.add(key)

@@ -33,6 +33,7 @@ from ..protocol.errors import (
 __all__ = [
     "WIRE_VERSION",
     "MAX_RAFT_MESSAGE_BYTES",
+    "MAX_PROPOSAL_BYTES",
     "MAX_NODE_ID_CHARS",
     "EntryKind",
     "Entry",
@@ -52,6 +53,7 @@ WIRE_VERSION: Final = 1
 # A snapshot travels in one message, so the limit is generous; the shared state the
 # brokers replicate (registrations, policies, revocations) is far smaller.
 MAX_RAFT_MESSAGE_BYTES: Final = 64 * 1024 * 1024
+MAX_PROPOSAL_BYTES: Final = 4 * 1024 * 1024  # one log entry's data
 MAX_NODE_ID_CHARS: Final = 128
 
 

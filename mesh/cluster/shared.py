@@ -5,14 +5,21 @@ Rules of this module:
 * Sans-IO and deterministic: `apply` is called with the committed entries in log order
   on every broker, and must leave every broker in the same state. Nothing here reads a
   clock or a random source; what varies (a broker's name, a node's id) is in the record.
-* Each entry is one MessagePack map with an `op` (`claim`, `outcome`, `revoke`). An
+* Each entry is one MessagePack map with an `op` (`claim`, `outcome`, `revoke`,
+  `event`). An
   entry that is not a valid record (a bug, or a newer broker's op) is counted in
   `invalid` and skipped, the same way on every broker.
 * Exactly-once bookkeeping: the first `claim` of a command key wins and later ones are
   ignored; the first `outcome` wins. Both tables are bounded (`max_commands` keys,
   oldest out first, by log order), so the state, and each snapshot, stays small.
-* What the broker must act on (a claim or outcome committed, a token revoked) is
-  collected as effects, in log order, for `take_effects`.
+* Events: every broker numbers the committed events in log order with its own event
+  bus, so the sequence numbers agree across the cluster and a subscriber can move to
+  another broker and replay from where it was. An event is told apart by its topic and
+  id: a second proposal of it (a retry after a leader change) is not published again.
+  The event records carry the publisher's id, time, topic and metadata, never its
+  security map.
+* What the broker must act on (a claim or outcome committed, a token revoked, an event
+  published) is collected as effects, in log order, for `take_effects`.
 * `snapshot()` / `restore()` carry the whole state; a snapshot is itself a MessagePack
   map with a format version.
 """
@@ -20,24 +27,32 @@ Rules of this module:
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 import msgpack
+
+from ..protocol import MeshError
 
 __all__ = [
     "MAX_COMMANDS",
     "Claimed",
     "Committed",
     "Effect",
+    "EventSink",
+    "Published",
     "Revoked",
     "SharedState",
     "claim_record",
+    "event_record",
     "outcome_record",
     "revoke_record",
 ]
 
 MAX_COMMANDS: Final = 100_000  # exactly-once command keys remembered (claims and outcomes)
+MAX_EVENT_IDS: Final = 100_000  # events remembered, to publish each once however often proposed
+EVENT_SNAPSHOT_BYTES: Final = 16 * 1024 * 1024  # newest retained events carried by a snapshot
 SNAPSHOT_VERSION: Final = 1
 
 
@@ -66,7 +81,32 @@ class Revoked:
     expires: float
 
 
-Effect = Claimed | Committed | Revoked
+@dataclass(frozen=True, slots=True)
+class Published:
+    """The event `id` of `topic` is committed: numbered `seq`, `frames` for subscribers.
+
+    `frames` is None when it was published before (a repeated proposal; `seq` is the
+    number it got then) or was refused (`error`, the same on every broker).
+    """
+
+    topic: str
+    id: str
+    seq: int
+    frames: list[bytes] | None
+    error: MeshError | None = None
+
+
+Effect = Claimed | Committed | Revoked | Published
+
+
+class EventSink(Protocol):
+    """The broker's event bus, as the shared state uses it (`mesh.broker.events.EventBus`)."""
+
+    def publish(self, published: Mapping[str, Any], payload: bytes) -> tuple[int, list[bytes]]: ...
+
+    def snapshot_topics(self, max_bytes: int) -> dict[str, Any]: ...
+
+    def restore_topics(self, snap: Mapping[str, Any]) -> None: ...
 
 
 def _pack(record: dict[str, Any]) -> bytes:
@@ -83,6 +123,13 @@ def outcome_record(key: str, reply: tuple[bytes, bytes] | list[bytes]) -> bytes:
     return _pack({"op": "outcome", "key": key, "reply": [bytes(reply[0]), bytes(reply[1])]})
 
 
+def event_record(published: Mapping[str, Any], payload: bytes) -> bytes:
+    """The log entry publishing an event (the publisher's validated header map): its
+    id, time, topic and metadata, and its payload frame."""
+    event = {k: published[k] for k in ("id", "ts", "topic", "metadata") if k in published}
+    return _pack({"op": "event", "event": event, "payload": bytes(payload)})
+
+
 def revoke_record(jti: str, expires: float) -> bytes:
     """The log entry revoking token id `jti` until `expires`."""
     return _pack({"op": "revoke", "jti": jti, "expires": float(expires)})
@@ -93,10 +140,14 @@ class SharedState:
 
     Args:
         max_commands: exactly-once command keys kept, oldest forgotten first.
+        events: the broker's event bus, which numbers and retains committed events;
+            without one, event entries count as invalid.
     """
 
-    def __init__(self, max_commands: int = MAX_COMMANDS) -> None:
+    def __init__(self, max_commands: int = MAX_COMMANDS, events: EventSink | None = None) -> None:
         self.max_commands = max_commands
+        self.events = events
+        self.event_ids: OrderedDict[tuple[str, str], int] = OrderedDict()  # (topic, id) -> seq
         self.claims: OrderedDict[str, tuple[str, str]] = OrderedDict()  # key -> (node, broker)
         self.outcomes: dict[str, tuple[bytes, bytes]] = {}
         self.revoked: dict[str, float] = {}
@@ -129,6 +180,8 @@ class SharedState:
                 jti = _text(record, "jti")
                 self.revoked[jti] = float(expires)
                 self._effects.append(Revoked(jti, float(expires)))
+            elif op == "event":
+                self._event(record)
             else:
                 raise ValueError("op")
         except (ValueError, TypeError, KeyError, msgpack.UnpackException):
@@ -148,6 +201,27 @@ class SharedState:
         first = self.outcomes.setdefault(key, reply)
         self._effects.append(Committed(key, first))
 
+    def _event(self, record: dict[str, Any]) -> None:
+        event, payload = record.get("event"), record.get("payload")
+        if self.events is None or not isinstance(event, dict) or not isinstance(payload, bytes):
+            raise ValueError("event")
+        topic, eid = _text(event, "topic"), _text(event, "id")
+        if isinstance(event.get("ts"), bool) or not isinstance(event.get("ts"), (int, float)):
+            raise ValueError("ts")
+        seen = self.event_ids.get((topic, eid))
+        if seen is not None:
+            self._effects.append(Published(topic, eid, seen, None))
+            return
+        try:
+            seq, frames = self.events.publish(event, payload)
+        except MeshError as err:
+            self._effects.append(Published(topic, eid, 0, None, err))
+            return
+        self.event_ids[(topic, eid)] = seq
+        if len(self.event_ids) > MAX_EVENT_IDS:
+            self.event_ids.popitem(last=False)
+        self._effects.append(Published(topic, eid, seq, frames))
+
     def snapshot(self) -> bytes:
         """The whole state as bytes, for log compaction and lagging members."""
         return _pack({
@@ -156,6 +230,8 @@ class SharedState:
             "claims": [[k, n, b] for k, (n, b) in self.claims.items()],
             "outcomes": [[k, h, p] for k, (h, p) in self.outcomes.items()],
             "revoked": self.revoked,
+            "event_ids": [[t, i, q] for (t, i), q in self.event_ids.items()],
+            "events": self.events.snapshot_topics(EVENT_SNAPSHOT_BYTES) if self.events is not None else None,
         })
 
     def restore(self, data: bytes) -> None:
@@ -171,10 +247,14 @@ class SharedState:
             claims = OrderedDict((str(k), (str(n), str(b))) for k, n, b in snap["claims"])
             outcomes = {str(k): (bytes(h), bytes(p)) for k, h, p in snap["outcomes"]}
             revoked = {str(j): float(e) for j, e in snap["revoked"].items()}
+            event_ids = OrderedDict(((str(t), str(i)), int(q)) for t, i, q in snap.get("event_ids", ()))
             applied = int(snap["applied"])
         except (TypeError, KeyError, msgpack.UnpackException) as exc:
             raise ValueError(f"a damaged shared-state snapshot: {exc}") from None
+        if self.events is not None and snap.get("events") is not None:
+            self.events.restore_topics(snap["events"])
         self.claims, self.outcomes, self.revoked, self.applied = claims, outcomes, revoked, applied
+        self.event_ids = event_ids
         self._effects = []
 
 

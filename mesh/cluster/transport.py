@@ -37,7 +37,7 @@ from ..protocol.errors import MeshError
 from ..security.curve import secure_client, secure_server
 from ..security.state import PEER_KEY_NAME, StateLayout
 from ..sockets import Secure, frame_peer, peer_dealer, peer_router, send_frames
-from .messages import MAX_RAFT_MESSAGE_BYTES, Message, decode_message, encode_message
+from .messages import MAX_PROPOSAL_BYTES, MAX_RAFT_MESSAGE_BYTES, Message, decode_message, encode_message
 
 __all__ = [
     "KIND_RAFT",
@@ -55,7 +55,6 @@ __all__ = [
 
 KIND_RAFT: Final = b"\x01"
 KIND_PROPOSAL: Final = b"\x02"
-MAX_PROPOSAL_BYTES: Final = 4 * 1024 * 1024
 PEER_HWM: Final = 1000
 RECV_BATCH: Final = 256
 

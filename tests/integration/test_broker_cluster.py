@@ -205,3 +205,32 @@ def test_a_corrupted_data_directory_refuses_to_start(cluster: Cluster) -> None:
     assert done.returncode != 0
     assert "3007" in done.stderr and "CorruptStateError" in done.stderr and str(state) in done.stderr
     assert "ready" not in done.stdout
+
+
+def test_events_reach_every_broker_numbered_alike_and_survive_a_restart(cluster: Cluster) -> None:
+    """An event published through one broker reaches subscribers of every broker with the
+    same sequence number; a broker SIGKILLed and restarted from its data replays them."""
+    leader = cluster.leader()
+    follower = next(n for n in NAMES if n != leader)
+    clients = {n: Client(cluster.brokers[n].clients, timeout=10.0) for n in NAMES}
+    try:
+        subs = {n: clients[n].subscribe("orders") for n in NAMES}
+        seqs = [clients[NAMES[i % 3]].publish("orders.new", {"n": i}) for i in range(6)]
+        assert seqs == [1, 2, 3, 4, 5, 6]  # one numbering, whichever broker took the event
+        for name, sub in subs.items():
+            got = [sub.get(timeout=10) for _ in range(6)]
+            assert [(e.seq, e.payload) for e in got] == [(i + 1, {"n": i}) for i in range(6)], name
+            sub.close()
+        clients[follower].close()
+        old = cluster.brokers[follower]
+        old.process.popen.kill()
+        old.process.popen.wait(10)
+        assert clients[leader].publish("orders.new", {"n": 6}) == 7  # a majority is still up
+        back = cluster.start(follower, old.clients, old.nodes)
+        with Client(back.clients, timeout=10.0) as c, c.subscribe("orders", from_seq=0) as sub:
+            got = [sub.get(timeout=10) for _ in range(7)]
+            assert [(e.seq, e.payload) for e in got] == [(i + 1, {"n": i}) for i in range(7)]
+            assert c.publish("orders.new", {"n": 7}) == 8
+    finally:
+        for c in clients.values():
+            c.close()

@@ -26,41 +26,10 @@ from frames import (
     to_clients,
     to_nodes,
 )
+from sharedlog import ONCE, Cluster
 
 from mesh.broker import Broker, BrokerConfig, Side
-from mesh.broker.core import Outgoing
-from mesh.cluster.shared import SharedState
 from mesh.protocol import ErrorCode, ResourceExhaustedError, ValidationFailedError
-
-ONCE = {"pay": {"charge": {"description": "charge a card", "schema": {}, "exactly_once": True}}}
-
-
-class Cluster:
-    """Two broker cores and the log they share."""
-
-    def __init__(self) -> None:
-        self.log: list[bytes] = []
-        self.brokers = [Broker(BrokerConfig(name=f"b{i}")) for i in (1, 2)]
-        self.states = [SharedState() for _ in self.brokers]
-        for broker, state in zip(self.brokers, self.states):
-            broker.join_cluster(state)
-
-    def register(self, ident: bytes, instance: str, *, capacity: int = 2) -> None:
-        payload = {**registration(ONCE, capacity=capacity, name=ident.decode()), "instance": instance}
-        for broker in self.brokers:
-            out = broker.node_message(ident, node_system("register", payload), 0.0)
-            assert header_of(out[0][2][1:]).type.value == "response"
-
-    def commit(self, now: float = 1.0, *, drop: bool = False) -> list[list[Outgoing]]:
-        """Take every broker's proposals into the log (or lose them), apply, act."""
-        for broker in self.brokers:
-            taken = broker.take_proposals(now)
-            if not drop:
-                self.log.extend(taken)
-        for state in self.states:
-            for index in range(state.applied + 1, len(self.log) + 1):
-                state.apply(index, self.log[index - 1])
-        return [broker.apply_shared(now) for broker in self.brokers]
 
 
 @pytest.fixture

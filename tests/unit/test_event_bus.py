@@ -226,3 +226,29 @@ def test_topic_frames_match_whole_segments() -> None:
     assert not topic_frame("orders2").startswith(flt)
     assert subscription_filter("") == b""
     assert covers("orders", "orders.new") and covers("", "x") and not covers("orders", "orders2")
+
+
+def test_a_cluster_snapshot_keeps_every_topics_number_and_the_newest_events_within_its_bound() -> None:
+    bus = EventBus()
+    for i in range(10):
+        publish(bus, "a" if i % 2 else "b", "x" * 100, i)
+    bus.emit("mesh.node.up", {"name": "n"}, 0.0)
+    one = bus.topics["a"].bytes // 5  # the size of one event: they are all alike
+    snap = bus.snapshot_topics(3 * one + one // 2)
+    assert snap["seqs"] == {"a": 5, "b": 5}  # not the broker's own mesh.* topic
+    assert [(t, q) for t, q, _, _ in snap["history"]] == [("a", 4), ("b", 5), ("a", 5)]
+
+    other = EventBus()
+    publish(other, "c", 1)
+    other.emit("mesh.node.up", {"name": "m"}, 0.0)
+    other.restore_topics(snap)
+    assert {n: t.seq for n, t in other.topics.items()} == {"a": 5, "b": 5, "mesh.node.up": 1}
+    assert other.retained_events == 4 and other.retained_bytes == sum(t.bytes for t in other.topics.values())
+    answer = other.replay({"prefix": "", "after": 0}, 1 << 20)
+    assert [(t, q) for t, q, _ in replayed(answer)] == [("mesh.node.up", 1), ("a", 4), ("b", 5), ("a", 5)]
+    assert publish(other, "a") == 6
+
+
+def test_a_damaged_cluster_snapshot_is_refused() -> None:
+    with pytest.raises(ValueError, match="damaged event snapshot"):
+        EventBus().restore_topics({"seqs": {"a": "x"}, "history": []})
