@@ -631,6 +631,27 @@ def token_revoke(jti: str, broker_ep: str, credentials: str | None) -> None:
 
 
 @main.group()
+def policy() -> None:
+    """Change a broker cluster's access policy."""
+
+
+@policy.command("set")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False))
+@click.option("--broker", "broker_ep", envvar="MESH_BROKER", default=DEFAULT_BROKER, show_default=True, help=BROKER_HELP)
+@credentials_option
+def policy_set(file: str, broker_ep: str, credentials: str | None) -> None:
+    """Put the policy in FILE (TOML, like the state directory's policy.toml) in force on
+    every broker of the cluster, once committed; needs a role that may call mesh.policy."""
+    from pathlib import Path
+
+    try:
+        with _client(broker_ep, 10.0, credentials) as client:
+            _print_json(client.call("mesh", "policy", {"policy": Path(file).read_text(encoding="utf-8")}))
+    except MeshError as err:
+        _fail(err)
+
+
+@main.group()
 def topology() -> None:
     """Work with topology files."""
 

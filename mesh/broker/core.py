@@ -80,9 +80,20 @@ from ..protocol import (
 from ..protocol.names import ID_MATCH
 from ..security.gate import Gate, Peer
 from ..cluster.messages import MAX_PROPOSAL_BYTES
-from ..cluster.shared import Claimed, Committed, Published, Revoked, SharedState, event_record
+from ..cluster.shared import (
+    Claimed,
+    Committed,
+    PolicySet,
+    Published,
+    Revoked,
+    SharedState,
+    event_record,
+    policy_digest,
+    policy_record,
+)
+from ..security.policy import PolicyError, policy_from_text
 from .events import DEFAULT_RULE, EventBus, RetentionRule, check_publishable
-from .once import OnceTable, event_key, once_key, revoke_key
+from .once import OnceTable, event_key, once_key, policy_key, revoke_key
 from .registry import NodeInfo, PeerEvent, Registry, parse_load, silence_event
 
 __all__ = ["Side", "Outgoing", "BrokerConfig", "Broker", "Command", "ConnectionState", "RecentReplies"]
@@ -97,6 +108,7 @@ _NOBODY: Final = Peer()
 # (see client.AUTO_RETRY), so remembering them would turn every retry into the refusal.
 _NEVER_STARTED: Final = frozenset({int(ErrorCode.RESOURCE_EXHAUSTED), int(ErrorCode.UNAVAILABLE)})
 MAX_UNCOMMITTED_EVENTS: Final = 10_000  # in a cluster: events waiting for their commit
+MAX_POLICY_CHANGES: Final = 100  # in a cluster: mesh.policy calls waiting for their commit
 
 
 class Side(IntEnum):
@@ -252,10 +264,37 @@ class Broker:
         self.once: OnceTable | None = None  # with a cluster (`join_cluster`)
         # In a cluster: (topic, id) of each event waiting for its commit -> who to acknowledge.
         self._event_acks: dict[tuple[str, str], tuple[Side, bytes, dict[str, Any]]] = {}
+        # In a cluster: digest of each policy proposed by mesh.policy -> who to answer.
+        self._policy_acks: dict[str, list[tuple[Side, bytes, Header]]] = {}
 
-    def join_cluster(self, shared: SharedState) -> None:
-        """Run exactly-once actions through the cluster's replicated `shared` state."""
+    def join_cluster(self, shared: SharedState, now: float = 0.0) -> None:
+        """Run exactly-once actions, events, revocations and the access policy through the
+        cluster's replicated `shared` state.
+
+        With security on, the policy committed in the log is the one in force; this
+        broker proposes the one it read at start, which counts only if none is committed.
+        """
         self.once = OnceTable(self.config.name, shared)
+        if self.security is None:
+            return
+        if shared.policy is not None:
+            self._install_policy(shared.policy)
+        text = self.security.gate.policy.text
+        if text is not None:
+            self.once.propose_policy(policy_digest(text), policy_record(text, replace=False), now)
+
+    def _install_policy(self, text: str) -> None:
+        """Put the committed policy `text` in force (it was checked before it was proposed)."""
+        assert self.security is not None
+        gate = self.security.gate
+        if gate.policy.text == text:
+            return
+        try:
+            gate.policy = policy_from_text(text, f"the cluster's log ({policy_digest(text)})")
+        except PolicyError:
+            self.counters["policy_invalid"] += 1  # a newer broker's policy: keep the one in force
+            return
+        self.counters["policy_changes"] += 1
 
     def leader_changed(self) -> None:
         """The cluster has a new leader: propose again what is not committed yet."""
@@ -510,6 +549,14 @@ class Broker:
                         self._event_refused(side, ident, header, effect.error, now) if effect.error is not None
                         else self._event_ack(side, ident, header, effect.seq, now)
                     )  # fmt: skip
+            elif isinstance(effect, PolicySet):
+                once.confirmed(policy_key(effect.proposed), outcome=False)
+                if self.security is not None:
+                    self._install_policy(effect.text)
+                for side, ident, header in self._policy_acks.pop(effect.proposed, ()):
+                    prefix: list[bytes] = [b""] if side is Side.NODE else []
+                    answer = encode_payload({"policy": policy_digest(effect.text)})
+                    out.append((side, ident, [*prefix, encode_header(response_to(header, now=now)), answer]))
             elif isinstance(effect, Revoked):
                 once.confirmed(revoke_key(effect.jti), outcome=False)
                 revocations = self.security.revocations if self.security is not None else None
@@ -763,6 +810,8 @@ class Broker:
         prefix: list[bytes] = [b""] if side is Side.NODE else []
         header = decode_header(header_frame)
         try:
+            if header.action == "policy":
+                return self._propose_policy(ident, header, payload, now, side)
             result = self._system_result(ident, header, payload, now, side, identity, peer)
         except MeshError as err:
             self.counters["failed"] += 1
@@ -846,6 +895,35 @@ class Broker:
             if actions:
                 out[svc] = {**entry, "actions": actions}
         return out
+
+    def _propose_policy(self, ident: bytes, header: Header, payload: bytes, now: float, side: Side) -> list[Outgoing]:
+        """`mesh.policy`: a new access policy for every broker of the cluster, answered once
+        committed. The gate has already checked that the caller's role may call it."""
+        if self.security is None:
+            raise InvalidStateError("security is off: there is no access policy to change", details={"action": "policy"})
+        if self.once is None:
+            raise InvalidStateError(
+                "mesh.policy changes a cluster's policy; a single broker reads policy.toml from its state directory at start",
+                details={"action": "policy"},
+            )
+        request = decode_payload(payload)
+        text = request.get("policy") if isinstance(request, dict) else None
+        if not isinstance(text, str):
+            raise ValidationFailedError("policy: the new policy, as TOML text", details={"field": "policy"})
+        try:
+            policy_from_text(text, "mesh.policy")
+        except PolicyError as exc:
+            raise ValidationFailedError(
+                f"policy: {len(exc.problems)} problem(s): " + "; ".join(str(p) for p in exc.problems),
+                details={"field": "policy", "problems": [str(p) for p in exc.problems]},
+            ) from None
+        if sum(len(v) for v in self._policy_acks.values()) >= MAX_POLICY_CHANGES:
+            raise UnavailableError("policy changes wait for the cluster to commit them (is a majority of brokers up?)")
+        digest = policy_digest(text)
+        self._policy_acks.setdefault(digest, []).append((side, ident, header))
+        self.once.propose_policy(digest, policy_record(text, replace=True), now)
+        self.counters["policy_proposed"] += 1
+        return []
 
     def _token_action(self, action: str, identity: Any, request: Any, now: float) -> Any:
         """`mesh.renew` (a fresh token for the caller) and `mesh.revoke` (by jti, persisted).

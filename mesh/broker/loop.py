@@ -151,7 +151,7 @@ class BrokerServer:
             security=PeerSecurity.from_state(cluster.state_dir) if cluster.state_dir is not None else None,
             tick_s=cluster.tick_s, election_ticks=cluster.election_ticks,
         )  # fmt: skip
-        self.core.join_cluster(shared)
+        self.core.join_cluster(shared, self._clock())
         shared.take_effects()  # what the restart re-applied concerns no command of this run
         return member
 

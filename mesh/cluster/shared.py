@@ -6,7 +6,7 @@ Rules of this module:
   on every broker, and must leave every broker in the same state. Nothing here reads a
   clock or a random source; what varies (a broker's name, a node's id) is in the record.
 * Each entry is one MessagePack map with an `op` (`claim`, `outcome`, `revoke`,
-  `event`). An
+  `event`, `policy`). An
   entry that is not a valid record (a bug, or a newer broker's op) is counted in
   `invalid` and skipped, the same way on every broker.
 * Exactly-once bookkeeping: the first `claim` of a command key wins and later ones are
@@ -18,6 +18,10 @@ Rules of this module:
   id: a second proposal of it (a retry after a leader change) is not published again.
   The event records carry the publisher's id, time, topic and metadata, never its
   security map.
+* The access policy: the first `policy` entry sets it (each broker proposes the one it
+  read from its state directory: the first committed wins) and one marked `replace`
+  (`mesh.policy`) changes it. The text is kept as it came; every broker checks it the
+  same way when it acts on it.
 * What the broker must act on (a claim or outcome committed, a token revoked, an event
   published) is collected as effects, in log order, for `take_effects`.
 * `snapshot()` / `restore()` carry the whole state; a snapshot is itself a MessagePack
@@ -26,6 +30,7 @@ Rules of this module:
 
 from __future__ import annotations
 
+import hashlib
 from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -41,12 +46,15 @@ __all__ = [
     "Committed",
     "Effect",
     "EventSink",
+    "PolicySet",
     "Published",
     "Revoked",
     "SharedState",
     "claim_record",
     "event_record",
     "outcome_record",
+    "policy_digest",
+    "policy_record",
     "revoke_record",
 ]
 
@@ -96,7 +104,16 @@ class Published:
     error: MeshError | None = None
 
 
-Effect = Claimed | Committed | Revoked | Published
+@dataclass(frozen=True, slots=True)
+class PolicySet:
+    """A `policy` entry committed: `text` is the policy in force after it (changed or not),
+    `proposed` the digest of the text the entry proposed."""
+
+    proposed: str
+    text: str
+
+
+Effect = Claimed | Committed | Revoked | Published | PolicySet
 
 
 class EventSink(Protocol):
@@ -130,6 +147,16 @@ def event_record(published: Mapping[str, Any], payload: bytes) -> bytes:
     return _pack({"op": "event", "event": event, "payload": bytes(payload)})
 
 
+def policy_digest(text: str) -> str:
+    """A short name for a policy text, the same on every broker."""
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def policy_record(text: str, *, replace: bool) -> bytes:
+    """The log entry proposing an access policy (TOML text): the first one, or a change."""
+    return _pack({"op": "policy", "text": text, "replace": replace})
+
+
 def revoke_record(jti: str, expires: float) -> bytes:
     """The log entry revoking token id `jti` until `expires`."""
     return _pack({"op": "revoke", "jti": jti, "expires": float(expires)})
@@ -148,6 +175,7 @@ class SharedState:
         self.max_commands = max_commands
         self.events = events
         self.event_ids: OrderedDict[tuple[str, str], int] = OrderedDict()  # (topic, id) -> seq
+        self.policy: str | None = None  # the access policy in force (TOML text)
         self.claims: OrderedDict[str, tuple[str, str]] = OrderedDict()  # key -> (node, broker)
         self.outcomes: dict[str, tuple[bytes, bytes]] = {}
         self.revoked: dict[str, float] = {}
@@ -182,6 +210,13 @@ class SharedState:
                 self._effects.append(Revoked(jti, float(expires)))
             elif op == "event":
                 self._event(record)
+            elif op == "policy":
+                text = record.get("text")
+                if not isinstance(text, str) or not isinstance(record.get("replace"), bool):
+                    raise ValueError("policy")
+                if self.policy is None or record["replace"]:
+                    self.policy = text
+                self._effects.append(PolicySet(policy_digest(text), self.policy))
             else:
                 raise ValueError("op")
         except (ValueError, TypeError, KeyError, msgpack.UnpackException):
@@ -232,6 +267,7 @@ class SharedState:
             "revoked": self.revoked,
             "event_ids": [[t, i, q] for (t, i), q in self.event_ids.items()],
             "events": self.events.snapshot_topics(EVENT_SNAPSHOT_BYTES) if self.events is not None else None,
+            "policy": self.policy,
         })
 
     def restore(self, data: bytes) -> None:
@@ -249,13 +285,20 @@ class SharedState:
             revoked = {str(j): float(e) for j, e in snap["revoked"].items()}
             event_ids = OrderedDict(((str(t), str(i)), int(q)) for t, i, q in snap.get("event_ids", ()))
             applied = int(snap["applied"])
+            policy = snap.get("policy")
+            if policy is not None and not isinstance(policy, str):
+                raise TypeError("policy")
         except (TypeError, KeyError, msgpack.UnpackException) as exc:
             raise ValueError(f"a damaged shared-state snapshot: {exc}") from None
         if self.events is not None and snap.get("events") is not None:
             self.events.restore_topics(snap["events"])
         self.claims, self.outcomes, self.revoked, self.applied = claims, outcomes, revoked, applied
         self.event_ids = event_ids
-        self._effects = []
+        self.policy = policy
+        # What the broker acts on that the snapshot brought: the revocations and the policy.
+        self._effects = [Revoked(j, e) for j, e in revoked.items()]
+        if policy is not None:
+            self._effects.append(PolicySet("", policy))
 
 
 def _text(record: dict[str, Any], field: str) -> str:

@@ -165,6 +165,7 @@ class Policy:
         self.roles: Mapping[str, Role] = dict(roles)
         self.nodes: Mapping[str, NodeRule] = dict(nodes)
         self.source = source
+        self.text: str | None = None  # the TOML it was read from (`policy_from_text`)
         self._commands: dict[tuple[Any, ...], Decision] = {}
         self._topic_cache: dict[tuple[Any, ...], Decision] = {}
 
@@ -327,13 +328,27 @@ def load_policy(path: str | Path) -> Policy:
     """
     source = str(path)
     try:
-        with open(path, "rb") as f:
-            data = tomllib.load(f)
+        text = Path(path).read_text(encoding="utf-8")
     except OSError as exc:
         raise PolicyError(source, [Problem("(file)", f"cannot read: {exc.strerror}")]) from None
+    except UnicodeDecodeError:
+        raise PolicyError(source, [Problem("(file)", "not UTF-8 text")]) from None
+    return policy_from_text(text, source)
+
+
+def policy_from_text(text: str, source: str = "<policy>") -> Policy:
+    """Check a policy given as TOML text (a file's, or one committed in a cluster's log).
+
+    Raises:
+        PolicyError: the text is not TOML or has problems (all listed).
+    """
+    try:
+        data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise PolicyError(source, [Problem("(file)", f"not valid TOML: {exc}")]) from None
-    return parse_policy(data, source)
+    policy = parse_policy(data, source)
+    policy.text = text
+    return policy
 
 
 def parse_policy(data: Mapping[str, Any], source: str = "<policy>") -> Policy:

@@ -408,7 +408,8 @@ def policy_text(nodes: Mapping[str, Iterable[str]]) -> str:
     """The policy `ensure_state` writes for a topology whose nodes offer these services."""
     lines = [
         "# The access policy of this mesh, generated on first start. The brokers read it at",
-        "# start; mesh never rewrites it, so edit it freely (then restart the brokers).",
+        "# start; mesh never rewrites it, so edit it freely (then restart the brokers). In a",
+        "# broker cluster the policy lives in the replicated log: `mesh policy set FILE`.",
         "#",
         "# Deny by default: a command needs a role of the caller's token that allows it, and",
         "# any role that denies it wins. Command patterns are service.action with * and ?,",

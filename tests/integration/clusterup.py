@@ -29,13 +29,17 @@ class Mesh:
         self.up, self.work, self.clients, self.monitors = up, work, clients, monitors
         self.token = (work / "var/cluster-mesh/monitor.token").read_text().strip()
 
-    def call(self, target: str, payload: dict[str, Any]) -> Any:
-        """`mesh call` with every broker's client endpoint and the credentials `mesh up` wrote."""
-        done = subprocess.run(
-            [sys.executable, "-m", "mesh", "call", target, json.dumps(payload), "--broker", ",".join(self.clients),
-             "--credentials", CREDENTIALS, "--timeout", "15"],
+    def mesh(self, *args: str, broker: str | None = None, credentials: str = CREDENTIALS) -> subprocess.CompletedProcess[str]:
+        """A `mesh` command against every broker (or one) with credentials `mesh up` wrote."""
+        return subprocess.run(
+            [sys.executable, "-m", "mesh", *args, "--broker", broker or ",".join(self.clients),
+             "--credentials", credentials],
             check=False, capture_output=True, text=True, timeout=30, cwd=self.work,
         )  # fmt: skip
+
+    def call(self, target: str, payload: dict[str, Any]) -> Any:
+        """`mesh call` with every broker's client endpoint and the admin's credentials."""
+        done = self.mesh("call", target, json.dumps(payload), "--timeout", "15")
         assert done.returncode == 0, done.stderr
         return json.loads(done.stdout)
 

@@ -6,6 +6,7 @@ The shipped file runs as it is, on free loopback ports, in a fresh directory.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 from collections.abc import Iterator
@@ -69,3 +70,26 @@ def test_cluster_topology_survives_a_killed_broker_and_stops_cleanly(mesh: Mesh)
     assert mesh.up.popen.wait(30) == 0, mesh.up.output()[-3000:]
     eventually(lambda: not any(alive(p) for p in children), 5, "every child to exit")
     assert "stopped" in mesh.up.output()
+
+
+def test_a_policy_set_through_one_broker_is_in_force_on_all(mesh: Mesh):
+    """`mesh policy set` through one broker: once committed, every broker applies it."""
+    bridge = "var/cluster-mesh/credentials/bridge.toml"
+    for broker in mesh.clients:
+        refused = mesh.mesh("call", "kv.delete", '{"key": "k"}', broker=broker, credentials=bridge)
+        assert refused.returncode == 1 and "2002" in refused.stderr  # the bridge role may not delete
+    policy = (mesh.work / "var/cluster-mesh/policy.toml").read_text()
+    assert 'deny = ["*.delete"]' in policy
+    (mesh.work / "new-policy.toml").write_text(policy + '\n[roles.extra]\nallow = "kv.*"\nrenew = 1\n')
+    bad = mesh.mesh("policy", "set", "new-policy.toml", broker=mesh.clients[1])
+    assert bad.returncode == 1 and "1002" in bad.stderr and "roles.extra.allow" in bad.stderr and "roles.extra.renew" in bad.stderr
+    (mesh.work / "new-policy.toml").write_text(policy.replace('deny = ["*.delete"]', 'deny = []', 1).replace(
+        "[roles.bridge]\nallow = [", '[roles.bridge]\nallow = ["kv.delete", ', 1))
+    done = mesh.mesh("policy", "set", "new-policy.toml", broker=mesh.clients[1])
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["policy"]
+    for broker in mesh.clients:
+        allowed = mesh.mesh("call", "kv.delete", '{"key": "k"}', broker=broker, credentials=bridge)
+        assert allowed.returncode == 0, (broker, allowed.stderr)
+    reader = mesh.mesh("policy", "set", "new-policy.toml", broker=mesh.clients[0], credentials=bridge)
+    assert reader.returncode == 1 and "2002" in reader.stderr  # only a role that may call mesh.policy
