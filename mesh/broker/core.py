@@ -279,9 +279,12 @@ class Broker:
             return
         if shared.policy is not None:
             self._install_policy(shared.policy)
+        if self.security.revocations is not None:
+            for jti, expires in shared.revoked.items():  # committed before a crash, maybe never acted on
+                self.security.revocations.revoke(jti, expires, now)
         text = self.security.gate.policy.text
         if text is not None:
-            self.once.propose_policy(policy_digest(text), policy_record(text, replace=False), now)
+            self.once.propose_policy(policy_digest(text), policy_record(text), now)
 
     def _install_policy(self, text: str) -> None:
         """Put the committed policy `text` in force (it was checked before it was proposed)."""
@@ -811,6 +814,8 @@ class Broker:
         header = decode_header(header_frame)
         try:
             if header.action == "policy":
+                if side is not Side.CLIENT or (self.security is not None and identity is None):
+                    raise AccessDeniedError("mesh.policy is for clients whose role allows it", details={"action": "policy"})
                 return self._propose_policy(ident, header, payload, now, side)
             result = self._system_result(ident, header, payload, now, side, identity, peer)
         except MeshError as err:
@@ -919,9 +924,9 @@ class Broker:
             ) from None
         if sum(len(v) for v in self._policy_acks.values()) >= MAX_POLICY_CHANGES:
             raise UnavailableError("policy changes wait for the cluster to commit them (is a majority of brokers up?)")
-        digest = policy_digest(text)
-        self._policy_acks.setdefault(digest, []).append((side, ident, header))
-        self.once.propose_policy(digest, policy_record(text, replace=True), now)
+        change = f"{self.config.name}:{header.id}"  # one change, however often it is proposed
+        self._policy_acks.setdefault(change, []).append((side, ident, header))
+        self.once.propose_policy(change, policy_record(text, change=change), now)
         self.counters["policy_proposed"] += 1
         return []
 

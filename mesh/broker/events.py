@@ -238,6 +238,9 @@ class EventBus:
             state = self.topics.pop(name)
             self.retained_bytes -= state.bytes
             self.retained_events -= len(state.history)
+        # Only the kept topics' events may be evicted while the snapshot's are appended.
+        live = sorted((r.order, t.name, r.seq) for t in self.topics.values() for r in t.history)
+        self._oldest = deque((self.topics[name], seq) for _, name, seq in live)
         try:
             for name, seq, header, payload in history:
                 self._append(self._topic(name), seq, header, payload)

@@ -38,7 +38,7 @@ from typing import Any, Final, Protocol
 
 import msgpack
 
-from ..protocol import MeshError
+from ..protocol import MeshError, ResourceExhaustedError
 
 __all__ = [
     "MAX_COMMANDS",
@@ -60,6 +60,7 @@ __all__ = [
 
 MAX_COMMANDS: Final = 100_000  # exactly-once command keys remembered (claims and outcomes)
 MAX_EVENT_IDS: Final = 100_000  # events remembered, to publish each once however often proposed
+MAX_POLICY_CHANGES: Final = 10_000  # mesh.policy change ids remembered, to apply each once
 EVENT_SNAPSHOT_BYTES: Final = 16 * 1024 * 1024  # newest retained events carried by a snapshot
 SNAPSHOT_VERSION: Final = 1
 
@@ -152,9 +153,11 @@ def policy_digest(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def policy_record(text: str, *, replace: bool) -> bytes:
-    """The log entry proposing an access policy (TOML text): the first one, or a change."""
-    return _pack({"op": "policy", "text": text, "replace": replace})
+def policy_record(text: str, *, change: str | None = None) -> bytes:
+    """The log entry proposing an access policy (TOML text): without `change`, the one a
+    broker read at start (counts only if none is committed); with it, a change
+    (`mesh.policy`) under its unique id, applied once however often it is proposed."""
+    return _pack({"op": "policy", "text": text, "change": change})
 
 
 def revoke_record(jti: str, expires: float) -> bytes:
@@ -176,6 +179,7 @@ class SharedState:
         self.events = events
         self.event_ids: OrderedDict[tuple[str, str], int] = OrderedDict()  # (topic, id) -> seq
         self.policy: str | None = None  # the access policy in force (TOML text)
+        self.policy_changes: OrderedDict[str, None] = OrderedDict()  # ids of mesh.policy changes applied
         self.claims: OrderedDict[str, tuple[str, str]] = OrderedDict()  # key -> (node, broker)
         self.outcomes: dict[str, tuple[bytes, bytes]] = {}
         self.revoked: dict[str, float] = {}
@@ -211,12 +215,16 @@ class SharedState:
             elif op == "event":
                 self._event(record)
             elif op == "policy":
-                text = record.get("text")
-                if not isinstance(text, str) or not isinstance(record.get("replace"), bool):
+                text, change = record.get("text"), record.get("change")
+                if not isinstance(text, str) or not (change is None or isinstance(change, str)):
                     raise ValueError("policy")
-                if self.policy is None or record["replace"]:
+                if self.policy is None or (change is not None and change not in self.policy_changes):
                     self.policy = text
-                self._effects.append(PolicySet(policy_digest(text), self.policy))
+                if change is not None:
+                    self.policy_changes[change] = None
+                    if len(self.policy_changes) > MAX_POLICY_CHANGES:
+                        self.policy_changes.popitem(last=False)
+                self._effects.append(PolicySet(change or policy_digest(text), self.policy))
             else:
                 raise ValueError("op")
         except (ValueError, TypeError, KeyError, msgpack.UnpackException):
@@ -245,17 +253,19 @@ class SharedState:
             raise ValueError("ts")
         seen = self.event_ids.get((topic, eid))
         if seen is not None:
-            self._effects.append(Published(topic, eid, seen, None))
+            refused = ResourceExhaustedError("the event was refused when first committed") if seen == 0 else None
+            self._effects.append(Published(topic, eid, seen, None, refused))
             return
         try:
             seq, frames = self.events.publish(event, payload)
         except MeshError as err:
-            self._effects.append(Published(topic, eid, 0, None, err))
-            return
-        self.event_ids[(topic, eid)] = seq
+            seq, frames, error = 0, None, err
+        else:
+            error = None
+        self.event_ids[(topic, eid)] = seq  # 0: refused, and a repeat is refused again
         if len(self.event_ids) > MAX_EVENT_IDS:
             self.event_ids.popitem(last=False)
-        self._effects.append(Published(topic, eid, seq, frames))
+        self._effects.append(Published(topic, eid, seq, frames, error))
 
     def snapshot(self) -> bytes:
         """The whole state as bytes, for log compaction and lagging members."""
@@ -268,6 +278,7 @@ class SharedState:
             "event_ids": [[t, i, q] for (t, i), q in self.event_ids.items()],
             "events": self.events.snapshot_topics(EVENT_SNAPSHOT_BYTES) if self.events is not None else None,
             "policy": self.policy,
+            "policy_changes": list(self.policy_changes),
         })
 
     def restore(self, data: bytes) -> None:
@@ -285,6 +296,7 @@ class SharedState:
             revoked = {str(j): float(e) for j, e in snap["revoked"].items()}
             event_ids = OrderedDict(((str(t), str(i)), int(q)) for t, i, q in snap.get("event_ids", ()))
             applied = int(snap["applied"])
+            policy_changes = OrderedDict((str(c), None) for c in snap.get("policy_changes", ()))
             policy = snap.get("policy")
             if policy is not None and not isinstance(policy, str):
                 raise TypeError("policy")
@@ -294,9 +306,9 @@ class SharedState:
             self.events.restore_topics(snap["events"])
         self.claims, self.outcomes, self.revoked, self.applied = claims, outcomes, revoked, applied
         self.event_ids = event_ids
-        self.policy = policy
+        self.policy, self.policy_changes = policy, policy_changes
         # What the broker acts on that the snapshot brought: the revocations and the policy.
-        self._effects = [Revoked(j, e) for j, e in revoked.items()]
+        self._effects.extend(Revoked(j, e) for j, e in revoked.items())
         if policy is not None:
             self._effects.append(PolicySet("", policy))
 

@@ -68,11 +68,16 @@ class Cluster:
         return [broker.apply_shared(NOW) for broker in self.brokers]
 
 
-def call(broker: Broker, action: str, payload: Any = None, *, role: str, id: str) -> list[Outgoing]:
-    """A client's `mesh.<action>` with a token of `role`."""
+def call_frames(action: str, payload: Any = None, *, role: str = "admin", id: str = "c1") -> list[bytes]:
+    """`mesh.<action>` with a token of `role`: [header, payload]."""
     header = unpack_header(encode_command_header("mesh", action, id=id, now=NOW))
     header["security"] = {"level": 1, "token": TokenIssuer(SETTINGS, SECRET).issue("alice", [role], 600, NOW)}
-    return broker.client_message(CLIENT, [msgpack.packb(header), encode_payload(payload)], NOW, ALICE)
+    return [msgpack.packb(header), encode_payload(payload)]
+
+
+def call(broker: Broker, action: str, payload: Any = None, *, role: str, id: str) -> list[Outgoing]:
+    """A client's `mesh.<action>` with a token of `role`."""
+    return broker.client_message(CLIENT, call_frames(action, payload, role=role, id=id), NOW, ALICE)
 
 
 def allowed(broker: Broker, action: str, id: str) -> bool:
@@ -109,7 +114,7 @@ def test_a_policy_with_problems_is_refused_with_each_one() -> None:
     err = error_of(out[2])
     assert err.code == ErrorCode.VALIDATION_FAILED and len(err.details["problems"]) == 2
     proposals = [msgpack.unpackb(p) for p in cluster.brokers[0].take_proposals(NOW)]
-    assert [(p["op"], p["replace"]) for p in proposals] == [("policy", False)]  # the start-up one only
+    assert [(p["op"], p["change"]) for p in proposals] == [("policy", None)]  # the start-up one only
 
 
 def test_a_snapshot_brings_the_policy_to_a_broker_that_missed_it() -> None:
@@ -121,3 +126,27 @@ def test_a_snapshot_brings_the_policy_to_a_broker_that_missed_it() -> None:
     state.restore(cluster.states[0].snapshot())
     late.apply_shared(NOW)
     assert allowed(late, "ping", "p1")
+
+
+def test_a_repeated_change_does_not_undo_a_later_one() -> None:
+    cluster = Cluster()
+    cluster.commit()
+    b1, b2 = cluster.brokers
+    call(b1, "policy", {"policy": CHANGED}, role="admin", id="x1")
+    first = b1.take_proposals(NOW)  # the change, as the member forwarded it
+    cluster.log.extend(first)
+    cluster.commit()
+    call(b2, "policy", {"policy": FIRST}, role="admin", id="x2")
+    cluster.commit()
+    cluster.log.extend(first)  # the first change proposed again (a retry after a leader change)
+    cluster.commit()
+    assert all(s.policy == FIRST for s in cluster.states)
+    assert not allowed(b1, "services", "s1")
+
+
+def test_a_node_may_not_change_the_policy() -> None:
+    cluster = Cluster()
+    b1, _ = cluster.brokers
+    out = only(b1.node_message(b"node-x", [b"", *call_frames("policy", {"policy": CHANGED})], NOW, ALICE))
+    assert error_of(out[2][1:]).code == ErrorCode.ACCESS_DENIED
+    assert [msgpack.unpackb(p)["change"] for p in b1.take_proposals(NOW)] == [None]
