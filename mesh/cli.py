@@ -645,8 +645,12 @@ def policy_set(file: str, broker_ep: str, credentials: str | None) -> None:
     from pathlib import Path
 
     try:
+        text = Path(file).read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise click.ClickException(f"{file} is not UTF-8 text") from None
+    try:
         with _client(broker_ep, 10.0, credentials) as client:
-            _print_json(client.call("mesh", "policy", {"policy": Path(file).read_text(encoding="utf-8")}))
+            _print_json(client.call("mesh", "policy", {"policy": text}))
     except MeshError as err:
         _fail(err)
 

@@ -232,6 +232,7 @@ class BrokerServer:
         out = self.core.apply_shared(now)
         if out:
             self._send(out)
+        self._publish()  # committed events reach subscribers now, not at the next tick
 
     def _drain(self, sock: zmq.Socket, handle: Callable[..., list[Outgoing]]) -> None:
         """Handle up to BATCH waiting messages, then send what they produced in one burst.
