@@ -79,7 +79,7 @@ from ..protocol import (
 )
 from ..protocol.names import ID_MATCH
 from ..security.gate import Gate, Peer
-from ..cluster.messages import MAX_RAFT_MESSAGE_BYTES
+from ..cluster.messages import MAX_PROPOSAL_BYTES
 from ..cluster.shared import (
     Claimed,
     Committed,
@@ -109,8 +109,6 @@ _NOBODY: Final = Peer()
 _NEVER_STARTED: Final = frozenset({int(ErrorCode.RESOURCE_EXHAUSTED), int(ErrorCode.UNAVAILABLE)})
 MAX_UNCOMMITTED_EVENTS: Final = 10_000  # in a cluster: events waiting for their commit
 MAX_POLICY_CHANGES: Final = 100  # in a cluster: mesh.policy calls waiting for their commit
-# A full batch of appended entries (64) must fit one Raft message: events stay well under.
-MAX_EVENT_RECORD_BYTES: Final = MAX_RAFT_MESSAGE_BYTES // 128
 
 
 class Side(IntEnum):
@@ -654,10 +652,10 @@ class Broker:
                 details={"uncommitted": len(self._event_acks)},
             )
         record = event_record(header, payload)
-        if len(record) > MAX_EVENT_RECORD_BYTES:
+        if len(record) > MAX_PROPOSAL_BYTES:
             raise MessageTooLargeError(
-                f"an event of {len(payload)} bytes is over what the cluster's log takes ({MAX_EVENT_RECORD_BYTES} bytes)",
-                details={"limit": MAX_EVENT_RECORD_BYTES},
+                f"an event of {len(payload)} bytes is over what the cluster's log takes ({MAX_PROPOSAL_BYTES} bytes)",
+                details={"limit": MAX_PROPOSAL_BYTES},
             )
         self._event_acks[(topic, header["id"])] = (side, ident, header)
         self.once.propose_event(topic, header["id"], record, now)

@@ -63,6 +63,18 @@ class RaftLog:
         base = self.snapshot.index + 1
         return self.entries[lo - base : hi - base + 1]
 
+    def batch(self, lo: int, hi: int, max_bytes: int) -> list[Entry]:
+        """Entries from `lo` up to `hi` whose data add up to at most `max_bytes`, but never
+        none: one message's worth, however large a single entry is."""
+        out: list[Entry] = []
+        size = 0
+        for entry in self.slice(lo, hi):
+            size += len(entry.data)
+            if out and size > max_bytes:
+                break
+            out.append(entry)
+        return out
+
     def unstable(self) -> list[Entry]:
         """Entries not yet persisted."""
         return self.slice(self.stable + 1, self.last_index)

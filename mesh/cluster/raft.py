@@ -33,6 +33,7 @@ from typing import Final
 from ..protocol.errors import InvalidStateError, NotLeaderError, ValidationFailedError
 from .log import RaftLog
 from .messages import (
+    MAX_RAFT_MESSAGE_BYTES,
     AppendRequest,
     AppendResponse,
     Entry,
@@ -112,6 +113,8 @@ class Config:
             [election_ticks, 2 * election_ticks) ticks without a leader.
         heartbeat_ticks: a leader sends heartbeats every this many ticks.
         max_entries_per_message: the most entries one AppendRequest carries.
+        max_bytes_per_message: the most entry data one AppendRequest carries (it always
+            carries at least one entry), so that a batch of large entries stays one message.
     """
 
     id: str
@@ -120,6 +123,7 @@ class Config:
     election_ticks: int = 10
     heartbeat_ticks: int = 1
     max_entries_per_message: int = 64
+    max_bytes_per_message: int = MAX_RAFT_MESSAGE_BYTES // 8  # + one entry of at most MAX_PROPOSAL_BYTES
 
     def __post_init__(self) -> None:
         members = (*self.voters, *self.learners)
@@ -129,6 +133,8 @@ class Config:
             raise ValueError(f"node {self.id!r} is neither a voter nor a learner")
         if self.heartbeat_ticks < 1 or self.election_ticks <= self.heartbeat_ticks:
             raise ValueError("need 1 <= heartbeat_ticks < election_ticks")
+        if self.max_entries_per_message < 1 or self.max_bytes_per_message < 1:
+            raise ValueError("need at least one entry and one byte per message")
 
 
 @dataclass(frozen=True)
@@ -570,7 +576,8 @@ class RaftNode:
             p.next_index, p.probing = self.log.snapshot.index + 1, True
             return
         last = min(self.log.last_index, prev_index + self.config.max_entries_per_message)
-        entries = tuple(self.log.slice(p.next_index, last))
+        entries = tuple(self.log.batch(p.next_index, last, self.config.max_bytes_per_message))
+        last = prev_index + len(entries)
         self._send(AppendRequest(peer, self.id, self.term, prev_index, prev_term, entries, self.log.commit))
         if not p.probing:
             p.next_index = last + 1

@@ -17,9 +17,12 @@ from mesh.cluster import Config, Entry, EntryKind, Message, PersistedState, Raft
 class Cluster:
     """Nodes, their disks, what they applied, and a queue of messages in flight."""
 
-    def __init__(self, voters: Iterable[str] = ("a", "b", "c"), learners: Iterable[str] = (), seed: int = 1) -> None:
+    def __init__(
+        self, voters: Iterable[str] = ("a", "b", "c"), learners: Iterable[str] = (), seed: int = 1, **config: int
+    ) -> None:
         self.voters, self.learners = tuple(voters), tuple(learners)
         self.seed = seed
+        self.config = config  # further Config fields, the same for every node
         self.disks: dict[str, PersistedState] = {m: PersistedState() for m in (*self.voters, *self.learners)}
         self.nodes: dict[str, RaftNode] = {m: self._boot(m) for m in self.disks}
         self.applied: dict[str, list[Entry]] = {m: [] for m in self.disks}
@@ -29,7 +32,7 @@ class Cluster:
         self.sent: list[Message] = []
 
     def _boot(self, name: str) -> RaftNode:
-        config = Config(name, self.voters, self.learners, election_ticks=10, heartbeat_ticks=1)
+        config = Config(name, self.voters, self.learners, election_ticks=10, heartbeat_ticks=1, **self.config)
         return RaftNode(config, random.Random(f"{self.seed}:{name}"), self.disks[name])
 
     def restart(self, name: str) -> RaftNode:

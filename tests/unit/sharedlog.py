@@ -18,9 +18,9 @@ ONCE = {"pay": {"charge": {"description": "charge a card", "schema": {}, "exactl
 class Cluster:
     """Two broker cores and the log they share."""
 
-    def __init__(self) -> None:
+    def __init__(self, **config: int) -> None:
         self.log: list[bytes] = []
-        self.brokers = [Broker(BrokerConfig(name=f"b{i}")) for i in (1, 2)]
+        self.brokers = [Broker(BrokerConfig(name=f"b{i}", **config)) for i in (1, 2)]
         self.states = [SharedState(events=broker.events) for broker in self.brokers]
         for broker, state in zip(self.brokers, self.states):
             broker.join_cluster(state)

@@ -21,7 +21,7 @@ from frames import (
 from sharedlog import Cluster
 
 from mesh.broker import Broker, BrokerConfig, Side
-from mesh.broker.core import MAX_EVENT_RECORD_BYTES
+from mesh.cluster.messages import MAX_PROPOSAL_BYTES
 from mesh.cluster.shared import SharedState, event_record
 from mesh.protocol import ErrorCode, MessageType
 
@@ -106,15 +106,17 @@ def test_a_snapshot_carries_numbering_and_history_and_leaves_the_brokers_own_top
     assert [(e.seq, e.frames is not None) for e in state.take_effects()] == [(4, True), (2, False)]
 
 
-def test_an_event_too_large_for_a_log_batch_is_refused_and_not_proposed(cluster: Cluster) -> None:
-    """A full batch of entries must fit one Raft message, so a cluster takes smaller events than one broker."""
+def test_an_event_too_large_for_the_log_is_refused_and_not_proposed() -> None:
+    """A log entry is at most MAX_PROPOSAL_BYTES: on brokers that take larger messages,
+    a larger event is refused before it is proposed."""
+    cluster = Cluster(max_message_bytes=2 * MAX_PROPOSAL_BYTES)
     b1, _ = cluster.brokers
-    big = b"x" * (MAX_EVENT_RECORD_BYTES + 1)
+    big = b"x" * (MAX_PROPOSAL_BYTES + 1)
     _, _, frames = only(b1.client_message(CLIENT, event_frames("orders.new", big), 1.0))
     err = error_of(frames)
-    assert err.code == ErrorCode.MESSAGE_TOO_LARGE and err.details["limit"] == MAX_EVENT_RECORD_BYTES
+    assert err.code == ErrorCode.MESSAGE_TOO_LARGE and err.details["limit"] == MAX_PROPOSAL_BYTES
     assert b1.take_proposals(1.0) == []
     # Just under the limit goes through the log.
-    b1.client_message(CLIENT, event_frames("orders.new", b"x" * (MAX_EVENT_RECORD_BYTES - 1024), id="e2"), 1.0)
+    b1.client_message(CLIENT, event_frames("orders.new", b"x" * (MAX_PROPOSAL_BYTES - 1024), id="e2"), 1.0)
     cluster.commit(1.0)
     assert [seq for _, seq, _ in user_events(b1)] == [1]

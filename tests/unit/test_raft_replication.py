@@ -127,6 +127,23 @@ def test_the_leader_exposes_each_peers_match_index_and_lag() -> None:
     assert cluster.nodes["b"].match_index() == {}
 
 
+def test_a_lagging_follower_gets_entries_in_messages_of_bounded_size() -> None:
+    """A catch-up batch stops at max_bytes_per_message; an entry larger than that still goes, alone."""
+    cluster = Cluster(max_bytes_per_message=100)
+    leader = cluster.elect("a")
+    cluster.isolate("c")
+    sizes = [60, 30, 250, 40, 40, 40, 10]
+    for n, size in enumerate(sizes):
+        leader.propose(bytes([n]) * size)
+    cluster.settle()
+    cluster.heal()
+    cluster.sent.clear()
+    cluster.tick_all(3)
+    assert cluster.applied_data("c") == [bytes([n]) * size for n, size in enumerate(sizes)]
+    batches = [[len(e.data) for e in m.entries] for m in cluster.sent if isinstance(m, AppendRequest) and m.to == "c"]
+    assert [b for b in batches if b] == [[60, 30], [250], [40, 40], [40, 10]]
+
+
 def _follower(entries: tuple[Entry, ...], term: int) -> RaftNode:
     return RaftNode(Config("b", ("a", "b", "c")), random.Random(1), PersistedState(HardState(term), entries=entries))
 
