@@ -453,6 +453,15 @@ class Broker:
         if outcome is not None:
             self.counters["once_replayed"] += 1
             return [(Side.CLIENT, cmd.client, list(outcome))]
+        if key in once.shared.forgotten:
+            return self._refuse(
+                cmd.client, cmd.id,
+                InvalidStateError(
+                    f"{cmd.service}.{cmd.action} with this id ran already; its outcome is no longer kept",
+                    details={"exactly_once": True, "outcome": "forgotten"},
+                ),
+                now, command=(cmd.service, cmd.action),
+            )  # fmt: skip
         claim = once.shared.claims.get(key)
         node = None if claim is not None else self.registry.pick(cmd.service, cmd.action)
         if claim is None and (node is None or node.instance is None):

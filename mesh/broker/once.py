@@ -143,4 +143,5 @@ class OnceTable:
             "unconfirmed": len(self._unconfirmed),
             "claims": len(self.shared.claims),
             "outcomes": len(self.shared.outcomes),
+            "outcome_bytes": self.shared.outcome_bytes,
         }

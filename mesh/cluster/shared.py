@@ -11,7 +11,9 @@ Rules of this module:
   `invalid` and skipped, the same way on every broker.
 * Exactly-once bookkeeping: the first `claim` of a command key wins and later ones are
   ignored; the first `outcome` wins. Both tables are bounded (`max_commands` keys,
-  oldest out first, by log order), so the state, and each snapshot, stays small.
+  oldest out first, by log order), so the state, and each snapshot, stays small. The
+  outcomes' bytes are bounded too (`max_outcome_bytes`): past it, the oldest outcome is
+  dropped but its key is kept as `forgotten`, so that a resend is refused, not run again.
 * Events: every broker numbers the committed events in log order with its own event
   bus, so the sequence numbers agree across the cluster and a subscriber can move to
   another broker and replay from where it was. An event is told apart by its topic and
@@ -59,6 +61,8 @@ __all__ = [
 ]
 
 MAX_COMMANDS: Final = 100_000  # exactly-once command keys remembered (claims and outcomes)
+# Outcome bytes kept: with the newest events and the key tables, a snapshot stays one Raft message.
+MAX_OUTCOME_BYTES: Final = 16 * 1024 * 1024
 MAX_EVENT_IDS: Final = 100_000  # events remembered, to publish each once however often proposed
 MAX_POLICY_CHANGES: Final = 10_000  # mesh.policy change ids remembered, to apply each once
 EVENT_SNAPSHOT_BYTES: Final = 16 * 1024 * 1024  # newest retained events carried by a snapshot
@@ -170,18 +174,25 @@ class SharedState:
 
     Args:
         max_commands: exactly-once command keys kept, oldest forgotten first.
+        max_outcome_bytes: bytes of committed outcomes kept, oldest dropped first.
         events: the broker's event bus, which numbers and retains committed events;
             without one, event entries count as invalid.
     """
 
-    def __init__(self, max_commands: int = MAX_COMMANDS, events: EventSink | None = None) -> None:
+    def __init__(
+        self, max_commands: int = MAX_COMMANDS, events: EventSink | None = None,
+        max_outcome_bytes: int = MAX_OUTCOME_BYTES,
+    ) -> None:  # fmt: skip
         self.max_commands = max_commands
+        self.max_outcome_bytes = max_outcome_bytes
         self.events = events
         self.event_ids: OrderedDict[tuple[str, str], int] = OrderedDict()  # (topic, id) -> seq
         self.policy: str | None = None  # the access policy in force (TOML text)
         self.policy_changes: OrderedDict[str, None] = OrderedDict()  # ids of mesh.policy changes applied
         self.claims: OrderedDict[str, tuple[str, str]] = OrderedDict()  # key -> (node, broker)
-        self.outcomes: dict[str, tuple[bytes, bytes]] = {}
+        self.outcomes: OrderedDict[str, tuple[bytes, bytes]] = OrderedDict()  # in commit order
+        self.outcome_bytes = 0
+        self.forgotten: set[str] = set()  # claimed keys whose outcome was dropped for room
         self.revoked: dict[str, float] = {}
         self.applied = 0  # index of the last entry applied
         self.invalid = 0  # entries that were not valid records
@@ -234,15 +245,28 @@ class SharedState:
         first = self.claims.setdefault(key, (node, broker))
         if len(self.claims) > self.max_commands:
             old, _ = self.claims.popitem(last=False)
-            self.outcomes.pop(old, None)
+            self._drop_outcome(old)
+            self.forgotten.discard(old)
         # Every broker hears which claim won, also the one whose claim lost.
         self._effects.append(Claimed(key, *first))
 
     def _outcome(self, key: str, reply: tuple[bytes, bytes]) -> None:
-        if key not in self.claims:
-            return  # forgotten already (older than max_commands keys): nobody waits for it
-        first = self.outcomes.setdefault(key, reply)
+        if key not in self.claims or key in self.forgotten:
+            return  # its key or its first outcome is gone, and nobody waits for it
+        first = self.outcomes.get(key)
+        if first is None:
+            first = self.outcomes[key] = reply
+            self.outcome_bytes += _size(reply)
+            while self.outcome_bytes > self.max_outcome_bytes and len(self.outcomes) > 1:
+                old = next(iter(self.outcomes))
+                self._drop_outcome(old)
+                self.forgotten.add(old)
         self._effects.append(Committed(key, first))
+
+    def _drop_outcome(self, key: str) -> None:
+        reply = self.outcomes.pop(key, None)
+        if reply is not None:
+            self.outcome_bytes -= _size(reply)
 
     def _event(self, record: dict[str, Any]) -> None:
         event, payload = record.get("event"), record.get("payload")
@@ -274,6 +298,7 @@ class SharedState:
             "applied": self.applied,
             "claims": [[k, n, b] for k, (n, b) in self.claims.items()],
             "outcomes": [[k, h, p] for k, (h, p) in self.outcomes.items()],
+            "forgotten": sorted(self.forgotten),
             "revoked": self.revoked,
             "event_ids": [[t, i, q] for (t, i), q in self.event_ids.items()],
             "events": self.events.snapshot_topics(EVENT_SNAPSHOT_BYTES) if self.events is not None else None,
@@ -292,7 +317,8 @@ class SharedState:
             if not isinstance(snap, dict) or snap.get("version") != SNAPSHOT_VERSION:
                 raise ValueError(f"not a version {SNAPSHOT_VERSION} shared-state snapshot")
             claims = OrderedDict((str(k), (str(n), str(b))) for k, n, b in snap["claims"])
-            outcomes = {str(k): (bytes(h), bytes(p)) for k, h, p in snap["outcomes"]}
+            outcomes = OrderedDict((str(k), (bytes(h), bytes(p))) for k, h, p in snap["outcomes"])
+            forgotten = {str(k) for k in snap.get("forgotten", ())}
             revoked = {str(j): float(e) for j, e in snap["revoked"].items()}
             event_ids = OrderedDict(((str(t), str(i)), int(q)) for t, i, q in snap.get("event_ids", ()))
             applied = int(snap["applied"])
@@ -305,12 +331,17 @@ class SharedState:
         if self.events is not None and snap.get("events") is not None:
             self.events.restore_topics(snap["events"])
         self.claims, self.outcomes, self.revoked, self.applied = claims, outcomes, revoked, applied
+        self.outcome_bytes, self.forgotten = sum(map(_size, outcomes.values())), forgotten
         self.event_ids = event_ids
         self.policy, self.policy_changes = policy, policy_changes
         # What the broker acts on that the snapshot brought: the revocations and the policy.
         self._effects.extend(Revoked(j, e) for j, e in revoked.items())
         if policy is not None:
             self._effects.append(PolicySet("", policy))
+
+
+def _size(reply: tuple[bytes, bytes]) -> int:
+    return len(reply[0]) + len(reply[1])
 
 
 def _text(record: dict[str, Any], field: str) -> str:

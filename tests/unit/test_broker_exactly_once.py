@@ -65,6 +65,22 @@ def test_a_resend_to_another_broker_gets_the_committed_outcome(cluster: Cluster)
     assert payload_of(only(out)[2]) == "charged" and b2.counters["once_replayed"] == 1
 
 
+def test_a_resend_whose_outcome_was_dropped_for_room_is_refused_not_run_again(cluster: Cluster) -> None:
+    b1, b2 = cluster.brokers
+    for state in cluster.states:
+        state.max_outcome_bytes = 1  # keep only the newest outcome
+    for cid in ("c1", "c2"):
+        b1.client_message(CLIENT, command_frames("pay", "charge", id=cid), 1.0)
+        (dispatch,) = [f for _, _, f in cluster.commit()[0]]
+        b1.node_message(NODE_A, reply(dispatch, "charged"), 1.1)
+        cluster.commit(1.2)
+    out = b2.client_message(CLIENT_B, command_frames("pay", "charge", id="c1"), 2.0)
+    assert to_nodes(out) == [] and b2.take_proposals(2.0) == []
+    err = error_of(only(out)[2])
+    assert err.code == ErrorCode.INVALID_STATE and err.details == {"exactly_once": True, "outcome": "forgotten"}
+    assert payload_of(only(b2.client_message(CLIENT_B, command_frames("pay", "charge", id="c2"), 2.0))[2]) == "charged"
+
+
 def test_a_resend_while_it_runs_goes_to_the_claimed_node_only(cluster: Cluster) -> None:
     """After a failover the command goes again to the node holding the claim, never to another."""
     b1, b2 = cluster.brokers

@@ -73,3 +73,28 @@ def test_tables_stay_bounded_oldest_first() -> None:
     apply_all(state, entries)
     assert list(state.claims) == ["k2", "k3", "k4"]
     assert sorted(state.outcomes) == ["k2", "k3", "k4"]
+
+
+def test_outcome_bytes_stay_bounded_and_a_dropped_outcome_stays_known_as_forgotten() -> None:
+    state = SharedState(max_outcome_bytes=10)
+    entries = []
+    for i in range(3):
+        entries += [claim_record(f"k{i}", "inst", "b1"), outcome_record(f"k{i}", [b"hh", b"pp"])]
+    apply_all(state, entries)
+    assert list(state.outcomes) == ["k1", "k2"] and state.outcome_bytes == 8
+    assert state.forgotten == {"k0"} and "k0" in state.claims  # a resend must not run it again
+    state.take_effects()
+    state.apply(state.applied + 1, outcome_record("k0", [b"late", b"one"]))
+    assert state.take_effects() == [] and "k0" not in state.outcomes  # the first outcome won, then went
+    copy = SharedState(max_outcome_bytes=10)
+    copy.restore(state.snapshot())
+    assert (copy.outcomes, copy.outcome_bytes, copy.forgotten) == (state.outcomes, 8, {"k0"})
+
+
+def test_a_forgotten_key_is_let_go_with_its_claim() -> None:
+    state = SharedState(max_commands=2, max_outcome_bytes=4)
+    apply_all(state, [claim_record("k0", "inst", "b1"), outcome_record("k0", [b"hh", b"pp"]),
+                      claim_record("k1", "inst", "b1"), outcome_record("k1", [b"hh", b"pp"])])  # fmt: skip
+    assert state.forgotten == {"k0"}
+    state.apply(5, claim_record("k2", "inst", "b1"))
+    assert list(state.claims) == ["k1", "k2"] and state.forgotten == set()
