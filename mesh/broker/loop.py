@@ -102,6 +102,8 @@ class BrokerServer:
     ) -> None:
         self.core = Broker(config, security)
         self.member: ClusterMember | None = None
+        self._leader: str | None = None  # the cluster leader the last turn knew
+        self._own_policy: Any = None  # the policy read at start, until the cluster's differs
         self.drain_timeout = drain_timeout
         self._clock = clock
         self._ctx = zmq.Context()
@@ -134,7 +136,6 @@ class BrokerServer:
         self._watch = Monitor(self.core.config.name, clock()) if monitor is not None else None
         self._next_sample = clock() if monitor is not None else float("inf")  # when to time a reply
         self._sent = 0  # messages sent, for the monitor
-        self._leader: str | None = None  # the cluster leader the last turn knew
 
     def _join(self, cluster: ClusterSettings) -> ClusterMember:
         """Open this broker's cluster state and peer link (raises CorruptStateError)."""
@@ -151,6 +152,8 @@ class BrokerServer:
             security=PeerSecurity.from_state(cluster.state_dir) if cluster.state_dir is not None else None,
             tick_s=cluster.tick_s, election_ticks=cluster.election_ticks,
         )  # fmt: skip
+        if self.core.security is not None:
+            self._own_policy = self.core.security.gate.policy
         self.core.join_cluster(shared, self._clock())
         shared.take_effects()  # what the restart re-applied concerns no command of this run
         return member
@@ -233,6 +236,19 @@ class BrokerServer:
         if out:
             self._send(out)
         self._publish()  # committed events reach subscribers now, not at the next tick
+        self._note_cluster_policy()
+
+    def _note_cluster_policy(self) -> None:
+        """Say once that an edited policy file is not what is in force: the cluster's log is."""
+        own = self._own_policy
+        if own is None or self.core.security is None or self.core.security.gate.policy.text == own.text:
+            return
+        self._own_policy = None
+        log.warning(
+            "cluster: the access policy in force is the one from %s, not %s, which differs; "
+            "change the cluster's policy with `mesh policy set FILE`",
+            self.core.security.gate.policy.source, own.source,
+        )
 
     def _drain(self, sock: zmq.Socket, handle: Callable[..., list[Outgoing]]) -> None:
         """Handle up to BATCH waiting messages, then send what they produced in one burst.

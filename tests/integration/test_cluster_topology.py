@@ -93,3 +93,6 @@ def test_a_policy_set_through_one_broker_is_in_force_on_all(mesh: Mesh):
         assert allowed.returncode == 0, (broker, allowed.stderr)
     reader = mesh.mesh("policy", "set", "new-policy.toml", broker=mesh.clients[0], credentials=bridge)
     assert reader.returncode == 1 and "2002" in reader.stderr  # only a role that may call mesh.policy
+    # Each broker says once that its state directory's policy.toml is no longer what is in force.
+    eventually(lambda: mesh.up.output().count("change the cluster's policy with `mesh policy set FILE`") == 3, 5,
+               "every broker to warn that policy.toml is not in force: " + mesh.up.output()[-3000:])
