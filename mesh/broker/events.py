@@ -100,7 +100,9 @@ class EventBus:
     Args:
         rules: retention rules; the longest matching prefix wins, and a topic no rule
             covers is not retained (it still gets sequence numbers).
-        max_topics: how many topics the bus tracks; publishing to one more is refused.
+        max_topics: how many published topics the bus tracks; publishing to one more is
+            refused. The broker's own `mesh.*` topics, a fixed handful, do not count, so
+            that brokers of a cluster refuse the same committed events.
         max_retained_bytes: bound on all retained history together.
         name: the broker's name, told to subscribers in sync markers.
     """
@@ -119,6 +121,7 @@ class EventBus:
         self.name = name
         self.epoch = new_id()  # a new one per broker start: sequence numbers restart with it
         self.topics: dict[str, _Topic] = {}
+        self._own_topics = 0  # of `topics`, the broker's own (`mesh.*`)
         self.retained_bytes = 0
         self.retained_events = 0
         self.subscriptions: Counter[bytes] = Counter()
@@ -164,13 +167,15 @@ class EventBus:
     def _topic(self, topic: str) -> _Topic:
         state = self.topics.get(topic)
         if state is None:
-            if len(self.topics) >= self.max_topics:
+            own = covers(RESERVED, topic)
+            if not own and len(self.topics) - self._own_topics >= self.max_topics:
                 self.counters["topics_refused"] += 1
                 raise ResourceExhaustedError(
                     f"the broker tracks {self.max_topics} topics already", details={"max_topics": self.max_topics}
                 )
             rule = next((r for r in self.rules if covers(r.prefix, topic)), RetentionRule(topic, 0, 0))
             state = self.topics[topic] = _Topic(topic, rule, topic_frame(topic))
+            self._own_topics += own
         return state
 
     def _append(self, state: _Topic, seq: int, header: bytes, payload: bytes) -> None:

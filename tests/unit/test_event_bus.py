@@ -84,6 +84,23 @@ def test_new_topics_are_refused_beyond_the_limit() -> None:
     assert publish(bus, "a") == 2
 
 
+def test_the_brokers_own_topics_do_not_count_toward_the_limit() -> None:
+    """Brokers of a cluster emit different mesh.* events; they must still refuse the same published ones."""
+    bus = EventBus(max_topics=2)
+    bus.emit("mesh.node.up", {}, 0.0)
+    publish(bus, "a")
+    bus.emit("mesh.node.down", {}, 0.0)
+    publish(bus, "b")
+    with pytest.raises(ResourceExhaustedError):
+        publish(bus, "c")
+    restored = EventBus(max_topics=2)
+    restored.emit("mesh.node.suspect", {}, 0.0)
+    restored.restore_topics(bus.snapshot_topics(1 << 20))
+    assert sorted(restored.topics) == ["a", "b", "mesh.node.suspect"]
+    with pytest.raises(ResourceExhaustedError):
+        publish(restored, "c")
+
+
 def test_retention_is_bounded_by_count_and_bytes() -> None:
     """Each topic keeps at most max_events and max_bytes; the oldest go first."""
     bus = EventBus([RetentionRule("", max_events=3, max_bytes=10_000)])
