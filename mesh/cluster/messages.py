@@ -10,7 +10,7 @@ Rules of this module:
   the remaining fields in declaration order; entries are `[index, term, kind, data]`,
   snapshots `[index, term, data]`. Arrays, not maps: the field order is the schema.
 * Bad input raises from the mesh taxonomy: `MessageTooLargeError` over
-  `MAX_RAFT_MESSAGE_BYTES`, `BadFormatError` when it is not such an array,
+  the limit (`MAX_RAFT_MESSAGE_BYTES` unless told), `BadFormatError` when it is not such an array,
   `UnsupportedVersionError` for another wire version, `ValidationFailedError` (with
   `details["field"]`) for a field of the wrong type or value.
 """
@@ -34,6 +34,7 @@ __all__ = [
     "WIRE_VERSION",
     "MAX_RAFT_MESSAGE_BYTES",
     "MAX_PROPOSAL_BYTES",
+    "MAX_CHUNKED_MESSAGE_BYTES",
     "MAX_NODE_ID_CHARS",
     "EntryKind",
     "Entry",
@@ -50,9 +51,10 @@ __all__ = [
 ]
 
 WIRE_VERSION: Final = 1
-# A snapshot travels in one message, so the limit is generous; the shared state the
-# brokers replicate (registrations, policies, revocations) is far smaller.
+# One frame on a peer link. A message larger than that (a big snapshot) travels in
+# chunks of it and is joined again, up to MAX_CHUNKED_MESSAGE_BYTES.
 MAX_RAFT_MESSAGE_BYTES: Final = 64 * 1024 * 1024
+MAX_CHUNKED_MESSAGE_BYTES: Final = 1024 * 1024 * 1024
 MAX_PROPOSAL_BYTES: Final = 4 * 1024 * 1024  # one log entry's data
 MAX_NODE_ID_CHARS: Final = 128
 
@@ -185,20 +187,17 @@ def encode_message(msg: Message) -> bytes:
     return msgpack.packb(out, use_bin_type=True)
 
 
-def decode_message(raw: bytes) -> Message:
-    """Parse and validate one message from a peer.
+def decode_message(raw: bytes, limit: int = MAX_RAFT_MESSAGE_BYTES) -> Message:
+    """Parse and validate one message from a peer (`limit`: its most bytes).
 
     Raises:
-        MessageTooLargeError: over `MAX_RAFT_MESSAGE_BYTES`.
+        MessageTooLargeError: over `limit`.
         BadFormatError: not one MessagePack array of a known message tag.
         UnsupportedVersionError: another wire version.
         ValidationFailedError: a field of the wrong type or value; `details["field"]`.
     """
-    if len(raw) > MAX_RAFT_MESSAGE_BYTES:
-        raise MessageTooLargeError(
-            f"cluster message of {len(raw)} bytes is over the limit",
-            details={"limit": MAX_RAFT_MESSAGE_BYTES},
-        )
+    if len(raw) > limit:
+        raise MessageTooLargeError(f"cluster message of {len(raw)} bytes is over the limit", details={"limit": limit})
     try:
         items = msgpack.unpackb(raw, raw=False, use_list=True, strict_map_key=True)
     except Exception as exc:  # msgpack raises several unrelated types for bad bytes

@@ -61,7 +61,7 @@ __all__ = [
 ]
 
 MAX_COMMANDS: Final = 100_000  # exactly-once command keys remembered (claims and outcomes)
-# Outcome bytes kept: with the newest events and the key tables, a snapshot stays one Raft message.
+# Outcome bytes kept: they are in every broker's memory and in every snapshot.
 MAX_OUTCOME_BYTES: Final = 16 * 1024 * 1024
 MAX_EVENT_IDS: Final = 100_000  # events remembered, to publish each once however often proposed
 MAX_POLICY_CHANGES: Final = 10_000  # mesh.policy change ids remembered, to apply each once

@@ -12,6 +12,11 @@ Rules of this module:
   data a follower forwards to the leader. `parse_frames` checks everything (frame
   count, known sender, kind, size, codec, that the record's `frm` is the link's
   routing id and its `to` is this member) and is the only way bytes become input.
+* A record larger than one frame (a big snapshot) goes as `KIND_CHUNK` frames: a
+  16-byte header (message number, chunk index, chunk count) and a slice of the record.
+  ZeroMQ keeps a link's frames in order, so `Reassembly` joins them as they come; a
+  gap means the queue dropped some, and the partial record is dropped too (Raft sends
+  the snapshot again).
 * Bad input never raises out of `receive`: it is counted in `counters` under its
   reason and logged without payload bytes (the first time, then at 10, 100, ...).
 * Sends never block. A peer that is down or whose queue is full (`PEER_HWM`) loses the
@@ -26,6 +31,7 @@ from __future__ import annotations
 
 import logging
 import os
+import struct
 from collections import Counter
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
@@ -37,11 +43,21 @@ from ..protocol.errors import MeshError
 from ..security.curve import secure_client, secure_server
 from ..security.state import PEER_KEY_NAME, StateLayout
 from ..sockets import Secure, frame_peer, peer_dealer, peer_router, send_frames
-from .messages import MAX_PROPOSAL_BYTES, MAX_RAFT_MESSAGE_BYTES, Message, decode_message, encode_message
+from .messages import (
+    MAX_CHUNKED_MESSAGE_BYTES,
+    MAX_PROPOSAL_BYTES,
+    MAX_RAFT_MESSAGE_BYTES,
+    Message,
+    decode_message,
+    encode_message,
+)
 
 __all__ = [
     "KIND_RAFT",
     "KIND_PROPOSAL",
+    "KIND_CHUNK",
+    "ChunkIn",
+    "Reassembly",
     "MAX_PROPOSAL_BYTES",
     "PEER_HWM",
     "PeerSecurity",
@@ -55,6 +71,8 @@ __all__ = [
 
 KIND_RAFT: Final = b"\x01"
 KIND_PROPOSAL: Final = b"\x02"
+KIND_CHUNK: Final = b"\x03"
+_CHUNK_HEADER: Final = struct.Struct(">QII")  # message number, chunk index, chunk count
 PEER_HWM: Final = 1000
 RECV_BATCH: Final = 256
 
@@ -107,6 +125,17 @@ class ProposalIn:
     data: bytes
 
 
+@dataclass(frozen=True, slots=True)
+class ChunkIn:
+    """Chunk `index` of `count` of record number `number` from peer `frm`."""
+
+    frm: str
+    number: int
+    index: int
+    count: int
+    data: bytes
+
+
 Incoming = RaftIn | ProposalIn
 
 
@@ -118,7 +147,7 @@ class FrameError(Exception):
         self.reason = reason
 
 
-def parse_frames(frames: list[bytes], me: str, members: Collection[str]) -> Incoming:
+def parse_frames(frames: list[bytes], me: str, members: Collection[str]) -> Incoming | ChunkIn:
     """Turn the frames a peer ROUTER received into input for the member.
 
     Args:
@@ -143,10 +172,26 @@ def parse_frames(frames: list[bytes], me: str, members: Collection[str]) -> Inco
         if len(body) > MAX_PROPOSAL_BYTES:
             raise FrameError("too_large", f"proposal of {len(body)} bytes from {frm}")
         return ProposalIn(frm, body)
+    if kind == KIND_CHUNK:
+        if len(body) <= _CHUNK_HEADER.size:
+            raise FrameError("bad_chunk", f"a chunk of {len(body)} bytes from {frm}")
+        number, index, count = _CHUNK_HEADER.unpack_from(body)
+        if not 2 <= count <= MAX_CHUNKED_MESSAGE_BYTES // 1024 or index >= count:
+            raise FrameError("bad_chunk", f"chunk {index} of {count} from {frm}")
+        return ChunkIn(frm, number, index, count, body[_CHUNK_HEADER.size :])
     if kind != KIND_RAFT:
         raise FrameError("unknown_kind", f"frame kind {kind[:8].hex()} from {frm}")
+    return raft_in(frm, body, me)
+
+
+def raft_in(frm: str, body: bytes, me: str, limit: int = MAX_RAFT_MESSAGE_BYTES) -> RaftIn:
+    """Decode one consensus record that came on `frm`'s link and check who it is from and for.
+
+    Raises:
+        FrameError: see `parse_frames`.
+    """
     try:
-        msg = decode_message(body)
+        msg = decode_message(body, limit)
     except MeshError as exc:
         # decode_message's messages name fields and sizes, never the data itself.
         raise FrameError("bad_message", f"from {frm}: {exc}") from None
@@ -157,6 +202,49 @@ def parse_frames(frames: list[bytes], me: str, members: Collection[str]) -> Inco
     return RaftIn(frm, msg)
 
 
+def chunk_frames(record: bytes, number: int, frame_bytes: int) -> list[list[bytes]]:
+    """`[KIND_CHUNK, body]` frames that carry `record` in slices of at most `frame_bytes`."""
+    size = frame_bytes - _CHUNK_HEADER.size
+    count = -(-len(record) // size)
+    view = memoryview(record)
+    return [
+        [KIND_CHUNK, _CHUNK_HEADER.pack(number, i, count) + view[i * size : (i + 1) * size]] for i in range(count)
+    ]
+
+
+class Reassembly:
+    """Joins the chunks of each peer's large records, one record per peer at a time.
+
+    Args:
+        max_bytes: the most a joined record may hold; past it the chunks are dropped.
+    """
+
+    def __init__(self, max_bytes: int = MAX_CHUNKED_MESSAGE_BYTES) -> None:
+        self.max_bytes = max_bytes
+        self._partial: dict[str, tuple[int, list[bytes], int]] = {}  # peer -> (number, chunks, bytes)
+
+    def add(self, chunk: ChunkIn) -> bytes | None:
+        """The whole record once `chunk` completes it, else None.
+
+        Raises:
+            FrameError: a chunk that does not follow the one before (chunks were lost),
+                or a record over `max_bytes`; what was gathered of it is dropped.
+        """
+        number, parts, size = self._partial.pop(chunk.frm, (chunk.number, [], 0))
+        if chunk.index == 0:
+            number, parts, size = chunk.number, [], 0
+        if chunk.number != number or chunk.index != len(parts):
+            raise FrameError("chunk_lost", f"chunk {chunk.index} of record {chunk.number} from {chunk.frm} out of turn")
+        size += len(chunk.data)
+        if size > self.max_bytes:
+            raise FrameError("too_large", f"a chunked record of over {self.max_bytes} bytes from {chunk.frm}")
+        parts.append(chunk.data)
+        if len(parts) < chunk.count:
+            self._partial[chunk.frm] = (number, parts, size)
+            return None
+        return b"".join(parts)
+
+
 class PeerTransport:
     """The peer sockets of one member: one ROUTER in, one DEALER out per peer.
 
@@ -165,19 +253,24 @@ class PeerTransport:
         me: this member's id; it is the routing id of every DEALER.
         endpoints: member id -> peer endpoint, for every member including this one.
         security: CURVE hooks and the accepted User-Ids, or None for plain links.
+        frame_bytes: the largest frame sent or taken; larger records go in chunks.
 
     Raises:
         ConfigurationError: an endpoint is malformed or in use, or a key file is bad.
     """
 
     def __init__(
-        self, ctx: zmq.Context, me: str, endpoints: Mapping[str, str], security: PeerSecurity | None = None
-    ) -> None:
+        self, ctx: zmq.Context, me: str, endpoints: Mapping[str, str], security: PeerSecurity | None = None,
+        *, frame_bytes: int = MAX_RAFT_MESSAGE_BYTES,
+    ) -> None:  # fmt: skip
         self.me = me
         self.members = frozenset(endpoints)
         self.counters: Counter[str] = Counter()
+        self.frame_bytes = frame_bytes
         self._users = security.users if security is not None else None
-        limit = MAX_RAFT_MESSAGE_BYTES
+        self._reassembly = Reassembly()
+        self._chunked = 0  # records sent in chunks, which numbers them
+        limit = frame_bytes
         self.router = peer_router(
             ctx, endpoints[me], limit, PEER_HWM, security.server if security is not None else None
         )
@@ -194,8 +287,18 @@ class PeerTransport:
             raise
 
     def send_message(self, msg: Message) -> bool:
-        """Send one consensus message to `msg.to`; whether it was queued."""
-        return self._send(msg.to, KIND_RAFT, encode_message(msg))
+        """Send one consensus message to `msg.to`, in chunks if it is larger than a
+        frame; whether it was all queued."""
+        record = encode_message(msg)
+        if len(record) <= self.frame_bytes:
+            return self._send(msg.to, KIND_RAFT, record)
+        if len(record) > MAX_CHUNKED_MESSAGE_BYTES:
+            self.counters["send_too_large"] += 1
+            log.error("cluster peer link: a %s of %d bytes is too large to send", type(msg).__name__, len(record))
+            return False
+        self._chunked += 1
+        self.counters["sent_chunked"] += 1
+        return all(self._send(msg.to, kind, body) for kind, body in chunk_frames(record, self._chunked, self.frame_bytes))
 
     def forward_proposal(self, leader: str, data: bytes) -> bool:
         """Send proposal data to the member believed to lead; whether it was queued."""
@@ -239,7 +342,13 @@ class PeerTransport:
                     self._refuse("unauthorized", f"a link with User-Id {user!r} is not a broker peer")
                     continue
             try:
-                out.append(parse_frames(frames, self.me, self.members))
+                item = parse_frames(frames, self.me, self.members)
+                if isinstance(item, ChunkIn):
+                    record = self._reassembly.add(item)
+                    if record is None:
+                        continue
+                    item = raft_in(item.frm, record, self.me, MAX_CHUNKED_MESSAGE_BYTES)
+                out.append(item)
             except FrameError as exc:
                 self._refuse(exc.reason, str(exc))
                 continue

@@ -328,6 +328,36 @@ def test_bad_frames_on_the_peer_port_are_counted_and_the_member_keeps_serving(cl
     c.run_until(c.all_have(1), 5)
 
 
+def test_a_message_larger_than_a_frame_crosses_a_real_link_in_chunks(ctx):
+    """A snapshot bigger than the peer links' frame limit arrives whole (in 17 chunks here)."""
+    import os
+
+    from mesh.cluster.messages import Snapshot, SnapshotRequest, VoteRequest
+    from mesh.cluster.transport import PeerTransport, RaftIn
+
+    endpoints = {m: f"tcp://127.0.0.1:{p}" for m, p in zip("ab", free_ports(2), strict=True)}
+    a = PeerTransport(ctx, "a", endpoints, frame_bytes=64 * 1024)
+    b = PeerTransport(ctx, "b", endpoints, frame_bytes=64 * 1024)
+    try:
+        big = SnapshotRequest("b", "a", 3, Snapshot(10, 2, os.urandom(1024 * 1024)))
+        small = VoteRequest("b", "a", 3, 10, 2, False)
+        got: list[object] = []
+        deadline = time.monotonic() + 10
+        while big not in [m.message for m in got if isinstance(m, RaftIn)] and time.monotonic() < deadline:
+            a.send_message(big)  # queued only once the link is up (IMMEDIATE)
+            time.sleep(0.05)
+            got += b.receive()
+        a.send_message(small)
+        while small not in [m.message for m in got if isinstance(m, RaftIn)] and time.monotonic() < deadline:
+            time.sleep(0.01)
+            got += b.receive()
+        assert [m.message for m in got if isinstance(m, RaftIn)][-2:] == [big, small]
+        assert a.counters["sent_chunked"] >= 1 and b.counters["too_large"] == 0
+    finally:
+        a.close()
+        b.close()
+
+
 def test_a_forwarded_proposal_to_a_member_that_does_not_lead_is_dropped(cluster_of, ctx):
     """A proposal frame that reaches a follower is counted and not re-forwarded."""
     c = cluster_of()

@@ -5,14 +5,20 @@ from __future__ import annotations
 import pytest
 
 from mesh.cluster.messages import AppendResponse, VoteRequest, encode_message
+from mesh.cluster.messages import Snapshot, SnapshotRequest
 from mesh.cluster.transport import (
+    KIND_CHUNK,
     KIND_PROPOSAL,
     KIND_RAFT,
     MAX_PROPOSAL_BYTES,
+    ChunkIn,
     FrameError,
     ProposalIn,
     RaftIn,
+    Reassembly,
+    chunk_frames,
     parse_frames,
+    raft_in,
 )
 
 MEMBERS = ("a", "b", "c")
@@ -65,3 +71,59 @@ def test_refusal_messages_never_hold_payload_bytes():
         with pytest.raises(FrameError) as err:
             parse(*frames)
         assert "SECRET" not in str(err.value)
+
+
+def _chunks(record: bytes, number: int, frame_bytes: int = 100) -> list[ChunkIn]:
+    out = []
+    for frames in chunk_frames(record, number, frame_bytes):
+        assert len(frames[1]) <= frame_bytes
+        chunk = parse(b"b", *frames)
+        assert isinstance(chunk, ChunkIn)
+        out.append(chunk)
+    return out
+
+
+def test_a_record_in_chunks_is_joined_whole_and_decodes():
+    """A big snapshot goes in frame-sized chunks and comes out as the same message."""
+    msg = SnapshotRequest("a", "b", 4, Snapshot(9, 3, bytes(range(256)) * 4))
+    record = encode_message(msg)
+    chunks = _chunks(record, 7)
+    assert len(chunks) == -(-len(record) // 84) and {c.count for c in chunks} == {len(chunks)}
+    joiner = Reassembly()
+    assert [joiner.add(c) for c in chunks[:-1]] == [None] * (len(chunks) - 1)
+    assert raft_in("b", joiner.add(chunks[-1]), "a") == RaftIn("b", msg)
+
+
+def test_a_gap_drops_the_partial_record_and_the_next_one_still_arrives():
+    """Chunks lost to a full queue: the record is dropped, not joined with holes."""
+    first, second = _chunks(b"x" * 500, 1), _chunks(b"y" * 500, 2)
+    joiner = Reassembly()
+    joiner.add(first[0])
+    with pytest.raises(FrameError) as err:
+        joiner.add(first[2])
+    assert err.value.reason == "chunk_lost"
+    with pytest.raises(FrameError):
+        joiner.add(first[3])  # the rest of the broken record is refused too
+    for chunk in second[:-1]:
+        assert joiner.add(chunk) is None
+    assert joiner.add(second[-1]) == b"y" * 500
+
+
+def test_a_chunked_record_over_the_limit_is_dropped():
+    joiner = Reassembly(max_bytes=150)
+    chunks = _chunks(b"z" * 300, 1)
+    joiner.add(chunks[0])
+    with pytest.raises(FrameError) as err:
+        joiner.add(chunks[1])
+    assert err.value.reason == "too_large"
+
+
+@pytest.mark.parametrize(
+    "body", [b"", b"\x00" * 16, bytes(8) + (5).to_bytes(4, "big") + (5).to_bytes(4, "big") + b"x",
+             bytes(8) + (0).to_bytes(4, "big") + (1).to_bytes(4, "big") + b"x"],
+)  # fmt: skip
+def test_a_malformed_chunk_is_refused(body):
+    """No data, an index past the count, or a 'chunked' record of one chunk."""
+    with pytest.raises(FrameError) as err:
+        parse(b"b", KIND_CHUNK, body)
+    assert err.value.reason == "bad_chunk"
