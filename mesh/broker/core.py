@@ -83,6 +83,7 @@ from ..cluster.messages import MAX_PROPOSAL_BYTES
 from ..cluster.shared import (
     Claimed,
     Committed,
+    Forgotten,
     PolicySet,
     Published,
     Revoked,
@@ -109,6 +110,8 @@ _NOBODY: Final = Peer()
 _NEVER_STARTED: Final = frozenset({int(ErrorCode.RESOURCE_EXHAUSTED), int(ErrorCode.UNAVAILABLE)})
 MAX_UNCOMMITTED_EVENTS: Final = 10_000  # in a cluster: events waiting for their commit
 MAX_POLICY_CHANGES: Final = 100  # in a cluster: mesh.policy calls waiting for their commit
+# An exactly-once reply goes into one log entry with its key and framing.
+MAX_OUTCOME_REPLY_BYTES: Final = MAX_PROPOSAL_BYTES - 64 * 1024
 
 
 class Side(IntEnum):
@@ -454,14 +457,7 @@ class Broker:
             self.counters["once_replayed"] += 1
             return [(Side.CLIENT, cmd.client, list(outcome))]
         if key in once.shared.forgotten:
-            return self._refuse(
-                cmd.client, cmd.id,
-                InvalidStateError(
-                    f"{cmd.service}.{cmd.action} with this id ran already; its outcome is no longer kept",
-                    details={"exactly_once": True, "outcome": "forgotten"},
-                ),
-                now, command=(cmd.service, cmd.action),
-            )  # fmt: skip
+            return self._refuse(cmd.client, cmd.id, _forgotten(cmd), now, command=(cmd.service, cmd.action))
         claim = once.shared.claims.get(key)
         node = None if claim is not None else self.registry.pick(cmd.service, cmd.action)
         if claim is None and (node is None or node.instance is None):
@@ -518,6 +514,13 @@ class Broker:
                 return [(Side.CLIENT, key[0], answer)]
             return []
         if okey not in once.shared.outcomes:
+            size = sum(map(len, answer))
+            if size > MAX_OUTCOME_REPLY_BYTES:  # it ran: commit that, since the reply cannot be
+                answer = self._error_frames(MessageTooLargeError(
+                    f"the command ran, but its reply of {size} bytes is over what the cluster's log keeps "
+                    f"as an exactly-once outcome ({MAX_OUTCOME_REPLY_BYTES} bytes); it is not run again",
+                    details={"limit": MAX_OUTCOME_REPLY_BYTES, "exactly_once": True},
+                ), now, key[1])  # fmt: skip
             once.propose_outcome(okey, answer, now)
             self.counters["once_outcomes"] += 1
         if mine:
@@ -549,6 +552,12 @@ class Broker:
                         cmd.state = CommandState.DISPATCHED  # it ran, through another broker
                     self._finish(cmd, CommandEvent.FAIL if failed else CommandEvent.RESPOND)
                     out.append((Side.CLIENT, cmd.client, list(effect.reply)))
+            elif isinstance(effect, Forgotten):
+                once.confirmed(effect.key, outcome=True)
+                for ref in once.waiting.pop(effect.key, ()):
+                    cmd = self.commands.get(ref)
+                    if cmd is not None and cmd.once == effect.key:
+                        out.append(self._fail(cmd, _forgotten(cmd), now, CommandEvent.FAIL))
             elif isinstance(effect, Published):
                 once.confirmed(event_key(effect.topic, effect.id), outcome=False)
                 if effect.frames is not None:
@@ -1249,6 +1258,13 @@ def _node_view(node: NodeInfo) -> dict[str, Any]:
 def _health_view(node: NodeInfo) -> dict[str, Any]:
     """What health events say about a node: its name, id and heartbeat interval."""
     return {"node": node.name, "id": node.identity.hex(), "interval": node.interval}
+
+
+def _forgotten(cmd: Command) -> InvalidStateError:
+    return InvalidStateError(
+        f"{cmd.service}.{cmd.action} with this id ran already; its outcome is no longer kept",
+        details={"exactly_once": True, "outcome": "forgotten"},
+    )
 
 
 def _ran_on(cmd: Command, ident: bytes) -> bool:

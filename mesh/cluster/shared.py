@@ -46,6 +46,7 @@ __all__ = [
     "MAX_COMMANDS",
     "Claimed",
     "Committed",
+    "Forgotten",
     "Effect",
     "EventSink",
     "PolicySet",
@@ -87,6 +88,14 @@ class Committed:
 
 
 @dataclass(frozen=True, slots=True)
+class Forgotten:
+    """An outcome of command `key` was committed after its first outcome (or its claim)
+    was forgotten for room: nothing can answer it any more, and it is not run again."""
+
+    key: str
+
+
+@dataclass(frozen=True, slots=True)
 class Revoked:
     """A token id revoked cluster-wide, remembered until `expires` (epoch seconds)."""
 
@@ -118,7 +127,7 @@ class PolicySet:
     text: str
 
 
-Effect = Claimed | Committed | Revoked | Published | PolicySet
+Effect = Claimed | Committed | Forgotten | Revoked | Published | PolicySet
 
 
 class EventSink(Protocol):
@@ -252,7 +261,10 @@ class SharedState:
 
     def _outcome(self, key: str, reply: tuple[bytes, bytes]) -> None:
         if key not in self.claims or key in self.forgotten:
-            return  # its key or its first outcome is gone, and nobody waits for it
+            # Its claim or first outcome is gone; the broker that proposed this one must
+            # still hear that it is in the log, and answer whoever waits there.
+            self._effects.append(Forgotten(key))
+            return
         first = self.outcomes.get(key)
         if first is None:
             first = self.outcomes[key] = reply

@@ -29,6 +29,8 @@ from frames import (
 from sharedlog import ONCE, Cluster
 
 from mesh.broker import Broker, BrokerConfig, Side
+from mesh.broker.core import MAX_OUTCOME_REPLY_BYTES
+from mesh.broker.once import once_key
 from mesh.protocol import ErrorCode, ResourceExhaustedError, ValidationFailedError
 
 
@@ -79,6 +81,41 @@ def test_a_resend_whose_outcome_was_dropped_for_room_is_refused_not_run_again(cl
     err = error_of(only(out)[2])
     assert err.code == ErrorCode.INVALID_STATE and err.details == {"exactly_once": True, "outcome": "forgotten"}
     assert payload_of(only(b2.client_message(CLIENT_B, command_frames("pay", "charge", id="c2"), 2.0))[2]) == "charged"
+
+
+def test_a_late_outcome_of_a_forgotten_command_is_proposed_once(cluster: Cluster) -> None:
+    """b2 dispatched a resend; b1's outcome commits (answering both clients) and is forgotten
+    before b2's copy of the reply comes: b2 proposes it once, hears it is in the log, and stops."""
+    b1, b2 = cluster.brokers
+    b1.client_message(CLIENT, command_frames("pay", "charge", id="c1"), 1.0)
+    first = only(cluster.commit()[0])
+    _, _, again = only(b2.client_message(CLIENT_B, command_frames("pay", "charge", id="c1"), 2.0))
+    b1.node_message(NODE_A, reply(first[2], "done"), 2.1)
+    assert [payload_of(only(out)[2]) for out in cluster.commit(2.2)] == ["done", "done"]
+    for state in cluster.states:
+        state.max_outcome_bytes = 1
+    b1.client_message(CLIENT, command_frames("pay", "charge", id="c2"), 2.3)
+    (dispatch,) = [f for _, _, f in cluster.commit(2.3)[0]]
+    b1.node_message(NODE_A, reply(dispatch, "done"), 2.4)
+    cluster.commit(2.4)  # c2's outcome pushes c1's out
+    assert b2.node_message(NODE_A, reply(again, "done"), 2.5) == []
+    assert cluster.commit(2.6) == [[], []] and cluster.states[1].forgotten == {once_key("c1", "pay", "charge", None)}
+    assert b2.take_proposals(10.0) == []  # not proposed again every second
+
+
+def test_a_reply_too_large_for_the_log_commits_as_an_error_that_says_it_ran() -> None:
+    cluster = Cluster(max_message_bytes=8 * 1024 * 1024)
+    cluster.register(NODE_A, "inst-a")
+    b1, b2 = cluster.brokers
+    b1.client_message(CLIENT, command_frames("pay", "charge", id="c1"), 1.0)
+    (dispatch,) = [f for _, _, f in cluster.commit()[0]]
+    b1.node_message(NODE_A, reply(dispatch, "x" * (MAX_OUTCOME_REPLY_BYTES + 1)), 1.1)
+    side, ident, answer = only(cluster.commit(1.2)[0])
+    err = error_of(answer)
+    assert (ident, err.code, err.details["exactly_once"]) == (CLIENT, ErrorCode.MESSAGE_TOO_LARGE, True)
+    assert "ran" in err.message and b1.take_proposals(10.0) == []
+    resend = error_of(only(b2.client_message(CLIENT_B, command_frames("pay", "charge", id="c1"), 2.0))[2])
+    assert resend.code == ErrorCode.MESSAGE_TOO_LARGE  # the same committed answer, and not run again
 
 
 def test_a_resend_while_it_runs_goes_to_the_claimed_node_only(cluster: Cluster) -> None:
@@ -153,7 +190,6 @@ def test_a_handler_error_is_committed_but_a_capacity_refusal_is_not(cluster: Clu
 
 
 def test_same_id_from_another_subject_is_another_command() -> None:
-    from mesh.broker.once import once_key
 
     assert once_key("c1", "pay", "charge", "alice") != once_key("c1", "pay", "charge", "bob")
     assert once_key("c1", "pay", "charge", None) == once_key("c1", "pay", "charge", "")

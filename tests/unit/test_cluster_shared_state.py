@@ -8,6 +8,7 @@ import pytest
 from mesh.cluster.shared import (
     Claimed,
     Committed,
+    Forgotten,
     Revoked,
     SharedState,
     claim_record,
@@ -42,6 +43,7 @@ def test_first_claim_and_first_outcome_win_and_effects_say_so() -> None:
         Claimed("k1", "inst-a", "b1"),
         Committed("k1", (b"h1", b"p1")),
         Committed("k1", (b"h1", b"p1")),
+        Forgotten("k9"),  # so that whoever proposed it stops
         Revoked("jti-1", 2e9),
     ]
     assert state.take_effects() == []
@@ -85,7 +87,7 @@ def test_outcome_bytes_stay_bounded_and_a_dropped_outcome_stays_known_as_forgott
     assert state.forgotten == {"k0"} and "k0" in state.claims  # a resend must not run it again
     state.take_effects()
     state.apply(state.applied + 1, outcome_record("k0", [b"late", b"one"]))
-    assert state.take_effects() == [] and "k0" not in state.outcomes  # the first outcome won, then went
+    assert state.take_effects() == [Forgotten("k0")] and "k0" not in state.outcomes  # the first won, then went
     copy = SharedState(max_outcome_bytes=10)
     copy.restore(state.snapshot())
     assert (copy.outcomes, copy.outcome_bytes, copy.forgotten) == (state.outcomes, 8, {"k0"})
