@@ -167,12 +167,17 @@ class Progress:
     While `probing` the leader does not know where the follower's log matches its own,
     so it sends from `next_index` without moving it until an answer arrives. Once an
     append succeeds it replicates optimistically: `next_index` moves past what was sent.
+    While a snapshot is on its way (`snapshot_index`, sent at tick `snapshot_at`) the
+    follower gets heartbeats only, and its refusals of them do not send the snapshot
+    again: a large one takes a while to arrive.
     """
 
     next_index: int
     match_index: int = 0
     probing: bool = True
     recently_active: bool = False
+    snapshot_index: int = 0
+    snapshot_at: int = 0
 
 
 @dataclass
@@ -210,6 +215,7 @@ class RaftNode:
         self._messages: list[Message] = []
         self._pending_snapshot: Snapshot | None = None
         self._votes = _Votes()
+        self._ticks = 0  # ticks since start: when each follower's snapshot was sent
         self._election_elapsed = 0
         self._heartbeat_elapsed = 0
         self._timeout = self._random_timeout()
@@ -247,6 +253,7 @@ class RaftNode:
 
     def tick(self) -> None:
         """One unit of logical time: heartbeats on a leader, election timeouts elsewhere."""
+        self._ticks += 1
         self._election_elapsed += 1
         if self.role is Role.LEADER:
             self._heartbeat_elapsed += 1
@@ -511,6 +518,8 @@ class RaftNode:
             return
         p.recently_active = True
         if msg.success:
+            if p.snapshot_index and msg.match_index >= p.snapshot_index:
+                p.snapshot_index = 0  # installed
             if msg.match_index > p.match_index:
                 p.match_index = msg.match_index
                 p.next_index = max(p.next_index, msg.match_index + 1)
@@ -523,6 +532,8 @@ class RaftNode:
         # concerns entries the follower has since acknowledged.
         if msg.reject_index <= p.match_index or p.probing and msg.reject_index != p.next_index - 1:
             return
+        if self._snapshot_in_flight(p) and msg.reject_index <= p.snapshot_index:
+            return  # a heartbeat that overtook the snapshot, or came before it was installed
         hint = msg.conflict_index
         if msg.conflict_term:
             found = self.log.last_index_of_term(msg.conflict_term, msg.reject_index)
@@ -574,6 +585,10 @@ class RaftNode:
             # The follower needs compacted entries: send the snapshot, then probe after it.
             self._send(SnapshotRequest(peer, self.id, self.term, self.log.snapshot))
             p.next_index, p.probing = self.log.snapshot.index + 1, True
+            p.snapshot_index, p.snapshot_at = self.log.snapshot.index, self._ticks
+            return
+        if self._snapshot_in_flight(p):
+            self._send(AppendRequest(peer, self.id, self.term, prev_index, prev_term, (), self.log.commit))
             return
         last = min(self.log.last_index, prev_index + self.config.max_entries_per_message)
         entries = tuple(self.log.batch(p.next_index, last, self.config.max_bytes_per_message))
@@ -581,6 +596,11 @@ class RaftNode:
         self._send(AppendRequest(peer, self.id, self.term, prev_index, prev_term, entries, self.log.commit))
         if not p.probing:
             p.next_index = last + 1
+
+    def _snapshot_in_flight(self, p: Progress) -> bool:
+        """A snapshot was sent to this follower and may still arrive (within two election
+        timeouts; after that the leader sends it again)."""
+        return p.snapshot_index > 0 and self._ticks - p.snapshot_at < 2 * self.config.election_ticks
 
     def _reply_append(self, to: str, success: bool, match_index: int) -> None:
         self._send(AppendResponse(to, self.id, self.term, success, match_index, 0, 0, 0))

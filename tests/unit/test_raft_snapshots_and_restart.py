@@ -8,6 +8,7 @@ import pytest
 from raft_cluster import Cluster
 
 from mesh.cluster import (
+    AppendRequest,
     Config,
     Entry,
     HardState,
@@ -68,6 +69,33 @@ def test_a_follower_behind_the_compacted_log_gets_the_snapshot_and_catches_up() 
     assert cluster.disks["c"].snapshot == Snapshot(4, 1, b"state@4")
     assert c.log.last_index == leader.log.last_index == 7 and c.commit_index == 7
     assert cluster.applied_data("c") == [b"3", b"4", b"after"]  # "0" to "2" came inside the snapshot
+
+
+def test_a_lost_snapshot_is_sent_again_after_a_wait_not_at_every_heartbeat() -> None:
+    """Heartbeats refused while a (large, slow) snapshot is on its way do not resend it."""
+    cluster = Cluster()
+    leader = cluster.elect("a")
+    cluster.isolate("c")
+    for i in range(5):
+        leader.propose(b"%d" % i)
+    cluster.settle()
+    cluster.tick_all()
+    cluster.compact("a", 4, b"state@4")
+    cluster.heal()
+    cluster.sent.clear()
+
+    def snapshots() -> list[SnapshotRequest]:
+        return [m for m in cluster.sent if isinstance(m, SnapshotRequest) and m.to == "c"]
+
+    for _ in range(2 * 10 - 2):  # almost two election timeouts of heartbeats, the snapshot lost
+        for node in cluster.nodes.values():
+            node.tick()
+        cluster.settle(drop=lambda m: isinstance(m, SnapshotRequest))
+    assert len(snapshots()) == 1 and cluster.installed["c"] == []
+    assert all(not m.entries for m in cluster.sent if isinstance(m, AppendRequest) and m.to == "c")
+    cluster.tick_all(4)
+    assert len(snapshots()) == 2 and cluster.installed["c"] == [4]
+    assert cluster.nodes["c"].commit_index == leader.commit_index
 
 
 def test_a_snapshot_the_follower_already_holds_only_moves_its_commit() -> None:
