@@ -12,11 +12,13 @@ Rules of this module:
   data a follower forwards to the leader. `parse_frames` checks everything (frame
   count, known sender, kind, size, codec, that the record's `frm` is the link's
   routing id and its `to` is this member) and is the only way bytes become input.
-* A record larger than one frame (a big snapshot) goes as `KIND_CHUNK` frames: a
-  16-byte header (message number, chunk index, chunk count) and a slice of the record.
-  ZeroMQ keeps a link's frames in order, so `Reassembly` joins them as they come; a
-  gap means the queue dropped some, and the partial record is dropped too (Raft sends
-  the snapshot again).
+* A record larger than `CHUNK_BYTES` (a big snapshot or append) goes as `KIND_CHUNK`
+  frames, back to back: a 16-byte header (record number, chunk index, chunk count) and
+  a slice of the record. Small frames keep the link's ZMTP heartbeats flowing on a slow
+  link. ZeroMQ keeps a link's frames in order, so `Reassembly` joins them as they come;
+  a gap, or any other frame from that peer before the last chunk, means the sender's
+  queue dropped some: the partial record is dropped too (Raft sends it again). Record
+  numbers start at random, so a restarted peer's record is not joined to its old one.
 * Bad input never raises out of `receive`: it is counted in `counters` under its
   reason and logged without payload bytes (the first time, then at 10, 100, ...).
 * Sends never block. A peer that is down or whose queue is full (`PEER_HWM`) loses the
@@ -31,9 +33,10 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import struct
 from collections import Counter
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -56,6 +59,7 @@ __all__ = [
     "KIND_RAFT",
     "KIND_PROPOSAL",
     "KIND_CHUNK",
+    "CHUNK_BYTES",
     "ChunkIn",
     "Reassembly",
     "MAX_PROPOSAL_BYTES",
@@ -72,7 +76,8 @@ __all__ = [
 KIND_RAFT: Final = b"\x01"
 KIND_PROPOSAL: Final = b"\x02"
 KIND_CHUNK: Final = b"\x03"
-_CHUNK_HEADER: Final = struct.Struct(">QII")  # message number, chunk index, chunk count
+_CHUNK_HEADER: Final = struct.Struct(">QII")  # record number, chunk index, chunk count
+CHUNK_BYTES: Final = 4 * 1024 * 1024  # the largest frame sent; larger records go in chunks
 PEER_HWM: Final = 1000
 RECV_BATCH: Final = 256
 
@@ -202,14 +207,14 @@ def raft_in(frm: str, body: bytes, me: str, limit: int = MAX_RAFT_MESSAGE_BYTES)
     return RaftIn(frm, msg)
 
 
-def chunk_frames(record: bytes, number: int, frame_bytes: int) -> list[list[bytes]]:
-    """`[KIND_CHUNK, body]` frames that carry `record` in slices of at most `frame_bytes`."""
+def chunk_frames(record: bytes, number: int, frame_bytes: int) -> Iterator[list[bytes]]:
+    """`[KIND_CHUNK, body]` frames that carry `record` in bodies of at most `frame_bytes`,
+    made one at a time."""
     size = frame_bytes - _CHUNK_HEADER.size
     count = -(-len(record) // size)
     view = memoryview(record)
-    return [
-        [KIND_CHUNK, _CHUNK_HEADER.pack(number, i, count) + view[i * size : (i + 1) * size]] for i in range(count)
-    ]
+    for i in range(count):
+        yield [KIND_CHUNK, _CHUNK_HEADER.pack(number, i, count) + view[i * size : (i + 1) * size]]
 
 
 class Reassembly:
@@ -221,7 +226,8 @@ class Reassembly:
 
     def __init__(self, max_bytes: int = MAX_CHUNKED_MESSAGE_BYTES) -> None:
         self.max_bytes = max_bytes
-        self._partial: dict[str, tuple[int, list[bytes], int]] = {}  # peer -> (number, chunks, bytes)
+        # peer -> (record number, chunk count, chunks so far, their bytes)
+        self._partial: dict[str, tuple[int, int, list[bytes], int]] = {}
 
     def add(self, chunk: ChunkIn) -> bytes | None:
         """The whole record once `chunk` completes it, else None.
@@ -230,19 +236,24 @@ class Reassembly:
             FrameError: a chunk that does not follow the one before (chunks were lost),
                 or a record over `max_bytes`; what was gathered of it is dropped.
         """
-        number, parts, size = self._partial.pop(chunk.frm, (chunk.number, [], 0))
+        number, count, parts, size = self._partial.pop(chunk.frm, (chunk.number, chunk.count, [], 0))
         if chunk.index == 0:
-            number, parts, size = chunk.number, [], 0
-        if chunk.number != number or chunk.index != len(parts):
+            number, count, parts, size = chunk.number, chunk.count, [], 0
+        if (chunk.number, chunk.count, chunk.index) != (number, count, len(parts)):
             raise FrameError("chunk_lost", f"chunk {chunk.index} of record {chunk.number} from {chunk.frm} out of turn")
         size += len(chunk.data)
         if size > self.max_bytes:
             raise FrameError("too_large", f"a chunked record of over {self.max_bytes} bytes from {chunk.frm}")
         parts.append(chunk.data)
-        if len(parts) < chunk.count:
-            self._partial[chunk.frm] = (number, parts, size)
+        if len(parts) < count:
+            self._partial[chunk.frm] = (number, count, parts, size)
             return None
         return b"".join(parts)
+
+    def cut(self, frm: str) -> bool:
+        """Another frame came from `frm`: a record of its still missing chunks never will be
+        complete (its chunks are sent back to back). Whether one was dropped."""
+        return self._partial.pop(frm, None) is not None
 
 
 class PeerTransport:
@@ -253,7 +264,7 @@ class PeerTransport:
         me: this member's id; it is the routing id of every DEALER.
         endpoints: member id -> peer endpoint, for every member including this one.
         security: CURVE hooks and the accepted User-Ids, or None for plain links.
-        frame_bytes: the largest frame sent or taken; larger records go in chunks.
+        chunk_bytes: the largest frame sent (and, twice over, taken); larger records go in chunks.
 
     Raises:
         ConfigurationError: an endpoint is malformed or in use, or a key file is bad.
@@ -261,16 +272,18 @@ class PeerTransport:
 
     def __init__(
         self, ctx: zmq.Context, me: str, endpoints: Mapping[str, str], security: PeerSecurity | None = None,
-        *, frame_bytes: int = MAX_RAFT_MESSAGE_BYTES,
+        *, chunk_bytes: int = CHUNK_BYTES,
     ) -> None:  # fmt: skip
+        if chunk_bytes <= 2 * _CHUNK_HEADER.size:
+            raise ValueError(f"chunk_bytes must be over {2 * _CHUNK_HEADER.size}")
         self.me = me
         self.members = frozenset(endpoints)
         self.counters: Counter[str] = Counter()
-        self.frame_bytes = frame_bytes
+        self.chunk_bytes = chunk_bytes
         self._users = security.users if security is not None else None
         self._reassembly = Reassembly()
-        self._chunked = 0  # records sent in chunks, which numbers them
-        limit = frame_bytes
+        self._chunked = random.getrandbits(63)  # numbers the records sent in chunks
+        limit = chunk_bytes
         self.router = peer_router(
             ctx, endpoints[me], limit, PEER_HWM, security.server if security is not None else None
         )
@@ -290,15 +303,15 @@ class PeerTransport:
         """Send one consensus message to `msg.to`, in chunks if it is larger than a
         frame; whether it was all queued."""
         record = encode_message(msg)
-        if len(record) <= self.frame_bytes:
+        if len(record) <= self.chunk_bytes:
             return self._send(msg.to, KIND_RAFT, record)
         if len(record) > MAX_CHUNKED_MESSAGE_BYTES:
-            self.counters["send_too_large"] += 1
-            log.error("cluster peer link: a %s of %d bytes is too large to send", type(msg).__name__, len(record))
+            self._refuse("send_too_large", f"a {type(msg).__name__} of {len(record)} bytes is too large to send")
             return False
-        self._chunked += 1
+        self._chunked = (self._chunked + 1) % (1 << 64)
         self.counters["sent_chunked"] += 1
-        return all(self._send(msg.to, kind, body) for kind, body in chunk_frames(record, self._chunked, self.frame_bytes))
+        chunks = chunk_frames(record, self._chunked, self.chunk_bytes)
+        return all(self._send(msg.to, kind, body) for kind, body in chunks)
 
     def forward_proposal(self, leader: str, data: bytes) -> bool:
         """Send proposal data to the member believed to lead; whether it was queued."""
@@ -343,6 +356,8 @@ class PeerTransport:
                     continue
             try:
                 item = parse_frames(frames, self.me, self.members)
+                if not isinstance(item, ChunkIn) and self._reassembly.cut(item.frm):
+                    self._refuse("chunk_lost", f"a chunked record from {item.frm} was cut short")
                 if isinstance(item, ChunkIn):
                     record = self._reassembly.add(item)
                     if record is None:
@@ -359,7 +374,7 @@ class PeerTransport:
         self.counters[reason] += 1
         n = self.counters[reason]
         if n == 1 or n in (10, 100, 1_000, 10_000) or n % 100_000 == 0:
-            log.warning("cluster peer link: dropped a frame (%s, %d so far): %s", reason, n, detail)
+            log.warning("cluster peer link: dropped (%s, %d so far): %s", reason, n, detail)
 
     def close(self) -> None:
         """Close every socket at once (linger 0: unsent consensus messages are worthless)."""

@@ -336,8 +336,8 @@ def test_a_message_larger_than_a_frame_crosses_a_real_link_in_chunks(ctx):
     from mesh.cluster.transport import PeerTransport, RaftIn
 
     endpoints = {m: f"tcp://127.0.0.1:{p}" for m, p in zip("ab", free_ports(2), strict=True)}
-    a = PeerTransport(ctx, "a", endpoints, frame_bytes=64 * 1024)
-    b = PeerTransport(ctx, "b", endpoints, frame_bytes=64 * 1024)
+    a = PeerTransport(ctx, "a", endpoints, chunk_bytes=64 * 1024)
+    b = PeerTransport(ctx, "b", endpoints, chunk_bytes=64 * 1024)
     try:
         big = SnapshotRequest("b", "a", 3, Snapshot(10, 2, os.urandom(1024 * 1024)))
         small = VoteRequest("b", "a", 3, 10, 2, False)
@@ -353,6 +353,18 @@ def test_a_message_larger_than_a_frame_crosses_a_real_link_in_chunks(ctx):
             got += b.receive()
         assert [m.message for m in got if isinstance(m, RaftIn)][-2:] == [big, small]
         assert a.counters["sent_chunked"] >= 1 and b.counters["too_large"] == 0
+        # A record cut short at the sender (its queue was full) is dropped when the next frame comes.
+        from mesh.cluster.messages import encode_message
+        from mesh.cluster.transport import chunk_frames
+
+        first_chunk = next(chunk_frames(encode_message(big), 99, 64 * 1024))
+        a.dealers["b"].send_multipart(first_chunk)
+        a.send_message(small)
+        got = []
+        while not got and time.monotonic() < deadline:
+            time.sleep(0.01)
+            got += b.receive()
+        assert [m.message for m in got] == [small] and b.counters["chunk_lost"] == 1
     finally:
         a.close()
         b.close()

@@ -109,6 +109,25 @@ def test_a_gap_drops_the_partial_record_and_the_next_one_still_arrives():
     assert joiner.add(second[-1]) == b"y" * 500
 
 
+def test_chunks_of_another_record_with_the_same_number_are_not_joined():
+    """A restarted peer may reuse a number: a different chunk count gives it away."""
+    old, new = _chunks(b"o" * 300, 5), _chunks(b"n" * 200, 5)
+    joiner = Reassembly()
+    joiner.add(new[0])
+    with pytest.raises(FrameError) as err:
+        joiner.add(old[1])
+    assert err.value.reason == "chunk_lost"
+
+
+def test_another_frame_from_the_peer_cuts_its_partial_record():
+    joiner = Reassembly()
+    chunks = _chunks(b"x" * 300, 1)
+    joiner.add(chunks[0])
+    assert joiner.cut("b") and not joiner.cut("b")
+    with pytest.raises(FrameError):
+        joiner.add(chunks[1])
+
+
 def test_a_chunked_record_over_the_limit_is_dropped():
     joiner = Reassembly(max_bytes=150)
     chunks = _chunks(b"z" * 300, 1)
