@@ -50,9 +50,8 @@ def test_compact_refuses_an_index_outside_snapshot_to_applied(index: int) -> Non
         leader.compact(index, b"s")
 
 
-def test_a_follower_behind_the_compacted_log_gets_the_snapshot_and_catches_up() -> None:
-    """InstallSnapshot: the lagging follower's Ready holds the snapshot, then the entries after it."""
-    cluster = Cluster()
+def _leader_compacted_past_c(cluster: Cluster) -> RaftNode:
+    """Leader a has compacted up to 4 what the cut-off follower c never got (still cut off)."""
     leader = cluster.elect("a")
     cluster.isolate("c")
     for i in range(5):
@@ -60,6 +59,13 @@ def test_a_follower_behind_the_compacted_log_gets_the_snapshot_and_catches_up() 
     cluster.settle()
     cluster.tick_all()
     cluster.compact("a", 4, b"state@4")
+    return leader
+
+
+def test_a_follower_behind_the_compacted_log_gets_the_snapshot_and_catches_up() -> None:
+    """InstallSnapshot: the lagging follower's Ready holds the snapshot, then the entries after it."""
+    cluster = Cluster()
+    leader = _leader_compacted_past_c(cluster)
     leader.propose(b"after")
     cluster.heal()
     cluster.tick_all(3)
@@ -74,13 +80,7 @@ def test_a_follower_behind_the_compacted_log_gets_the_snapshot_and_catches_up() 
 def test_a_lost_snapshot_is_sent_again_after_a_wait_not_at_every_heartbeat() -> None:
     """Heartbeats refused while a (large, slow) snapshot is on its way do not resend it."""
     cluster = Cluster()
-    leader = cluster.elect("a")
-    cluster.isolate("c")
-    for i in range(5):
-        leader.propose(b"%d" % i)
-    cluster.settle()
-    cluster.tick_all()
-    cluster.compact("a", 4, b"state@4")
+    leader = _leader_compacted_past_c(cluster)
     cluster.heal()
     cluster.sent.clear()
 
