@@ -84,17 +84,20 @@ from ..cluster.shared import (
     Claimed,
     Committed,
     Forgotten,
+    KeyRingSet,
     PolicySet,
     Published,
     Revoked,
     SharedState,
     event_record,
+    keyring_digest,
+    keyring_record,
     policy_digest,
     policy_record,
 )
 from ..security.policy import PolicyError, policy_from_text
 from .events import DEFAULT_RULE, EventBus, RetentionRule, check_publishable
-from .once import OnceTable, event_key, once_key, policy_key, revoke_key
+from .once import OnceTable, event_key, keyring_key, once_key, policy_key, revoke_key
 from .registry import NodeInfo, PeerEvent, Registry, parse_load, silence_event
 
 __all__ = ["Side", "Outgoing", "BrokerConfig", "Broker", "Command", "ConnectionState", "RecentReplies"]
@@ -288,6 +291,15 @@ class Broker:
         text = self.security.gate.policy.text
         if text is not None:
             self.once.propose_policy(policy_digest(text), policy_record(text), now)
+
+    def offer_keyring(self, ring: dict[str, Any], now: float) -> bool:
+        """This broker's copy of the payload key ring's metadata (`KeyRing.metadata()`):
+        proposed to the cluster when it holds a key id the cluster has not seen (a
+        rotation made here). Whether it was proposed."""
+        if self.once is None or all(kid in self.once.shared.key_ids_seen for kid in ring["keys"]):
+            return False
+        self.once.propose_keyring(keyring_digest(ring), keyring_record(ring), now)
+        return True
 
     def _install_policy(self, text: str) -> None:
         """Put the committed policy `text` in force (it was checked before it was proposed)."""
@@ -570,6 +582,8 @@ class Broker:
                         self._event_refused(side, ident, header, effect.error, now) if effect.error is not None
                         else self._event_ack(side, ident, header, effect.seq, now)
                     )  # fmt: skip
+            elif isinstance(effect, KeyRingSet):
+                once.confirmed(keyring_key(effect.proposed), outcome=False)
             elif isinstance(effect, PolicySet):
                 once.confirmed(policy_key(effect.proposed), outcome=False)
                 if self.security is not None:
@@ -1238,7 +1252,7 @@ class Broker:
             "clients": len(self.clients),
             "events": self.events.stats(),
             **({"security": self.security.gate.stats()} if self.security is not None else {}),
-            **({"exactly_once": self.once.stats()} if self.once is not None else {}),
+            **({"exactly_once": self.once.stats(), "keyring": self.once.shared.keyring} if self.once is not None else {}),
         }
 
 

@@ -28,7 +28,7 @@ from typing import Final
 
 from ..cluster.shared import SharedState, claim_record, outcome_record, revoke_record
 
-__all__ = ["RETRY_S", "CommandRef", "OnceTable", "event_key", "once_key", "policy_key", "revoke_key"]
+__all__ = ["RETRY_S", "CommandRef", "OnceTable", "event_key", "keyring_key", "once_key", "policy_key", "revoke_key"]
 
 RETRY_S: Final = 1.0
 
@@ -43,6 +43,11 @@ def revoke_key(jti: str) -> str:
 def event_key(topic: str, event_id: str) -> str:
     """The key an event's proposal waits under."""
     return f"event {topic} {event_id}"
+
+
+def keyring_key(digest: str) -> str:
+    """The key a key ring's proposal waits under."""
+    return f"keyring {digest}"
 
 
 def policy_key(digest: str) -> str:
@@ -95,6 +100,10 @@ class OnceTable:
     def propose_policy(self, digest: str, record: bytes, now: float) -> None:
         """An access policy (the one read at start, or `mesh.policy`'s) for the whole cluster."""
         self._propose(policy_key(digest), record, now)
+
+    def propose_keyring(self, digest: str, record: bytes, now: float) -> None:
+        """The payload key ring's metadata as this broker's state directory holds it."""
+        self._propose(keyring_key(digest), record, now)
 
     def propose_outcome(self, key: str, reply: list[bytes], now: float) -> None:
         self._outcomes.add(key)

@@ -6,7 +6,7 @@ Rules of this module:
   on every broker, and must leave every broker in the same state. Nothing here reads a
   clock or a random source; what varies (a broker's name, a node's id) is in the record.
 * Each entry is one MessagePack map with an `op` (`claim`, `outcome`, `revoke`,
-  `event`, `policy`). An
+  `event`, `policy`, `keyring`). An
   entry that is not a valid record (a bug, or a newer broker's op) is counted in
   `invalid` and skipped, the same way on every broker.
 * Exactly-once bookkeeping: the first `claim` of a command key wins and later ones are
@@ -24,6 +24,11 @@ Rules of this module:
   read from its state directory: the first committed wins) and one marked `replace`
   (`mesh.policy`) changes it. The text is kept as it came; every broker checks it the
   same way when it acts on it.
+* Key-ring metadata: the payload key ring's key ids with their activation and
+  retirement times, never the keys (they stay with clients and nodes). A `keyring`
+  entry replaces the one in force only if it holds a key id never seen before (a
+  rotation); a broker whose copy of the ring file is older proposes nothing new, so a
+  stale machine cannot roll the cluster's view back.
 * What the broker must act on (a claim or outcome committed, a token revoked, an event
   published) is collected as effects, in log order, for `take_effects`.
 * `snapshot()` / `restore()` carry the whole state; a snapshot is itself a MessagePack
@@ -47,6 +52,7 @@ __all__ = [
     "Claimed",
     "Committed",
     "Forgotten",
+    "KeyRingSet",
     "Effect",
     "EventSink",
     "PolicySet",
@@ -56,6 +62,8 @@ __all__ = [
     "claim_record",
     "event_record",
     "outcome_record",
+    "keyring_digest",
+    "keyring_record",
     "policy_digest",
     "policy_record",
     "revoke_record",
@@ -66,6 +74,8 @@ MAX_COMMANDS: Final = 100_000  # exactly-once command keys remembered (claims an
 MAX_OUTCOME_BYTES: Final = 16 * 1024 * 1024
 MAX_EVENT_IDS: Final = 100_000  # events remembered, to publish each once however often proposed
 MAX_POLICY_CHANGES: Final = 10_000  # mesh.policy change ids remembered, to apply each once
+MAX_RING_KEYS: Final = 1_000  # key ids in one key-ring entry
+MAX_KEY_IDS_SEEN: Final = 10_000  # key ids remembered, so that an older ring never wins again
 EVENT_SNAPSHOT_BYTES: Final = 16 * 1024 * 1024  # newest retained events carried by a snapshot
 SNAPSHOT_VERSION: Final = 1
 
@@ -127,7 +137,16 @@ class PolicySet:
     text: str
 
 
-Effect = Claimed | Committed | Forgotten | Revoked | Published | PolicySet
+@dataclass(frozen=True, slots=True)
+class KeyRingSet:
+    """A `keyring` entry committed: `ring` is the metadata in force after it (changed or
+    not), `proposed` the digest of the metadata the entry proposed."""
+
+    proposed: str
+    ring: dict[str, Any]
+
+
+Effect = Claimed | Committed | Forgotten | Revoked | Published | PolicySet | KeyRingSet
 
 
 class EventSink(Protocol):
@@ -173,6 +192,16 @@ def policy_record(text: str, *, change: str | None = None) -> bytes:
     return _pack({"op": "policy", "text": text, "change": change})
 
 
+def keyring_digest(ring: Mapping[str, Any]) -> str:
+    """A short name for key-ring metadata, the same on every broker."""
+    return hashlib.sha256(_pack(ring)).hexdigest()[:16]
+
+
+def keyring_record(ring: Mapping[str, Any]) -> bytes:
+    """The log entry proposing key-ring metadata (`KeyRing.metadata()`)."""
+    return _pack({"op": "keyring", "ring": dict(ring)})
+
+
 def revoke_record(jti: str, expires: float) -> bytes:
     """The log entry revoking token id `jti` until `expires`."""
     return _pack({"op": "revoke", "jti": jti, "expires": float(expires)})
@@ -198,6 +227,8 @@ class SharedState:
         self.event_ids: OrderedDict[tuple[str, str], int] = OrderedDict()  # (topic, id) -> seq
         self.policy: str | None = None  # the access policy in force (TOML text)
         self.policy_changes: OrderedDict[str, None] = OrderedDict()  # ids of mesh.policy changes applied
+        self.keyring: dict[str, Any] | None = None  # the payload key ring's metadata in force
+        self.key_ids_seen: OrderedDict[str, None] = OrderedDict()
         self.claims: OrderedDict[str, tuple[str, str]] = OrderedDict()  # key -> (node, broker)
         self.outcomes: OrderedDict[str, tuple[bytes, bytes]] = OrderedDict()  # in commit order
         self.outcome_bytes = 0
@@ -234,6 +265,8 @@ class SharedState:
                 self._effects.append(Revoked(jti, float(expires)))
             elif op == "event":
                 self._event(record)
+            elif op == "keyring":
+                self._keyring(record.get("ring"))
             elif op == "policy":
                 text, change = record.get("text"), record.get("change")
                 if not isinstance(text, str) or not (change is None or isinstance(change, str)):
@@ -280,6 +313,17 @@ class SharedState:
         if reply is not None:
             self.outcome_bytes -= _size(reply)
 
+    def _keyring(self, ring: Any) -> None:
+        _check_ring(ring)
+        if any(kid not in self.key_ids_seen for kid in ring["keys"]):
+            self.keyring = ring
+            for kid in ring["keys"]:
+                self.key_ids_seen[kid] = None
+                self.key_ids_seen.move_to_end(kid)
+            while len(self.key_ids_seen) > MAX_KEY_IDS_SEEN:
+                self.key_ids_seen.popitem(last=False)
+        self._effects.append(KeyRingSet(keyring_digest(ring), self.keyring or ring))
+
     def _event(self, record: dict[str, Any]) -> None:
         event, payload = record.get("event"), record.get("payload")
         if self.events is None or not isinstance(event, dict) or not isinstance(payload, bytes):
@@ -316,6 +360,8 @@ class SharedState:
             "events": self.events.snapshot_topics(EVENT_SNAPSHOT_BYTES) if self.events is not None else None,
             "policy": self.policy,
             "policy_changes": list(self.policy_changes),
+            "keyring": self.keyring,
+            "key_ids_seen": list(self.key_ids_seen),
         })
 
     def restore(self, data: bytes) -> None:
@@ -338,7 +384,11 @@ class SharedState:
             policy = snap.get("policy")
             if policy is not None and not isinstance(policy, str):
                 raise TypeError("policy")
-        except (TypeError, KeyError, msgpack.UnpackException) as exc:
+            keyring = snap.get("keyring")
+            if keyring is not None:
+                _check_ring(keyring)
+            key_ids_seen = OrderedDict((str(k), None) for k in snap.get("key_ids_seen", ()))
+        except (TypeError, KeyError, ValueError, msgpack.UnpackException) as exc:
             raise ValueError(f"a damaged shared-state snapshot: {exc}") from None
         if self.events is not None and snap.get("events") is not None:
             self.events.restore_topics(snap["events"])
@@ -346,10 +396,26 @@ class SharedState:
         self.outcome_bytes, self.forgotten = sum(map(_size, outcomes.values())), forgotten
         self.event_ids = event_ids
         self.policy, self.policy_changes = policy, policy_changes
+        self.keyring, self.key_ids_seen = keyring, key_ids_seen
         # What the broker acts on that the snapshot brought: the revocations and the policy.
         self._effects.extend(Revoked(j, e) for j, e in revoked.items())
         if policy is not None:
             self._effects.append(PolicySet("", policy))
+        if keyring is not None:
+            self._effects.append(KeyRingSet("", keyring))
+
+
+def _check_ring(ring: Any) -> None:
+    """Key-ring metadata as `KeyRing.metadata()` makes it, or ValueError."""
+    if not isinstance(ring, dict) or not isinstance(ring.get("keys"), dict) or ring.get("active") not in ring["keys"]:
+        raise ValueError("keyring")
+    if len(ring["keys"]) > MAX_RING_KEYS or set(ring) != {"active", "keys"}:
+        raise ValueError("keyring")
+    for kid, times in ring["keys"].items():
+        if not isinstance(kid, str) or not kid or not isinstance(times, dict) or set(times) != {"active_from", "retire_at"}:
+            raise ValueError("keyring")
+        if any(t is not None and (isinstance(t, bool) or not isinstance(t, (int, float))) for t in times.values()):
+            raise ValueError("keyring")
 
 
 def _size(reply: tuple[bytes, bytes]) -> int:

@@ -153,6 +153,14 @@ class KeyRing:
     def __repr__(self) -> str:  # never the keys themselves
         return f"KeyRing(active={self._active!r}, kids={sorted(self._entries)!r})"
 
+    def metadata(self) -> dict[str, Any]:
+        """The ring without its keys: the active id, and each key's activation and
+        retirement times (what a broker cluster shares, `mesh.cluster.shared`)."""
+        return {
+            "active": self._active,
+            "keys": {kid: {"active_from": e.active_from, "retire_at": e.retire_at} for kid, e in sorted(self._entries.items())},
+        }
+
     def retire_at(self, kid: str) -> float | None:
         """When `prune` will remove `kid` (None: not scheduled).
 

@@ -7,6 +7,8 @@ The shipped file runs as it is, on free loopback ports, in a fresh directory.
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import os
 import signal
 from collections.abc import Iterator
@@ -96,3 +98,31 @@ def test_a_policy_set_through_one_broker_is_in_force_on_all(mesh: Mesh):
     # Each broker says once that its state directory's policy.toml is no longer what is in force.
     eventually(lambda: mesh.up.output().count("change the cluster's policy with `mesh policy set FILE`") == 3, 5,
                "every broker to warn that policy.toml is not in force: " + mesh.up.output()[-3000:])
+
+
+def test_a_key_rotation_reaches_every_broker_and_a_stale_copy_neither_wins_nor_goes_unnoticed(mesh: Mesh):
+    """`mesh keys rotate` on the state directory: every broker's view of the payload key ring
+    (ids and times, never keys) gains the new key; a machine whose file is older says so."""
+    ring_file = mesh.work / "var/cluster-mesh/keyring.json"
+    old_file = ring_file.read_bytes()
+
+    def ring(broker: str) -> dict:
+        done = mesh.mesh("call", "mesh.stats", "{}", broker=broker)
+        assert done.returncode == 0, done.stderr
+        return json.loads(done.stdout).get("keyring") or {"keys": {}}
+
+    first = json.loads(old_file)["active"]
+    eventually(lambda: all(first in ring(b)["keys"] for b in mesh.clients), 10, "the first key ring committed")
+    rotated = subprocess.run(
+        [sys.executable, "-m", "mesh", "keys", "rotate", "--state", "var/cluster-mesh"],
+        cwd=mesh.work, capture_output=True, text=True, timeout=30, check=True,
+    )
+    new = json.loads(rotated.stdout)["new_key"]
+    eventually(lambda: all(new in ring(b)["keys"] for b in mesh.clients), 10, "every broker to know the new key")
+    view = ring(mesh.clients[2])
+    assert set(view["keys"][new]) == {"active_from", "retire_at"} and view["keys"][first]["retire_at"] is not None
+    assert json.loads(ring_file.read_text())["keys"][new]["key"] not in json.dumps(view)  # never a key itself
+
+    ring_file.write_bytes(old_file)  # as if this machine's copy had not been updated
+    eventually(lambda: mesh.up.output().count(f"lacks key(s) {new}") == 3, 10, "every broker to warn of its stale copy")
+    assert all(new in ring(b)["keys"] for b in mesh.clients)  # the stale file did not roll the cluster back

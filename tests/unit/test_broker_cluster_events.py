@@ -120,3 +120,4 @@ def test_an_event_too_large_for_the_log_is_refused_and_not_proposed() -> None:
     b1.client_message(CLIENT, event_frames("orders.new", b"x" * (MAX_PROPOSAL_BYTES - 1024), id="e2"), 1.0)
     cluster.commit(1.0)
     assert [seq for _, seq, _ in user_events(b1)] == [1]
+
