@@ -162,7 +162,9 @@ class BrokerServer:
             from ..security.payload import KeyRingFile  # the ring's metadata goes into the log
             from ..security.state import StateLayout
 
-            self._keyring = KeyRingFile(StateLayout.at(cluster.state_dir).keyring)
+            ring_path = StateLayout.at(cluster.state_dir).keyring
+            if ring_path.exists():  # only payload encryption (level 2 and up) needs one
+                self._keyring = KeyRingFile(ring_path)
         self.core.join_cluster(shared, self._clock())
         shared.take_effects()  # what the restart re-applied concerns no command of this run
         return member
