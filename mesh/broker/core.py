@@ -89,6 +89,7 @@ from ..cluster.shared import (
     Published,
     Revoked,
     SharedState,
+    check_ring,
     event_record,
     keyring_digest,
     keyring_record,
@@ -294,9 +295,15 @@ class Broker:
 
     def offer_keyring(self, ring: dict[str, Any], now: float) -> bool:
         """This broker's copy of the payload key ring's metadata (`KeyRing.metadata()`):
-        proposed to the cluster when it holds a key id the cluster has not seen (a
-        rotation made here). Whether it was proposed."""
-        if self.once is None or all(kid in self.once.shared.key_ids_seen for kid in ring["keys"]):
+        proposed to the cluster when it is of a later generation than the one in force
+        (a rotation made here). Whether it was proposed.
+
+        Raises:
+            ValueError: the metadata is not of a ring the cluster can hold (`check_ring`).
+        """
+        check_ring(ring)
+        in_force = self.once.shared.keyring if self.once is not None else None
+        if self.once is None or in_force is not None and ring["generation"] <= in_force["generation"]:
             return False
         self.once.propose_keyring(keyring_digest(ring), keyring_record(ring), now)
         return True

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final
@@ -104,10 +105,11 @@ class BrokerServer:
         self.member: ClusterMember | None = None
         self._leader: str | None = None  # the cluster leader the last turn knew
         self._own_policy: Any = None  # the policy read at start, until the cluster's differs
-        self._keyring: Any = None  # the state directory's key ring file, in a secure cluster
+        self._keyring_path: Path | None = None  # the state directory's key ring, in a secure cluster
+        self._keyring: Any = None  # its KeyRingFile, once the file could be read
         self._keyring_check = 0.0  # when to look at it next
         self._keyring_offered: dict[str, Any] | None = None
-        self._keyring_missing: list[str] = []
+        self._keyring_said: str | None = None  # the last problem logged, to log each once
         self.drain_timeout = drain_timeout
         self._clock = clock
         self._ctx = zmq.Context()
@@ -159,12 +161,9 @@ class BrokerServer:
         if self.core.security is not None:
             self._own_policy = self.core.security.gate.policy
         if cluster.state_dir is not None:
-            from ..security.payload import KeyRingFile  # the ring's metadata goes into the log
             from ..security.state import StateLayout
 
-            ring_path = StateLayout.at(cluster.state_dir).keyring
-            if ring_path.exists():  # only payload encryption (level 2 and up) needs one
-                self._keyring = KeyRingFile(ring_path)
+            self._keyring_path = StateLayout.at(cluster.state_dir).keyring
         self.core.join_cluster(shared, self._clock())
         shared.take_effects()  # what the restart re-applied concerns no command of this run
         return member
@@ -248,31 +247,48 @@ class BrokerServer:
             self._send(out)
         self._publish()  # committed events reach subscribers now, not at the next tick
         self._note_cluster_policy()
-        if self._keyring is not None and now >= self._keyring_check:
+        if self._keyring_path is not None and now >= self._keyring_check:
             self._keyring_check = now + 1.0
-            self._watch_keyring(now)
+            self._say_keyring(self._watch_keyring(now))
 
-    def _watch_keyring(self, now: float) -> None:
+    def _watch_keyring(self, now: float) -> str | None:
         """Offer this machine's payload key ring to the cluster when it changed (a rotation
-        made here), and say when it lacks a key the cluster's ring has (a rotation made
-        elsewhere whose file was not copied here: clients and nodes here cannot decrypt)."""
-        ring = self._keyring.current(now).metadata()  # re-read when the file changed
-        if ring != self._keyring_offered:
-            self._keyring_offered = ring
-            self.core.offer_keyring(ring, now)
-        shared = self.core.once.shared if self.core.once is not None else None
-        committed = shared.keyring if shared is not None else None
+        made here); what is wrong with it, if anything (a rotation made elsewhere whose
+        file was not copied here, so clients and nodes here cannot decrypt; a bad file)."""
+        from ..security.payload import KeyRingFile
+
+        path = self._keyring_path
+        try:
+            if self._keyring is None:
+                if not path.exists():  # only payload encryption (level 2 and up) needs one
+                    return None
+                self._keyring = KeyRingFile(path)
+            ring = self._keyring.current(now).metadata()  # read again when the file changed
+            if ring != self._keyring_offered:
+                self._keyring_offered = ring
+                self.core.offer_keyring(ring, now)
+        except (MeshError, ValueError, OverflowError) as exc:
+            return f"cluster: the key ring in {path} cannot be shared with the cluster: {exc}"
+        if self._keyring.error is not None:
+            return f"cluster: the key ring in {path} is kept as last read: {self._keyring.error.message}"
+        committed = self.core.once.shared.keyring if self.core.once is not None else None
         missing = sorted(
             kid for kid, times in (committed or {"keys": {}})["keys"].items()
             if kid not in ring["keys"] and (times["retire_at"] is None or times["retire_at"] > now)
         )
-        if missing and missing != self._keyring_missing:
-            log.warning(
-                "cluster: the key ring in %s lacks key(s) %s of the cluster's key ring: copy the newest "
-                "keyring.json here, or clients and nodes using this file cannot decrypt",
-                self._keyring.path, ", ".join(missing),
-            )
-        self._keyring_missing = missing
+        if missing:
+            return (
+                f"cluster: the key ring in {path} lacks key(s) {', '.join(missing)} of the cluster's key ring "
+                f"(generation {committed['generation']}): copy the newest keyring.json here, or clients and "
+                "nodes using this file cannot decrypt"
+            )  # fmt: skip
+        return None
+
+    def _say_keyring(self, problem: str | None) -> None:
+        """Log each key-ring problem once, again only after it went away and came back."""
+        if problem is not None and problem != self._keyring_said:
+            log.warning("%s", problem)
+        self._keyring_said = problem
 
     def _note_cluster_policy(self) -> None:
         """Say once that an edited policy file is not what is in force: the cluster's log is."""

@@ -26,9 +26,9 @@ Rules of this module:
   same way when it acts on it.
 * Key-ring metadata: the payload key ring's key ids with their activation and
   retirement times, never the keys (they stay with clients and nodes). A `keyring`
-  entry replaces the one in force only if it holds a key id never seen before (a
-  rotation); a broker whose copy of the ring file is older proposes nothing new, so a
-  stale machine cannot roll the cluster's view back.
+  entry replaces the one in force only if its `generation` (the number of rotations
+  that made it) is higher, so a machine with an older copy of the ring file cannot
+  roll the cluster's view back.
 * What the broker must act on (a claim or outcome committed, a token revoked, an event
   published) is collected as effects, in log order, for `take_effects`.
 * `snapshot()` / `restore()` carry the whole state; a snapshot is itself a MessagePack
@@ -62,6 +62,7 @@ __all__ = [
     "claim_record",
     "event_record",
     "outcome_record",
+    "check_ring",
     "keyring_digest",
     "keyring_record",
     "policy_digest",
@@ -75,7 +76,6 @@ MAX_OUTCOME_BYTES: Final = 16 * 1024 * 1024
 MAX_EVENT_IDS: Final = 100_000  # events remembered, to publish each once however often proposed
 MAX_POLICY_CHANGES: Final = 10_000  # mesh.policy change ids remembered, to apply each once
 MAX_RING_KEYS: Final = 1_000  # key ids in one key-ring entry
-MAX_KEY_IDS_SEEN: Final = 10_000  # key ids remembered, so that an older ring never wins again
 EVENT_SNAPSHOT_BYTES: Final = 16 * 1024 * 1024  # newest retained events carried by a snapshot
 SNAPSHOT_VERSION: Final = 1
 
@@ -228,7 +228,6 @@ class SharedState:
         self.policy: str | None = None  # the access policy in force (TOML text)
         self.policy_changes: OrderedDict[str, None] = OrderedDict()  # ids of mesh.policy changes applied
         self.keyring: dict[str, Any] | None = None  # the payload key ring's metadata in force
-        self.key_ids_seen: OrderedDict[str, None] = OrderedDict()
         self.claims: OrderedDict[str, tuple[str, str]] = OrderedDict()  # key -> (node, broker)
         self.outcomes: OrderedDict[str, tuple[bytes, bytes]] = OrderedDict()  # in commit order
         self.outcome_bytes = 0
@@ -314,15 +313,10 @@ class SharedState:
             self.outcome_bytes -= _size(reply)
 
     def _keyring(self, ring: Any) -> None:
-        _check_ring(ring)
-        if any(kid not in self.key_ids_seen for kid in ring["keys"]):
+        check_ring(ring)
+        if self.keyring is None or ring["generation"] > self.keyring["generation"]:
             self.keyring = ring
-            for kid in ring["keys"]:
-                self.key_ids_seen[kid] = None
-                self.key_ids_seen.move_to_end(kid)
-            while len(self.key_ids_seen) > MAX_KEY_IDS_SEEN:
-                self.key_ids_seen.popitem(last=False)
-        self._effects.append(KeyRingSet(keyring_digest(ring), self.keyring or ring))
+        self._effects.append(KeyRingSet(keyring_digest(ring), self.keyring))
 
     def _event(self, record: dict[str, Any]) -> None:
         event, payload = record.get("event"), record.get("payload")
@@ -361,7 +355,6 @@ class SharedState:
             "policy": self.policy,
             "policy_changes": list(self.policy_changes),
             "keyring": self.keyring,
-            "key_ids_seen": list(self.key_ids_seen),
         })
 
     def restore(self, data: bytes) -> None:
@@ -386,8 +379,7 @@ class SharedState:
                 raise TypeError("policy")
             keyring = snap.get("keyring")
             if keyring is not None:
-                _check_ring(keyring)
-            key_ids_seen = OrderedDict((str(k), None) for k in snap.get("key_ids_seen", ()))
+                check_ring(keyring)
         except (TypeError, KeyError, ValueError, msgpack.UnpackException) as exc:
             raise ValueError(f"a damaged shared-state snapshot: {exc}") from None
         if self.events is not None and snap.get("events") is not None:
@@ -396,7 +388,7 @@ class SharedState:
         self.outcome_bytes, self.forgotten = sum(map(_size, outcomes.values())), forgotten
         self.event_ids = event_ids
         self.policy, self.policy_changes = policy, policy_changes
-        self.keyring, self.key_ids_seen = keyring, key_ids_seen
+        self.keyring = keyring
         # What the broker acts on that the snapshot brought: the revocations and the policy.
         self._effects.extend(Revoked(j, e) for j, e in revoked.items())
         if policy is not None:
@@ -405,11 +397,18 @@ class SharedState:
             self._effects.append(KeyRingSet("", keyring))
 
 
-def _check_ring(ring: Any) -> None:
-    """Key-ring metadata as `KeyRing.metadata()` makes it, or ValueError."""
+def check_ring(ring: Any) -> None:
+    """Key-ring metadata as `KeyRing.metadata()` makes it, of at most `MAX_RING_KEYS` keys.
+
+    Raises:
+        ValueError: anything else.
+    """
     if not isinstance(ring, dict) or not isinstance(ring.get("keys"), dict) or ring.get("active") not in ring["keys"]:
         raise ValueError("keyring")
-    if len(ring["keys"]) > MAX_RING_KEYS or set(ring) != {"active", "keys"}:
+    if len(ring["keys"]) > MAX_RING_KEYS or set(ring) != {"generation", "active", "keys"}:
+        raise ValueError("keyring")
+    generation = ring["generation"]
+    if isinstance(generation, bool) or not isinstance(generation, int) or generation < 0:
         raise ValueError("keyring")
     for kid, times in ring["keys"].items():
         if not isinstance(kid, str) or not kid or not isinstance(times, dict) or set(times) != {"active_from", "retire_at"}:

@@ -103,6 +103,8 @@ class KeyRing:
             listed are kept until listed. The active key retires only once a rotated-in
             key has replaced it.
         active_from: key id -> Unix time at which that rotated-in key becomes active.
+        generation: how many rotations made this ring; orders copies of it (a broker
+            cluster keeps the highest it has seen).
 
     Raises:
         ConfigurationError: a key is not 32 bytes, a key id is empty or too long, the
@@ -115,8 +117,12 @@ class KeyRing:
         active: str,
         retire_at: Mapping[str, float] | None = None,
         active_from: Mapping[str, float] | None = None,
+        generation: int = 0,
     ) -> None:
         retire = dict(retire_at or {})
+        if isinstance(generation, bool) or not isinstance(generation, int) or not 0 <= generation < 2**53:
+            raise _config("the key ring's generation must be a whole number >= 0")
+        self.generation = generation
         if active not in keys:
             raise _config("the active key id is not in the key ring")
         if active in retire and not active_from:
@@ -125,7 +131,7 @@ class KeyRing:
         for kid, key in keys.items():
             self._add(kid, key, retire.get(kid))
         for kid, start in (active_from or {}).items():
-            if kid not in self._entries or isinstance(start, bool) or not isinstance(start, (int, float)):
+            if kid not in self._entries or not _is_time(start):
                 raise _config(f"key {kid} has an invalid active_from")
             self._entries[kid].active_from = float(start)
         self._active = active
@@ -157,6 +163,7 @@ class KeyRing:
         """The ring without its keys: the active id, and each key's activation and
         retirement times (what a broker cluster shares, `mesh.cluster.shared`)."""
         return {
+            "generation": self.generation,
             "active": self._active,
             "keys": {kid: {"active_from": e.active_from, "retire_at": e.retire_at} for kid, e in sorted(self._entries.items())},
         }
@@ -192,6 +199,7 @@ class KeyRing:
             raise ValueError("grace and delay must be finite numbers of seconds >= 0")
         kid = _new_kid(self._entries)
         self._add(kid, AESGCM.generate_key(bit_length=256), None)
+        self.generation += 1
         self._entries[kid].active_from = now + delay
         self._entries[self._active].retire_at = now + delay + grace
         self.promote(now)
@@ -238,6 +246,7 @@ class KeyRing:
         """
         doc = {
             "version": _FILE_VERSION,
+            "generation": self.generation,
             "active": self._active,
             "keys": {
                 kid: {
@@ -261,16 +270,13 @@ class KeyRing:
         return _read_ring(Path(path))[0]
 
     def _add(self, kid: object, key: object, retire_at: float | None) -> None:
-        if not isinstance(kid, str) or not 0 < len(kid) <= _MAX_KID_LENGTH:
-            raise _config(f"a key id must be a string of 1 to {_MAX_KID_LENGTH} characters")
+        if not isinstance(kid, str) or not 0 < len(kid) <= _MAX_KID_LENGTH or not kid.isprintable() or not kid.isascii():
+            raise _config(f"a key id must be a string of 1 to {_MAX_KID_LENGTH} printable ASCII characters")
         if not isinstance(key, bytes) or len(key) != KEY_BYTES:
             raise _config(f"key {kid} is not {KEY_BYTES} bytes")
-        if retire_at is not None and (
-            isinstance(retire_at, bool) or not isinstance(retire_at, (int, float))
-            or not math.isfinite(retire_at)
-        ):
+        if retire_at is not None and not _is_time(retire_at):
             raise _config(f"key {kid} has an invalid retire time")
-        self._entries[kid] = _Entry(key, retire_at, AESGCM(key))
+        self._entries[kid] = _Entry(key, None if retire_at is None else float(retire_at), AESGCM(key))
 
 
 class KeyRingFile:
@@ -406,16 +412,26 @@ def _read_ring(path: Path) -> tuple[KeyRing, tuple[int, ...]]:
         keys = {kid: base64.b64decode(e["key"], validate=True) for kid, e in doc["keys"].items()}
         retire = {kid: e["retire_at"] for kid, e in doc["keys"].items() if e["retire_at"] is not None}
         starts = {kid: e["active_from"] for kid, e in doc["keys"].items() if e.get("active_from") is not None}
-        return KeyRing(keys, doc["active"], retire, starts), stamp
+        return KeyRing(keys, doc["active"], retire, starts, doc.get("generation", 0)), stamp
     except ConfigurationError as exc:
         raise _config(exc.details["reason"], path) from None
-    except (ValueError, KeyError, TypeError, AttributeError):  # binascii.Error is a ValueError
+    except (ValueError, KeyError, TypeError, AttributeError, OverflowError):  # binascii.Error is a ValueError
         # The parser's messages may quote the file: keep them (and key bytes) out.
         raise _config("the key ring file is not valid", path) from None
 
 
 def _stamp(st: os.stat_result) -> tuple[int, ...]:
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def _is_time(value: object) -> bool:
+    """A finite Unix time (a float, or an int a float holds)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(float(value))
+    except OverflowError:
+        return False
 
 
 def _new_kid(taken: Collection[str]) -> str:

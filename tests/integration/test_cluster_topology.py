@@ -126,3 +126,10 @@ def test_a_key_rotation_reaches_every_broker_and_a_stale_copy_neither_wins_nor_g
     ring_file.write_bytes(old_file)  # as if this machine's copy had not been updated
     eventually(lambda: mesh.up.output().count(f"lacks key(s) {new}") == 3, 10, "every broker to warn of its stale copy")
     assert all(new in ring(b)["keys"] for b in mesh.clients)  # the stale file did not roll the cluster back
+
+    pids = mesh.pids()
+    ring_file.write_text('{"version": 1, "keys": ')  # a broken edit: said once, no broker stops
+    eventually(lambda: mesh.up.output().count("is kept as last read") == 3, 10, "every broker to warn of the bad file")
+    brokers = [name for name in pids if name.startswith("broker:")]
+    assert mesh.pids() == pids and all(alive(pids[b]) for b in brokers)
+    assert all((mesh.page(b.split(":")[1], "/healthz") or {}).get("live") for b in brokers)

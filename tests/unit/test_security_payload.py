@@ -476,3 +476,39 @@ def test_delayed_rotation_lets_every_reader_learn_the_key_before_it_encrypts(tmp
     frame, info = encrypt(late, b"\x01", associated_data({"id": "m", "type": "command"}, late.active_kid))
     assert decrypt(early, frame, info, associated_data({"id": "m", "type": "command"}, info["kid"])) == b"\x01"
     assert KeyRing.load(path).prune(NOW + 6 + 31) == [old]
+
+
+def test_rotations_count_up_in_the_file_and_the_metadata_holds_no_key(tmp_path: Path) -> None:
+    path = tmp_path / "keyring.json"
+    ring = KeyRing.generate()
+    ring.rotate(100.0, grace=10.0, delay=5.0)
+    ring.rotate(200.0, grace=10.0)
+    ring.save(path)
+    loaded = KeyRing.load(path)
+    meta = loaded.metadata()
+    assert loaded.generation == meta["generation"] == 2 and meta["active"] == ring.active_kid
+    assert all(set(times) == {"active_from", "retire_at"} for times in meta["keys"].values())
+    assert all(json.loads(path.read_text())["keys"][kid]["key"] not in json.dumps(meta) for kid in meta["keys"])
+    msgpack.packb(meta)  # what a broker cluster replicates
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        lambda doc, kid: doc["keys"][kid].update(retire_at=2**1100),  # past what a float holds
+        lambda doc, kid: doc["keys"][kid].update(active_from=2**1100),
+        lambda doc, kid: doc["keys"].update({"\ud800": doc["keys"][kid]}),  # not encodable
+        lambda doc, kid: doc.update(generation=-1),
+        lambda doc, kid: doc.update(generation=True),
+    ],
+    ids=["huge-retire", "huge-active-from", "surrogate-kid", "negative-generation", "bool-generation"],
+)
+def test_a_hand_edited_ring_file_out_of_range_is_refused_as_invalid(tmp_path: Path, edit: Any) -> None:
+    path = tmp_path / "keyring.json"
+    ring = KeyRing.generate()
+    ring.save(path)
+    doc = json.loads(path.read_text())
+    edit(doc, ring.active_kid)
+    path.write_text(json.dumps(doc))
+    with pytest.raises(ConfigurationError):
+        KeyRing.load(path)
