@@ -302,10 +302,10 @@ class Broker:
             ValueError: the metadata is not of a ring the cluster can hold (`check_ring`).
         """
         check_ring(ring)
-        in_force = self.once.shared.keyring if self.once is not None else None
-        if self.once is None or in_force is not None and ring["generation"] <= in_force["generation"]:
+        once = self.once
+        if once is None or once.shared.keyring is not None and ring["generation"] <= once.shared.keyring["generation"]:
             return False
-        self.once.propose_keyring(keyring_digest(ring), keyring_record(ring), now)
+        once.propose_keyring(keyring_digest(ring), keyring_record(ring), now)
         return True
 
     def _install_policy(self, text: str) -> None:

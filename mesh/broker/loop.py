@@ -262,7 +262,7 @@ class BrokerServer:
             if self._keyring is None:
                 if not path.exists():  # only payload encryption (level 2 and up) needs one
                     return None
-                self._keyring = KeyRingFile(path)
+                self._keyring = KeyRingFile(path, interval=0.0)  # this method runs once a second
             ring = self._keyring.current(now).metadata()  # read again when the file changed
             if ring != self._keyring_offered:
                 self._keyring_offered = ring

@@ -51,8 +51,8 @@ __all__ = [
 ]
 
 WIRE_VERSION: Final = 1
-# One frame on a peer link. A message larger than that (a big snapshot) travels in
-# chunks of it and is joined again, up to MAX_CHUNKED_MESSAGE_BYTES.
+# The most a consensus message decodes from one frame; the peer links send anything
+# over 4 MiB (a big snapshot) in chunks and join it again, up to MAX_CHUNKED_MESSAGE_BYTES.
 MAX_RAFT_MESSAGE_BYTES: Final = 64 * 1024 * 1024
 MAX_CHUNKED_MESSAGE_BYTES: Final = 1024 * 1024 * 1024
 MAX_PROPOSAL_BYTES: Final = 4 * 1024 * 1024  # one log entry's data

@@ -356,13 +356,13 @@ class PeerTransport:
                     continue
             try:
                 item = parse_frames(frames, self.me, self.members)
-                if not isinstance(item, ChunkIn) and self._reassembly.cut(item.frm):
-                    self._refuse("chunk_lost", f"a chunked record from {item.frm} was cut short")
                 if isinstance(item, ChunkIn):
                     record = self._reassembly.add(item)
                     if record is None:
                         continue
                     item = raft_in(item.frm, record, self.me, MAX_CHUNKED_MESSAGE_BYTES)
+                elif self._reassembly.cut(item.frm):
+                    self._refuse("chunk_lost", f"a chunked record from {item.frm} was cut short")
                 out.append(item)
             except FrameError as exc:
                 self._refuse(exc.reason, str(exc))
