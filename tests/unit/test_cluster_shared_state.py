@@ -68,22 +68,21 @@ def test_a_damaged_snapshot_is_refused(data: bytes) -> None:
         SharedState().restore(data)
 
 
+def run_commands(state: SharedState, count: int, reply: list[bytes]) -> None:
+    """Commands k0, k1, ... claimed and answered `reply`, one after the other."""
+    apply_all(state, [r for i in range(count) for r in (claim_record(f"k{i}", "inst", "b1"), outcome_record(f"k{i}", reply))])
+
+
 def test_tables_stay_bounded_oldest_first() -> None:
     state = SharedState(max_commands=3)
-    entries = []
-    for i in range(5):
-        entries += [claim_record(f"k{i}", "inst", "b1"), outcome_record(f"k{i}", [b"h", b"p"])]
-    apply_all(state, entries)
+    run_commands(state, 5, [b"h", b"p"])
     assert list(state.claims) == ["k2", "k3", "k4"]
     assert sorted(state.outcomes) == ["k2", "k3", "k4"]
 
 
 def test_outcome_bytes_stay_bounded_and_a_dropped_outcome_stays_known_as_forgotten() -> None:
     state = SharedState(max_outcome_bytes=10)
-    entries = []
-    for i in range(3):
-        entries += [claim_record(f"k{i}", "inst", "b1"), outcome_record(f"k{i}", [b"hh", b"pp"])]
-    apply_all(state, entries)
+    run_commands(state, 3, [b"hh", b"pp"])
     assert list(state.outcomes) == ["k1", "k2"] and state.outcome_bytes == 8
     assert state.forgotten == {"k0"} and "k0" in state.claims  # a resend must not run it again
     state.take_effects()
@@ -96,8 +95,7 @@ def test_outcome_bytes_stay_bounded_and_a_dropped_outcome_stays_known_as_forgott
 
 def test_a_forgotten_key_is_let_go_with_its_claim() -> None:
     state = SharedState(max_commands=2, max_outcome_bytes=4)
-    apply_all(state, [claim_record("k0", "inst", "b1"), outcome_record("k0", [b"hh", b"pp"]),
-                      claim_record("k1", "inst", "b1"), outcome_record("k1", [b"hh", b"pp"])])  # fmt: skip
+    run_commands(state, 2, [b"hh", b"pp"])
     assert state.forgotten == {"k0"}
     state.apply(5, claim_record("k2", "inst", "b1"))
     assert list(state.claims) == ["k1", "k2"] and state.forgotten == set()
