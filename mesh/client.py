@@ -174,6 +174,7 @@ class AsyncClient:
         self._sealer: Sealer | None = None
         self._opener: Opener | None = None
         self._secure: Secure | None = None
+        self._token: str | None = None
         if credentials is not None:
             self._token = credentials.token
             self._sealer = credentials.sealer(lambda: self._token)
@@ -297,7 +298,10 @@ class AsyncClient:
         if prefix:
             check_topic(prefix, "prefix")
         endpoint = await self._events_endpoint()
-        sub = AsyncSubscription(endpoint, prefix, from_seq, ctx=self._ctx, hwm=hwm, replay=self._replay, secure=self._secure)
+        sub = AsyncSubscription(
+            endpoint, prefix, from_seq, ctx=self._ctx, hwm=hwm, replay=self._replay, secure=self._secure,
+            token=lambda: self._token,
+        )  # fmt: skip
         self._subscriptions.add(sub)
         try:
             await sub.start(self.timeout)

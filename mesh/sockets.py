@@ -195,7 +195,9 @@ def publisher(ctx: zmq.Context, endpoint: str, hwm: int, secure: Secure | None =
     that subscriber misses events (it sees the gap); the others and the sender never wait.
 
     Every (un)subscription is passed up (XPUB_VERBOSER), so the broker sees each
-    subscriber's sync request even when another asked for the same filter.
+    subscriber's sync request even when another asked for the same filter, and none
+    takes effect by itself (XPUB_MANUAL): the broker applies the filters it allows with
+    `setsockopt(SUBSCRIBE)` right after reading the message that asked for them.
 
     Raises:
         ConfigurationError: the endpoint is malformed or already in use.
@@ -204,6 +206,7 @@ def publisher(ctx: zmq.Context, endpoint: str, hwm: int, secure: Secure | None =
     _common(sock, MAX_MESSAGE_BYTES)
     sock.sndhwm = hwm
     sock.setsockopt(zmq.XPUB_VERBOSER, 1)
+    sock.setsockopt(zmq.XPUB_MANUAL, 1)
     _prepare_ipc(endpoint)
     return _attach(sock, sock.bind, endpoint, "listen on", secure)
 

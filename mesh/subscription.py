@@ -11,6 +11,11 @@ Rules of this module:
   `Gap` before the event after it (the subscriber fell behind and the broker's queue
   for it overflowed, or the link broke); a number lower than the last one means the
   broker restarted and numbering began again.
+* On a secure broker a subscription shows its token with an auth filter (`AUTH` +
+  token, sent between the prefix filter and the control filter; the broker never
+  publishes to it). The broker applies the prefix filter only if the token's roles may
+  subscribe to it; a refusal comes back in the sync marker's `refused` list and
+  `start()` raises it (ACCESS_DENIED and the others, by their codes).
 * With `from_seq`, the retained events after it are fetched with `mesh.replay` once
   the marker has come, page by page; live events that the replay already delivered
   are skipped. Events that arrived before the marker are in the replay too, so they
@@ -34,8 +39,16 @@ from typing import Any, Final
 import msgpack
 import zmq
 
-from .protocol import DeadlineExceededError, MeshError, check_topic, decode_payload, new_id, unpack_header
-from .protocol.topics import CONTROL, subscription_filter
+from .protocol import (
+    DeadlineExceededError,
+    MeshError,
+    check_topic,
+    decode_payload,
+    error_from_wire,
+    new_id,
+    unpack_header,
+)
+from .protocol.topics import AUTH, CONTROL, subscription_filter
 from .sockets import recv_frames, send_frames, subscriber
 
 __all__ = ["Event", "Gap", "SubscriptionState", "AsyncSubscription", "DEFAULT_HWM"]
@@ -104,6 +117,7 @@ class SubscriptionState:
         self.control = CONTROL + self.id.encode()
         self.replaying = from_seq is not None
         self.synced = False
+        self.refused: MeshError | None = None  # what the broker refused, told by its marker
         self.epoch: str | None = None
         self.received = 0
         self.missed = 0
@@ -115,9 +129,11 @@ class SubscriptionState:
 
     # ------------------------------------------------------------------ upstream
 
-    def filters(self) -> list[bytes]:
-        """What to send upstream first: subscribe to the prefix, then to the control filter."""
-        return [b"\x01" + subscription_filter(self.prefix), b"\x01" + self.control]
+    def filters(self, token: str | None = None) -> list[bytes]:
+        """What to send upstream first: subscribe to the prefix, show the token (on a
+        secure broker), then subscribe to the control filter."""
+        auth = [b"\x01" + AUTH + token.encode()] if token else []
+        return [b"\x01" + subscription_filter(self.prefix), *auth, b"\x01" + self.control]
 
     def report(self, now: float, force: bool = False) -> bytes | None:
         """A drop report for the broker, when the counts changed and one is due."""
@@ -139,8 +155,16 @@ class SubscriptionState:
                 return [], []  # another subscriber's marker (a '' filter sees them all)
             self.synced = True
             try:
-                self.epoch = decode_payload(frames[2]).get("epoch")
-            except (MeshError, AttributeError):
+                body = decode_payload(frames[2])
+                self.epoch = body.get("epoch")
+                refused = body.get("refused") or []
+                if refused:
+                    first = refused[0]
+                    self.refused = error_from_wire(
+                        int(first["code"]), f"the broker refused the subscription to {self.prefix or '*'}: "
+                        f"{first['reason']}", False, {"refused": refused},
+                    )  # fmt: skip
+            except (MeshError, AttributeError, KeyError, TypeError, ValueError):
                 self.epoch = None
             return [], [b"\x00" + self.control]
         if self.replaying:
@@ -211,8 +235,10 @@ class AsyncSubscription:
         hwm: int,
         replay: Callable[[dict[str, Any]], Awaitable[Any]],
         secure: Callable[[zmq.Socket], None] | None = None,
+        token: Callable[[], str | None] = lambda: None,
     ) -> None:
         self.state = SubscriptionState(prefix, from_seq)
+        self._token = token
         self._replay = replay
         self._sock = subscriber(ctx, endpoint, hwm, secure=secure)
         self._fd = self._sock.getsockopt(zmq.FD)
@@ -223,8 +249,10 @@ class AsyncSubscription:
 
         Raises:
             DeadlineExceededError: no marker within `timeout` (is the broker there?).
+            MeshError: the broker refused the subscription (ACCESS_DENIED: the role may not
+                subscribe to the prefix; AUTHENTICATION_FAILED: no valid token), by its code.
         """
-        for frame in self.state.filters():
+        for frame in self.state.filters(self._token()):
             self._sock.send(frame)
         deadline = time.monotonic() + timeout
         while not self.state.synced:
@@ -232,6 +260,8 @@ class AsyncSubscription:
             if left <= 0:
                 raise DeadlineExceededError("the broker did not confirm the subscription in time")
             await self._read(left)
+        if self.state.refused is not None:
+            raise self.state.refused
         more = self.state.replaying
         while more:
             items, more = self.state.on_replay(await self._replay(self.state.replay_request()))

@@ -99,6 +99,7 @@ from ..cluster.shared import (
 from ..security.policy import PolicyError, policy_from_text
 from .events import DEFAULT_RULE, EventBus, RetentionRule, check_publishable
 from .once import OnceTable, event_key, keyring_key, once_key, policy_key, revoke_key
+from .subscribers import Apply, Subscribers
 from .registry import NodeInfo, PeerEvent, Registry, parse_load, silence_event
 
 __all__ = ["Side", "Outgoing", "BrokerConfig", "Broker", "Command", "ConnectionState", "RecentReplies"]
@@ -263,6 +264,7 @@ class Broker:
             max_retained_bytes=self.config.max_retained_bytes,
             name=self.config.name,
         )
+        self.subscribers = Subscribers(self.events, security.gate if security is not None else None)
         self.events_endpoint: str | None = None  # told to clients by mesh.ping (set by the loop)
         self._published: list[list[bytes]] = []  # for subscribers, until the loop takes them
         self.recent = RecentReplies(
@@ -744,10 +746,23 @@ class Broker:
         envelope = frames[0]
         if not envelope:
             if mtype == "command" and header["service"] == SYSTEM_SERVICE:
-                out = self._system(ident, frames[1], frames[2], now, Side.NODE, peer=peer)
+                identity = None
+                if self.security is not None and header["action"] not in _NODE_ACTIONS:
+                    # Anything but the node protocol is checked as on the client port: a
+                    # node key alone opens no more than a client key does.
+                    try:
+                        identity = self.security.gate.admit_command(header, peer, now)
+                    except MeshError as err:
+                        return [(Side.NODE, ident, [b"", *self._error_frames(err, now, header["id"])])]
+                out = self._system(ident, frames[1], frames[2], now, Side.NODE, identity=identity, peer=peer)
                 out.extend(self._after_registry_change(ident, now))
                 return out
             if mtype == "event":
+                if self.security is not None:
+                    try:
+                        self.security.gate.admit_node_event(header, peer, now)
+                    except MeshError as err:
+                        return [self._event_refused(Side.NODE, ident, header, err, now)]
                 return self._publish(Side.NODE, ident, header, frames[2], now)
             if mtype in _REPLY_TYPES:
                 return []  # a node acknowledging something the broker sent it
@@ -877,8 +892,11 @@ class Broker:
         if action == "stats":
             return self.stats()
         if action == "replay":
+            request = decode_payload(payload)
+            if self.security is not None:
+                self._check_replay_access(request, identity, peer, now)
             # Half the message limit leaves room for the MessagePack around the events.
-            return self.events.replay(decode_payload(payload), self.config.max_message_bytes // 2)
+            return self.events.replay(request, self.config.max_message_bytes // 2)
         if action in ("renew", "revoke") and self.security is not None and identity is not None:
             return self._token_action(action, identity, decode_payload(payload), now)
         if side is Side.NODE and action == "register":
@@ -915,6 +933,17 @@ class Broker:
             f"the broker has no action mesh.{action}",
             details={"service": SYSTEM_SERVICE, "action": action},
         )
+
+    def _check_replay_access(self, request: Any, identity: Any, peer: Peer, now: float) -> None:
+        """`mesh.replay` follows the subscription rule: the caller's roles must cover the
+        whole prefix it replays, as they must for a live subscription to it."""
+        assert self.security is not None
+        prefix = request.get("prefix", "") if isinstance(request, dict) else ""
+        if identity is None or not isinstance(prefix, str):
+            return  # a malformed request: the event bus refuses it, naming the field
+        err = self.security.gate.may_subscribe(identity, prefix, peer, now)
+        if err is not None:
+            raise err
 
     def _services(self, payload: bytes, identity: Any, peer: Peer) -> dict[str, Any]:
         """The registry; with `{"callable": true}`, only the actions the caller may run.
@@ -1208,11 +1237,16 @@ class Broker:
 
     # ---------------------------------------------------------------- shutdown
 
-    def subscriber_message(self, frame: bytes, now: float) -> None:
-        """A message from the XPUB socket: a subscriber's (un)subscription or drop report."""
-        marker = self.events.upstream(frame, now)
-        if marker is not None:
-            self._published.append(marker)
+    def subscriber_message(self, frame: bytes, now: float, peer: Peer = _NOBODY) -> list[Apply]:
+        """A message from the XPUB socket: a subscriber's (un)subscription or drop report.
+
+        Returns:
+            The filters the loop must apply at once to the link that sent it (the
+            socket is in manual mode: nothing is subscribed unless returned here).
+        """
+        applied, markers = self.subscribers.upstream(frame, peer, now)
+        self._published.extend(markers)
+        return applied
 
     def begin_drain(self) -> None:
         """Stop accepting commands; those already accepted still complete."""
@@ -1257,7 +1291,8 @@ class Broker:
             "suspect_nodes": sum(1 for n in self.registry.nodes.values() if n.suspect),
             "recent_replies": len(self.recent),
             "clients": len(self.clients),
-            "events": self.events.stats(),
+            "events": {**self.events.stats(), "subscriptions": self.subscribers.in_force,
+                       "filters": self.subscribers.stats()},
             **({"security": self.security.gate.stats()} if self.security is not None else {}),
             **({"exactly_once": self.once.stats(), "keyring": self.once.shared.keyring} if self.once is not None else {}),
         }

@@ -10,10 +10,8 @@ Rules of this module:
   frame 0 follows `protocol/topics.py`.
 * Replay answers from the retained history only; what has left it is reported as a gap
   together with the first sequence number still available.
-* What subscribers send upstream (their subscriptions and their drop reports) is
-  counted here, in bounded tables. A subscription whose filter starts with `CONTROL`
-  is a subscriber asking for a sync marker: once the broker sees it, every filter that
-  subscriber set before it is in force, so nothing published afterwards can miss it.
+* Subscribers' drop reports are kept here, in a bounded table; their filters are
+  decided in `subscribers.py`, which asks this bus for sync markers.
 * The `mesh.*` topics are the broker's own (lifecycle events).
 """
 
@@ -24,18 +22,18 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-import msgpack
-
 from ..protocol import (
     AccessDeniedError,
+    MeshError,
     ResourceExhaustedError,
     ValidationFailedError,
+    bounded_unpack,
     check_topic,
     encode_payload,
     encode_stamped_event,
     new_id,
 )
-from ..protocol.topics import CONTROL, covers, topic_frame
+from ..protocol.topics import covers, topic_frame
 
 __all__ = ["DEFAULT_RULE", "EventBus", "RetentionRule", "SubscriberReport", "check_publishable"]
 
@@ -45,8 +43,6 @@ MAX_TOPICS: Final = 10_000
 MAX_RETAINED_BYTES: Final = 64 * 1024 * 1024
 MAX_SUBSCRIBERS: Final = 10_000
 MAX_FIELD: Final = 1100  # longest topic is 16 x 64 characters and 15 dots
-_SUBSCRIBE: Final = 1
-_UNSUBSCRIBE: Final = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,7 +120,6 @@ class EventBus:
         self._own_topics = 0  # of `topics`, the broker's own (`mesh.*`)
         self.retained_bytes = 0
         self.retained_events = 0
-        self.subscriptions: Counter[bytes] = Counter()
         self.subscribers: dict[str, SubscriberReport] = {}
         self.counters: Counter[str] = Counter()
         self._order = 0
@@ -298,41 +293,32 @@ class EventBus:
 
     # ---------------------------------------------------------------- upstream
 
-    def upstream(self, frame: bytes, now: float) -> list[bytes] | None:
-        """A message a subscriber sent upstream: a (un)subscription or a drop report.
+    def sync_marker(self, flt: bytes, now: float, refused: list[dict[str, Any]] | None = None) -> list[bytes]:
+        """The frames answering a subscriber's sync request `flt` (published on `flt`).
 
-        Returns:
-            The frames of a sync marker to publish, when the subscriber asked for one.
+        Once the broker sees the request, every filter the subscriber set before it is
+        in force (or refused: `refused` lists those, mesh/broker/subscribers.py), so
+        nothing published afterwards can miss it.
         """
-        if frame[:1] == bytes([_SUBSCRIBE]):
-            flt = frame[1:]
-            if flt.startswith(CONTROL):
-                return self._sync_marker(flt, now)
-            self.subscriptions[flt] += 1
-            return None
-        if frame[:1] == bytes([_UNSUBSCRIBE]):
-            flt = frame[1:]
-            if not flt.startswith(CONTROL) and self.subscriptions[flt] > 0:
-                self.subscriptions[flt] -= 1
-                if not self.subscriptions[flt]:
-                    del self.subscriptions[flt]
-            return None
-        self._report(frame, now)
-        return None
-
-    def _sync_marker(self, flt: bytes, now: float) -> list[bytes]:
         self.counters["syncs"] += 1
         header = encode_stamped_event({"id": new_id(), "ts": now, "topic": SYNC_TOPIC}, 1)
-        return [flt, header, encode_payload({"broker": self.name, "epoch": self.epoch})]
+        body: dict[str, Any] = {"broker": self.name, "epoch": self.epoch}
+        if refused:
+            body["refused"] = refused
+        return [flt, header, encode_payload(body)]
+
+    def report(self, frame: bytes, now: float) -> None:
+        """A subscriber's drop report (its received and missed counts), kept for monitoring."""
+        self._report(frame, now)
 
     def _report(self, frame: bytes, now: float) -> None:
         try:
-            raw = msgpack.unpackb(frame, raw=False)
+            raw = bounded_unpack(frame, "report", 8)
             sub, prefix = raw["sub"], raw["prefix"]
             received, missed = raw["received"], raw["missed"]
             if not (isinstance(sub, str) and isinstance(prefix, str) and _counts(received, missed)):
                 raise ValueError
-        except Exception:  # any malformed report: msgpack raises several unrelated types
+        except (MeshError, TypeError, KeyError, ValueError):  # any malformed report
             self.counters["bad_reports"] += 1
             return
         sub, prefix = sub[:MAX_FIELD], prefix[:MAX_FIELD]  # a report cannot grow the table's entries
@@ -355,7 +341,6 @@ class EventBus:
             "topics": len(self.topics),
             "retained_events": self.retained_events,
             "retained_bytes": self.retained_bytes,
-            "subscriptions": sum(self.subscriptions.values()),
             "subscribers": {
                 sub: {"prefix": r.prefix, "received": r.received, "missed": r.missed}
                 for sub, r in self.subscribers.items()

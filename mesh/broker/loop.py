@@ -8,6 +8,8 @@ Rules of this module:
 * With security on, every socket is a CURVE server, a ZAP handler (started before the
   sockets bind) admits only known keys, and each message is handed over with the
   `Peer` it came from.
+* Subscriptions are the core's decision: the XPUB is in manual mode, and the filters
+  the core returns are applied right after the message that asked for them.
 * Publishing never waits: a subscriber whose queue is full misses events (and sees the
   gap in their sequence numbers), so it cannot slow the others or the commands.
 * A send that fails because the peer is gone or full is reported back to the core
@@ -358,12 +360,20 @@ class BrokerServer:
     def _upstream(self) -> None:
         """Subscriptions and drop reports from subscribers (single frames)."""
         now = self._clock()
+        events = self._events
+        secure = self.core.security is not None
         for _ in range(BATCH):
             try:
-                frames = recv_frames(self._events)
+                if secure:
+                    frames, user, address = recv_frames_from(events)
+                    applied = self.core.subscriber_message(frames[0], now, Peer(user, address))
+                else:
+                    applied = self.core.subscriber_message(recv_frames(events)[0], now)
             except zmq.Again:
                 break
-            self.core.subscriber_message(frames[0], now)
+            # Manual mode: a filter applies to the link of the last message read, so now.
+            for item in applied:
+                events.setsockopt(zmq.SUBSCRIBE if item.subscribe else zmq.UNSUBSCRIBE, item.filter)
         self._publish()
 
     def _publish(self) -> None:

@@ -360,7 +360,7 @@ class Monitor:
             "topics": stats["topics"],
             "retained_events": stats["retained_events"],
             "retained_bytes": stats["retained_bytes"],
-            "subscriptions": stats["subscriptions"],
+            "subscriptions": core.subscribers.in_force,
             "subscribers": len(subscribers),
             "missed": sum(s["missed"] for s in subscribers.values()),
             "retention": [

@@ -7,6 +7,10 @@ Rules of this module:
 * Decoding is strict: a wrong type, an unknown key, a bad name or id, a version we do not
   speak each raise a `MeshError` whose details name the offending field. Nothing here
   raises anything else, so callers need one `except MeshError`.
+* Decoding is bounded: every MessagePack value from a peer is read with a cap on its
+  containers (maps and arrays) and on their nesting (`MAX_DEPTH`), enforced while
+  msgpack builds them, so a small frame of millions of empty maps costs microseconds to
+  refuse, not a stall. Errors quote at most `MAX_QUOTE` characters of what was sent.
 * Encoding writes keys in one fixed order and omits empty optional keys, so the same
   record always gives the same bytes (the test vectors in the docs rely on it).
 """
@@ -14,6 +18,7 @@ Rules of this module:
 from __future__ import annotations
 
 import math
+import reprlib
 from collections.abc import Mapping, Sequence
 from typing import Any, Final
 
@@ -50,6 +55,11 @@ __all__ = [
     "MAX_HEADER_BYTES",
     "MAX_MESSAGE_BYTES",
     "MAX_METADATA_ENTRIES",
+    "MAX_DEPTH",
+    "MAX_HEADER_CONTAINERS",
+    "MAX_PAYLOAD_CONTAINERS",
+    "MAX_QUOTE",
+    "quote",
     "NAME_PATTERN",
     "TOPIC_PATTERN",
     "ID_PATTERN",
@@ -63,6 +73,7 @@ __all__ = [
     "decode_header",
     "unpack_header",
     "peek_header",
+    "bounded_unpack",
     "encode_payload",
     "decode_payload",
     "encode",
@@ -76,10 +87,18 @@ __all__ = [
 MAX_HEADER_BYTES: Final = 16 * 1024
 MAX_MESSAGE_BYTES: Final = 1024 * 1024
 MAX_METADATA_ENTRIES: Final = 64
+# Nesting of maps and arrays in any value a peer sends: deep enough for real JSON-like
+# data and schemas, far below Python's recursion limit (msgpack itself allows 1024, and
+# repr, json and msgpack.packb fail on such values further along).
+MAX_DEPTH: Final = 64
+MAX_HEADER_CONTAINERS: Final = 256  # a header has a few maps; metadata is one level of 64
+MAX_PAYLOAD_CONTAINERS: Final = 100_000  # about 10 ms of work at most to build or refuse
+MAX_QUOTE: Final = 200  # characters of a peer's input an error message may repeat
 
 _name_match = _NAME.fullmatch
 _id_match = _ID.fullmatch
 _unpackb = msgpack.unpackb
+_CONTAINERS: Final = (dict, list)
 _INF: Final = math.inf
 
 _TYPES: Final = {t.value: t for t in MessageType}
@@ -91,6 +110,84 @@ _HEADER_KEYS: Final = frozenset(
 _CORRELATED: Final = frozenset({"response", "cancel", "progress"})
 _SECURITY_KEYS: Final = frozenset({"level", "encryption", "signature", "token"})
 _ERROR_KEYS: Final = frozenset({"code", "message", "retryable", "details"})
+
+class _TooManyContainers(Exception):
+    """Raised from inside msgpack's hooks to stop building an oversized value."""
+
+
+def _too_deep(value: Any, limit: int) -> bool:
+    """Whether maps and arrays nest more than `limit` deep in `value` (no recursion)."""
+    stack = [(value, 1)]
+    pop, push = stack.pop, stack.append
+    while stack:
+        item, depth = pop()
+        if depth > limit:
+            return True
+        for child in item.values() if type(item) is dict else item:
+            if type(child) in _CONTAINERS:
+                push((child, depth + 1))
+    return False
+
+
+def bounded_unpack(frame: bytes, what: str, max_containers: int, **options: Any) -> Any:
+    """One MessagePack value from a peer, refused past `max_containers` maps and arrays
+    or `MAX_DEPTH` levels of nesting.
+
+    The count is kept by msgpack's own hooks, so the refusal comes after at most
+    `max_containers` objects were built, whatever the frame holds. Nesting is only
+    walked when there are more containers than `MAX_DEPTH` (it cannot be deeper otherwise).
+
+    Raises:
+        BadFormatError: not exactly one MessagePack value, or over a bound
+            (`details["reason"]` is "too many objects" or "too deep").
+    """
+    count = 0
+
+    def hook(obj: Any) -> Any:
+        nonlocal count
+        count += 1
+        if count > max_containers:
+            raise _TooManyContainers
+        return obj
+
+    try:
+        value = _unpackb(frame, raw=False, object_hook=hook, list_hook=hook, **options)
+    except _TooManyContainers:
+        raise BadFormatError(
+            f"{what} holds more than {max_containers} maps and arrays",
+            details={"reason": "too many objects", "limit": max_containers},
+        ) from None
+    except ValueError as exc:
+        if isinstance(exc, msgpack.StackError):
+            raise _too_deep_error(what) from None
+        raise BadFormatError(f"{what} is not valid MessagePack ({type(exc).__name__})") from None
+    except Exception as exc:  # msgpack raises several unrelated types for bad input
+        raise BadFormatError(f"{what} is not valid MessagePack ({type(exc).__name__})") from None
+    if count > MAX_DEPTH and type(value) in _CONTAINERS and _too_deep(value, MAX_DEPTH):
+        raise _too_deep_error(what)
+    return value
+
+
+def _too_deep_error(what: str) -> BadFormatError:
+    return BadFormatError(
+        f"{what} nests maps and arrays more than {MAX_DEPTH} deep", details={"reason": "too deep", "limit": MAX_DEPTH}
+    )
+
+
+def quote(value: object, limit: int = MAX_QUOTE) -> str:
+    """A short, safe rendering of a value a peer sent, for error messages.
+
+    Strings are cut to `limit` characters; other values are rendered by `reprlib`, which
+    stops at a few levels and items, so a hostile value costs little and says little.
+    """
+    text = value if isinstance(value, str) else _REPR.repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+_REPR: Final = reprlib.Repr()
+_REPR.maxlevel = 3
+_REPR.maxstring = _REPR.maxother = _REPR.maxlong = 60
+
 
 def _check_id(value: object, field: str) -> str:
     if not isinstance(value, str) or not _ID.fullmatch(value):
@@ -114,7 +211,7 @@ def _check_security(raw: object) -> None:
     sec = _check_map(raw, "security")
     unknown = set(sec) - _SECURITY_KEYS
     if unknown:
-        raise _invalid(f"security.{sorted(unknown)[0]}", "unknown key")
+        raise _invalid(f"security.{quote(sorted(unknown)[0], 64)}", "unknown key")
     level = sec.get("level", 0)
     if isinstance(level, bool) or not isinstance(level, int) or level not in SecurityLevel._value2member_map_:
         raise _invalid("security.level", "must be 0, 1, 2 or 3")
@@ -133,7 +230,7 @@ def _check_error(raw: object) -> None:
     err = _check_map(raw, "error")
     unknown = set(err) - _ERROR_KEYS
     if unknown:
-        raise _invalid(f"error.{sorted(unknown)[0]}", "unknown key")
+        raise _invalid(f"error.{quote(sorted(unknown)[0], 64)}", "unknown key")
     code = err.get("code")
     if isinstance(code, bool) or not isinstance(code, int) or not 0 < code < 10000:
         raise _invalid("error.code", "must be an integer from 1 to 9999")
@@ -163,20 +260,17 @@ def unpack_header(frame: bytes) -> dict[str, Any]:
             f"header is {len(frame)} bytes, limit {MAX_HEADER_BYTES}",
             details={"limit": MAX_HEADER_BYTES},
         )
-    try:
-        raw = _unpackb(frame, raw=False)
-    except Exception as exc:  # msgpack raises several unrelated types for bad input
-        raise BadFormatError(f"header is not valid MessagePack ({type(exc).__name__})") from None
+    raw = bounded_unpack(frame, "header", MAX_HEADER_CONTAINERS)
     if type(raw) is not dict:
         raise BadFormatError("header must be a MessagePack map")
     version = raw.get("v")
     if version != PROTOCOL_VERSION or type(version) is not int:
         raise UnsupportedVersionError(
-            f"protocol version {version!r} is not supported",
+            f"protocol version {quote(version)} is not supported",
             details={"field": "v", "supported": [PROTOCOL_VERSION]},
         )
     if not raw.keys() <= _HEADER_KEYS:
-        unknown = sorted(str(k) for k in raw if k not in _HEADER_KEYS)[0]
+        unknown = sorted(quote(str(k), 64) for k in raw if k not in _HEADER_KEYS)[0]
         raise _invalid(unknown, "unknown header key")
     mtype = raw.get("type")
     if type(mtype) is not str or mtype not in _TYPES:
@@ -235,11 +329,14 @@ def peek_header(frame: bytes, key: str) -> Any:
     """One key of a header that failed validation, or None when it cannot be read.
 
     For salvage only (answering the right command about a bad reply); never trust it
-    for routing or authorisation.
+    for routing or authorisation. A frame longer than a header may be is not read at all,
+    and the rest within the header's bounds, so salvage costs no more than a header.
     """
+    if len(frame) > MAX_HEADER_BYTES:
+        return None
     try:
-        raw = _unpackb(frame, raw=False)
-    except Exception:  # msgpack raises several unrelated types for bad input
+        raw = bounded_unpack(frame, "header", MAX_HEADER_CONTAINERS)
+    except BadFormatError:
         return None
     return raw.get(key) if type(raw) is dict else None
 
@@ -419,9 +516,10 @@ def encode_response_header(request: Mapping[str, Any], now: float) -> bytes:
     """The same bytes as `encode_header(response_to(...))` for a command's wire map.
 
     The nodes' hot path: `request` is what `unpack_header` returned for the command (or
-    for an event the broker acknowledges, which names no service).
+    for an event the broker acknowledges: the acknowledgement names no service, whatever
+    optional fields the event carried).
     """
-    if "service" in request:
+    if request["type"] == "command":
         out = {"v": PROTOCOL_VERSION, "type": "response", "id": new_id(), "ts": now,
                "service": request["service"], "action": request["action"], "correlation_id": request["id"]}
     else:
@@ -444,15 +542,13 @@ def encode_payload(value: Any) -> bytes:
 def decode_payload(frame: bytes) -> Any:
     """Decode a payload frame: exactly one MessagePack value.
 
-    Map keys may be any MessagePack scalar, as `encode_payload` allows.
+    Map keys may be any MessagePack scalar, as `encode_payload` allows. Bounded like
+    every decode of peer input (`bounded_unpack`, `MAX_PAYLOAD_CONTAINERS`, `MAX_DEPTH`).
 
     Raises:
-        BadFormatError: empty, truncated, trailing bytes or not MessagePack.
+        BadFormatError: empty, truncated, trailing bytes, not MessagePack, or over a bound.
     """
-    try:
-        return msgpack.unpackb(frame, raw=False, strict_map_key=False)
-    except Exception as exc:  # msgpack raises several unrelated types for bad input
-        raise BadFormatError(f"payload is not valid MessagePack ({type(exc).__name__})") from None
+    return bounded_unpack(frame, "payload", MAX_PAYLOAD_CONTAINERS, strict_map_key=False)
 
 
 def check_size(frames: Sequence[bytes], limit: int = MAX_MESSAGE_BYTES) -> None:

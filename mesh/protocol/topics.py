@@ -11,9 +11,12 @@ from __future__ import annotations
 
 from typing import Final
 
-__all__ = ["CONTROL", "topic_frame", "subscription_filter", "covers"]
+__all__ = ["AUTH", "CONTROL", "topic_frame", "subscription_filter", "covers"]
 
 CONTROL: Final = b"\xff"
+# A subscriber's token on a secure broker (mesh/broker/subscribers.py): never published
+# to; it sorts after every topic filter, so it follows them when libzmq re-sends them.
+AUTH: Final = CONTROL + b"\x00"
 
 
 def topic_frame(topic: str) -> bytes:

@@ -58,6 +58,8 @@ class _Policy(Protocol):
     def decide(self, roles: frozenset[str], service: str, action: str, peer_ip: str | None) -> Any: ...
     def may_register(self, identity: str, service: str) -> Any: ...
     def may_publish(self, roles: frozenset[str], topic: str, peer_ip: str | None = None) -> Any: ...
+    def may_subscribe(self, roles: frozenset[str], prefix: str, peer_ip: str | None = None) -> Any: ...
+    def may_node_publish(self, identity: str | None, topic: str) -> Any: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,6 +137,59 @@ class Gate:
             raise self._refused(err, identity.subject, topic, now)
         return identity
 
+    def admit_node_event(self, header: Mapping[str, Any], peer: Peer, now: float) -> None:
+        """Check an event a handler node publishes on the node port.
+
+        A node has no token: it is known by its CURVE key's name, and publishes only the
+        topics its `[nodes.NAME]` rule lists (`publish`).
+
+        Raises:
+            SecurityError: a replay, or a topic the node may not publish.
+        """
+        topic = header["topic"]
+        who = peer.user or "?"
+        try:
+            self._check_replay(header, peer, now)
+            decision = self.policy.may_node_publish(peer.user, topic)
+            if not decision.allowed:
+                raise AccessDeniedError(
+                    f"publishing on {topic} is not allowed: {decision.reason}", details={"reason": decision.reason}
+                )
+        except MeshError as err:
+            raise self._refused(err, who, topic, now) from None
+
+    def admit_subscriber(self, token: str, peer: Peer, now: float) -> Any:
+        """Check the token a subscriber shows on the events port; return its identity.
+
+        No replay check: libzmq shows the same token again on every reconnect, and it
+        only counts on the link of the key it was issued for.
+
+        Raises:
+            SecurityError: a bad, expired or revoked token, or one of another key.
+        """
+        who = peer.user or "?"
+        try:
+            identity = self._verify_bound(token, peer, now)
+        except MeshError as err:
+            raise self._refused(err, who, "subscribe", now) from None
+        return identity
+
+    def may_subscribe(self, identity: Any, prefix: str, peer: Peer, now: float) -> MeshError | None:
+        """None when `identity` may receive every event under `prefix` ('' = all), else the
+        refusal (counted and audited), for the caller to report."""
+        decision = self.policy.may_subscribe(identity.roles, prefix, peer.address)
+        if decision.allowed:
+            return None
+        err = AccessDeniedError(
+            f"subscribing to {prefix or '*'} is not allowed: {decision.reason}",
+            details={"reason": decision.reason, "prefix": prefix},
+        )
+        return self._refused(err, identity.subject, f"subscribe {prefix or '*'}", now)
+
+    def audit_refusal(self, err: MeshError, who: str, what: str, now: float) -> None:
+        """Count and audit a refusal decided elsewhere (a subscription's limits)."""
+        self._refused(err, who, what, now)
+
     def admit_registration(self, services: list[str], peer: Peer, now: float) -> None:
         """Check that the node on this link may offer each of `services`.
 
@@ -163,19 +218,21 @@ class Gate:
         who = peer.user or "?"
         try:
             self._check_replay(header, peer, now)
-            token = (header.get("security") or {}).get("token")
-            if not token:
-                raise AuthenticationFailedError("a token is required", details={"reason": "missing token"})
-            identity = self.verifier.verify(token, now)
-            who = identity.subject
-            if peer.user is not None and identity.subject != peer.user:
-                # A token only counts on the link of the key it was issued for: a stolen
-                # token is useless without the matching CURVE secret key.
-                raise AuthenticationFailedError(
-                    "the token was issued for another key", details={"reason": "token not bound to this key"}
-                )
+            identity = self._verify_bound((header.get("security") or {}).get("token"), peer, now)
         except MeshError as err:
             raise self._refused(err, who, what, now) from None
+        return identity
+
+    def _verify_bound(self, token: Any, peer: Peer, now: float) -> Any:
+        if not token:
+            raise AuthenticationFailedError("a token is required", details={"reason": "missing token"})
+        identity = self.verifier.verify(token, now)
+        if peer.user is not None and identity.subject != peer.user:
+            # A token only counts on the link of the key it was issued for: a stolen
+            # token is useless without the matching CURVE secret key.
+            raise AuthenticationFailedError(
+                "the token was issued for another key", details={"reason": "token not bound to this key"}
+            )
         return identity
 
     def _check_replay(self, header: Mapping[str, Any], peer: Peer, now: float) -> None:

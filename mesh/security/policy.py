@@ -128,10 +128,12 @@ class Role:
 
 @dataclass(frozen=True, slots=True)
 class NodeRule:
-    """One `[nodes.NAME]` table: the services that node identity may register."""
+    """One `[nodes.NAME]` table: the services that node identity may register, and the
+    event topics it may publish."""
 
     name: str
     services: tuple[str, ...] = ()
+    publish: tuple[str, ...] = ()
     _services: _Patterns = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -295,6 +297,21 @@ class Policy:
         return Decision(True, f"node {identity} may register {service} ({pattern})")
 
 
+    def may_node_publish(self, identity: str | None, topic: str) -> Decision:
+        """May the node authenticated as `identity` publish an event on `topic`?
+
+        Nodes carry no token, so no role: their `[nodes.NAME]` rule's `publish` patterns
+        decide, deny by default.
+        """
+        node = self.nodes.get(identity) if identity else None
+        if node is None:
+            return Decision(False, f"{identity or 'an unauthenticated node'} may not publish events")
+        for pattern in node.publish:
+            if _covers(pattern, topic):
+                return Decision(True, f"node {identity} may publish {topic} ({pattern})")
+        return Decision(False, f"node {identity} may not publish {topic}")
+
+
 def _remember(cache: dict[tuple[Any, ...], Decision], key: tuple[Any, ...], decision: Decision) -> Decision:
     """Keep at most CACHE_SIZE decisions: a flood of distinct questions evicts the oldest."""
     if len(cache) >= CACHE_SIZE:
@@ -407,9 +424,10 @@ def _network_problem(text: str) -> str | None:
 
 def _node(c: _Checker, name: str, raw: Mapping[str, Any]) -> NodeRule:
     where = f"nodes.{name}"
-    c.unknown(raw, {"services"}, where)
+    c.unknown(raw, {"services", "publish"}, where)
     services = c.patterns(raw, "services", where, _SERVICE_PATTERN, "a service name (wildcards * and ?)")
-    return NodeRule(name=name, services=services)
+    publish = c.patterns(raw, "publish", where, _TOPIC_PATTERN, "a topic, topic.* or *")
+    return NodeRule(name=name, services=services, publish=publish)
 
 
 class _Checker(Checker):

@@ -436,13 +436,15 @@ def policy_text(nodes: Mapping[str, Iterable[str]]) -> str:
         'deny = ["*.delete"]',
         'subscribe = ["mesh.service"]',
         "",
-        "# The services each node (by the name of its CURVE key) may register. A node that",
-        "# is not listed here may not register anything.",
+        "# The services each node (by the name of its CURVE key) may register, and the event",
+        "# topics it may publish (its services' own topics). A node that is not listed here",
+        "# may do neither.",
     ]
     for name, services in nodes.items():
-        lines += ["", f"[nodes.{name}]", f"services = {_toml_list(dict.fromkeys(services))}"]
+        lines += ["", f"[nodes.{name}]", f"services = {_toml_list(dict.fromkeys(services))}",
+                  f"publish = {_toml_list(dict.fromkeys(s for s in services if not set(s) & set('*?')))}"]
     if not nodes:
-        lines += ["#", "# [nodes.echo]", '# services = ["echo"]']
+        lines += ["#", "# [nodes.echo]", '# services = ["echo"]', '# publish = ["echo"]']
     return "\n".join(lines) + "\n"
 
 

@@ -209,26 +209,23 @@ def test_bad_replay_requests_name_the_field(request_: object, field: str) -> Non
     assert info.value.details["field"] == field
 
 
-def test_control_subscription_gets_a_sync_marker_and_is_not_counted() -> None:
-    """A subscriber's control filter is answered with a marker on that filter only."""
+def test_sync_marker_is_published_on_the_request_filter_and_names_refusals() -> None:
+    """A sync marker goes out on the subscriber's own control filter, with what was refused."""
     bus = EventBus(name="b1")
-    assert bus.upstream(b"\x01orders.", 1.0) is None
-    marker = bus.upstream(b"\x01" + CONTROL + b"abc", 1.0)
-    assert marker is not None and marker[0] == CONTROL + b"abc"
+    marker = bus.sync_marker(CONTROL + b"abc", 1.0)
+    assert marker[0] == CONTROL + b"abc"
     assert decode_payload(marker[2]) == {"broker": "b1", "epoch": bus.epoch}
-    assert dict(bus.subscriptions) == {b"orders.": 1}
-    bus.upstream(b"\x00orders.", 2.0)
-    bus.upstream(b"\x00" + CONTROL + b"abc", 2.0)
-    assert dict(bus.subscriptions) == {}
+    refused = [{"filter": "x", "code": 2002, "reason": "no"}]
+    assert decode_payload(bus.sync_marker(CONTROL + b"abc", 1.0, refused)[2])["refused"] == refused
 
 
 def test_subscriber_reports_are_kept_bounded_and_bad_ones_counted() -> None:
     """Drop reports land per subscriber; garbage is counted, never raised."""
     bus = EventBus()
-    bus.upstream(msgpack.packb({"sub": "s1", "prefix": "a", "received": 10, "missed": 3}), 1.0)
-    bus.upstream(msgpack.packb({"sub": "s1", "prefix": "a", "received": 20, "missed": 4}), 2.0)
+    bus.report(msgpack.packb({"sub": "s1", "prefix": "a", "received": 10, "missed": 3}), 1.0)
+    bus.report(msgpack.packb({"sub": "s1", "prefix": "a", "received": 20, "missed": 4}), 2.0)
     for bad in (b"\x92garbage", msgpack.packb({"sub": 1}), msgpack.packb({"sub": "s", "prefix": "", "received": -1, "missed": 0}), b""):
-        bus.upstream(bad, 3.0)
+        bus.report(bad, 3.0)
     assert bus.stats()["subscribers"] == {"s1": {"prefix": "a", "received": 20, "missed": 4}}
     assert bus.counters["bad_reports"] == 4
     bus.forget_quiet(400.0, 300.0)
