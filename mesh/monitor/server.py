@@ -267,8 +267,8 @@ class _Connection:
 class MonitorConnections:
     """The monitor's thread: an asyncio loop that admits, reads, answers and closes connections.
 
-    Every attribute is used from that thread only; `/metrics`, which reads the counters,
-    is answered there too. `errors` counts connections that ended by the peer's doing,
+    Every attribute but the two `stop()` sets is used from that thread only; `/metrics`,
+    which reads the counters, is answered there too. `errors` counts connections that ended by the peer's doing,
     by kind (`ERROR_KINDS`); each is logged as one debug line, and at most one warning a
     minute says the monitor is being mistreated. Nothing a peer sends is logged.
     """
