@@ -178,6 +178,10 @@ def _node(rng: random.Random, now: float, seal: Seal, limits: Limits, earlier: s
     pick = rng.random()
     if pick < 0.12:
         return Via.NODE, "hostile-registration", [b"", corpus.encode_command("mesh", "register", id, now), hostile_registration(rng, limits)]
+    if pick < 0.14:  # an event naming a service but no action (a reply to it once had no id)
+        wire = corpus.unpack_wire(corpus.encode_event_header(rng.choice(corpus.TOPICS), id=id, now=now))
+        wire["service"] = "kv"
+        return Via.NODE, "event-with-service", [b"", pack(wire), encode_payload({"n": 1})]
     if pick < 0.2:  # a reply for a command this node was never sent
         wire, payload = corpus.reply_to(rng, {"id": corpus.new_fuzz_id(rng)}, now, id)
         return Via.NODE, f"stray {wire['type']}", [rng.randbytes(rng.choice([0, 5, 16])) or b"c", pack(wire), payload]

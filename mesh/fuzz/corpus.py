@@ -25,6 +25,7 @@ from ..security.state import policy_text
 
 __all__ = [
     "new_fuzz_id",
+    "encode_event_header",
     "unpack_wire",
     "peek_wire",
     "encode_command",
