@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 BROWSER := /usr/bin/chromedriver
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 
-.PHONY: run cluster test soak faults bench sim sample clean
+.PHONY: run cluster test soak faults fuzz bench sim sample clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -42,6 +42,17 @@ soak: $(STAMP)
 # SIGKILLed 10 times each (docs/operations.md, "Measured"); part of `make soak` too.
 faults: $(STAMP)
 	$(BIN)/pytest -m slow -s tests/integration/test_cluster_faults.py
+
+# The fuzz suite (docs/fuzzing.md): the property-based fuzzers with FUZZ_EXAMPLES seeds each,
+# then FUZZ_SECONDS of attack on every port of a real `mesh up` from seed FUZZ_SEED.
+FUZZ_SECONDS ?= 600
+FUZZ_SEED ?= 1
+FUZZ_EXAMPLES ?= 20000
+fuzz: $(STAMP)
+	status=0; \
+	HYPOTHESIS_PROFILE=fuzz FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(BIN)/pytest -p no:cacheprovider -o timeout=0 tests/unit/test_fuzz_*.py || status=1; \
+	$(BIN)/python -m mesh.fuzz --seed $(FUZZ_SEED) --duration $(FUZZ_SECONDS) || status=1; \
+	exit $$status
 
 bench: $(STAMP)
 	$(BIN)/mesh bench --clients 4 --inflight 32 --payload 256
