@@ -34,6 +34,7 @@ from .names import (
     _invalid,
     check_name,
     check_topic,
+    shown_key,
 )
 from .message import (
     PROTOCOL_VERSION,
@@ -70,6 +71,7 @@ __all__ = [
     "check_size",
     "check_name",
     "check_topic",
+    "shown_key",
     "canonical",
 ]
 
