@@ -25,6 +25,7 @@ Rules of this module:
 
 from __future__ import annotations
 
+import copy
 import functools
 import math
 from collections.abc import Callable, Iterator, Mapping
@@ -42,6 +43,7 @@ __all__ = [
     "PayloadValidator",
     "compile_schema",
     "check_schema",
+    "rebase_refs",
     "MAX_SCHEMA_BYTES",
     "MAX_SCHEMA_DEPTH",
     "MAX_REGISTRATION_BYTES",
@@ -230,6 +232,26 @@ def check_schema(schema: Any, field: str = "schema") -> int:
     _check_meta(schema, field)
     _check_refs(schema, field)
     return size
+
+
+def rebase_refs(schema: Mapping[str, Any], prefix: str) -> dict[str, Any]:
+    """A copy of `schema` to nest at the JSON pointer `prefix` of another schema.
+
+    Each `$ref` "#/..." becomes "#<prefix>/...", so that it still names the same place
+    (a schema that passed `check_schema` has no other kind: "#" alone is a cycle).
+
+    Args:
+        schema: a schema that passed `check_schema`.
+        prefix: where it goes, e.g. "/properties/payload".
+    """
+    out = copy.deepcopy(dict(schema))
+    for at, ref in list(_refs_under(out, (), "schema")):
+        node: Any = out
+        for token in at:
+            node = node[int(token)] if isinstance(node, list) else node[token]
+        if isinstance(ref, str) and ref.startswith("#/"):
+            node["$ref"] = f"#{prefix}{ref[1:]}"
+    return out
 
 
 def _field_of(exc: fastjsonschema.JsonSchemaValueException) -> str:
