@@ -409,7 +409,7 @@ def services(broker_ep: str, timeout: float, credentials: str | None) -> None:
     """Print the registry: every service action with its description and JSON Schema."""
     try:
         with _client(broker_ep, timeout, credentials) as client:
-            result = client.call("mesh", "services")
+            result = client.services()
     except MeshError as err:
         _fail(err)
     _print_json(result)

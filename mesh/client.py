@@ -248,6 +248,46 @@ class AsyncClient:
             on_progress,
         )
 
+    async def services(self, *, callable_only: bool = False, timeout: float | None = None) -> dict[str, Any]:
+        """The whole registry: every service with its actions, descriptions and schemas.
+
+        Read page by page (`mesh.services` with `after`), so it arrives whatever the
+        nodes registered; nodes that come or go meanwhile may or may not be shown.
+
+        Args:
+            callable_only: only the actions this client's roles may call (security on).
+            timeout: the budget for all the pages together.
+
+        Returns:
+            service -> {"nodes": int, "actions": {action: {"description", "schema",
+            "idempotent", "exactly_once"}}}, sorted by service and action.
+
+        Raises:
+            BadFormatError: a page that is not shaped as protocol.md says.
+            MeshError: as `call`, for any page.
+        """
+        deadline = time.time() + (self.timeout if timeout is None else timeout)
+        request: dict[str, Any] = {"after": None, "callable": True} if callable_only else {"after": None}
+        out: dict[str, Any] = {}
+        while True:
+            left = deadline - time.time()
+            if left <= 0:
+                raise DeadlineExceededError("the registry did not arrive in time", details={"timeout": timeout})
+            page = await self.call("mesh", "services", request, timeout=left)
+            try:
+                for service, entry in page["services"].items():
+                    merged = out.setdefault(service, {"nodes": entry["nodes"], "actions": {}})
+                    merged["nodes"] = entry["nodes"]
+                    merged["actions"].update(entry["actions"])
+                after = page["next"]
+            except (KeyError, TypeError, AttributeError):
+                raise BadFormatError("a mesh.services page is not {services, next}") from None
+            if after is None:
+                return out
+            if not isinstance(after, str) or (request["after"] is not None and after <= request["after"]):
+                raise BadFormatError("a mesh.services page's next does not move forward")
+            request["after"] = after
+
     async def renew(self) -> float:
         """Swap this client's token for a fresh one (`mesh.renew`); returns its expiry.
 
@@ -677,6 +717,10 @@ class Client:
     ) -> int:
         """Blocking `AsyncClient.publish`; same arguments, result and errors."""
         return self._run(self._inner.publish(topic, payload, metadata=metadata, timeout=timeout))
+
+    def services(self, *, callable_only: bool = False, timeout: float | None = None) -> dict[str, Any]:
+        """Blocking `AsyncClient.services`: the whole registry, read page by page."""
+        return self._run(self._inner.services(callable_only=callable_only, timeout=timeout))
 
     def renew(self) -> float:
         """Blocking `AsyncClient.renew`."""

@@ -56,7 +56,9 @@ from typing import Any, Final
 import zmq
 
 from .protocol import (
+    MAX_ACTIONS,
     MAX_MESSAGE_BYTES,
+    MAX_REGISTRATION_BYTES,
     CancelledError,
     DeadlineExceededError,
     HandlerNotFoundError,
@@ -88,7 +90,7 @@ from .protocol import (
 )
 from .aio import AsyncSocket
 from .broker.core import RecentReplies
-from .broker.registry import PeerEvent, PeerState, advance_peer, silence_event
+from .broker.registry import MAX_DESCRIPTION, PeerEvent, PeerState, advance_peer, silence_event
 from .security.credentials import Credentials
 from .security.envelope import Opener, Sealer
 from .sockets import dealer
@@ -268,6 +270,18 @@ class Node:
         broker cluster to commit each outcome to its replicated log before the reply,
         so a command resent after any failover gets that outcome instead of a second run
         (a plain broker treats it as an ordinary action).
+
+        What a broker would refuse at registration is refused here, when the action is
+        declared, so a node is never turned away at start (nor sends a frame too large
+        for its link): see the registration limits in docs/protocol.md.
+
+        Raises:
+            ValueError: both `idempotent` and `exactly_once`.
+            ValidationFailedError: a bad service or action name, or a description
+                longer than MAX_DESCRIPTION characters.
+            ConfigurationError: the schema is not one the mesh accepts (`check_schema`).
+            MessageTooLargeError: the schema, or the node's whole registration with this
+                action, is over its limit; or the node would declare more than MAX_ACTIONS.
         """
         if idempotent and exactly_once:
             raise ValueError("an action is idempotent (may run again) or exactly-once, not both")
@@ -276,18 +290,39 @@ class Node:
             act_name = name or fn.__name__
             check_name(service, "service")
             check_name(act_name, "action")
+            where = f"services.{service}.actions.{act_name}"
+            text = description if description is not None else inspect.getdoc(fn) or ""
+            if len(text) > MAX_DESCRIPTION:
+                raise ValidationFailedError(f"{where}.description: longer than {MAX_DESCRIPTION} characters",
+                                            details={"field": f"{where}.description"})
+            key = (service, act_name)
+            if key not in self.actions and len(self.actions) >= MAX_ACTIONS:
+                raise MessageTooLargeError(f"{where}: a node declares at most {MAX_ACTIONS} actions",
+                                           details={"field": "services", "limit": MAX_ACTIONS})
             sch = dict(schema or {})
-            self.actions[(service, act_name)] = Action(
+            action = Action(
                 service=service,
                 name=act_name,
                 handler=fn,
-                description=description if description is not None else inspect.getdoc(fn) or "",
+                description=text,
                 schema=sch,
-                validate=compile_schema(sch),
+                validate=compile_schema(sch, f"{where}.schema"),
                 is_async=inspect.iscoroutinefunction(fn),
                 idempotent=idempotent,
                 exactly_once=exactly_once,
             )
+            before = self.actions.get(key)
+            self.actions[key] = action
+            size = len(encode_payload(self.registration()))
+            if size > MAX_REGISTRATION_BYTES:
+                if before is None:
+                    del self.actions[key]
+                else:
+                    self.actions[key] = before
+                raise MessageTooLargeError(
+                    f"{where}: the node's registration would be {size} bytes encoded, limit {MAX_REGISTRATION_BYTES}",
+                    details={"field": "payload", "limit": MAX_REGISTRATION_BYTES, "size": size},
+                )
             return fn
 
         return register

@@ -99,8 +99,8 @@ from ..cluster.shared import (
 from ..security.policy import PolicyError, policy_from_text
 from .events import DEFAULT_RULE, EventBus, RetentionRule, check_publishable
 from .once import OnceTable, event_key, keyring_key, once_key, policy_key, revoke_key
+from .registry import NodeInfo, PeerEvent, Registry, parse_load, parse_page_request, silence_event
 from .subscribers import Apply, Subscribers
-from .registry import NodeInfo, PeerEvent, Registry, parse_load, silence_event
 
 __all__ = ["Side", "Outgoing", "BrokerConfig", "Broker", "Command", "ConnectionState", "RecentReplies"]
 
@@ -906,7 +906,9 @@ class Broker:
             registration = decode_payload(payload)
             if self.security is not None:
                 services = registration.get("services") if isinstance(registration, dict) else None
-                self.security.gate.admit_registration(sorted(services) if isinstance(services, dict) else [], peer, now)
+                # Only names can be admitted; other keys are refused by the registry below.
+                names = sorted(s for s in services if isinstance(s, str)) if isinstance(services, dict) else []
+                self.security.gate.admit_registration(names, peer, now)
             node = self.registry.register(ident, registration, now, owed)
             self.counters["registrations"] += 1
             if before is None:
@@ -946,28 +948,45 @@ class Broker:
             raise err
 
     def _services(self, payload: bytes, identity: Any, peer: Peer) -> dict[str, Any]:
-        """The registry; with `{"callable": true}`, only the actions the caller may run.
+        """The registry, or one page of it; with `{"callable": true}`, only the actions the
+        caller may run (the MCP bridge lists as tools exactly what its role may call;
+        without security every caller may call everything).
 
-        The MCP bridge lists as tools exactly what its role may call. Without security
-        every caller may call everything.
+        An answer fits half of the smaller of the broker's and the protocol's message
+        limits, so every client can receive it: a request with `after` (or `limit`) gets
+        `{"services": <a page>, "next": "service.action" or null}`; one without gets the
+        whole registry as before, or MESSAGE_TOO_LARGE when it no longer fits one answer.
+
+        Raises:
+            ValidationFailedError: a bad `after` or `limit`.
+            MessageTooLargeError: the whole registry was asked for and does not fit.
         """
-        described = self.registry.describe()
         try:
             request = decode_payload(payload)
         except MeshError:
             request = None
-        if not (isinstance(request, dict) and request.get("callable") is True):
-            return described
-        if self.security is None or identity is None:
-            return described
-        policy = self.security.gate.policy
-        out: dict[str, Any] = {}
-        for svc, entry in described.items():
-            actions = {a: spec for a, spec in entry["actions"].items()
-                       if policy.decide(identity.roles, svc, a, peer.address).allowed}
-            if actions:
-                out[svc] = {**entry, "actions": actions}
-        return out
+        if not isinstance(request, dict):
+            request = {}
+        allowed = None
+        if request.get("callable") is True and self.security is not None and identity is not None:
+            policy = self.security.gate.policy
+
+            def allowed(svc: str, act: str) -> bool:
+                return policy.decide(identity.roles, svc, act, peer.address).allowed
+
+        budget = min(self.config.max_message_bytes, MAX_MESSAGE_BYTES) // 2
+        paged = "after" in request or "limit" in request
+        after, limit = parse_page_request(request) if paged else (None, None)
+        services, last = self.registry.page(after, max_bytes=budget, limit=limit, allowed=allowed)
+        if paged:
+            return {"services": services, "next": ".".join(last) if last else None}
+        if last is not None:
+            raise MessageTooLargeError(
+                f"the registry is larger than one answer may be ({budget} bytes): "
+                'ask for it in pages, {"after": null} first (`Client.services()` does)',
+                details={"limit": budget},
+            )
+        return services
 
     def _propose_policy(self, ident: bytes, header: Header, payload: bytes, now: float, side: Side) -> list[Outgoing]:
         """`mesh.policy`: a new access policy for every broker of the cluster, answered once

@@ -12,19 +12,38 @@ Rules of this module:
   and any message makes it up again. Nodes use the same table for their broker.
 * Load reports (`parse_load`) keep the fields that are valid and name the others; a
   bad report never fails the heartbeat that carried it.
+* A registration is checked whole before anything changes (`parse_registration`):
+  every key and value by type, each schema by `check_schema`, and its size against
+  `MAX_REGISTRATION_BYTES` / `MAX_SCHEMA_BYTES` / `MAX_ACTIONS`. A refused one leaves
+  the node's previous registration in place.
+* `mesh.services` is read in pages (`page`) in (service, action) order, each within a
+  byte budget the caller gives, so that what any number of nodes register always
+  reaches a client in answers it can receive. A page holds at least one action, and
+  one action always fits a budget of half a message (see the limits above).
 * The registry holds no sockets and reads no clock.
 """
 
 from __future__ import annotations
 
+import bisect
 import enum
 import itertools
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-from ..protocol import InvalidStateError, ValidationFailedError, check_name
+from ..protocol import (
+    MAX_ACTIONS,
+    MAX_REGISTRATION_BYTES,
+    InvalidStateError,
+    MessageTooLargeError,
+    ValidationFailedError,
+    check_name,
+    check_schema,
+    encode_payload,
+    shown_key,
+)
 
 __all__ = [
     "ActionSpec",
@@ -32,18 +51,27 @@ __all__ = [
     "Registry",
     "parse_registration",
     "parse_load",
+    "parse_page_request",
     "PeerState",
     "PeerEvent",
     "PEER_TRANSITIONS",
     "advance_peer",
     "silence_event",
     "MAX_CAPACITY",
+    "MAX_DESCRIPTION",
+    "MAX_PAGE_ACTIONS",
     "LIVENESS_MISSES",
     "SUSPECT_MISSES",
 ]
 
 MAX_CAPACITY: Final = 10_000
-MAX_DESCRIPTION: Final = 4096
+MAX_DESCRIPTION: Final = 4096  # characters of an action's description
+# Actions in one `mesh.services` page, at most and by default (the byte budget may cut sooner).
+MAX_PAGE_ACTIONS: Final = 1000
+# MessagePack bytes a page spends around an action's entry and around a service's
+# (keys, map headers, the node count): upper bounds, so a page never passes its budget.
+_ACTION_OVERHEAD: Final = 8
+_SERVICE_OVERHEAD: Final = 48
 DEFAULT_HEARTBEAT_S: Final = 1.0
 # A node silent for this many of its heartbeat intervals is dead (any message counts).
 LIVENESS_MISSES: Final = 3
@@ -122,6 +150,16 @@ class ActionSpec:
     idempotent: bool = False
     # Outcomes committed to the cluster's replicated log before the reply (cluster only).
     exactly_once: bool = False
+    size: int = 0  # bytes of `described()` encoded, what it costs a `mesh.services` page
+
+    def described(self) -> dict[str, Any]:
+        """The action's entry in `mesh.services`."""
+        return {
+            "description": self.description,
+            "schema": dict(self.schema),
+            "idempotent": self.idempotent,
+            "exactly_once": self.exactly_once,
+        }
 
 
 @dataclass(slots=True)
@@ -191,9 +229,17 @@ def parse_registration(payload: Any) -> _Registration:
 
     Raises:
         ValidationFailedError: naming the first field that is wrong.
+        MessageTooLargeError: the payload, one schema, or the number of actions is over
+            its limit (`details.limit`, and `details.field` naming what).
     """
     if not isinstance(payload, dict):
         raise _field_error("payload", "must be a map")
+    size = len(encode_payload(payload))
+    if size > MAX_REGISTRATION_BYTES:
+        raise MessageTooLargeError(
+            f"the registration is {size} bytes encoded, limit {MAX_REGISTRATION_BYTES}",
+            details={"field": "payload", "limit": MAX_REGISTRATION_BYTES, "size": size},
+        )
     name = payload.get("name")
     if not isinstance(name, str) or not 0 < len(name) <= 128:
         raise _field_error("name", "must be a string of 1 to 128 characters")
@@ -210,16 +256,23 @@ def parse_registration(payload: Any) -> _Registration:
     if instance is not None and (not isinstance(instance, str) or not 0 < len(instance) <= 64):
         raise _field_error("instance", "must be a string of 1 to 64 characters")
     reg = _Registration(name, capacity, float(interval), instance)
+    declared = 0
     for svc, spec in services.items():
-        check_name(svc, f"services.{svc}")
+        check_name(svc, f"services.{shown_key(svc)}")
         if svc == "mesh":
             raise _field_error("services.mesh", "the name is reserved for the broker")
         actions = spec.get("actions") if isinstance(spec, dict) else None
         if not isinstance(actions, dict) or not actions:
             raise _field_error(f"services.{svc}.actions", "must be a non-empty map")
+        declared += len(actions)
+        if declared > MAX_ACTIONS:
+            raise MessageTooLargeError(
+                f"services: more than {MAX_ACTIONS} actions in one registration",
+                details={"field": "services", "limit": MAX_ACTIONS},
+            )
         parsed: dict[str, ActionSpec] = {}
         for act, aspec in actions.items():
-            where = f"services.{svc}.actions.{act}"
+            where = f"services.{svc}.actions.{shown_key(act)}"
             check_name(act, where)
             if not isinstance(aspec, dict):
                 raise _field_error(where, "must be a map")
@@ -229,15 +282,40 @@ def parse_registration(payload: Any) -> _Registration:
             schema = aspec.get("schema", {})
             if not isinstance(schema, dict):
                 raise _field_error(f"{where}.schema", "must be a JSON Schema object")
+            check_schema(schema, f"{where}.schema")
             flags = []
             for flag in ("idempotent", "exactly_once"):
                 value = aspec.get(flag, False)
                 if not isinstance(value, bool):
                     raise _field_error(f"{where}.{flag}", "must be a boolean")
                 flags.append(value)
-            parsed[act] = ActionSpec(desc, schema, *flags)
+            entry = ActionSpec(desc, schema, *flags)
+            parsed[act] = ActionSpec(desc, schema, *flags, size=len(encode_payload(entry.described())))
         reg.services[svc] = parsed
     return reg
+
+
+def parse_page_request(request: Mapping[str, Any]) -> tuple[tuple[str, str] | None, int]:
+    """Where a `mesh.services` page starts and how many actions it may hold at most.
+
+    Args:
+        request: the `mesh.services` payload: `after` (null, or "service.action" as a
+            page's `next` said) and `limit` (1 to MAX_PAGE_ACTIONS), both optional.
+
+    Raises:
+        ValidationFailedError: naming `after` or `limit`.
+    """
+    after = request.get("after")
+    start: tuple[str, str] | None = None
+    if after is not None:
+        svc, dot, act = after.partition(".") if isinstance(after, str) else ("", "", "")
+        if not dot:
+            raise _field_error("after", 'must be null or "service.action", as a page\'s "next" gives it')
+        start = (check_name(svc, "after"), check_name(act, "after"))
+    limit = request.get("limit", MAX_PAGE_ACTIONS)
+    if isinstance(limit, bool) or not isinstance(limit, int) or not 0 < limit <= MAX_PAGE_ACTIONS:
+        raise _field_error("limit", f"must be an integer from 1 to {MAX_PAGE_ACTIONS}")
+    return start, limit
 
 
 def parse_load(payload: Any) -> tuple[dict[str, float], list[str]]:
@@ -285,6 +363,7 @@ class Registry:
         self._once: dict[tuple[str, str], int] = {}  # exactly-once action -> nodes declaring it
         self._instances: dict[str, NodeInfo] = {}  # a node process's own id -> its registration here
         self._order = itertools.count(1)  # 0 is "never picked", which goes first
+        self._sorted: list[tuple[str, str]] | None = None  # _by_action's keys in order, for pages
 
     def register(self, identity: bytes, payload: Any, now: float, owed: set[Any] | None = None) -> NodeInfo:
         """Add or replace a node's registration (validated by `parse_registration`).
@@ -307,6 +386,7 @@ class Registry:
             instance=reg.instance,
         )
         self.nodes[identity] = node
+        self._sorted = None
         if reg.instance is not None:
             self._instances[reg.instance] = node
         for svc, actions in reg.services.items():
@@ -322,6 +402,7 @@ class Registry:
         node = self.nodes.pop(identity, None)
         if node is None:
             return None
+        self._sorted = None
         if node.instance is not None and self._instances.get(node.instance) is node:
             del self._instances[node.instance]
         for svc, actions in node.services.items():
@@ -387,17 +468,50 @@ class Registry:
                 yield svc, act
 
     def describe(self) -> dict[str, Any]:
-        """The registry as `mesh.services` reports it: every action with its schema."""
+        """The whole registry as `mesh.services` shows it (for views inside the broker)."""
+        return self.page(None, max_bytes=None, limit=None)[0]
+
+    def page(
+        self,
+        after: tuple[str, str] | None,
+        *,
+        max_bytes: int | None,
+        limit: int | None = MAX_PAGE_ACTIONS,
+        allowed: Callable[[str, str], bool] | None = None,
+    ) -> tuple[dict[str, Any], tuple[str, str] | None]:
+        """One page of `mesh.services`: the actions after `after`, in (service, action) order.
+
+        Args:
+            after: the last action of the previous page, or None for the first page.
+            max_bytes: the page's encoded size stays within this (None: no bound), except
+                that a page always holds at least one action.
+            limit: at most this many actions (None: no bound).
+            allowed: only actions for which this says True (the caller's view).
+
+        Returns:
+            service -> {"nodes": int, "actions": {action: entry}}, as `mesh.services` has
+            always answered; and the last action given when more follow, else None.
+            When several nodes offer an action, the earliest registered one's entry is shown.
+        """
+        if self._sorted is None:
+            self._sorted = sorted(self._by_action)
+        keys = self._sorted
         out: dict[str, Any] = {}
-        for (svc, act), nodes in sorted(self._by_action.items()):
-            spec = nodes[0].services[svc][act]
-            entry = out.setdefault(svc, {"nodes": 0, "actions": {}})
-            entry["actions"][act] = {
-                "description": spec.description,
-                "schema": dict(spec.schema),
-                "idempotent": spec.idempotent,
-                "exactly_once": spec.exactly_once,
-            }
-        for svc in out:
-            out[svc]["nodes"] = self._services[svc]
-        return out
+        used = count = 0
+        last: tuple[str, str] | None = None
+        for i in range(bisect.bisect_right(keys, after) if after is not None else 0, len(keys)):
+            svc, act = key = keys[i]
+            if allowed is not None and not allowed(svc, act):
+                continue
+            spec = self._by_action[key][0].services[svc][act]
+            entry = out.get(svc)
+            cost = spec.size + len(act) + _ACTION_OVERHEAD + (0 if entry else len(svc) + _SERVICE_OVERHEAD)
+            if count and ((limit is not None and count >= limit) or (max_bytes is not None and used + cost > max_bytes)):
+                return out, last
+            if entry is None:
+                entry = out[svc] = {"nodes": self._services[svc], "actions": {}}
+            entry["actions"][act] = spec.described()
+            used += cost
+            count += 1
+            last = key
+        return out, None

@@ -4,8 +4,8 @@ Rules of this module:
 
 * The bridge is one mesh client (`AsyncClient`) with its own credentials and role. It
   asks the broker for the actions that role may call (`mesh.services` with
-  `{"callable": true}`), so a tool the role may not call is never listed; the broker
-  still checks every call, so an unlisted tool cannot be called either.
+  `{"callable": true}`, every page), so a tool the role may not call is never listed;
+  the broker still checks every call, so an unlisted tool cannot be called either.
 * The tool list follows the registry: the bridge subscribes to the broker's
   `mesh.service.*` lifecycle events, asks for the registry again, and when the tools
   changed tells every MCP client: per session with `notifications/tools/list_changed`
@@ -106,7 +106,7 @@ class Bridge:
 
     async def refresh(self) -> bool:
         """Ask the broker for what the bridge may call; return whether the tools changed."""
-        registry = await self.client.call("mesh", "services", {"callable": True}, timeout=self.timeout)
+        registry = await self.client.services(callable_only=True, timeout=self.timeout)
         tools = tools_from_registry(registry if isinstance(registry, Mapping) else {}, self.selection)
         before, self.tools = self.tools, {t.name: t for t in tools}
         self.registry = selected_registry(registry, tools)

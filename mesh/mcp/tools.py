@@ -13,7 +13,8 @@ Rules of this module:
 * The `mesh` service (the broker's own) is never a tool: the registry does not list it.
 * A mesh action without a schema accepts any payload; MCP needs an object schema, so
   such a tool gets `{"type": "object"}`. An action whose schema is not an object (a
-  string, say) gets its payload wrapped: the tool takes `{"payload": ...}`.
+  string, say) gets its payload wrapped: the tool takes `{"payload": ...}`, and the
+  schema's `$ref`s are moved along with it, so they still resolve.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
+
+from ..protocol import rebase_refs
 
 __all__ = [
     "ToolSpec", "Selection", "tools_from_registry", "selected_registry", "as_text", "REGISTRY_URI", "schema_uri",
@@ -76,7 +79,8 @@ def _input_schema(schema: Mapping[str, Any]) -> tuple[dict[str, Any], bool]:
         return {"type": "object"}, False
     if schema.get("type") == "object":
         return dict(schema), False
-    return {"type": "object", "properties": {WRAPPED_KEY: dict(schema)}, "required": [WRAPPED_KEY]}, True
+    inner = rebase_refs(schema, f"/properties/{WRAPPED_KEY}")
+    return {"type": "object", "properties": {WRAPPED_KEY: inner}, "required": [WRAPPED_KEY]}, True
 
 
 def _description(service: str, action: str, text: str) -> str:

@@ -39,6 +39,7 @@ from .names import (
     _invalid,
     check_name,
     check_topic,
+    shown_key,
 )
 from .message import (
     PROTOCOL_VERSION,
@@ -81,6 +82,7 @@ __all__ = [
     "check_size",
     "check_name",
     "check_topic",
+    "shown_key",
     "canonical",
 ]
 

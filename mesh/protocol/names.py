@@ -7,7 +7,7 @@ from typing import Final
 
 from .errors import ValidationFailedError
 
-__all__ = ["NAME_PATTERN", "TOPIC_PATTERN", "ID_PATTERN", "check_name", "check_topic"]
+__all__ = ["NAME_PATTERN", "TOPIC_PATTERN", "ID_PATTERN", "check_name", "check_topic", "shown_key"]
 
 NAME_PATTERN: Final = r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}"
 TOPIC_PATTERN: Final = r"[A-Za-z0-9_-]{1,64}(\.[A-Za-z0-9_-]{1,64}){0,15}"
@@ -17,6 +17,18 @@ _NAME = re.compile(NAME_PATTERN)
 _TOPIC = re.compile(TOPIC_PATTERN)
 _ID = re.compile(ID_PATTERN)
 ID_MATCH: Final = _ID.fullmatch
+SHOWN_KEY: Final = 64  # characters of a peer's key quoted back in an error's field
+
+
+def shown_key(key: object) -> str:
+    """A map key from a peer as an error's field names it: short, whatever the peer sent.
+
+    Error headers have a size limit, and a field must not echo a megabyte back.
+    """
+    if isinstance(key, str) and len(key) <= SHOWN_KEY:
+        return key
+    text = key if isinstance(key, str) else repr(key)
+    return text if len(text) <= SHOWN_KEY else text[: SHOWN_KEY - 3] + "..."
 
 
 def _invalid(field: str, problem: str) -> ValidationFailedError:

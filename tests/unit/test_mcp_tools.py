@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import re
 
+import pytest
+
 from mesh.mcp.tools import Selection, tools_from_registry
+from mesh.protocol import ValidationFailedError, compile_schema
 
 MCP_TOOL_NAME = re.compile(r"[A-Za-z0-9_.-]{1,128}")
 
@@ -52,6 +55,19 @@ def test_a_non_object_schema_is_wrapped_in_a_payload_argument() -> None:
     echo = next(t for t in tools_from_registry(REGISTRY) if t.name == "echo.echo")
     assert echo.wrapped and echo.input_schema["properties"]["payload"] == {"type": "string"}
     assert echo.payload({"payload": "hi"}) == "hi"
+
+
+def test_a_wrapped_schema_keeps_its_refs_resolving() -> None:
+    """Invariant: wrapping a schema in {"payload": ...} moves its `$ref`s with it, so the tool validates as the node."""
+    schema = {"anyOf": [{"$ref": "#/definitions/n"}, {"type": "string"}], "definitions": {"n": {"type": "integer"}}}
+    registry = {"num": {"nodes": 1, "actions": {"set": {"description": "", "schema": schema}}}}
+    (tool,) = tools_from_registry(registry)
+    assert tool.wrapped and schema["anyOf"][0] == {"$ref": "#/definitions/n"}  # the registry's copy is untouched
+    validate = compile_schema(tool.input_schema)
+    validate({"payload": 5})
+    validate({"payload": "five"})
+    with pytest.raises(ValidationFailedError):
+        validate({"payload": [5]})
 
 
 def test_include_and_exclude_globs_choose_the_tools_and_exclude_wins() -> None:

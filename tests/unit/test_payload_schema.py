@@ -126,6 +126,8 @@ def test_an_empty_schema_accepts_anything() -> None:
         {"type": 5},
         {"required": "text"},
         {"$ref": "#/definitions/missing"},
+        {"$ref": "#"},  # would recurse forever when validating
+        {"$ref": "http://127.0.0.1:9/schema.json"},  # fastjsonschema would fetch it
     ],
     ids=repr,
 )
