@@ -12,7 +12,6 @@ import shutil
 import time
 from collections.abc import Iterator
 from dataclasses import replace
-from pathlib import Path
 from typing import Any
 
 import msgpack
