@@ -48,7 +48,9 @@ Rules of this module:
   it; they do not fail over.
 * With `credentials` (security on) the link is CURVE, every message carries the token
   and is encrypted and signed as the credentials' level says, and replies are
-  decrypted. A broker that refuses the CURVE handshake fails every waiting call with
+  decrypted. With or without credentials, a reply or event that claims level 3 must
+  verify with its sender's key (nodes do not sign replies, so such a reply is refused
+  with SIGNATURE_INVALID; see subscription.py for events). A broker that refuses the CURVE handshake fails every waiting call with
   `AuthenticationFailedError` at once (the handshake watch), instead of a timeout.
 """
 
@@ -172,7 +174,9 @@ class AsyncClient:
         self._liveness = Liveness(heartbeat_interval, liveness, now=time.monotonic())
         self._watch: HandshakeWatch | None = None
         self._sealer: Sealer | None = None
-        self._opener: Opener | None = None
+        # Without credentials it still refuses a reply or event claiming a signature (it
+        # knows no signer), rather than take an unchecked claim for a checked one.
+        self._opener = Opener()
         self._secure: Secure | None = None
         self._token: str | None = None
         if credentials is not None:
@@ -340,7 +344,7 @@ class AsyncClient:
         endpoint = await self._events_endpoint()
         sub = AsyncSubscription(
             endpoint, prefix, from_seq, ctx=self._ctx, hwm=hwm, replay=self._replay, secure=self._secure,
-            token=lambda: self._token,
+            opener=self._opener, token=lambda: self._token,
         )  # fmt: skip
         self._subscriptions.add(sub)
         try:
@@ -425,8 +429,8 @@ class AsyncClient:
         if reply["type"] == "error":
             e = reply["error"]
             raise error_from_wire(e["code"], e["message"], e["retryable"], e.get("details"))
-        if self._opener is not None:
-            body = self._opener.open(reply, body, time.time())
+        # Replies carry no sender (nodes do not sign them), so one claiming level 3 is refused.
+        body = self._opener.open(reply, body, time.time())
         return decode_payload(body)
 
     def _on_reply(self, frames: list[bytes]) -> None:
@@ -780,6 +784,11 @@ class Subscription:
     @property
     def missed(self) -> int:
         return self._inner.missed
+
+    @property
+    def refused(self) -> int:
+        """Events that failed their signature or decryption (each also a `Gap`, "refused")."""
+        return self._inner.refused
 
     def close(self) -> None:
         if not self._client._loop.is_closed():

@@ -27,8 +27,11 @@ Rules of this module:
   those is judged again. Ids are unique but not secret (`new_id`), so a stored reply is
   given only to a resend of the same action carrying the same token.
 * With credentials (security on) the link is CURVE; encrypted commands are decrypted
-  (and signatures checked, when the credentials require signers) before validation,
-  and their replies are encrypted with the same key ring.
+  before validation, and their replies are encrypted with the same key ring.
+* Every command that claims level 3 has its signature checked before validation, with
+  the trust store's key of the sender the broker names in a fourth frame (with or
+  without credentials: a node that knows no signer refuses every such claim); a
+  refused command is answered SIGNATURE_INVALID with `details.reason`, never run.
 * A `cancel` from the broker (the caller gave up) cancels an async handler's task, which
   is answered CANCELLED; a sync handler cannot be stopped, so it finishes and the
   broker drops its reply. Handlers report progress with `report_progress()`, which
@@ -202,6 +205,7 @@ class _Work:
     header: dict[str, Any]
     payload: bytes
     action: Action | None = None
+    sender: str | None = None  # the client's name, as the broker says (security on)
     # perf_counter when the handler was called (set by the worker thread); None before.
     started: float | None = None
     link: _Link | None = None  # the broker link it came on, where its reply goes
@@ -248,7 +252,7 @@ class Node:
         self.latency_ms: float | None = None  # mean handler time, for the heartbeat's load report
         self._wake: Callable[[], None] | None = None
         self._send: Callable[..., None] | None = None  # set while run() runs
-        self._opener: Opener | None = None  # set by run() with credentials
+        self._opener = Opener()  # run() with credentials sets the key ring and trust store
         self._sealer: Sealer | None = None
         self.max_message_bytes = MAX_MESSAGE_BYTES  # the broker tells its own on registration
 
@@ -425,10 +429,8 @@ class Node:
         return work.action
 
     def _open(self, work: _Work) -> bytes:
-        """The command's plain payload frame (decrypted, signature checked, when secured)."""
-        if self._opener is None:
-            return work.payload
-        return self._opener.open(work.header, work.payload, time.time())
+        """The command's plain payload frame (signature checked, decrypted, as its header says)."""
+        return self._opener.open(work.header, work.payload, time.time(), work.sender)
 
     def _reply(self, work: _Work, result: Any) -> list[bytes]:
         try:
@@ -710,10 +712,14 @@ class _NodeLoop:
         if link.state is not PeerState.UP:
             self._broker_event(link, PeerEvent.HEARD, f"heard after {now - link.heard_at:.1f} s")
         link.heard_at = now  # any message, even one dropped below, shows the broker is there
-        if len(frames) != 3:
+        if len(frames) == 4:  # security on: the sender's name comes last
+            sender: str | None = frames[3].decode("utf-8", "replace")
+        elif len(frames) == 3:
+            sender = None
+        else:
             log.warning("dropped a message of %d frames from broker %s", len(frames), link.endpoint)
             return
-        envelope, hframe, payload = frames
+        envelope, hframe, payload = frames[:3]
         try:
             header = unpack_header(hframe)
         except MeshError as err:
@@ -736,7 +742,9 @@ class _NodeLoop:
         if seen is Seen.RUNNING:
             log.debug("command %s is running: the resend gets its reply", key[0])
             return
-        work = _Work(envelope, header, payload, node.actions.get((header["service"], header["action"])), link=link)
+        work = _Work(
+            envelope, header, payload, node.actions.get((header["service"], header["action"])), sender, link=link
+        )
         if node.in_flight >= node.capacity:
             link.send(node._error(work, ResourceExhaustedError("node is at capacity")))
             return

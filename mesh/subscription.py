@@ -23,6 +23,11 @@ Rules of this module:
 * Messages are read only when the application asks for the next item, so a slow
   application lets the queues (its own and the broker's, both bounded by `hwm`) fill
   and the broker drop for it alone: memory stays bounded and the drops become gaps.
+* An event that claims level 3 is checked like a command at a node: its signature must
+  verify with the trust store's key of the publisher the broker stamped in its header
+  (`sender`). An event that fails (or an encrypted one that does not decrypt) is never
+  delivered: it becomes a one-event `Gap` with reason "refused" and the error, counted
+  in `refused`, and its number still counts as seen, so no "dropped" gap follows.
 * Counts go upstream to the broker (received, missed) at most once a second while they
   change, and once more on close, so operators see each subscriber's drops.
 """
@@ -41,6 +46,7 @@ import zmq
 
 from .protocol import (
     DeadlineExceededError,
+    ErrorCode,
     MeshError,
     check_topic,
     decode_payload,
@@ -49,6 +55,7 @@ from .protocol import (
     unpack_header,
 )
 from .protocol.topics import AUTH, CONTROL, subscription_filter
+from .security.envelope import Opener
 from .sockets import recv_frames, send_frames, subscriber
 
 __all__ = ["Event", "Gap", "SubscriptionState", "AsyncSubscription", "DEFAULT_HWM"]
@@ -56,6 +63,8 @@ __all__ = ["Event", "Gap", "SubscriptionState", "AsyncSubscription", "DEFAULT_HW
 DEFAULT_HWM: Final = 10_000
 REPORT_S: Final = 1.0
 WAIT_S: Final = 0.1  # longest sleep between reads: ZeroMQ's descriptor only signals edges
+# What makes an event "refused" rather than malformed: it came whole but is not to be trusted.
+_SECURITY_CODES: Final = frozenset({ErrorCode.SIGNATURE_INVALID, ErrorCode.ENCRYPTION_FAILED})
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,14 +84,17 @@ class Gap:
     """Events of `topic` numbered `first` to `last` that this subscriber will not see.
 
     `reason` is "dropped" (it fell behind, or the link broke), "expired" (a replay asked
-    for events older than the broker still keeps; `last + 1` is the first one kept) or
-    "reset" (the broker restarted and numbering began again at `last + 1`).
+    for events older than the broker still keeps; `last + 1` is the first one kept),
+    "reset" (the broker restarted and numbering began again at `last + 1`) or
+    "refused" (the event came but failed its signature or decryption: `error` says why,
+    e.g. SIGNATURE_INVALID with `details["reason"]`).
     """
 
     topic: str
     first: int
     last: int
     reason: str
+    error: MeshError | None = None
 
     @property
     def count(self) -> int:
@@ -99,9 +111,13 @@ class SubscriptionState:
         prefix: the topic prefix ('' for every topic).
         from_seq: None to start live; else replay after this number (every topic) or
             after each topic's number in the map.
+        opener: checks signatures and decrypts (default: no trust store, no key ring,
+            so every event claiming a signature is refused).
     """
 
-    def __init__(self, prefix: str, from_seq: int | Mapping[str, int] | None) -> None:
+    def __init__(
+        self, prefix: str, from_seq: int | Mapping[str, int] | None, opener: Opener | None = None
+    ) -> None:
         if prefix:
             check_topic(prefix, "prefix")
         if isinstance(from_seq, Mapping):
@@ -117,11 +133,13 @@ class SubscriptionState:
         self.control = CONTROL + self.id.encode()
         self.replaying = from_seq is not None
         self.synced = False
-        self.refused: MeshError | None = None  # what the broker refused, told by its marker
+        self.denied: MeshError | None = None  # what the broker refused, told by its marker
         self.epoch: str | None = None
         self.received = 0
         self.missed = 0
         self.malformed = 0
+        self.refused = 0
+        self.opener = opener or Opener()
         # Per topic: the last number the replay delivered; live events up to it are repeats.
         self._seam: dict[str, int] = {}
         self._reported: tuple[int, int] = (0, 0)
@@ -145,8 +163,13 @@ class SubscriptionState:
 
     # ---------------------------------------------------------------- downstream
 
-    def on_message(self, frames: list[bytes]) -> tuple[list[Item], list[bytes]]:
-        """A message from the broker: the items it yields and what to send upstream."""
+    def on_message(self, frames: list[bytes], now: float) -> tuple[list[Item], list[bytes]]:
+        """A message from the broker: the items it yields and what to send upstream.
+
+        Args:
+            frames: the message.
+            now: the Unix time (trust store and key ring reloads).
+        """
         if len(frames) != 3:
             self.malformed += 1
             return [], []
@@ -160,7 +183,7 @@ class SubscriptionState:
                 refused = body.get("refused") or []
                 if refused:
                     first = refused[0]
-                    self.refused = error_from_wire(
+                    self.denied = error_from_wire(
                         int(first["code"]), f"the broker refused the subscription to {self.prefix or '*'}: "
                         f"{first['reason']}", False, {"refused": refused},
                     )  # fmt: skip
@@ -169,14 +192,14 @@ class SubscriptionState:
             return [], [b"\x00" + self.control]
         if self.replaying:
             return [], []  # the replay that follows the marker holds these as well
-        return self._accept(frames[1], frames[2], live=True), []
+        return self._accept(frames[1], frames[2], now, live=True), []
 
     def replay_request(self) -> dict[str, Any]:
         """The payload of the next `mesh.replay` call."""
         return {"prefix": self.prefix, "after": self._after, "positions": self.positions}
 
-    def on_replay(self, answer: Mapping[str, Any]) -> tuple[list[Item], bool]:
-        """A page of the replay: its items, and whether to ask for another page."""
+    def on_replay(self, answer: Mapping[str, Any], now: float) -> tuple[list[Item], bool]:
+        """A page of the replay: its items, and whether to ask for another page (`now`: the Unix time)."""
         items: list[Item] = []
         for gap in answer.get("gaps", ()):
             topic, after, first = gap["topic"], gap["after"], gap["first"]
@@ -184,18 +207,17 @@ class SubscriptionState:
             self.missed += first - 1 - after
             self.positions[topic] = first - 1
         for header, payload in answer.get("events", ()):
-            items.extend(self._accept(header, payload, live=False))
+            items.extend(self._accept(header, payload, now, live=False))
         more = bool(answer.get("more"))
         if not more:
             self.replaying = False
             self._seam = dict(self.positions)
         return items, more
 
-    def _accept(self, header_frame: bytes, payload_frame: bytes, *, live: bool) -> list[Item]:
+    def _accept(self, header_frame: bytes, payload_frame: bytes, now: float, *, live: bool) -> list[Item]:
         try:
             header = unpack_header(header_frame)
             topic, seq = header["topic"], header["seq"]
-            payload = decode_payload(payload_frame)
         except (MeshError, KeyError):
             self.malformed += 1
             return []
@@ -214,6 +236,15 @@ class SubscriptionState:
             elif seq <= last:
                 items.append(Gap(topic, 1, seq - 1, "reset"))
         self.positions[topic] = seq
+        try:
+            payload = decode_payload(self.opener.open(header, payload_frame, now, header.get("sender")))
+        except MeshError as err:
+            if err.code in _SECURITY_CODES:
+                self.refused += 1
+                items.append(Gap(topic, seq, seq, "refused", err))
+            else:
+                self.malformed += 1
+            return items
         self.received += 1
         items.append(Event(topic, seq, header["id"], header["ts"], payload, header.get("metadata", {})))
         return items
@@ -235,9 +266,10 @@ class AsyncSubscription:
         hwm: int,
         replay: Callable[[dict[str, Any]], Awaitable[Any]],
         secure: Callable[[zmq.Socket], None] | None = None,
+        opener: Opener | None = None,
         token: Callable[[], str | None] = lambda: None,
     ) -> None:
-        self.state = SubscriptionState(prefix, from_seq)
+        self.state = SubscriptionState(prefix, from_seq, opener)
         self._token = token
         self._replay = replay
         self._sock = subscriber(ctx, endpoint, hwm, secure=secure)
@@ -260,11 +292,11 @@ class AsyncSubscription:
             if left <= 0:
                 raise DeadlineExceededError("the broker did not confirm the subscription in time")
             await self._read(left)
-        if self.state.refused is not None:
-            raise self.state.refused
+        if self.state.denied is not None:
+            raise self.state.denied
         more = self.state.replaying
         while more:
-            items, more = self.state.on_replay(await self._replay(self.state.replay_request()))
+            items, more = self.state.on_replay(await self._replay(self.state.replay_request()), time.time())
             self._ready.extend(items)
 
     async def _read(self, timeout: float | None) -> bool:
@@ -279,7 +311,7 @@ class AsyncSubscription:
                     return False
                 await self._readable(left)
                 continue
-            items, upstream = self.state.on_message(frames)
+            items, upstream = self.state.on_message(frames, time.time())
             self._ready.extend(items)
             for frame in upstream:
                 self._sock.send(frame)
@@ -341,6 +373,11 @@ class AsyncSubscription:
     @property
     def missed(self) -> int:
         return self.state.missed
+
+    @property
+    def refused(self) -> int:
+        """Events that came but failed their signature or decryption (each also a `Gap`)."""
+        return self.state.refused
 
     async def close(self) -> None:
         """Tell the broker the final counts and close the socket."""

@@ -32,7 +32,9 @@ Rules of this module:
 
 Wire shapes (docs/protocol.md has the byte-level spec):
   client -> broker   [header, payload]
-  broker -> node     [envelope, header, payload]   envelope = the client's identity
+  broker -> node     [envelope, header, payload]   envelope = the client's identity;
+                     [envelope, header, payload, sender] with security on: sender = the
+                                                   client's CURVE key name, for signatures
   node -> broker     [envelope, header, payload]   envelope = b"" for the node's own commands
                                                    and events
   broker -> subscribers [topic + ".", header, payload]   (from take_published())
@@ -240,6 +242,7 @@ class Command:
     state: CommandState = CommandState.RECEIVED
     node: NodeInfo | None = None
     once: str | None = None  # the cluster-wide key of an exactly-once command
+    sender: bytes = b""  # with security on: the client's CURVE key name, told to the node
 
 
 class Broker:
@@ -367,7 +370,7 @@ class Broker:
                 return [(Side.CLIENT, ident, self._error_frames(err, now, cid))]
         if header["type"] != "command":
             if header["type"] == "event":
-                return self._publish(Side.CLIENT, ident, header, frames[1], now)
+                return self._publish(Side.CLIENT, ident, header, frames[1], now, peer.user)
             if header["type"] == "cancel":
                 return self._cancel(ident, header["correlation_id"], frames[0], now)
             self.counters["malformed"] += 1
@@ -413,6 +416,8 @@ class Broker:
                 command=(service, action),
             )
         cmd = Command(ident, cid, service, action, frames[0], frames[1], deadline, now)
+        if security is not None and peer.user is not None:
+            cmd.sender = peer.user.encode()
         if self.once is not None and self.registry.exactly_once(service, action):
             subject = getattr(identity, "subject", None)
             return self._once_command(cmd, conn, once_key(cid, service, action, subject), now)
@@ -630,6 +635,8 @@ class Broker:
         node.owed.add(key)
         self._owed_by[key] = node.identity
         self.counters["dispatched"] += 1
+        if cmd.sender:  # security on: the node checks signatures against this name
+            return (Side.NODE, node.identity, [cmd.client, cmd.header, cmd.payload, cmd.sender])
         return (Side.NODE, node.identity, [cmd.client, cmd.header, cmd.payload])
 
     def _finish(self, cmd: Command, event: CommandEvent) -> None:
@@ -668,8 +675,12 @@ class Broker:
 
     # ------------------------------------------------------------------ events
 
-    def _publish(self, side: Side, ident: bytes, header: dict[str, Any], payload: bytes, now: float) -> list[Outgoing]:
+    def _publish(
+        self, side: Side, ident: bytes, header: dict[str, Any], payload: bytes, now: float, sender: str | None = None
+    ) -> list[Outgoing]:
         """Sequence a publisher's event; acknowledge it with its number (or refuse it).
+
+        `sender` is the publisher's CURVE key name (security on), stamped for subscribers.
 
         In a cluster the event goes through the replicated log first: every broker
         numbers it when it is committed, and the publisher's acknowledgement waits for that.
@@ -677,7 +688,7 @@ class Broker:
         try:
             if self.once is not None:
                 return self._propose_event(side, ident, header, payload, now)
-            seq, frames = self.events.publish(header, payload)
+            seq, frames = self.events.publish(header, payload, sender)
         except MeshError as err:
             return [self._event_refused(side, ident, header, err, now)]
         self._published.append(frames)
@@ -763,7 +774,7 @@ class Broker:
                         self.security.gate.admit_node_event(header, peer, now)
                     except MeshError as err:
                         return [self._event_refused(Side.NODE, ident, header, err, now)]
-                return self._publish(Side.NODE, ident, header, frames[2], now)
+                return self._publish(Side.NODE, ident, header, frames[2], now, peer.user)
             if mtype in _REPLY_TYPES:
                 return []  # a node acknowledging something the broker sent it
             self.counters["malformed"] += 1

@@ -130,8 +130,11 @@ class EventBus:
 
     # ----------------------------------------------------------------- publish
 
-    def publish(self, published: Mapping[str, Any], payload: bytes) -> tuple[int, list[bytes]]:
+    def publish(self, published: Mapping[str, Any], payload: bytes, sender: str | None = None) -> tuple[int, list[bytes]]:
         """Sequence an event from a client or node (its validated wire header map).
+
+        `sender` is the publisher's authenticated name (security on), stamped into the
+        header so that subscribers can check its signature (retained and replayed with it).
 
         Returns:
             The event's sequence number and the frames to send to subscribers.
@@ -144,7 +147,7 @@ class EventBus:
         check_publishable(topic)
         state = self._topic(topic)
         seq = state.seq + 1
-        header = encode_stamped_event(published, seq)
+        header = encode_stamped_event(published, seq, sender)
         self._append(state, seq, header, payload)
         self.counters["events_published"] += 1
         return seq, [state.frame, header, payload]

@@ -106,7 +106,7 @@ _INF: Final = math.inf
 _TYPES: Final = {t.value: t for t in MessageType}
 _HEADER_KEYS: Final = frozenset(
     {"v", "type", "id", "ts", "service", "action", "topic", "seq", "correlation_id",
-     "deadline", "metadata", "security", "error"}
+     "deadline", "metadata", "security", "error", "sender"}
 )
 # Types that answer or refer to one command, and so must name it.
 _CORRELATED: Final = frozenset({"response", "cancel", "progress"})
@@ -307,6 +307,10 @@ def unpack_header(frame: bytes) -> dict[str, Any]:
         value = raw["seq"]
         if type(value) is not int or value < 1 or mtype != "event":
             raise _invalid("seq", "an event's positive integer sequence number")
+    if "sender" in raw:
+        value = raw["sender"]
+        if type(value) is not str or not _name_match(value) or mtype != "event":
+            raise _invalid("sender", "an event's publisher, named by the broker")
     if "correlation_id" in raw or mtype in _CORRELATED:
         value = raw.get("correlation_id")
         if type(value) is not str or not _id_match(value):
@@ -478,17 +482,24 @@ def encode_event_header(
     )
 
 
-def encode_stamped_event(published: Mapping[str, Any], seq: int) -> bytes:
+def encode_stamped_event(published: Mapping[str, Any], seq: int, sender: str | None = None) -> bytes:
     """The header subscribers receive for an event a publisher sent (its wire map).
 
     The broker's hot path for events: the publisher's id, time, topic and metadata, the
-    sequence number the broker gave it, and nothing else (never the publisher's
-    `security` map, which may hold its token).
+    sequence number the broker gave it, the publisher's `security` map without its token
+    (so subscribers can check a signature and decrypt), and `sender`: the publisher's
+    authenticated name (its CURVE key's), when security is on. A `sender` the publisher
+    wrote itself is never kept.
     """
     out = {"v": PROTOCOL_VERSION, "type": "event", "id": published["id"], "ts": published["ts"],
            "topic": published["topic"], "seq": seq}
     if "metadata" in published:
         out["metadata"] = published["metadata"]
+    sec = published.get("security")
+    if sec:
+        out["security"] = {k: v for k, v in sec.items() if k != "token"}
+    if sender is not None:
+        out["sender"] = sender
     return msgpack.packb(out, use_bin_type=True)
 
 

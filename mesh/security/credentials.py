@@ -11,7 +11,13 @@ readable by its owner only.
     level = 1                                    # 1 token, 2 + encrypted payloads, 3 + signatures
     keyring = "/…/keyring.json"                  # optional: payload keys (level 2 and up)
     signing_key = "/…/signing/dev.key"           # optional: ed25519 key (level 3)
+    signers = "/…/signing/trusted"               # the trust store: signers' public keys
     require_signers = "/…/signing/trusted"       # optional (nodes): commands must be signed by one of these
+
+`signers` is where received signatures are checked (every message that claims level 3).
+A file written before it existed (no `signers` key) that sits in a state directory's
+`credentials/` folder uses that state directory's `signing/trusted`; elsewhere it has
+no trust store, and every level-3 message it receives is refused as "unknown signer".
 """
 
 from __future__ import annotations
@@ -27,12 +33,13 @@ from .curve import secure_client
 from .envelope import Opener, Sealer
 from .files import write_file_atomic
 from .payload import KeyRingFile
-from .signing import TrustedKeys, load_signing_key
+from .signing import SignerStore, TrustedKeys, load_signing_key
 
 __all__ = ["Credentials", "load_credentials", "save_credentials", "ENV"]
 
 ENV = "MESH_CREDENTIALS"
-_KEYS = {"broker_key", "key", "token", "level", "keyring", "signing_key", "require_signers"}
+_KEYS = {"broker_key", "key", "token", "level", "keyring", "signing_key", "signers", "require_signers"}
+_PATHS = ("broker_key", "key", "keyring", "signing_key", "signers", "require_signers")
 
 
 @dataclass(frozen=True)
@@ -45,6 +52,7 @@ class Credentials:
     level: int = int(SecurityLevel.AUTHENTICATED)
     keyring: Path | None = None
     signing_key: Path | None = None
+    signers: Path | None = None
     require_signers: Path | None = None
 
     def __repr__(self) -> str:
@@ -67,6 +75,7 @@ class Credentials:
         """The receiving half for this peer."""
         return Opener(
             ring=KeyRingFile(self.keyring) if self.keyring else None,
+            signers=SignerStore(self.signers) if self.signers else None,
             required_signers=TrustedKeys.load(self.require_signers) if self.require_signers else None,
         )
 
@@ -106,6 +115,7 @@ def load_credentials(path: str | os.PathLike[str]) -> Credentials:
         level=level,
         keyring=path_of("keyring"),
         signing_key=path_of("signing_key"),
+        signers=path_of("signers") or _state_signers(p),
         require_signers=path_of("require_signers"),
     )
 
@@ -113,7 +123,7 @@ def load_credentials(path: str | os.PathLike[str]) -> Credentials:
 def save_credentials(path: str | os.PathLike[str], creds: Credentials) -> None:
     """Write `creds` as a credentials file (owner-only: it may hold a token)."""
     lines = []
-    for key in ("broker_key", "key", "keyring", "signing_key", "require_signers"):
+    for key in _PATHS:
         value = getattr(creds, key)
         if value is not None:
             lines.append(f"{key} = {_quote(str(Path(value).resolve()))}")
@@ -121,6 +131,12 @@ def save_credentials(path: str | os.PathLike[str], creds: Credentials) -> None:
         lines.append(f"token = {_quote(creds.token)}")
     lines.append(f"level = {creds.level}")
     write_file_atomic(Path(path), ("\n".join(lines) + "\n").encode())
+
+
+def _state_signers(path: Path) -> Path | None:
+    """The trust store of the state directory holding credentials file `path`, if any."""
+    trusted = path.parent.parent / "signing" / "trusted"
+    return trusted if path.parent.name == "credentials" and trusted.is_dir() else None
 
 
 def _quote(text: str) -> str:

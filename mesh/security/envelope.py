@@ -6,8 +6,13 @@ Rules of this module:
   (level 1 and up), the payload encrypted with the key ring's active key (level 2 and
   up, the header's immutable fields authenticated with it), and an ed25519 signature
   over the header and the (encrypted) payload (level 3). It returns both frames.
-* `Opener.open` undoes it on the receiving side: it checks the signature when the
-  receiver requires one, then decrypts when the payload is encrypted.
+* `Opener.open` undoes it on the receiving side: it checks the signature of every
+  message that claims level 3 or more (or of every message, when the receiver
+  requires signers), then decrypts when the payload is encrypted. The signature must
+  verify with the trust store's key of the message's sender, the name the broker
+  stamps on what it forwards; nothing in the header can claim another sender. An
+  `Opener()` with nothing configured still refuses every level-3 claim (it knows no
+  signer), so a receiver without security never takes a forged "signed" message.
 * The broker sees tokens and levels but never the ring: it cannot read payloads.
 """
 
@@ -19,9 +24,11 @@ from typing import Any
 
 import msgpack
 
-from ..protocol import EncryptionFailedError, SecurityLevel
+from ..protocol import EncryptionFailedError, SecurityLevel, SignatureInvalidError
 from .payload import KeyRingFile, associated_data, decrypt, encrypt
-from .signing import SigningKey, TrustedKeys, sign, verify
+from .signing import SignerStore, SigningKey, TrustedKeys, sign, verify
+
+_NOBODY: TrustedKeys = TrustedKeys({})
 
 __all__ = ["Sealer", "Opener"]
 
@@ -68,24 +75,50 @@ class Sealer:
 
 @dataclass
 class Opener:
-    """The receiving half: the key ring to decrypt with, and whose signatures it requires."""
+    """The receiving half: the key ring to decrypt with, the trust store to check
+    signatures with, and the signers it requires (a further restriction: by name)."""
 
     ring: KeyRingFile | None = None
+    signers: SignerStore | None = None
     required_signers: TrustedKeys | None = None
 
-    def open(self, header: Mapping[str, Any], payload: bytes, now: float) -> bytes:
+    def open(self, header: Mapping[str, Any], payload: bytes, now: float, sender: str | None = None) -> bytes:
         """The plain payload frame of a received message.
 
+        Args:
+            header: the message's validated header map.
+            payload: its payload frame, as received.
+            now: the Unix time (key ring and trust store reloads).
+            sender: who sent it, as the broker says (None when nobody said).
+
         Raises:
-            SignatureInvalidError: a signature is required and missing or wrong.
+            SignatureInvalidError: the message claims level 3 or more, or the receiver
+                requires signers, and the signature is missing or wrong (`details.reason`).
             EncryptionFailedError: the payload does not decrypt (unknown key, tampering).
         """
-        if self.required_signers is not None:
-            verify(self.required_signers, header, payload)
-        info = (header.get("security") or {}).get("encryption")
+        sec = header.get("security") or {}
+        if sec.get("level", 0) >= SecurityLevel.SIGNED or self.required_signers is not None:
+            self.check_signature(header, payload, now, sender)
+        info = sec.get("encryption")
         if info is None:
             return payload
         if self.ring is None:
             raise EncryptionFailedError("this receiver has no key ring", details={"reason": "no key ring"})
         kid = info.get("kid") if isinstance(info, dict) else None
         return decrypt(self.ring.current(now), payload, info, associated_data(header, kid if isinstance(kid, str) else ""))
+
+    def check_signature(self, header: Mapping[str, Any], payload: bytes, now: float, sender: str | None) -> str:
+        """Check the message's signature with its sender's key; return the signer's name.
+
+        Raises:
+            SignatureInvalidError: see `signing.verify`; or "signer not required" when the
+                signer is not one of `required_signers`.
+        """
+        trusted = self.signers.current(now) if self.signers is not None else _NOBODY
+        signer = verify(trusted, header, payload, signer=sender)
+        if self.required_signers is not None and signer not in self.required_signers:
+            raise SignatureInvalidError(
+                "signature refused: this receiver accepts other signers only",
+                details={"reason": "signer not required", "signer": signer},
+            )
+        return signer

@@ -3,16 +3,20 @@
 Rules of this module:
 
 * A signature covers `signing_bytes(header, payload)`: the canonical MessagePack of the
-  whole header map except `security.signature` itself (so the token, the security level
-  and the encryption info are covered), followed by the payload frame's bytes (the
-  ciphertext when the payload is encrypted: sign after encrypting, verify before
-  decrypting). A MessagePack value is self-delimiting, so the split between the two is
-  unambiguous. "Canonical" means re-encoded with map keys sorted at every depth and
-  floats as float64, whatever widths the sender's encoder used on the wire.
-* The header has no field naming the signer, so `verify` tries the trusted keys one
-  after the other (about 50 µs each); trusted sets are small (the clients and nodes of
-  one mesh). A caller that knows who must have signed (the token's subject, the CURVE
-  identity) passes `signer=` and pays for one check.
+  header map without what the broker may add or a receiver cannot check in it
+  (`security.signature` itself, `security.token`, and the broker's stamps `seq` and
+  `sender`), followed by the payload frame's bytes (the ciphertext when the payload is
+  encrypted: sign after encrypting, verify before decrypting). So an event still
+  verifies after the broker stamped it. A MessagePack value is self-delimiting, so the
+  split between the two is unambiguous. "Canonical" means re-encoded with map keys
+  sorted at every depth and floats as float64, whatever widths the sender used. The
+  token needs no signature: the broker binds it to the link it came over.
+* The header has no field naming the signer: the broker says who sent a message (the
+  name of the CURVE key of its link, see docs/protocol.md) and `verify` checks the
+  signature with that signer's key only, one check of about 54 µs. A valid signature
+  made with another key is refused like a forged one ("does not verify").
+* The trust store is a directory of `NAME.pub` files (`TrustedKeys.load`);
+  `SignerStore` is the same directory re-read when it changes, like the key ring file.
 * `nacl.exceptions.*` never leave this module; a refused signature is a
   `SignatureInvalidError` whose `details["reason"]` is one of `REASONS`, and a bad key
   file is a `ConfigurationError` naming the path. Key bytes never appear in either.
@@ -25,6 +29,7 @@ set whose names are the file stems.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -47,6 +52,7 @@ __all__ = [
     "PUBLIC_SUFFIX",
     "REASONS",
     "SIGNATURE_BYTES",
+    "SignerStore",
     "TrustedKeys",
     "generate_signing_key",
     "load_signing_key",
@@ -59,7 +65,17 @@ __all__ = [
 
 SIGNATURE_BYTES: Final = 64
 PUBLIC_SUFFIX: Final = ".pub"
-REASONS: Final = ("missing", "malformed", "unknown signer", "does not verify")
+REASONS: Final = (
+    "missing",  # the header claims level 3 but has no signature
+    "malformed",  # not 64 bytes (a truncated signature, or not bytes at all)
+    "missing sender",  # nobody says who sent it: no broker-stamped sender (security off?)
+    "unknown signer",  # the sender has no public key in the trust store
+    "does not verify",  # not made with the sender's key over these bytes (corrupted, forged)
+    "signer not required",  # valid, but the receiver accepts only its required signers
+)
+# What `signing_bytes` leaves out: the broker's stamps, then those of the security map.
+_UNSIGNED: Final = frozenset({"seq", "sender"})
+_UNSIGNED_SECURITY: Final = frozenset({"signature", "token"})
 _KEY_BYTES: Final = 32
 
 
@@ -105,6 +121,50 @@ class TrustedKeys:
     def get(self, name: str) -> VerifyKey | None:
         """The public key of `name`, or None when it is not trusted."""
         return self._keys.get(name)
+
+
+class SignerStore:
+    """A trust store directory that a running client or node re-reads when it changes.
+
+    A check lists the directory's `*.pub` files with their inodes, sizes and
+    modification times, at most once per `interval`; the keys are read again only when that list
+    changed (a key added, removed or replaced). A directory that has become unreadable,
+    or a bad key file, keeps the last good set in use and sets `error` for the loop to
+    log, as `payload.KeyRingFile` does: a typo in a new file must not make every
+    signer unknown.
+
+    Args:
+        directory: the trust store (`signing/trusted` of a state directory).
+        interval: the least time between two checks, in the unit of `now`.
+
+    Raises:
+        ConfigurationError: the directory or one of its keys cannot be read at start.
+    """
+
+    def __init__(self, directory: str | os.PathLike[str], *, interval: float = 1.0) -> None:
+        self.directory = Path(directory)
+        self.interval = interval
+        self.error: ConfigurationError | None = None
+        self._stamp = _listing(self.directory)
+        self._keys = TrustedKeys.load(self.directory)
+        self._next_check = -math.inf
+
+    def current(self, now: float) -> TrustedKeys:
+        """The keys to check signatures with now, re-read first when the directory changed.
+
+        Args:
+            now: any clock; checks happen at most once per `interval` of it.
+        """
+        if now >= self._next_check:
+            self._next_check = now + self.interval
+            try:
+                stamp = _listing(self.directory)
+                if stamp != self._stamp:
+                    self._keys, self._stamp = TrustedKeys.load(self.directory), stamp
+                self.error = None
+            except ConfigurationError as exc:
+                self.error = exc
+        return self._keys
 
 
 def public_key_path(path: str | os.PathLike[str]) -> Path:
@@ -161,7 +221,8 @@ def load_verify_key(path: str | os.PathLike[str]) -> VerifyKey:
 
 
 def signing_bytes(header_map: Mapping[str, Any], payload_frame: bytes) -> bytes:
-    """The bytes a signature covers: the canonical header without its signature, then the payload.
+    """The bytes a signature covers: the canonical header without the fields that are not
+    signed (see the module rules), then the payload.
 
     Args:
         header_map: the header's wire map (as `unpack_header` returns it, or as the
@@ -172,10 +233,10 @@ def signing_bytes(header_map: Mapping[str, Any], payload_frame: bytes) -> bytes:
         ValidationFailedError: the header holds a value MessagePack cannot carry (never
             for a decoded header).
     """
-    header = dict(header_map)
+    header = {k: v for k, v in header_map.items() if k not in _UNSIGNED}
     sec = header.get("security")
-    if isinstance(sec, Mapping) and "signature" in sec:
-        header["security"] = {k: v for k, v in sec.items() if k != "signature"}
+    if isinstance(sec, Mapping):
+        header["security"] = {k: v for k, v in sec.items() if k not in _UNSIGNED_SECURITY}
     try:
         packed = msgpack.packb(canonical(header), use_bin_type=True)
     except (TypeError, ValueError, OverflowError) as exc:
@@ -204,28 +265,26 @@ def verify(
     header_map: Mapping[str, Any],
     payload_frame: bytes,
     *,
-    signer: str | None = None,
+    signer: str | None,
 ) -> str:
-    """Check a message's signature against the trusted keys and say who signed it.
+    """Check that `signer` signed this message with its key in `trusted`.
 
-    Without `signer`, every trusted key is tried in turn (the header does not name
-    the signer; the sets are small): a message that no key verifies is refused as
-    "does not verify", since a tampered message from a known signer and a message from
-    an unknown one cannot be told apart.
+    The signature's presence and shape are checked first (the message's fault), then
+    the signer (the link's or the trust store's), then the one key check.
 
     Args:
-        trusted: the accepted public keys.
+        trusted: the trust store's keys.
         header_map: the received header's wire map.
         payload_frame: the received payload frame, as received.
-        signer: the name that must have signed, when the caller knows it.
+        signer: who sent the message, as the broker says (None when nobody said).
 
     Returns:
         The signer's name.
 
     Raises:
         SignatureInvalidError: `details["reason"]` is "missing" (no `security.signature`),
-            "malformed" (not 64 bytes), "unknown signer" (`signer` is not trusted, or
-            nobody is) or "does not verify".
+            "malformed" (not 64 bytes), "missing sender" (`signer` is None),
+            "unknown signer" (`signer` has no key in `trusted`) or "does not verify".
     """
     sec = header_map.get("security")
     signature = sec.get("signature") if isinstance(sec, Mapping) else None
@@ -233,23 +292,16 @@ def verify(
         raise _refused("missing", "the message is not signed")
     if not isinstance(signature, bytes) or len(signature) != SIGNATURE_BYTES:
         raise _refused("malformed", f"a signature is {SIGNATURE_BYTES} bytes")
-    if signer is not None:
-        key = trusted.get(signer)
-        if key is None:
-            raise _refused("unknown signer", "the signer is not trusted", signer=signer)
-        candidates: list[tuple[str, VerifyKey]] = [(signer, key)]
-    else:
-        candidates = list(trusted._keys.items())
-        if not candidates:
-            raise _refused("unknown signer", "no signer is trusted")
-    message = signing_bytes(header_map, payload_frame)
-    for name, key in candidates:
-        try:
-            key.verify(message, signature)
-        except CryptoError:  # BadSignatureError, or a public key that is not a curve point
-            continue
-        return name
-    raise _refused("does not verify", "no trusted key verifies the signature")
+    if signer is None:
+        raise _refused("missing sender", "nobody says who sent the message (is security on?)")
+    key = trusted.get(signer)
+    if key is None:
+        raise _refused("unknown signer", "the sender has no key in the trust store", signer=signer)
+    try:
+        key.verify(signing_bytes(header_map, payload_frame), signature)
+    except CryptoError:  # BadSignatureError, or a public key that is not a curve point
+        raise _refused("does not verify", "the signature is not the sender's", signer=signer) from None
+    return signer
 
 
 def _hex_line(raw: bytes) -> bytes:
@@ -268,6 +320,21 @@ def _read_key(path: Path) -> bytes:
     if len(raw) != _KEY_BYTES:
         raise _config(f"a key file holds {2 * _KEY_BYTES} hex digits", path)
     return raw
+
+
+def _listing(directory: Path) -> frozenset[tuple[str, int, int, int]]:
+    """Name, inode, size and modification time of each `*.pub` file: what a change shows in
+    (an atomic replacement is a new inode, even within one tick of the file clock)."""
+    found = set()
+    try:
+        with os.scandir(directory) as entries:
+            for entry in entries:
+                if entry.name.endswith(PUBLIC_SUFFIX) and entry.is_file():
+                    info = entry.stat()
+                    found.add((entry.name, info.st_ino, info.st_size, info.st_mtime_ns))
+    except OSError:
+        raise _config("cannot read the trusted keys directory", directory) from None
+    return frozenset(found)
 
 
 def _config(reason: str, path: Path) -> ConfigurationError:

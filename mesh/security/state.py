@@ -14,7 +14,8 @@
       policy.toml                             the access policy (generated once)
       keyring.json                            payload keys (level 2 and up)
       signing/NAME.key, NAME.pub              each client's ed25519 key
-      signing/trusted/NAME.pub                the clients' public signing keys
+      signing/trusted/NAME.pub                the clients' public signing keys: the trust
+                                              store every client and node checks signatures with
       credentials/NAME.toml                   one per client (with a token) and per node
 
 Rules of this module:
@@ -386,6 +387,7 @@ def _credentials(layout: StateLayout, name: str, *, token: str | None, signing: 
         level=int(SecurityLevel.AUTHENTICATED),
         keyring=layout.keyring,
         signing_key=layout.signing_key(name) if signing else None,
+        signers=layout.trusted_signers,
     )
 
 

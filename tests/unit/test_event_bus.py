@@ -56,13 +56,26 @@ def test_published_frames_carry_topic_seq_and_untouched_payload() -> None:
     assert frames[2] is payload
 
 
-def test_publisher_security_never_reaches_subscribers() -> None:
-    """A publisher's token stays with the broker: the stamped header has no security map."""
+def test_publisher_token_never_reaches_subscribers() -> None:
+    """A publisher's token stays with the broker; its level, encryption and signature pass on,
+    so that subscribers can check and decrypt."""
     bus = EventBus()
-    published = {**wire("a"), "security": {"level": 1, "token": "secret-token"}}
-    _, frames = bus.publish(published, b"\xc0")
+    sec = {"level": 3, "token": "secret-token", "encryption": {"kid": "k1"}, "signature": b"s" * 64}
+    _, frames = bus.publish({**wire("a"), "security": sec}, b"\xc0")
     assert b"secret-token" not in frames[1]
-    assert decode_header(frames[1]).security is None
+    assert unpack_header(frames[1])["security"] == {"level": 3, "encryption": {"kid": "k1"}, "signature": b"s" * 64}
+
+
+def test_the_broker_names_the_publisher_and_nobody_else_can() -> None:
+    """The stamped `sender` is the name the broker gives (the link's), never the publisher's own,
+    and it is kept for replay."""
+    bus = EventBus()
+    _, frames = bus.publish({**wire("a"), "sender": "admin"}, b"\xc0", sender="alice")
+    assert unpack_header(frames[1])["sender"] == "alice"
+    _, frames = bus.publish({**wire("a"), "sender": "admin"}, b"\xc0")
+    assert "sender" not in unpack_header(frames[1])
+    replayed = bus.replay({"prefix": "a"}, 10**6)["events"]
+    assert unpack_header(replayed[0][0])["sender"] == "alice"
 
 
 def test_broker_topics_are_reserved() -> None:

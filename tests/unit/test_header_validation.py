@@ -606,3 +606,19 @@ def test_seq_only_on_events(mtype: str) -> None:
 def test_an_event_with_seq_is_accepted() -> None:
     """The broker's stamped events decode with their number."""
     assert decode_header(frame("event", seq=2**40)).seq == 2**40
+
+
+@pytest.mark.parametrize(
+    ("mtype", "sender"),
+    [("command", "alice"), ("response", "alice"), ("event", ""), ("event", "a b"), ("event", 7)],
+    ids=["command", "response", "empty", "space", "int"],
+)
+def test_sender_only_on_events_and_a_name(mtype: str, sender: Any) -> None:
+    """Only the broker's stamped events name their publisher, and with a name: a client cannot
+    pass a `sender` to a node inside a command header."""
+    refused(frame(mtype, sender=sender), ValidationFailedError, "sender")
+
+
+def test_an_event_with_a_sender_is_accepted() -> None:
+    """A stamped event's publisher name passes validation."""
+    assert unpack_header(frame("event", sender="alice"))["sender"] == "alice"

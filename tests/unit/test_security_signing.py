@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import copy
+import json
+import os
+import re
+import shutil
 import stat
 from pathlib import Path
 from typing import Any
@@ -20,9 +24,11 @@ from mesh.protocol import (
     encode_command_header,
     unpack_header,
 )
+from mesh.security.envelope import Opener
 from mesh.security.payload import KeyRing, associated_data, encrypt
 from mesh.security.signing import (
     REASONS,
+    SignerStore,
     TrustedKeys,
     generate_signing_key,
     load_signing_key,
@@ -155,7 +161,7 @@ def test_signer_names_come_from_files_end_to_end(tmp_path: Path) -> None:
     key = generate_signing_key(tmp_path / "alice.key")
     h = signed(load_signing_key(tmp_path / "alice.key"), header())
     assert key == load_signing_key(tmp_path / "alice.key")
-    assert verify(TrustedKeys.load(tmp_path), over_the_wire(h), PAYLOAD) == "alice"
+    assert verify(TrustedKeys.load(tmp_path), over_the_wire(h), PAYLOAD, signer="alice") == "alice"
 
 
 # ------------------------------------------------------------------ sign and verify
@@ -165,7 +171,6 @@ def test_valid_signature_names_the_signer() -> None:
     """A 64-byte signature verifies after the header crossed the wire, naming its signer."""
     h = signed(BOB, header())
     assert len(h["security"]["signature"]) == 64
-    assert verify(TRUSTED, over_the_wire(h), PAYLOAD) == "bob"
     assert verify(TRUSTED, over_the_wire(h), PAYLOAD, signer="bob") == "bob"
 
 
@@ -176,11 +181,11 @@ def test_signature_covers_the_encrypted_payload_and_its_info() -> None:
     frame, info = encrypt(ring, PAYLOAD, associated_data(h, ring.active_kid))
     h["security"] = {"level": 3, "encryption": info}
     h = signed(ALICE, h, frame)
-    assert verify(TRUSTED, over_the_wire(h), frame) == "alice"
+    assert verify(TRUSTED, over_the_wire(h), frame, signer="alice") == "alice"
     nonce = info["nonce"]
     h["security"]["encryption"]["nonce"] = bytes([nonce[0] ^ 1]) + nonce[1:]
     with pytest.raises(SignatureInvalidError) as exc:
-        verify(TRUSTED, h, frame)
+        verify(TRUSTED, h, frame, signer="alice")
     assert refusal(exc) == "does not verify"
 
 
@@ -190,36 +195,49 @@ def test_key_order_does_not_matter() -> None:
     reordered = {k: h[k] for k in reversed(list(h))}
     reordered["metadata"] = dict(reversed(list(h["metadata"].items())))
     reordered["security"] = dict(reversed(list(h["security"].items())))
-    assert verify(TRUSTED, reordered, PAYLOAD) == "alice"
+    assert verify(TRUSTED, reordered, PAYLOAD, signer="alice") == "alice"
 
 
-def test_signing_bytes_leave_out_only_the_signature() -> None:
-    """The signature itself is not signed; the header bytes come first, then the payload."""
+def test_signing_bytes_leave_out_the_signature_the_token_and_the_brokers_stamps() -> None:
+    """Signature, token, `seq` and `sender` are not signed; the header comes first, then the payload."""
     h = header()
     plain = signing_bytes(h, PAYLOAD)
     assert signing_bytes(signed(ALICE, h), PAYLOAD) == plain
+    assert signing_bytes({**h, "seq": 7, "sender": "alice"}, PAYLOAD) == plain
     assert plain.endswith(PAYLOAD)
     unpacker = msgpack.Unpacker(raw=False)
     unpacker.feed(plain)
-    assert next(unpacker)["security"] == {"level": 3, "token": "eyJ.token.sig"}
+    assert next(unpacker)["security"] == {"level": 3}
+
+
+@pytest.mark.parametrize(
+    "change",
+    [{"seq": 7}, {"sender": "alice"}, {"security": {"level": 3, "token": "eyJ.renewed.sig"}}],
+    ids=["seq", "sender", "token"],
+)
+def test_what_the_broker_stamps_or_checks_may_change(change: dict[str, Any]) -> None:
+    """An event the broker numbered and named, or a renewed token, still verifies."""
+    h = over_the_wire(signed(ALICE, header()))
+    sec = {**h["security"], **change.pop("security", {})}
+    assert verify(TRUSTED, {**h, **change, "security": sec}, PAYLOAD, signer="alice") == "alice"
 
 
 @pytest.mark.parametrize(
     ("path", "value"),
     [(("id",), "c0ffee02"), (("service",), "fs"), (("action",), "delete"), (("ts",), NOW + 1),
-     (("metadata", "trace"), "t-2"), (("security", "token"), "eyJ.other.sig"),
-     (("security", "level"), 1), (("deadline",), NOW + 5)],
+     (("metadata", "trace"), "t-2"), (("security", "level"), 1), (("deadline",), NOW + 5),
+     (("security", "encryption"), {"kid": "k1"})],
     ids=lambda v: ".".join(v) if isinstance(v, tuple) else None,
 )
 def test_tampered_header_field_does_not_verify(path: tuple[str, ...], value: Any) -> None:
-    """Changing or adding any header field (routing, time, metadata, token, level) is caught."""
+    """Changing or adding any signed header field (routing, time, metadata, level, encryption) is caught."""
     h = over_the_wire(signed(ALICE, header()))
     target = h
     for key in path[:-1]:
         target = target[key]
     target[path[-1]] = value
     with pytest.raises(SignatureInvalidError) as exc:
-        verify(TRUSTED, h, PAYLOAD)
+        verify(TRUSTED, h, PAYLOAD, signer="alice")
     assert refusal(exc) == "does not verify"
 
 
@@ -229,20 +247,20 @@ def test_tampered_payload_does_not_verify(payload: bytes) -> None:
     """Any change to the payload frame is caught."""
     h = signed(ALICE, header())
     with pytest.raises(SignatureInvalidError) as exc:
-        verify(TRUSTED, h, payload)
+        verify(TRUSTED, h, payload, signer="alice")
     assert refusal(exc) == "does not verify"
 
 
-def test_untrusted_signer_does_not_verify() -> None:
-    """Without a signer hint a stranger's signature is indistinguishable from a forgery."""
+def test_a_strangers_signature_does_not_verify() -> None:
+    """A signature made with a key outside the store, sent by a trusted sender, is a forgery."""
     h = signed(MALLORY, header())
     with pytest.raises(SignatureInvalidError) as exc:
-        verify(TRUSTED, h, PAYLOAD)
+        verify(TRUSTED, h, PAYLOAD, signer="alice")
     assert refusal(exc) == "does not verify"
 
 
-def test_unknown_signer_is_named_when_the_caller_says_who_signed() -> None:
-    """With `signer=`, a name outside the trusted set is refused as unknown."""
+def test_a_sender_outside_the_store_is_an_unknown_signer() -> None:
+    """A sender without a key in the store is refused as unknown, naming it."""
     h = signed(MALLORY, header())
     with pytest.raises(SignatureInvalidError) as exc:
         verify(TRUSTED, h, PAYLOAD, signer="mallory")
@@ -253,12 +271,19 @@ def test_unknown_signer_is_named_when_the_caller_says_who_signed() -> None:
 def test_nobody_is_known_to_an_empty_trust_set() -> None:
     """An empty trusted set refuses every signature as from an unknown signer."""
     with pytest.raises(SignatureInvalidError) as exc:
-        verify(TrustedKeys({}), signed(ALICE, header()), PAYLOAD)
+        verify(TrustedKeys({}), signed(ALICE, header()), PAYLOAD, signer="alice")
     assert refusal(exc) == "unknown signer"
 
 
-def test_signer_hint_checks_only_that_key() -> None:
-    """Alice's valid signature claimed as Bob's does not verify."""
+def test_no_sender_is_refused_before_any_key_is_tried() -> None:
+    """A valid signature with nobody saying who sent it (no broker stamp) is refused."""
+    with pytest.raises(SignatureInvalidError) as exc:
+        verify(TRUSTED, signed(ALICE, header()), PAYLOAD, signer=None)
+    assert refusal(exc) == "missing sender"
+
+
+def test_only_the_senders_key_is_checked() -> None:
+    """Alice's valid signature on a message Bob's link sent does not verify."""
     h = signed(ALICE, header())
     with pytest.raises(SignatureInvalidError) as exc:
         verify(TRUSTED, h, PAYLOAD, signer="bob")
@@ -272,7 +297,7 @@ def test_malformed_signature_is_refused(signature: Any) -> None:
     h = header()
     h["security"]["signature"] = signature
     with pytest.raises(SignatureInvalidError) as exc:
-        verify(TRUSTED, h, PAYLOAD)
+        verify(TRUSTED, h, PAYLOAD, signer="alice")
     assert refusal(exc) == "malformed"
 
 
@@ -287,7 +312,130 @@ def test_malformed_signature_is_refused(signature: Any) -> None:
 def test_missing_signature_is_refused(h: dict[str, Any]) -> None:
     """A message without a signature is refused as missing."""
     with pytest.raises(SignatureInvalidError) as exc:
-        verify(TRUSTED, h, PAYLOAD)
+        verify(TRUSTED, h, PAYLOAD, signer="alice")
+    assert refusal(exc) == "missing"
+
+
+# ------------------------------------------------------------------ the doc's vector
+
+PROTOCOL_DOC = Path(__file__).resolve().parents[2] / "docs" / "protocol.md"
+
+
+def _doc_vector() -> dict[str, Any]:
+    section = PROTOCOL_DOC.read_text(encoding="utf-8").split("### 3.4 The `security` map", 1)[1]
+    block = re.search(r"```json\n(.*?)\n```", section, flags=re.DOTALL)
+    assert block is not None
+    return json.loads(block.group(1))
+
+
+def _hex(lines: list[str]) -> bytes:
+    return bytes.fromhex("".join(lines).replace(" ", ""))
+
+
+def test_the_protocol_docs_signature_vector() -> None:
+    """protocol.md's signed command: its key, signing bytes and signature are what the code makes."""
+    v = _doc_vector()
+    key = SigningKey(bytes.fromhex(v["seed_hex"]))
+    assert bytes(key.verify_key).hex() == v["public_hex"]
+    h, payload = v["header"], _hex(v["payload_hex"])
+    assert signing_bytes(h, payload) == _hex(v["signing_bytes_hex"])
+    assert sign(key, h, payload) == _hex(v["signature_hex"])
+    wire = over_the_wire({**h, "security": {**h["security"], "signature": _hex(v["signature_hex"])}})
+    assert verify(TrustedKeys({"dev": key.verify_key}), wire, payload, signer="dev") == "dev"
+
+
+# ------------------------------------------------------------------ the trust store
+
+
+def _store_dir(tmp_path: Path, *keys: tuple[str, SigningKey]) -> Path:
+    root = tmp_path / "trusted"
+    root.mkdir(exist_ok=True)
+    for name, key in keys:
+        (root / f"{name}.pub").write_text(bytes(key.verify_key).hex() + "\n")
+    return root
+
+
+def test_the_store_sees_a_key_added_and_one_removed(tmp_path: Path) -> None:
+    """A signer added to the directory is known at the next check; a removed one is forgotten."""
+    root = _store_dir(tmp_path, ("alice", ALICE))
+    store = SignerStore(root, interval=1.0)
+    assert "alice" in store.current(0.0) and "bob" not in store.current(0.0)
+    _store_dir(tmp_path, ("bob", BOB))
+    assert "bob" not in store.current(0.5)  # checks at most once per interval
+    assert "bob" in store.current(1.0)
+    (root / "alice.pub").unlink()
+    assert "alice" not in store.current(2.0)
+
+
+def test_a_replaced_key_takes_effect(tmp_path: Path) -> None:
+    """Replacing a signer's key file (same name) makes the new key the one checked."""
+    root = _store_dir(tmp_path, ("alice", ALICE))
+    store = SignerStore(root)
+    h = signed(MALLORY, header())
+    with pytest.raises(SignatureInvalidError):
+        verify(store.current(0.0), h, PAYLOAD, signer="alice")
+    tmp = tmp_path / "new.pub"
+    tmp.write_text(bytes(MALLORY.verify_key).hex() + "\n")
+    os.replace(tmp, root / "alice.pub")
+    assert verify(store.current(1.0), h, PAYLOAD, signer="alice") == "alice"
+
+
+def test_a_bad_new_file_keeps_the_last_good_keys(tmp_path: Path) -> None:
+    """A broken key file added later keeps the store's last good keys and sets `error`."""
+    root = _store_dir(tmp_path, ("alice", ALICE))
+    store = SignerStore(root)
+    (root / "typo.pub").write_text("not hex\n")
+    assert "alice" in store.current(1.0)
+    assert store.error is not None and store.error.details["path"].endswith("typo.pub")
+    (root / "typo.pub").unlink()
+    store.current(2.0)
+    assert store.error is None
+
+
+def test_a_store_needs_its_directory(tmp_path: Path) -> None:
+    """A missing trust store directory is a configuration error at start."""
+    with pytest.raises(ConfigurationError):
+        SignerStore(tmp_path / "absent")
+    root = _store_dir(tmp_path, ("alice", ALICE))
+    store = SignerStore(root)
+    shutil.rmtree(root)
+    assert "alice" in store.current(1.0) and store.error is not None
+
+
+# ------------------------------------------------------------------ the receiving half
+
+
+def test_a_level_3_claim_is_checked_by_every_opener(tmp_path: Path) -> None:
+    """Level 3 is verified whether or not the receiver requires signers; level 1 is not."""
+    opener = Opener(signers=SignerStore(_store_dir(tmp_path, ("alice", ALICE))))
+    h = over_the_wire(signed(ALICE, header()))
+    assert opener.open(h, PAYLOAD, 0.0, "alice") == PAYLOAD
+    with pytest.raises(SignatureInvalidError) as exc:
+        opener.open(h, PAYLOAD, 0.0, "bob")
+    assert refusal(exc) == "unknown signer"
+    unsigned = header(security={"level": 1, "token": "eyJ.token.sig"})
+    assert opener.open(unsigned, PAYLOAD, 0.0, None) == PAYLOAD
+
+
+@pytest.mark.parametrize("sender", [None, "alice"])
+def test_an_opener_without_a_store_refuses_every_signature(sender: str | None) -> None:
+    """A receiver with nothing configured (security off) never takes a level-3 claim as checked."""
+    with pytest.raises(SignatureInvalidError) as exc:
+        Opener().open(over_the_wire(signed(ALICE, header())), PAYLOAD, 0.0, sender)
+    assert refusal(exc) == ("missing sender" if sender is None else "unknown signer")
+
+
+def test_required_signers_restrict_further(tmp_path: Path) -> None:
+    """With required signers, a valid signature of another trusted signer is refused, and so
+    is an unsigned message."""
+    store = SignerStore(_store_dir(tmp_path, ("alice", ALICE), ("bob", BOB)))
+    opener = Opener(signers=store, required_signers=TrustedKeys({"alice": ALICE.verify_key}))
+    assert opener.open(signed(ALICE, header()), PAYLOAD, 0.0, "alice") == PAYLOAD
+    with pytest.raises(SignatureInvalidError) as exc:
+        opener.open(signed(BOB, header()), PAYLOAD, 0.0, "bob")
+    assert refusal(exc) == "signer not required"
+    with pytest.raises(SignatureInvalidError) as exc:
+        opener.open(header(security={"level": 1}), PAYLOAD, 0.0, "alice")
     assert refusal(exc) == "missing"
 
 
@@ -308,7 +456,7 @@ def test_sign_then_verify_round_trips(payload: bytes, meta: dict[str, Any], sign
     """Any payload bytes and header metadata sign and verify after crossing the wire."""
     key = {"alice": ALICE, "bob": BOB}[signer]
     h = header(metadata=meta) if meta else {k: v for k, v in header().items() if k != "metadata"}
-    assert verify(TRUSTED, over_the_wire(signed(key, h, payload)), payload) == signer
+    assert verify(TRUSTED, over_the_wire(signed(key, h, payload)), payload, signer=signer) == signer
 
 
 @settings(max_examples=100, deadline=None)
@@ -320,4 +468,4 @@ def test_any_flipped_payload_bit_is_caught(payload: bytes, data: st.DataObject) 
     bad = bytearray(payload)
     bad[bit // 8] ^= 1 << (bit % 8)
     with pytest.raises(SignatureInvalidError):
-        verify(TRUSTED, h, bytes(bad))
+        verify(TRUSTED, h, bytes(bad), signer="alice")

@@ -267,3 +267,26 @@ def test_bad_names_are_refused_before_anything_is_written(
     with pytest.raises(ConfigurationError):
         ensure_state(tmp_path / "state", nodes=nodes, clients=clients, now=NOW)  # type: ignore[arg-type]
     assert not (tmp_path / "state").exists()
+
+
+def test_every_client_and_node_is_given_the_trust_store(state: StateLayout) -> None:
+    """Clients and nodes alike check signatures with the clients' public keys in signing/trusted."""
+    for name in ("dev", "kv"):
+        creds = load_credentials(state.credentials(name))
+        assert creds.signers == state.trusted_signers
+        assert "dev" in creds.opener().signers.current(NOW)  # type: ignore[union-attr]
+
+
+def test_credentials_written_before_the_trust_store_still_find_it(state: StateLayout, tmp_path: Path) -> None:
+    """An old file without `signers` loads, and uses its state directory's trust store; one
+    outside a state directory has none (and so refuses every signature)."""
+    old = state.credentials("old")
+    lines = [line for line in state.credentials("kv").read_text().splitlines() if not line.startswith("signers")]
+    old.write_text("\n".join(lines) + "\n")
+    try:
+        assert load_credentials(old).signers == state.trusted_signers
+        elsewhere = tmp_path / "old.toml"
+        elsewhere.write_text("\n".join(lines) + "\n")
+        assert load_credentials(elsewhere).signers is None
+    finally:
+        old.unlink()

@@ -26,20 +26,20 @@ class Feed:
     def sync(self, state: SubscriptionState) -> None:
         """Deliver the marker the broker sends for the state's control filter."""
         marker = self.bus.sync_marker(state.filters()[-1][1:], 0.0)
-        items, upstream = state.on_message(marker)
+        items, upstream = state.on_message(marker, 0.0)
         assert items == [] and upstream == [b"\x00" + state.control] and state.synced
 
     def replay(self, state: SubscriptionState, limit: int = 10**6) -> list[Event | Gap]:
         out: list[Event | Gap] = []
         more = True
         while more:
-            items, more = state.on_replay(self.bus.replay(state.replay_request(), limit))
+            items, more = state.on_replay(self.bus.replay(state.replay_request(), limit), 0.0)
             out.extend(items)
         return out
 
 
 def live(state: SubscriptionState, frames: list[bytes]) -> list[Event | Gap]:
-    items, upstream = state.on_message(frames)
+    items, upstream = state.on_message(frames, 0.0)
     assert upstream == []
     return items
 
@@ -101,8 +101,8 @@ def test_other_subscribers_markers_and_short_messages_are_ignored() -> None:
     feed, state = Feed(), SubscriptionState("", None)
     other = SubscriptionState("", None)
     marker = feed.bus.sync_marker(other.filters()[-1][1:], 0.0)
-    assert state.on_message(marker) == ([], []) and not state.synced
-    assert state.on_message([b"t.", b"x"]) == ([], [])
+    assert state.on_message(marker, 0.0) == ([], []) and not state.synced
+    assert state.on_message([b"t.", b"x"], 0.0) == ([], [])
     assert state.malformed == 1
 
 
@@ -113,7 +113,7 @@ def test_replay_then_live_has_no_duplicate_and_no_hole() -> None:
         feed.publish("t", i)
     state = SubscriptionState("t", 2)
     early = feed.publish("t", 5)  # reaches the socket before the marker: the replay has it
-    assert state.on_message(early) == ([], [])
+    assert state.on_message(early, 0.0) == ([], [])
     feed.sync(state)
     during = [feed.publish("t", i) for i in (6, 7)]  # after the marker, before the replay answer
     got = feed.replay(state, limit=120)  # small pages: several round trips
@@ -159,3 +159,33 @@ def test_report_is_throttled_and_carries_the_counts() -> None:
     assert state.report(10.5) is None
     assert state.report(10.5, force=True) is not None
     assert state.report(12.0) is None  # nothing changed since
+
+
+def test_a_refused_event_is_a_gap_never_an_event(tmp_path) -> None:
+    """An event claiming a signature that does not verify with its stamped sender's key is
+    never delivered: it is a one-event "refused" gap, and the next event follows without a
+    "dropped" gap. A good one is delivered."""
+    from nacl.signing import SigningKey
+
+    from mesh.protocol import SignatureInvalidError
+    from mesh.security.envelope import Opener
+    from mesh.security.signing import SignerStore, sign
+
+    alice, mallory = SigningKey.generate(), SigningKey.generate()
+    (tmp_path / "alice.pub").write_text(bytes(alice.verify_key).hex() + "\n")
+    feed = Feed()
+    state = SubscriptionState("", None, Opener(signers=SignerStore(tmp_path)))
+    feed.sync(state)
+
+    def signed_event(key: SigningKey, n: int) -> list[bytes]:
+        header = unpack_header(encode_event_header("t", id=f"s{n}", now=float(n)))
+        header["security"] = {"level": 3}
+        payload = encode_payload({"n": n})
+        header["security"]["signature"] = sign(key, header, payload)
+        return feed.bus.publish(header, payload, sender="alice")[1]
+
+    bad, good = live(state, signed_event(mallory, 1)), live(state, signed_event(alice, 2))
+    assert [type(i) for i in bad] == [Gap] and (bad[0].first, bad[0].last, bad[0].reason) == (1, 1, "refused")
+    assert isinstance(bad[0].error, SignatureInvalidError) and bad[0].error.details["reason"] == "does not verify"
+    assert [(type(i), i.seq) for i in good] == [(Event, 2)] and good[0].payload == {"n": 2}
+    assert (state.refused, state.received, state.missed) == (1, 1, 0)
