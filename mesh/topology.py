@@ -423,4 +423,6 @@ def load(path: str | Path) -> Topology:
         raise TopologyError(str(p), [Problem("file", exc.strerror or str(exc))]) from None
     except tomllib.TOMLDecodeError as exc:
         raise TopologyError(str(p), [Problem("syntax", str(exc))]) from None
+    except RecursionError:
+        raise TopologyError(str(p), [Problem("syntax", "arrays or tables nest too deep")]) from None
     return parse(data, str(p))

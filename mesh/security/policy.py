@@ -363,6 +363,8 @@ def policy_from_text(text: str, source: str = "<policy>") -> Policy:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise PolicyError(source, [Problem("(file)", f"not valid TOML: {exc}")]) from None
+    except RecursionError:  # tomllib recurses per nested array; the text may come from a peer
+        raise PolicyError(source, [Problem("(file)", "arrays or tables nest too deep")]) from None
     policy = parse_policy(data, source)
     policy.text = text
     return policy
