@@ -179,6 +179,7 @@ class AsyncClient:
         self._opener = Opener()
         self._secure: Secure | None = None
         self._token: str | None = None
+        self._ack: str | None = None  # the last large mesh.* answer's nonce (docs/security.md, "Limits")
         if credentials is not None:
             self._token = credentials.token
             self._sealer = credentials.sealer(lambda: self._token)
@@ -243,7 +244,10 @@ class AsyncClient:
         """
         deadline = time.time() + (self.timeout if timeout is None else timeout)
         cid = new_id()
-        return await self._request(
+        system = service == "mesh" and (payload is None or isinstance(payload, dict))
+        if system and self._ack is not None:
+            payload = {**(payload or {}), "ack": self._ack}  # the large answers read so far
+        result = await self._request(
             cid,
             lambda now: encode_command_header(service, action, id=cid, now=now, deadline=deadline, metadata=metadata),
             encode_payload(payload),
@@ -251,6 +255,10 @@ class AsyncClient:
             retries,
             on_progress,
         )
+        if system and isinstance(result, dict) and "ack" in result:
+            result = dict(result)
+            self._ack = result.pop("ack")
+        return result
 
     async def services(self, *, callable_only: bool = False, timeout: float | None = None) -> dict[str, Any]:
         """The whole registry: every service with its actions, descriptions and schemas.

@@ -26,6 +26,7 @@ from typing import Any, Final
 import zmq
 
 from .protocol import MAX_HEADER_BYTES, MAX_MESSAGE_BYTES, ConfigurationError
+from .protocol.topics import MAX_UPSTREAM_BYTES
 
 __all__ = [
     "router",
@@ -207,6 +208,7 @@ def publisher(ctx: zmq.Context, endpoint: str, hwm: int, secure: Secure | None =
     sock.sndhwm = hwm
     sock.setsockopt(zmq.XPUB_VERBOSER, 1)
     sock.setsockopt(zmq.XPUB_MANUAL, 1)
+    sock.setsockopt(zmq.MAXMSGSIZE, MAX_UPSTREAM_BYTES)  # what subscribers send: filters, tokens, reports
     _prepare_ipc(endpoint)
     return _attach(sock, sock.bind, endpoint, "listen on", secure)
 

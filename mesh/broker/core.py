@@ -73,6 +73,7 @@ from ..protocol import (
     peek_header,
     unpack_header,
     decode_payload,
+    new_id,
     encode_header,
     encode_payload,
     encode_response_header,
@@ -117,6 +118,9 @@ _NOBODY: Final = Peer()
 _NEVER_STARTED: Final = frozenset({int(ErrorCode.RESOURCE_EXHAUSTED), int(ErrorCode.UNAVAILABLE)})
 MAX_UNCOMMITTED_EVENTS: Final = 10_000  # in a cluster: events waiting for their commit
 MAX_POLICY_CHANGES: Final = 100  # in a cluster: mesh.policy calls waiting for their commit
+# System answers larger than this must be acknowledged (`Broker._large_answer`).
+LARGE_ANSWER_BYTES: Final = 16 * 1024
+MAX_UNREAD_ANSWERS: Final = 4
 # An exactly-once reply goes into one log entry with its key and framing.
 MAX_OUTCOME_REPLY_BYTES: Final = MAX_PROPOSAL_BYTES - 64 * 1024
 
@@ -172,6 +176,7 @@ class ConnectionState:
     pending_commands: set[Any] = field(default_factory=set)
     message_count: int = 0
     last_activity: float = 0.0
+    unread: deque[str] = field(default_factory=deque)  # nonces of large answers not acknowledged
 
 
 class RecentReplies:
@@ -877,19 +882,47 @@ class Broker:
     ) -> list[Outgoing]:
         prefix: list[bytes] = [b""] if side is Side.NODE else []
         header = decode_header(header_frame)
+        conn = (self.clients if side is Side.CLIENT else self.node_links).get(ident)
         try:
+            payload = _take_ack(conn, payload)
             if header.action == "policy":
                 if side is not Side.CLIENT or (self.security is not None and identity is None):
                     raise AccessDeniedError("mesh.policy is for clients whose role allows it", details={"action": "policy"})
                 return self._propose_policy(ident, header, payload, now, side)
             result = self._system_result(ident, header, payload, now, side, identity, peer)
+            body = encode_payload(result)
+            if len(body) > LARGE_ANSWER_BYTES and conn is not None:
+                body = self._large_answer(conn, result, body)
         except MeshError as err:
             self.counters["failed"] += 1
             self.counters[f"error_{int(err.code)}"] += 1
             return [(side, ident, [*prefix, *self._error_frames(err, now, header.id)])]
         self.counters["completed"] += 1
-        frames = [encode_header(response_to(header, now=now)), encode_payload(result)]
-        return [(side, ident, [*prefix, *frames])]
+        return [(side, ident, [*prefix, encode_header(response_to(header, now=now)), body])]
+
+    def _large_answer(self, conn: ConnectionState, result: Any, body: bytes) -> bytes:
+        """A system answer over LARGE_ANSWER_BYTES, sent only while the peer has read the
+        earlier ones: it carries an `ack` nonce the peer shows in a later `mesh.*` request
+        (the SDK does), and at most MAX_UNREAD_ANSWERS of them may wait unshown.
+
+        A peer that asks without reading would otherwise grow the broker's send queue by
+        half a megabyte per small request; this way it grows by at most a few answers.
+
+        Raises:
+            ResourceExhaustedError: MAX_UNREAD_ANSWERS large answers wait already.
+        """
+        if len(conn.unread) >= MAX_UNREAD_ANSWERS:
+            self.counters["unread_answers_refused"] += 1
+            raise ResourceExhaustedError(
+                f"{MAX_UNREAD_ANSWERS} large answers to this connection were not acknowledged yet: read them, "
+                "and show the last one's `ack` in the next mesh.* request",
+                details={"reason": "unread answers", "limit": MAX_UNREAD_ANSWERS},
+            )
+        nonce = new_id()
+        conn.unread.append(nonce)
+        if isinstance(result, dict):
+            return encode_payload({**result, "ack": nonce})
+        return body  # an answer that cannot carry the nonce stays unread until the peer leaves
 
     def _system_result(
         self, ident: bytes, header: Header, payload: bytes, now: float, side: Side, identity: Any, peer: Peer
@@ -1326,6 +1359,21 @@ class Broker:
             **({"security": self.security.gate.stats()} if self.security is not None else {}),
             **({"exactly_once": self.once.stats(), "keyring": self.once.shared.keyring} if self.once is not None else {}),
         }
+
+
+def _take_ack(conn: ConnectionState | None, payload: bytes) -> bytes:
+    """A `mesh.*` request's payload without its `ack`; the answers it acknowledges (that
+    one and every earlier one) no longer count as unread."""
+    if b"ack" not in payload:
+        return payload
+    request = decode_payload(payload)
+    if not isinstance(request, dict) or "ack" not in request:
+        return payload
+    nonce = request.pop("ack")
+    if conn is not None and nonce in conn.unread:
+        while conn.unread.popleft() != nonce:
+            pass
+    return encode_payload(request)
 
 
 def _readable_id(frames: Sequence[bytes]) -> str | None:

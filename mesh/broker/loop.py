@@ -366,11 +366,16 @@ class BrokerServer:
             try:
                 if secure:
                     frames, user, address = recv_frames_from(events)
-                    applied = self.core.subscriber_message(frames[0], now, Peer(user, address))
                 else:
-                    applied = self.core.subscriber_message(recv_frames(events)[0], now)
+                    frames, user, address = recv_frames(events), None, None
             except zmq.Again:
                 break
+            try:
+                applied = self.core.subscriber_message(frames[0], now, Peer(user, address))
+            except Exception:  # a bug in the core must not take the broker down for everyone
+                self.core.counters["internal_errors"] += 1
+                log.exception("internal error handling a subscription (not applied)")
+                continue
             # Manual mode: a filter applies to the link of the last message read, so now.
             for item in applied:
                 events.setsockopt(zmq.SUBSCRIBE if item.subscribe else zmq.UNSUBSCRIBE, item.filter)

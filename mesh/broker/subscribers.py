@@ -7,8 +7,9 @@ Rules of this module:
   once, before reading the next message, so it reaches the link that sent it.
 * Every filter is bounded: at most `MAX_FILTER_BYTES` long (a topic frame is at most
   about 1,100 bytes), at most `MAX_FILTERS` in force per subscriber key and
-  `MAX_PENDING` waiting for their key's token. libzmq keeps a byte-wise trie of the
-  filters in force, so a filter's length, not only its count, is what costs memory.
+  `MAX_PENDING` waiting for their key's token. libzmq itself keeps a byte-wise trie of
+  every filter a subscriber sends, applied or not, so the socket cuts any upstream
+  message over `MAX_UPSTREAM_BYTES` (mesh/sockets.py) before it reaches that trie.
 * Without security every bounded filter is applied; all subscribers share one key.
 * With security a subscriber proves who it is with an auth filter, `AUTH + token`,
   which is never applied (nothing is ever published to it). The token must be valid
@@ -41,14 +42,14 @@ from ..protocol import (
     quote,
 )
 from ..protocol.names import _TOPIC
-from ..protocol.topics import AUTH, CONTROL
+from ..protocol.topics import AUTH, CONTROL, MAX_UPSTREAM_BYTES
 from ..security.gate import Gate, Peer
 from .events import EventBus
 
 __all__ = ["Apply", "Subscribers", "MAX_FILTER_BYTES", "MAX_FILTERS", "MAX_PENDING"]
 
 MAX_FILTER_BYTES: Final = 1200  # a topic of 16 x 64 characters and its dots, or CONTROL + an id
-MAX_AUTH_BYTES: Final = 8192  # AUTH + a token
+MAX_AUTH_BYTES: Final = MAX_UPSTREAM_BYTES - 1  # AUTH + a token
 MAX_FILTERS: Final = 1000  # in force per subscriber key
 MAX_PENDING: Final = 256  # waiting per key for its token
 MAX_KEYS: Final = 10_000  # keys whose tokens are remembered (the oldest go first)
@@ -71,6 +72,7 @@ class _Key:
     identity: Any = None  # the token's identity, once shown
     expires: float = 0.0
     held: Counter[bytes] = field(default_factory=Counter)  # filters in force, per link count
+    count: int = 0  # sum of `held`
     pending: list[bytes] = field(default_factory=list)  # filters and sync requests waiting
     refused: list[dict[str, Any]] = field(default_factory=list)  # for the next sync marker
 
@@ -113,13 +115,13 @@ class Subscribers:
             return self._authenticate(key, flt[len(AUTH):], peer, now)
         if len(flt) > MAX_FILTER_BYTES:
             self._refuse(key, flt, ValidationFailedError(
-                f"a filter is at most {MAX_FILTER_BYTES} bytes", details={"reason": "filter too long", "limit": MAX_FILTER_BYTES}))
+                f"a filter is at most {MAX_FILTER_BYTES} bytes", details={"reason": "filter too long", "limit": MAX_FILTER_BYTES}), now)
             return [], []
         if self.gate is not None and not self._known(key, now):
             if len(key.pending) >= MAX_PENDING:
                 self._refuse(key, flt, ResourceExhaustedError(
                     f"{MAX_PENDING} filters wait for this subscriber's token already",
-                    details={"reason": "too many pending", "limit": MAX_PENDING}))
+                    details={"reason": "too many pending", "limit": MAX_PENDING}), now)
             else:
                 key.pending.append(flt)
             return [], []
@@ -131,10 +133,10 @@ class Subscribers:
             identity = self.gate.admit_subscriber(token_bytes.decode("utf-8"), peer, now)
         except UnicodeDecodeError:
             identity = None
-            self._refuse(key, AUTH, AuthenticationFailedError("a token is text", details={"reason": "bad token"}))
+            self._refuse(key, AUTH, AuthenticationFailedError("a token is text", details={"reason": "bad token"}), now)
         except MeshError as err:
             identity = None
-            self._refuse(key, AUTH, err, audit=False)  # the gate audited it
+            self._refuse(key, AUTH, err, now, audit=False)  # the gate audited it
         if identity is None:
             self.counters["auth_refused"] += 1
             key.identity, key.expires = None, 0.0
@@ -151,7 +153,7 @@ class Subscribers:
                     markers.append(self._marker(key, flt, now))
                 else:
                     self._refuse(key, flt, AuthenticationFailedError(
-                        "no valid token for this subscriber", details={"reason": "no valid token"}), audit=False)
+                        "no valid token for this subscriber", details={"reason": "no valid token"}), now, audit=False)
                 continue
             more, marks = self._decide(key, flt, peer, now)
             applied += more
@@ -161,32 +163,33 @@ class Subscribers:
     def _decide(self, key: _Key, flt: bytes, peer: Peer, now: float) -> tuple[list[Apply], list[list[bytes]]]:
         """Apply `flt` for a key whose token is known (or with security off), or refuse it."""
         if flt.startswith(CONTROL):  # a sync request: answered on a filter of its own
-            if self._full(key, flt):
+            if self._full(key, flt, now):
                 return [], []
             return [self._hold(key, flt)], [self._marker(key, flt, now)]
         if self.gate is not None:
             prefix = _prefix_of(flt)
             if prefix is None:
                 self._refuse(key, flt, ValidationFailedError(
-                    "a filter is a topic prefix and a dot ('' for every topic)", details={"reason": "not a topic filter"}))
+                    "a filter is a topic prefix and a dot ('' for every topic)", details={"reason": "not a topic filter"}), now)
                 return [], []
             err = self.gate.may_subscribe(key.identity, prefix, peer, now)
             if err is not None:
-                self._refuse(key, flt, err, audit=False)
+                self._refuse(key, flt, err, now, audit=False)
                 return [], []
-        if self._full(key, flt):
+        if self._full(key, flt, now):
             return [], []
         return [self._hold(key, flt)], []
 
-    def _full(self, key: _Key, flt: bytes) -> bool:
-        if sum(key.held.values()) < MAX_FILTERS:
+    def _full(self, key: _Key, flt: bytes, now: float) -> bool:
+        if key.count < MAX_FILTERS:
             return False
         self._refuse(key, flt, ResourceExhaustedError(
-            f"a subscriber has at most {MAX_FILTERS} filters in force", details={"reason": "too many filters", "limit": MAX_FILTERS}))
+            f"a subscriber has at most {MAX_FILTERS} filters in force", details={"reason": "too many filters", "limit": MAX_FILTERS}), now)
         return True
 
     def _hold(self, key: _Key, flt: bytes) -> Apply:
         key.held[flt] += 1
+        key.count += 1
         self.holders.setdefault(flt, Counter())[key.user] += 1
         self.in_force += 1
         self.counters["filters_applied"] += 1
@@ -211,6 +214,7 @@ class Subscribers:
                 del self.holders[flt]
         held = self.keys[user].held
         held[flt] -= 1
+        self.keys[user].count -= 1
         if not held[flt]:
             del held[flt]
         self.in_force -= 1
@@ -232,7 +236,7 @@ class Subscribers:
     def _known(self, key: _Key, now: float) -> bool:
         return key.identity is not None and now < key.expires
 
-    def _refuse(self, key: _Key, flt: bytes, err: MeshError, *, audit: bool = True) -> None:
+    def _refuse(self, key: _Key, flt: bytes, err: MeshError, now: float, *, audit: bool = True) -> None:
         """Count a refused filter and keep it for the subscriber's next sync marker.
 
         The marker names the filter as the subscriber wrote its prefix ('' for every
@@ -248,7 +252,7 @@ class Subscribers:
             what = quote(flt.removesuffix(b".").decode("utf-8", "replace"))
         reason = quote(str(err.details.get("reason", err.message)))
         if audit and self.gate is not None:
-            self.gate.audit_refusal(err, key.user or "?", f"subscribe {what or '*'}")
+            self.gate.audit_refusal(err, key.user or "?", f"subscribe {what or '*'}", now)
         if len(key.refused) < MAX_REFUSALS:
             key.refused.append({"filter": what, "code": int(err.code), "reason": reason})
 
