@@ -1,0 +1,106 @@
+"""The broker's subscription decisions without sockets: tokens, roles, limits, release."""
+
+from __future__ import annotations
+
+from mesh.broker.events import EventBus
+from mesh.broker.subscribers import MAX_FILTER_BYTES, MAX_FILTERS, MAX_PENDING, Apply, Subscribers
+from mesh.protocol import decode_payload
+from mesh.protocol.topics import AUTH, CONTROL
+from mesh.security.gate import Gate, GateSettings, Peer
+from mesh.security.policy import parse_policy
+from mesh.security.tokens import TokenIssuer, TokenSettings, TokenVerifier
+
+NOW = 1_700_000_000.0
+SECRET = b"k" * 32
+SETTINGS = TokenSettings("HS256", "mesh", "mesh")
+POLICY = parse_policy({"roles": {"watcher": {"subscribe": ["mesh.service"]}, "admin": {"subscribe": ["*"]}}})
+WATCH = Peer("watch", "127.0.0.1")
+
+
+def token(subject: str = "watch", role: str = "watcher", ttl: float = 600) -> bytes:
+    return TokenIssuer(SETTINGS, SECRET).issue(subject, [role], ttl, NOW).encode()
+
+
+def secure() -> Subscribers:
+    return Subscribers(EventBus(name="b1"), Gate(GateSettings(), TokenVerifier(SETTINGS, SECRET), POLICY))
+
+
+def sub(flt: bytes) -> bytes:
+    return b"\x01" + flt
+
+
+def refused_in(marker: list[bytes]) -> list[tuple[str, int]]:
+    return [(r["filter"], r["code"]) for r in decode_payload(marker[2]).get("refused", [])]
+
+
+def test_filters_wait_for_the_token_and_only_allowed_ones_apply() -> None:
+    """Nothing applies before the token; then each filter by the role's subscribe rule,
+    and the marker names what was refused (the invariant: no filter outside the rule)."""
+    s = secure()
+    assert s.upstream(sub(b"mesh.service."), WATCH, NOW) == ([], [])
+    assert s.upstream(sub(b"fz.private."), WATCH, NOW) == ([], [])
+    assert s.upstream(sub(b""), WATCH, NOW) == ([], [])
+    applied, markers = s.upstream(sub(AUTH + token()), WATCH, NOW)
+    assert applied == [Apply(True, b"mesh.service.")] and markers == []
+    applied, markers = s.upstream(sub(CONTROL + b"s1"), WATCH, NOW)
+    assert applied == [Apply(True, CONTROL + b"s1")]
+    assert refused_in(markers[0]) == [("fz.private", 2002), ("", 2002)]
+    assert s.gate is not None and s.gate.counters["refused_2002"] == 2
+
+
+def test_a_token_of_another_key_or_a_bad_one_applies_nothing() -> None:
+    """A token only counts on its own key's link; refused filters and the sync are told why."""
+    s = secure()
+    s.upstream(sub(b"mesh.service."), WATCH, NOW)
+    s.upstream(sub(CONTROL + b"s1"), WATCH, NOW)
+    applied, markers = s.upstream(sub(AUTH + token("alice", "admin")), WATCH, NOW)
+    assert applied == [Apply(True, CONTROL + b"s1")]  # only the marker's own filter
+    assert refused_in(markers[0]) == [("(token)", 2000), ("mesh.service", 2000)]
+    applied, _ = secure().upstream(sub(AUTH + b"\xff\xfe"), WATCH, NOW)
+    assert applied == []
+
+
+def test_an_expired_token_makes_filters_wait_again() -> None:
+    """Roles are known until the token expires; after that a new filter waits for a new token."""
+    s = secure()
+    s.upstream(sub(AUTH + token(ttl=10)), WATCH, NOW)
+    assert s.upstream(sub(b"mesh.service."), WATCH, NOW + 1)[0] == [Apply(True, b"mesh.service.")]
+    assert s.upstream(sub(b"mesh.service.registered."), WATCH, NOW + 20) == ([], [])
+    assert s.stats()["pending"] == 1
+
+
+def test_limits_on_length_pending_and_filters_in_force() -> None:
+    """Each bound refuses with its code; none lets a key hold more than it says."""
+    s = secure()
+    for i in range(MAX_PENDING + 5):
+        s.upstream(sub(b"mesh.service.x%d." % i), WATCH, NOW)
+    assert s.stats()["pending"] == MAX_PENDING
+    s.upstream(sub(b"mesh." + b"x" * MAX_FILTER_BYTES), WATCH, NOW)
+    s.upstream(sub(AUTH + token(role="admin")), WATCH, NOW)
+    for i in range(MAX_FILTERS):
+        s.upstream(sub(b"t%d." % i), WATCH, NOW)
+    assert s.in_force == MAX_FILTERS
+    assert s.counters["refused_3000"] >= 5 + 256 and s.counters["refused_1002"] == 1
+
+
+def test_unsubscriptions_release_counts_also_for_closed_links() -> None:
+    """An unsubscription from the key, or libzmq's own for a closed link (no User-Id),
+    releases one count; memory is released when the peer leaves."""
+    s = secure()
+    s.upstream(sub(AUTH + token(role="admin")), WATCH, NOW)
+    s.upstream(sub(b"a."), WATCH, NOW)
+    s.upstream(sub(b"b."), WATCH, NOW)
+    assert s.upstream(b"\x00a.", WATCH, NOW) == ([Apply(False, b"a.")], [])
+    assert s.upstream(b"\x00b.", Peer(None, None), NOW) == ([Apply(False, b"b.")], [])
+    assert s.upstream(b"\x00b.", Peer(None, None), NOW) == ([], [])
+    assert s.in_force == 0 and s.holders == {} and s.keys["watch"].count == 0
+
+
+def test_without_security_bounded_filters_apply_and_the_auth_filter_is_ignored() -> None:
+    """Security off: no token, every sane filter applies; the length bound still holds."""
+    s = Subscribers(EventBus())
+    assert s.upstream(sub(b"x."), Peer(), NOW)[0] == [Apply(True, b"x.")]
+    assert s.upstream(sub(AUTH + b"whatever"), Peer(), NOW) == ([], [])
+    assert s.upstream(sub(b"y" * (MAX_FILTER_BYTES + 1)), Peer(), NOW) == ([], [])
+    applied, markers = s.upstream(sub(CONTROL + b"s"), Peer(), NOW)
+    assert applied == [Apply(True, CONTROL + b"s")] and refused_in(markers[0]) == [("y" * 197 + "...", 1002)]
