@@ -280,7 +280,7 @@ def test_memory_grows_with_what_a_peer_sends_not_with_what_it_asks_for(mesh):
             sent += sum(map(len, frames))
         time.sleep(3)
         grown = (mesh.rss_kb() - before) * 1024
-        assert grown < 2 * sent + 32 * 1024 * 1024, (grown, sent)
+        assert grown < 2 * sent + 8 * 1024 * 1024, (grown, sent)  # measured: 2.7 MB for 13 MB sent
     finally:
         ctx.destroy(linger=0)
     with Client(mesh.broker.clients, credentials=dev, timeout=5) as c:
