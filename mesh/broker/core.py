@@ -692,14 +692,16 @@ class Broker:
         """
         try:
             if self.once is not None:
-                return self._propose_event(side, ident, header, payload, now)
+                return self._propose_event(side, ident, header, payload, now, sender)
             seq, frames = self.events.publish(header, payload, sender)
         except MeshError as err:
             return [self._event_refused(side, ident, header, err, now)]
         self._published.append(frames)
         return [self._event_ack(side, ident, header, seq, now)]
 
-    def _propose_event(self, side: Side, ident: bytes, header: dict[str, Any], payload: bytes, now: float) -> list[Outgoing]:
+    def _propose_event(
+        self, side: Side, ident: bytes, header: dict[str, Any], payload: bytes, now: float, sender: str | None
+    ) -> list[Outgoing]:
         assert self.once is not None
         topic = header["topic"]
         check_publishable(topic)
@@ -708,7 +710,7 @@ class Broker:
                 f"{MAX_UNCOMMITTED_EVENTS} events wait for the cluster to commit them (is a majority of brokers up?)",
                 details={"uncommitted": len(self._event_acks)},
             )
-        record = event_record(header, payload)
+        record = event_record(header, payload, sender)
         if len(record) > MAX_PROPOSAL_BYTES:
             raise MessageTooLargeError(
                 f"an event of {len(payload)} bytes is over what the cluster's log takes ({MAX_PROPOSAL_BYTES} bytes)",

@@ -173,10 +173,17 @@ def outcome_record(key: str, reply: tuple[bytes, bytes] | list[bytes]) -> bytes:
     return _pack({"op": "outcome", "key": key, "reply": [bytes(reply[0]), bytes(reply[1])]})
 
 
-def event_record(published: Mapping[str, Any], payload: bytes) -> bytes:
+def event_record(published: Mapping[str, Any], payload: bytes, sender: str | None = None) -> bytes:
     """The log entry publishing an event (the publisher's validated header map): its
-    id, time, topic and metadata, and its payload frame."""
+    id, time, topic and metadata, its `security` map without the token (a signature
+    and encryption info, so subscribers of every broker can check them), the
+    publisher's authenticated name when security is on, and its payload frame."""
     event = {k: published[k] for k in ("id", "ts", "topic", "metadata") if k in published}
+    security = {k: v for k, v in (published.get("security") or {}).items() if k != "token"}
+    if security:
+        event["security"] = security
+    if sender is not None:
+        event["sender"] = sender
     return _pack({"op": "event", "event": event, "payload": bytes(payload)})
 
 
@@ -330,8 +337,11 @@ class SharedState:
             refused = ResourceExhaustedError("the event was refused when first committed") if seen == 0 else None
             self._effects.append(Published(topic, eid, seen, None, refused))
             return
+        sender = event.get("sender")
+        if not (sender is None or isinstance(sender, str)):
+            raise ValueError("sender")
         try:
-            seq, frames = self.events.publish(event, payload)
+            seq, frames = self.events.publish(event, payload, sender)
         except MeshError as err:
             seq, frames, error = 0, None, err
         else:

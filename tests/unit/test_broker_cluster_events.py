@@ -79,11 +79,16 @@ def test_a_reserved_topic_is_refused_at_once(cluster: Cluster) -> None:
     assert b1.take_proposals(1.0) == []
 
 
-def test_the_log_record_leaves_out_the_publishers_security_map() -> None:
+def test_the_log_record_leaves_out_the_publishers_token_and_keeps_its_signature() -> None:
+    """Never a token in the replicated log; the signature and the sender travel, so a
+    subscriber of any broker can check a signed event."""
     published = {"id": "e1", "ts": 1.0, "topic": "t", "metadata": {"k": "v"}, "security": {"token": "s3cret-token"}}
     record = event_record(published, b"\x80")
     assert b"s3cret-token" not in record and b"security" not in record
     assert msgpack.unpackb(record)["event"] == {"id": "e1", "ts": 1.0, "topic": "t", "metadata": {"k": "v"}}
+    signed = {**published, "security": {"level": 3, "token": "s3cret-token", "signature": b"s" * 64}}
+    event = msgpack.unpackb(event_record(signed, b"\x80", "dev"))["event"]
+    assert event["security"] == {"level": 3, "signature": b"s" * 64} and event["sender"] == "dev"
 
 
 def test_a_snapshot_carries_numbering_and_history_and_leaves_the_brokers_own_topics(cluster: Cluster) -> None:
