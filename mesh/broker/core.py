@@ -894,7 +894,9 @@ class Broker:
             result = self._system_result(ident, header, payload, now, side, identity, peer)
             body = encode_payload(result)
             if len(body) > LARGE_ANSWER_BYTES and conn is not None:
-                body = self._large_answer(conn, result, body)
+                # The whole registry in one answer is a map of service names: no room for a nonce.
+                ackable = isinstance(result, dict) and (header.action != "services" or "next" in result)
+                body = self._large_answer(conn, result if ackable else None, body)
         except MeshError as err:
             self.counters["failed"] += 1
             self.counters[f"error_{int(err.code)}"] += 1
@@ -902,7 +904,7 @@ class Broker:
         self.counters["completed"] += 1
         return [(side, ident, [*prefix, encode_header(response_to(header, now=now)), body])]
 
-    def _large_answer(self, conn: ConnectionState, result: Any, body: bytes) -> bytes:
+    def _large_answer(self, conn: ConnectionState, result: dict[str, Any] | None, body: bytes) -> bytes:
         """A system answer over LARGE_ANSWER_BYTES, sent only while the peer has read the
         earlier ones: it carries an `ack` nonce the peer shows in a later `mesh.*` request
         (the SDK does), and at most MAX_UNREAD_ANSWERS of them may wait unshown.
@@ -922,9 +924,9 @@ class Broker:
             )
         nonce = new_id()
         conn.unread.append(nonce)
-        if isinstance(result, dict):
-            return encode_payload({**result, "ack": nonce})
-        return body  # an answer that cannot carry the nonce stays unread until the peer leaves
+        if result is None:
+            return body  # an answer that cannot carry the nonce stays unread until the peer leaves
+        return encode_payload({**result, "ack": nonce})
 
     def _system_result(
         self, ident: bytes, header: Header, payload: bytes, now: float, side: Side, identity: Any, peer: Peer

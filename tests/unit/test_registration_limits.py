@@ -196,7 +196,9 @@ def read_pages(broker: Broker, request: dict[str, Any]) -> tuple[dict[str, Any],
         assert header_of(out).type is MessageType.RESPONSE, header_of(out).error
         sizes.append(sum(map(len, out)))
         page = payload_of(out)
-        assert set(page) == {"services", "next"}
+        assert set(page) <= {"services", "next", "ack"}
+        if "ack" in page:  # a large answer: acknowledged by the next request, as the SDK does
+            request["ack"] = page["ack"]
         for svc, entry in page["services"].items():
             merged.setdefault(svc, {"nodes": entry["nodes"], "actions": {}})["actions"].update(entry["actions"])
         if page["next"] is None:
