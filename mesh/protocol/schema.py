@@ -48,6 +48,7 @@ __all__ = [
     "MAX_SCHEMA_DEPTH",
     "MAX_REGISTRATION_BYTES",
     "MAX_ACTIONS",
+    "MAX_SCHEMA_REFS",
 ]
 
 PayloadValidator = Callable[[Any], None]
@@ -60,6 +61,7 @@ MAX_SCHEMA_DEPTH: Final = 32
 # broker keeps per node, and what bounds one node's share of `mesh.services`.
 MAX_REGISTRATION_BYTES: Final = 512 * 1024
 MAX_ACTIONS: Final = 1000
+MAX_SCHEMA_REFS: Final = 256  # $refs in one schema: checking them costs a walk of the schema, plus their graph
 
 # Draft-07 keywords whose value is a schema, a map of schemas, or a list of schemas
 # (`items` may be a schema or a list; `dependencies` values may be lists of names).
@@ -149,17 +151,19 @@ def _refs_under(node: Any, path: Path, field: str) -> Iterator[tuple[Path, Any]]
                 stack.extend((sub, (*at, key, str(i))) for i, sub in enumerate(subs))
 
 
-def _resolve(schema: Any, ref: Any, where: str) -> tuple[Path, Any]:
-    """The path and the schema a `$ref` names: only '#' or a JSON pointer '#/a/b'."""
+def _resolve(schema: Any, ref: Any, where: str) -> Path:
+    """The path of the schema a `$ref` names: only '#' or a JSON pointer '#/a/b' to a
+    place where a schema stands (under `properties`, `definitions`, `items`, ...), which
+    the meta-schema check of the whole schema has already checked."""
     shown = repr(ref)[:_SHOWN]
     if not isinstance(ref, str) or not ref.startswith("#"):
         raise _refused(where, f"must point inside the schema ('#/...'), not at {shown}")
     pointer = unquote(ref[1:])
     if not pointer:
-        return (), schema
+        return ()
     if not pointer.startswith("/"):
         raise _refused(where, f"must be a JSON pointer ('#/...'), not {shown}")
-    node, path = schema, []
+    node, path, place = schema, [], "schema"  # what stands at `path`: a schema, a map or a list of them
     for token in pointer[1:].split("/"):
         token = token.replace("~1", "/").replace("~0", "~")
         if isinstance(node, dict) and token in node:
@@ -169,34 +173,54 @@ def _resolve(schema: Any, ref: Any, where: str) -> tuple[Path, Any]:
         else:
             raise _refused(where, f"{shown} does not resolve inside the schema")
         path.append(token)
-    if not isinstance(node, (dict, bool)):
+        if place == "schema" and (token in _SUBSCHEMA or (token == "items" and isinstance(node, (dict, bool)))):
+            place = "schema"
+        elif place == "schema" and token in _SCHEMA_MAPS:
+            place = "map"
+        elif place == "schema" and token in _SCHEMA_LISTS:
+            place = "list"
+        elif place == "map" or (place == "list" and token.isdigit()):
+            place = "schema"
+        else:
+            place = "data"
+    if place != "schema" or not isinstance(node, (dict, bool)):
         raise _refused(where, f"{shown} points at something that is not a schema")
-    return tuple(path), node
+    return tuple(path)
 
 
 def _check_refs(schema: Any, field: str) -> None:
-    """Every `$ref` resolves inside `schema`, to a valid schema, and no chain of them loops.
+    """Every `$ref` resolves inside `schema`, to a schema, and no chain of them loops.
 
-    A depth-first walk over the schemas that `$ref`s name, starting at the root: a
-    `$ref` inside a schema still being expanded is a cycle. Each named schema is
-    walked once, so the work is bounded by the schema's size times its depth.
+    One walk finds every `$ref` (at most MAX_SCHEMA_REFS). A `$ref` leads to every
+    `$ref` inside the schema it names; a cycle in that graph is a `$ref` cycle. The work
+    is one walk of the schema plus the graph, never a walk per `$ref`, so a schema of
+    nested `$ref`s costs no more than a flat one.
     """
-    state: dict[Path, bool] = {(): False}  # False: being expanded; True: done
-    stack = [((), _refs_under(schema, (), field))]
-    while stack:
-        for at, ref in stack[-1][1]:
-            where = _at(field, (*at, "$ref"))
-            path, target = _resolve(schema, ref, where)
-            done = state.get(path)
-            if done is False:
-                raise _refused(where, f"{repr(ref)[:_SHOWN]} leads back to itself (a $ref cycle)")
-            if done is None:
-                _check_meta(target, _at(field, path))
-                state[path] = False
-                stack.append((path, _refs_under(target, path, field)))
-                break
-        else:
-            state[stack.pop()[0]] = True
+    found = list(_refs_under(schema, (), field))
+    if len(found) > MAX_SCHEMA_REFS:
+        raise _refused(field, f"has more than {MAX_SCHEMA_REFS} $refs", limit=MAX_SCHEMA_REFS)
+    targets = [_resolve(schema, ref, _at(field, (*at, "$ref"))) for at, ref in found]
+    # The $refs inside the schema each one names (its location under the target path).
+    leads = [[j for j, (at, _) in enumerate(found) if at[: len(target)] == target] for target in targets]
+    state = [0] * len(found)  # 0: not seen; 1: being followed; 2: done
+    for start in range(len(found)):
+        if state[start]:
+            continue
+        stack = [(start, iter(leads[start]))]
+        state[start] = 1
+        while stack:
+            i, rest = stack[-1]
+            for j in rest:
+                if state[j] == 1:
+                    at, ref = found[j]
+                    raise _refused(_at(field, (*at, "$ref")), f"{repr(ref)[:_SHOWN]} leads back to itself (a $ref cycle)")
+                if state[j] == 0:
+                    state[j] = 1
+                    stack.append((j, iter(leads[j])))
+                    break
+            else:
+                state[i] = 2
+                stack.pop()
 
 
 def check_schema(schema: Any, field: str = "schema") -> int:

@@ -84,7 +84,7 @@ REFUSED: dict[str, tuple[dict[str, Any], ErrorCode, str]] = {
     "$ref cycle of two": (
         with_schema({"$ref": "#/definitions/a",
                      "definitions": {"a": {"$ref": "#/definitions/b"}, "b": {"$ref": "#/definitions/a"}}}),
-        ErrorCode.VALIDATION_FAILED, f"{GET}.schema.definitions.b.$ref"),
+        ErrorCode.VALIDATION_FAILED, f"{GET}.schema.definitions.a.$ref"),
     "recursive $ref through items": (
         with_schema({"type": "array", "items": {"$ref": "#"}}), ErrorCode.VALIDATION_FAILED, f"{GET}.schema.items.$ref"),
     "remote $ref": (with_schema({"$ref": "http://127.0.0.1:9/schema.json"}), ErrorCode.VALIDATION_FAILED,
@@ -93,7 +93,10 @@ REFUSED: dict[str, tuple[dict[str, Any], ErrorCode, str]] = {
     "$ref to a non-schema": (with_schema({"required": ["a"], "$ref": "#/required"}), ErrorCode.VALIDATION_FAILED,
                              f"{GET}.schema.$ref"),
     "$ref to a bad hidden schema": (with_schema({"x-hidden": {"type": 12}, "$ref": "#/x-hidden"}),
-                                    ErrorCode.VALIDATION_FAILED, f"{GET}.schema.x-hidden.type"),
+                                    ErrorCode.VALIDATION_FAILED, f"{GET}.schema.$ref"),
+    "$ref to data, not a schema": (with_schema({"properties": {"a": {"enum": [{"type": "string"}]}},
+                                                "$ref": "#/properties/a/enum/0"}),
+                                   ErrorCode.VALIDATION_FAILED, f"{GET}.schema.$ref"),
     "$id below the root": (with_schema({"properties": {"a": {"$id": "http://x/a"}}}), ErrorCode.VALIDATION_FAILED,
                            f"{GET}.schema.properties.a.$id"),
     "another draft": (with_schema({"$schema": "http://json-schema.org/draft-04/schema#"}), ErrorCode.VALIDATION_FAILED,
