@@ -125,7 +125,7 @@ def test_each_malformed_registration_is_answered_on_a_link_that_stays_up(raw: Ra
     non_string_keys["services"][1] = {"actions": {"a": {}}}
     cases = [
         (non_string_keys, ErrorCode.VALIDATION_FAILED, "services.1"),
-        (kv_get(CYCLE), ErrorCode.VALIDATION_FAILED, f"{GET}.schema.definitions.b.$ref"),
+        (kv_get(CYCLE), ErrorCode.VALIDATION_FAILED, f"{GET}.schema.definitions.a.$ref"),
         (kv_get({"type": 12}), ErrorCode.VALIDATION_FAILED, f"{GET}.schema.type"),
         (kv_get({"description": "x" * 3_000_000}), ErrorCode.MESSAGE_TOO_LARGE, "payload"),  # the total limit first
         (kv_get({"description": "x" * MAX_SCHEMA_BYTES}), ErrorCode.MESSAGE_TOO_LARGE, f"{GET}.schema"),
