@@ -18,8 +18,10 @@ Rules of this module:
   when it reconnects, and `AUTH` sorts after every topic filter. A topic filter is then
   applied only when a role of the token may subscribe to its whole prefix
   (`Policy.may_subscribe`; the filter for every topic needs `*`); a filter that is not
-  a topic prefix is refused. What was allowed stays in force on that link until it
-  unsubscribes or closes; a reconnect is checked again.
+  a topic prefix is refused, and so is a sync request whose id is not 16 to 64
+  printable characters (a shorter one would receive other subscribers' markers). What
+  was allowed stays in force on that link until it unsubscribes or closes; a reconnect
+  is checked again.
 * A refused filter is counted, audited by the gate, and told to its subscriber in the
   `refused` list of its next sync marker (never silence). Sync requests (`CONTROL` +
   the subscription's id) of a key whose token has not come yet wait for it too.
@@ -30,6 +32,7 @@ Rules of this module:
 
 from __future__ import annotations
 
+import re
 from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Final
@@ -54,6 +57,7 @@ MAX_FILTERS: Final = 1000  # in force per subscriber key
 MAX_PENDING: Final = 256  # waiting per key for its token
 MAX_KEYS: Final = 10_000  # keys whose tokens are remembered (the oldest go first)
 MAX_REFUSALS: Final = 32  # refusals kept per key for its next sync marker
+_SYNC_ID: Final = re.compile(r"[\x21-\x7e]{16,64}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,6 +120,12 @@ class Subscribers:
         if len(flt) > MAX_FILTER_BYTES:
             self._refuse(key, flt, ValidationFailedError(
                 f"a filter is at most {MAX_FILTER_BYTES} bytes", details={"reason": "filter too long", "limit": MAX_FILTER_BYTES}), now)
+            return [], []
+        if flt.startswith(CONTROL) and not _SYNC_ID.fullmatch(flt[len(CONTROL):].decode("ascii", "replace")):
+            # A short one would be a prefix of other subscribers' sync filters.
+            self._refuse(key, flt, ValidationFailedError(
+                "a sync request is ff and an id of 16 to 64 printable characters",
+                details={"reason": "not a sync request"}), now)
             return [], []
         if self.gate is not None and not self._known(key, now):
             if len(key.pending) >= MAX_PENDING:

@@ -262,11 +262,11 @@ def test_memory_grows_with_what_a_peer_sends_not_with_what_it_asks_for(mesh):
         sub.send(b"\x01fill." + b"y" * 2000)  # under the socket's cut, over a filter's length
         sub.send(b"\x01fill.t")  # not a topic prefix and a dot
         sub.send(b"\x01" + AUTH + dev.token.encode())
-        sub.send(b"\x01\xffsync-1")
+        sub.send(b"\x01\xffsync-0123456789abcdef")
         marker = None
         while marker is None and sub.poll(5000):
             frames = sub.recv_multipart()
-            if frames[0] == b"\xffsync-1":
+            if frames[0] == b"\xffsync-0123456789abcdef":
                 marker = msgpack.unpackb(frames[2])
         assert marker is not None
         assert [(r["code"], r["reason"]) for r in marker["refused"]] == [

@@ -15,6 +15,7 @@ SECRET = b"k" * 32
 SETTINGS = TokenSettings("HS256", "mesh", "mesh")
 POLICY = parse_policy({"roles": {"watcher": {"subscribe": ["mesh.service"]}, "admin": {"subscribe": ["*"]}}})
 WATCH = Peer("watch", "127.0.0.1")
+SYNC = b"0123456789abcdef"
 
 
 def token(subject: str = "watch", role: str = "watcher", ttl: float = 600) -> bytes:
@@ -42,8 +43,8 @@ def test_filters_wait_for_the_token_and_only_allowed_ones_apply() -> None:
     assert s.upstream(sub(b""), WATCH, NOW) == ([], [])
     applied, markers = s.upstream(sub(AUTH + token()), WATCH, NOW)
     assert applied == [Apply(True, b"mesh.service.")] and markers == []
-    applied, markers = s.upstream(sub(CONTROL + b"s1"), WATCH, NOW)
-    assert applied == [Apply(True, CONTROL + b"s1")]
+    applied, markers = s.upstream(sub(CONTROL + SYNC), WATCH, NOW)
+    assert applied == [Apply(True, CONTROL + SYNC)]
     assert refused_in(markers[0]) == [("fz.private", 2002), ("", 2002)]
     assert s.gate is not None and s.gate.counters["refused_2002"] == 2
 
@@ -52,9 +53,9 @@ def test_a_token_of_another_key_or_a_bad_one_applies_nothing() -> None:
     """A token only counts on its own key's link; refused filters and the sync are told why."""
     s = secure()
     s.upstream(sub(b"mesh.service."), WATCH, NOW)
-    s.upstream(sub(CONTROL + b"s1"), WATCH, NOW)
+    s.upstream(sub(CONTROL + SYNC), WATCH, NOW)
     applied, markers = s.upstream(sub(AUTH + token("alice", "admin")), WATCH, NOW)
-    assert applied == [Apply(True, CONTROL + b"s1")]  # only the marker's own filter
+    assert applied == [Apply(True, CONTROL + SYNC)]  # only the marker's own filter
     assert refused_in(markers[0]) == [("(token)", 2000), ("mesh.service", 2000)]
     applied, _ = secure().upstream(sub(AUTH + b"\xff\xfe"), WATCH, NOW)
     assert applied == []
@@ -102,5 +103,6 @@ def test_without_security_bounded_filters_apply_and_the_auth_filter_is_ignored()
     assert s.upstream(sub(b"x."), Peer(), NOW)[0] == [Apply(True, b"x.")]
     assert s.upstream(sub(AUTH + b"whatever"), Peer(), NOW) == ([], [])
     assert s.upstream(sub(b"y" * (MAX_FILTER_BYTES + 1)), Peer(), NOW) == ([], [])
-    applied, markers = s.upstream(sub(CONTROL + b"s"), Peer(), NOW)
-    assert applied == [Apply(True, CONTROL + b"s")] and refused_in(markers[0]) == [("y" * 197 + "...", 1002)]
+    assert s.upstream(sub(CONTROL), Peer(), NOW) == ([], [])  # would match every sync marker
+    applied, markers = s.upstream(sub(CONTROL + SYNC), Peer(), NOW)
+    assert applied == [Apply(True, CONTROL + SYNC)] and refused_in(markers[0]) == [("y" * 197 + "...", 1002), ("(sync)", 1002)]
