@@ -35,6 +35,7 @@ Rules of this module:
 from __future__ import annotations
 
 import asyncio
+import secrets
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
@@ -51,10 +52,11 @@ from .protocol import (
     check_topic,
     decode_payload,
     error_from_wire,
+    UnavailableError,
     new_id,
     unpack_header,
 )
-from .protocol.topics import AUTH, CONTROL, subscription_filter
+from .protocol.topics import AUTH, CONTROL, REPORT, subscription_filter
 from .security.envelope import Opener
 from .sockets import recv_frames, send_frames, subscriber
 
@@ -62,6 +64,7 @@ __all__ = ["Event", "Gap", "SubscriptionState", "AsyncSubscription", "DEFAULT_HW
 
 DEFAULT_HWM: Final = 10_000
 REPORT_S: Final = 1.0
+RESYNC_S: Final = 1.0  # a sync request unanswered this long is sent again
 WAIT_S: Final = 0.1  # longest sleep between reads: ZeroMQ's descriptor only signals edges
 # What makes an event "refused" rather than malformed: it came whole but is not to be trusted.
 _SECURITY_CODES: Final = frozenset({ErrorCode.SIGNATURE_INVALID, ErrorCode.ENCRYPTION_FAILED})
@@ -130,7 +133,9 @@ class SubscriptionState:
             self._after, self.positions = 0, {}
         self.prefix = prefix
         self.id = new_id()
-        self.control = CONTROL + self.id.encode()
+        # The sync filter's id is secret: new_id()'s first half is the process's, public in
+        # every id it sends, and a prefix of a sync filter receives its markers.
+        self.control = CONTROL + secrets.token_hex(16).encode()
         self.replaying = from_seq is not None
         self.synced = False
         self.denied: MeshError | None = None  # what the broker refused, told by its marker
@@ -143,6 +148,7 @@ class SubscriptionState:
         # Per topic: the last number the replay delivered; live events up to it are repeats.
         self._seam: dict[str, int] = {}
         self._reported: tuple[int, int] = (0, 0)
+        self._report_filter: bytes | None = None
         self._last_report = 0.0
 
     # ------------------------------------------------------------------ upstream
@@ -153,13 +159,26 @@ class SubscriptionState:
         auth = [b"\x01" + AUTH + token.encode()] if token else []
         return [b"\x01" + subscription_filter(self.prefix), *auth, b"\x01" + self.control]
 
-    def report(self, now: float, force: bool = False) -> bytes | None:
-        """A drop report for the broker, when the counts changed and one is due."""
+    def resync(self) -> None:
+        """Forget the last sync, to subscribe again under a fresh control filter."""
+        self.control = CONTROL + secrets.token_hex(16).encode()
+        self.synced, self.denied = False, None
+
+    def report(self, now: float, force: bool = False) -> list[bytes]:
+        """A drop report for the broker, when the counts changed and one is due: the
+        subscription of a `REPORT` filter carrying it, then the unsubscription of the one
+        before (upstream messages other than (un)subscriptions are refused: they would
+        shift which link libzmq applies the broker's decisions to)."""
         counts = (self.received, self.missed)
         if counts == self._reported or (not force and now - self._last_report < REPORT_S):
-            return None
+            return []
         self._reported, self._last_report = counts, now
-        return msgpack.packb({"sub": self.id, "prefix": self.prefix, "received": counts[0], "missed": counts[1]})
+        body = msgpack.packb({"sub": self.id, "prefix": self.prefix, "received": counts[0], "missed": counts[1]})
+        out = [b"\x01" + REPORT + body]
+        if self._report_filter is not None:
+            out.append(b"\x00" + self._report_filter)
+        self._report_filter = REPORT + body
+        return out
 
     # ---------------------------------------------------------------- downstream
 
@@ -284,16 +303,23 @@ class AsyncSubscription:
             MeshError: the broker refused the subscription (ACCESS_DENIED: the role may not
                 subscribe to the prefix; AUTHENTICATION_FAILED: no valid token), by its code.
         """
-        for frame in self.state.filters(self._token()):
-            self._sock.send(frame)
         deadline = time.monotonic() + timeout
-        while not self.state.synced:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise DeadlineExceededError("the broker did not confirm the subscription in time")
-            await self._read(left)
-        if self.state.denied is not None:
-            raise self.state.denied
+        while True:
+            for frame in self.state.filters(self._token()):
+                self._sock.send(frame)
+            resend = min(deadline, time.monotonic() + RESYNC_S)
+            while not self.state.synced and time.monotonic() < resend:
+                await self._read(resend - time.monotonic())
+            if not self.state.synced:
+                if time.monotonic() >= deadline:
+                    raise DeadlineExceededError("the broker did not confirm the subscription in time")
+                continue  # a sync request the broker could not apply: ask again
+            denied = self.state.denied
+            if denied is None:
+                break
+            if not isinstance(denied, UnavailableError) or time.monotonic() >= deadline:
+                raise denied
+            self.state.resync()  # the broker could not tell our link then: subscribe again
         more = self.state.replaying
         while more:
             items, more = self.state.on_replay(await self._replay(self.state.replay_request()), time.time())
@@ -330,10 +356,9 @@ class AsyncSubscription:
             loop.remove_reader(self._fd)
 
     def _send_report(self, force: bool) -> None:
-        report = self.state.report(time.monotonic(), force)
-        if report is not None:
+        for frame in self.state.report(time.monotonic(), force):
             try:
-                send_frames(self._sock, [report])
+                send_frames(self._sock, [frame])
             except zmq.Again:
                 pass  # the next report carries the same totals
 

@@ -1304,14 +1304,17 @@ class Broker:
 
     # ---------------------------------------------------------------- shutdown
 
-    def subscriber_message(self, frame: bytes, now: float, peer: Peer = _NOBODY) -> list[Apply]:
+    def subscriber_message(self, frame: bytes, now: float, peer: Peer = _NOBODY, aligned: bool = True) -> list[Apply]:
         """A message from the XPUB socket: a subscriber's (un)subscription or drop report.
+
+        `aligned`: whether libzmq would apply a filter to the link that sent this message
+        (`Subscribers.upstream`).
 
         Returns:
             The filters the loop must apply at once to the link that sent it (the
             socket is in manual mode: nothing is subscribed unless returned here).
         """
-        applied, markers = self.subscribers.upstream(frame, peer, now)
+        applied, markers = self.subscribers.upstream(frame, peer, now, aligned)
         self._published.extend(markers)
         return applied
 

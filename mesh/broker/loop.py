@@ -144,6 +144,7 @@ class BrokerServer:
         self._watch = Monitor(self.core.config.name, clock()) if monitor is not None else None
         self._next_sample = clock() if monitor is not None else float("inf")  # when to time a reply
         self._sent = 0  # messages sent, for the monitor
+        self._aligned = True  # whether libzmq applies a filter to the link whose message was read last
 
     def _join(self, cluster: ClusterSettings) -> ClusterMember:
         """Open this broker's cluster state and peer link (raises CorruptStateError)."""
@@ -369,9 +370,15 @@ class BrokerServer:
                 else:
                     frames, user, address = recv_frames(events), None, None
             except zmq.Again:
+                self._aligned = True  # both of libzmq's queues are empty again
                 break
+            if len(frames) != 1 or frames[0][:1] not in (b"\x00", b"\x01"):
+                # libzmq (4.3.5 and later) queues such a message without its link, so each
+                # read after it takes the link of the next message: until the queue is empty,
+                # a SUBSCRIBE would reach another subscriber's link.
+                self._aligned = False
             try:
-                applied = self.core.subscriber_message(frames[0], now, Peer(user, address))
+                applied = self.core.subscriber_message(frames[0], now, Peer(user, address), self._aligned)
             except Exception:  # a bug in the core must not take the broker down for everyone
                 self.core.counters["internal_errors"] += 1
                 log.exception("internal error handling a subscription (not applied)")

@@ -18,7 +18,7 @@ Rules of this module:
   when it reconnects, and `AUTH` sorts after every topic filter. A topic filter is then
   applied only when a role of the token may subscribe to its whole prefix
   (`Policy.may_subscribe`; the filter for every topic needs `*`); a filter that is not
-  a topic prefix is refused, and so is a sync request whose id is not 16 to 64
+  a topic prefix is refused, and so is a sync request whose id is not 32 to 64
   printable characters (a shorter one would receive other subscribers' markers). What
   was allowed stays in force on that link until it unsubscribes or closes; a reconnect
   is checked again.
@@ -41,11 +41,12 @@ from ..protocol import (
     AuthenticationFailedError,
     MeshError,
     ResourceExhaustedError,
+    UnavailableError,
     ValidationFailedError,
     quote,
 )
 from ..protocol.names import _TOPIC
-from ..protocol.topics import AUTH, CONTROL, MAX_UPSTREAM_BYTES
+from ..protocol.topics import AUTH, CONTROL, MAX_UPSTREAM_BYTES, REPORT
 from ..security.gate import Gate, Peer
 from .events import EventBus
 
@@ -57,7 +58,7 @@ MAX_FILTERS: Final = 1000  # in force per subscriber key
 MAX_PENDING: Final = 256  # waiting per key for its token
 MAX_KEYS: Final = 10_000  # keys whose tokens are remembered (the oldest go first)
 MAX_REFUSALS: Final = 32  # refusals kept per key for its next sync marker
-_SYNC_ID: Final = re.compile(r"[\x21-\x7e]{16,64}")
+_SYNC_ID: Final = re.compile(r"[\x21-\x7e]{32,64}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,7 +75,7 @@ class _Key:
 
     user: str | None = None
     identity: Any = None  # the token's identity, once shown
-    expires: float = 0.0
+    token: str = ""  # checked again (cached) before each new filter
     held: Counter[bytes] = field(default_factory=Counter)  # filters in force, per link count
     count: int = 0  # sum of `held`
     pending: list[bytes] = field(default_factory=list)  # filters and sync requests waiting
@@ -97,15 +98,34 @@ class Subscribers:
         self.in_force = 0
         self.counters: Counter[str] = Counter()
 
-    def upstream(self, frame: bytes, peer: Peer, now: float) -> tuple[list[Apply], list[list[bytes]]]:
-        """A message a subscriber sent: what to apply to its link, and markers to publish."""
-        kind = frame[:1]
+    def upstream(
+        self, frame: bytes, peer: Peer, now: float, aligned: bool = True
+    ) -> tuple[list[Apply], list[list[bytes]]]:
+        """A message a subscriber sent: what to apply to its link, and markers to publish.
+
+        `aligned` is False while libzmq may apply a decision to another link than the
+        sender's (see the loop): then nothing is applied; a subscription is refused
+        UNAVAILABLE (retryable) and an unsubscription is left to the link's close.
+        """
+        kind, flt = frame[:1], frame[1:]
+        if kind not in (b"\x00", b"\x01"):
+            self.counters["upstream_ignored"] += 1  # not an (un)subscription: see `aligned`
+            return [], []
+        if flt.startswith(REPORT):
+            if kind == b"\x01":
+                self.bus.report(flt[len(REPORT):], now)
+            return [], []  # never applied, so never undone
+        if not aligned:
+            self.counters["filters_unsafe"] += 1
+            if kind == b"\x01" and not flt.startswith(AUTH):
+                key = self._key(peer.user if self.gate is not None else None)
+                self._refuse(key, flt, UnavailableError(
+                    "the events port could not tell this subscription's link: subscribe again",
+                    details={"reason": "link unknown"}), now, audit=False)
+            return [], []
         if kind == b"\x01":
-            return self._subscribe(frame[1:], peer, now)
-        if kind == b"\x00":
-            return self._unsubscribe(frame[1:], peer.user if self.gate is not None else None), []
-        self.bus.report(frame, now)
-        return [], []
+            return self._subscribe(flt, peer, now)
+        return self._unsubscribe(flt, peer.user if self.gate is not None else None), []
 
     # -------------------------------------------------------------- subscribe
 
@@ -124,7 +144,7 @@ class Subscribers:
         if flt.startswith(CONTROL) and not _SYNC_ID.fullmatch(flt[len(CONTROL):].decode("ascii", "replace")):
             # A short one would be a prefix of other subscribers' sync filters.
             self._refuse(key, flt, ValidationFailedError(
-                "a sync request is ff and an id of 16 to 64 printable characters",
+                "a sync request is ff and an id of 32 to 64 printable characters",
                 details={"reason": "not a sync request"}), now)
             return [], []
         if self.gate is not None and not self._known(key, now):
@@ -140,7 +160,8 @@ class Subscribers:
     def _authenticate(self, key: _Key, token_bytes: bytes, peer: Peer, now: float) -> tuple[list[Apply], list[list[bytes]]]:
         assert self.gate is not None
         try:
-            identity = self.gate.admit_subscriber(token_bytes.decode("utf-8"), peer, now)
+            token = token_bytes.decode("utf-8")
+            identity = self.gate.admit_subscriber(token, peer, now)
         except UnicodeDecodeError:
             identity = None
             self._refuse(key, AUTH, AuthenticationFailedError("a token is text", details={"reason": "bad token"}), now)
@@ -149,18 +170,19 @@ class Subscribers:
             self._refuse(key, AUTH, err, now, audit=False)  # the gate audited it
         if identity is None:
             self.counters["auth_refused"] += 1
-            key.identity, key.expires = None, 0.0
+            key.identity, key.token = None, ""
         else:
             self.counters["auth_accepted"] += 1
-            key.identity, key.expires = identity, float(identity.expires)
+            key.identity, key.token = identity, token
         pending, key.pending = key.pending, []
         applied: list[Apply] = []
         markers: list[list[bytes]] = []
         for flt in pending:
             if identity is None:
                 if flt.startswith(CONTROL):  # the marker tells the subscriber what was refused
-                    applied.append(self._hold(key, flt))
-                    markers.append(self._marker(key, flt, now))
+                    if not self._full(key, flt, now):
+                        applied.append(self._hold(key, flt))
+                        markers.append(self._marker(key, flt, now))
                 else:
                     self._refuse(key, flt, AuthenticationFailedError(
                         "no valid token for this subscriber", details={"reason": "no valid token"}), now, audit=False)
@@ -213,8 +235,8 @@ class Subscribers:
             key.pending.remove(flt)
             return []
         holders = self.holders.get(flt)
-        if not holders:
-            return []
+        if not holders or user not in holders and (user is not None or self.gate is None):
+            return [Apply(False, flt)]  # nothing counted; libzmq forgets it if it held it
         if user not in holders:  # a link that closed (libzmq's own unsubscription): any holder
             user = next(iter(holders))
         holders[user] -= 1
@@ -244,7 +266,16 @@ class Subscribers:
         return key
 
     def _known(self, key: _Key, now: float) -> bool:
-        return key.identity is not None and now < key.expires
+        """Whether the key's token still holds: checked again each time (a cached check),
+        so a revoked or expired token authorises no new filter."""
+        if key.identity is None or self.gate is None:
+            return False
+        try:
+            self.gate.admit_subscriber(key.token, Peer(key.user), now)
+        except MeshError:
+            key.identity = None
+            return False
+        return True
 
     def _refuse(self, key: _Key, flt: bytes, err: MeshError, now: float, *, audit: bool = True) -> None:
         """Count a refused filter and keep it for the subscriber's next sync marker.

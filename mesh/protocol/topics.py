@@ -11,12 +11,16 @@ from __future__ import annotations
 
 from typing import Final
 
-__all__ = ["AUTH", "CONTROL", "MAX_UPSTREAM_BYTES", "topic_frame", "subscription_filter", "covers"]
+__all__ = ["AUTH", "CONTROL", "MAX_UPSTREAM_BYTES", "REPORT", "topic_frame", "subscription_filter", "covers"]
 
 CONTROL: Final = b"\xff"
 # A subscriber's token on a secure broker (mesh/broker/subscribers.py): never published
 # to; it sorts after every topic filter, so it follows them when libzmq re-sends them.
 AUTH: Final = CONTROL + b"\x00"
+# A subscriber's drop report (MessagePack after it), sent as a subscription the broker
+# never applies: libzmq mis-assigns the broker's decisions after any upstream message
+# that is not an (un)subscription (mesh/broker/subscribers.py).
+REPORT: Final = CONTROL + b"\x01"
 # The longest message a subscriber may send upstream (a filter, its token, a report).
 # libzmq keeps every filter a subscriber sends in a byte-wise trie (applied or not, until
 # it unsubscribes or leaves), about 35 bytes of memory per byte, so the events socket

@@ -262,11 +262,11 @@ def test_memory_grows_with_what_a_peer_sends_not_with_what_it_asks_for(mesh):
         sub.send(b"\x01fill." + b"y" * 2000)  # under the socket's cut, over a filter's length
         sub.send(b"\x01fill.t")  # not a topic prefix and a dot
         sub.send(b"\x01" + AUTH + dev.token.encode())
-        sub.send(b"\x01\xffsync-0123456789abcdef")
+        sub.send(b"\x01\xffsync-0123456789abcdef0123456789abcdef")
         marker = None
         while marker is None and sub.poll(5000):
             frames = sub.recv_multipart()
-            if frames[0] == b"\xffsync-0123456789abcdef":
+            if frames[0] == b"\xffsync-0123456789abcdef0123456789abcdef":
                 marker = msgpack.unpackb(frames[2])
         assert marker is not None
         assert [(r["code"], r["reason"]) for r in marker["refused"]] == [
@@ -286,3 +286,45 @@ def test_memory_grows_with_what_a_peer_sends_not_with_what_it_asks_for(mesh):
     with Client(mesh.broker.clients, credentials=dev, timeout=5) as c:
         stats = c.call("mesh", "stats")
     assert stats["counters"]["unread_answers_refused"] > 1000
+
+
+def test_an_upstream_message_that_is_not_a_subscription_never_moves_a_filter_to_another_link(mesh):
+    """libzmq applies a manual subscription to the link of the last message read, and
+    queues other upstream messages without their link, shifting that by one: the broker
+    applies nothing until its queue is empty again, so a watcher queued behind an
+    admin's filter never receives what only the admin may (invariant: no leak, however
+    the messages interleave)."""
+    import os
+    import signal
+
+    dev, watch = mesh.creds("dev"), mesh.creds("watch")
+    ctx = zmq.Context()
+    try:
+        leaked: list[bytes] = []
+        for round_ in range(3):
+            shifter = raw(ctx, zmq.XSUB, mesh.broker.events, dev)
+            victim = raw(ctx, zmq.XSUB, mesh.broker.events, dev)
+            thief = raw(ctx, zmq.XSUB, mesh.broker.events, watch)
+            time.sleep(0.5)  # all three links up
+            os.kill(mesh.broker.process.pid, signal.SIGSTOP)
+            try:
+                shifter.send(b"\x02not a subscription")
+                for sock, creds in ((victim, dev), (thief, watch)):
+                    sock.send(b"\x01secret.")
+                    sock.send(b"\x01" + AUTH + creds.token.encode())
+                time.sleep(0.3)
+            finally:
+                os.kill(mesh.broker.process.pid, signal.SIGCONT)
+            time.sleep(0.5)
+            with Client(mesh.broker.clients, credentials=dev, timeout=5) as c:
+                c.publish("secret.payroll", {"round": round_})
+            while thief.poll(500):
+                leaked.append(thief.recv_multipart()[0])
+            for sock in (shifter, victim, thief):
+                sock.close(linger=0)
+        assert leaked == []
+    finally:
+        ctx.destroy(linger=0)
+    with Client(mesh.broker.clients, credentials=dev, timeout=5) as c:
+        counters = c.call("mesh", "stats")["events"]["filters"]["counters"]
+    assert counters.get("upstream_ignored", 0) >= 3

@@ -5,7 +5,7 @@ from __future__ import annotations
 from mesh.broker.events import EventBus
 from mesh.broker.subscribers import MAX_FILTER_BYTES, MAX_FILTERS, MAX_PENDING, Apply, Subscribers
 from mesh.protocol import decode_payload
-from mesh.protocol.topics import AUTH, CONTROL
+from mesh.protocol.topics import AUTH, CONTROL, REPORT
 from mesh.security.gate import Gate, GateSettings, Peer
 from mesh.security.policy import parse_policy
 from mesh.security.tokens import TokenIssuer, TokenSettings, TokenVerifier
@@ -15,7 +15,7 @@ SECRET = b"k" * 32
 SETTINGS = TokenSettings("HS256", "mesh", "mesh")
 POLICY = parse_policy({"roles": {"watcher": {"subscribe": ["mesh.service"]}, "admin": {"subscribe": ["*"]}}})
 WATCH = Peer("watch", "127.0.0.1")
-SYNC = b"0123456789abcdef"
+SYNC = b"0123456789abcdef" * 2
 
 
 def token(subject: str = "watch", role: str = "watcher", ttl: float = 600) -> bytes:
@@ -93,7 +93,7 @@ def test_unsubscriptions_release_counts_also_for_closed_links() -> None:
     s.upstream(sub(b"b."), WATCH, NOW)
     assert s.upstream(b"\x00a.", WATCH, NOW) == ([Apply(False, b"a.")], [])
     assert s.upstream(b"\x00b.", Peer(None, None), NOW) == ([Apply(False, b"b.")], [])
-    assert s.upstream(b"\x00b.", Peer(None, None), NOW) == ([], [])
+    assert s.upstream(b"\x00b.", Peer(None, None), NOW) == ([Apply(False, b"b.")], [])  # counts nothing
     assert s.in_force == 0 and s.holders == {} and s.keys["watch"].count == 0
 
 
@@ -106,3 +106,41 @@ def test_without_security_bounded_filters_apply_and_the_auth_filter_is_ignored()
     assert s.upstream(sub(CONTROL), Peer(), NOW) == ([], [])  # would match every sync marker
     applied, markers = s.upstream(sub(CONTROL + SYNC), Peer(), NOW)
     assert applied == [Apply(True, CONTROL + SYNC)] and refused_in(markers[0]) == [("y" * 197 + "...", 1002), ("(sync)", 1002)]
+
+
+def test_nothing_applies_while_libzmq_cannot_tell_the_link() -> None:
+    """After an upstream message that is not an (un)subscription, libzmq would apply a
+    decision to the next message's link: the invariant is that no filter is applied
+    then; the subscriber is told UNAVAILABLE (retryable), and reports travel as
+    never-applied REPORT subscriptions."""
+    s = secure()
+    s.upstream(sub(AUTH + token(role="admin")), WATCH, NOW)
+    assert s.upstream(b"\x02a report", WATCH, NOW) == ([], [])
+    assert s.upstream(sub(b"a."), WATCH, NOW, aligned=False) == ([], [])
+    assert s.upstream(b"\x00a.", WATCH, NOW, aligned=False) == ([], [])
+    applied, markers = s.upstream(sub(CONTROL + SYNC), WATCH, NOW)
+    assert refused_in(markers[0]) == [("a", 3006)]  # UNAVAILABLE
+    report = b'\x84\xa3sub\xa1s\xa6prefix\xa0\xa8received\x01\xa6missed\x00'
+    assert s.upstream(sub(REPORT + report), WATCH, NOW) == ([], [])
+    assert s.bus.stats()["subscribers"]["s"]["received"] == 1
+
+
+def test_a_revoked_token_authorises_no_new_filter() -> None:
+    """The key's token is checked again before each new filter (a cached check)."""
+    revoked: set[str] = set()
+
+    class Revoking(TokenVerifier):
+        def verify(self, token, now):  # type: ignore[override]
+            identity = super().verify(token, now)
+            if identity.jti in revoked:
+                from mesh.protocol import TokenRevokedError
+                raise TokenRevokedError("revoked", details={"reason": "revoked"})
+            return identity
+
+    verifier = Revoking(SETTINGS, SECRET)
+    s = Subscribers(EventBus(), Gate(GateSettings(), verifier, POLICY))
+    tok = token(role="admin")
+    s.upstream(sub(AUTH + tok), WATCH, NOW)
+    assert s.upstream(sub(b"a."), WATCH, NOW)[0] == [Apply(True, b"a.")]
+    revoked.add(verifier.verify(tok.decode(), NOW).jti)
+    assert s.upstream(sub(b"b."), WATCH, NOW) == ([], [])  # waits for a valid token

@@ -7,7 +7,7 @@ import pytest
 
 from mesh.broker.events import EventBus, RetentionRule
 from mesh.protocol import ValidationFailedError, encode_event_header, encode_payload, unpack_header
-from mesh.protocol.topics import CONTROL
+from mesh.protocol.topics import CONTROL, REPORT
 from mesh.subscription import Event, Gap, SubscriptionState
 
 
@@ -151,14 +151,16 @@ def test_resume_from_positions_of_several_topics() -> None:
 def test_report_is_throttled_and_carries_the_counts() -> None:
     """Reports go out when counts change, at most once a second unless forced."""
     feed, state = Feed(), SubscriptionState("x", None)
-    assert state.report(10.0) is None
+    assert state.report(10.0) == []
     live(state, feed.publish("x"))
     first = state.report(10.0)
-    assert first is not None and msgpack.unpackb(first) == {"sub": state.id, "prefix": "x", "received": 1, "missed": 0}
+    assert len(first) == 1 and first[0].startswith(b"\x01" + REPORT)
+    assert msgpack.unpackb(first[0][1 + len(REPORT):]) == {"sub": state.id, "prefix": "x", "received": 1, "missed": 0}
     live(state, feed.publish("x"))
-    assert state.report(10.5) is None
-    assert state.report(10.5, force=True) is not None
-    assert state.report(12.0) is None  # nothing changed since
+    assert state.report(10.5) == []
+    second = state.report(10.5, force=True)
+    assert second[1] == b"\x00" + first[0][1:]  # the report before is unsubscribed: libzmq keeps one
+    assert state.report(12.0) == []  # nothing changed since
 
 
 def test_a_refused_event_is_a_gap_never_an_event(tmp_path) -> None:
