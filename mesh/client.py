@@ -255,7 +255,7 @@ class AsyncClient:
             retries,
             on_progress,
         )
-        if system and isinstance(result, dict) and "ack" in result:
+        if system and isinstance(result, dict) and "ack" in result and (action != "services" or "next" in result):
             result = dict(result)
             self._ack = result.pop("ack")
         return result

@@ -893,10 +893,11 @@ class Broker:
                 return self._propose_policy(ident, header, payload, now, side)
             result = self._system_result(ident, header, payload, now, side, identity, peer)
             body = encode_payload(result)
-            if len(body) > LARGE_ANSWER_BYTES and conn is not None:
-                # The whole registry in one answer is a map of service names: no room for a nonce.
-                ackable = isinstance(result, dict) and (header.action != "services" or "next" in result)
-                body = self._large_answer(conn, result if ackable else None, body)
+            # The whole registry in one answer is a map of service names: no room for a
+            # nonce, so it is not counted (it is bounded by half a message; pages are).
+            ackable = isinstance(result, dict) and (header.action != "services" or "next" in result)
+            if len(body) > LARGE_ANSWER_BYTES and conn is not None and ackable:
+                body = self._large_answer(conn, result, body)
         except MeshError as err:
             self.counters["failed"] += 1
             self.counters[f"error_{int(err.code)}"] += 1
@@ -904,7 +905,7 @@ class Broker:
         self.counters["completed"] += 1
         return [(side, ident, [*prefix, encode_header(response_to(header, now=now)), body])]
 
-    def _large_answer(self, conn: ConnectionState, result: dict[str, Any] | None, body: bytes) -> bytes:
+    def _large_answer(self, conn: ConnectionState, result: dict[str, Any], body: bytes) -> bytes:
         """A system answer over LARGE_ANSWER_BYTES, sent only while the peer has read the
         earlier ones: it carries an `ack` nonce the peer shows in a later `mesh.*` request
         (the SDK does), and at most MAX_UNREAD_ANSWERS of them may wait unshown.
@@ -924,8 +925,6 @@ class Broker:
             )
         nonce = new_id()
         conn.unread.append(nonce)
-        if result is None:
-            return body  # an answer that cannot carry the nonce stays unread until the peer leaves
         return encode_payload({**result, "ack": nonce})
 
     def _system_result(

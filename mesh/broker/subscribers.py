@@ -5,11 +5,13 @@ Rules of this module:
 * The events socket is an XPUB in manual mode: a filter a subscriber sends takes effect
   only when `Subscribers.upstream` returns it as an `Apply`, and the loop applies it at
   once, before reading the next message, so it reaches the link that sent it.
-* Every filter is bounded: at most `MAX_FILTER_BYTES` long (a topic frame is at most
+* Every filter the broker applies is bounded: at most `MAX_FILTER_BYTES` long (a topic frame is at most
   about 1,100 bytes), at most `MAX_FILTERS` in force per subscriber key and
   `MAX_PENDING` waiting for their key's token. libzmq itself keeps a byte-wise trie of
-  every filter a subscriber sends, applied or not, so the socket cuts any upstream
-  message over `MAX_UPSTREAM_BYTES` (mesh/sockets.py) before it reaches that trie.
+  every filter a subscriber sends, applied or not, until it unsubscribes or leaves, so
+  the socket cuts any upstream message over `MAX_UPSTREAM_BYTES` (mesh/sockets.py)
+  before it reaches that trie; how many short ones a link sends is not bounded here
+  (docs/security.md, "Limits").
 * Without security every bounded filter is applied; all subscribers share one key.
 * With security a subscriber proves who it is with an auth filter, `AUTH + token`,
   which is never applied (nothing is ever published to it). The token must be valid

@@ -82,9 +82,9 @@ def test_ping_names_the_event_endpoint(broker: Broker) -> None:
 
 def test_sync_request_is_answered_with_a_marker(broker: Broker) -> None:
     """A subscriber's control filter gets a marker on exactly that filter."""
-    broker.subscriber_message(b"\x01" + CONTROL + b"s1", 1.0)
+    broker.subscriber_message(b"\x01" + CONTROL + b"s1" * 16, 1.0)
     [(frame0, h, body)] = published(broker)
-    assert frame0 == CONTROL + b"s1" and h.type is MessageType.EVENT and body["broker"] == "b1"
+    assert frame0 == CONTROL + b"s1" * 16 and h.type is MessageType.EVENT and body["broker"] == "b1"
 
 
 def test_node_up_and_service_registered(broker: Broker) -> None:
