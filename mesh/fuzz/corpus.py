@@ -174,7 +174,7 @@ def subscription_frames(rng: random.Random, limit: int) -> list[bytes]:
     if pick < 0.6:
         return [b"\x00" + subscription_filter(rng.choice(TOPICS))]
     if pick < 0.7:
-        return [b"\x01" + CONTROL + rng.randbytes(8).hex().encode()]
+        return [b"\x01" + CONTROL + rng.randbytes(rng.choice((8, 16))).hex().encode()]  # short ones are refused
     if pick < 0.85:
         return [encode_payload({"sub": "s" * rng.randrange(1, 300), "prefix": "", "received": 1, "missed": 0})]
     return [rng.randbytes(rng.randrange(0, 64)) for _ in range(rng.randrange(1, 3))]
