@@ -130,8 +130,8 @@ class _Store:
     def _conn(self) -> sqlite3.Connection:
         conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
         if conn is None:
-            # IMMEDIATE: a write transaction takes the write lock at BEGIN, so the read
-            # in `put` and its write see the same state.
+            # IMMEDIATE: a write transaction takes the write lock at BEGIN (implicit at the
+            # first write; `incr`, which reads first, begins it itself).
             conn = sqlite3.connect(self.path, isolation_level="IMMEDIATE")
             conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
             self._local.conn = conn
@@ -154,9 +154,15 @@ class _Store:
         return created
 
     def incr(self, key: str, by: int) -> int:
-        """Add `by` to the integer under `key` (0 when missing) in one transaction."""
+        """Add `by` to the integer under `key` (0 when missing) in one transaction.
+
+        The write lock is taken before the read: Python's sqlite3 begins its implicit
+        transaction only at the first write, so a read before it could see a value
+        another writer is about to replace, and an increment would be lost.
+        """
         conn = self._conn()
         with _storage_errors(), conn:
+            conn.execute("BEGIN IMMEDIATE")
             row = conn.execute("SELECT value FROM kv WHERE key = ?", (key,)).fetchone()
             current = 0 if row is None else decode_payload(row[0])
             if isinstance(current, bool) or not isinstance(current, int):

@@ -604,3 +604,19 @@ def test_sample_script_is_idempotent_and_feeds_the_nodes(tmp_path: Path) -> None
     files = fs.node(root=str(target / "files"))
     found = call(files, "fs", "search", {"text": "mesh"})["matches"]
     assert {m["path"] for m in found} == {"README.txt", "notes/todo.md"}
+
+
+def test_kv_incr_loses_no_update_under_concurrent_writers(tmp_path: Path) -> None:
+    """Invariant: n acknowledged increments of one key leave it at n, and no two callers
+    see the same value, with eight threads (each its own SQLite connection) and two node
+    instances on one file, as replicas of a topology share it."""
+    path = str(tmp_path / "kv.sqlite3")
+    nodes = [kv.node(path=path), kv.node(path=path)]
+
+    def bump(i: int) -> int:
+        return call(nodes[i % 2], "kv", "incr", {"key": "shared", "by": 1})["value"]
+
+    with ThreadPoolExecutor(8) as pool:
+        seen = list(pool.map(bump, range(2000)))
+    assert sorted(seen) == list(range(1, 2001))
+    assert call(nodes[0], "kv", "get", {"key": "shared"})["value"] == 2000
