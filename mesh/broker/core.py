@@ -895,8 +895,10 @@ class Broker:
             body = encode_payload(result)
             # The whole registry in one answer is a map of service names: no room for a
             # nonce, so it is not counted (it is bounded by half a message; pages are).
-            ackable = isinstance(result, dict) and (header.action != "services" or "next" in result)
-            if len(body) > LARGE_ANSWER_BYTES and conn is not None and ackable:
+            if (
+                len(body) > LARGE_ANSWER_BYTES and conn is not None and isinstance(result, dict)
+                and (header.action != "services" or "next" in result)
+            ):
                 body = self._large_answer(conn, result, body)
         except MeshError as err:
             self.counters["failed"] += 1

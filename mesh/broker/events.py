@@ -312,9 +312,6 @@ class EventBus:
 
     def report(self, frame: bytes, now: float) -> None:
         """A subscriber's drop report (its received and missed counts), kept for monitoring."""
-        self._report(frame, now)
-
-    def _report(self, frame: bytes, now: float) -> None:
         try:
             raw = bounded_unpack(frame, "report", 8)
             sub, prefix = raw["sub"], raw["prefix"]
