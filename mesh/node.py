@@ -713,6 +713,12 @@ class _NodeLoop:
             node.latency_ms = ms if mean is None else mean + LATENCY_WEIGHT * (ms - mean)
         assert work.link is not None
         work.link.send(frames)
+        if ran and work.action is not None and work.action.exactly_once:
+            # Every broker gets the reply: if the one that sent the command dies before its
+            # outcome is committed, another proposes it, and the caller's resend is answered.
+            for link in self.links:
+                if link is not work.link:
+                    link.send(frames)
         for (link, envelope), *body in self.dedupe.finish(work.key, [(work.link, work.envelope), *frames[1:]],
                                                           time.monotonic(), remember=ran):
             link.send([envelope, *body])

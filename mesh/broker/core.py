@@ -87,6 +87,8 @@ from ..cluster.shared import (
     Claimed,
     Committed,
     Forgotten,
+    Restored,
+    RunStarted,
     KeyRingSet,
     PolicySet,
     Published,
@@ -284,14 +286,19 @@ class Broker:
         # In a cluster: digest of each policy proposed by mesh.policy -> who to answer.
         self._policy_acks: dict[str, list[tuple[Side, bytes, Header]]] = {}
 
-    def join_cluster(self, shared: SharedState, now: float = 0.0) -> None:
+    def join_cluster(self, shared: SharedState, now: float, *, run: int) -> None:
         """Run exactly-once actions, events, revocations and the access policy through the
         cluster's replicated `shared` state.
 
         With security on, the policy committed in the log is the one in force; this
         broker proposes the one it read at start, which counts only if none is committed.
+
+        Args:
+            run: higher on every start of this broker (`once.next_run`), so that a claim
+                proposed by an earlier run is never taken for one of this run.
         """
-        self.once = OnceTable(self.config.name, shared)
+        self.once = OnceTable(self.config.name, run, shared)
+        self.once.propose_run(now)
         if self.security is None:
             return
         if shared.policy is not None:
@@ -480,7 +487,11 @@ class Broker:
     # ------------------------------------------------------------ exactly once
 
     def _once_command(self, cmd: Command, conn: ConnectionState, key: str, now: float) -> list[Outgoing]:
-        """An exactly-once command: its committed outcome, or run it where its claim says."""
+        """An exactly-once command: its committed outcome, or a claim to run it, or a wait.
+
+        Only the broker run whose claim is committed sends the command (`OnceTable`); a
+        resend that finds another's claim waits here for the outcome.
+        """
         once = self.once
         assert once is not None
         outcome = once.shared.outcomes.get(key)
@@ -502,10 +513,33 @@ class Broker:
         self._track(cmd, conn)
         once.wait(key, (cmd.client, cmd.id))
         if claim is not None:
-            return self._once_dispatch(cmd, claim[0], now)
+            if claim[1] == once.claimant:
+                return self._once_start(key, now)
+            if self.registry.by_instance(claim[0]) is None:
+                return [self._fail(cmd, _claimed_node_gone(cmd), now, CommandEvent.FAIL)]
+            self.counters["once_awaited"] += 1  # another broker (or run) sends it: await its outcome
+            copy = once.copies.pop(key, None)
+            if copy is not None:
+                once.propose_outcome(key, copy, now)
+                self.counters["once_outcomes_copied"] += 1
+            return []
         assert node is not None and node.instance is not None
         once.propose_claim(key, node.instance, now)
         self.counters["once_claims"] += 1
+        return []
+
+    def _once_start(self, key: str, now: float) -> list[Outgoing]:
+        """Send `key`'s command if this run may (`OnceTable.may_dispatch`): the first of its
+        waiting copies goes, once; the others are answered with the outcome."""
+        once = self.once
+        assert once is not None
+        instance = once.may_dispatch(key)
+        if instance is None:
+            return []
+        for ref in once.waiting.get(key, ()):
+            cmd = self.commands.get(ref)
+            if cmd is not None and cmd.once == key and cmd.state is CommandState.RECEIVED:
+                return self._once_dispatch(cmd, instance, now)
         return []
 
     def _once_dispatch(self, cmd: Command, instance: str, now: float) -> list[Outgoing]:
@@ -513,12 +547,10 @@ class Broker:
         assert self.once is not None and cmd.once is not None
         node = self.registry.by_instance(instance)
         if node is None:
-            err = NodeLostError(
-                f"the node claimed to run {cmd.service}.{cmd.action} is gone; the command may have run",
-                details={"exactly_once": True},
-            )
-            return [self._fail(cmd, err, now, CommandEvent.FAIL)]
+            return [self._fail(cmd, _claimed_node_gone(cmd), now, CommandEvent.FAIL)]
+        self.once.dispatched.add(cmd.once)
         self.once.running[(cmd.client, cmd.id)] = cmd.once
+        self.counters["once_dispatched"] += 1
         return [self._dispatch(cmd, node)]
 
     def _once_reply(
@@ -539,6 +571,7 @@ class Broker:
             node.completed += 1
         code = header["error"]["code"] if header["type"] == "error" and "error" in header else 0
         if code in _NEVER_STARTED:
+            once.dispatched.discard(okey)  # the node proved it did not start it: a resend may go again
             if mine:
                 assert cmd is not None
                 self._finish(cmd, CommandEvent.FAIL)
@@ -559,6 +592,31 @@ class Broker:
             cmd.node = None  # the node is done with it; the client waits for the commit
         return []
 
+    def _once_copy(
+        self, node: NodeInfo | None, cid: str, header: dict[str, Any], answer: list[bytes], now: float
+    ) -> bool:
+        """A node's reply to an exactly-once command this run does not wait for from it: sent
+        by another broker (or an earlier run of this one), or answered NODE_LOST here before
+        the node spoke again. Kept, or proposed as the outcome at once when a caller waits
+        here (its claimant may be dead). True when it was such a reply."""
+        once = self.once
+        assert once is not None
+        key = once.shared.claim_ids.get(cid)
+        if key is None or node is None or key in once.shared.outcomes or key in once.shared.forgotten:
+            return False
+        claim = once.shared.claims.get(key)
+        if claim is None or claim[0] != node.instance:
+            return False  # not from the node that holds the claim
+        code = header["error"]["code"] if header["type"] == "error" and "error" in header else 0
+        if code in _NEVER_STARTED:
+            return True
+        if key in once.waiting:
+            once.propose_outcome(key, answer, now)
+            self.counters["once_outcomes_copied"] += 1
+        else:
+            once.keep_copy(key, answer)
+        return True
+
     def apply_shared(self, now: float) -> list[Outgoing]:
         """Act on what the replicated log committed since the last call."""
         once = self.once
@@ -568,27 +626,17 @@ class Broker:
         for effect in once.shared.take_effects():
             if isinstance(effect, Claimed):
                 once.confirmed(effect.key, outcome=False)
-                for ref in once.waiting.get(effect.key, ()):
-                    cmd = self.commands.get(ref)
-                    if cmd is not None and cmd.once == effect.key and cmd.state is CommandState.RECEIVED:
-                        out.extend(self._once_dispatch(cmd, effect.node, now))
+                out.extend(self._once_start(effect.key, now))
             elif isinstance(effect, Committed):
                 once.confirmed(effect.key, outcome=True)
-                failed = peek_header(effect.reply[0], "type") == "error"
-                for ref in once.waiting.pop(effect.key, ()):
-                    cmd = self.commands.get(ref)
-                    if cmd is None or cmd.once != effect.key:
-                        continue
-                    if cmd.state is CommandState.RECEIVED:
-                        cmd.state = CommandState.DISPATCHED  # it ran, through another broker
-                    self._finish(cmd, CommandEvent.FAIL if failed else CommandEvent.RESPOND)
-                    out.append((Side.CLIENT, cmd.client, list(effect.reply)))
+                out.extend(self._once_answer(effect.key, effect.reply))
             elif isinstance(effect, Forgotten):
                 once.confirmed(effect.key, outcome=True)
-                for ref in once.waiting.pop(effect.key, ()):
-                    cmd = self.commands.get(ref)
-                    if cmd is not None and cmd.once == effect.key:
-                        out.append(self._fail(cmd, _forgotten(cmd), now, CommandEvent.FAIL))
+                out.extend(self._once_forget(effect.key, now))
+            elif isinstance(effect, RunStarted):
+                once.confirmed(f"run {effect.claimant}", outcome=False)
+            elif isinstance(effect, Restored):
+                out.extend(self._once_reconcile(now))
             elif isinstance(effect, Published):
                 once.confirmed(event_key(effect.topic, effect.id), outcome=False)
                 if effect.frames is not None:
@@ -620,6 +668,58 @@ class Broker:
                     except MeshError:
                         self.counters["revocations_unsaved"] += 1
                     self.counters["revocations_applied"] += 1
+        return out
+
+    def _once_answer(self, key: str, reply: tuple[bytes, bytes]) -> list[Outgoing]:
+        """`key`'s outcome is committed: every copy of the command waiting here gets it."""
+        assert self.once is not None
+        self.once.settled(key)
+        failed = peek_header(reply[0], "type") == "error"
+        out: list[Outgoing] = []
+        for ref in self.once.waiting.pop(key, ()):
+            cmd = self.commands.get(ref)
+            if cmd is None or cmd.once != key:
+                continue
+            if cmd.state is CommandState.RECEIVED:
+                cmd.state = CommandState.DISPATCHED  # it ran, through another broker
+            self._finish(cmd, CommandEvent.FAIL if failed else CommandEvent.RESPOND)
+            out.append((Side.CLIENT, cmd.client, list(reply)))
+        return out
+
+    def _once_forget(self, key: str, now: float) -> list[Outgoing]:
+        """`key`'s outcome was dropped for room: what waits for it is refused, not run."""
+        assert self.once is not None
+        self.once.settled(key)
+        out: list[Outgoing] = []
+        for ref in self.once.waiting.pop(key, ()):
+            cmd = self.commands.get(ref)
+            if cmd is not None and cmd.once == key:
+                out.append(self._fail(cmd, _forgotten(cmd), now, CommandEvent.FAIL))
+        return out
+
+    def _once_reconcile(self, now: float) -> list[Outgoing]:
+        """After a snapshot restore: settle every waiting command by what the log now holds.
+
+        Its claims and outcomes arrived without effects, so each key waited for here is
+        answered (outcome), refused (forgotten), sent (a claim of this run, never sent) or
+        left waiting (another's claim, or none yet: its proposal is repeated).
+        """
+        once = self.once
+        assert once is not None
+        shared = once.shared
+        out: list[Outgoing] = []
+        for key in list(once.waiting):
+            outcome = shared.outcomes.get(key)
+            if outcome is not None:
+                once.confirmed(key, outcome=True)
+                out.extend(self._once_answer(key, outcome))
+            elif key in shared.forgotten:
+                once.confirmed(key, outcome=True)
+                out.extend(self._once_forget(key, now))
+            elif key in shared.claims:
+                once.confirmed(key, outcome=False)
+                out.extend(self._once_start(key, now))
+        self.counters["once_restores"] += 1
         return out
 
     def _track(self, cmd: Command, conn: ConnectionState) -> None:
@@ -798,7 +898,10 @@ class Broker:
             return [(Side.NODE, ident, [b"", *self._error_frames(err, now, header["id"])])]
         key = (envelope, correlation_id)
         if key not in link.pending_commands:
-            # A reply this node does not owe (a duplicate, or for someone else's command).
+            # A reply this node does not owe (a duplicate, or for someone else's command):
+            # in a cluster, maybe its copy of an exactly-once reply sent to every broker.
+            if self.once is not None and self._once_copy(node, correlation_id, header, [frames[1], frames[2]], now):
+                return []
             self.counters["unexpected_replies"] += 1
             return []
         self._settle(link, ident, key)
@@ -1400,6 +1503,13 @@ def _node_view(node: NodeInfo) -> dict[str, Any]:
 def _health_view(node: NodeInfo) -> dict[str, Any]:
     """What health events say about a node: its name, id and heartbeat interval."""
     return {"node": node.name, "id": node.identity.hex(), "interval": node.interval}
+
+
+def _claimed_node_gone(cmd: Command) -> NodeLostError:
+    return NodeLostError(
+        f"the node claimed to run {cmd.service}.{cmd.action} is gone; the command may have run",
+        details={"exactly_once": True},
+    )
 
 
 def _forgotten(cmd: Command) -> InvalidStateError:

@@ -41,6 +41,7 @@ from ..protocol.errors import MeshError
 from ..security.gate import Peer
 from ..sockets import LINGER_MS, Secure, bound_endpoint, publisher, recv_frames, recv_frames_from, router, send_frames
 from .core import Broker, BrokerConfig, BrokerSecurity, Outgoing, Side
+from .once import next_run
 
 if TYPE_CHECKING:
     from ..cluster.member import ClusterMember
@@ -167,7 +168,7 @@ class BrokerServer:
             from ..security.state import StateLayout
 
             self._keyring_path = StateLayout.at(cluster.state_dir).keyring
-        self.core.join_cluster(shared, self._clock())
+        self.core.join_cluster(shared, self._clock(), run=next_run(shared, name, time.time_ns()))
         shared.take_effects()  # what the restart re-applied concerns no command of this run
         return member
 

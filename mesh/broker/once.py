@@ -7,9 +7,15 @@ Rules of this module:
   loop carries `take_proposals()` to the cluster member and the member's committed
   entries into `SharedState`.
 * A command of an `exactly_once` action runs only after its claim is committed: the
-  claim names one node process (its `instance`), and every broker sends the command
-  to that process only, never to another. The node's own resend table answers a
-  command it has run already, so sending it again after a failover is safe.
+  claim names one node process (its `instance`) and the broker process that proposed it
+  (its `claimant`: the broker's name and this run's incarnation). Only that claimant
+  sends the command, to that node, once (`dispatched`), and only while no outcome is
+  committed. Every other broker, and the same broker after a restart (a new
+  incarnation), waits for the outcome instead of sending it again. So a resend, a
+  re-proposed claim, a snapshot restore or a failover never runs a command twice: the
+  replicated log carries the guarantee, and the node's own resend table is a second line.
+  The price: a claim whose claimant dies between the commit and the node's reply leaves
+  the command's outcome unknown; its callers time out (it may have run).
 * The reply is proposed as the command's outcome and sent to the client only once it
   is committed. A resend, to any broker and after any failover, gets that outcome.
 * A token revoked on one broker is revoked there at once and proposed to the log; every
@@ -23,16 +29,25 @@ Rules of this module:
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Mapping
 from typing import Final
 
-from ..cluster.shared import SharedState, claim_record, outcome_record, revoke_record
+from ..cluster.shared import SharedState, claim_record, claimant, outcome_record, revoke_record, run_record
 
-__all__ = ["RETRY_S", "CommandRef", "OnceTable", "event_key", "keyring_key", "once_key", "policy_key", "revoke_key"]
+__all__ = ["next_run", "RETRY_S", "CommandRef", "OnceTable", "event_key", "keyring_key", "once_key", "policy_key", "revoke_key"]
 
 RETRY_S: Final = 1.0
+MAX_COPIES: Final = 10_000  # node reply copies kept for commands sent by another broker
+MAX_DISPATCHED: Final = 1024  # sent keys kept past this only while the log still holds their claim
 
 CommandRef = tuple[bytes, str]  # a command on this broker: (client identity, command id)
+
+
+def next_run(shared: SharedState, broker: str, clock_ns: int) -> int:
+    """A run number for a broker starting now: above every run of it the log knows, and
+    from the wall clock (in ns) so that one above runs the local log has not caught up with."""
+    return max(clock_ns, shared.runs.get(broker, 0) + 1)
 
 
 def revoke_key(jti: str) -> str:
@@ -68,15 +83,25 @@ class OnceTable:
     """What one broker waits for from the replicated log (see the module rules).
 
     Args:
-        broker: this broker's name, recorded with its claims.
+        broker: this broker's name.
+        run: this run's number, higher than every earlier run of this broker (`next_run`);
+            with the name, it signs the claims proposed here.
         shared: the replicated state this broker's cluster member applies to.
     """
 
-    def __init__(self, broker: str, shared: SharedState) -> None:
+    def __init__(self, broker: str, run: int, shared: SharedState) -> None:
         self.broker = broker
+        self.claimant = claimant(broker, run)
         self.shared = shared
         self.waiting: dict[str, list[CommandRef]] = {}  # key -> commands (client, id) here
         self.running: dict[CommandRef, str] = {}  # dispatched (client, id) -> key
+        # Keys this run has sent to a node: never sent again, whatever is proposed or restored.
+        # Dropped once the key's outcome (or its forgetting) is committed.
+        self.dispatched: set[str] = set()
+        # Copies of node replies to commands another broker run sent (nodes send an
+        # exactly-once reply to every broker): proposed as the outcome once a caller waits
+        # here, so a command whose claimant died after sending it is still answered.
+        self.copies: OrderedDict[str, list[bytes]] = OrderedDict()
         self._proposals: list[bytes] = []
         self._unconfirmed: dict[str, tuple[bytes, float]] = {}  # key -> (record, retry at)
         self._outcomes: set[str] = set()  # the unconfirmed keys whose record is an outcome
@@ -87,7 +112,34 @@ class OnceTable:
 
     def propose_claim(self, key: str, instance: str, now: float) -> None:
         if key not in self._unconfirmed:
-            self._propose(key, claim_record(key, instance, self.broker), now)
+            self._propose(key, claim_record(key, instance, self.claimant), now)
+
+    def may_dispatch(self, key: str) -> str | None:
+        """The node instance to send `key`'s command to now, or None: only when its committed
+        claim is this run's own, it was never sent, and no outcome is committed."""
+        claim = self.shared.claims.get(key)
+        if claim is None or claim[1] != self.claimant or key in self.dispatched:
+            return None
+        if key in self.shared.outcomes or key in self.shared.forgotten:
+            return None
+        return claim[0]
+
+    def settled(self, key: str) -> None:
+        """`key`'s outcome (or its forgetting) is committed: nothing of it is sent again."""
+        self.dispatched.discard(key)
+        self.copies.pop(key, None)
+
+    def keep_copy(self, key: str, reply: list[bytes]) -> None:
+        """A node's reply to `key`, sent by another broker's run: kept until a caller waits here."""
+        self.copies[key] = reply
+        self.copies.move_to_end(key)
+        if len(self.copies) > MAX_COPIES:
+            self.copies.popitem(last=False)
+
+    def propose_run(self, now: float) -> None:
+        """Tell the cluster this run started: claims of earlier runs committed after it are void."""
+        name, _, run = self.claimant.rpartition("/")
+        self._propose(f"run {self.claimant}", run_record(name, int(run)), now)
 
     def propose_revoke(self, jti: str, expires: float, now: float) -> None:
         """A token revoked here: every broker of the cluster refuses it once committed."""
@@ -144,11 +196,15 @@ class OnceTable:
             del self.waiting[key]
             if key not in self._outcomes:
                 self._unconfirmed.pop(key, None)
+        if len(self.dispatched) > MAX_DISPATCHED:  # keys whose outcome never came, claims since dropped
+            self.dispatched = {k for k in self.dispatched if k in self.shared.claims}
 
     def stats(self) -> dict[str, int]:
         return {
             "waiting": len(self.waiting),
             "running": len(self.running),
+            "dispatched": len(self.dispatched),
+            "copies": len(self.copies),
             "unconfirmed": len(self._unconfirmed),
             "claims": len(self.shared.claims),
             "outcomes": len(self.shared.outcomes),

@@ -5,12 +5,14 @@ Rules of this module:
 * Sans-IO and deterministic: `apply` is called with the committed entries in log order
   on every broker, and must leave every broker in the same state. Nothing here reads a
   clock or a random source; what varies (a broker's name, a node's id) is in the record.
-* Each entry is one MessagePack map with an `op` (`claim`, `outcome`, `revoke`,
+* Each entry is one MessagePack map with an `op` (`claim`, `outcome`, `run`, `revoke`,
   `event`, `policy`, `keyring`). An
   entry that is not a valid record (a bug, or a newer broker's op) is counted in
   `invalid` and skipped, the same way on every broker.
 * Exactly-once bookkeeping: the first `claim` of a command key wins and later ones are
-  ignored; the first `outcome` wins. Both tables are bounded (`max_commands` keys,
+  ignored; the first `outcome` wins. A `run` entry records that a broker started a new
+  run (a restart); a claim of one of its earlier runs committed after it is void: that
+  run was over before the claim committed, so it never sent the command. Both tables are bounded (`max_commands` keys,
   oldest out first, by log order), so the state, and each snapshot, stays small. The
   outcomes' bytes are bounded too (`max_outcome_bytes`): past it, the oldest outcome is
   dropped but its key is kept as `forgotten`, so that a resend is refused, not run again.
@@ -57,7 +59,9 @@ __all__ = [
     "EventSink",
     "PolicySet",
     "Published",
+    "Restored",
     "Revoked",
+    "RunStarted",
     "SharedState",
     "claim_record",
     "event_record",
@@ -68,6 +72,8 @@ __all__ = [
     "policy_digest",
     "policy_record",
     "revoke_record",
+    "run_record",
+    "claimant",
 ]
 
 MAX_COMMANDS: Final = 100_000  # exactly-once command keys remembered (claims and outcomes)
@@ -103,6 +109,19 @@ class Forgotten:
     was forgotten for room: nothing can answer it any more, and it is not run again."""
 
     key: str
+
+
+@dataclass(frozen=True, slots=True)
+class RunStarted:
+    """Broker run `claimant` (`claimant()`) is recorded as started."""
+
+    claimant: str
+
+
+@dataclass(frozen=True, slots=True)
+class Restored:
+    """The state was replaced by a snapshot: the claims and outcomes it brought came with
+    no `Claimed` or `Committed` effects, so the broker reconciles what it waits for."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,7 +165,7 @@ class KeyRingSet:
     ring: dict[str, Any]
 
 
-Effect = Claimed | Committed | Forgotten | Revoked | Published | PolicySet | KeyRingSet
+Effect = Claimed | Committed | Forgotten | Restored | RunStarted | Revoked | Published | PolicySet | KeyRingSet
 
 
 class EventSink(Protocol):
@@ -209,6 +228,16 @@ def keyring_record(ring: Mapping[str, Any]) -> bytes:
     return _pack({"op": "keyring", "ring": dict(ring)})
 
 
+def run_record(broker: str, run: int) -> bytes:
+    """The log entry saying broker `broker` started its run number `run` (its earlier runs are over)."""
+    return _pack({"op": "run", "broker": broker, "run": run})
+
+
+def claimant(broker: str, run: int) -> str:
+    """How a claim names the broker run that proposed it."""
+    return f"{broker}/{run}"
+
+
 def revoke_record(jti: str, expires: float) -> bytes:
     """The log entry revoking token id `jti` until `expires`."""
     return _pack({"op": "revoke", "jti": jti, "expires": float(expires)})
@@ -236,6 +265,9 @@ class SharedState:
         self.policy_changes: OrderedDict[str, None] = OrderedDict()  # ids of mesh.policy changes applied
         self.keyring: dict[str, Any] | None = None  # the payload key ring's metadata in force
         self.claims: OrderedDict[str, tuple[str, str]] = OrderedDict()  # key -> (node, broker)
+        self.claim_ids: dict[str, str] = {}  # command id -> its claimed key (the newest, if ids repeat)
+        self.runs: dict[str, int] = {}  # broker name -> the highest run number it started
+        self.void_claims = 0  # claims committed after their broker's run was over
         self.outcomes: OrderedDict[str, tuple[bytes, bytes]] = OrderedDict()  # in commit order
         self.outcome_bytes = 0
         self.forgotten: set[str] = set()  # claimed keys whose outcome was dropped for room
@@ -262,6 +294,13 @@ class SharedState:
                 if not (isinstance(reply, list) and len(reply) == 2 and all(isinstance(f, bytes) for f in reply)):
                     raise ValueError("reply")
                 self._outcome(_text(record, "key"), (reply[0], reply[1]))
+            elif op == "run":
+                run = record.get("run")
+                if isinstance(run, bool) or not isinstance(run, int):
+                    raise ValueError("run")
+                broker = _text(record, "broker")
+                self.runs[broker] = max(self.runs.get(broker, run), run)
+                self._effects.append(RunStarted(claimant(broker, run)))
             elif op == "revoke":
                 expires = record.get("expires")
                 if isinstance(expires, bool) or not isinstance(expires, (int, float)):
@@ -290,9 +329,18 @@ class SharedState:
             self.invalid += 1
 
     def _claim(self, key: str, node: str, broker: str) -> None:
+        name, _, run = broker.rpartition("/")
+        if run.isdigit() and self.runs.get(name, -1) > int(run):
+            # Its broker restarted before this claim committed, so that run never learned of
+            # the commit and never sent the command: the claim is void, and another may win.
+            self.void_claims += 1
+            return
         first = self.claims.setdefault(key, (node, broker))
+        self.claim_ids[_command_id(key)] = key
         if len(self.claims) > self.max_commands:
             old, _ = self.claims.popitem(last=False)
+            if self.claim_ids.get(_command_id(old)) == old:
+                del self.claim_ids[_command_id(old)]
             self._drop_outcome(old)
             self.forgotten.discard(old)
         # Every broker hears which claim won, also the one whose claim lost.
@@ -360,6 +408,7 @@ class SharedState:
             "outcomes": [[k, h, p] for k, (h, p) in self.outcomes.items()],
             "forgotten": sorted(self.forgotten),
             "revoked": self.revoked,
+            "runs": self.runs,
             "event_ids": [[t, i, q] for (t, i), q in self.event_ids.items()],
             "events": self.events.snapshot_topics(EVENT_SNAPSHOT_BYTES) if self.events is not None else None,
             "policy": self.policy,
@@ -381,6 +430,7 @@ class SharedState:
             outcomes = OrderedDict((str(k), (bytes(h), bytes(p))) for k, h, p in snap["outcomes"])
             forgotten = {str(k) for k in snap.get("forgotten", ())}
             revoked = {str(j): float(e) for j, e in snap["revoked"].items()}
+            runs = {str(b): int(r) for b, r in snap.get("runs", {}).items()}
             event_ids = OrderedDict(((str(t), str(i)), int(q)) for t, i, q in snap.get("event_ids", ()))
             applied = int(snap["applied"])
             policy_changes = OrderedDict((str(c), None) for c in snap.get("policy_changes", ()))
@@ -395,11 +445,15 @@ class SharedState:
         if self.events is not None and snap.get("events") is not None:
             self.events.restore_topics(snap["events"])
         self.claims, self.outcomes, self.revoked, self.applied = claims, outcomes, revoked, applied
+        self.claim_ids = {_command_id(key): key for key in claims}
+        self.runs = runs
         self.outcome_bytes, self.forgotten = sum(map(_size, outcomes.values())), forgotten
         self.event_ids = event_ids
         self.policy, self.policy_changes = policy, policy_changes
         self.keyring = keyring
-        # What the broker acts on that the snapshot brought: the revocations and the policy.
+        # What the broker acts on that the snapshot brought: the revocations, the policy,
+        # and (Restored) the claims and outcomes of the commands it waits for.
+        self._effects.append(Restored())
         self._effects.extend(Revoked(j, e) for j, e in revoked.items())
         if policy is not None:
             self._effects.append(PolicySet("", policy))
@@ -425,6 +479,11 @@ def check_ring(ring: Any) -> None:
             raise ValueError("keyring")
         if any(t is not None and (isinstance(t, bool) or not isinstance(t, (int, float))) for t in times.values()):
             raise ValueError("keyring")
+
+
+def _command_id(key: str) -> str:
+    """The command id a command key begins with (`mesh.broker.once.once_key`)."""
+    return key.partition("|")[0]
 
 
 def _size(reply: tuple[bytes, bytes]) -> int:

@@ -188,7 +188,7 @@ def mutate_value(rng: random.Random, value: Any, depth: int = 0) -> Any:
         elif op == 3:
             out[key] = [out[key]]
         elif op == 4 and isinstance(key, str):
-            out[key.encode()] = out.pop(key)  # the key as bin
+            out[key.encode("utf-8", "surrogatepass")] = out.pop(key)  # the key as bin (even a lone surrogate)
         elif op == 5:
             out[rng.choice([1, None, 1.5, b"v", True])] = out[key]
         elif op == 6:

@@ -20,24 +20,46 @@ class Cluster:
 
     def __init__(self, **config: int) -> None:
         self.log: list[bytes] = []
+        self.registrations: list[tuple[bytes, dict[str, object]]] = []
         self.brokers = [Broker(BrokerConfig(name=f"b{i}", **config)) for i in (1, 2)]
         self.states = [SharedState(events=broker.events) for broker in self.brokers]
         for broker, state in zip(self.brokers, self.states):
-            broker.join_cluster(state)
+            broker.join_cluster(state, 0.0, run=1)
+        self.commit(0.0)  # each broker's `run` entry: the tests start from a settled log
 
     def register(self, ident: bytes, instance: str, *, capacity: int = 2) -> None:
         payload = {**registration(ONCE, capacity=capacity, name=ident.decode()), "instance": instance}
+        self.registrations.append((ident, payload))
         for broker in self.brokers:
             out = broker.node_message(ident, node_system("register", payload), 0.0)
             assert header_of(out[0][2][1:]).type.value == "response"
 
-    def commit(self, now: float = 1.0, *, drop: bool = False) -> list[list[Outgoing]]:
-        """Take every broker's proposals into the log (or lose them), apply, act."""
-        for broker in self.brokers:
+    def restart(self, index: int, *, run: int) -> Broker:
+        """Broker `index` restarted: a new core and state that replay the whole log, with the
+        node registered again (as it re-registers with a restarted broker)."""
+        broker = Broker(BrokerConfig(name=f"b{index + 1}"))
+        state = SharedState(events=broker.events)
+        for i, entry in enumerate(self.log, 1):
+            state.apply(i, entry)
+        state.take_effects()  # what the restart re-applied concerns no command of this run
+        broker.join_cluster(state, 0.0, run=run)
+        self.brokers[index], self.states[index] = broker, state
+        for ident, payload in self.registrations:
+            broker.node_message(ident, node_system("register", payload), 0.0)
+        return broker
+
+    def commit(self, now: float = 1.0, *, drop: bool = False, paused: frozenset[int] = frozenset()) -> list[list[Outgoing]]:
+        """Take every broker's proposals into the log (or lose them), apply, act; a broker
+        in `paused` neither proposes nor applies nor acts (its answer is [])."""
+        for i, broker in enumerate(self.brokers):
+            if i in paused:
+                continue
             taken = broker.take_proposals(now)
             if not drop:
                 self.log.extend(taken)
-        for state in self.states:
+        for i, state in enumerate(self.states):
+            if i in paused:
+                continue
             for index in range(state.applied + 1, len(self.log) + 1):
                 state.apply(index, self.log[index - 1])
-        return [broker.apply_shared(now) for broker in self.brokers]
+        return [[] if i in paused else broker.apply_shared(now) for i, broker in enumerate(self.brokers)]

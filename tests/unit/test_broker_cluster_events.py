@@ -102,6 +102,7 @@ def test_a_snapshot_carries_numbering_and_history_and_leaves_the_brokers_own_top
     fresh.events.emit("mesh.broker.up", {"name": "b3"}, 0.0)
     state = SharedState(events=fresh.events)
     state.restore(snap)
+    state.take_effects()  # what the restore asks the broker to reconcile
     assert fresh.events.topics["orders.new"].seq == 3 and fresh.events.topics["mesh.broker.up"].seq == 1
     replay = fresh.events.replay({"prefix": "orders", "after": 1}, 1 << 20)
     assert [msgpack.unpackb(h)["seq"] for h, _ in replay["events"]] == [2, 3]

@@ -57,7 +57,7 @@ class Cluster:
         self.brokers = [secure_broker("b1", FIRST), secure_broker("b2", OTHER)]
         self.states = [SharedState(events=b.events) for b in self.brokers]
         for broker, state in zip(self.brokers, self.states):
-            broker.join_cluster(state, NOW)
+            broker.join_cluster(state, NOW, run=1)
 
     def commit(self) -> list[list[Outgoing]]:
         for broker in self.brokers:
@@ -114,7 +114,7 @@ def test_a_policy_with_problems_is_refused_with_each_one() -> None:
     err = error_of(out[2])
     assert err.code == ErrorCode.VALIDATION_FAILED and len(err.details["problems"]) == 2
     proposals = [msgpack.unpackb(p) for p in cluster.brokers[0].take_proposals(NOW)]
-    assert [(p["op"], p["change"]) for p in proposals] == [("policy", None)]  # the start-up one only
+    assert [(p["op"], p.get("change")) for p in proposals] == [("run", None), ("policy", None)]  # start-up ones only
 
 
 def test_a_snapshot_brings_the_policy_to_a_broker_that_missed_it() -> None:
@@ -122,7 +122,7 @@ def test_a_snapshot_brings_the_policy_to_a_broker_that_missed_it() -> None:
     cluster.commit()
     late = secure_broker("b3", OTHER)
     state = SharedState(events=late.events)
-    late.join_cluster(state, NOW)
+    late.join_cluster(state, NOW, run=1)
     state.restore(cluster.states[0].snapshot())
     late.apply_shared(NOW)
     assert allowed(late, "ping", "p1")
@@ -149,4 +149,4 @@ def test_a_node_may_not_change_the_policy() -> None:
     b1, _ = cluster.brokers
     out = only(b1.node_message(b"node-x", [b"", *call_frames("policy", {"policy": CHANGED})], NOW, ALICE))
     assert error_of(out[2][1:]).code == ErrorCode.ACCESS_DENIED
-    assert [msgpack.unpackb(p)["change"] for p in b1.take_proposals(NOW)] == [None]
+    assert [msgpack.unpackb(p).get("change") for p in b1.take_proposals(NOW)] == [None, None]  # run, start-up policy

@@ -83,24 +83,23 @@ def test_a_resend_whose_outcome_was_dropped_for_room_is_refused_not_run_again(cl
     assert payload_of(only(b2.client_message(CLIENT_B, command_frames("pay", "charge", id="c2"), 2.0))[2]) == "charged"
 
 
-def test_a_late_outcome_of_a_forgotten_command_is_proposed_once(cluster: Cluster) -> None:
-    """b2 dispatched a resend; b1's outcome commits (answering both clients) and is forgotten
-    before b2's copy of the reply comes: b2 proposes it once, hears it is in the log, and stops."""
-    b1, b2 = cluster.brokers
+def test_a_late_outcome_of_a_forgotten_command_is_proposed_once() -> None:
+    """c1's claim is pushed out of the log's table (room for one key) while c1 runs: its
+    reply is proposed once, every broker hears it is forgotten, and its caller is refused."""
+    cluster = Cluster()
+    cluster.register(NODE_A, "inst-a")
+    for state in cluster.states:
+        state.max_commands = 1
+    b1, _ = cluster.brokers
     b1.client_message(CLIENT, command_frames("pay", "charge", id="c1"), 1.0)
     first = only(cluster.commit()[0])
-    _, _, again = only(b2.client_message(CLIENT_B, command_frames("pay", "charge", id="c1"), 2.0))
-    b1.node_message(NODE_A, reply(first[2], "done"), 2.1)
-    assert [payload_of(only(out)[2]) for out in cluster.commit(2.2)] == ["done", "done"]
-    for state in cluster.states:
-        state.max_outcome_bytes = 1
-    b1.client_message(CLIENT, command_frames("pay", "charge", id="c2"), 2.3)
-    (dispatch,) = [f for _, _, f in cluster.commit(2.3)[0]]
-    b1.node_message(NODE_A, reply(dispatch, "done"), 2.4)
-    cluster.commit(2.4)  # c2's outcome pushes c1's out
-    assert b2.node_message(NODE_A, reply(again, "done"), 2.5) == []
-    assert cluster.commit(2.6) == [[], []] and cluster.states[1].forgotten == {once_key("c1", "pay", "charge", None)}
-    assert b2.take_proposals(10.0) == []  # not proposed again every second
+    b1.client_message(CLIENT, command_frames("pay", "charge", id="c2"), 2.0)
+    assert len(to_nodes(cluster.commit(2.0)[0])) == 1  # c2's claim pushes c1's out
+    assert b1.node_message(NODE_A, reply(first[2], "done"), 2.5) == []
+    out1, out2 = cluster.commit(2.6)
+    err = error_of(only(out1)[2])
+    assert err.details == {"exactly_once": True, "outcome": "forgotten"} and out2 == []
+    assert b1.take_proposals(10.0) == []  # not proposed again every second
 
 
 def test_a_reply_too_large_for_the_log_commits_as_an_error_that_says_it_ran() -> None:
@@ -118,25 +117,95 @@ def test_a_reply_too_large_for_the_log_commits_as_an_error_that_says_it_ran() ->
     assert resend.code == ErrorCode.MESSAGE_TOO_LARGE  # the same committed answer, and not run again
 
 
-def test_a_resend_while_it_runs_goes_to_the_claimed_node_only(cluster: Cluster) -> None:
-    """After a failover the command goes again to the node holding the claim, never to another."""
+def test_a_resend_to_another_broker_while_it_runs_waits_for_the_outcome(cluster: Cluster) -> None:
+    """Invariant: only the broker run whose claim is committed sends the command. A resend
+    through b2 while b1's node runs it is not sent again (the node's table is not relied
+    on); it gets the outcome b1 commits."""
     b1, b2 = cluster.brokers
     cluster.register(NODE_B, "inst-b", capacity=10)  # emptier: plain routing would pick it
     b1.client_message(CLIENT, command_frames("pay", "charge", id="c1"), 1.0)
-    first = only(cluster.commit()[0])
-    claimed = first[1]
-    out = b2.client_message(CLIENT_B, command_frames("pay", "charge", id="c1"), 2.0)
-    side, ident, again = only(out)
-    assert (side, ident) == (Side.NODE, claimed)
-    # The node answers the resend (its own table replays the reply); b2 commits it.
-    b2.node_message(claimed, reply(again, "done"), 2.1)
+    side, claimed, first = only(cluster.commit()[0])
+    assert b2.client_message(CLIENT_B, command_frames("pay", "charge", id="c1"), 2.0) == []
+    assert b2.counters["once_awaited"] == 1 and b2.take_proposals(2.0) == []
+    b1.node_message(claimed, reply(first, "done"), 2.1)
     out1, out2 = cluster.commit(2.2)
     assert [payload_of(f) for _, _, f in to_clients(out1)] == ["done"]
     assert [payload_of(f) for _, _, f in to_clients(out2)] == ["done"]
-    # b1's own copy of the reply arrives late: nothing is answered or committed twice.
-    assert b1.node_message(claimed, reply(first[2], "done"), 2.3) == []
-    cluster.commit(2.4)
-    assert len(cluster.states[0].outcomes) == 1
+    assert b1.counters["once_dispatched"] + b2.counters["once_dispatched"] == 1
+
+
+def test_a_resend_on_another_connection_to_the_same_broker_is_not_sent_twice(cluster: Cluster) -> None:
+    """Two copies of one command wait on one broker when its claim commits: one is sent,
+    both get the one outcome."""
+    b1, _ = cluster.brokers
+    b1.client_message(CLIENT, command_frames("pay", "charge", id="c1"), 1.0)
+    b1.client_message(CLIENT_B, command_frames("pay", "charge", id="c1"), 1.0)
+    (dispatch,) = [f for _, _, f in to_nodes(cluster.commit()[0])]
+    b1.node_message(NODE_A, reply(dispatch, "done"), 1.1)
+    answers = to_clients(cluster.commit(1.2)[0])
+    assert sorted(ident for _, ident, _ in answers) == sorted([CLIENT, CLIENT_B])
+    assert {payload_of(f) for _, _, f in answers} == {"done"}
+
+
+def test_a_restarted_broker_does_not_send_a_claim_of_its_earlier_run(cluster: Cluster) -> None:
+    """b1 claims and sends c1, then restarts (a new incarnation, the log replayed): a resend
+    to it waits for the outcome instead of sending c1 again."""
+    b1, _ = cluster.brokers
+    b1.client_message(CLIENT, command_frames("pay", "charge", id="c1"), 1.0)
+    (dispatch,) = [f for _, _, f in to_nodes(cluster.commit()[0])]
+    reborn = cluster.restart(0, run=2)
+    assert reborn.client_message(CLIENT, command_frames("pay", "charge", id="c1"), 2.0) == []
+    assert cluster.commit(2.1) == [[], []]
+    assert reborn.counters["once_awaited"] == 1
+
+
+def test_a_paused_broker_restored_from_a_snapshot_answers_from_the_log_and_sends_nothing(cluster: Cluster) -> None:
+    """The issue's schedule in small: b1 holds c1 waiting for its claim and is paused; the
+    client fails over to b2, which claims, runs and commits c1; b1 resumes and catches up
+    from a snapshot (which carries no effects). b1 answers its copy from the committed
+    outcome, and its own claim, proposed again, does not send c1 a second time."""
+    b1, b2 = cluster.brokers
+    b1.client_message(CLIENT, command_frames("pay", "charge", id="c1"), 1.0)
+    b1.take_proposals(1.0)  # forwarded to a leader that is lost with the pause
+    b2.client_message(CLIENT_B, command_frames("pay", "charge", id="c1"), 2.0)
+    (dispatch,) = [f for _, _, f in to_nodes(cluster.commit(2.0, paused=frozenset({0}))[1])]
+    b2.node_message(NODE_A, reply(dispatch, "done"), 2.1)
+    assert [payload_of(f) for _, _, f in cluster.commit(2.2, paused=frozenset({0}))[1]] == ["done"]
+    cluster.states[0].restore(cluster.states[1].snapshot())
+    out = b1.apply_shared(30.0)
+    assert to_nodes(out) == [] and [payload_of(f) for _, _, f in to_clients(out)] == ["done"]
+    assert cluster.commit(31.0) == [[], []] and b1.counters["once_dispatched"] == 0
+
+
+def test_a_claim_of_its_own_found_in_a_snapshot_is_sent_once(cluster: Cluster) -> None:
+    """b1's claim committed while b1 was paused (b2 waits on it without sending); b1 resumes
+    through a snapshot: being the claimant run and never having sent it, b1 sends it, once."""
+    b1, b2 = cluster.brokers
+    b1.client_message(CLIENT, command_frames("pay", "charge", id="c1"), 1.0)
+    cluster.log.extend(b1.take_proposals(1.0))  # b1's claim reached the leader before the pause
+    assert b2.client_message(CLIENT_B, command_frames("pay", "charge", id="c1"), 2.0) == []  # no claim yet
+    cluster.commit(2.0, paused=frozenset({0}))
+    b2.take_proposals(2.0)
+    cluster.states[0].restore(cluster.states[1].snapshot())
+    sent = to_nodes(b1.apply_shared(30.0))
+    assert len(sent) == 1 and to_nodes(cluster.commit(31.0)[1]) == []
+    b1.node_message(NODE_A, reply(sent[0][2], "done"), 31.1)
+    assert [len(to_clients(out)) for out in cluster.commit(31.2)] == [1, 1]
+
+
+def test_a_claim_committed_after_its_broker_restarted_is_void(cluster: Cluster) -> None:
+    """b1 proposes a claim and dies; its next run's `run` entry commits before the claim:
+    the claim is void on every broker (that run never sent c1), so b2's claim wins and runs it."""
+    b1, b2 = cluster.brokers
+    b1.client_message(CLIENT, command_frames("pay", "charge", id="c1"), 1.0)
+    stale = b1.take_proposals(1.0)
+    reborn = cluster.restart(0, run=2)
+    cluster.commit(1.5)  # the new run's entry
+    cluster.log.extend(stale)  # the dead run's claim, late
+    b2.client_message(CLIENT_B, command_frames("pay", "charge", id="c1"), 2.0)
+    out = cluster.commit(2.0)
+    assert len(to_nodes(out[1])) == 1 and to_nodes(out[0]) == []
+    assert all(s.void_claims == 1 for s in cluster.states) and reborn.once is not None
 
 
 def test_racing_claims_agree_on_the_first(cluster: Cluster) -> None:
@@ -179,13 +248,14 @@ def test_a_handler_error_is_committed_but_a_capacity_refusal_is_not(cluster: Clu
     out = b1.node_message(NODE_A, error_reply(d1, ResourceExhaustedError("busy")), 1.1)
     assert error_of(only(out)[2]).code == ErrorCode.RESOURCE_EXHAUSTED
     assert cluster.commit(1.2) == [[], []] and not cluster.states[0].outcomes
-    # The client retries: the claim stands, so the same node gets it again.
-    (_, ident, d2), = b2.client_message(CLIENT_B, command_frames("pay", "charge", id="c1"), 2.0)
+    # The client retries: the claim stands, and the node proved it never started c1, so
+    # the claimant sends it to the same node again.
+    (_, ident, d2), = b1.client_message(CLIENT, command_frames("pay", "charge", id="c1"), 2.0)
     assert ident == NODE_A
-    b2.node_message(NODE_A, error_reply(d2, ValidationFailedError("no such card")), 2.1)
-    _, out2 = cluster.commit(2.2)
-    assert error_of(only(out2)[2]).code == ErrorCode.VALIDATION_FAILED
-    replay = b1.client_message(CLIENT, command_frames("pay", "charge", id="c1"), 3.0)
+    b1.node_message(NODE_A, error_reply(d2, ValidationFailedError("no such card")), 2.1)
+    out1, _ = cluster.commit(2.2)
+    assert error_of(only(out1)[2]).code == ErrorCode.VALIDATION_FAILED
+    replay = b2.client_message(CLIENT_B, command_frames("pay", "charge", id="c1"), 3.0)
     assert error_of(only(replay)[2]).code == ErrorCode.VALIDATION_FAILED
 
 
