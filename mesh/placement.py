@@ -188,13 +188,13 @@ def _check_reach(
     others = [(who, h) for who, h in dialers if h != host.name and h in hosts]
     m = _TCP.fullmatch(endpoint)
     if m is not None and m["port"] == "*" and others:
-        c.bad(key, f"needs a fixed port: {_names(others)} dial it from another host, whose mesh up cannot learn a port chosen on {host.name}")
+        c.bad(key, f"needs a fixed port: {_names(others)} {_dial(others)} it from another host, whose mesh up cannot learn a port chosen on {host.name}")
         return
     far = [(who, h) for who, h in others if not _same_machine(host, hosts[h])]
     if not far:
         return
     if m is None:
-        c.bad(key, f"{endpoint} can be reached on host {host.name}'s machine only, but {_names(far)} dial it from another machine; use tcp://{host.address}:PORT")
+        c.bad(key, f"{endpoint} can be reached on host {host.name}'s machine only, but {_names(far)} {_dial(far)} it from another machine; use tcp://{host.address}:PORT")
         return
     address = host.address if m["address"] in WILDCARDS else m["address"]
     if not _loopback(address):
@@ -202,8 +202,12 @@ def _check_reach(
     if address == host.address:
         c.bad(key, f"host {host.name}'s address {address} is a loopback address, which {_names(far)} cannot reach from another machine: give hosts.{host.name}.address the address the other machines reach it at")
     else:
-        c.bad(key, f"{endpoint} is a loopback address, reachable on host {host.name}'s machine only, but {_names(far)} dial it from another machine; write tcp://{host.address}:{m['port']} or tcp://*:{m['port']}")
+        c.bad(key, f"{endpoint} is a loopback address, reachable on host {host.name}'s machine only, but {_names(far)} {_dial(far)} it from another machine; write tcp://{host.address}:{m['port']} or tcp://*:{m['port']}")
 
 
-def _names(dialers: Iterable[tuple[str, str]]) -> str:
+def _names(dialers: list[tuple[str, str]]) -> str:
     return ", ".join(f"{who} on {h}" for who, h in dialers)
+
+
+def _dial(dialers: list[tuple[str, str]]) -> str:
+    return "dials" if len(dialers) == 1 else "dial"

@@ -188,7 +188,7 @@ def parse(data: dict[str, Any], source: str = "<topology>") -> Topology:
     name = c.get(mesh, "name", str, "mesh", "mesh")
 
     brokers: dict[str, BrokerSpec] = {}
-    endpoints: dict[str, str] = {}
+    endpoints: dict[tuple[str | None, str], str] = {}  # (host, endpoint) -> its key: one per host
     raw_brokers = c.table(data, "brokers", "")
     if not raw_brokers:
         c.bad("brokers", "at least one broker is required ([brokers.NAME])")
@@ -209,6 +209,7 @@ def parse(data: dict[str, Any], source: str = "<topology>") -> Topology:
             c.bad(f"{where}.peer", "needs a [cluster] table (a peer endpoint is for a cluster of brokers)")
         elif clustered and "peer" not in raw:
             c.bad(f"{where}.peer", f"is required in a cluster: broker {bname} needs the endpoint its peers dial (peer = \"tcp://HOST:PORT\")")
+        host = entry_host(c, raw, where, host_names)
         eps = {}
         for side in ("clients", "nodes", "events", "peer"):
             ep = c.get(raw, side, str, where, "", required=side in ("clients", "nodes"))
@@ -217,10 +218,10 @@ def parse(data: dict[str, Any], source: str = "<topology>") -> Topology:
                 c.bad(f"{where}.{side}", f"{ep!r} is not a ZeroMQ endpoint (tcp://HOST:PORT with a port from 1 to 65535, or ipc://PATH)")
             elif side == "peer" and m is not None and m.group(2) == "*":
                 c.bad(f"{where}.peer", "needs a fixed port: the other brokers dial it")
-            elif ep and ep in endpoints:
-                c.bad(f"{where}.{side}", f"{ep} is already used by {endpoints[ep]}")
+            elif ep and (host, ep) in endpoints:
+                c.bad(f"{where}.{side}", f"{ep} is already used by {endpoints[host, ep]}")
             elif ep:
-                endpoints[ep] = f"{where}.{side}"
+                endpoints[host, ep] = f"{where}.{side}"
             eps[side] = ep
         spec = BrokerSpec(
             name=bname,
@@ -237,7 +238,7 @@ def parse(data: dict[str, Any], source: str = "<topology>") -> Topology:
             monitor=c.get(raw, "monitor", str, where, None),
             monitor_token_file=c.get(raw, "monitor_token_file", str, where, None),
             peer=eps["peer"] or None,
-            host=entry_host(c, raw, where, host_names),
+            host=host,
         )
         _monitor(c, spec, where, data.get("security"))
         for key in ("queue_limit", "timeout", "max_message_bytes", "event_hwm", "max_topics", "max_retained_bytes"):

@@ -127,12 +127,23 @@ def test_wildcards_and_local_only_endpoints_that_no_other_host_dials_are_accepte
     assert topo.brokers["b1"].nodes == "tcp://0.0.0.0:5656"
 
 
+def test_every_host_may_listen_on_the_same_wildcard_endpoint_but_each_once():
+    """Endpoints are distinct per host: `tcp://*:5656` on h1 and on h2 are two listeners."""
+    data = placed()
+    for b in data["brokers"].values():
+        b.update(clients="tcp://*:5655", nodes="tcp://*:5656", peer="tcp://*:7101")
+    topo = parse(data)
+    assert topo.dial(topo.brokers["b3"].peer or "", "b3") == "tcp://10.77.0.3:7101"
+    data["brokers"]["b2"]["events"] = "tcp://*:5656"
+    assert problems(data) == {"brokers.b2.events": "tcp://*:5656 is already used by brokers.b2.nodes"}
+
+
 def test_an_ipc_endpoint_dialled_from_another_machine_is_refused():
     """The nodes on h4 must reach b1's `nodes` endpoint: an ipc:// socket exists on h1 only."""
     found = problems(placed(brokers__b1__nodes="ipc:///run/mesh/nodes"))
     assert found == {
         "brokers.b1.nodes": "ipc:///run/mesh/nodes can be reached on host h1's machine only, but node echo on h4 "
-        "dial it from another machine; use tcp://10.77.0.1:PORT"
+        "dials it from another machine; use tcp://10.77.0.1:PORT"
     }
 
 
@@ -169,7 +180,7 @@ def test_hosts_at_loopback_addresses_are_one_machine_where_ipc_and_loopback_reac
 def test_a_port_chosen_at_start_cannot_be_dialled_from_another_host():
     """`*` as port is learnt from the broker's ready line, which only its own host's mesh up reads."""
     found = problems(placed(brokers__b2__nodes="tcp://10.77.0.2:*"))
-    assert found["brokers.b2.nodes"].startswith("needs a fixed port: node echo on h4 dial it from another host")
+    assert found["brokers.b2.nodes"].startswith("needs a fixed port: node echo on h4 dials it from another host")
     same_host = placed(brokers__b2__nodes="tcp://10.77.0.2:*", nodes__echo__host="h2")
     parse(same_host)  # the node on h2 reads b2's ready line
 
