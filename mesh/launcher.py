@@ -142,10 +142,9 @@ class Launcher:
         sec = self.topology.security
         if sec is None:
             return
+        from .monitor.server import monitor_settings
         from .plugins import load_node
         from .security.state import ensure_state
-
-        from .monitor.server import monitor_settings
 
         services = {
             spec.name: sorted({svc for svc, _ in load_node(spec.use, spec.config).actions})
@@ -158,7 +157,7 @@ class Launcher:
             # The monitor token is made by the first broker that misses it: brokers starting
             # together would each make their own, so make it once here, before any starts.
             for b in self.topology.brokers.values():
-                if b.monitor is not None:
+                if b.monitor is not None and (self.host is None or b.host == self.host):
                     monitor_settings(b.monitor, b.monitor_token_file, str(layout.root))
         self.state = layout.root
         if layout.created:
@@ -199,7 +198,10 @@ class Launcher:
         cluster = self.topology.cluster
         if cluster is not None:
             # Its own peer endpoint as written (it listens there), the others' as dialled.
-            members = {m.name: m.peer if m is b else self.topology.dial(m.peer or "", m.name) for m in self.topology.brokers.values()}
+            members = {
+                m.name: m.peer if m is b else self.topology.dial(m.peer or "", m.name)
+                for m in self.topology.brokers.values()
+            }
             argv += [a for name, peer in members.items() for a in ("--member", f"{name}={peer}")]
             argv += ["--data", str(Path(cluster.data) / b.name)]
             argv += [a for learner in cluster.learners for a in ("--learner", learner)]
