@@ -674,15 +674,21 @@ def topology_check(file: str) -> None:
         topo = load(file)
     except TopologyError as err:
         raise UsageError(err.message) from None
+    where = f" on {len(topo.hosts)} host(s)" if topo.hosts else ""
     click.echo(
-        f"{file}: ok ({len(topo.brokers)} broker(s), {sum(n.replicas for n in topo.nodes.values())} node process(es))"
+        f"{file}: ok ({len(topo.brokers)} broker(s), {sum(n.replicas for n in topo.nodes.values())} node process(es){where})"
     )
+    for host in topo.hosts.values():
+        parts = [f"broker {b.name}" for b in topo.brokers.values() if b.host == host.name]
+        parts += [f"node {n.name}" + (f" x{n.replicas}" if n.replicas > 1 else "") for n in topo.nodes.values() if n.host == host.name]
+        click.echo(f"  {host.name} ({host.address}): {', '.join(parts) or 'nothing (clients only)'}")
 
 
 @main.command()
 @click.argument("file", type=click.Path(dir_okay=False))
-def up(file: str) -> None:
-    """Start every broker and node of a topology; Ctrl-C or SIGTERM stops them all."""
+@click.option("--host", default=None, metavar="NAME", help="Run only the brokers and nodes the topology's [hosts] places on NAME (one mesh up per machine).")
+def up(file: str, host: str | None) -> None:
+    """Start every broker and node of a topology (or of one host); Ctrl-C or SIGTERM stops them all."""
     from .launcher import Launcher
     from .topology import TopologyError, load
 
@@ -690,8 +696,8 @@ def up(file: str) -> None:
         topo = load(file)
     except TopologyError as err:
         raise UsageError(err.message) from None
-    launcher = Launcher(topo, echo=click.echo)
     try:
+        launcher = Launcher(topo, echo=click.echo, host=host)
         launcher.prepare_security()
     except MeshError as err:
         _fail(err)

@@ -15,12 +15,20 @@ Rules of this module:
   `mesh up` exits with status 1 at the end. Nothing is restarted once shutdown began.
 * A cluster's brokers each get every member (`--member`), their own data directory and
   the cluster's settings; nodes get every broker's node endpoint, in topology order.
+  A broker's own `--member` entry is the endpoint it listens on as written; every other
+  endpoint a process dials has a wildcard address replaced by its host's (`Topology.dial`).
+* With `host`, only that host's brokers and nodes run here (`mesh up FILE --host NAME`);
+  the nodes still dial every broker they serve, wherever it runs. Launchers on several
+  hosts share nothing but the topology file and the security state directory; the state
+  is made under an exclusive lock on `STATE/up.lock`, so launchers started together on
+  one filesystem make it once.
 * Child output is passed through line by line, prefixed with the process name.
 """
 
 from __future__ import annotations
 
 import ctypes
+import fcntl
 import json
 import os
 import re
@@ -29,12 +37,14 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Final
 
-from .topology import BrokerSpec, ClusterSpec, NodeSpec, Topology
+from .protocol import ConfigurationError
+from .topology import BrokerSpec, NodeSpec, Topology
 
 __all__ = ["BROKER_READY", "NODE_READY", "Launcher"]
 
@@ -44,6 +54,7 @@ STABLE_AFTER: Final = 10.0
 GIVE_UP_AFTER: Final = 5  # quick failures in a row: 0.5 + 1 + 2 + 4 s of backoff, then no more
 STOP_GRACE: Final = 12.0
 READY_TIMEOUT: Final = 15.0
+STATE_LOCK: Final = "up.lock"  # in the security state directory (module rules)
 # The lines `mesh broker` and `mesh node` print once they serve (see cli.py).
 BROKER_READY: Final = re.compile(
     r"^broker (?P<name>\S+) ready clients=(?P<clients>\S+) nodes=(?P<nodes>\S+) events=(?P<events>\S+)"
@@ -93,18 +104,30 @@ class Launcher:
     Args:
         topology: a checked topology.
         echo: where status lines go (the CLI passes click.echo).
+        host: run only the brokers and nodes placed on this host of the topology's
+            `[hosts]`; None runs all of them.
+
+    Raises:
+        ConfigurationError: `host` is given but the topology has no `[hosts]`, does not
+            name it, or places nothing on it.
     """
 
-    def __init__(self, topology: Topology, echo: Callable[[str], None] = print) -> None:
+    def __init__(self, topology: Topology, echo: Callable[[str], None] = print, host: str | None = None) -> None:
         self.topology = topology
         self.echo = echo
+        self.host = host
         self._stopping = threading.Event()
-        self.node_endpoints: dict[str, str] = {}  # broker name -> endpoint for nodes
+        # broker name -> where nodes dial it; a broker started here updates its entry
+        # from its ready line (a topology may ask for port `*`).
+        self.node_endpoints = {b.name: topology.dial(b.nodes, b.name) for b in topology.brokers.values()}
         self.state: Path | None = None
-        cluster = topology.cluster
-        self.processes: list[_Process] = [self._broker(b, topology.brokers, cluster) for b in topology.brokers.values()]
+        _check_host(topology, host)
+        here = [b for b in topology.brokers.values() if host is None or b.host == host]
+        self.processes: list[_Process] = [self._broker(b) for b in here]
         for spec in topology.nodes.values():
-            served = tuple(topology.brokers) if cluster is not None else (spec.broker,)
+            if host is not None and spec.host != host:
+                continue
+            served = tuple(topology.brokers) if topology.cluster is not None else (spec.broker,)
             for i in range(spec.replicas):
                 self.processes.append(self._node(spec, served, i))
 
@@ -119,6 +142,7 @@ class Launcher:
         sec = self.topology.security
         if sec is None:
             return
+        from .monitor.server import monitor_settings
         from .plugins import load_node
         from .security.state import ensure_state
 
@@ -126,17 +150,23 @@ class Launcher:
             spec.name: sorted({svc for svc, _ in load_node(spec.use, spec.config).actions})
             for spec in self.topology.nodes.values()
         }
-        layout = ensure_state(sec.state, nodes=services, clients=sec.clients, now=time.time())
+        # Every host's launcher makes the whole state (it is one for the mesh), under the
+        # lock: launchers started together on one filesystem would each make their own keys.
+        with _state_lock(Path(sec.state)):
+            layout = ensure_state(sec.state, nodes=services, clients=sec.clients, now=time.time())
+            # The monitor token is made by the first broker that misses it: brokers starting
+            # together would each make their own, so make it once here, before any starts.
+            for b in self.topology.brokers.values():
+                if b.monitor is not None and (self.host is None or b.host == self.host):
+                    monitor_settings(b.monitor, b.monitor_token_file, str(layout.root))
         self.state = layout.root
-        # The monitor token is made by the first broker that misses it: brokers starting
-        # together would each make their own, so make it once here, before any starts.
-        from .monitor.server import monitor_settings
-
-        for b in self.topology.brokers.values():
-            if b.monitor is not None:
-                monitor_settings(b.monitor, b.monitor_token_file, str(layout.root))
         if layout.created:
             self.echo(f"security: created {len(layout.created)} file(s) in {layout.root}")
+            if self.host is not None:
+                self.echo(
+                    f"security: on separate machines, copy {layout.root} to every other host before "
+                    "its mesh up: a host that makes its own has keys the others refuse"
+                )
         for name in layout.policy_missing_nodes:
             self.echo(f"security: {layout.policy} gives node {name} no services of its own; add them to [nodes.{name}]")
         for client in sec.clients:
@@ -150,8 +180,7 @@ class Launcher:
             else:
                 p.env["MESH_CREDENTIALS"] = str(layout.credentials(p.spec))
 
-    @staticmethod
-    def _broker(b: BrokerSpec, brokers: dict[str, BrokerSpec], cluster: ClusterSpec | None) -> _Process:
+    def _broker(self, b: BrokerSpec) -> _Process:
         argv = [
             sys.executable, "-m", "mesh", "broker", "--name", b.name,
             "--clients", b.clients, "--nodes", b.nodes,
@@ -166,8 +195,14 @@ class Launcher:
             argv += ["--monitor", b.monitor]
         if b.monitor_token_file is not None:
             argv += ["--monitor-token-file", b.monitor_token_file]
+        cluster = self.topology.cluster
         if cluster is not None:
-            argv += [a for m in brokers.values() for a in ("--member", f"{m.name}={m.peer}")]
+            # Its own peer endpoint as written (it listens there), the others' as dialled.
+            members = {
+                m.name: m.peer if m is b else self.topology.dial(m.peer or "", m.name)
+                for m in self.topology.brokers.values()
+            }
+            argv += [a for name, peer in members.items() for a in ("--member", f"{name}={peer}")]
             argv += ["--data", str(Path(cluster.data) / b.name)]
             argv += [a for learner in cluster.learners for a in ("--learner", learner)]
             if cluster.election_ticks is not None:
@@ -194,7 +229,10 @@ class Launcher:
 
     def run(self) -> int:
         """Start everything, supervise until `stop()`, then stop everything; exit status."""
-        self.echo(f"mesh {self.topology.name}: starting {len(self.processes)} process(es)")
+        where = ""
+        if self.host is not None:
+            where = f" on host {self.host} ({self.topology.hosts[self.host].address})"
+        self.echo(f"mesh {self.topology.name}: starting {len(self.processes)} process(es){where}")
         try:
             brokers = [p for p in self.processes if p.is_broker]
             for p in brokers:
@@ -251,7 +289,7 @@ class Launcher:
             m = BROKER_READY.match(line)
             if m:
                 # Where it really listens (a topology may ask for port `*`).
-                self.node_endpoints[p.brokers[0]] = m.group("nodes")
+                self.node_endpoints[p.brokers[0]] = self.topology.dial(m.group("nodes"), p.brokers[0])
             if m or NODE_READY.match(line):
                 p.ready.set()
                 self.echo(f"[{p.name}] {line} pid={p.popen.pid if p.popen else '?'}")
@@ -302,3 +340,40 @@ class Launcher:
                     proc.kill()
                     proc.wait()
         self.echo("stopped")
+
+
+def _check_host(topology: Topology, host: str | None) -> None:
+    if host is None:
+        return
+    if not topology.hosts:
+        raise ConfigurationError(f"--host {host}: {topology.source} has no [hosts] table; run it without --host")
+    if host not in topology.hosts:
+        raise ConfigurationError(f"--host {host}: {topology.source} has no host named {host!r} (hosts: {', '.join(topology.hosts)})")
+    if not any(e.host == host for e in (*topology.brokers.values(), *topology.nodes.values())):
+        raise ConfigurationError(f"--host {host}: {topology.source} places no broker or node on {host}")
+
+
+@contextmanager
+def _state_lock(root: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ROOT/up.lock, creating ROOT (0700) if it is missing.
+
+    Raises:
+        ConfigurationError: the directory or the lock file cannot be made or locked.
+    """
+    try:
+        try:
+            root.mkdir(mode=0o700, parents=True)
+            root.chmod(0o700)  # mkdir's mode is filtered by the umask
+        except FileExistsError:
+            pass
+        fd = os.open(root / STATE_LOCK, os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError as exc:
+        raise ConfigurationError(f"cannot lock the state directory {root}: {exc.strerror}", details={"path": str(root)}) from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)  # released when fd is closed, or when this process dies
+        except OSError as exc:
+            raise ConfigurationError(f"cannot lock {root / STATE_LOCK}: {exc.strerror}", details={"path": str(root)}) from None
+        yield
+    finally:
+        os.close(fd)

@@ -7,6 +7,8 @@ Rules of this module:
   pass.
 * Relative paths in node configs stay as written: every process runs in the directory
   `mesh up` was started in, which is what users expect of paths they type.
+* With a `[hosts]` table every broker and node names the host it runs on
+  (`mesh.placement` holds those rules; docs/topologies.md, "Several machines").
 * With a `[cluster]` table the brokers are one cluster (docs/topologies.md, "Clusters"):
   every broker names its `peer` endpoint, and every node serves every broker, so a node
   table has no `broker` key. Without it, brokers are independent, as they always were.
@@ -22,6 +24,7 @@ from typing import Any, Final
 
 from .broker.core import BrokerConfig
 from .broker.events import DEFAULT_RULE, RetentionRule
+from .placement import LOCAL_ADDRESS, HostSpec, check_placement, dial, entry_host, parse_hosts
 from .plugins import plugin_problem
 from .problems import Checker, Problem, ProblemsError
 from .protocol import NAME_PATTERN, TOPIC_PATTERN, MeshError
@@ -29,6 +32,7 @@ from .protocol import NAME_PATTERN, TOPIC_PATTERN, MeshError
 __all__ = [
     "BrokerSpec",
     "ClusterSpec",
+    "HostSpec",
     "NodeSpec",
     "Problem",
     "SecuritySpec",
@@ -70,6 +74,7 @@ class BrokerSpec:
     monitor: str | None = None  # HOST:PORT of the HTTP monitor; None: off
     monitor_token_file: str | None = None
     peer: str | None = None  # the cluster peer endpoint; set exactly when the topology has [cluster]
+    host: str | None = None  # where it runs; set exactly when the topology has [hosts]
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,6 +92,7 @@ class NodeSpec:
     heartbeat_interval: float | None = None
     config: dict[str, Any] = field(default_factory=dict)
     dedupe: bool = True  # False: the node keeps no resend table (tests of exactly-once only)
+    host: str | None = None  # where it runs; set exactly when the topology has [hosts]
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,7 +121,8 @@ class ClusterSpec:
 
 @dataclass(frozen=True, slots=True)
 class Topology:
-    """A checked topology file (`security` None: security off; `cluster` None: no cluster)."""
+    """A checked topology file (`security` None: security off; `cluster` None: no cluster;
+    `hosts` empty: no `[hosts]`, everything runs on one machine)."""
 
     name: str
     brokers: dict[str, BrokerSpec]
@@ -123,6 +130,13 @@ class Topology:
     source: str = "<topology>"
     security: SecuritySpec | None = None
     cluster: ClusterSpec | None = None
+    hosts: dict[str, HostSpec] = field(default_factory=dict)
+
+    def dial(self, endpoint: str, broker: str) -> str:
+        """Where other processes connect to `endpoint` of `broker`: a wildcard address
+        (`tcp://*:PORT`) becomes the address of the broker's host (127.0.0.1 without `[hosts]`)."""
+        host = self.brokers[broker].host
+        return dial(endpoint, self.hosts[host].address if host is not None else LOCAL_ADDRESS)
 
 
 class _Checker(Checker):
@@ -165,14 +179,16 @@ def parse(data: dict[str, Any], source: str = "<topology>") -> Topology:
         TopologyError: listing every problem found.
     """
     c = _Checker()
-    c.unknown(data, {"mesh", "brokers", "nodes", "security", "cluster"}, "")
+    c.unknown(data, {"mesh", "brokers", "nodes", "security", "cluster", "hosts"}, "")
     clustered = "cluster" in data
+    hosts = parse_hosts(c, data["hosts"]) if "hosts" in data else None
+    host_names = (list(data["hosts"]) if isinstance(data["hosts"], dict) else []) if "hosts" in data else None
     mesh = c.table(data, "mesh", "")
     c.unknown(mesh, {"name"}, "mesh")
     name = c.get(mesh, "name", str, "mesh", "mesh")
 
     brokers: dict[str, BrokerSpec] = {}
-    endpoints: dict[str, str] = {}
+    endpoints: dict[tuple[str | None, str], str] = {}  # (host, endpoint) -> its key: one per host
     raw_brokers = c.table(data, "brokers", "")
     if not raw_brokers:
         c.bad("brokers", "at least one broker is required ([brokers.NAME])")
@@ -186,13 +202,14 @@ def parse(data: dict[str, Any], source: str = "<topology>") -> Topology:
         c.unknown(
             raw,
             {"clients", "nodes", "events", "queue_limit", "timeout", "max_message_bytes", "event_hwm",
-             "max_topics", "max_retained_bytes", "retention", "monitor", "monitor_token_file", "peer"},
+             "max_topics", "max_retained_bytes", "retention", "monitor", "monitor_token_file", "peer", "host"},
             where,
         )
         if "peer" in raw and not clustered:
             c.bad(f"{where}.peer", "needs a [cluster] table (a peer endpoint is for a cluster of brokers)")
         elif clustered and "peer" not in raw:
             c.bad(f"{where}.peer", f"is required in a cluster: broker {bname} needs the endpoint its peers dial (peer = \"tcp://HOST:PORT\")")
+        host = entry_host(c, raw, where, host_names)
         eps = {}
         for side in ("clients", "nodes", "events", "peer"):
             ep = c.get(raw, side, str, where, "", required=side in ("clients", "nodes"))
@@ -201,10 +218,10 @@ def parse(data: dict[str, Any], source: str = "<topology>") -> Topology:
                 c.bad(f"{where}.{side}", f"{ep!r} is not a ZeroMQ endpoint (tcp://HOST:PORT with a port from 1 to 65535, or ipc://PATH)")
             elif side == "peer" and m is not None and m.group(2) == "*":
                 c.bad(f"{where}.peer", "needs a fixed port: the other brokers dial it")
-            elif ep and ep in endpoints:
-                c.bad(f"{where}.{side}", f"{ep} is already used by {endpoints[ep]}")
+            elif ep and (host, ep) in endpoints:
+                c.bad(f"{where}.{side}", f"{ep} is already used by {endpoints[host, ep]}")
             elif ep:
-                endpoints[ep] = f"{where}.{side}"
+                endpoints[host, ep] = f"{where}.{side}"
             eps[side] = ep
         spec = BrokerSpec(
             name=bname,
@@ -221,6 +238,7 @@ def parse(data: dict[str, Any], source: str = "<topology>") -> Topology:
             monitor=c.get(raw, "monitor", str, where, None),
             monitor_token_file=c.get(raw, "monitor_token_file", str, where, None),
             peer=eps["peer"] or None,
+            host=host,
         )
         _monitor(c, spec, where, data.get("security"))
         for key in ("queue_limit", "timeout", "max_message_bytes", "event_hwm", "max_topics", "max_retained_bytes"):
@@ -235,7 +253,7 @@ def parse(data: dict[str, Any], source: str = "<topology>") -> Topology:
         if not isinstance(raw, dict):
             c.bad(where, "must be a table")
             continue
-        c.unknown(raw, {"use", "broker", "replicas", "capacity", "heartbeat_interval", "config", "dedupe"}, where)
+        c.unknown(raw, {"use", "broker", "replicas", "capacity", "heartbeat_interval", "config", "dedupe", "host"}, where)
         use = c.get(raw, "use", str, where, "", required=True)
         if use and not _SPEC.fullmatch(use):
             c.bad(f"{where}.use", f"{use!r} is neither a node name (echo) nor module:attribute")
@@ -254,6 +272,7 @@ def parse(data: dict[str, Any], source: str = "<topology>") -> Topology:
             heartbeat_interval=_float_or_none(c.get(raw, "heartbeat_interval", (int, float), where, None)),
             config=c.get(raw, "config", dict, where, {}),
             dedupe=c.get(raw, "dedupe", bool, where, True),
+            host=entry_host(c, raw, where, host_names),
         )
         _positive(c, spec_n.replicas, f"{where}.replicas")
         for key in ("capacity", "heartbeat_interval"):
@@ -268,9 +287,13 @@ def parse(data: dict[str, Any], source: str = "<topology>") -> Topology:
 
     security = _security(c, data.get("security"), set(nodes))
     cluster = _cluster(c, data["cluster"], list(raw_brokers)) if clustered else None
+    if hosts:
+        check_placement(c, hosts, brokers, nodes, clustered=clustered)
     if c.problems:
         raise TopologyError(source, c.problems)
-    return Topology(name=name, brokers=brokers, nodes=nodes, source=source, security=security, cluster=cluster)
+    return Topology(
+        name=name, brokers=brokers, nodes=nodes, source=source, security=security, cluster=cluster, hosts=hosts or {}
+    )
 
 
 def _float_or_none(value: float | None) -> float | None:
