@@ -13,17 +13,20 @@ Rules of this module:
   namespaces (table `inet mf`, dropped silently, as a cut cable or a lossy link drops),
   healed by flushing them; latency and jitter are `tc netem` on the host's veth, when the
   kernel has `sch_netem`. Every command has a timeout: nothing here waits unbounded.
-* At most `MAX_HOSTS` namespaces.
+* At most `MAX_HOSTS` namespaces, and one `Net` at a time on the machine: it holds an
+  exclusive lock on `LOCK` (the names are fixed, so a second run would remove the first's).
 """
 
 from __future__ import annotations
 
+import fcntl
 import os
 import re
 import shutil
 import subprocess
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Final
 
 __all__ = ["PREFIX", "SUBNET", "ROOT_ADDRESS", "Host", "Net", "NetError", "unavailable", "cleanup"]
@@ -34,6 +37,7 @@ SUBNET: Final = "10.77.0"
 ROOT_ADDRESS: Final = f"{SUBNET}.254"
 MAX_HOSTS: Final = 16
 COMMAND_TIMEOUT_S: Final = 10.0
+LOCK: Final = "/run/lock/mesh-faults.lock"
 _TABLE: Final = (
     "table inet mf {\n"
     "  chain input { type filter hook input priority 0; policy accept; }\n"
@@ -125,17 +129,30 @@ class Net:
         fixed = addresses or {}
         self.hosts = {n: Host(n, f"{SUBNET}.{fixed.get(n, i + 1)}") for i, n in enumerate(names)}
         self.netem = False  # whether `tc netem` works on this kernel (known after `up`)
+        self._lock: int | None = None
 
     def __enter__(self) -> Net:
+        Path(LOCK).parent.mkdir(parents=True, exist_ok=True)
+        self._lock = os.open(LOCK, os.O_CREAT | os.O_RDWR, 0o600)
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self._lock)
+            raise NetError(f"another fault run holds {LOCK}; one at a time") from None
         try:
             self.up()
         except BaseException:
-            cleanup()
+            self.__exit__()
             raise
         return self
 
     def __exit__(self, *exc: object) -> None:
-        cleanup()
+        try:
+            cleanup()
+        finally:
+            if self._lock is not None:
+                os.close(self._lock)  # releases the lock
+                self._lock = None
 
     def up(self) -> None:
         """Make the bridge, a namespace and veth pair per host, and each host's empty rule table."""

@@ -44,6 +44,7 @@ NEVER_RAN: Final = frozenset({
 ROLES: Final = ("own", "shared", "reader")
 HEARTBEAT_S: Final = 0.5  # the clients' heartbeat: a silent broker is dead after 3 of them
 LIVENESS: Final = 3
+ERROR_PAUSE_S: Final = 0.05
 
 
 class History:
@@ -81,6 +82,8 @@ def client_loop(client: Client, history: History, role: str, key: str, budget: f
         except Exception as err:  # noqa: BLE001 - recorded without a code: the checker counts it as uncoded
             record = {"type": "info", "code": None, "error": repr(err)[:200]}
         history.write({**record, "op": index, "f": f, "key": key, "id": cid, "mono": time.monotonic(), "wall": time.time()})
+        if record["type"] != "ok":
+            stop.wait(ERROR_PAUSE_S)  # as a real client would, rather than spin on a fast refusal
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
