@@ -52,7 +52,10 @@ class Round:
         return max(s.at for s in self.steps)
 
     def describe(self) -> str:
-        return "; ".join(f"+{s.at:.1f}s {s.action} {','.join(s.targets)}{f' {s.arg}' if s.arg else ''}" for s in self.steps)
+        return "; ".join(
+            f"+{s.at:.1f}s {s.action} {(' | ' if s.action == 'partition' else ',').join(s.targets)}{f' {s.arg}' if s.arg else ''}"
+            for s in self.steps
+        )
 
 
 def _round(nemesis: str, index: int, rng: random.Random) -> Round:
