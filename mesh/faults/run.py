@@ -345,6 +345,38 @@ def _histories(work: Path) -> list[dict[str, Any]]:
     return records
 
 
+def _exercise(mesh: _Mesh, net: Net, work: Path, plan: list[Round], result: RunResult, seed: int, nemeses: list[str],
+              warmup: float, budget: float, echo: Any) -> tuple[list[checker.Op], dict[str, int]]:  # fmt: skip
+    """Start the mesh and the clients, play the schedule, and read what the checker needs."""
+    nemesis = _Nemesis(mesh)
+    workers: list[_Proc] = []
+    try:
+        mesh.start("faults.toml")
+        mesh.roles()
+        workers = _workers(mesh, work, f"s{seed}", budget)
+        time.sleep(warmup)
+        if not net.netem and "latency" in nemeses:
+            result.skipped.append("latency: this kernel has no sch_netem (tc netem)")
+            plan = [r for r in plan if r.nemesis != "latency"]
+        for i, rnd in enumerate(plan):
+            echo(f"round {i + 1}/{len(plan)}: {rnd.nemesis} {rnd.describe()}")
+            nemesis.play(rnd, result.rounds)
+    finally:
+        nemesis.release()
+        for w in workers:
+            w.stop(budget + 10.0)
+    pages = mesh.agreed(RECOVER_S) or mesh.pages()
+    result.problems += checker.agreement(pages)
+    records = _histories(work)
+    ops = checker.pair(records)
+    finals = _finals(mesh, work, {o.key for o in ops})
+    for process in [f"broker:{b}" for b in mesh.broker_host] + [f"node:{n}" for n in mesh.node_host]:
+        if mesh.pid(process) is None:
+            result.problems.append(f"{process} is not running at the end")
+    result.exits = checker.exits(mesh.exits(), nemesis.killed)
+    return ops, finals
+
+
 def run(seed: int, nemeses: list[str], rounds: int, *, work: Path | None = None, warmup: float = 3.0,
         budget: float = BUDGET_S, echo: Any = print) -> RunResult:  # fmt: skip
     """Run `rounds` rounds of each of `nemeses` against a fresh mesh and check the history.
@@ -370,33 +402,10 @@ def run(seed: int, nemeses: list[str], rounds: int, *, work: Path | None = None,
     hosts = ["h1", "h2", "h3", "h4", *CLIENT_HOSTS]
     with Net(hosts, addresses={**{f"h{i}": i for i in range(1, 5)}, **CLIENT_HOSTS}) as net:
         mesh = _Mesh(net, work, TOPOLOGY)
-        nemesis = _Nemesis(mesh)
-        workers: list[_Proc] = []
         try:
-            mesh.start("faults.toml")
-            mesh.roles()
-            workers = _workers(mesh, work, f"s{seed}", budget)
-            time.sleep(warmup)
-            if not net.netem and "latency" in nemeses:
-                result.skipped.append("latency: this kernel has no sch_netem (tc netem)")
-                plan = [r for r in plan if r.nemesis != "latency"]
-            for i, rnd in enumerate(plan):
-                echo(f"round {i + 1}/{len(plan)}: {rnd.nemesis} {rnd.describe()}")
-                nemesis.play(rnd, result.rounds)
+            ops, finals = _exercise(mesh, net, work, plan, result, seed, nemeses, warmup, budget, echo)
         finally:
-            nemesis.release()
-            for w in workers:
-                w.stop(budget + 10.0)
-        pages = mesh.agreed(RECOVER_S) or mesh.pages()
-        result.problems += checker.agreement(pages)
-        records = _histories(work)
-        ops = checker.pair(records)
-        finals = _finals(mesh, work, {o.key for o in ops})
-        for process in [f"broker:{b}" for b in mesh.broker_host] + [f"node:{n}" for n in mesh.node_host]:
-            if mesh.pid(process) is None:
-                result.problems.append(f"{process} is not running at the end")
-        result.exits = checker.exits(mesh.exits(), nemesis.killed)
-        mesh.stop()
+            mesh.stop()
     result.verdict = checker.check(ops, finals)
     processes = sorted({o.process for o in ops})
     by_nemesis: dict[str, list[float]] = defaultdict(list)
