@@ -272,6 +272,7 @@ def _cluster_settings(
 @click.option("--capacity", default=None, type=click.IntRange(1), help="Commands run at once (default: the node's own).")
 @click.option("--heartbeat-interval", default=None, type=click.FloatRange(min=0, min_open=True), help="Seconds between heartbeats; the broker declares the node dead after 3 missed (default: the node's own, 1 s for the ready nodes).")
 @click.option("--drain-timeout", default=10.0, show_default=True, type=click.FloatRange(min=0), help="Seconds to finish running commands after SIGTERM.")
+@click.option("--no-dedupe", is_flag=True, help="Keep no table of recent command ids (a resend runs again): for tests of the brokers' exactly-once only.")
 @click.option("--credentials", envvar="MESH_CREDENTIALS", type=click.Path(dir_okay=False), default=None, help="Security on: this node's credentials file (env MESH_CREDENTIALS).")
 @click.option("--log-level", default="info", type=click.Choice(["debug", "info", "warning", "error"]), show_default=True)
 @log_format_option
@@ -283,6 +284,7 @@ def node(
     capacity: int | None,
     heartbeat_interval: float | None,
     drain_timeout: float,
+    no_dedupe: bool,
     credentials: str | None,
     log_level: str,
     log_format: str,
@@ -312,6 +314,8 @@ def node(
         n.capacity = capacity
     if heartbeat_interval:
         n.heartbeat_interval = heartbeat_interval
+    if no_dedupe:
+        n.dedupe = False
     _on_stop(n.stop)
 
     def announce() -> None:

@@ -182,6 +182,8 @@ class Launcher:
             argv += ["--capacity", str(spec.capacity)]
         if spec.heartbeat_interval is not None:
             argv += ["--heartbeat-interval", str(spec.heartbeat_interval)]
+        if not spec.dedupe:
+            argv.append("--no-dedupe")
         # The config goes by environment, not argv: argv is readable by every local user.
         env = {"MESH_NODE_CONFIG": json.dumps(spec.config)}
         return _Process(f"node:{name}", argv, brokers, False, env, spec=spec.name)

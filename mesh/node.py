@@ -129,6 +129,9 @@ class CommandDedupe:
 
     Args:
         max_entries, max_age, max_bytes: the bounds of the stored replies, oldest out first.
+        enabled: False admits every arrival as NEW and remembers nothing. Only tests turn it
+            off, to show that exactly-once is carried by the brokers' replicated log and
+            not by this table, which is its second line.
     """
 
     def __init__(
@@ -136,7 +139,10 @@ class CommandDedupe:
         max_entries: int = RECENT_COMMANDS,
         max_age: float = RECENT_COMMAND_S,
         max_bytes: int = RECENT_COMMAND_BYTES,
+        *,
+        enabled: bool = True,
     ) -> None:
+        self.enabled = enabled
         self.replies = RecentReplies(max_entries, max_age, max_bytes)
         self.running: dict[Hashable, list[Any]] = {}  # key -> envelopes of resends waiting on it
 
@@ -150,6 +156,8 @@ class CommandDedupe:
             (NEW, None): run it, after `start`; (RUNNING, None): nothing now, its reply
             comes from `finish`; (DONE, frames): send `frames`, the stored reply.
         """
+        if not self.enabled:
+            return Seen.NEW, None
         waiting = self.running.get(cid)
         if waiting is not None:
             waiting.append(envelope)
@@ -161,7 +169,8 @@ class CommandDedupe:
 
     def start(self, cid: Hashable) -> None:
         """Command `cid` (admitted NEW) is running."""
-        self.running[cid] = []
+        if self.enabled:
+            self.running[cid] = []
 
     def finish(self, cid: Hashable, reply: list[Any], now: float, *, remember: bool) -> list[list[Any]]:
         """Command `cid` ended with `reply` ([envelope, header, payload]).
@@ -175,7 +184,7 @@ class CommandDedupe:
         """
         waiting = self.running.pop(cid, ())
         body = reply[1:]
-        if remember:
+        if remember and self.enabled:
             self.replies.put(cid, body, now)
         return [[envelope, *body] for envelope in waiting]
 
@@ -236,14 +245,17 @@ class Node:
         name: shown in the registry and logs.
         capacity: commands this node runs at once; the broker never sends more.
         heartbeat_interval: seconds between heartbeats to the broker.
+        dedupe: keep the table of recent command ids that answers a resend without running
+            it again (`CommandDedupe`); False only in tests of the brokers' exactly-once.
     """
 
-    def __init__(self, name: str, *, capacity: int = 8, heartbeat_interval: float = 1.0) -> None:
+    def __init__(self, name: str, *, capacity: int = 8, heartbeat_interval: float = 1.0, dedupe: bool = True) -> None:
         if capacity < 1:
             raise ValueError("capacity must be at least 1")
         self.name = name
         self.capacity = capacity
         self.heartbeat_interval = heartbeat_interval
+        self.dedupe = dedupe
         self.instance = new_id()  # this process's own id, the same on every broker it serves
         self.actions: dict[tuple[str, str], Action] = {}
         self._stop = threading.Event()
@@ -564,7 +576,7 @@ class _NodeLoop:
         self.drain_timeout = drain_timeout
         self.stopping = False
         self.running: set[_Work] = set()  # commands taken and not yet answered
-        self.dedupe = CommandDedupe()
+        self.dedupe = CommandDedupe(enabled=node.dedupe)
         # running async handlers: their task and deadline
         self.deadlines: dict[_Work, tuple[asyncio.Task[None], float]] = {}
 

@@ -86,6 +86,7 @@ class NodeSpec:
     capacity: int | None = None
     heartbeat_interval: float | None = None
     config: dict[str, Any] = field(default_factory=dict)
+    dedupe: bool = True  # False: the node keeps no resend table (tests of exactly-once only)
 
 
 @dataclass(frozen=True, slots=True)
@@ -234,7 +235,7 @@ def parse(data: dict[str, Any], source: str = "<topology>") -> Topology:
         if not isinstance(raw, dict):
             c.bad(where, "must be a table")
             continue
-        c.unknown(raw, {"use", "broker", "replicas", "capacity", "heartbeat_interval", "config"}, where)
+        c.unknown(raw, {"use", "broker", "replicas", "capacity", "heartbeat_interval", "config", "dedupe"}, where)
         use = c.get(raw, "use", str, where, "", required=True)
         if use and not _SPEC.fullmatch(use):
             c.bad(f"{where}.use", f"{use!r} is neither a node name (echo) nor module:attribute")
@@ -252,6 +253,7 @@ def parse(data: dict[str, Any], source: str = "<topology>") -> Topology:
             capacity=c.get(raw, "capacity", int, where, None),
             heartbeat_interval=_float_or_none(c.get(raw, "heartbeat_interval", (int, float), where, None)),
             config=c.get(raw, "config", dict, where, {}),
+            dedupe=c.get(raw, "dedupe", bool, where, True),
         )
         _positive(c, spec_n.replicas, f"{where}.replicas")
         for key in ("capacity", "heartbeat_interval"):

@@ -74,3 +74,11 @@ def test_a_node_of_a_cluster_serves_every_broker_and_a_single_broker_mesh_is_unc
     assert all(p.brokers == ("main",) for p in single.processes)
     for p in single.processes:
         assert not {"--member", "--data", "--learner", "--election-ticks", "--heartbeat-interval"} & set(p.argv)
+
+
+def test_dedupe_false_reaches_the_node_as_no_dedupe():
+    """`dedupe = false` (for tests of exactly-once) turns the node's resend table off; the default keeps it."""
+    data = json.loads(json.dumps(TOPOLOGY))
+    data["nodes"]["kv"]["dedupe"] = False
+    argv = {p.name: p.argv for p in Launcher(parse(data)).processes}
+    assert "--no-dedupe" in argv["node:kv"] and "--no-dedupe" not in argv["node:echo-1"]

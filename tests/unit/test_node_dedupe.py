@@ -212,3 +212,14 @@ def test_the_broker_memory_is_bounded_by_count() -> None:
         broker.node_message(NODE_A, reply(dispatch), 1.0)
     assert len(broker.recent) == 2
     assert dispatched_ids(broker.client_message(CLIENT, command_frames("echo", "say", id="c0"), 2.0)) == ["c0"]
+
+
+def test_a_disabled_dedupe_admits_every_arrival_and_remembers_nothing() -> None:
+    """With the table off (tests of the brokers' exactly-once), a resend runs again: the
+    node is no longer the guard, so a broker that re-dispatches shows up as a double."""
+    dedupe = CommandDedupe(enabled=False)
+    assert dedupe.admit("c1", ENV_1, 0.0) == (Seen.NEW, None)
+    dedupe.start("c1")
+    assert dedupe.admit("c1", ENV_2, 0.1) == (Seen.NEW, None)
+    assert dedupe.finish("c1", ANSWER, 0.2, remember=True) == []
+    assert dedupe.admit("c1", ENV_2, 0.3) == (Seen.NEW, None) and len(dedupe.replies) == 0
