@@ -13,8 +13,9 @@ Rules of this module (docs/operations.md, "Reading a history", says the same for
   after the faults ended:
   - lost: an acknowledged increment missing from F: max(A - F, number of acked values
     above F);
-  - doubled: an increment applied more than once: F above A + U, or a value (acked or
-    read) above the number of increments invoked before it was answered;
+  - doubled: increments applied more than once: F - (A + U) when positive, or the
+    largest lead of a value (acked or read) over the increments invoked before it was
+    answered, whichever is larger (each new lead is reported once, where it appears);
   - duplicate values: one value acknowledged to two increments (each extra one counts);
   - stale: a read below a value acknowledged (or read) before the read was invoked;
   - backward: a read below an earlier value the same client saw on that key.
@@ -210,13 +211,14 @@ def _check_key(v: Verdict, key: str, ops: list[Op], final: int | None) -> KeyFig
             v.note("doubled", key, f"final {final} > {kf.acked} acknowledged + {kf.unknown} unknown", [], kf.doubled)
     # impossible values: more than the increments invoked before the answer
     starts = sorted(o.invoked for o in incrs)
-    impossible = 0
-    for o in ops:
+    excess = 0  # the largest lead of a value over the increments invoked before it: doubles so far
+    for o in sorted(ops, key=lambda o: o.completed or 0.0):
         if o.type == "ok" and isinstance(o.value, int) and o.completed is not None:
-            if o.value > bisect.bisect_right(starts, o.completed):
-                impossible += 1
-                v.note("doubled", key, f"value {o.value} but only {bisect.bisect_right(starts, o.completed)} increments invoked", [o])
-    kf.doubled = max(kf.doubled, impossible)
+            invoked = bisect.bisect_right(starts, o.completed)
+            if o.value - invoked > excess:
+                excess = o.value - invoked
+                v.note("doubled", key, f"value {o.value} but only {invoked} increments invoked", [o])
+    kf.doubled = max(kf.doubled, excess)
     _check_reads(v, key, ops, kf)
     return kf
 
