@@ -38,10 +38,16 @@ test: $(STAMP) $(BROWSER)
 soak: $(STAMP)
 	$(BIN)/pytest -m slow
 
-# topologies/cluster.toml under load while its leader, a follower and the kv node are
-# SIGKILLed 10 times each (docs/operations.md, "Measured"); part of `make soak` too.
+# The fault suite (docs/operations.md, "Fault suite"): topologies/faults.toml over network
+# namespaces (root; iproute2 and nftables), FAULT_ROUNDS rounds of each nemesis from
+# FAULT_SEED, the checker's figures per nemesis printed and written to FAULT_JSON.
+FAULT_SEED ?= 1
+FAULT_ROUNDS ?= 10
+FAULT_JSON ?= faults.json
 faults: $(STAMP)
-	$(BIN)/pytest -m slow -s tests/integration/test_cluster_faults.py
+	@command -v nft >/dev/null || { command -v apt-get >/dev/null && \
+		$(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq nftables; } || true
+	$(BIN)/python -m mesh.faults --seed $(FAULT_SEED) --rounds $(FAULT_ROUNDS) --json $(FAULT_JSON)
 
 # The fuzz suite (docs/fuzzing.md): the property-based fuzzers with FUZZ_EXAMPLES seeds each,
 # then FUZZ_SECONDS of attack on every port of a real `mesh up` from seed FUZZ_SEED.

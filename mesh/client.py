@@ -228,6 +228,7 @@ class AsyncClient:
         retries: int | None = None,
         metadata: dict[str, Any] | None = None,
         on_progress: ProgressHook | None = None,
+        command_id: str | None = None,
     ) -> Any:
         """Run `service.action` with `payload` somewhere in the mesh; return its result.
 
@@ -237,13 +238,15 @@ class AsyncClient:
         Args:
             on_progress: called with (progress, total, message) for each progress report
                 the node sends while the command runs (on the client's loop; keep it short).
+            command_id: the command's id (a fresh one when None), so a caller can record
+                it and find the command in the mesh's logs; never reuse one.
 
         Raises:
             MeshError: the subclass for the error code the mesh answered with, or
                 `DeadlineExceededError` when no answer came within `timeout`.
         """
         deadline = time.time() + (self.timeout if timeout is None else timeout)
-        cid = new_id()
+        cid = new_id() if command_id is None else command_id
         system = service == "mesh" and (payload is None or isinstance(payload, dict))
         if system and self._ack is not None:
             payload = {**(payload or {}), "ack": self._ack}  # the large answers read so far
@@ -711,12 +714,13 @@ class Client:
         retries: int | None = None,
         metadata: dict[str, Any] | None = None,
         on_progress: ProgressHook | None = None,
+        command_id: str | None = None,
     ) -> Any:
         """Blocking `AsyncClient.call`; same arguments, result and errors (`on_progress`
         runs on the client's thread)."""
         return self._run(
             self._inner.call(service, action, payload, timeout=timeout, retries=retries, metadata=metadata,
-                             on_progress=on_progress)
+                             on_progress=on_progress, command_id=command_id)
         )
 
     def publish(
