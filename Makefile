@@ -32,7 +32,14 @@ $(BROWSER):
 		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium chromium-driver; \
 	else echo "no apt-get: install Chromium and ChromeDriver yourself, or the browser test is skipped"; fi
 
-test: $(STAMP) $(BROWSER)
+# The fault suite's partitions and packet loss are nftables rules inside network namespaces.
+NFT := /usr/sbin/nft
+$(NFT):
+	@if command -v apt-get >/dev/null; then \
+		$(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq nftables iproute2; \
+	else echo "no apt-get: install nftables yourself, or the fault tests are skipped"; fi
+
+test: $(STAMP) $(BROWSER) $(NFT)
 	$(BIN)/pytest -m "not slow"
 
 soak: $(STAMP)
@@ -44,9 +51,7 @@ soak: $(STAMP)
 FAULT_SEED ?= 1
 FAULT_ROUNDS ?= 10
 FAULT_JSON ?= faults.json
-faults: $(STAMP)
-	@command -v nft >/dev/null || { command -v apt-get >/dev/null && \
-		$(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq nftables; } || true
+faults: $(STAMP) $(NFT)
 	$(BIN)/python -m mesh.faults --seed $(FAULT_SEED) --rounds $(FAULT_ROUNDS) --json $(FAULT_JSON)
 
 # The fuzz suite (docs/fuzzing.md): the property-based fuzzers with FUZZ_EXAMPLES seeds each,

@@ -39,6 +39,6 @@ def test_short_fault_schedule_keeps_every_acknowledged_write_once(tmp_path: Path
     result = run(SEED, NEMESES, 2, work=tmp_path, warmup=2.0)
     figures = result.figures()
     print(json.dumps({k: v for k, v in figures.items() if k != "schedule"}, indent=2, default=str))
-    assert len(result.rounds) == len(NEMESES)
+    assert len(result.rounds) == 2 * len(NEMESES)
     assert result.verdict.ok > 0 and result.verdict.keys, "the clients did no work"
     assert not result.broken(), (result.broken(), result.verdict.anomalies, tmp_path)
