@@ -16,6 +16,11 @@ Rules of this module:
   heartbeat due, to prove the new broker quickly.
 * Every state change is a transition in `TRANSITIONS`; an event with no entry for the
   current state is a bug in the caller and raises `InvalidStateError`.
+* A process that was itself paused (SIGSTOP, a frozen VM, a loop stalled) heard nothing
+  while it did not run, so the silence of its peers over that time says nothing about
+  them. `PauseWatch` tells such a pause from a jump between the `now` values of a
+  loop's regular turns (more than `SELF_PAUSE_S`); the caller then gives every peer its
+  window afresh from the resume. A `Liveness` watches its own ticks this way.
 * `backoff_delay` spaces reconnections: none while the list of brokers has not been
   tried through once since the last one answered, then doubling and capped, with
   jitter so that clients of one broker do not all come back at the same instant.
@@ -38,6 +43,8 @@ __all__ = [
     "LinkEvent",
     "LinkState",
     "Liveness",
+    "PauseWatch",
+    "SELF_PAUSE_S",
     "Tick",
     "Transition",
     "backoff_delay",
@@ -48,6 +55,9 @@ DEFAULT_LIVENESS: Final = 3
 BACKOFF_BASE: Final = 0.1
 BACKOFF_CAP: Final = 2.0
 BACKOFF_JITTER: Final = 0.2
+# More than this between two turns of a loop that turns every 50 to 100 ms: the process
+# did not run (paused, frozen, or its loop stalled), and heard nothing meanwhile.
+SELF_PAUSE_S: Final = 1.0
 
 
 class LinkState(enum.StrEnum):
@@ -73,6 +83,32 @@ TRANSITIONS: Final[dict[tuple[LinkState, LinkEvent], LinkState]] = {
     (LinkState.SUSPECT, LinkEvent.DROPPED): LinkState.DEAD,
     (LinkState.DEAD, LinkEvent.CONNECTED): LinkState.SUSPECT,
 }
+
+
+class PauseWatch:
+    """Tells, from the `now` of each turn of a loop, that the process itself did not run.
+
+    Args:
+        threshold: a gap between two consecutive turns longer than this is a pause.
+    """
+
+    def __init__(self, threshold: float = SELF_PAUSE_S) -> None:
+        self.threshold = threshold
+        self.last: float | None = None
+        self.pauses = 0  # pauses seen so far
+
+    def turn(self, now: float) -> float:
+        """Note one turn of the loop at `now`.
+
+        Returns:
+            The gap since the previous turn when it was a pause (longer than the
+            threshold), else 0.0. The first turn, and a clock that went back, are none.
+        """
+        last, self.last = self.last, now
+        if last is None or now - last <= self.threshold:
+            return 0.0
+        self.pauses += 1
+        return now - last
 
 
 class Transition(NamedTuple):
@@ -120,6 +156,7 @@ class Liveness:
         self.quiet_since = now
         self.ping_in_flight = False
         self.failures = 0  # links declared dead since a broker last answered
+        self.pauses = PauseWatch()  # this client's own pauses, seen between ticks
 
     def _apply(self, event: LinkEvent, out: list[Transition]) -> None:
         try:
@@ -151,9 +188,13 @@ class Liveness:
         """Advance the clock; `busy` when calls wait for the broker.
 
         A late tick (the loop was held up) may take the link from `UP` to `DEAD` at once;
-        both transitions are returned, in order.
+        both transitions are returned, in order. A tick more than `SELF_PAUSE_S` after
+        the previous one means this process itself did not run (see `PauseWatch`): the
+        broker's silence is then counted from `now`, so it gets its whole window to speak.
         """
         out: list[Transition] = []
+        if self.pauses.turn(now):
+            self.quiet_since = max(self.quiet_since, now)
         if not busy or self.state is LinkState.DEAD:
             # Nothing asked, nothing owed: silence now is no sign of anything.
             self.quiet_since = now

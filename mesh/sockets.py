@@ -6,14 +6,21 @@ Rules of this module:
 * ROUTER sockets are mandatory-routing: a send to a vanished peer raises instead of
   vanishing (`zmq.ZMQError` with EHOSTUNREACH), and the loop reports it to its core.
 * Oversized frames are cut off by libzmq itself (`MAXMSGSIZE`) before Python sees them.
-* DEALERs and ROUTERs run ZMTP heartbeats (`ZMQ_HEARTBEAT_IVL` / `_TIMEOUT` / `_TTL`:
-  a PING every second, the link dropped after 3 s without traffic, and the peer told to
-  drop it after 6 s). That notices a TCP peer that vanished without closing (a pulled
-  cable, a frozen VM), which TCP alone may not for many minutes: a DEALER then
-  reconnects, and a ROUTER forgets the peer, so the next send to it is undeliverable and
-  the broker settles what that peer owed. These pings live inside libzmq and never
-  reach the application; the application's own heartbeats (`mesh.heartbeat`) report
-  whether the *process* at the other end still works.
+* No socket runs ZMTP heartbeats (`ZMQ_HEARTBEAT_IVL`): libzmq 4.3.5 (and its master)
+  aborts the process (`Assertion failed: !_io_error`, stream_engine_base.cpp) when a
+  heartbeat is written on a connection whose input stopped at the high-water mark and
+  whose peer then closed it, which is what a paused process meets when it resumes
+  (libzmq issues 4364, 3937, 4767; docs/operations.md, "A paused broker"). Both ends
+  must be quiet: a PING received while that connection drains is answered with a PONG
+  written the same way. What the heartbeats did is done by TCP instead, which never
+  writes from a timer in libzmq: keepalive probes (`ZMQ_TCP_KEEPALIVE_*`) drop an idle
+  connection whose peer vanished without closing it (a pulled cable, a lost host), and
+  `ZMQ_TCP_MAXRT` (Linux `TCP_USER_TIMEOUT`) drops one whose data stays unacknowledged
+  that long. A DEALER then reconnects, a ROUTER forgets the peer, so the next send to it
+  is undeliverable and the broker settles what that peer owed. A process that is only
+  paused keeps its connections: its kernel still acknowledges. Whether the *process* at
+  the other end works is what the application's own heartbeats (`mesh.heartbeat`,
+  `mesh.ping`, Raft's) decide.
 * `ZMQError` is turned into `NetworkError`/`ConfigurationError` here, at the boundary.
 """
 
@@ -51,9 +58,13 @@ HWM: Final = 100_000
 # Plain ints: pyzmq's flag enums make every `|` and `&` a Python-level call on the hot path.
 _NOBLOCK: Final = int(zmq.NOBLOCK)
 _MORE_NOBLOCK: Final = int(zmq.SNDMORE) | _NOBLOCK
-HEARTBEAT_IVL_MS: Final = 1000
-HEARTBEAT_TIMEOUT_MS: Final = 3000
-HEARTBEAT_TTL_MS: Final = 6000
+# TCP liveness of a connection (see the module rules): keepalive probes after this much
+# idleness, one a second, the connection dropped after three unanswered; and a connection
+# whose sent data stays unacknowledged this long is dropped.
+KEEPALIVE_IDLE_S: Final = 10
+KEEPALIVE_INTVL_S: Final = 1
+KEEPALIVE_CNT: Final = 3
+TCP_MAXRT_MS: Final = 6000
 
 
 def recv_frames(sock: zmq.Socket) -> list[bytes]:
@@ -138,11 +149,13 @@ def _common(sock: zmq.Socket, max_message_bytes: int) -> None:
     sock.setsockopt(zmq.MAXMSGSIZE, 2 * max_message_bytes + MAX_HEADER_BYTES)
 
 
-def _heartbeats(sock: zmq.Socket) -> None:
-    """ZMTP pings on `sock`, so a peer gone without a word is dropped (see the module rules)."""
-    sock.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_IVL_MS)
-    sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT_MS)
-    sock.setsockopt(zmq.HEARTBEAT_TTL, HEARTBEAT_TTL_MS)
+def _tcp_liveness(sock: zmq.Socket) -> None:
+    """Let the kernel drop a TCP connection whose peer vanished (see the module rules)."""
+    sock.setsockopt(zmq.TCP_KEEPALIVE, 1)
+    sock.setsockopt(zmq.TCP_KEEPALIVE_IDLE, KEEPALIVE_IDLE_S)
+    sock.setsockopt(zmq.TCP_KEEPALIVE_INTVL, KEEPALIVE_INTVL_S)
+    sock.setsockopt(zmq.TCP_KEEPALIVE_CNT, KEEPALIVE_CNT)
+    sock.setsockopt(zmq.TCP_MAXRT, TCP_MAXRT_MS)
 
 
 def _attach(
@@ -162,14 +175,14 @@ def _attach(
 def router(
     ctx: zmq.Context, endpoint: str, max_message_bytes: int = MAX_MESSAGE_BYTES, secure: Secure | None = None
 ) -> zmq.Socket:
-    """A bound ROUTER with mandatory routing and ZMTP heartbeats.
+    """A bound ROUTER with mandatory routing and TCP liveness.
 
     Raises:
         ConfigurationError: the endpoint is malformed or already in use.
     """
     sock = ctx.socket(zmq.ROUTER)
     _common(sock, max_message_bytes)
-    _heartbeats(sock)
+    _tcp_liveness(sock)
     sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
     _prepare_ipc(endpoint)
     return _attach(sock, sock.bind, endpoint, "listen on", secure)
@@ -178,14 +191,14 @@ def router(
 def dealer(
     ctx: zmq.Context, endpoint: str, max_message_bytes: int = MAX_MESSAGE_BYTES, secure: Secure | None = None
 ) -> zmq.Socket:
-    """A DEALER connected to a broker, with ZMTP heartbeats; libzmq reconnects it by itself.
+    """A DEALER connected to a broker, with TCP liveness; libzmq reconnects it by itself.
 
     Raises:
         ConfigurationError: the endpoint is malformed.
     """
     sock = ctx.socket(zmq.DEALER)
     _common(sock, max_message_bytes)
-    _heartbeats(sock)
+    _tcp_liveness(sock)
     sock.setsockopt(zmq.RECONNECT_IVL, 100)
     sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
     return _attach(sock, sock.connect, endpoint, "connect to", secure)
@@ -242,7 +255,7 @@ def peer_router(ctx: zmq.Context, endpoint: str, max_message_bytes: int, hwm: in
     sock = ctx.socket(zmq.ROUTER)
     _common(sock, max_message_bytes)
     sock.sndhwm = sock.rcvhwm = hwm
-    _heartbeats(sock)
+    _tcp_liveness(sock)
     sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
     sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
     _prepare_ipc(endpoint)
@@ -269,7 +282,7 @@ def peer_dealer(
     sock = ctx.socket(zmq.DEALER)
     _common(sock, max_message_bytes)
     sock.sndhwm = sock.rcvhwm = hwm
-    _heartbeats(sock)
+    _tcp_liveness(sock)
     sock.setsockopt(zmq.ROUTING_ID, routing_id)
     sock.setsockopt(zmq.IMMEDIATE, 1)
     sock.setsockopt(zmq.RECONNECT_IVL, 100)

@@ -14,8 +14,8 @@ Rules of this module:
   routing id and its `to` is this member) and is the only way bytes become input.
 * A record larger than `CHUNK_BYTES` (a big snapshot or append) goes as `KIND_CHUNK`
   frames, back to back: a 16-byte header (record number, chunk index, chunk count) and
-  a slice of the record. Small frames keep the link's ZMTP heartbeats flowing on a slow
-  link. ZeroMQ keeps a link's frames in order, so `Reassembly` joins them as they come;
+  a slice of the record. Small frames keep a slow link showing progress on each
+  message. ZeroMQ keeps a link's frames in order, so `Reassembly` joins them as they come;
   a gap, or any other frame from that peer before the last chunk, means the sender's
   queue dropped some: the partial record is dropped too (Raft sends it again). Record
   numbers start at random, so a restarted peer's record is not joined to its old one.

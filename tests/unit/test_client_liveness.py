@@ -9,6 +9,7 @@ from mesh.liveness import (
     LinkEvent,
     LinkState,
     Liveness,
+    PauseWatch,
     Transition,
     backoff_delay,
 )
@@ -25,6 +26,18 @@ def clock() -> FakeClock:
 
 def make(clock: FakeClock, state: LinkState = UP) -> Liveness:
     return Liveness(1.0, 3, now=clock.now, state=state)
+
+
+def ticks(lv: Liveness, clock: FakeClock, seconds: float, *, busy: bool = True) -> tuple[list[Transition], bool]:
+    """Tick every 1/8 s (exact in binary) for `seconds`, as the client's sweep does (every
+    0.1 s): every transition, and whether any tick asked for a ping."""
+    out: list[Transition] = []
+    ping = False
+    for _ in range(round(seconds * 8)):
+        tick = lv.tick(clock.advance(0.125), busy=busy)
+        out += tick.transitions
+        ping = ping or tick.ping
+    return out, ping
 
 
 def test_silence_while_busy_goes_suspect_then_dead(clock):
@@ -63,9 +76,9 @@ def test_at_most_one_heartbeat_is_in_flight(clock):
     lv = make(clock)
     assert lv.tick(clock.advance(1.0), busy=True).ping
     assert lv.heard(clock.advance(0.1)) == [Transition(SUSPECT, UP)]  # not the pong
-    assert lv.tick(clock.advance(1.0), busy=True) == ([Transition(UP, SUSPECT)], False)
+    assert ticks(lv, clock, 1.0) == ([Transition(UP, SUSPECT)], False)
     assert lv.heard(clock.advance(0.1), pong=True) == [Transition(SUSPECT, UP)]
-    assert lv.tick(clock.advance(1.0), busy=True) == ([Transition(UP, SUSPECT)], True)
+    assert ticks(lv, clock, 1.0) == ([Transition(UP, SUSPECT)], True)
 
 
 def test_a_late_tick_reports_both_transitions_in_order(clock):
@@ -83,8 +96,8 @@ def test_a_new_link_is_suspect_and_pinged_at_once(clock):
     assert lv.tick(clock.now, busy=True) == ([], False)
     assert lv.connected(clock.now) == [Transition(DEAD, SUSPECT)]
     assert lv.tick(clock.now, busy=True) == ([], True)
-    assert lv.tick(clock.advance(2.9), busy=True) == ([], False)
-    assert lv.tick(clock.advance(0.1), busy=True) == ([Transition(SUSPECT, DEAD)], False)
+    assert ticks(lv, clock, 2.875) == ([], False)
+    assert lv.tick(clock.advance(0.125), busy=True) == ([Transition(SUSPECT, DEAD)], False)
     assert lv.failures == 2
     lv.connected(clock.now)
     assert lv.heard(clock.advance(0.01), pong=True) == [Transition(SUSPECT, UP)]
@@ -146,3 +159,27 @@ def test_a_dropped_connection_is_dead_at_once_only_while_calls_wait(clock):
     assert lv.dropped(busy=True) == [Transition(UP, DEAD)]
     assert lv.failures == 1
     assert lv.dropped(busy=True) == []  # already dead: nothing more to report
+
+
+def test_a_client_that_was_paused_gives_its_broker_a_whole_window(clock):
+    """Invariant: the client's own pause (a gap over SELF_PAUSE_S between ticks) is not the
+    broker's silence: the broker is declared dead only after a whole window from the resume,
+    and still is then if it stays silent."""
+    lv = make(clock)
+    assert ticks(lv, clock, 0.5) == ([], False)
+    assert lv.tick(clock.advance(20.0), busy=True) == ([], False)  # SIGSTOP ... SIGCONT
+    assert lv.state is UP and lv.pauses.pauses == 1
+    assert ticks(lv, clock, 1.0) == ([Transition(UP, SUSPECT)], True)
+    assert ticks(lv, clock, 1.875) == ([], False)
+    assert lv.tick(clock.advance(0.125), busy=True) == ([Transition(SUSPECT, DEAD)], False)
+
+
+def test_pause_watch_tells_a_pause_from_a_late_turn():
+    """Invariant: only a gap longer than the threshold between consecutive turns is a pause;
+    the first turn and a clock that goes back are not."""
+    watch = PauseWatch(1.0)
+    assert watch.turn(100.0) == 0.0
+    assert watch.turn(101.0) == 0.0  # exactly the threshold: a late turn
+    assert watch.turn(103.5) == 2.5
+    assert watch.turn(103.0) == 0.0  # went back
+    assert watch.pauses == 1
