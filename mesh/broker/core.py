@@ -63,6 +63,7 @@ from ..protocol import (
     Header,
     InvalidStateError,
     MeshError,
+    NetworkError,
     NodeLostError,
     ResourceExhaustedError,
     UnavailableError,
@@ -518,6 +519,7 @@ class Broker:
             if self.registry.by_instance(claim[0]) is None:
                 return [self._fail(cmd, _claimed_node_gone(cmd), now, CommandEvent.FAIL)]
             self.counters["once_awaited"] += 1  # another broker (or run) sends it: await its outcome
+            once.await_outcome((cmd.client, cmd.id), now)
             copy = once.copies.pop(key, None)
             if copy is not None:
                 once.propose_outcome(key, copy, now)
@@ -530,11 +532,16 @@ class Broker:
 
     def _once_start(self, key: str, now: float) -> list[Outgoing]:
         """Send `key`'s command if this run may (`OnceTable.may_dispatch`): the first of its
-        waiting copies goes, once; the others are answered with the outcome."""
+        waiting copies goes, once; the others are answered with the outcome. When another
+        run holds the claim, what waits here waits `AWAIT_S` for its outcome."""
         once = self.once
         assert once is not None
         instance = once.may_dispatch(key)
         if instance is None:
+            claim = once.shared.claims.get(key)
+            if claim is not None and claim[1] != once.claimant:
+                for ref in once.waiting.get(key, ()):
+                    once.await_outcome(ref, now)
             return []
         for ref in once.waiting.get(key, ()):
             cmd = self.commands.get(ref)
@@ -668,6 +675,30 @@ class Broker:
                     except MeshError:
                         self.counters["revocations_unsaved"] += 1
                     self.counters["revocations_applied"] += 1
+        return out
+
+    def _once_overdue(self, now: float) -> list[Outgoing]:
+        """Tell callers whose command waited `AWAIT_S` on another run's claim that its outcome
+        is unknown (it may have run), rather than hold them to their deadline: that run may
+        be paused or dead, and only it may send the command."""
+        once = self.once
+        assert once is not None
+        out: list[Outgoing] = []
+        for ref in once.overdue(now):
+            cmd = self.commands.get(ref)
+            if cmd is None or cmd.once is None or cmd.state is not CommandState.RECEIVED:
+                continue
+            claim = once.shared.claims.get(cmd.once)
+            if claim is None or cmd.once in once.shared.outcomes:
+                continue
+            holder = claim[1].rpartition("/")[0] or claim[1]
+            err = NetworkError(
+                f"{cmd.service}.{cmd.action} is claimed by broker {holder}, which has not committed its outcome: "
+                "it may have run; resend it with the same id later to learn it",
+                details={"exactly_once": True, "claimed_by": holder, "outcome": "unknown"},
+            )
+            self.counters["once_unknown"] += 1
+            out.append(self._fail(cmd, err, now, CommandEvent.FAIL))
         return out
 
     def _once_answer(self, key: str, reply: tuple[bytes, bytes]) -> list[Outgoing]:
@@ -1235,9 +1266,10 @@ class Broker:
                 for ident in idle:
                     del table[ident]
         self.recent.expire(now)
-        if self.once is not None:
-            self.once.forget_done(self.commands)
         out: list[Outgoing] = []
+        if self.once is not None:
+            out.extend(self._once_overdue(now))
+            self.once.forget_done(self.commands)
         for ident in self._check_health(now):
             self.counters["nodes_expired"] += 1
             out.extend(self._lose_node(ident, set(), now, "silent"))

@@ -35,9 +35,13 @@ from typing import Final
 
 from ..cluster.shared import SharedState, claim_record, claimant, outcome_record, revoke_record, run_record
 
-__all__ = ["next_run", "RETRY_S", "CommandRef", "OnceTable", "event_key", "keyring_key", "once_key", "policy_key", "revoke_key"]
+__all__ = ["next_run", "AWAIT_S", "RETRY_S", "CommandRef", "OnceTable", "event_key", "keyring_key", "once_key", "policy_key", "revoke_key"]
 
 RETRY_S: Final = 1.0
+# How long a command whose claim another broker run holds waits here for its outcome
+# before its caller is told the outcome is unknown (that run may be paused or dead; a
+# healthy one commits an outcome within milliseconds of the node's reply).
+AWAIT_S: Final = 0.25
 MAX_COPIES: Final = 10_000  # node reply copies kept for commands sent by another broker
 MAX_DISPATCHED: Final = 1024  # sent keys kept past this only while the log still holds their claim
 
@@ -102,6 +106,8 @@ class OnceTable:
         # exactly-once reply to every broker): proposed as the outcome once a caller waits
         # here, so a command whose claimant died after sending it is still answered.
         self.copies: OrderedDict[str, list[bytes]] = OrderedDict()
+        # Commands here that wait on another run's claim -> when to stop waiting.
+        self.awaiting: dict[CommandRef, float] = {}
         self._proposals: list[bytes] = []
         self._unconfirmed: dict[str, tuple[bytes, float]] = {}  # key -> (record, retry at)
         self._outcomes: set[str] = set()  # the unconfirmed keys whose record is an outcome
@@ -128,6 +134,17 @@ class OnceTable:
         """`key`'s outcome (or its forgetting) is committed: nothing of it is sent again."""
         self.dispatched.discard(key)
         self.copies.pop(key, None)
+
+    def await_outcome(self, command: CommandRef, now: float) -> None:
+        """`command` waits on a claim another run holds: for `AWAIT_S` at most (see `overdue`)."""
+        self.awaiting.setdefault(command, now + AWAIT_S)
+
+    def overdue(self, now: float) -> list[CommandRef]:
+        """The commands that have waited `AWAIT_S` for another run's outcome (forgotten here)."""
+        due = [ref for ref, at in self.awaiting.items() if at <= now]
+        for ref in due:
+            del self.awaiting[ref]
+        return due
 
     def keep_copy(self, key: str, reply: list[bytes]) -> None:
         """A node's reply to `key`, sent by another broker's run: kept until a caller waits here."""
@@ -205,6 +222,7 @@ class OnceTable:
             "running": len(self.running),
             "dispatched": len(self.dispatched),
             "copies": len(self.copies),
+            "awaiting": len(self.awaiting),
             "unconfirmed": len(self._unconfirmed),
             "claims": len(self.shared.claims),
             "outcomes": len(self.shared.outcomes),

@@ -30,7 +30,7 @@ from sharedlog import ONCE, Cluster
 
 from mesh.broker import Broker, BrokerConfig, Side
 from mesh.broker.core import MAX_OUTCOME_REPLY_BYTES
-from mesh.broker.once import once_key
+from mesh.broker.once import AWAIT_S, once_key
 from mesh.protocol import ErrorCode, ResourceExhaustedError, ValidationFailedError
 
 
@@ -132,6 +132,25 @@ def test_a_resend_to_another_broker_while_it_runs_waits_for_the_outcome(cluster:
     assert [payload_of(f) for _, _, f in to_clients(out1)] == ["done"]
     assert [payload_of(f) for _, _, f in to_clients(out2)] == ["done"]
     assert b1.counters["once_dispatched"] + b2.counters["once_dispatched"] == 1
+
+
+def test_a_resend_waiting_on_a_silent_claimant_is_told_the_outcome_is_unknown(cluster: Cluster) -> None:
+    """b1 holds c1's claim and goes silent (paused) before sending it: a resend through b2
+    is not sent (only b1 may), and after AWAIT_S its caller hears NETWORK with
+    `outcome: unknown` instead of waiting to its deadline. Once b1 runs c1, a later resend
+    through b2 gets the outcome."""
+    b1, b2 = cluster.brokers
+    b1.client_message(CLIENT, command_frames("pay", "charge", id="c1"), 1.0)
+    cluster.log.extend(b1.take_proposals(1.0))  # the claim reached the leader; b1 pauses
+    assert b2.client_message(CLIENT_B, command_frames("pay", "charge", id="c1"), 2.0) == []
+    assert cluster.commit(2.0, paused=frozenset({0})) == [[], []]
+    assert b2.tick(2.0 + AWAIT_S / 2) == []
+    err = error_of(only(to_clients(b2.tick(2.0 + AWAIT_S)))[2])
+    assert err.code == ErrorCode.NETWORK and err.details == {"exactly_once": True, "claimed_by": "b1", "outcome": "unknown"}
+    (_, _, sent), = to_nodes(cluster.commit(3.0)[0])  # b1 resumes and sends it, once
+    b1.node_message(NODE_A, reply(sent, "done"), 3.1)
+    cluster.commit(3.2)
+    assert payload_of(only(b2.client_message(CLIENT_B, command_frames("pay", "charge", id="c1"), 4.0))[2]) == "done"
 
 
 def test_a_resend_on_another_connection_to_the_same_broker_is_not_sent_twice(cluster: Cluster) -> None:
