@@ -519,11 +519,12 @@ class Broker:
             if self.registry.by_instance(claim[0]) is None:
                 return [self._fail(cmd, _claimed_node_gone(cmd), now, CommandEvent.FAIL)]
             self.counters["once_awaited"] += 1  # another broker (or run) sends it: await its outcome
-            once.await_outcome((cmd.client, cmd.id), now)
             copy = once.copies.pop(key, None)
             if copy is not None:
                 once.propose_outcome(key, copy, now)
                 self.counters["once_outcomes_copied"] += 1
+            elif not once.await_outcome((cmd.client, cmd.id), key, now):
+                return [self._outcome_unknown(cmd, claim[1], now)]
             return []
         assert node is not None and node.instance is not None
         once.propose_claim(key, node.instance, now)
@@ -541,7 +542,7 @@ class Broker:
             claim = once.shared.claims.get(key)
             if claim is not None and claim[1] != once.claimant:
                 for ref in once.waiting.get(key, ()):
-                    once.await_outcome(ref, now)
+                    once.await_outcome(ref, key, now)  # answered by the next tick when it is past
             return []
         for ref in once.waiting.get(key, ()):
             cmd = self.commands.get(ref)
@@ -633,6 +634,8 @@ class Broker:
         for effect in once.shared.take_effects():
             if isinstance(effect, Claimed):
                 once.confirmed(effect.key, outcome=False)
+                if effect.key not in once.shared.outcomes:
+                    once.saw_claim(effect.key, now)
                 out.extend(self._once_start(effect.key, now))
             elif isinstance(effect, Committed):
                 once.confirmed(effect.key, outcome=True)
@@ -691,15 +694,18 @@ class Broker:
             claim = once.shared.claims.get(cmd.once)
             if claim is None or cmd.once in once.shared.outcomes:
                 continue
-            holder = claim[1].rpartition("/")[0] or claim[1]
-            err = NetworkError(
-                f"{cmd.service}.{cmd.action} is claimed by broker {holder}, which has not committed its outcome: "
-                "it may have run; resend it with the same id later to learn it",
-                details={"exactly_once": True, "claimed_by": holder, "outcome": "unknown"},
-            )
-            self.counters["once_unknown"] += 1
-            out.append(self._fail(cmd, err, now, CommandEvent.FAIL))
+            out.append(self._outcome_unknown(cmd, claim[1], now))
         return out
+
+    def _outcome_unknown(self, cmd: Command, claimant: str, now: float) -> Outgoing:
+        holder = claimant.rpartition("/")[0] or claimant
+        err = NetworkError(
+            f"{cmd.service}.{cmd.action} is claimed by broker {holder}, which has not committed its outcome: "
+            "it may have run; resend it with the same id later to learn it",
+            details={"exactly_once": True, "claimed_by": holder, "outcome": "unknown"},
+        )
+        self.counters["once_unknown"] += 1
+        return self._fail(cmd, err, now, CommandEvent.FAIL)
 
     def _once_answer(self, key: str, reply: tuple[bytes, bytes]) -> list[Outgoing]:
         """`key`'s outcome is committed: every copy of the command waiting here gets it."""

@@ -108,6 +108,8 @@ class OnceTable:
         self.copies: OrderedDict[str, list[bytes]] = OrderedDict()
         # Commands here that wait on another run's claim -> when to stop waiting.
         self.awaiting: dict[CommandRef, float] = {}
+        # When this broker saw each claim without an outcome committed: how long it has waited.
+        self.claimed_at: OrderedDict[str, float] = OrderedDict()
         self._proposals: list[bytes] = []
         self._unconfirmed: dict[str, tuple[bytes, float]] = {}  # key -> (record, retry at)
         self._outcomes: set[str] = set()  # the unconfirmed keys whose record is an outcome
@@ -134,10 +136,23 @@ class OnceTable:
         """`key`'s outcome (or its forgetting) is committed: nothing of it is sent again."""
         self.dispatched.discard(key)
         self.copies.pop(key, None)
+        self.claimed_at.pop(key, None)
 
-    def await_outcome(self, command: CommandRef, now: float) -> None:
-        """`command` waits on a claim another run holds: for `AWAIT_S` at most (see `overdue`)."""
-        self.awaiting.setdefault(command, now + AWAIT_S)
+    def saw_claim(self, key: str, now: float) -> None:
+        """`key`'s claim is committed (as this broker learns it at `now`)."""
+        if key not in self.claimed_at:
+            self.claimed_at[key] = now
+            if len(self.claimed_at) > MAX_COPIES:
+                self.claimed_at.popitem(last=False)
+
+    def await_outcome(self, command: CommandRef, key: str, now: float) -> bool:
+        """`command` waits on `key`'s claim, which another run holds: until `AWAIT_S` after
+        the claim committed (see `overdue`). False when that time is past already."""
+        at = self.claimed_at.get(key, now) + AWAIT_S
+        if at <= now:
+            return False
+        self.awaiting.setdefault(command, at)
+        return True
 
     def overdue(self, now: float) -> list[CommandRef]:
         """The commands that have waited `AWAIT_S` for another run's outcome (forgotten here)."""
@@ -223,6 +238,7 @@ class OnceTable:
             "dispatched": len(self.dispatched),
             "copies": len(self.copies),
             "awaiting": len(self.awaiting),
+            "claims_open": len(self.claimed_at),
             "unconfirmed": len(self._unconfirmed),
             "claims": len(self.shared.claims),
             "outcomes": len(self.shared.outcomes),

@@ -125,10 +125,10 @@ def test_a_resend_to_another_broker_while_it_runs_waits_for_the_outcome(cluster:
     cluster.register(NODE_B, "inst-b", capacity=10)  # emptier: plain routing would pick it
     b1.client_message(CLIENT, command_frames("pay", "charge", id="c1"), 1.0)
     side, claimed, first = only(cluster.commit()[0])
-    assert b2.client_message(CLIENT_B, command_frames("pay", "charge", id="c1"), 2.0) == []
-    assert b2.counters["once_awaited"] == 1 and b2.take_proposals(2.0) == []
-    b1.node_message(claimed, reply(first, "done"), 2.1)
-    out1, out2 = cluster.commit(2.2)
+    assert b2.client_message(CLIENT_B, command_frames("pay", "charge", id="c1"), 1.1) == []
+    assert b2.counters["once_awaited"] == 1 and b2.take_proposals(1.1) == []
+    b1.node_message(claimed, reply(first, "done"), 1.15)
+    out1, out2 = cluster.commit(1.2)
     assert [payload_of(f) for _, _, f in to_clients(out1)] == ["done"]
     assert [payload_of(f) for _, _, f in to_clients(out2)] == ["done"]
     assert b1.counters["once_dispatched"] + b2.counters["once_dispatched"] == 1
@@ -151,6 +151,17 @@ def test_a_resend_waiting_on_a_silent_claimant_is_told_the_outcome_is_unknown(cl
     b1.node_message(NODE_A, reply(sent, "done"), 3.1)
     cluster.commit(3.2)
     assert payload_of(only(b2.client_message(CLIENT_B, command_frames("pay", "charge", id="c1"), 4.0))[2]) == "done"
+
+
+def test_a_resend_arriving_long_after_the_claim_committed_is_told_at_once(cluster: Cluster) -> None:
+    """A claim committed AWAIT_S ago with no outcome (its broker silent since): a resend
+    through another broker is answered `outcome: unknown` on arrival, not after a wait."""
+    b1, b2 = cluster.brokers
+    b1.client_message(CLIENT, command_frames("pay", "charge", id="c1"), 1.0)
+    cluster.log.extend(b1.take_proposals(1.0))
+    cluster.commit(1.0, paused=frozenset({0}))
+    err = error_of(only(b2.client_message(CLIENT_B, command_frames("pay", "charge", id="c1"), 1.0 + AWAIT_S))[2])
+    assert err.details["outcome"] == "unknown" and b2.counters["once_dispatched"] == 0
 
 
 def test_a_resend_on_another_connection_to_the_same_broker_is_not_sent_twice(cluster: Cluster) -> None:
