@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import re
 import signal
 import subprocess
@@ -221,6 +222,8 @@ class _Nemesis:
         self.mesh = mesh
         self.paused: set[int] = set()
         self.killed: Counter[str] = Counter()
+        self._stutter_stop = threading.Event()
+        self._stutters: list[tuple[threading.Thread, int]] = []
 
     def _process(self, target: str, roles: dict[str, str]) -> str:
         return f"broker:{roles[target]}" if target in roles else f"node:{target}"
@@ -262,8 +265,13 @@ class _Nemesis:
             net.partition(*sides)
             return "partition " + " | ".join("+".join(s) for s in sides)
         if step.action == "delay":
-            net.delay(self._hosts("+".join(step.targets), roles), step.arg, step.arg2)
-            return f"delay {step.arg}ms +-{step.arg2}ms"
+            if net.netem:
+                net.delay(self._hosts("+".join(step.targets), roles), step.arg, step.arg2)
+                return f"delay {step.arg}ms +-{step.arg2}ms"
+            processes = [self._process(t, roles) for t in step.targets if t in roles] + [
+                f"node:{n}" for t in step.targets if t == "nodes" for n in self.mesh.node_host]
+            self._stutter(processes, step.arg, step.arg2)
+            return f"stutter {', '.join(processes)} {step.arg}ms +-{step.arg2}ms"
         if step.action == "loss":
             net.loss(self._hosts("+".join(step.targets), roles), step.arg)
             return f"loss {step.arg / 10:.1f}%"
@@ -272,8 +280,44 @@ class _Nemesis:
             return "heal"
         raise ValueError(f"unknown step {step.action!r}")
 
+    def _stutter(self, processes: list[str], delay_ms: int, jitter_ms: int) -> None:
+        """Latency and jitter where the kernel has no netem: each process is stopped for
+        `delay_ms` +- `jitter_ms`, runs for twice that, and again, until `release`. Every
+        message it sends or receives waits up to that long, as on a host with CPU steal."""
+        stop = self._stutter_stop = threading.Event()
+        rng = random.Random(delay_ms * 1000 + jitter_ms)
+        for process in processes:
+            pid = self.mesh.pid(process)
+            if pid is None:
+                continue
+            phase = rng.uniform(0, 2 * delay_ms) / 1000
+
+            def cycle(pid: int = pid, phase: float = phase, seed: int = rng.randrange(1 << 30)) -> None:
+                r = random.Random(seed)
+                stop.wait(phase)
+                while not stop.is_set():
+                    try:
+                        os.kill(pid, signal.SIGSTOP)
+                        time.sleep(max(0.0, r.uniform(delay_ms - jitter_ms, delay_ms + jitter_ms)) / 1000)
+                        os.kill(pid, signal.SIGCONT)
+                    except ProcessLookupError:
+                        return
+                    stop.wait(2 * delay_ms / 1000)
+
+            thread = threading.Thread(target=cycle, name=f"stutter-{process}", daemon=True)
+            self._stutters.append((thread, pid))
+            thread.start()
+
     def release(self) -> None:
         """Resume everything paused and heal the network (safe to call twice)."""
+        self._stutter_stop.set()
+        for thread, pid in self._stutters:
+            thread.join(5.0)
+            try:
+                os.kill(pid, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+        self._stutters.clear()
         for pid in list(self.paused):
             try:
                 os.kill(pid, signal.SIGCONT)
@@ -356,8 +400,7 @@ def _exercise(mesh: _Mesh, net: Net, work: Path, plan: list[Round], result: RunR
         workers = _workers(mesh, work, f"s{seed}", budget)
         time.sleep(warmup)
         if not net.netem and "latency" in nemeses:
-            result.skipped.append("latency: this kernel has no sch_netem (tc netem)")
-            plan = [r for r in plan if r.nemesis != "latency"]
+            result.skipped.append("latency as network delay: this kernel has no sch_netem (tc netem); the processes stutter instead")
         for i, rnd in enumerate(plan):
             echo(f"round {i + 1}/{len(plan)}: {rnd.nemesis} {rnd.describe()}")
             nemesis.play(rnd, result.rounds)
