@@ -16,7 +16,9 @@ Rules of this module:
 * Every message from a node proves it alive. `tick` makes a node silent past 1.5
   heartbeat intervals suspect (`mesh.node.suspect`; `pick` then prefers other nodes) and
   one silent past its liveness window dead (`mesh.node.down`); a suspect node that
-  speaks again is `mesh.node.recovered`. Heartbeats carry the node's load report.
+  speaks again is `mesh.node.recovered`. Heartbeats carry the node's load report. Time
+  the broker itself was paused does not count as a node's silence (registry.py; the
+  tick that sees it publishes `mesh.broker.resumed`).
 * Bad input is answered with an error when the sender is known, and counted otherwise;
   it never raises out of this module.
 * With security on (a `BrokerSecurity`), every client message passes the `Gate` first
@@ -1276,6 +1278,10 @@ class Broker:
         if self.once is not None:
             out.extend(self._once_overdue(now))
             self.once.forget_done(self.commands)
+        paused = self.registry.turn(now)
+        if paused:  # this broker was paused: its nodes get a whole window from now (registry.py)
+            self.counters["self_pauses"] += 1
+            self._emit("mesh.broker.resumed", {"broker": self.config.name, "paused_s": round(paused, 3)}, now)
         for ident in self._check_health(now):
             self.counters["nodes_expired"] += 1
             out.extend(self._lose_node(ident, set(), now, "silent"))
@@ -1307,7 +1313,7 @@ class Broker:
         """
         dead: list[bytes] = []
         for node in self.registry.nodes.values():
-            silence = now - node.last_seen
+            silence = node.silence(now)
             event = silence_event(silence, node.interval)
             if event is PeerEvent.SILENT:
                 node.observe(event)

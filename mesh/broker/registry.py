@@ -20,6 +20,11 @@ Rules of this module:
   byte budget the caller gives, so that what any number of nodes register always
   reaches a client in answers it can receive. A page holds at least one action, and
   one action always fits a budget of half a message (see the limits above).
+* A broker that was itself paused heard nothing meanwhile (`liveness.PauseWatch`: a
+  gap over `SELF_PAUSE_S` between two `turn` calls, which the broker makes once per
+  tick): every node's silence then counts from the resume (`NodeInfo.silence`), so each
+  gets its whole liveness window to speak before it is declared dead. A node that
+  stays silent is declared dead that window later.
 * The registry holds no sockets and reads no clock.
 """
 
@@ -33,6 +38,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
 
+from ..liveness import PauseWatch
 from ..protocol import (
     MAX_ACTIONS,
     MAX_REGISTRATION_BYTES,
@@ -186,6 +192,8 @@ class NodeInfo:
     latency_band: int = 0  # pick()'s view of reported latency_ms; 0 (best) until reported
     # The node process's own id (the same on every broker of a cluster), or None.
     instance: str | None = None
+    # When the broker last resumed from its own pause; silence counts from here at most.
+    excused_at: float = -math.inf
 
     @property
     def in_flight(self) -> int:
@@ -195,6 +203,10 @@ class NodeInfo:
     def load(self) -> float:
         return len(self.owed) / self.capacity
 
+
+    def silence(self, now: float) -> float:
+        """Seconds this node has been silent while the broker was listening (see the rules)."""
+        return now - max(self.last_seen, self.excused_at)
 
     def observe(self, event: PeerEvent) -> PeerState:
         """Apply a health event; returns the state before it."""
@@ -364,6 +376,20 @@ class Registry:
         self._instances: dict[str, NodeInfo] = {}  # a node process's own id -> its registration here
         self._order = itertools.count(1)  # 0 is "never picked", which goes first
         self._sorted: list[tuple[str, str]] | None = None  # _by_action's keys in order, for pages
+        self.pauses = PauseWatch()  # the broker's own pauses, seen between its ticks
+
+    def turn(self, now: float) -> float:
+        """Note one tick of the broker at `now`, before any node's silence is judged.
+
+        Returns:
+            How long the broker was paused before this tick (0.0: it was not); after a
+            pause every node's silence counts from `now`.
+        """
+        gap = self.pauses.turn(now)
+        if gap:
+            for node in self.nodes.values():
+                node.excused_at = now
+        return gap
 
     def register(self, identity: bytes, payload: Any, now: float, owed: set[Any] | None = None) -> NodeInfo:
         """Add or replace a node's registration (validated by `parse_registration`).

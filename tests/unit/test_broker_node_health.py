@@ -127,6 +127,7 @@ def test_a_suspect_node_that_stays_silent_goes_down() -> None:
     node = join(broker, NODE_A)
     broker.tick(2.0)
     published(broker)
+    broker.tick(2.6)  # ticks less than SELF_PAUSE_S apart: the broker was not paused
     broker.tick(3.1)
     out = published(broker)
     assert [h.topic for _, h, _ in out] == ["mesh.service.unregistered", "mesh.node.down"]

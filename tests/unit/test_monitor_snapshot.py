@@ -56,6 +56,7 @@ def test_nodes_go_from_up_to_suspect_to_dead_and_stay_listed_dead():
     assert [n["state"] for n in monitor.snapshot(broker, 1.0)["nodes"]["nodes"]] == ["up"]
     broker.tick(2.0)
     assert [n["state"] for n in monitor.snapshot(broker, 2.0)["nodes"]["nodes"]] == ["suspect"]
+    broker.tick(2.75)  # ticks less than SELF_PAUSE_S apart: the broker was not paused
     broker.tick(3.5)  # the core declares it dead and forgets it
     nodes = monitor.snapshot(broker, 3.5)["nodes"]["nodes"]
     assert [(n["name"], n["state"], n["in_flight"]) for n in nodes] == [("echo-1", "dead", 0)]
