@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import sqlite3
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -41,6 +42,7 @@ MAX_LIST: Final = 1000
 # A `get` reply carries the value plus the key and a header; keep it under one message.
 MAX_VALUE_BYTES: Final = MAX_MESSAGE_BYTES - 64 * 1024
 BUSY_TIMEOUT_MS: Final = 5000
+OPEN_RETRY_S: Final = 0.01
 
 _KEY: Final = {
     "type": "string",
@@ -122,10 +124,23 @@ class _Store:
     def __init__(self, path: Path) -> None:
         self.path = path
         self._local = threading.local()
-        with _storage_errors():
-            conn = self._conn()
-            conn.execute("PRAGMA journal_mode = WAL")
-            conn.execute(_CREATE)
+        # Several processes may open a new file at once (replicas, or `mesh up --host` on
+        # each host learning the node's services): SQLite answers the switch to WAL with
+        # "database is locked" at once, without its busy handler, while another process
+        # makes it, so that is tried again for as long as a busy write would wait.
+        give_up = time.monotonic() + BUSY_TIMEOUT_MS / 1000
+        while True:
+            try:
+                with _storage_errors():
+                    conn = self._conn()
+                    if conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+                        conn.execute("PRAGMA journal_mode = WAL")
+                    conn.execute(_CREATE)
+                return
+            except UnavailableError:
+                if time.monotonic() >= give_up:
+                    raise
+                time.sleep(OPEN_RETRY_S)
 
     def _conn(self) -> sqlite3.Connection:
         conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
