@@ -144,15 +144,20 @@ class Launcher:
             return
         from .monitor.server import monitor_settings
         from .plugins import load_node
-        from .security.state import ensure_state
+        from .security.state import StateLayout, ensure_state
 
-        services = {
-            spec.name: sorted({svc for svc, _ in load_node(spec.use, spec.config).actions})
-            for spec in self.topology.nodes.values()
-        }
         # Every host's launcher makes the whole state (it is one for the mesh), under the
         # lock: launchers started together on one filesystem would each make their own keys.
         with _state_lock(Path(sec.state)):
+            # A node is loaded (which may open its files) to learn its services only where
+            # they matter: for the policy the first start writes, or for this host's nodes,
+            # whose services the policy must allow. Another host's node is known by name.
+            first = not StateLayout.at(sec.state).policy.exists()
+            services = {
+                spec.name: sorted({svc for svc, _ in load_node(spec.use, spec.config).actions})
+                if first or self.host is None or spec.host == self.host else []
+                for spec in self.topology.nodes.values()
+            }
             layout = ensure_state(sec.state, nodes=services, clients=sec.clients, now=time.time())
             # The monitor token is made by the first broker that misses it: brokers starting
             # together would each make their own, so make it once here, before any starts.

@@ -4,6 +4,7 @@ key, links another machine cannot make refused, and what `mesh up --host` runs."
 from __future__ import annotations
 
 import re
+import shutil
 from typing import Any
 
 import pytest
@@ -244,3 +245,19 @@ def test_mesh_up_host_refuses_a_topology_without_hosts():
     assert result.exit_code == 2
     assert "--host h1: topologies/cluster.toml has no [hosts] table; run it without --host" in result.output
 
+
+
+def test_a_host_loads_only_its_own_nodes_once_the_state_exists(tmp_path: Any) -> None:
+    """Invariant: `mesh up --host` on a made state loads (and so opens the files of) only
+    the nodes it runs: a node whose database directory exists only on its own machine
+    is not touched by another host's start. The first start, which writes the policy, loads all."""
+    data = placed()
+    data["security"] = {"state": str(tmp_path / "state")}
+    data["nodes"]["kv"] = {"use": "kv", "host": "h4", "config": {"path": str(tmp_path / "h4-only" / "kv.sqlite3")}}
+    (tmp_path / "h4-only").mkdir()
+    Launcher(parse(data), echo=lambda _: None, host="h1").prepare_security()  # first start: loads every node
+    shutil.rmtree(tmp_path / "h4-only")  # as on machine h1, where kv's directory does not exist
+    Launcher(parse(data), echo=lambda _: None, host="h1").prepare_security()
+    assert not (tmp_path / "h4-only").exists()
+    Launcher(parse(data), echo=lambda _: None, host="h4").prepare_security()
+    assert (tmp_path / "h4-only" / "kv.sqlite3").exists()  # h4 loads its own node (the kv node makes its file)
