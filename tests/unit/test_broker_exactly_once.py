@@ -164,6 +164,22 @@ def test_a_resend_arriving_long_after_the_claim_committed_is_told_at_once(cluste
     assert err.details["outcome"] == "unknown" and b2.counters["once_dispatched"] == 0
 
 
+def test_the_nodes_copy_of_a_reply_lets_another_broker_commit_when_the_sender_died(cluster: Cluster) -> None:
+    """b1 sends c1 and dies before the node's reply reaches it; the node sends its reply to
+    an exactly-once command to every broker, so b2 keeps a copy, and when the client's
+    resend waits there b2 commits it as the outcome: answered, and not run again."""
+    b1, b2 = cluster.brokers
+    b1.client_message(CLIENT, command_frames("pay", "charge", id="c1"), 1.0)
+    (dispatch,) = [f for _, _, f in to_nodes(cluster.commit(1.0)[0])]
+    cluster.restart(0, run=2)  # b1 is killed and restarted: its run's waiters are gone
+    assert b2.node_message(NODE_A, reply(dispatch, "charged"), 1.1) == []  # a copy, kept
+    assert b2.counters["unexpected_replies"] == 0 and b2.take_proposals(1.1) == []
+    assert b2.client_message(CLIENT_B, command_frames("pay", "charge", id="c1"), 1.2) == []
+    out = cluster.commit(1.3)
+    assert [payload_of(f) for _, _, f in to_clients(out[1])] == ["charged"]
+    assert to_nodes(out[0] + out[1]) == []
+
+
 def test_a_resend_on_another_connection_to_the_same_broker_is_not_sent_twice(cluster: Cluster) -> None:
     """Two copies of one command wait on one broker when its claim commits: one is sent,
     both get the one outcome."""
