@@ -7,15 +7,19 @@ Rules of this module:
   loop carries `take_proposals()` to the cluster member and the member's committed
   entries into `SharedState`.
 * A command of an `exactly_once` action runs only after its claim is committed: the
-  claim names one node process (its `instance`) and the broker process that proposed it
-  (its `claimant`: the broker's name and this run's incarnation). Only that claimant
-  sends the command, to that node, once (`dispatched`), and only while no outcome is
-  committed. Every other broker, and the same broker after a restart (a new
-  incarnation), waits for the outcome instead of sending it again. So a resend, a
-  re-proposed claim, a snapshot restore or a failover never runs a command twice: the
-  replicated log carries the guarantee, and the node's own resend table is a second line.
-  The price: a claim whose claimant dies between the commit and the node's reply leaves
-  the command's outcome unknown; its callers time out (it may have run).
+  claim names one node process (its `instance`) and the broker run that proposed it
+  (its `claimant`: the broker's name and this run's number, see `next_run`). Only that
+  run sends the command, to that node, once (`dispatched`), and only while no outcome is
+  committed. Every other broker, and the same broker after a restart (a later run),
+  waits for the outcome instead of sending it again. So a resend, a re-proposed claim,
+  a snapshot restore or a failover never runs a command twice: the replicated log
+  carries the guarantee, and the node's own resend table is a second line.
+* Nodes send their reply to an exactly-once command to every broker: a broker that did
+  not send it keeps the copy (`keep_copy`) and proposes it as the outcome when a caller
+  waits there, so the outcome survives the death of the run that sent it.
+* The price: a claim whose run goes silent (paused, cut off, dead) before it sends the
+  command leaves its outcome unknown. A caller waiting elsewhere is told so `AWAIT_S`
+  after the claim committed, rather than at its deadline.
 * The reply is proposed as the command's outcome and sent to the client only once it
   is committed. A resend, to any broker and after any failover, gets that outcome.
 * A token revoked on one broker is revoked there at once and proposed to the log; every
@@ -23,8 +27,9 @@ Rules of this module:
 * An event published through one broker is proposed to the log; every broker numbers
   and delivers it when it commits, and this one acknowledges it to its publisher then.
 * A proposal may be lost (a leader change); what waits for a commit is proposed again
-  every `RETRY_S`, and at once when a new leader is known, until its effect arrives. The shared state keeps the first claim and
-  the first outcome, so a repeated proposal changes nothing.
+  every `RETRY_S`, and at once when a new leader is known, until its effect arrives. The
+  shared state keeps the first claim and the first outcome, so a repeated proposal
+  changes nothing.
 """
 
 from __future__ import annotations
