@@ -39,7 +39,13 @@ $(NFT):
 		$(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq nftables iproute2; \
 	else echo "no apt-get: install nftables yourself, or the fault tests are skipped"; fi
 
-test: $(STAMP) $(BROWSER) $(NFT)
+# The MCP bridge is also driven by the official TypeScript SDK's client, run with node.
+MCP_CLIENT := tests/mcp-client/node_modules/.package-lock.json
+$(MCP_CLIENT): tests/mcp-client/package-lock.json
+	@if command -v npm >/dev/null; then npm ci --prefix tests/mcp-client --no-audit --no-fund --silent; \
+	else echo "no npm: install Node.js, or the TypeScript MCP client test is skipped"; fi
+
+test: $(STAMP) $(BROWSER) $(NFT) $(MCP_CLIENT)
 	$(BIN)/pytest -m "not slow"
 
 soak: $(STAMP)
