@@ -35,7 +35,7 @@ from contextlib import asynccontextmanager, contextmanager
 from dataclasses import asdict, dataclass
 from typing import Any, Final
 
-from .bench import STARTUP_S, _figures, _machine, _mesh_broker, _mesh_node, _stop, _wait_for_echo
+from .bench import STARTUP_S, _figures, _machine, _mesh_broker, _mesh_node, _ratio, _stop, _wait_for_echo
 
 __all__ = ["McpBenchSettings", "run_mcp_bench", "format_mcp_report"]
 
@@ -228,10 +228,10 @@ def _verdict(t: dict[str, dict[str, Any]], transport: str) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for q in ("p50_ms", "p99_ms"):
         bar = floor[q] + SEQ_FACTOR * direct[q]
-        out[q] = {"bridge": bridge[q], "bar": bar, "ratio": bridge[q] / bar, "ok": bridge[q] <= bar}
+        out[q] = {"bridge": bridge[q], "bar": bar, "ratio": _ratio(bridge[q], bar), "ok": bridge[q] <= bar}
     bar = THROUGHPUT_FACTOR * floor["inflight_per_s"]
     out["inflight_per_s"] = {"bridge": bridge["inflight_per_s"], "bar": bar,
-                             "ratio": bridge["inflight_per_s"] / bar, "ok": bridge["inflight_per_s"] >= bar}
+                             "ratio": _ratio(bridge["inflight_per_s"], bar), "ok": bridge["inflight_per_s"] >= bar}
     return out
 
 
