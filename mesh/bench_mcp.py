@@ -37,7 +37,7 @@ from typing import Any, Final
 
 from .bench import STARTUP_S, _figures, _machine, _mesh_broker, _mesh_node, _ratio, _stop, _wait_for_echo
 
-__all__ = ["McpBenchSettings", "run_mcp_bench", "format_mcp_report"]
+__all__ = ["McpBenchSettings", "echo_tool", "run_mcp_bench", "format_mcp_report"]
 
 WARMUP_CALLS: Final = 20
 ECHO: Final = "echo.echo"  # the mesh action every target echoes through
@@ -106,7 +106,7 @@ def echo_tool(tools: list[Any]) -> str:
         LookupError: no listed tool is `echo.echo`.
     """
     for tool in tools:
-        meta = json.dumps(tool.meta or {}) if getattr(tool, "meta", None) else ""
+        meta = json.dumps(getattr(tool, "meta", None) or {})
         if tool.name in (ECHO, ECHO.replace(".", "_")) or getattr(tool, "title", None) == ECHO or f'"{ECHO}"' in meta:
             return str(tool.name)
     raise LookupError(f"no {ECHO} tool among {[t.name for t in tools]}")

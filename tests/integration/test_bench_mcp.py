@@ -45,3 +45,20 @@ def test_mcp_bench_refuses_options_it_does_not_use():
                               capture_output=True, text=True, timeout=30, check=False)
         assert done.returncode == 2
         assert message in done.stderr
+
+
+def test_the_echo_tool_is_found_under_its_mesh_name_its_portable_name_its_title_or_its_meta():
+    """The bench finds echo.echo however the bridge names it, and refuses a list without it."""
+    import mcp_types as types
+
+    from mesh.bench_mcp import echo_tool
+
+    def tool(name: str, **extra: object) -> types.Tool:
+        return types.Tool(name=name, input_schema={"type": "object"}, **extra)
+
+    assert echo_tool([tool("kv.get"), tool("echo.echo")]) == "echo.echo"
+    assert echo_tool([tool("echo_reverse"), tool("echo_echo")]) == "echo_echo"
+    assert echo_tool([tool("echo_echo_3f2a", title="echo.echo")]) == "echo_echo_3f2a"
+    assert echo_tool([tool("t1", meta={"mesh/name": "echo.echo"})]) == "t1"
+    with pytest.raises(LookupError):
+        echo_tool([tool("echo_reverse", title="echo.reverse", meta={"mesh/name": "echo.reverse"})])
