@@ -710,6 +710,7 @@ def up(file: str, host: str | None) -> None:
 @click.option("--security", "security_bench", is_flag=True, help="Measure commands with each security layer on, as a ratio of security off.")
 @click.option("--monitor", "monitor_bench", is_flag=True, help="Measure commands with the monitor on and polled, as a ratio of the monitor off.")
 @click.option("--cluster", "cluster_bench", is_flag=True, help="Measure exactly-once commands and committed log entries in a 3-broker cluster, as a ratio of plain commands.")
+@click.option("--mcp", "mcp_bench", is_flag=True, help="Measure echo calls through the MCP bridge over stdio and HTTP against the MCP SDK's in-process floor and the direct mesh client (docs/mcp.md).")
 @click.option("--subscribers", default="1,10,100", show_default=True, help="With --events: subscriber counts, one pair of runs each.")
 @click.option("--clients", default=4, show_default=True, type=click.IntRange(1, 64), help="Client processes.")
 @click.option("--inflight", default=32, show_default=True, type=click.IntRange(1, 10_000), help="Commands in flight per client.")
@@ -722,6 +723,7 @@ def bench(
     security_bench: bool,
     monitor_bench: bool,
     cluster_bench: bool,
+    mcp_bench: bool,
     subscribers: str,
     clients: int,
     inflight: int,
@@ -739,24 +741,30 @@ def bench(
     three with it on while its dashboard and metrics are polled every second. With
     --cluster, start a 3-broker cluster and measure plain commands, then exactly-once
     commands via the leader and via a follower, with the log entries committed per second.
+    With --mcp, measure sequential and 16-in-flight echo calls through the MCP bridge over
+    stdio and HTTP, the MCP SDK's in-process floor and the direct mesh client, in one run.
     """
     from click.core import ParameterSource
 
     from .bench import BenchSettings, format_report, run_bench
     from .bench_cluster import format_cluster_report, run_cluster_bench
     from .bench_events import EventBenchSettings, format_events_report, run_events_bench
+    from .bench_mcp import McpBenchSettings, format_mcp_report, run_mcp_bench
     from .bench_monitor import format_monitor_report, run_monitor_bench
     from .bench_security import format_security_report, run_security_bench
 
-    if events_bench + security_bench + monitor_bench + cluster_bench > 1:
-        raise UsageError("--cluster, --events, --security and --monitor are different benchmarks: choose one")
+    if events_bench + security_bench + monitor_bench + cluster_bench + mcp_bench > 1:
+        raise UsageError("--mcp, --cluster, --events, --security and --monitor are different benchmarks: choose one")
     # An option of the other benchmark would be silently ignored: refuse it instead.
     ctx = click.get_current_context()
     kind = (
         "events" if events_bench else "security" if security_bench else "monitor" if monitor_bench
-        else "cluster" if cluster_bench else "command"
+        else "cluster" if cluster_bench else "mcp" if mcp_bench else "command"
     )
-    for name in ("clients", "inflight") if events_bench else ("subscribers",):
+    unused = ("clients", "inflight") if events_bench else ("subscribers",)
+    if mcp_bench:  # one driving process, 16 in flight as the issue's bar says, loopback TCP
+        unused = ("subscribers", "clients", "inflight", "transport")
+    for name in unused:
         if ctx.get_parameter_source(name) is ParameterSource.COMMANDLINE:
             raise UsageError(f"--{name} does not apply to the {kind} benchmark")
     if events_bench:
@@ -774,6 +782,9 @@ def bench(
     elif monitor_bench:
         report = run_monitor_bench(BenchSettings(clients, inflight, payload, duration, transport))
         text = format_monitor_report(report)
+    elif mcp_bench:
+        report = run_mcp_bench(McpBenchSettings(payload=payload, duration=duration))
+        text = format_mcp_report(report)
     elif cluster_bench:
         report = run_cluster_bench(BenchSettings(clients, inflight, payload, duration, transport))
         text = format_cluster_report(report)
