@@ -42,12 +42,11 @@ from ..protocol import rebase_refs
 
 __all__ = [
     "ToolSpec", "Selection", "tools_from_registry", "selected_registry", "as_text", "REGISTRY_URI", "schema_uri",
-    "WRAPPED_KEY", "TOOL_NAME_PATTERN", "tool_names", "find_tool",
+    "WRAPPED_KEY", "tool_names", "find_tool",
 ]
 
 REGISTRY_URI: Final = "mesh://services"
 WRAPPED_KEY: Final = "payload"
-TOOL_NAME_PATTERN: Final = r"^[a-zA-Z0-9_-]{1,64}$"
 _MAX_NAME: Final = 64
 _HASH_DIGITS: Final = (0, 8, 16)  # by level: the naive name, then ever longer hashes
 _OUTSIDE = re.compile(r"[^a-zA-Z0-9_-]")
@@ -107,7 +106,7 @@ def _input_schema(schema: Mapping[str, Any]) -> tuple[dict[str, Any], bool]:
 
 def _portable(mesh_name: str, level: int) -> str:
     """The tool name of `mesh_name` at a level: naive, or cut and given a hash."""
-    naive = _OUTSIDE.sub("_", mesh_name) or "_"
+    naive = _OUTSIDE.sub("_", mesh_name)
     digits = _HASH_DIGITS[level]
     if not digits:
         return naive
@@ -122,7 +121,7 @@ def tool_names(mesh_names: Iterable[str]) -> dict[str, str]:
         mesh_names: every `service.action` the bridge sees (before selection).
 
     Returns:
-        mesh name -> tool name matching `TOOL_NAME_PATTERN`; a mesh name whose tool
+        mesh name -> tool name matching `^[a-zA-Z0-9_-]{1,64}$`; a mesh name whose tool
         name is still shared with 16 hex digits of hash is left out.
     """
     level = {m: 0 if len(_portable(m, 0)) <= _MAX_NAME else 1 for m in set(mesh_names)}
@@ -162,8 +161,8 @@ def tools_from_registry(registry: Mapping[str, Any], selection: Selection = Sele
         selection: the include and exclude patterns.
 
     Returns:
-        One `ToolSpec` per selected action, named by `tool_names`; entries that are not shaped like the
-        registry's (a newer broker's, say) are skipped rather than guessed at.
+        One `ToolSpec` per selected action, named by `tool_names`; entries that are
+        not shaped like the registry's (a newer broker's, say) are skipped rather than guessed at.
     """
     names = tool_names(
         f"{service}.{action}"
