@@ -41,7 +41,7 @@ from ..protocol import (
     PayloadValidator,
     compile_schema,
 )
-from .tools import REGISTRY_URI, Selection, ToolSpec, as_text, schema_uri, selected_registry, tools_from_registry
+from .tools import REGISTRY_URI, Selection, ToolSpec, as_text, find_tool, schema_uri, selected_registry, tools_from_registry
 
 __all__ = ["Bridge", "SERVICE_EVENTS"]
 
@@ -56,7 +56,7 @@ class Bridge:
 
     Args:
         client: the bridge's mesh client (its credentials give the bridge its role).
-        selection: include and exclude patterns over tool names.
+        selection: include and exclude patterns over mesh names (`service.action`).
         timeout: the budget of one tool call in seconds, sent to the mesh as its deadline.
         name: the MCP server name.
     """
@@ -171,6 +171,8 @@ class Bridge:
             tools=[
                 types.Tool(
                     name=t.name,
+                    title=t.mesh_name,
+                    meta={"mesh/name": t.mesh_name},
                     description=t.description,
                     input_schema=t.input_schema,
                     annotations=types.ToolAnnotations(idempotent_hint=t.idempotent),
@@ -180,7 +182,7 @@ class Bridge:
         )
 
     async def _call_tool(self, ctx: ServerRequestContext[Any], params: types.CallToolRequestParams) -> types.CallToolResult:
-        tool = self.tools.get(params.name)
+        tool = find_tool(self.tools, params.name)
         try:
             if tool is None:
                 raise HandlerNotFoundError(f"no tool {params.name} (or the bridge's role may not call it)",

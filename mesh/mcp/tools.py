@@ -2,14 +2,25 @@
 
 Rules of this module:
 
-* A tool is one `service.action` of the registry. Its name is `service.action`: mesh
-  names are letters, digits, `_` and `-`, so the name is already valid for MCP (letters,
-  digits, `_ . -`), the same for every bridge and every session, and maps back without
-  a table.
-* Tools come sorted by name, so a client that caches the list sees no change when
+* A tool is one `service.action` of the registry (its mesh name). Its tool name matches
+  `^[a-zA-Z0-9_-]{1,64}$`, the rule Claude's and OpenAI's tool APIs enforce (they refuse
+  the whole list when one name fails): the mesh name with every character outside
+  `[a-zA-Z0-9_-]` (in practice the dot) replaced by `_`, so `echo.echo` is `echo_echo`.
+  That can collide (`a_b.c` and `a.b_c`) or pass 64 characters (a mesh name may be
+  129). Every tool whose name is shared or too long, never only the later one, gets
+  `_` and the first 8 hex digits of the SHA-256 of its mesh name, after its name cut to
+  fit 64; if that is still shared, the tools that share it at the lowest level go to 16
+  digits, and tools still sharing a name then are left out. A name so depends only on the
+  set of mesh names the bridge sees, never on the order nodes registered in; a node that
+  joins can rename a tool it collides with (that is why `tools/list_changed` is sent).
+* The mesh name stays visible (the tool's `title` and `_meta["mesh/name"]`), and a call
+  by the mesh name (`echo.echo`) still reaches the tool, so older clients keep working.
+* Tools come sorted by tool name, so a client that caches the list sees no change when
   nothing changed.
-* `--include` / `--exclude` are shell globs over tool names (`kv.*`, `*.delete`). With
-  no include pattern every tool is included; an exclude pattern always wins.
+* `--include` / `--exclude` are shell globs over mesh names (`kv.*`, `*.delete`), as
+  before the tool names became portable. With no include pattern every tool is included;
+  an exclude pattern always wins. Names are given before selection, so a pattern never
+  renames a tool.
 * The `mesh` service (the broker's own) is never a tool: the registry does not list it.
 * A mesh action without a schema accepts any payload; MCP needs an object schema, so
   such a tool gets `{"type": "object"}`. An action whose schema is not an object (a
@@ -20,7 +31,9 @@ Rules of this module:
 from __future__ import annotations
 
 import fnmatch
+import hashlib
 import json
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
@@ -29,11 +42,14 @@ from ..protocol import rebase_refs
 
 __all__ = [
     "ToolSpec", "Selection", "tools_from_registry", "selected_registry", "as_text", "REGISTRY_URI", "schema_uri",
-    "WRAPPED_KEY",
+    "WRAPPED_KEY", "tool_names", "find_tool",
 ]
 
 REGISTRY_URI: Final = "mesh://services"
 WRAPPED_KEY: Final = "payload"
+_MAX_NAME: Final = 64
+_HASH_DIGITS: Final = (0, 8, 16)  # by level: the naive name, then ever longer hashes
+_OUTSIDE = re.compile(r"[^a-zA-Z0-9_-]")
 
 
 def schema_uri(service: str) -> str:
@@ -52,6 +68,11 @@ class ToolSpec:
     input_schema: dict[str, Any]
     wrapped: bool = False  # the tool's arguments are {"payload": <the mesh payload>}
     idempotent: bool = False
+
+    @property
+    def mesh_name(self) -> str:
+        """`service.action`: the tool's title, and a name a call may still use."""
+        return f"{self.service}.{self.action}"
 
     def payload(self, arguments: Mapping[str, Any] | None) -> Any:
         """The mesh payload for the tool's arguments."""
@@ -83,6 +104,50 @@ def _input_schema(schema: Mapping[str, Any]) -> tuple[dict[str, Any], bool]:
     return {"type": "object", "properties": {WRAPPED_KEY: inner}, "required": [WRAPPED_KEY]}, True
 
 
+def _portable(mesh_name: str, level: int) -> str:
+    """The tool name of `mesh_name` at a level: naive, or cut and given a hash."""
+    naive = _OUTSIDE.sub("_", mesh_name)
+    digits = _HASH_DIGITS[level]
+    if not digits:
+        return naive
+    digest = hashlib.sha256(mesh_name.encode("utf-8")).hexdigest()[:digits]
+    return f"{naive[:_MAX_NAME - digits - 1]}_{digest}"
+
+
+def tool_names(mesh_names: Iterable[str]) -> dict[str, str]:
+    """The tool name of each mesh name: portable, unique, and independent of order.
+
+    Args:
+        mesh_names: every `service.action` the bridge sees (before selection).
+
+    Returns:
+        mesh name -> tool name matching `^[a-zA-Z0-9_-]{1,64}$`; a mesh name whose tool
+        name is still shared with 16 hex digits of hash is left out.
+    """
+    level = {m: 0 if len(_portable(m, 0)) <= _MAX_NAME else 1 for m in set(mesh_names)}
+    while True:
+        groups: dict[str, list[str]] = {}
+        for m, lv in level.items():
+            groups.setdefault(_portable(m, lv), []).append(m)
+        bump = set()
+        for members in groups.values():
+            lowest = min(level[m] for m in members)
+            if len(members) > 1 and lowest < len(_HASH_DIGITS) - 1:
+                bump.update(m for m in members if level[m] == lowest)
+        if not bump:
+            return {ms[0]: name for name, ms in groups.items() if len(ms) == 1}
+        for m in bump:
+            level[m] += 1
+
+
+def find_tool(tools: Mapping[str, ToolSpec], name: str) -> ToolSpec | None:
+    """The tool a call names: by its tool name, else by its mesh name (`echo.echo`)."""
+    found = tools.get(name)
+    if found is None and "." in name:
+        found = next((t for t in tools.values() if t.mesh_name == name), None)
+    return found
+
+
 def _description(service: str, action: str, text: str) -> str:
     text = text.strip()
     return text or f"The mesh action {service}.{action}."
@@ -96,17 +161,24 @@ def tools_from_registry(registry: Mapping[str, Any], selection: Selection = Sele
         selection: the include and exclude patterns.
 
     Returns:
-        One `ToolSpec` per selected action; entries that are not shaped like the
-        registry's (a newer broker's, say) are skipped rather than guessed at.
+        One `ToolSpec` per selected action, named by `tool_names`; entries that are
+        not shaped like the registry's (a newer broker's, say) are skipped rather than guessed at.
     """
+    names = tool_names(
+        f"{service}.{action}"
+        for service, entry in registry.items()
+        if isinstance(entry, Mapping) and isinstance(entry.get("actions"), Mapping)
+        for action in entry["actions"]
+    )
     out: list[ToolSpec] = []
     for service, entry in registry.items():
         actions = entry.get("actions") if isinstance(entry, Mapping) else None
         if not isinstance(actions, Mapping):
             continue
         for action, spec in actions.items():
-            name = f"{service}.{action}"
-            if not isinstance(spec, Mapping) or not selection.admits(name):
+            mesh_name = f"{service}.{action}"
+            name = names.get(mesh_name)
+            if name is None or not isinstance(spec, Mapping) or not selection.admits(mesh_name):
                 continue
             raw_schema = spec.get("schema")
             schema, wrapped = _input_schema(raw_schema if isinstance(raw_schema, Mapping) else {})

@@ -55,7 +55,7 @@ def client_of() -> Iterator:
 
 MCP_POLICY = """
 [roles.bridge]
-allow = ["mesh.ping", "mesh.services", "echo.*", "kv.get", "kv.put", "kv.list", "sqlite.*", "slow.*", "late.*"]
+allow = ["mesh.ping", "mesh.services", "echo.*", "kv.get", "kv.put", "kv.list", "sqlite.*", "slow.*", "late.*", "clash*.*"]
 deny = ["kv.delete"]
 subscribe = ["mesh.service"]
 
@@ -79,6 +79,9 @@ services = ["late"]
 
 [nodes.secret]
 services = ["secret"]
+
+[nodes.clash]
+services = ["clash", "clash_x", "clash-x", "clashlllllllllllllllllllllllllllllllllllllllllllllllllllllllllll"]
 """
 
 
@@ -100,7 +103,7 @@ def secure_mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SecureMesh
     state = root / "state"
     state.mkdir(mode=0o700)
     (state / "policy.toml").write_text(MCP_POLICY)
-    nodes = {name: [name] for name in ("echo", "kv", "sqlite", "slow", "late", "secret")}
+    nodes = {name: [name] for name in ("echo", "kv", "sqlite", "slow", "late", "secret", "clash")}
     ensure_state(state, nodes=nodes, clients={"bridge": ["bridge"], "dev": ["admin"]}, now=time.time())
     db = root / "sample.db"
     with sqlite3.connect(db) as conn:
@@ -115,6 +118,7 @@ def secure_mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SecureMesh
             ("sqlite", "sqlite", {"database": str(db)}),
             ("mcpnodes:slow", "slow", {}),
             ("mcpnodes:secret", "secret", {}),
+            ("mcpnodes:clash", "clash", {}),
         ):
             stack.enter_context(
                 run_node(use, b, "--credentials", mesh.credentials(name), config=json.dumps(config))

@@ -74,6 +74,29 @@ def secret() -> Node:
     return n
 
 
+CLASH_LONG_SERVICE = "clash" + "l" * 59  # 64 characters, the longest service name
+CLASH_LONG_ACTIONS = ("a" * 64, "a" * 63 + "b")  # 129-character mesh names, alike for 64 once `.` is `_`
+CLASH_NAMES = ("clash_x.y", "clash.x_y", "clash.x-y", "clash-x.y") + tuple(
+    f"{CLASH_LONG_SERVICE}.{a}" for a in CLASH_LONG_ACTIONS
+)  # every one of these collides with another under the naive `.` -> `_` mapping
+
+
+def clash() -> Node:
+    """Actions whose mesh names collide as tool names (`clash_x.y` and `clash.x_y`, ...), or pass 64 characters.
+
+    Each answers with its own mesh name, so a test can tell which one a tool name reached.
+    """
+    n = Node("clash", capacity=2)
+    for mesh_name in CLASH_NAMES:
+        service, action = mesh_name.split(".")
+
+        async def which(payload: dict[str, Any], mesh_name: str = mesh_name) -> dict[str, Any]:
+            return {"mesh_name": mesh_name}
+
+        n.action(service, action, schema={"type": "object"}, description=f"Answer {mesh_name}.")(which)
+    return n
+
+
 async def wait_for_file(path: Path, content: str, timeout: float = 5.0) -> str:
     """The marker file's text once it equals `content` (or whatever it holds at the timeout)."""
     deadline = time.monotonic() + timeout

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import secrets
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
@@ -16,12 +17,14 @@ from mcp import Client
 from mcp.client.session import ClientSession
 from mcp.client.streamable_http import streamable_http_client
 
-from mcpnodes import wait_for_file
+from mcpnodes import CLASH_NAMES, wait_for_file
 
 from mesh.testing import MeshProcess, run_node, spawn
 
 if TYPE_CHECKING:
     from conftest import SecureMesh
+
+PORTABLE = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")  # the rule Claude's and OpenAI's tool APIs enforce
 
 
 @pytest.fixture
@@ -94,7 +97,8 @@ async def test_tools_calls_and_errors_over_http(bridge: HttpBridge) -> None:
         got = await session.call_tool("kv.get", {"key": "k"})
         rows = await session.call_tool("sqlite.query", {"sql": "SELECT colour FROM fruit WHERE name = 'apple'"})
         refused = await session.call_tool("sqlite.query", {"sql": "DROP TABLE fruit"})
-    assert tools["echo.echo"].input_schema["type"] == "object" and "kv.delete" not in tools
+    assert tools["echo_echo"].input_schema["type"] == "object" and "kv_delete" not in tools
+    assert all(PORTABLE.fullmatch(name) for name in tools) and set(CLASH_NAMES) <= {t.title for t in tools.values()}
     assert echo.structured_content == {"text": "over http"}
     assert got.structured_content["value"] == [1, 2]
     assert rows.structured_content["rows"] == [{"colour": "red"}]
@@ -107,7 +111,7 @@ async def test_a_tool_outside_the_role_cannot_be_called_over_http(bridge: HttpBr
     async with bridge.http() as http, Client(streamable_http_client(bridge.url, http_client=http)) as client:
         names = {t.name for t in (await client.list_tools()).tools}
         result = await client.call_tool("secret.reveal", {})
-    assert "secret.reveal" not in names
+    assert "secret_reveal" not in names
     assert result.is_error and result.structured_content["error"]["code"] == 1003
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -15,7 +16,7 @@ from mcp import Client
 from mcp.client.session import ClientSession
 from mcp.client.stdio import StdioServerParameters, stdio_client
 
-from mcpnodes import wait_for_file
+from mcpnodes import CLASH_NAMES, wait_for_file
 
 from mesh.testing import run_node
 
@@ -42,20 +43,44 @@ def text_of(result: types.CallToolResult) -> str:
     return "".join(c.text for c in result.content if isinstance(c, types.TextContent))
 
 
+PORTABLE = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")  # the rule Claude's and OpenAI's tool APIs enforce
+
+
 
 @pytest.mark.anyio
 async def test_tools_are_the_actions_the_role_may_call_with_their_schemas(secure_mesh: SecureMesh) -> None:
-    """tools/list names each callable action service.action with its description and schema, sorted."""
+    """tools/list names each callable action service_action with its description and schema, sorted."""
     async with stdio_client(bridge_params(secure_mesh)) as (read, write), ClientSession(read, write) as session:
         await session.initialize()
         tools = (await session.list_tools()).tools
     names = [t.name for t in tools]
     assert names == sorted(names)
-    assert {"echo.echo", "kv.get", "kv.put", "kv.list", "sqlite.query", "slow.wait"} <= set(names)
-    assert "kv.delete" not in names and not any(n.startswith("secret.") for n in names)
-    get = next(t for t in tools if t.name == "kv.get")
+    assert {"echo_echo", "kv_get", "kv_put", "kv_list", "sqlite_query", "slow_wait"} <= set(names)
+    assert "kv_delete" not in names and not any(n.startswith("secret") for n in names)
+    get = next(t for t in tools if t.name == "kv_get")
+    assert get.title == "kv.get" and get.meta == {"mesh/name": "kv.get"}
     assert get.description == "Read the value stored under a key."
     assert get.input_schema["type"] == "object" and "key" in get.input_schema["properties"]
+
+
+@pytest.mark.anyio
+async def test_every_tool_name_is_portable_even_when_mesh_names_collide(secure_mesh: SecureMesh) -> None:
+    """Invariant: every listed name matches ^[a-zA-Z0-9_-]{1,64}$ and names one tool, with colliding nodes registered.
+
+    The clash node registers `clash_x.y` and `clash.x_y` (one name once `.` is `_`), and
+    two 129-character names alike for their first 64; each tool reaches its own action.
+    """
+    async with Client(bridge_params(secure_mesh)) as client:
+        tools = (await client.list_tools()).tools
+        bad = [t.name for t in tools if not PORTABLE.fullmatch(t.name)]
+        clash = {t.title: t.name for t in tools if t.title in CLASH_NAMES}
+        answers = {m: (await client.call_tool(name, {})).structured_content["mesh_name"] for m, name in clash.items()}
+        dotted = await client.call_tool("clash.x_y", {})
+    assert bad == [] and len({t.name for t in tools}) == len(tools)
+    assert set(clash) == set(CLASH_NAMES) and len(set(clash.values())) == len(CLASH_NAMES)
+    assert all(t.meta == {"mesh/name": t.title} for t in tools)
+    assert answers == {m: m for m in CLASH_NAMES}
+    assert dotted.structured_content == {"mesh_name": "clash.x_y"}  # a call by the mesh name still works
 
 
 @pytest.mark.anyio
@@ -104,7 +129,7 @@ async def test_a_tool_outside_the_role_is_not_listed_and_cannot_be_called(secure
         names = {t.name for t in (await client.list_tools()).tools}
         reveal = await client.call_tool("secret.reveal", {})
         delete = await client.call_tool("kv.delete", {"key": "colour"})
-    assert "secret.reveal" not in names and "kv.delete" not in names
+    assert "secret_reveal" not in names and "kv_delete" not in names
     assert reveal.is_error and reveal.structured_content["error"]["code"] == 1003
     assert delete.is_error and delete.structured_content["error"]["code"] == 1003
 
@@ -122,12 +147,12 @@ async def test_a_node_joining_mid_session_changes_the_tool_list(secure_mesh: Sec
         read, write, message_handler=on_message
     ) as session:
         await session.initialize()
-        assert "late.hello" not in {t.name for t in (await session.list_tools()).tools}
+        assert "late_hello" not in {t.name for t in (await session.list_tools()).tools}
         with run_node("mcpnodes:late", secure_mesh.broker, "--credentials", secure_mesh.credentials("late")):
             with anyio.fail_after(10):
                 await changed.wait()
-            assert "late.hello" in {t.name for t in (await session.list_tools()).tools}
-            result = await session.call_tool("late.hello", {"name": "mesh"})
+            assert "late_hello" in {t.name for t in (await session.list_tools()).tools}
+            result = await session.call_tool("late_hello", {"name": "mesh"})
     assert result.structured_content == {"greeting": "hello mesh"}
 
 
