@@ -48,6 +48,7 @@ __all__ = ["Bridge", "SERVICE_EVENTS"]
 log = logging.getLogger("mesh.mcp")
 
 SERVICE_EVENTS: Final = "mesh.service"  # the broker's registered/unregistered events
+LIST_CHANGES: Final = NotificationOptions(tools_changed=True, resources_changed=True)
 RESUBSCRIBE_S: Final = 1.0  # pause before subscribing again after the event link failed
 
 
@@ -73,7 +74,7 @@ class Bridge:
         self.bus = InMemorySubscriptionBus()
         self.listen = ListenHandler(self.bus)
         self._watcher: asyncio.Task[None] | None = None
-        self.server: Server[Any] = Server(
+        self.server: Server[Any] = _BridgeServer(
             name,
             version=_version(),
             instructions="Each tool is one action of a service in a mesh; arguments are the action's payload.",
@@ -89,9 +90,7 @@ class Bridge:
 
     def initialization_options(self) -> Any:
         """What the bridge tells clients it can do (the tool list may change)."""
-        return self.server.create_initialization_options(
-            NotificationOptions(tools_changed=True, resources_changed=True)
-        )
+        return self.server.create_initialization_options()
 
     # ------------------------------------------------------------ the registry
 
@@ -225,6 +224,20 @@ class Bridge:
             body = self.registry[service]
         text = json.dumps(_json_safe(body), indent=2, sort_keys=True)
         return types.ReadResourceResult(contents=[types.TextResourceContents(uri=uri, mime_type="application/json", text=text)])
+
+
+class _BridgeServer(Server[Any]):
+    """The SDK's server, announcing the bridge's list changes on every transport.
+
+    The streamable HTTP session manager builds each session's `initialize` answer from
+    `create_initialization_options()` with no arguments, so the bridge's notification
+    options must be the default: given only to `run` (stdio), HTTP clients were told
+    the tool and resource lists never change.
+    """
+
+    def create_initialization_options(self, notification_options: NotificationOptions | None = None,
+                                      *args: Any, **kwargs: Any) -> Any:
+        return super().create_initialization_options(notification_options or LIST_CHANGES, *args, **kwargs)
 
 
 def _progress_relay(ctx: ServerRequestContext[Any]) -> Any:
