@@ -15,6 +15,8 @@ Rules of this module:
   A cancelled MCP request cancels the mesh command (`AsyncClient.call` sends the
   broker a `cancel`); progress the node reports is passed on to a client that asked
   for it with a progress token.
+* Resources: `mesh://services` (the whole registry the bridge exposes), one resource per
+  service, and the template `mesh://services/{service}` for any one service.
 * Transports live in `serve.py`; this module only builds the `Server`.
 """
 
@@ -48,6 +50,7 @@ __all__ = ["Bridge", "SERVICE_EVENTS"]
 log = logging.getLogger("mesh.mcp")
 
 SERVICE_EVENTS: Final = "mesh.service"  # the broker's registered/unregistered events
+SERVICE_TEMPLATE: Final = schema_uri("{service}")  # RFC 6570: one service's registry entry
 LIST_CHANGES: Final = NotificationOptions(tools_changed=True, resources_changed=True)
 RESUBSCRIBE_S: Final = 1.0  # pause before subscribing again after the event link failed
 
@@ -82,6 +85,7 @@ class Bridge:
             on_call_tool=self._call_tool,
             on_list_resources=self._list_resources,
             on_read_resource=self._read_resource,
+            on_list_resource_templates=self._list_resource_templates,
             on_subscriptions_listen=self.listen,
         )
         self.server.add_notification_handler(
@@ -212,6 +216,13 @@ class Bridge:
             for s in self.registry
         ]
         return types.ListResourcesResult(resources=resources)
+
+    async def _list_resource_templates(self, ctx: ServerRequestContext[Any], params: Any) -> types.ListResourceTemplatesResult:
+        # One template stands for every service, present or future: a client can read
+        # mesh://services/<name> for a service it learned of elsewhere.
+        template = types.ResourceTemplate(uri_template=SERVICE_TEMPLATE, name="service", mime_type="application/json",
+                                          description="The actions of one service and their JSON Schemas.")
+        return types.ListResourceTemplatesResult(resource_templates=[template])
 
     async def _read_resource(self, ctx: ServerRequestContext[Any], params: types.ReadResourceRequestParams) -> types.ReadResourceResult:
         uri = str(params.uri)

@@ -217,3 +217,25 @@ async def test_discover_advertises_the_same_capabilities_over_http_and_stdio(
         over_stdio = (client.protocol_version, client.server_capabilities)
     assert over_http == over_stdio and over_http[0] == version
     assert over_http[1].tools.list_changed and over_http[1].resources.list_changed
+
+
+@asynccontextmanager
+async def both_transports(bridge: HttpBridge, mesh: SecureMesh) -> AsyncIterator[list[Client]]:
+    """A high-level SDK client of the HTTP bridge and one of a fresh stdio bridge."""
+    async with bridge.http() as http, Client(streamable_http_client(bridge.url, http_client=http)) as over_http:
+        async with Client(bridge_params(mesh)) as over_stdio:
+            yield [over_http, over_stdio]
+
+
+@pytest.mark.anyio
+async def test_the_service_template_is_listed_and_reads_one_service_over_both_transports(
+    bridge: HttpBridge, secure_mesh: SecureMesh
+) -> None:
+    """resources/templates/list gives mesh://services/{service}; the expanded URI reads that service."""
+    async with both_transports(bridge, secure_mesh) as clients:
+        for client in clients:
+            templates = (await client.list_resource_templates()).resource_templates
+            assert [t.uri_template for t in templates] == ["mesh://services/{service}"]
+            uri = templates[0].uri_template.replace("{service}", "kv")
+            kv = json.loads((await client.read_resource(uri)).contents[0].text)
+            assert kv["actions"]["get"]["schema"]["required"] == ["key"]
