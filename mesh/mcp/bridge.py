@@ -10,8 +10,10 @@ Rules of this module:
   `mesh.service.*` lifecycle events, asks for the registry again, and when the tools
   changed tells every MCP client: per session with `notifications/tools/list_changed`
   (handshake-era clients) and on `subscriptions/listen` streams (2026-07-28 clients).
-* A call never crashes the bridge: bad arguments, unknown tools and every mesh error
-  come back as a tool result with `isError` and the error's code, name and message.
+* A call never crashes the bridge: bad arguments and every mesh error come back as a
+  tool result with `isError` and the error's code, name and message. A tool the bridge
+  does not list is a protocol error instead (JSON-RPC -32602, as the MCP spec says),
+  its data the mesh error (HANDLER_NOT_FOUND).
   A cancelled MCP request cancels the mesh command (`AsyncClient.call` sends the
   broker a `cancel`); progress the node reports is passed on to a client that asked
   for it with a progress token.
@@ -184,10 +186,9 @@ class Bridge:
 
     async def _call_tool(self, ctx: ServerRequestContext[Any], params: types.CallToolRequestParams) -> types.CallToolResult:
         tool = self.tools.get(params.name)
+        if tool is None:
+            raise _unknown_tool(params.name)
         try:
-            if tool is None:
-                raise HandlerNotFoundError(f"no tool {params.name} (or the bridge's role may not call it)",
-                                           details={"tool": params.name})
             self._validator(tool)(dict(params.arguments or {}))
             payload = tool.payload(params.arguments)
             on_progress = _progress_relay(ctx)
@@ -268,8 +269,18 @@ def _progress_relay(ctx: ServerRequestContext[Any]) -> Any:
     return relay
 
 
-def _error_result(err: MeshError) -> types.CallToolResult:
-    """A mesh error as a tool result the model can read: code, name and message."""
+def _unknown_tool(name: str) -> MCPError:
+    """A call to a tool the bridge does not list: a JSON-RPC error, as the MCP spec asks.
+
+    The error's data carries the mesh code (HANDLER_NOT_FOUND), like every mesh error.
+    """
+    err = HandlerNotFoundError(f"Unknown tool: {name} (not registered, or the bridge's role may not call it)",
+                               details={"tool": name})
+    return MCPError(code=types.INVALID_PARAMS, message=err.message, data=_error_data(err))
+
+
+def _error_data(err: MeshError) -> dict[str, Any]:
+    """A mesh error as JSON: code, name, message, retryable and details."""
     try:
         name = ErrorCode(err.code).name
     except ValueError:
@@ -277,8 +288,14 @@ def _error_result(err: MeshError) -> types.CallToolResult:
     error = {"code": int(err.code), "name": name, "message": err.message, "retryable": bool(err.retryable)}
     if err.details:
         error["details"] = _json_safe(err.details)
+    return error
+
+
+def _error_result(err: MeshError) -> types.CallToolResult:
+    """A mesh error as a tool result the model can read: code, name and message."""
+    error = _error_data(err)
     return types.CallToolResult(
-        content=[types.TextContent(text=f"mesh error {int(err.code)} {name}: {err.message}")],
+        content=[types.TextContent(text=f"mesh error {error['code']} {error['name']}: {err.message}")],
         structured_content={"error": error},
         is_error=True,
     )

@@ -15,7 +15,7 @@ import mcp_types as types
 import pytest
 from mcp import Client
 from mcp.client.session import ClientSession
-from mcp.client.stdio import stdio_client
+from mcp.shared.exceptions import MCPError
 from mcp.client.streamable_http import streamable_http_client
 from mcp_types.version import HANDSHAKE_PROTOCOL_VERSIONS, MODERN_PROTOCOL_VERSIONS
 
@@ -120,12 +120,13 @@ async def test_tools_calls_and_errors_over_http(bridge: HttpBridge) -> None:
 
 @pytest.mark.anyio
 async def test_a_tool_outside_the_role_cannot_be_called_over_http(bridge: HttpBridge) -> None:
-    """The high-level Client over HTTP neither sees nor reaches secret.reveal."""
+    """The high-level Client over HTTP neither sees nor reaches secret.reveal (a protocol error)."""
     async with bridge.http() as http, Client(streamable_http_client(bridge.url, http_client=http)) as client:
         names = {t.name for t in (await client.list_tools()).tools}
-        result = await client.call_tool("secret.reveal", {})
+        with pytest.raises(MCPError) as refused:
+            await client.call_tool("secret.reveal", {})
     assert "secret.reveal" not in names
-    assert result.is_error and result.structured_content["error"]["code"] == 1003
+    assert refused.value.code == types.INVALID_PARAMS and refused.value.data["code"] == 1003
 
 
 @pytest.mark.anyio
@@ -239,3 +240,23 @@ async def test_the_service_template_is_listed_and_reads_one_service_over_both_tr
             uri = templates[0].uri_template.replace("{service}", "kv")
             kv = json.loads((await client.read_resource(uri)).contents[0].text)
             assert kv["actions"]["get"]["schema"]["required"] == ["key"]
+
+
+@pytest.mark.anyio
+async def test_an_unknown_tool_is_a_json_rpc_error_over_both_transports(
+    bridge: HttpBridge, secure_mesh: SecureMesh
+) -> None:
+    """tools/call of a tool never listed is answered with JSON-RPC -32602, not a result with isError.
+
+    The error's data is the mesh error (code 1003, HANDLER_NOT_FOUND), so the mesh code still crosses.
+    """
+    async with both_transports(bridge, secure_mesh) as clients:
+        for client in clients:
+            with pytest.raises(MCPError) as unknown:
+                await client.call_tool("no.such-tool", {})
+            assert unknown.value.code == -32602 and "no.such-tool" in unknown.value.message
+            assert unknown.value.data["code"] == 1003 and unknown.value.data["name"] == "HANDLER_NOT_FOUND"
+    async with bridge.session() as session:  # the handshake era too
+        with pytest.raises(MCPError) as unknown:
+            await session.call_tool("no.such-tool", {})
+    assert unknown.value.code == -32602 and unknown.value.data["code"] == 1003
