@@ -149,3 +149,20 @@ def test_mesh_mcp_refuses_a_key_that_is_not_the_certificates(secure_mesh: Secure
         capture_output=True, text=True, timeout=60)
     assert result.returncode != 0
     assert "not a PEM certificate and its unencrypted key" in result.stderr and other_key in result.stderr
+
+
+@pytest.mark.anyio
+async def test_a_page_served_over_https_from_loopback_may_call_the_bridge(
+        https_bridge: tuple[str, str], certificate: tuple[str, str]) -> None:
+    """DNS-rebinding protection stays on, and admits the https origin of loopback (not another site)."""
+    url, token = https_bridge
+    origin = url.removesuffix("/mcp")
+    request = {"jsonrpc": "2.0", "id": 1, "method": "initialize",
+               "params": {"protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "page", "version": "0"}}}
+    statuses = []
+    async with httpx2.AsyncClient(verify=client_context(certificate[0])) as http:
+        for page in (origin, "https://evil.example"):
+            response = await http.post(url, json=request, headers={
+                "Authorization": f"Bearer {token}", "Origin": page, "Accept": "application/json, text/event-stream"})
+            statuses.append(response.status_code)
+    assert statuses == [200, 403]
