@@ -150,6 +150,8 @@ def _retention_rule(value: str) -> Any:
 @click.option("--election-ticks", default=10, show_default=True, type=click.IntRange(3), help="With --member: 50 ms ticks without a leader before an election (failover takes 1 to 2 times this).")
 @click.option("--monitor", "monitor_address", default=None, metavar="HOST:PORT", help="Serve the monitor (dashboard, /varz, /metrics, ...) here; off by default. docs/monitoring.md.")
 @click.option("--monitor-token-file", default=None, type=click.Path(dir_okay=False), help="The monitor's bearer token (required off loopback; with --state, default STATE/monitor.token, made if missing).")
+@click.option("--monitor-tls-cert", default=None, type=click.Path(dir_okay=False), help="Serve the monitor over HTTPS (TLS 1.3 minimum): its certificate (PEM, the chain after it). Needs --monitor-tls-key.")
+@click.option("--monitor-tls-key", default=None, type=click.Path(dir_okay=False), help="The monitor certificate's private key (PEM, unencrypted).")
 @click.option("--log-level", default="info", type=click.Choice(["debug", "info", "warning", "error"]), show_default=True)
 @log_format_option
 def broker(
@@ -177,6 +179,8 @@ def broker(
     election_ticks: int,
     monitor_address: str | None,
     monitor_token_file: str | None,
+    monitor_tls_cert: str | None,
+    monitor_tls_key: str | None,
     log_level: str,
     log_format: str,
 ) -> None:
@@ -218,9 +222,10 @@ def broker(
         if monitor_address is not None:
             from .monitor.server import monitor_settings
 
-            options["monitor"] = monitor_settings(monitor_address, monitor_token_file, state_dir)
-        elif monitor_token_file is not None:
-            raise UsageError("--monitor-token-file needs --monitor")
+            options["monitor"] = monitor_settings(monitor_address, monitor_token_file, state_dir,
+                                                  tls_cert=monitor_tls_cert, tls_key=monitor_tls_key)
+        elif monitor_token_file is not None or monitor_tls_cert is not None or monitor_tls_key is not None:
+            raise UsageError("--monitor-token-file, --monitor-tls-cert and --monitor-tls-key need --monitor")
         if members:
             options["cluster"] = _cluster_settings(name, members, learners, data_dir, state_dir, election_ticks)
         elif learners or data_dir is not None:
@@ -428,10 +433,13 @@ def services(broker_ep: str, timeout: float, credentials: str | None) -> None:
 @click.option("--timeout", default=30.0, show_default=True, type=click.FloatRange(min=0, min_open=True), help="Seconds one tool call may take.")
 @click.option("--http", "http_address", default=None, metavar="HOST:PORT", help="Serve streamable HTTP at http://HOST:PORT/mcp instead of stdio.")
 @click.option("--token-file", default=None, type=click.Path(dir_okay=False, exists=True), help="With --http: the bearer token clients must send (required off loopback).")
+@click.option("--tls-cert", default=None, type=click.Path(dir_okay=False), help="With --http: serve HTTPS (TLS 1.3 minimum) with this certificate (PEM, the chain after it). Needs --tls-key.")
+@click.option("--tls-key", default=None, type=click.Path(dir_okay=False), help="With --http: the certificate's private key (PEM, unencrypted).")
 @click.option("--log-level", default="warning", type=click.Choice(["debug", "info", "warning", "error"]), show_default=True)
 @log_format_option
 def mcp(broker_ep: str, credentials: str | None, include: tuple[str, ...], exclude: tuple[str, ...], timeout: float,
-        http_address: str | None, token_file: str | None, log_level: str, log_format: str) -> None:
+        http_address: str | None, token_file: str | None, tls_cert: str | None, tls_key: str | None,
+        log_level: str, log_format: str) -> None:
     """Run the MCP bridge: every service action the bridge may call, as a tool for AI clients (docs/mcp.md)."""
     import asyncio
 
@@ -439,10 +447,15 @@ def mcp(broker_ep: str, credentials: str | None, include: tuple[str, ...], exclu
     from .mcp.bridge import Bridge
     from .mcp.serve import serve_http, serve_stdio
     from .mcp.tools import Selection
+    from .monitor.server import tls_context
 
     _setup_logging(log_level, log_format)  # stderr: on stdio, stdout carries the protocol
-    if token_file is not None and http_address is None:
-        raise UsageError("--token-file goes with --http")
+    if (token_file is not None or tls_cert is not None or tls_key is not None) and http_address is None:
+        raise UsageError("--token-file, --tls-cert and --tls-key go with --http")
+    try:
+        tls = tls_context(tls_cert, tls_key)
+    except MeshError as err:
+        _fail(err)
     host, port = _host_port(http_address) if http_address is not None else ("", 0)
     token = None
     if token_file is not None:
@@ -460,7 +473,7 @@ def mcp(broker_ep: str, credentials: str | None, include: tuple[str, ...], exclu
         if http_address is None:
             await serve_stdio(bridge)
         else:
-            await serve_http(bridge, host, port, token,
+            await serve_http(bridge, host, port, token, tls=tls,
                              ready=lambda url: click.echo(f"mcp bridge ready url={url} tools={len(bridge.tools)}"))
 
     try:

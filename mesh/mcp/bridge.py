@@ -10,11 +10,15 @@ Rules of this module:
   `mesh.service.*` lifecycle events, asks for the registry again, and when the tools
   changed tells every MCP client: per session with `notifications/tools/list_changed`
   (handshake-era clients) and on `subscriptions/listen` streams (2026-07-28 clients).
-* A call never crashes the bridge: bad arguments, unknown tools and every mesh error
-  come back as a tool result with `isError` and the error's code, name and message.
+* A call never crashes the bridge: bad arguments and every mesh error come back as a
+  tool result with `isError` and the error's code, name and message. A tool the bridge
+  does not list is a protocol error instead (JSON-RPC -32602, as the MCP spec says),
+  its data the mesh error (HANDLER_NOT_FOUND).
   A cancelled MCP request cancels the mesh command (`AsyncClient.call` sends the
   broker a `cancel`); progress the node reports is passed on to a client that asked
   for it with a progress token.
+* Resources: `mesh://services` (the whole registry the bridge exposes), one resource per
+  service, and the template `mesh://services/{service}` for any one service.
 * Transports live in `serve.py`; this module only builds the `Server`.
 """
 
@@ -48,6 +52,8 @@ __all__ = ["Bridge", "SERVICE_EVENTS"]
 log = logging.getLogger("mesh.mcp")
 
 SERVICE_EVENTS: Final = "mesh.service"  # the broker's registered/unregistered events
+SERVICE_TEMPLATE: Final = schema_uri("{service}")  # RFC 6570: one service's registry entry
+LIST_CHANGES: Final = NotificationOptions(tools_changed=True, resources_changed=True)
 RESUBSCRIBE_S: Final = 1.0  # pause before subscribing again after the event link failed
 
 
@@ -73,7 +79,7 @@ class Bridge:
         self.bus = InMemorySubscriptionBus()
         self.listen = ListenHandler(self.bus)
         self._watcher: asyncio.Task[None] | None = None
-        self.server: Server[Any] = Server(
+        self.server: Server[Any] = _BridgeServer(
             name,
             version=_version(),
             instructions="Each tool is one action of a service in a mesh; arguments are the action's payload.",
@@ -81,6 +87,7 @@ class Bridge:
             on_call_tool=self._call_tool,
             on_list_resources=self._list_resources,
             on_read_resource=self._read_resource,
+            on_list_resource_templates=self._list_resource_templates,
             on_subscriptions_listen=self.listen,
         )
         self.server.add_notification_handler(
@@ -89,9 +96,7 @@ class Bridge:
 
     def initialization_options(self) -> Any:
         """What the bridge tells clients it can do (the tool list may change)."""
-        return self.server.create_initialization_options(
-            NotificationOptions(tools_changed=True, resources_changed=True)
-        )
+        return self.server.create_initialization_options()
 
     # ------------------------------------------------------------ the registry
 
@@ -183,10 +188,9 @@ class Bridge:
 
     async def _call_tool(self, ctx: ServerRequestContext[Any], params: types.CallToolRequestParams) -> types.CallToolResult:
         tool = find_tool(self.tools, params.name)
+        if tool is None:
+            raise _unknown_tool(params.name)
         try:
-            if tool is None:
-                raise HandlerNotFoundError(f"no tool {params.name} (or the bridge's role may not call it)",
-                                           details={"tool": params.name})
             self._validator(tool)(dict(params.arguments or {}))
             payload = tool.payload(params.arguments)
             on_progress = _progress_relay(ctx)
@@ -216,6 +220,13 @@ class Bridge:
         ]
         return types.ListResourcesResult(resources=resources)
 
+    async def _list_resource_templates(self, ctx: ServerRequestContext[Any], params: Any) -> types.ListResourceTemplatesResult:
+        # One template stands for every service, present or future: a client can read
+        # mesh://services/<name> for a service it learned of elsewhere.
+        template = types.ResourceTemplate(uri_template=SERVICE_TEMPLATE, name="service", mime_type="application/json",
+                                          description="The actions of one service and their JSON Schemas.")
+        return types.ListResourceTemplatesResult(resource_templates=[template])
+
     async def _read_resource(self, ctx: ServerRequestContext[Any], params: types.ReadResourceRequestParams) -> types.ReadResourceResult:
         uri = str(params.uri)
         if uri == REGISTRY_URI:
@@ -227,6 +238,20 @@ class Bridge:
             body = self.registry[service]
         text = json.dumps(_json_safe(body), indent=2, sort_keys=True)
         return types.ReadResourceResult(contents=[types.TextResourceContents(uri=uri, mime_type="application/json", text=text)])
+
+
+class _BridgeServer(Server[Any]):
+    """The SDK's server, announcing the bridge's list changes on every transport.
+
+    The streamable HTTP session manager builds each session's `initialize` answer from
+    `create_initialization_options()` with no arguments, so the bridge's notification
+    options must be the default: given only to `run` (stdio), HTTP clients were told
+    the tool and resource lists never change.
+    """
+
+    def create_initialization_options(self, notification_options: NotificationOptions | None = None,
+                                      *args: Any, **kwargs: Any) -> Any:
+        return super().create_initialization_options(notification_options or LIST_CHANGES, *args, **kwargs)
 
 
 def _progress_relay(ctx: ServerRequestContext[Any]) -> Any:
@@ -246,8 +271,18 @@ def _progress_relay(ctx: ServerRequestContext[Any]) -> Any:
     return relay
 
 
-def _error_result(err: MeshError) -> types.CallToolResult:
-    """A mesh error as a tool result the model can read: code, name and message."""
+def _unknown_tool(name: str) -> MCPError:
+    """A call to a tool the bridge does not list: a JSON-RPC error, as the MCP spec asks.
+
+    The error's data carries the mesh code (HANDLER_NOT_FOUND), like every mesh error.
+    """
+    err = HandlerNotFoundError(f"Unknown tool: {name} (not registered, or the bridge's role may not call it)",
+                               details={"tool": name})
+    return MCPError(code=types.INVALID_PARAMS, message=err.message, data=_error_data(err))
+
+
+def _error_data(err: MeshError) -> dict[str, Any]:
+    """A mesh error as JSON: code, name, message, retryable and details."""
     try:
         name = ErrorCode(err.code).name
     except ValueError:
@@ -255,8 +290,14 @@ def _error_result(err: MeshError) -> types.CallToolResult:
     error = {"code": int(err.code), "name": name, "message": err.message, "retryable": bool(err.retryable)}
     if err.details:
         error["details"] = _json_safe(err.details)
+    return error
+
+
+def _error_result(err: MeshError) -> types.CallToolResult:
+    """A mesh error as a tool result the model can read: code, name and message."""
+    error = _error_data(err)
     return types.CallToolResult(
-        content=[types.TextContent(text=f"mesh error {int(err.code)} {name}: {err.message}")],
+        content=[types.TextContent(text=f"mesh error {error['code']} {error['name']}: {err.message}")],
         structured_content={"error": error},
         is_error=True,
     )

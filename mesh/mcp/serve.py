@@ -7,6 +7,8 @@ Rules of this module:
   beyond loopback (`serve_http` refuses to start without one) and checked whenever one
   is given; a request without it, or with another, is answered 401 before the MCP SDK
   sees it. Tokens are compared in constant time and never logged.
+* With a certificate and key the endpoint is HTTPS, TLS 1.3 minimum (the context comes
+  from `tls_context`, shared with the monitor); a TLS 1.2 client fails its handshake.
 * The mesh client is opened before serving (an unreachable broker or a refused role
   fails the start, not the first call) and closed after.
 """
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import hmac
 import signal
+import ssl
 import threading
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any, Final
@@ -64,13 +67,14 @@ async def serve_stdio(bridge: Bridge) -> None:
 
 
 async def serve_http(bridge: Bridge, host: str, port: int, token: str | None, *,
-                     ready: Callable[[str], None] | None = None) -> None:
-    """Serve MCP clients over streamable HTTP at http://HOST:PORT/mcp until cancelled.
+                     tls: ssl.SSLContext | None = None, ready: Callable[[str], None] | None = None) -> None:
+    """Serve MCP clients over streamable HTTP at http(s)://HOST:PORT/mcp until cancelled.
 
     Args:
         bridge: the bridge to serve.
         host, port: where to listen (port 0: any free port).
         token: the bearer token clients must send; required beyond loopback.
+        tls: HTTPS with this context (`tls_context`: TLS 1.3 minimum); None: plain HTTP.
         ready: called with the URL once the server listens.
 
     Raises:
@@ -80,10 +84,12 @@ async def serve_http(bridge: Bridge, host: str, port: int, token: str | None, *,
 
     if token is None and not is_loopback(host):
         raise ConfigurationError(f"listening on {host} needs a bearer token (--token-file)", details={"host": host})
-    app: Any = bridge.server.streamable_http_app(streamable_http_path=MCP_PATH, host=host)
+    app: Any = bridge.server.streamable_http_app(streamable_http_path=MCP_PATH, host=host,
+                                                 transport_security=_https_origins(host) if tls else None)
     if token is not None:
         app = BearerGuard(app, token)
-    config = uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on", access_log=False)
+    config = uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on", access_log=False,
+                            ssl_context_factory=None if tls is None else lambda _config, _default: tls)
     server = uvicorn.Server(config)
     _stop_on_signals(server)
     await bridge.start()
@@ -97,9 +103,25 @@ async def serve_http(bridge: Bridge, host: str, port: int, token: str | None, *,
             if server.started and ready is not None:
                 bound = server.servers[0].sockets[0].getsockname()
                 shown = f"[{bound[0]}]" if ":" in bound[0] else bound[0]
-                ready(f"http://{shown}:{bound[1]}{MCP_PATH}")
+                ready(f"{'http' if tls is None else 'https'}://{shown}:{bound[1]}{MCP_PATH}")
     finally:
         await _close(bridge)
+
+
+def _https_origins(host: str) -> Any:
+    """The SDK's DNS-rebinding protection for a loopback host, with its https origins allowed.
+
+    The SDK turns the protection on by itself for 127.0.0.1, localhost and ::1, but lists
+    only http:// origins, so a browser page served over TLS from loopback would get 403.
+    """
+    from mcp.server.transport_security import TransportSecuritySettings
+
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        return None
+    names = ("127.0.0.1", "localhost", "[::1]")
+    return TransportSecuritySettings(enable_dns_rebinding_protection=True,
+                                     allowed_hosts=[f"{n}:*" for n in names],
+                                     allowed_origins=[f"{scheme}://{n}:*" for scheme in ("http", "https") for n in names])
 
 
 def _stop_on_signals(server: Any) -> None:

@@ -10,6 +10,8 @@ Rules of this module:
   constant time. With security on and no token file given, `monitor_settings()` makes
   one in the state directory (0600), like the other secrets there. The dashboard page itself holds no data and is served to anyone; it
   sends the token it finds after `#token=` in its address (never sent to the server).
+* TLS when given a certificate and key (PEM): TLS 1.3 only, so a TLS 1.2 client fails
+  its handshake; `tls_context` builds the context for the MCP bridge's HTTP too.
 * `/healthz` answers 200 while the loop publishes snapshots (live) and 503 once they
   stop coming; `/healthz/ready` answers 503 as well while the broker drains.
 * Bounded whatever peers do: one thread runs an asyncio loop for every connection (no
@@ -30,6 +32,7 @@ import json
 import logging
 import secrets
 import socket
+import ssl
 import threading
 import time
 from collections import Counter
@@ -51,7 +54,7 @@ from .http_wire import MAX_HEAD_BYTES, HeadReader, Refusal, Request, encode_resp
 from .metrics import metrics_registry
 
 __all__ = ["ERROR_KINDS", "MonitorConnections", "MonitorLimits", "MonitorServer", "MonitorSettings", "TOKEN_FILE",
-           "is_loopback", "monitor_settings", "parse_address"]
+           "is_loopback", "monitor_settings", "parse_address", "tls_context"]
 
 log = logging.getLogger("mesh.monitor")
 
@@ -71,11 +74,12 @@ CONNECTION_METRICS: Final = {
 
 @dataclass(frozen=True, slots=True)
 class MonitorSettings:
-    """Where the monitor listens, and the token it requires (None: open, loopback only)."""
+    """Where the monitor listens, the token it requires (None: open, loopback only), and TLS (None: plain HTTP)."""
 
     host: str = "127.0.0.1"
     port: int = 0
     token: str | None = None
+    tls: ssl.SSLContext | None = None
 
 
 def parse_address(value: str) -> tuple[str, int]:
@@ -91,14 +95,16 @@ def parse_address(value: str) -> tuple[str, int]:
     return host, int(port)
 
 
-def monitor_settings(address: str, token_file: str | None = None, state_dir: str | None = None) -> MonitorSettings:
-    """The monitor's settings from `--monitor`, `--monitor-token-file` and `--state`.
+def monitor_settings(address: str, token_file: str | None = None, state_dir: str | None = None, *,
+                     tls_cert: str | None = None, tls_key: str | None = None) -> MonitorSettings:
+    """The monitor's settings from `--monitor`, `--monitor-token-file`, `--state` and the TLS files.
 
     Raises:
-        ConfigurationError: a bad address, an unreadable or empty token file, or a
-            non-loopback address with no token.
+        ConfigurationError: a bad address, an unreadable or empty token file, a
+            non-loopback address with no token, or a TLS file missing or unusable.
     """
     host, port = parse_address(address)
+    tls = tls_context(tls_cert, tls_key, options=("--monitor-tls-cert", "--monitor-tls-key"))
     path = Path(token_file) if token_file is not None else None
     if path is None and state_dir is not None:
         path = Path(state_dir) / TOKEN_FILE
@@ -107,14 +113,53 @@ def monitor_settings(address: str, token_file: str | None = None, state_dir: str
     if path is None:
         if not is_loopback(host):
             raise ConfigurationError(f"monitor: {host} is reachable from other machines; give a --monitor-token-file")
-        return MonitorSettings(host, port)
+        return MonitorSettings(host, port, tls=tls)
     try:
         token = path.read_text(encoding="utf-8").strip()
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigurationError(f"monitor: cannot read the token file {path}: {exc}") from None
     if not token:
         raise ConfigurationError(f"monitor: the token file {path} is empty")
-    return MonitorSettings(host, port, token)
+    return MonitorSettings(host, port, token, tls)
+
+
+def tls_context(cert: str | None, key: str | None, *,
+                options: tuple[str, str] = ("--tls-cert", "--tls-key")) -> ssl.SSLContext | None:
+    """A server's TLS context from a PEM certificate (chain) and its PEM key: TLS 1.3 minimum.
+
+    Args:
+        cert: the certificate file (the chain after it, if any); None with `key` None: no TLS.
+        key: the private key file (unencrypted).
+        options: the command-line names of the two files, for the error messages.
+
+    Returns:
+        The context, or None when neither file is given.
+
+    Raises:
+        ConfigurationError: only one file given, a file missing or unreadable, not PEM,
+            an encrypted key, or a key that does not belong to the certificate.
+    """
+    if cert is None and key is None:
+        return None
+    if cert is None or key is None:
+        raise ConfigurationError(f"TLS needs both {options[0]} and {options[1]}", details={"missing": options[cert is not None]})
+    for option, path in zip(options, (cert, key)):
+        try:
+            with open(path, "rb"):
+                pass
+        except OSError as exc:
+            raise ConfigurationError(f"{option}: cannot read {path}: {exc.strerror or exc}",
+                                     details={"option": option, "path": path}) from None
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_3
+    try:
+        # An encrypted key would make OpenSSL prompt on the terminal; the empty password refuses it instead.
+        context.load_cert_chain(cert, key, password=lambda: b"")
+    except (ssl.SSLError, OSError) as exc:
+        raise ConfigurationError(
+            f"{options[0]} {cert} and {options[1]} {key}: not a PEM certificate and its unencrypted key "
+            f"({getattr(exc, 'reason', None) or exc})", details={"cert": cert, "key": key}) from None
+    return context
 
 
 def is_loopback(host: str) -> bool:
@@ -189,7 +234,7 @@ class MonitorServer:
     def url(self) -> str:
         host, port = self._sock.getsockname()[:2]
         host = f"[{host}]" if ":" in str(host) else host
-        return f"http://{host}:{port}"
+        return f"{'https' if self.settings.tls else 'http'}://{host}:{port}"
 
     def publish(self, snapshot: dict[str, Any]) -> None:
         """Hand over a new snapshot (from the loop's thread; it must not change afterwards)."""
@@ -302,7 +347,8 @@ class MonitorConnections:
             self._loop.call_soon_threadsafe(self._stop.set)
 
     async def _serve(self, sock: socket.socket) -> None:
-        server = await asyncio.start_server(self._connected, sock=sock, limit=MAX_HEAD_BYTES)
+        server = await asyncio.start_server(self._connected, sock=sock, limit=MAX_HEAD_BYTES,
+                                            **_tls_options(self._server.settings.tls, self._limits))
         try:
             if not self._stopping:
                 await self._stop.wait()
@@ -496,6 +542,11 @@ class _ConnectionCollector(Collector):
                                      labels=["broker"])
         open_now.add_metric([snap["broker"]], len(self._connections.open))
         yield open_now
+
+
+def _tls_options(tls: ssl.SSLContext | None, limits: MonitorLimits) -> dict[str, Any]:
+    """`start_server`'s TLS arguments: the handshake has the request head's deadline."""
+    return {} if tls is None else {"ssl": tls, "ssl_handshake_timeout": limits.header_timeout_s}
 
 
 def _loop_error(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:

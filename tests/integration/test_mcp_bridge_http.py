@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import secrets
 from collections.abc import AsyncIterator, Iterator
@@ -15,9 +16,13 @@ import mcp_types as types
 import pytest
 from mcp import Client
 from mcp.client.session import ClientSession
+from mcp.shared.exceptions import MCPError
 from mcp.client.streamable_http import streamable_http_client
+from mcp_types.version import HANDSHAKE_PROTOCOL_VERSIONS, MODERN_PROTOCOL_VERSIONS
 
 from mcpnodes import CLASH_NAMES, wait_for_file
+
+from test_mcp_bridge_stdio import bridge_params
 
 from mesh.testing import MeshProcess, run_node, spawn
 
@@ -43,6 +48,18 @@ class HttpBridge:
         token = self.token if token == "" else token
         headers = {} if token is None else {"Authorization": f"Bearer {token}"}
         return httpx2.AsyncClient(headers=headers, timeout=httpx2.Timeout(30.0, read=300.0))
+
+    async def rpc(self, method: str, params: dict[str, object], **headers: str) -> dict[str, object]:
+        """One raw JSON-RPC request; the response whether it comes as JSON or as an SSE event."""
+        request = {"jsonrpc": "2.0", "id": 1, "method": method, "params": params}
+        async with self.http() as http:
+            response = await http.post(self.url, json=request,
+                                       headers={"Accept": "application/json, text/event-stream", **headers})
+        assert response.status_code == 200, response.text
+        if response.headers["content-type"].startswith("application/json"):
+            return response.json()
+        data = [line[5:] for line in response.text.splitlines() if line.startswith("data:")]
+        return json.loads(data[-1])
 
     @asynccontextmanager
     async def session(self, **kwargs: object) -> AsyncIterator[ClientSession]:
@@ -107,12 +124,13 @@ async def test_tools_calls_and_errors_over_http(bridge: HttpBridge) -> None:
 
 @pytest.mark.anyio
 async def test_a_tool_outside_the_role_cannot_be_called_over_http(bridge: HttpBridge) -> None:
-    """The high-level Client over HTTP neither sees nor reaches secret.reveal."""
+    """The high-level Client over HTTP neither sees nor reaches secret.reveal (a protocol error)."""
     async with bridge.http() as http, Client(streamable_http_client(bridge.url, http_client=http)) as client:
         names = {t.name for t in (await client.list_tools()).tools}
-        result = await client.call_tool("secret.reveal", {})
+        with pytest.raises(MCPError) as refused:
+            await client.call_tool("secret.reveal", {})
     assert "secret_reveal" not in names
-    assert result.is_error and result.structured_content["error"]["code"] == 1003
+    assert refused.value.code == types.INVALID_PARAMS and refused.value.data["code"] == 1003
 
 
 @pytest.mark.anyio
@@ -156,3 +174,93 @@ def test_listening_beyond_loopback_needs_a_token(secure_mesh: SecureMesh) -> Non
                 "--http", "0.0.0.0:0"]) as proc:
         proc.wait_for("needs a bearer token", timeout=20)
         assert proc.popen.wait(20) != 0
+
+
+def initialize_params(version: str) -> dict[str, object]:
+    return {"protocolVersion": version, "capabilities": {}, "clientInfo": {"name": "parity", "version": "0"}}
+
+
+async def stdio_initialize(mesh: SecureMesh, version: str) -> dict[str, object]:
+    """A raw `initialize` at `version` to a fresh stdio bridge; its JSON-RPC response."""
+    params = bridge_params(mesh)
+    async with await anyio.open_process([params.command, *params.args], env=params.env) as proc:
+        assert proc.stdin is not None and proc.stdout is not None
+        request = {"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": initialize_params(version)}
+        await proc.stdin.send(json.dumps(request).encode() + b"\n")
+        buffer = b""
+        with anyio.fail_after(30):
+            while b"\n" not in buffer:
+                buffer += await proc.stdout.receive()
+        await proc.stdin.aclose()
+        await proc.wait()
+    return json.loads(buffer.split(b"\n")[0])
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("version", HANDSHAKE_PROTOCOL_VERSIONS)
+async def test_initialize_advertises_the_same_capabilities_over_http_and_stdio(
+    bridge: HttpBridge, secure_mesh: SecureMesh, version: str
+) -> None:
+    """For each handshake revision: the same capabilities over both transports, list changes announced."""
+    over_http = await bridge.rpc("initialize", initialize_params(version))
+    over_stdio = await stdio_initialize(secure_mesh, version)
+    assert over_http["result"]["protocolVersion"] == over_stdio["result"]["protocolVersion"] == version
+    capabilities = over_http["result"]["capabilities"]
+    assert capabilities == over_stdio["result"]["capabilities"]
+    assert capabilities["tools"]["listChanged"] is True and capabilities["resources"]["listChanged"] is True
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("version", MODERN_PROTOCOL_VERSIONS)
+async def test_discover_advertises_the_same_capabilities_over_http_and_stdio(
+    bridge: HttpBridge, secure_mesh: SecureMesh, version: str
+) -> None:
+    """For each per-request revision (server/discover): the same capabilities over both transports."""
+    async with bridge.http() as http, Client(streamable_http_client(bridge.url, http_client=http)) as client:
+        over_http = (client.protocol_version, client.server_capabilities)
+    async with Client(bridge_params(secure_mesh)) as client:
+        over_stdio = (client.protocol_version, client.server_capabilities)
+    assert over_http == over_stdio and over_http[0] == version
+    assert over_http[1].tools.list_changed and over_http[1].resources.list_changed
+
+
+@asynccontextmanager
+async def both_transports(bridge: HttpBridge, mesh: SecureMesh) -> AsyncIterator[list[Client]]:
+    """A high-level SDK client of the HTTP bridge and one of a fresh stdio bridge."""
+    async with bridge.http() as http, Client(streamable_http_client(bridge.url, http_client=http)) as over_http:
+        async with Client(bridge_params(mesh)) as over_stdio:
+            yield [over_http, over_stdio]
+
+
+@pytest.mark.anyio
+async def test_the_service_template_is_listed_and_reads_one_service_over_both_transports(
+    bridge: HttpBridge, secure_mesh: SecureMesh
+) -> None:
+    """resources/templates/list gives mesh://services/{service}; the expanded URI reads that service."""
+    async with both_transports(bridge, secure_mesh) as clients:
+        for client in clients:
+            templates = (await client.list_resource_templates()).resource_templates
+            assert [t.uri_template for t in templates] == ["mesh://services/{service}"]
+            uri = templates[0].uri_template.replace("{service}", "kv")
+            kv = json.loads((await client.read_resource(uri)).contents[0].text)
+            assert kv["actions"]["get"]["schema"]["required"] == ["key"]
+
+
+@pytest.mark.anyio
+async def test_an_unknown_tool_is_a_json_rpc_error_over_both_transports(
+    bridge: HttpBridge, secure_mesh: SecureMesh
+) -> None:
+    """tools/call of a tool never listed is answered with JSON-RPC -32602, not a result with isError.
+
+    The error's data is the mesh error (code 1003, HANDLER_NOT_FOUND), so the mesh code still crosses.
+    """
+    async with both_transports(bridge, secure_mesh) as clients:
+        for client in clients:
+            with pytest.raises(MCPError) as unknown:
+                await client.call_tool("no.such-tool", {})
+            assert unknown.value.code == -32602 and "no.such-tool" in unknown.value.message
+            assert unknown.value.data["code"] == 1003 and unknown.value.data["name"] == "HANDLER_NOT_FOUND"
+    async with bridge.session() as session:  # the handshake era too
+        with pytest.raises(MCPError) as unknown:
+            await session.call_tool("no.such-tool", {})
+    assert unknown.value.code == -32602 and unknown.value.data["code"] == 1003

@@ -15,6 +15,7 @@ import pytest
 from mcp import Client
 from mcp.client.session import ClientSession
 from mcp.client.stdio import StdioServerParameters, stdio_client
+from mcp.shared.exceptions import MCPError
 
 from mcpnodes import CLASH_NAMES, wait_for_file
 
@@ -127,11 +128,13 @@ async def test_a_tool_outside_the_role_is_not_listed_and_cannot_be_called(secure
     """secret.reveal and kv.delete are registered but the bridge's role may not call them."""
     async with Client(bridge_params(secure_mesh)) as client:
         names = {t.name for t in (await client.list_tools()).tools}
-        reveal = await client.call_tool("secret.reveal", {})
-        delete = await client.call_tool("kv.delete", {"key": "colour"})
+        refused = []
+        for name, arguments in (("secret.reveal", {}), ("kv.delete", {"key": "colour"})):
+            with pytest.raises(MCPError) as unknown:  # an unlisted tool is a protocol error
+                await client.call_tool(name, arguments)
+            refused.append(unknown.value)
     assert "secret_reveal" not in names and "kv_delete" not in names
-    assert reveal.is_error and reveal.structured_content["error"]["code"] == 1003
-    assert delete.is_error and delete.structured_content["error"]["code"] == 1003
+    assert [(e.code, e.data["code"]) for e in refused] == [(types.INVALID_PARAMS, 1003)] * 2
 
 
 @pytest.mark.anyio
