@@ -37,14 +37,14 @@ def node() -> Node:
     n = Node("echo")
 
     @n.action(
-        "echo", "echo", schema=ECHO_SCHEMA, idempotent=True,
+        "echo", "echo", schema=ECHO_SCHEMA, idempotent=True, read_only=True, open_world=False,
         description="Return the payload object unchanged.",
     )
     async def echo(payload: dict[str, Any]) -> dict[str, Any]:
         return payload
 
     @n.action(
-        "echo", "reverse", schema=REVERSE_SCHEMA, idempotent=True,
+        "echo", "reverse", schema=REVERSE_SCHEMA, idempotent=True, read_only=True, open_world=False,
         description="Return the text with its characters in reverse order.",
     )
     async def reverse(payload: dict[str, Any]) -> dict[str, str]:

@@ -258,7 +258,7 @@ def node(root: str = "var/files") -> Node:
     n = Node("fs")
 
     @n.action(
-        "fs", "list", schema=LIST_SCHEMA, idempotent=True,
+        "fs", "list", schema=LIST_SCHEMA, idempotent=True, read_only=True, open_world=False,
         description="List the files and directories in a directory, sorted by name.",
     )
     def list_dir(payload: dict[str, Any]) -> dict[str, Any]:
@@ -282,7 +282,7 @@ def node(root: str = "var/files") -> Node:
         return {"path": box.relative(real), "entries": entries, "truncated": truncated}
 
     @n.action(
-        "fs", "read", schema=READ_SCHEMA, idempotent=True,
+        "fs", "read", schema=READ_SCHEMA, idempotent=True, read_only=True, open_world=False,
         description="Read a text file (UTF-8), up to max_bytes from its start.",
     )
     def read(payload: dict[str, Any]) -> dict[str, Any]:
@@ -301,7 +301,7 @@ def node(root: str = "var/files") -> Node:
         return {"path": box.relative(real), "text": text, "size": size, "truncated": truncated}
 
     @n.action(
-        "fs", "search", schema=SEARCH_SCHEMA, idempotent=True,
+        "fs", "search", schema=SEARCH_SCHEMA, idempotent=True, read_only=True, open_world=False,
         description="Find lines containing a text (case-sensitive) in the text files under a path.",
     )
     def search(payload: dict[str, Any]) -> dict[str, Any]:

@@ -230,13 +230,16 @@ def node(path: str = "var/kv.sqlite3") -> Node:
 
     n = Node("kv")
 
-    @n.action("kv", "get", schema=GET_SCHEMA, idempotent=True, description="Read the value stored under a key.")
+    @n.action(
+        "kv", "get", schema=GET_SCHEMA, idempotent=True, read_only=True, open_world=False,
+        description="Read the value stored under a key.",
+    )
     def get(payload: dict[str, Any]) -> dict[str, Any]:
         found, value = store.get(payload["key"])
         return {"key": payload["key"], "found": found, "value": value}
 
     @n.action(
-        "kv", "put", schema=PUT_SCHEMA, idempotent=True,
+        "kv", "put", schema=PUT_SCHEMA, idempotent=True, read_only=False, destructive=True, open_world=False,
         description="Store a JSON value under a key, replacing any value already there.",
     )
     def put(payload: dict[str, Any]) -> dict[str, Any]:
@@ -249,18 +252,21 @@ def node(path: str = "var/kv.sqlite3") -> Node:
         return {"key": payload["key"], "created": store.put(payload["key"], blob)}
 
     @n.action(
-        "kv", "incr", schema=INCR_SCHEMA, exactly_once=True,
+        "kv", "incr", schema=INCR_SCHEMA, exactly_once=True, read_only=False, destructive=False, open_world=False,
         description="Add to the integer stored under a key and return the new value (runs once per command id).",
     )
     def incr(payload: dict[str, Any]) -> dict[str, Any]:
         return {"key": payload["key"], "value": store.incr(payload["key"], payload["by"])}
 
-    @n.action("kv", "delete", schema=DELETE_SCHEMA, idempotent=True, description="Remove a key and its value.")
+    @n.action(
+        "kv", "delete", schema=DELETE_SCHEMA, idempotent=True, read_only=False, destructive=True, open_world=False,
+        description="Remove a key and its value.",
+    )
     def delete(payload: dict[str, Any]) -> dict[str, Any]:
         return {"key": payload["key"], "deleted": store.delete(payload["key"])}
 
     @n.action(
-        "kv", "list", schema=LIST_SCHEMA, idempotent=True,
+        "kv", "list", schema=LIST_SCHEMA, idempotent=True, read_only=True, open_world=False,
         description="List keys starting with a prefix, in sorted order.",
     )
     def list_keys(payload: dict[str, Any]) -> dict[str, Any]:

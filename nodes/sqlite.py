@@ -256,14 +256,14 @@ def node(database: str = "var/sample.db", timeout: float = 10.0) -> Node:
     n = Node("sqlite")
 
     @n.action(
-        "sqlite", "query", schema=QUERY_SCHEMA, idempotent=True,
+        "sqlite", "query", schema=QUERY_SCHEMA, idempotent=True, read_only=True, open_world=False,
         description="Run one read-only SQL SELECT and return its rows as objects keyed by column.",
     )
     def query(payload: dict[str, Any]) -> dict[str, Any]:
         return reader().query(payload["sql"], payload.get("params", ()), int(payload.get("max_rows", 1000)))
 
     @n.action(
-        "sqlite", "tables", schema=TABLES_SCHEMA, idempotent=True,
+        "sqlite", "tables", schema=TABLES_SCHEMA, idempotent=True, read_only=True, open_world=False,
         description="List the database's tables and views with their column names and types.",
     )
     def tables(payload: dict[str, Any]) -> dict[str, Any]:

@@ -173,7 +173,7 @@ class Bridge:
                     name=t.name,
                     description=t.description,
                     input_schema=t.input_schema,
-                    annotations=types.ToolAnnotations(idempotent_hint=t.idempotent),
+                    annotations=types.ToolAnnotations.model_validate(t.annotations()),
                 )
                 for t in self.tools.values()
             ]

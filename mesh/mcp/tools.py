@@ -34,6 +34,8 @@ __all__ = [
 
 REGISTRY_URI: Final = "mesh://services"
 WRAPPED_KEY: Final = "payload"
+# A mesh action's hint (registry.HINTS) -> its name in MCP's ToolAnnotations.
+_MCP_HINTS: Final = {"read_only": "readOnlyHint", "destructive": "destructiveHint", "open_world": "openWorldHint"}
 
 
 def schema_uri(service: str) -> str:
@@ -52,6 +54,20 @@ class ToolSpec:
     input_schema: dict[str, Any]
     wrapped: bool = False  # the tool's arguments are {"payload": <the mesh payload>}
     idempotent: bool = False
+    # The action's declared `read_only` / `destructive` / `open_world` (only those declared).
+    hints: dict[str, bool] = field(default_factory=dict)
+
+    def annotations(self) -> dict[str, bool]:
+        """The MCP ToolAnnotations hints (camelCase) this tool truly has.
+
+        Only what the node declared is given: an undeclared hint is left out, so a client
+        assumes MCP's cautious default (destructive, open world). `idempotentHint` is
+        given only when true, since a mesh action is not idempotent unless it says so.
+        """
+        out = {_MCP_HINTS[k]: v for k, v in self.hints.items() if k in _MCP_HINTS}
+        if self.idempotent:
+            out["idempotentHint"] = True
+        return out
 
     def payload(self, arguments: Mapping[str, Any] | None) -> Any:
         """The mesh payload for the tool's arguments."""
@@ -119,7 +135,8 @@ def tools_from_registry(registry: Mapping[str, Any], selection: Selection = Sele
                     description=_description(service, action, desc if isinstance(desc, str) else ""),
                     input_schema=schema,
                     wrapped=wrapped,
-                    idempotent=bool(spec.get("idempotent", False)),
+                    idempotent=spec.get("idempotent") is True,
+                    hints={k: v for k in _MCP_HINTS if isinstance(v := spec.get(k), bool)},
                 )
             )
     out.sort(key=lambda t: t.name)
