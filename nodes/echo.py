@@ -17,6 +17,12 @@ ECHO_SCHEMA: Final = {
     "type": "object",
     "description": "Any object, for example {\"text\": \"hi\"}; it comes back unchanged.",
 }
+REVERSE_RESULT: Final = {
+    "type": "object",
+    "properties": {"text": {"type": "string", "description": "The text, reversed."}},
+    "required": ["text"],
+    "additionalProperties": False,
+}
 REVERSE_SCHEMA: Final = {
     "type": "object",
     "properties": {"text": {"type": "string", "description": "The text to reverse."}},
@@ -38,6 +44,7 @@ def node() -> Node:
 
     @n.action(
         "echo", "echo", schema=ECHO_SCHEMA, idempotent=True, read_only=True, open_world=False,
+        result_schema={"type": "object", "description": "The payload, unchanged."},
         description="Return the payload object unchanged.",
     )
     async def echo(payload: dict[str, Any]) -> dict[str, Any]:
@@ -45,6 +52,7 @@ def node() -> Node:
 
     @n.action(
         "echo", "reverse", schema=REVERSE_SCHEMA, idempotent=True, read_only=True, open_world=False,
+        result_schema=REVERSE_RESULT,
         description="Return the text with its characters in reverse order.",
     )
     async def reverse(payload: dict[str, Any]) -> dict[str, str]:

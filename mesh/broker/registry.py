@@ -13,8 +13,8 @@ Rules of this module:
 * Load reports (`parse_load`) keep the fields that are valid and name the others; a
   bad report never fails the heartbeat that carried it.
 * A registration is checked whole before anything changes (`parse_registration`):
-  every key and value by type, each schema by `check_schema`, and its size against
-  `MAX_REGISTRATION_BYTES` / `MAX_SCHEMA_BYTES` / `MAX_ACTIONS`. A refused one leaves
+  every key and value by type, each schema (payload and result) by `check_schema`, and
+  its size against `MAX_REGISTRATION_BYTES` / `MAX_SCHEMA_BYTES` / `MAX_ACTIONS`. A refused one leaves
   the node's previous registration in place.
 * `mesh.services` is read in pages (`page`) in (service, action) order, each within a
   byte budget the caller gives, so that what any number of nodes register always
@@ -160,17 +160,22 @@ class ActionSpec:
     exactly_once: bool = False
     # What the action does to the world (`HINTS`): name -> bool, only those the node declared.
     hints: Mapping[str, bool] = field(default_factory=dict)
+    # The JSON Schema of the action's result (None: not declared).
+    result_schema: Mapping[str, Any] | None = None
     size: int = 0  # bytes of `described()` encoded, what it costs a `mesh.services` page
 
     def described(self) -> dict[str, Any]:
-        """The action's entry in `mesh.services` (a hint appears only when declared)."""
-        return {
+        """The action's entry in `mesh.services` (hints and result schema only when declared)."""
+        out = {
             "description": self.description,
             "schema": dict(self.schema),
             "idempotent": self.idempotent,
             "exactly_once": self.exactly_once,
             **self.hints,
         }
+        if self.result_schema is not None:
+            out["result_schema"] = dict(self.result_schema)
+        return out
 
 
 @dataclass(slots=True)
@@ -340,8 +345,14 @@ def parse_registration(payload: Any) -> _Registration:
                     raise _field_error(f"{where}.{flag}", "must be a boolean")
                 flags.append(value)
             hints = check_hints(aspec, where)
-            entry = ActionSpec(desc, schema, *flags, hints=hints)
-            parsed[act] = ActionSpec(desc, schema, *flags, hints=hints, size=len(encode_payload(entry.described())))
+            result_schema = aspec.get("result_schema")
+            if result_schema is not None:
+                if not isinstance(result_schema, dict):
+                    raise _field_error(f"{where}.result_schema", "must be a JSON Schema object")
+                check_schema(result_schema, f"{where}.result_schema")
+            entry = ActionSpec(desc, schema, *flags, hints=hints, result_schema=result_schema)
+            parsed[act] = ActionSpec(desc, schema, *flags, hints=hints, result_schema=result_schema,
+                                     size=len(encode_payload(entry.described())))
         reg.services[svc] = parsed
     return reg
 

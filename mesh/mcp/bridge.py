@@ -173,6 +173,7 @@ class Bridge:
                     name=t.name,
                     description=t.description,
                     input_schema=t.input_schema,
+                    output_schema=t.output_schema,
                     annotations=types.ToolAnnotations.model_validate(t.annotations()),
                 )
                 for t in self.tools.values()
@@ -192,9 +193,8 @@ class Bridge:
                                             on_progress=on_progress)
         except MeshError as err:
             return _error_result(err)
-        structured = result if isinstance(result, dict) else {"result": result}
         return types.CallToolResult(content=[types.TextContent(text=as_text(result))],
-                                    structured_content=_json_safe(structured))
+                                    structured_content=_json_safe(tool.structured(result)))
 
     def _validator(self, tool: ToolSpec) -> PayloadValidator:
         check = self._validators.get(tool.name)

@@ -1,4 +1,5 @@
-"""Every ready node's tools, as an MCP client sees them over stdio: annotations as declared."""
+"""Every ready node's tools, as an MCP client sees them over stdio: annotations and output
+schemas as declared, and each call's structuredContent conforming to its outputSchema."""
 
 from __future__ import annotations
 
@@ -9,13 +10,17 @@ import sqlite3
 from collections.abc import Iterator
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import pytest
 from mcp.client.session import ClientSession
 from mcp.client.stdio import StdioServerParameters, stdio_client
 
+from mesh.node import Node
+from mesh.protocol import compile_schema
 from mesh.testing import run_broker, run_node
+from nodes import echo, fs, kv
+from nodes import sqlite as sqlite_node
 
 # The truth about each ready action (docs/mcp.md shows the same table): all touch only
 # the node's own state, so none is open-world.
@@ -35,8 +40,9 @@ def anyio_backend() -> str:
 
 
 @pytest.fixture(scope="module")
-def ready_mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A broker (security off) with every ready node; yields its client endpoint."""
+def ready_mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, dict[str, Any]]]:
+    """A broker (security off) with every ready node; yields its client endpoint and each
+    action's own declaration (from the same node factories, built here)."""
     root = tmp_path_factory.mktemp("ready")
     (root / "files").mkdir()
     (root / "files" / "a.txt").write_text("hello\n")
@@ -49,7 +55,9 @@ def ready_mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         for use, config in (("echo", {}), ("kv", {"path": str(root / "kv.sqlite3")}),
                             ("sqlite", {"database": str(db)}), ("fs", {"root": str(root / "files")})):
             stack.enter_context(run_node(use, b, config=json.dumps(config)))
-        yield b.clients
+        built: list[Node] = [echo.node(), kv.node(path=str(root / "kv.sqlite3")),
+                             sqlite_node.node(database=str(db)), fs.node(root=str(root / "files"))]
+        yield b.clients, {f"{s}.{a}": act for n in built for (s, a), act in n.actions.items()}
 
 
 def bridge(broker: str) -> StdioServerParameters:
@@ -64,11 +72,39 @@ async def listed(broker: str) -> dict[str, Any]:
 
 
 @pytest.mark.anyio
-async def test_each_ready_action_carries_its_declared_annotations(ready_mesh: str) -> None:
+async def test_each_ready_action_carries_its_declared_annotations_and_output_schema(
+    ready_mesh: tuple[str, dict[str, Any]],
+) -> None:
     """Invariant: every ready action's MCP annotations say exactly what docs/mcp.md's table
-    says (read-only reads, destructive kv.put/kv.delete, nothing open-world), no more."""
-    tools = await listed(ready_mesh)
-    assert set(tools) == set(EXPECTED_HINTS)
+    says (read-only reads, destructive kv.put/kv.delete, nothing open-world), no more, and
+    its outputSchema is the result schema its node declares."""
+    broker, declared = ready_mesh
+    tools = await listed(broker)
+    assert set(tools) == set(EXPECTED_HINTS) == set(declared)
     for name, want in EXPECTED_HINTS.items():
         got = tools[name].annotations.model_dump(by_alias=True, exclude_none=True)
         assert got == want, name
+        assert tools[name].output_schema == declared[name].result_schema, name
+
+
+CALLS: Final = {
+    "echo.echo": {"text": "hi"}, "echo.reverse": {"text": "abc"}, "kv.put": {"key": "k", "value": [1, "two"]},
+    "kv.get": {"key": "k"}, "kv.incr": {"key": "n", "by": 2}, "kv.list": {}, "kv.delete": {"key": "k"},
+    "sqlite.query": {"sql": "SELECT * FROM fruit"}, "sqlite.tables": {}, "fs.list": {}, "fs.read": {"path": "a.txt"},
+    "fs.search": {"text": "hello"},
+}
+
+
+@pytest.mark.anyio
+async def test_each_ready_tool_result_conforms_to_its_output_schema(ready_mesh: tuple[str, dict[str, Any]]) -> None:
+    """Invariant: a client may rely on outputSchema: every ready tool's structuredContent
+    validates against it."""
+    broker, _ = ready_mesh
+    async with stdio_client(bridge(broker)) as (read, write), ClientSession(read, write) as session:
+        await session.initialize()
+        tools = {t.name: t for t in (await session.list_tools()).tools}
+        assert set(CALLS) == set(tools)
+        for name, arguments in CALLS.items():
+            result = await session.call_tool(name, arguments)
+            assert not result.is_error, (name, result.content)
+            compile_schema(tools[name].output_schema)(result.structured_content)

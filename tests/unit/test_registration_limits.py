@@ -124,6 +124,11 @@ REFUSED: dict[str, tuple[dict[str, Any], ErrorCode, str]] = {
     "open_world not a boolean": (with_spec(open_world=[]), ErrorCode.VALIDATION_FAILED, f"{GET}.open_world"),
     "read-only and destructive": (with_spec(read_only=True, destructive=True), ErrorCode.VALIDATION_FAILED,
                                   f"{GET}.destructive"),
+    "result schema not a map": (with_spec(result_schema=[]), ErrorCode.VALIDATION_FAILED, f"{GET}.result_schema"),
+    "result schema with a bad type": (with_spec(result_schema={"type": 12}), ErrorCode.VALIDATION_FAILED,
+                                      f"{GET}.result_schema.type"),
+    "result schema over the limit": (with_spec(result_schema={"description": "x" * MAX_SCHEMA_BYTES}),
+                                     ErrorCode.MESSAGE_TOO_LARGE, f"{GET}.result_schema"),
 }
 
 
