@@ -1,24 +1,27 @@
-"""Every ready node's tools, as an MCP client sees them over stdio: annotations and output
-schemas as declared, and each call's structuredContent conforming to its outputSchema."""
+"""Every ready node's tools, as an MCP client sees them over stdio and streamable HTTP:
+annotations and output schemas as declared, each call's structuredContent conforming."""
 
 from __future__ import annotations
 
 import json
 import os
-import sys
+import secrets
 import sqlite3
-from collections.abc import Iterator
-from contextlib import ExitStack
+import sys
+from collections.abc import AsyncIterator, Iterator
+from contextlib import ExitStack, asynccontextmanager
 from pathlib import Path
 from typing import Any, Final
 
+import httpx2
 import pytest
 from mcp.client.session import ClientSession
 from mcp.client.stdio import StdioServerParameters, stdio_client
+from mcp.client.streamable_http import streamable_http_client
 
 from mesh.node import Node
 from mesh.protocol import compile_schema
-from mesh.testing import run_broker, run_node
+from mesh.testing import run_broker, run_node, spawn
 from nodes import echo, fs, kv
 from nodes import sqlite as sqlite_node
 
@@ -60,26 +63,41 @@ def ready_mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, 
         yield b.clients, {f"{s}.{a}": act for n in built for (s, a), act in n.actions.items()}
 
 
-def bridge(broker: str) -> StdioServerParameters:
-    return StdioServerParameters(command=sys.executable, args=["-m", "mesh", "mcp", "--broker", broker,
-                                                               "--timeout", "10"], env=dict(os.environ))
+@asynccontextmanager
+async def session(broker: str, transport: str, tmp_path: Path) -> AsyncIterator[ClientSession]:
+    """An initialized MCP session with `mesh mcp` of `broker` over `transport` (stdio or http)."""
+    args = ["mcp", "--broker", broker, "--timeout", "10"]
+    if transport == "stdio":
+        params = StdioServerParameters(command=sys.executable, args=["-m", "mesh", *args], env=dict(os.environ))
+        async with stdio_client(params) as (read, write), ClientSession(read, write) as s:
+            await s.initialize()
+            yield s
+        return
+    token = secrets.token_urlsafe(24)
+    (tmp_path / "token").write_text(token + "\n")
+    with spawn([*args, "--http", "127.0.0.1:0", "--token-file", str(tmp_path / "token")]) as proc:
+        url = proc.wait_for(r"mcp bridge ready url=(\S+)").group(1)
+        async with (httpx2.AsyncClient(headers={"Authorization": f"Bearer {token}"}, timeout=30.0) as http,
+                    streamable_http_client(url, http_client=http) as (read, write),
+                    ClientSession(read, write) as s):  # type: ignore[arg-type]
+            await s.initialize()
+            yield s
 
 
-async def listed(broker: str) -> dict[str, Any]:
-    async with stdio_client(bridge(broker)) as (read, write), ClientSession(read, write) as session:
-        await session.initialize()
-        return {t.name: t for t in (await session.list_tools()).tools}
+TRANSPORTS: Final = pytest.mark.parametrize("transport", ["stdio", "http"])
 
 
 @pytest.mark.anyio
+@TRANSPORTS
 async def test_each_ready_action_carries_its_declared_annotations_and_output_schema(
-    ready_mesh: tuple[str, dict[str, Any]],
+    ready_mesh: tuple[str, dict[str, Any]], transport: str, tmp_path: Path,
 ) -> None:
     """Invariant: every ready action's MCP annotations say exactly what docs/mcp.md's table
     says (read-only reads, destructive kv.put/kv.delete, nothing open-world), no more, and
     its outputSchema is the result schema its node declares."""
     broker, declared = ready_mesh
-    tools = await listed(broker)
+    async with session(broker, transport, tmp_path) as s:
+        tools = {t.name: t for t in (await s.list_tools()).tools}
     assert set(tools) == set(EXPECTED_HINTS) == set(declared)
     for name, want in EXPECTED_HINTS.items():
         got = tools[name].annotations.model_dump(by_alias=True, exclude_none=True)
@@ -96,15 +114,17 @@ CALLS: Final = {
 
 
 @pytest.mark.anyio
-async def test_each_ready_tool_result_conforms_to_its_output_schema(ready_mesh: tuple[str, dict[str, Any]]) -> None:
+@TRANSPORTS
+async def test_each_ready_tool_result_conforms_to_its_output_schema(
+    ready_mesh: tuple[str, dict[str, Any]], transport: str, tmp_path: Path,
+) -> None:
     """Invariant: a client may rely on outputSchema: every ready tool's structuredContent
     validates against it."""
     broker, _ = ready_mesh
-    async with stdio_client(bridge(broker)) as (read, write), ClientSession(read, write) as session:
-        await session.initialize()
-        tools = {t.name: t for t in (await session.list_tools()).tools}
+    async with session(broker, transport, tmp_path) as s:
+        tools = {t.name: t for t in (await s.list_tools()).tools}
         assert set(CALLS) == set(tools)
         for name, arguments in CALLS.items():
-            result = await session.call_tool(name, arguments)
+            result = await s.call_tool(name, arguments)
             assert not result.is_error, (name, result.content)
             compile_schema(tools[name].output_schema)(result.structured_content)
