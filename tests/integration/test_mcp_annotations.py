@@ -84,6 +84,12 @@ async def session(broker: str, transport: str, tmp_path: Path) -> AsyncIterator[
             yield s
 
 
+def by_mesh_name(tools: list[Any]) -> dict[str, Any]:
+    """Tools keyed by their mesh name `service.action` (the `title`, where the tool name
+    is a portable mapping of it; the name itself otherwise)."""
+    return {t.title or t.name: t for t in tools}
+
+
 TRANSPORTS: Final = pytest.mark.parametrize("transport", ["stdio", "http"])
 
 
@@ -97,7 +103,7 @@ async def test_each_ready_action_carries_its_declared_annotations_and_output_sch
     its outputSchema is the result schema its node declares."""
     broker, declared = ready_mesh
     async with session(broker, transport, tmp_path) as s:
-        tools = {t.name: t for t in (await s.list_tools()).tools}
+        tools = by_mesh_name((await s.list_tools()).tools)
     assert set(tools) == set(EXPECTED_HINTS) == set(declared)
     for name, want in EXPECTED_HINTS.items():
         got = tools[name].annotations.model_dump(by_alias=True, exclude_none=True)
@@ -122,9 +128,9 @@ async def test_each_ready_tool_result_conforms_to_its_output_schema(
     validates against it."""
     broker, _ = ready_mesh
     async with session(broker, transport, tmp_path) as s:
-        tools = {t.name: t for t in (await s.list_tools()).tools}
+        tools = by_mesh_name((await s.list_tools()).tools)
         assert set(CALLS) == set(tools)
         for name, arguments in CALLS.items():
-            result = await s.call_tool(name, arguments)
+            result = await s.call_tool(tools[name].name, arguments)
             assert not result.is_error, (name, result.content)
             compile_schema(tools[name].output_schema)(result.structured_content)
