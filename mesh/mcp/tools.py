@@ -33,19 +33,21 @@ from ..protocol import rebase_refs
 
 __all__ = [
     "ToolSpec", "Selection", "tools_from_registry", "selected_registry", "as_text", "REGISTRY_URI", "schema_uri",
-    "WRAPPED_KEY", "RESULT_KEY",
+    "WRAPPED_KEY",
 ]
 
 REGISTRY_URI: Final = "mesh://services"
 WRAPPED_KEY: Final = "payload"
-RESULT_KEY: Final = "result"
-# A mesh action's hint (registry.HINTS) -> its name in MCP's ToolAnnotations.
-_MCP_HINTS: Final = {"read_only": "readOnlyHint", "destructive": "destructiveHint", "open_world": "openWorldHint"}
 
 
 def schema_uri(service: str) -> str:
     """The resource URI of one service's actions and schemas."""
     return f"mesh://services/{service}"
+
+
+RESULT_KEY: Final = "result"  # structuredContent {"result": ...} of a result that is not an object
+# A mesh action's hint (registry.HINTS) -> its name in MCP's ToolAnnotations.
+_MCP_HINTS: Final = {"read_only": "readOnlyHint", "destructive": "destructiveHint", "open_world": "openWorldHint"}
 
 
 @dataclass(frozen=True, slots=True)
