@@ -275,7 +275,8 @@ class AsyncClient:
 
         Returns:
             service -> {"nodes": int, "actions": {action: {"description", "schema",
-            "idempotent", "exactly_once"}}}, sorted by service and action.
+            "idempotent", "exactly_once", and those the node declared of "read_only",
+            "destructive", "open_world", "result_schema"}}}, sorted by service and action.
 
         Raises:
             BadFormatError: a page that is not shaped as protocol.md says.

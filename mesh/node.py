@@ -53,7 +53,7 @@ import threading
 import time
 from collections.abc import Awaitable, Callable, Hashable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, Final
 
 import zmq
@@ -93,7 +93,7 @@ from .protocol import (
 )
 from .aio import AsyncSocket
 from .broker.core import RecentReplies
-from .broker.registry import MAX_DESCRIPTION, PeerEvent, PeerState, advance_peer, silence_event
+from .broker.registry import MAX_DESCRIPTION, PeerEvent, check_hints, PeerState, advance_peer, silence_event
 from .security.credentials import Credentials
 from .security.envelope import Opener, Sealer
 from .sockets import dealer
@@ -204,6 +204,11 @@ class Action:
     is_async: bool
     idempotent: bool
     exactly_once: bool = False
+    # The declared `read_only` / `destructive` / `open_world` hints (registry.HINTS).
+    hints: Mapping[str, bool] = field(default_factory=dict)
+    # The JSON Schema of the handler's result, and its validator (None: not declared).
+    result_schema: Mapping[str, Any] | None = None
+    check_result: PayloadValidator | None = None
 
 
 @dataclass(slots=True, eq=False)  # hashed by identity: a key of the running handlers
@@ -277,6 +282,10 @@ class Node:
         description: str | None = None,
         idempotent: bool = False,
         exactly_once: bool = False,
+        read_only: bool | None = None,
+        destructive: bool | None = None,
+        open_world: bool | None = None,
+        result_schema: Mapping[str, Any] | None = None,
     ) -> Callable[[Handler], Handler]:
         """Declare a handler for `service.name` (the function's name when `name` is None).
 
@@ -287,20 +296,36 @@ class Node:
         so a command resent after any failover gets that outcome instead of a second run
         (a plain broker treats it as an ordinary action).
 
+        `read_only` (changes nothing), `destructive` (may delete or overwrite what was
+        there) and `open_world` (reaches beyond the node's own state) tell callers, and
+        the MCP bridge's clients, what the action does; None leaves it undeclared
+        (unknown). A read-only action is not destructive, so `read_only=True` declares
+        `destructive=False` unless it is given.
+
+        `result_schema` is the JSON Schema of the handler's result (the same rules as
+        `schema`): callers and MCP clients rely on it, so the node checks every result
+        against it before replying, and a result that breaks it is logged as an error
+        here and answered `internal` (3003), never sent.
+
         What a broker would refuse at registration is refused here, when the action is
         declared, so a node is never turned away at start (nor sends a frame too large
         for its link): see the registration limits in docs/protocol.md.
 
         Raises:
             ValueError: both `idempotent` and `exactly_once`.
-            ValidationFailedError: a bad service or action name, or a description
-                longer than MAX_DESCRIPTION characters.
-            ConfigurationError: the schema is not one the mesh accepts (`check_schema`).
-            MessageTooLargeError: the schema, or the node's whole registration with this
+            ValidationFailedError: a bad service or action name, a description
+                longer than MAX_DESCRIPTION characters, a hint that is not a boolean,
+                or `read_only` with `destructive`.
+            ConfigurationError: the schema or result schema is not one the mesh accepts
+                (`check_schema`).
+            MessageTooLargeError: the schema or result schema, or the node's whole registration with this
                 action, is over its limit; or the node would declare more than MAX_ACTIONS.
         """
         if idempotent and exactly_once:
             raise ValueError("an action is idempotent (may run again) or exactly-once, not both")
+        if read_only and destructive is None:
+            destructive = False
+        declared = {"read_only": read_only, "destructive": destructive, "open_world": open_world}
 
         def register(fn: Handler) -> Handler:
             act_name = name or fn.__name__
@@ -311,11 +336,13 @@ class Node:
             if len(text) > MAX_DESCRIPTION:
                 raise ValidationFailedError(f"{where}.description: longer than {MAX_DESCRIPTION} characters",
                                             details={"field": f"{where}.description"})
+            hints = check_hints(declared, where)
             key = (service, act_name)
             if key not in self.actions and len(self.actions) >= MAX_ACTIONS:
                 raise MessageTooLargeError(f"{where}: a node declares at most {MAX_ACTIONS} actions",
                                            details={"field": "services", "limit": MAX_ACTIONS})
             sch = dict(schema or {})
+            result_sch = None if result_schema is None else dict(result_schema)
             action = Action(
                 service=service,
                 name=act_name,
@@ -326,6 +353,9 @@ class Node:
                 is_async=inspect.iscoroutinefunction(fn),
                 idempotent=idempotent,
                 exactly_once=exactly_once,
+                hints=hints,
+                result_schema=result_sch,
+                check_result=None if result_sch is None else compile_schema(result_sch, f"{where}.result_schema"),
             )
             before = self.actions.get(key)
             self.actions[key] = action
@@ -352,7 +382,10 @@ class Node:
                 "schema": dict(spec.schema),
                 "idempotent": spec.idempotent,
                 "exactly_once": spec.exactly_once,
+                **spec.hints,
             }
+            if spec.result_schema is not None:
+                services[svc]["actions"][act]["result_schema"] = dict(spec.result_schema)
         return {
             "name": self.name,
             "instance": self.instance,
@@ -445,6 +478,19 @@ class Node:
         return self._opener.open(work.header, work.payload, time.time(), work.sender)
 
     def _reply(self, work: _Work, result: Any) -> list[bytes]:
+        check = work.action.check_result if work.action is not None else None
+        if check is not None:
+            try:
+                check(result)
+            except ValidationFailedError as err:
+                # The handler's bug: its callers were promised the declared shape. Only the
+                # schema's field and rule are logged and sent, never the result's values.
+                log.error("handler %s returned a result that breaks its result_schema: %s (command %s)",
+                          work.name, err.message, work.header["id"])
+                raise InternalError(
+                    f"handler {work.name} returned a result that breaks its result_schema",
+                    details={"result_field": err.details.get("field"), "rule": err.details.get("rule")},
+                ) from None
         try:
             body = encode_payload(result)
         except ValidationFailedError:

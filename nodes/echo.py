@@ -17,6 +17,12 @@ ECHO_SCHEMA: Final = {
     "type": "object",
     "description": "Any object, for example {\"text\": \"hi\"}; it comes back unchanged.",
 }
+REVERSE_RESULT: Final = {
+    "type": "object",
+    "properties": {"text": {"type": "string", "description": "The text, reversed."}},
+    "required": ["text"],
+    "additionalProperties": False,
+}
 REVERSE_SCHEMA: Final = {
     "type": "object",
     "properties": {"text": {"type": "string", "description": "The text to reverse."}},
@@ -37,14 +43,16 @@ def node() -> Node:
     n = Node("echo")
 
     @n.action(
-        "echo", "echo", schema=ECHO_SCHEMA, idempotent=True,
+        "echo", "echo", schema=ECHO_SCHEMA, idempotent=True, read_only=True, open_world=False,
+        result_schema={"type": "object", "description": "The payload, unchanged."},
         description="Return the payload object unchanged.",
     )
     async def echo(payload: dict[str, Any]) -> dict[str, Any]:
         return payload
 
     @n.action(
-        "echo", "reverse", schema=REVERSE_SCHEMA, idempotent=True,
+        "echo", "reverse", schema=REVERSE_SCHEMA, idempotent=True, read_only=True, open_world=False,
+        result_schema=REVERSE_RESULT,
         description="Return the text with its characters in reverse order.",
     )
     async def reverse(payload: dict[str, Any]) -> dict[str, str]:

@@ -91,6 +91,62 @@ READ_SCHEMA: Final = {
     "required": ["path"],
     "additionalProperties": False,
 }
+_TRUNCATED: Final = {"type": "boolean", "description": "Whether something was left out (a limit was reached)."}
+_REL: Final = {"type": "string", "description": "The path relative to the root."}
+LIST_RESULT: Final = {
+    "type": "object",
+    "properties": {
+        "path": _REL,
+        "entries": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "properties": {
+                    "name": {"type": "string"},
+                    "type": {"enum": ["file", "dir"]},
+                    "size": {"type": ["integer", "null"], "description": "Bytes of a file; null for a directory."},
+                },
+                "required": ["name", "type", "size"],
+                "additionalProperties": False,
+            },
+        },
+        "truncated": _TRUNCATED,
+    },
+    "required": ["path", "entries", "truncated"],
+    "additionalProperties": False,
+}
+READ_RESULT: Final = {
+    "type": "object",
+    "properties": {
+        "path": _REL,
+        "text": {"type": "string", "description": "The text read (invalid UTF-8 replaced by U+FFFD)."},
+        "size": {"type": "integer", "description": "The file's whole size in bytes."},
+        "truncated": _TRUNCATED,
+    },
+    "required": ["path", "text", "size", "truncated"],
+    "additionalProperties": False,
+}
+SEARCH_RESULT: Final = {
+    "type": "object",
+    "properties": {
+        "matches": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "properties": {
+                    "path": _REL,
+                    "line": {"type": "integer", "description": "The line number, from 1."},
+                    "text": {"type": "string", "description": "The line, or an excerpt around the match."},
+                },
+                "required": ["path", "line", "text"],
+                "additionalProperties": False,
+            },
+        },
+        "truncated": _TRUNCATED,
+    },
+    "required": ["matches", "truncated"],
+    "additionalProperties": False,
+}
 SEARCH_SCHEMA: Final = {
     "type": "object",
     "properties": {
@@ -258,7 +314,8 @@ def node(root: str = "var/files") -> Node:
     n = Node("fs")
 
     @n.action(
-        "fs", "list", schema=LIST_SCHEMA, idempotent=True,
+        "fs", "list", schema=LIST_SCHEMA, idempotent=True, read_only=True, open_world=False,
+        result_schema=LIST_RESULT,
         description="List the files and directories in a directory, sorted by name.",
     )
     def list_dir(payload: dict[str, Any]) -> dict[str, Any]:
@@ -282,7 +339,8 @@ def node(root: str = "var/files") -> Node:
         return {"path": box.relative(real), "entries": entries, "truncated": truncated}
 
     @n.action(
-        "fs", "read", schema=READ_SCHEMA, idempotent=True,
+        "fs", "read", schema=READ_SCHEMA, idempotent=True, read_only=True, open_world=False,
+        result_schema=READ_RESULT,
         description="Read a text file (UTF-8), up to max_bytes from its start.",
     )
     def read(payload: dict[str, Any]) -> dict[str, Any]:
@@ -301,7 +359,8 @@ def node(root: str = "var/files") -> Node:
         return {"path": box.relative(real), "text": text, "size": size, "truncated": truncated}
 
     @n.action(
-        "fs", "search", schema=SEARCH_SCHEMA, idempotent=True,
+        "fs", "search", schema=SEARCH_SCHEMA, idempotent=True, read_only=True, open_world=False,
+        result_schema=SEARCH_RESULT,
         description="Find lines containing a text (case-sensitive) in the text files under a path.",
     )
     def search(payload: dict[str, Any]) -> dict[str, Any]:

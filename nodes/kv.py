@@ -64,6 +64,30 @@ INCR_SCHEMA: Final = {
     **_keyed({"by": {"type": "integer", "description": "How much to add (may be negative)."}}),
     "required": ["key", "by"],
 }
+def _result(props: dict[str, Any]) -> dict[str, Any]:
+    """The schema of a result object holding exactly `props`, all present."""
+    return {"type": "object", "properties": props, "required": list(props), "additionalProperties": False}
+
+
+_RESULT_KEY: Final = {"type": "string", "description": "The key."}
+GET_RESULT: Final = _result({
+    "key": _RESULT_KEY,
+    "found": {"type": "boolean", "description": "Whether a value is stored under the key."},
+    "value": {"description": "The stored value (null when not found)."},
+})
+PUT_RESULT: Final = _result({
+    "key": _RESULT_KEY,
+    "created": {"type": "boolean", "description": "True when the key was new, false when a value was replaced."},
+})
+INCR_RESULT: Final = _result({"key": _RESULT_KEY, "value": {"type": "integer", "description": "The new value."}})
+DELETE_RESULT: Final = _result({
+    "key": _RESULT_KEY,
+    "deleted": {"type": "boolean", "description": "Whether there was a value to remove."},
+})
+LIST_RESULT: Final = _result({
+    "keys": {"type": "array", "items": {"type": "string"}, "description": "The keys, sorted."},
+    "truncated": {"type": "boolean", "description": "Whether more keys match than were returned."},
+})
 LIST_SCHEMA: Final = {
     "type": "object",
     "properties": {
@@ -230,13 +254,17 @@ def node(path: str = "var/kv.sqlite3") -> Node:
 
     n = Node("kv")
 
-    @n.action("kv", "get", schema=GET_SCHEMA, idempotent=True, description="Read the value stored under a key.")
+    @n.action(
+        "kv", "get", schema=GET_SCHEMA, idempotent=True, read_only=True, open_world=False, result_schema=GET_RESULT,
+        description="Read the value stored under a key.",
+    )
     def get(payload: dict[str, Any]) -> dict[str, Any]:
         found, value = store.get(payload["key"])
         return {"key": payload["key"], "found": found, "value": value}
 
     @n.action(
-        "kv", "put", schema=PUT_SCHEMA, idempotent=True,
+        "kv", "put", schema=PUT_SCHEMA, idempotent=True, read_only=False, destructive=True, open_world=False,
+        result_schema=PUT_RESULT,
         description="Store a JSON value under a key, replacing any value already there.",
     )
     def put(payload: dict[str, Any]) -> dict[str, Any]:
@@ -249,18 +277,23 @@ def node(path: str = "var/kv.sqlite3") -> Node:
         return {"key": payload["key"], "created": store.put(payload["key"], blob)}
 
     @n.action(
-        "kv", "incr", schema=INCR_SCHEMA, exactly_once=True,
+        "kv", "incr", schema=INCR_SCHEMA, exactly_once=True, read_only=False, destructive=False, open_world=False,
+        result_schema=INCR_RESULT,
         description="Add to the integer stored under a key and return the new value (runs once per command id).",
     )
     def incr(payload: dict[str, Any]) -> dict[str, Any]:
         return {"key": payload["key"], "value": store.incr(payload["key"], payload["by"])}
 
-    @n.action("kv", "delete", schema=DELETE_SCHEMA, idempotent=True, description="Remove a key and its value.")
+    @n.action(
+        "kv", "delete", schema=DELETE_SCHEMA, idempotent=True, read_only=False, destructive=True, open_world=False,
+        result_schema=DELETE_RESULT,
+        description="Remove a key and its value.",
+    )
     def delete(payload: dict[str, Any]) -> dict[str, Any]:
         return {"key": payload["key"], "deleted": store.delete(payload["key"])}
 
     @n.action(
-        "kv", "list", schema=LIST_SCHEMA, idempotent=True,
+        "kv", "list", schema=LIST_SCHEMA, idempotent=True, read_only=True, open_world=False, result_schema=LIST_RESULT,
         description="List keys starting with a prefix, in sorted order.",
     )
     def list_keys(payload: dict[str, Any]) -> dict[str, Any]:

@@ -74,6 +74,49 @@ QUERY_SCHEMA: Final = {
     "additionalProperties": False,
 }
 TABLES_SCHEMA: Final = {"type": "object", "properties": {}, "required": [], "additionalProperties": False}
+QUERY_RESULT: Final = {
+    "type": "object",
+    "properties": {
+        "columns": {"type": "array", "items": {"type": "string"}, "description": "The column names, in order."},
+        "rows": {
+            "type": "array",
+            "items": {"type": "object"},
+            "description": "One object per row, column name -> value (text, number, null; a BLOB is"
+            " bytes, hex over MCP).",
+        },
+        "truncated": {"type": "boolean", "description": "Whether rows were left out (max_rows or the reply's size)."},
+    },
+    "required": ["columns", "rows", "truncated"],
+    "additionalProperties": False,
+}
+_NAMED: Final = {
+    "type": "object",
+    "properties": {"name": {"type": "string"}, "type": {"type": "string"}},
+    "required": ["name", "type"],
+    "additionalProperties": False,
+}
+TABLES_RESULT: Final = {
+    "type": "object",
+    "properties": {
+        "tables": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "properties": {
+                    "name": {"type": "string"},
+                    "type": {"enum": ["table", "view"]},
+                    "columns": {
+                        "type": "array", "items": _NAMED, "description": "Each column's name and declared type.",
+                    },
+                },
+                "required": ["name", "type", "columns"],
+                "additionalProperties": False,
+            },
+        },
+    },
+    "required": ["tables"],
+    "additionalProperties": False,
+}
 
 _READS: Final = frozenset(
     {sqlite3.SQLITE_SELECT, sqlite3.SQLITE_READ, sqlite3.SQLITE_FUNCTION, sqlite3.SQLITE_RECURSIVE}
@@ -256,14 +299,16 @@ def node(database: str = "var/sample.db", timeout: float = 10.0) -> Node:
     n = Node("sqlite")
 
     @n.action(
-        "sqlite", "query", schema=QUERY_SCHEMA, idempotent=True,
+        "sqlite", "query", schema=QUERY_SCHEMA, idempotent=True, read_only=True, open_world=False,
+        result_schema=QUERY_RESULT,
         description="Run one read-only SQL SELECT and return its rows as objects keyed by column.",
     )
     def query(payload: dict[str, Any]) -> dict[str, Any]:
         return reader().query(payload["sql"], payload.get("params", ()), int(payload.get("max_rows", 1000)))
 
     @n.action(
-        "sqlite", "tables", schema=TABLES_SCHEMA, idempotent=True,
+        "sqlite", "tables", schema=TABLES_SCHEMA, idempotent=True, read_only=True, open_world=False,
+        result_schema=TABLES_RESULT,
         description="List the database's tables and views with their column names and types.",
     )
     def tables(payload: dict[str, Any]) -> dict[str, Any]:

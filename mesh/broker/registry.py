@@ -13,8 +13,8 @@ Rules of this module:
 * Load reports (`parse_load`) keep the fields that are valid and name the others; a
   bad report never fails the heartbeat that carried it.
 * A registration is checked whole before anything changes (`parse_registration`):
-  every key and value by type, each schema by `check_schema`, and its size against
-  `MAX_REGISTRATION_BYTES` / `MAX_SCHEMA_BYTES` / `MAX_ACTIONS`. A refused one leaves
+  every key and value by type, each schema (payload and result) by `check_schema`, and
+  its size against `MAX_REGISTRATION_BYTES` / `MAX_SCHEMA_BYTES` / `MAX_ACTIONS`. A refused one leaves
   the node's previous registration in place.
 * `mesh.services` is read in pages (`page`) in (service, action) order, each within a
   byte budget the caller gives, so that what any number of nodes register always
@@ -58,6 +58,8 @@ __all__ = [
     "parse_registration",
     "parse_load",
     "parse_page_request",
+    "HINTS",
+    "check_hints",
     "PeerState",
     "PeerEvent",
     "PEER_TRANSITIONS",
@@ -156,16 +158,24 @@ class ActionSpec:
     idempotent: bool = False
     # Outcomes committed to the cluster's replicated log before the reply (cluster only).
     exactly_once: bool = False
+    # What the action does to the world (`HINTS`): name -> bool, only those the node declared.
+    hints: Mapping[str, bool] = field(default_factory=dict)
+    # The JSON Schema of the action's result (None: not declared).
+    result_schema: Mapping[str, Any] | None = None
     size: int = 0  # bytes of `described()` encoded, what it costs a `mesh.services` page
 
     def described(self) -> dict[str, Any]:
-        """The action's entry in `mesh.services`."""
-        return {
+        """The action's entry in `mesh.services` (hints and result schema only when declared)."""
+        out = {
             "description": self.description,
             "schema": dict(self.schema),
             "idempotent": self.idempotent,
             "exactly_once": self.exactly_once,
+            **self.hints,
         }
+        if self.result_schema is not None:
+            out["result_schema"] = dict(self.result_schema)
+        return out
 
 
 @dataclass(slots=True)
@@ -236,6 +246,39 @@ def _field_error(field_name: str, problem: str) -> ValidationFailedError:
     return ValidationFailedError(f"{field_name}: {problem}", details={"field": field_name})
 
 
+# What an action may say it does to the world, each optional: `read_only` (changes
+# nothing), `destructive` (may delete or overwrite what was there), `open_world` (reaches
+# beyond the node's own state: the network, other services). Undeclared means unknown.
+HINTS: Final = ("read_only", "destructive", "open_world")
+
+
+def check_hints(spec: Mapping[str, Any], where: str) -> dict[str, bool]:
+    """The declared hints of one action's registration entry, checked.
+
+    Args:
+        spec: the action's entry (`read_only`, `destructive`, `open_world`, each optional).
+        where: the entry's field path, for the error.
+
+    Returns:
+        The hints present in `spec` (absent ones stay unknown).
+
+    Raises:
+        ValidationFailedError: a hint that is not a boolean, or an action declared both
+            read-only and destructive (`details.field` names the hint).
+    """
+    hints: dict[str, bool] = {}
+    for hint in HINTS:
+        value = spec.get(hint)
+        if value is None:
+            continue
+        if not isinstance(value, bool):
+            raise _field_error(f"{where}.{hint}", "must be a boolean")
+        hints[hint] = value
+    if hints.get("read_only") and hints.get("destructive"):
+        raise _field_error(f"{where}.destructive", "a read-only action cannot be destructive")
+    return hints
+
+
 def parse_registration(payload: Any) -> _Registration:
     """Validate a node's `mesh.register` payload.
 
@@ -301,8 +344,15 @@ def parse_registration(payload: Any) -> _Registration:
                 if not isinstance(value, bool):
                     raise _field_error(f"{where}.{flag}", "must be a boolean")
                 flags.append(value)
-            entry = ActionSpec(desc, schema, *flags)
-            parsed[act] = ActionSpec(desc, schema, *flags, size=len(encode_payload(entry.described())))
+            hints = check_hints(aspec, where)
+            result_schema = aspec.get("result_schema")
+            if result_schema is not None:
+                if not isinstance(result_schema, dict):
+                    raise _field_error(f"{where}.result_schema", "must be a JSON Schema object")
+                check_schema(result_schema, f"{where}.result_schema")
+            entry = ActionSpec(desc, schema, *flags, hints=hints, result_schema=result_schema)
+            parsed[act] = ActionSpec(desc, schema, *flags, hints=hints, result_schema=result_schema,
+                                     size=len(encode_payload(entry.described())))
         reg.services[svc] = parsed
     return reg
 

@@ -180,7 +180,8 @@ class Bridge:
                     meta={"mesh/name": t.mesh_name},
                     description=t.description,
                     input_schema=t.input_schema,
-                    annotations=types.ToolAnnotations(idempotent_hint=t.idempotent),
+                    output_schema=t.output_schema,
+                    annotations=types.ToolAnnotations.model_validate(t.annotations()),
                 )
                 for t in self.tools.values()
             ]
@@ -198,9 +199,8 @@ class Bridge:
                                             on_progress=on_progress)
         except MeshError as err:
             return _error_result(err)
-        structured = result if isinstance(result, dict) else {"result": result}
         return types.CallToolResult(content=[types.TextContent(text=as_text(result))],
-                                    structured_content=_json_safe(structured))
+                                    structured_content=_json_safe(tool.structured(result)))
 
     def _validator(self, tool: ToolSpec) -> PayloadValidator:
         check = self._validators.get(tool.name)

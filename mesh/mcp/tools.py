@@ -26,6 +26,10 @@ Rules of this module:
   such a tool gets `{"type": "object"}`. An action whose schema is not an object (a
   string, say) gets its payload wrapped: the tool takes `{"payload": ...}`, and the
   schema's `$ref`s are moved along with it, so they still resolve.
+* An action that declares a result schema gets it as the tool's `outputSchema`, and its
+  `structuredContent` is the result itself. MCP needs an object there too, so a result
+  schema that is not an object is wrapped the same way (`{"result": ...}`), and so is its
+  structured content. The node checks each result against its schema before replying.
 """
 
 from __future__ import annotations
@@ -57,6 +61,11 @@ def schema_uri(service: str) -> str:
     return f"mesh://services/{service}"
 
 
+RESULT_KEY: Final = "result"  # structuredContent {"result": ...} of a result that is not an object
+# A mesh action's hint (registry.HINTS) -> its name in MCP's ToolAnnotations.
+_MCP_HINTS: Final = {"read_only": "readOnlyHint", "destructive": "destructiveHint", "open_world": "openWorldHint"}
+
+
 @dataclass(frozen=True, slots=True)
 class ToolSpec:
     """One mesh action as an MCP tool."""
@@ -68,6 +77,26 @@ class ToolSpec:
     input_schema: dict[str, Any]
     wrapped: bool = False  # the tool's arguments are {"payload": <the mesh payload>}
     idempotent: bool = False
+    # The action's declared `read_only` / `destructive` / `open_world` (only those declared).
+    hints: dict[str, bool] = field(default_factory=dict)
+    output_schema: dict[str, Any] | None = None  # from the action's result schema
+    result_wrapped: bool = False  # structuredContent is {"result": <the mesh result>}
+
+    def structured(self, result: Any) -> dict[str, Any]:
+        """The tool result's structuredContent for a mesh result (matching `output_schema`)."""
+        return {RESULT_KEY: result} if self.result_wrapped or not isinstance(result, dict) else result
+
+    def annotations(self) -> dict[str, bool]:
+        """The MCP ToolAnnotations hints (camelCase) this tool truly has.
+
+        Only what the node declared is given: an undeclared hint is left out, so a client
+        assumes MCP's cautious default (destructive, open world). `idempotentHint` is
+        given only when true, since a mesh action is not idempotent unless it says so.
+        """
+        out = {_MCP_HINTS[k]: v for k, v in self.hints.items() if k in _MCP_HINTS}
+        if self.idempotent:
+            out["idempotentHint"] = True
+        return out
 
     @property
     def mesh_name(self) -> str:
@@ -94,14 +123,15 @@ class Selection:
         return not self.include or any(fnmatch.fnmatchcase(name, p) for p in self.include)
 
 
-def _input_schema(schema: Mapping[str, Any]) -> tuple[dict[str, Any], bool]:
-    """The tool's inputSchema for a mesh action's payload schema, and whether it wraps."""
+def _object_schema(schema: Mapping[str, Any], key: str) -> tuple[dict[str, Any], bool]:
+    """An object schema for a mesh schema (MCP's rule for input and output), and whether
+    it had to wrap the value as `{key: ...}`."""
     if not schema:
         return {"type": "object"}, False
     if schema.get("type") == "object":
         return dict(schema), False
-    inner = rebase_refs(schema, f"/properties/{WRAPPED_KEY}")
-    return {"type": "object", "properties": {WRAPPED_KEY: inner}, "required": [WRAPPED_KEY]}, True
+    inner = rebase_refs(schema, f"/properties/{key}")
+    return {"type": "object", "properties": {key: inner}, "required": [key]}, True
 
 
 def _portable(mesh_name: str, level: int) -> str:
@@ -181,7 +211,10 @@ def tools_from_registry(registry: Mapping[str, Any], selection: Selection = Sele
             if name is None or not isinstance(spec, Mapping) or not selection.admits(mesh_name):
                 continue
             raw_schema = spec.get("schema")
-            schema, wrapped = _input_schema(raw_schema if isinstance(raw_schema, Mapping) else {})
+            schema, wrapped = _object_schema(raw_schema if isinstance(raw_schema, Mapping) else {}, WRAPPED_KEY)
+            raw_result = spec.get("result_schema")
+            output, result_wrapped = (_object_schema(raw_result, RESULT_KEY) if isinstance(raw_result, Mapping)
+                                      else (None, False))
             desc = spec.get("description")
             out.append(
                 ToolSpec(
@@ -191,7 +224,10 @@ def tools_from_registry(registry: Mapping[str, Any], selection: Selection = Sele
                     description=_description(service, action, desc if isinstance(desc, str) else ""),
                     input_schema=schema,
                     wrapped=wrapped,
-                    idempotent=bool(spec.get("idempotent", False)),
+                    idempotent=spec.get("idempotent") is True,
+                    hints={k: v for k in _MCP_HINTS if isinstance(v := spec.get(k), bool)},
+                    output_schema=output,
+                    result_wrapped=result_wrapped,
                 )
             )
     out.sort(key=lambda t: t.name)

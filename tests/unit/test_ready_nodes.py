@@ -28,11 +28,15 @@ from nodes import sqlite as sqlite_node
 
 
 def call(n: Node, service: str, action: str, payload: dict[str, Any]) -> Any:
-    """Validate `payload` against the action's schema, then run its handler."""
+    """Validate `payload` against the action's schema, run its handler, and check that the
+    result has the shape its declared result schema promises (every test here checks it)."""
     act = n.actions[(service, action)]
     act.validate(payload)
     result = act.handler(payload)
-    return asyncio.run(result) if act.is_async else result
+    result = asyncio.run(result) if act.is_async else result
+    assert act.check_result is not None, (service, action)
+    act.check_result(result)
+    return result
 
 
 @pytest.fixture
@@ -78,8 +82,9 @@ def fs_node(root: Path) -> Node:
 
 
 def test_every_action_schema_is_closed_and_described(tmp_path: Path, sample_dir: Path) -> None:
-    """Every action has a one-line description, a closed object schema with `required`, and is
-    retry-safe: idempotent, or exactly-once (kv.incr)."""
+    """Every action has a one-line description, a closed object schema with `required`, is
+    retry-safe (idempotent, or exactly-once: kv.incr), declares its hints (none open-world)
+    and the object schema of its result."""
     nodes = [
         echo.node(),
         kv.node(path=str(tmp_path / "kv.sqlite3")),
@@ -91,6 +96,10 @@ def test_every_action_schema_is_closed_and_described(tmp_path: Path, sample_dir:
             assert act.description and "\n" not in act.description, (service, name)
             assert act.schema["type"] == "object", (service, name)
             assert act.idempotent or (service, name) == ("kv", "incr") and act.exactly_once, (service, name)
+            # What an MCP client needs to know: hints declared, the result's shape declared.
+            assert act.hints.keys() == {"read_only", "destructive", "open_world"}, (service, name)
+            assert act.hints["open_world"] is False, (service, name)
+            assert act.result_schema is not None and act.result_schema["type"] == "object", (service, name)
             if (service, name) != ("echo", "echo"):  # echo takes any object on purpose
                 assert act.schema["additionalProperties"] is False, (service, name)
                 assert set(act.schema["required"]) <= set(act.schema["properties"]), (service, name)

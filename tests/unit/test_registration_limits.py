@@ -55,6 +55,11 @@ def with_schema(schema: Any) -> dict[str, Any]:
     return registration({"kv": {"get": {"description": "d", "schema": schema}}})
 
 
+def with_spec(**spec: Any) -> dict[str, Any]:
+    """A registration of kv.get whose entry also holds `spec` (hints, result schema)."""
+    return registration({"kv": {"get": {"description": "d", **spec}}})
+
+
 def big_schema(tag: str) -> dict[str, Any]:
     """A valid schema of nearly MAX_SCHEMA_BYTES."""
     return {"type": "object", "description": f"{tag}{PADDING}"}
@@ -114,6 +119,16 @@ REFUSED: dict[str, tuple[dict[str, Any], ErrorCode, str]] = {
         registration({"kv": {f"a{i}": {"schema": big_schema(str(i))} for i in range(MAX_REGISTRATION_BYTES // MAX_SCHEMA_BYTES + 1)}}),
         ErrorCode.MESSAGE_TOO_LARGE, "payload"),
     "too many actions": (many_services(MAX_ACTIONS + 1), ErrorCode.MESSAGE_TOO_LARGE, "services"),
+    "read_only not a boolean": (with_spec(read_only="yes"), ErrorCode.VALIDATION_FAILED, f"{GET}.read_only"),
+    "destructive not a boolean": (with_spec(destructive=1), ErrorCode.VALIDATION_FAILED, f"{GET}.destructive"),
+    "open_world not a boolean": (with_spec(open_world=[]), ErrorCode.VALIDATION_FAILED, f"{GET}.open_world"),
+    "read-only and destructive": (with_spec(read_only=True, destructive=True), ErrorCode.VALIDATION_FAILED,
+                                  f"{GET}.destructive"),
+    "result schema not a map": (with_spec(result_schema=[]), ErrorCode.VALIDATION_FAILED, f"{GET}.result_schema"),
+    "result schema with a bad type": (with_spec(result_schema={"type": 12}), ErrorCode.VALIDATION_FAILED,
+                                      f"{GET}.result_schema.type"),
+    "result schema over the limit": (with_spec(result_schema={"description": "x" * MAX_SCHEMA_BYTES}),
+                                     ErrorCode.MESSAGE_TOO_LARGE, f"{GET}.result_schema"),
 }
 
 
