@@ -8,18 +8,20 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 import subprocess
 import sys
 import threading
 from collections.abc import Iterator
+from contextlib import ExitStack
 from pathlib import Path
 from queue import Empty, Queue
 from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from mesh.testing import run_node
+from mesh.testing import run_node, spawn
 
 if TYPE_CHECKING:
     from conftest import SecureMesh
@@ -66,23 +68,34 @@ class Lines:
                 return item
 
 
-@pytest.fixture
-def ts_client(secure_mesh: SecureMesh) -> Iterator[Lines]:
+@pytest.fixture(params=["stdio", "http"])
+def ts_client(request: pytest.FixtureRequest, secure_mesh: SecureMesh, tmp_path: Path) -> Iterator[Lines]:
+    """The node client against `mesh mcp`: its child over stdio, or a bridge on HTTP with a token."""
     reason = _missing()
     if reason is not None:
         pytest.skip(reason)
-    argv = ["node", str(CLIENT_DIR / "client.mjs"), "stdio", sys.executable, "-m", "mesh", "mcp",
-            "--broker", secure_mesh.broker.clients, "--credentials", secure_mesh.credentials("bridge"), "--timeout", "10"]
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=dict(os.environ))
-    try:
-        yield Lines(proc)
-    finally:
-        proc.kill()
-        proc.wait()
+    bridge = ["mcp", "--broker", secure_mesh.broker.clients, "--credentials", secure_mesh.credentials("bridge"),
+              "--timeout", "10"]
+    with ExitStack() as stack:
+        if request.param == "stdio":
+            target = ["stdio", sys.executable, "-m", "mesh", *bridge]
+        else:
+            token = secrets.token_urlsafe(24)
+            (tmp_path / "token").write_text(token + "\n")
+            http = stack.enter_context(spawn([*bridge, "--http", "127.0.0.1:0", "--token-file", str(tmp_path / "token")]))
+            target = ["http", http.wait_for(r"mcp bridge ready url=(\S+)").group(1), token]
+        proc = subprocess.Popen(["node", str(CLIENT_DIR / "client.mjs"), *target], stdout=subprocess.PIPE,
+                                stderr=subprocess.DEVNULL, text=True, env=dict(os.environ))  # fmt: skip
+        try:
+            yield Lines(proc)
+        finally:
+            proc.kill()
+            proc.wait()
 
 
 def test_a_typescript_client_lists_calls_and_sees_a_new_node(ts_client: Lines, secure_mesh: SecureMesh) -> None:
-    """The official TypeScript SDK's client initializes with the bridge over stdio, lists the
+    """The official TypeScript SDK's client initializes with the bridge (over stdio and over
+    streamable HTTP with the bearer token), lists the
     tools, calls echo and kv.get, and is told (notifications/tools/list_changed) when a node
     registers, whose tool it then lists."""
     init = ts_client.next("initialized")
