@@ -35,7 +35,7 @@ def test_every_command_has_help(command):
 
 @pytest.mark.parametrize(
     ("args", "problem"),
-    [(["--token-file", __file__], "--token-file goes with --http"), (["--http", "nowhere"], "HOST:PORT")],
+    [(["--token-file", __file__], "--token-file, --tls-cert and --tls-key go with --http"), (["--http", "nowhere"], "HOST:PORT")],
 )
 def test_mcp_refuses_bad_options_before_starting(args, problem):
     """`mesh mcp` names a token file without --http, or a bad address, as a usage error."""
