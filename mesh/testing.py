@@ -27,7 +27,7 @@ from typing import Any
 
 from .launcher import BROKER_READY, NODE_READY
 
-__all__ = ["MeshProcess", "BrokerProcess", "spawn", "run_broker", "run_node", "free_ports", "FakeClock",
+__all__ = ["MeshProcess", "BrokerProcess", "spawn", "run_broker", "run_node", "free_ports", "alive", "FakeClock",
            "self_signed_certificate"]
 
 
@@ -156,6 +156,16 @@ def free_ports(count: int = 1) -> list[int]:
     finally:
         for s in socks:
             s.close()
+
+
+def alive(pid: int) -> bool:
+    """Whether process `pid` still runs: a zombie (exited, not yet reaped by its parent)
+    counts as gone, which `os.kill(pid, 0)` cannot tell."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split()[2] != "Z"
+    except FileNotFoundError:
+        return False
 
 
 class FakeClock:

@@ -13,6 +13,7 @@ import time
 from typing import Any
 
 import pytest
+from clusterup import eventually
 
 from mesh.client import Client
 from mesh.testing import run_node
@@ -24,16 +25,6 @@ LATE_S = 0.3  # the survivor resumes this long after the broker: within its wind
 
 def stats(client: Client) -> dict[str, Any]:
     return client.call("mesh", "stats", {})
-
-
-def eventually(check, timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        result = check()
-        if result:
-            return result
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 @pytest.mark.timeout(90)

@@ -17,15 +17,9 @@ from pathlib import Path
 import pytest
 from clusterup import NODES, Mesh, cluster_up, eventually
 
+from mesh.testing import alive
+
 pytestmark = pytest.mark.timeout(90)
-
-
-def alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split()[2] != "Z"
-    except FileNotFoundError:
-        return False
 
 
 @pytest.fixture

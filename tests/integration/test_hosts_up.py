@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 from clusterup import eventually
 
-from mesh.testing import MeshProcess, free_ports
+from mesh.testing import MeshProcess, alive, free_ports
 
 pytestmark = pytest.mark.timeout(150)
 
@@ -29,14 +29,6 @@ ROOT = Path(__file__).parents[2]
 HOSTS = {"h1": "b1", "h2": "b2", "h3": "b3", "h4": None}
 NODES = {"echo-1", "echo-2", "kv"}
 CREDENTIALS = "var/hosts-mesh/credentials/dev.toml"
-
-
-def alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split()[2] != "Z"
-    except FileNotFoundError:
-        return False
 
 
 class Hosts:

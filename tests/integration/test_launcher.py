@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from mesh.client import Client
-from mesh.testing import MeshProcess, spawn
+from mesh.testing import MeshProcess, alive, spawn
 
 TOPOLOGY = """
 [mesh]
@@ -27,14 +27,6 @@ replicas = 2
 capacity = 2
 config = {{ name = "w" }}
 """
-
-
-def alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split()[2] != "Z"
-    except FileNotFoundError:
-        return False
 
 
 def describe(pid: int) -> str:
