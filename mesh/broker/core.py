@@ -90,17 +90,18 @@ from ..cluster.shared import (
     Claimed,
     Committed,
     Forgotten,
-    Restored,
-    RunStarted,
     KeyRingSet,
     PolicySet,
     Published,
+    Restored,
     Revoked,
+    RunStarted,
     SharedState,
     check_ring,
     event_record,
     keyring_digest,
     keyring_record,
+    parse_claimant,
     policy_digest,
     policy_record,
 )
@@ -700,7 +701,7 @@ class Broker:
         return out
 
     def _outcome_unknown(self, cmd: Command, claimant: str, now: float) -> Outgoing:
-        holder = claimant.rpartition("/")[0] or claimant
+        holder = parse_claimant(claimant)[0]
         err = NetworkError(
             f"{cmd.service}.{cmd.action} is claimed by broker {holder}, which has not committed its outcome: "
             "it may have run; resend it with the same id later to learn it",

@@ -48,6 +48,7 @@ RETRY_S: Final = 1.0
 # healthy one commits an outcome within milliseconds of the node's reply).
 AWAIT_S: Final = 0.25
 MAX_COPIES: Final = 10_000  # node reply copies kept for commands sent by another broker
+MAX_OPEN_CLAIMS: Final = 10_000  # claims without an outcome whose commit time is kept
 MAX_DISPATCHED: Final = 1024  # sent keys kept past this only while the log still holds their claim
 
 CommandRef = tuple[bytes, str]  # a command on this broker: (client identity, command id)
@@ -100,6 +101,7 @@ class OnceTable:
 
     def __init__(self, broker: str, run: int, shared: SharedState) -> None:
         self.broker = broker
+        self.run = run
         self.claimant = claimant(broker, run)
         self.shared = shared
         self.waiting: dict[str, list[CommandRef]] = {}  # key -> commands (client, id) here
@@ -147,7 +149,7 @@ class OnceTable:
         """`key`'s claim is committed (as this broker learns it at `now`)."""
         if key not in self.claimed_at:
             self.claimed_at[key] = now
-            if len(self.claimed_at) > MAX_COPIES:
+            if len(self.claimed_at) > MAX_OPEN_CLAIMS:
                 self.claimed_at.popitem(last=False)
 
     def await_outcome(self, command: CommandRef, key: str, now: float) -> bool:
@@ -175,8 +177,7 @@ class OnceTable:
 
     def propose_run(self, now: float) -> None:
         """Tell the cluster this run started: claims of earlier runs committed after it are void."""
-        name, _, run = self.claimant.rpartition("/")
-        self._propose(f"run {self.claimant}", run_record(name, int(run)), now)
+        self._propose(f"run {self.claimant}", run_record(self.broker, self.run), now)
 
     def propose_revoke(self, jti: str, expires: float, now: float) -> None:
         """A token revoked here: every broker of the cluster refuses it once committed."""

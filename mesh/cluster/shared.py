@@ -74,6 +74,7 @@ __all__ = [
     "revoke_record",
     "run_record",
     "claimant",
+    "parse_claimant",
 ]
 
 MAX_COMMANDS: Final = 100_000  # exactly-once command keys remembered (claims and outcomes)
@@ -238,6 +239,13 @@ def claimant(broker: str, run: int) -> str:
     return f"{broker}/{run}"
 
 
+def parse_claimant(name: str) -> tuple[str, int | None]:
+    """The broker and run number of a `claimant()` (None: a claim of an older broker
+    that named no run)."""
+    broker, _, run = name.rpartition("/")
+    return (broker, int(run)) if broker and run.isdigit() else (name, None)
+
+
 def revoke_record(jti: str, expires: float) -> bytes:
     """The log entry revoking token id `jti` until `expires`."""
     return _pack({"op": "revoke", "jti": jti, "expires": float(expires)})
@@ -329,8 +337,8 @@ class SharedState:
             self.invalid += 1
 
     def _claim(self, key: str, node: str, broker: str) -> None:
-        name, _, run = broker.rpartition("/")
-        if run.isdigit() and self.runs.get(name, -1) > int(run):
+        name, run = parse_claimant(broker)
+        if run is not None and self.runs.get(name, -1) > run:
             # Its broker restarted before this claim committed, so that run never learned of
             # the commit and never sent the command: the claim is void, and another may win.
             self.void_claims += 1

@@ -131,3 +131,11 @@ def test_a_key_ring_of_a_later_generation_replaces_the_one_in_force_and_an_older
     assert copy.keyring == state.keyring
     copy.apply(99, keyring_record(rotated))
     assert copy.keyring == state.keyring
+
+
+def test_a_claimant_names_its_broker_and_run() -> None:
+    """`parse_claimant` undoes `claimant`; a claim of an older broker names no run."""
+    from mesh.cluster.shared import claimant, parse_claimant
+
+    assert parse_claimant(claimant("b-1/x", 17)) == ("b-1/x", 17)
+    assert parse_claimant("b1") == ("b1", None) and parse_claimant("b1/") == ("b1/", None)
