@@ -1101,7 +1101,7 @@ class Broker:
                 # Only names can be admitted; other keys are refused by the registry below.
                 names = sorted(s for s in services if isinstance(s, str)) if isinstance(services, dict) else []
                 self.security.gate.admit_registration(names, peer, now)
-            node = self.registry.register(ident, registration, now, owed)
+            node = self.registry.register(ident, registration, now, owed, peer.user)
             self.counters["registrations"] += 1
             if before is None:
                 self._emit("mesh.node.up", _node_view(node), now)

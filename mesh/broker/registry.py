@@ -42,6 +42,7 @@ from ..liveness import PauseWatch
 from ..protocol import (
     MAX_ACTIONS,
     MAX_REGISTRATION_BYTES,
+    AccessDeniedError,
     InvalidStateError,
     MessageTooLargeError,
     ValidationFailedError,
@@ -202,6 +203,8 @@ class NodeInfo:
     latency_band: int = 0  # pick()'s view of reported latency_ms; 0 (best) until reported
     # The node process's own id (the same on every broker of a cluster), or None.
     instance: str | None = None
+    # The key the node's link authenticated with (None without security).
+    owner: str | None = None
     # When the broker last resumed from its own pause; silence counts from here at most.
     excused_at: float = -math.inf
 
@@ -441,12 +444,26 @@ class Registry:
                 node.excused_at = now
         return gap
 
-    def register(self, identity: bytes, payload: Any, now: float, owed: set[Any] | None = None) -> NodeInfo:
+    def register(
+        self, identity: bytes, payload: Any, now: float, owed: set[Any] | None = None, owner: str | None = None
+    ) -> NodeInfo:
         """Add or replace a node's registration (validated by `parse_registration`).
 
         `owed` is the set of replies the node still owes (kept across registrations).
+        `owner` is the name of the key the node's link authenticated with (None without
+        security): a process id (`instance`) registered by one key cannot be taken by
+        another, since exactly-once commands and their replies follow that id.
+
+        Raises:
+            ValidationFailedError: the registration is not valid.
+            AccessDeniedError: its `instance` is registered here by a node of another key.
         """
         reg = parse_registration(payload)
+        holder = self._instances.get(reg.instance) if reg.instance is not None else None
+        if holder is not None and holder.identity != identity and holder.owner != owner:
+            raise AccessDeniedError(
+                "this node process id is registered by another node's key", details={"field": "instance"}
+            )
         if identity in self.nodes:
             self.remove(identity)
         node = NodeInfo(
@@ -460,6 +477,7 @@ class Registry:
             interval=reg.heartbeat_interval,
             owed=owed if owed is not None else set(),
             instance=reg.instance,
+            owner=owner,
         )
         self.nodes[identity] = node
         self._sorted = None

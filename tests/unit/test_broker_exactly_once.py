@@ -348,3 +348,26 @@ def test_a_new_leader_gets_what_is_unconfirmed_at_once(cluster: Cluster) -> None
     cluster.commit(1.0, drop=True)  # forwarded to a leader that died
     b1.leader_changed()
     assert len(to_nodes(cluster.commit(1.1)[0])) == 1  # not RETRY_S later
+
+
+def test_a_node_of_another_key_cannot_take_a_process_id() -> None:
+    """Invariant: exactly-once commands and their replies follow a node process id
+    (`instance`), so only a node of the key that registered it may register it again (a
+    reconnect); another admitted node claiming it is refused ACCESS_DENIED and its forged
+    reply is not taken as an outcome."""
+    from mesh.security.gate import Peer
+
+    cluster = Cluster()
+    b1, _ = cluster.brokers
+    payload = {**registration(ONCE, capacity=2, name="pay"), "instance": "inst-a"}
+    b1.node_message(NODE_A, node_system("register", payload), 0.0, Peer("pay"))
+    out = b1.node_message(NODE_B, node_system("register", payload), 0.1, Peer("intruder"))
+    err = error_of(only(out)[2][1:])
+    assert err.code == ErrorCode.ACCESS_DENIED and err.details == {"field": "instance"}
+    b1.client_message(CLIENT, command_frames("pay", "charge", id="c1"), 1.0)
+    (_, sent_to, dispatch), = to_nodes(cluster.commit(1.0)[0])
+    assert sent_to == NODE_A
+    assert b1.node_message(NODE_B, reply(dispatch, "forged"), 1.1) == []
+    assert cluster.commit(1.2) == [[], []] and not cluster.states[0].outcomes
+    again = b1.node_message(b"node-a-reconnected", node_system("register", payload), 1.3, Peer("pay"))
+    assert header_of(again[0][2][1:]).type.value == "response"  # the same key, a new link: accepted
