@@ -345,14 +345,25 @@ class AsyncSubscription:
             return True
 
     async def _readable(self, timeout: float) -> None:
+        """Wait until the socket signals or `timeout` passes.
+
+        One future woken by either, awaited directly: Python 3.11's `asyncio.wait_for`
+        swallows a cancellation that arrives in the turn its inner future completes,
+        which left a cancelled subscriber reading forever (and `mesh mcp` never exiting).
+        """
         loop = asyncio.get_running_loop()
         fut = loop.create_future()
-        loop.add_reader(self._fd, lambda: fut.done() or fut.set_result(None))
+
+        def wake() -> None:
+            if not fut.done():
+                fut.set_result(None)
+
+        loop.add_reader(self._fd, wake)
+        timer = loop.call_later(timeout, wake)
         try:
-            await asyncio.wait_for(fut, timeout)
-        except TimeoutError:
-            pass
+            await fut
         finally:
+            timer.cancel()
             loop.remove_reader(self._fd)
 
     def _send_report(self, force: bool) -> None:

@@ -192,7 +192,8 @@ async def stdio_initialize(mesh: SecureMesh, version: str) -> dict[str, object]:
             while b"\n" not in buffer:
                 buffer += await proc.stdout.receive()
         await proc.stdin.aclose()
-        await proc.wait()
+        with anyio.fail_after(20):  # the bridge leaves once its client closes stdin
+            await proc.wait()
     return json.loads(buffer.split(b"\n")[0])
 
 
