@@ -476,6 +476,7 @@ def mcp(broker_ep: str, credentials: str | None, include: tuple[str, ...], exclu
             await serve_http(bridge, host, port, token, tls=tls,
                              ready=lambda url: click.echo(f"mcp bridge ready url={url} tools={len(bridge.tools)}"))
 
+    tune_for_serving()  # after the SDK's imports: its objects leave the collector's way
     try:
         asyncio.run(run())
     except MeshError as err:

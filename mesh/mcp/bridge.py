@@ -199,8 +199,9 @@ class Bridge:
                                             on_progress=on_progress)
         except MeshError as err:
             return _error_result(err)
-        return types.CallToolResult(content=[types.TextContent(text=as_text(result))],
-                                    structured_content=_json_safe(tool.structured(result)))
+        text = as_text(result)  # once: the structured content is the same JSON, read back
+        return types.CallToolResult(content=[types.TextContent(text=text)],
+                                    structured_content=tool.structured(json.loads(text)))
 
     def _validator(self, tool: ToolSpec) -> PayloadValidator:
         check = self._validators.get(tool.name)

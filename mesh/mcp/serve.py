@@ -27,6 +27,7 @@ import anyio
 from ..monitor.server import is_loopback  # the same rule as the monitor's token
 from ..protocol import ConfigurationError
 from .bridge import Bridge
+from .pipes import pipe_streams
 
 __all__ = ["serve_stdio", "serve_http", "BearerGuard", "MCP_PATH"]
 
@@ -60,8 +61,10 @@ async def serve_stdio(bridge: Bridge) -> None:
 
     await bridge.start()
     try:
-        async with stdio_server() as (read, write):
-            await bridge.server.run(read, write, bridge.initialization_options())
+        async with pipe_streams() as pipes:
+            stdin, stdout = pipes if pipes is not None else (None, None)
+            async with stdio_server(stdin, stdout) as (read, write):  # type: ignore[arg-type]
+                await bridge.server.run(read, write, bridge.initialization_options())
     finally:
         await _close(bridge)
 

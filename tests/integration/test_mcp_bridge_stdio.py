@@ -200,3 +200,65 @@ async def test_progress_reported_by_the_node_reaches_the_caller(secure_mesh: Sec
         result = await session.call_tool("slow.steps", {"count": 3}, progress_callback=on_progress)
     assert result.structured_content == {"steps": 3}
     assert seen == [(1, 3, "step 1"), (2, 3, "step 2"), (3, 3, "step 3")]
+
+
+def _jsonrpc(id_: int | None, method: str, params: dict[str, object]) -> bytes:
+    message: dict[str, object] = {"jsonrpc": "2.0", "method": method, "params": params}
+    if id_ is not None:
+        message["id"] = id_
+    return json.dumps(message).encode() + b"\n"
+
+
+HANDSHAKE = _jsonrpc(1, "initialize", {"protocolVersion": "2025-06-18", "capabilities": {},
+                                       "clientInfo": {"name": "raw", "version": "0"}}) + _jsonrpc(
+    None, "notifications/initialized", {})
+
+
+def _answers(stdout: bytes) -> dict[object, dict[str, object]]:
+    """The JSON-RPC responses on the bridge's stdout, by id (nothing else may be written there)."""
+    messages = [json.loads(line) for line in stdout.splitlines()]
+    return {m["id"]: m for m in messages if "id" in m}
+
+
+def test_a_message_past_the_line_limit_is_a_parse_error_and_the_session_goes_on(secure_mesh: SecureMesh) -> None:
+    """Over a pipe: a 65 MiB line is refused as unparsable, the call after it is answered.
+
+    Invariant: stdout carries only JSON-RPC (every line parses), and the oversized line
+    costs the client that message, not the session.
+    """
+    import subprocess
+    import threading
+
+    from mesh.mcp.pipes import MAX_LINE
+
+    params = bridge_params(secure_mesh)
+    oversized = b'{"jsonrpc": "2.0", "id": 2, "method": "ping", "params": {"pad": "' + b"x" * MAX_LINE + b'"}}\n'
+    call = _jsonrpc(3, "tools/call", {"name": "echo_echo", "arguments": {"text": "after"}})
+    proc = subprocess.Popen([params.command, *params.args], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, env=params.env)
+    assert proc.stdin is not None and proc.stdout is not None
+    writer = threading.Thread(target=lambda: (proc.stdin.write(HANDSHAKE + oversized + call), proc.stdin.flush()))
+    writer.start()
+    try:
+        lines = [proc.stdout.readline(), proc.stdout.readline()]  # initialize's answer, then the call's
+    finally:
+        writer.join(30)
+        proc.stdin.close()
+        proc.wait(20)
+    answers = _answers(b"".join(lines))
+    assert answers[3]["result"]["structuredContent"] == {"text": "after"}
+    assert 2 not in answers  # nothing could be read of it, its id included
+
+
+def test_stdin_from_a_regular_file_is_served_too(secure_mesh: SecureMesh, tmp_path: Path) -> None:
+    """A file is not a pipe: the bridge reads it with the SDK's own transport, then exits at its end."""
+    import subprocess
+
+    requests = tmp_path / "requests.jsonl"
+    requests.write_bytes(HANDSHAKE)
+    params = bridge_params(secure_mesh)
+    with requests.open("rb") as stdin:
+        done = subprocess.run([params.command, *params.args], stdin=stdin, capture_output=True, env=params.env,
+                              timeout=60)
+    assert done.returncode == 0, done.stderr.decode()[-2000:]
+    assert _answers(done.stdout)[1]["result"]["serverInfo"]["name"] == "mesh"
