@@ -5,28 +5,44 @@ security is on; `mesh call`, `mesh node` and the SDKs read it (`--credentials FI
 the environment variable MESH_CREDENTIALS). The file holds a token, so it is written
 readable by its owner only.
 
-    broker_key = "/…/curve/broker.key"            # the broker's public certificate
-    key = "/…/curve/private/dev.key_secret"      # this peer's CURVE secret certificate
+    broker_key = "../curve/broker.key"           # the broker's public certificate
+    key = "../curve/private/dev.key_secret"      # this peer's CURVE secret certificate
     token = "eyJ…"                               # optional (clients): sent with every message
     level = 1                                    # 1 token, 2 + encrypted payloads, 3 + signatures
-    keyring = "/…/keyring.json"                  # optional: payload keys (level 2 and up)
-    signing_key = "/…/signing/dev.key"           # optional: ed25519 key (level 3)
-    signers = "/…/signing/trusted"               # the trust store: signers' public keys
+    keyring = "../keyring.json"                  # optional: payload keys (level 2 and up)
+    signing_key = "../signing/dev.key"           # optional: ed25519 key (level 3)
+    signers = "../signing/trusted"               # the trust store: signers' public keys
     require_signers = "/…/signing/trusted"       # optional (nodes): commands must be signed by one of these
 
-`signers` is where received signatures are checked (every message that claims level 3).
-A file written before it existed (no `signers` key) that sits in a state directory's
-`credentials/` folder uses that state directory's `signing/trusted`; elsewhere it has
-no trust store, and every level-3 message it receives is refused as "unknown signer".
+Rules of this module:
+
+* A relative path is relative to the directory holding the credentials file, never to
+  the working directory, so a state directory copied or moved anywhere (another path,
+  another user's home) works unchanged. `ensure_state` writes the paths of the state
+  directory's own files that way (`save_credentials(..., root=)`).
+* An absolute path is used as it is. A file written before paths were relative holds
+  absolute ones; when it sits in a state directory's `credentials/` folder and such a
+  path no longer exists (the directory was moved), the same file is looked for under
+  the state directory it sits in now (`_moved`), so old state directories move too.
+* `signers` is where received signatures are checked (every message that claims level
+  3). A file written before it existed (no `signers` key) that sits in a state
+  directory's `credentials/` folder uses that state directory's `signing/trusted`;
+  elsewhere it has no trust store, and every level-3 message it receives is refused as
+  "unknown signer".
+* Which file a command uses when none is named is decided in one place, `find_credentials`:
+  the path given, then MESH_CREDENTIALS, then the default state directory's file for
+  that client (`var/mesh/credentials/NAME.toml`, relative to the working directory),
+  whatever broker is addressed.
 """
 
 from __future__ import annotations
 
 import os
 import tomllib
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 from ..protocol import ConfigurationError, SecurityLevel
 from .curve import secure_client
@@ -35,9 +51,10 @@ from .files import write_file_atomic
 from .payload import KeyRingFile
 from .signing import SignerStore, TrustedKeys, load_signing_key
 
-__all__ = ["Credentials", "load_credentials", "save_credentials", "ENV"]
+__all__ = ["DEFAULT_STATE", "ENV", "Credentials", "Found", "find_credentials", "load_credentials", "save_credentials"]
 
-ENV = "MESH_CREDENTIALS"
+ENV: Final = "MESH_CREDENTIALS"
+DEFAULT_STATE: Final = "var/mesh"  # the state directory of `mesh up` and the quickstart
 _KEYS = {"broker_key", "key", "token", "level", "keyring", "signing_key", "signers", "require_signers"}
 _PATHS = ("broker_key", "key", "keyring", "signing_key", "signers", "require_signers")
 
@@ -105,7 +122,10 @@ def load_credentials(path: str | os.PathLike[str]) -> Credentials:
 
     def path_of(key: str) -> Path | None:
         value = data.get(key)
-        return (p.parent / value) if isinstance(value, str) else None
+        if not isinstance(value, str):
+            return None
+        # Resolved now, so that the credentials stay right if the process changes directory.
+        return _moved(Path(value), p) if Path(value).is_absolute() else (p.parent / value).resolve()
 
     token = data.get("token")
     return Credentials(
@@ -120,17 +140,101 @@ def load_credentials(path: str | os.PathLike[str]) -> Credentials:
     )
 
 
-def save_credentials(path: str | os.PathLike[str], creds: Credentials) -> None:
-    """Write `creds` as a credentials file (owner-only: it may hold a token)."""
+def save_credentials(path: str | os.PathLike[str], creds: Credentials, *, root: str | os.PathLike[str] | None = None) -> None:
+    """Write `creds` as a credentials file (owner-only: it may hold a token).
+
+    Args:
+        path: the file to write; its directory must exist.
+        creds: what to write.
+        root: a directory that travels with the file (its state directory): paths
+            inside it are written relative to the file's directory, so that moving
+            `root` as a whole keeps the file valid. Other paths, and all paths when
+            `root` is None, are written absolute.
+
+    Raises:
+        ConfigurationError: the file cannot be written.
+    """
+    folder = Path(path).resolve().parent
+    home = Path(root).resolve() if root is not None else None
     lines = []
     for key in _PATHS:
         value = getattr(creds, key)
         if value is not None:
-            lines.append(f"{key} = {_quote(str(Path(value).resolve()))}")
+            target = Path(value).resolve()
+            if home is not None and target.is_relative_to(home):
+                lines.append(f"{key} = {_quote(Path(os.path.relpath(target, folder)).as_posix())}")
+            else:
+                lines.append(f"{key} = {_quote(str(target))}")
     if creds.token is not None:
         lines.append(f"token = {_quote(creds.token)}")
     lines.append(f"level = {creds.level}")
     write_file_atomic(Path(path), ("\n".join(lines) + "\n").encode())
+
+
+@dataclass(frozen=True)
+class Found:
+    """The credentials file a command uses, and how it was chosen (for messages)."""
+
+    path: Path | None
+    """The file; None when none was given and the state directory has none."""
+    source: str
+    """One of: given (an argument, `--credentials`), env (MESH_CREDENTIALS), state (the
+    state directory's file), none."""
+
+
+def find_credentials(
+    given: str | os.PathLike[str] | None = None,
+    *,
+    names: Sequence[str] = ("dev",),
+    environ: Mapping[str, str] | None = None,
+    state: str | os.PathLike[str] = DEFAULT_STATE,
+) -> Found:
+    """Choose the credentials file: `given`, then MESH_CREDENTIALS, then the state directory's.
+
+    The state directory's file is used for whatever broker is addressed: one state
+    directory serves every broker of its mesh, at any port, and a client cannot learn
+    which mesh a broker belongs to before its handshake. A wrong choice fails that
+    handshake, and the CLI's message names the file tried and how to pick another.
+
+    Args:
+        given: a file named by the caller (`--credentials`); used even if missing, so
+            that loading it reports the problem.
+        names: the clients whose files to look for in the state directory, the first
+            that exists wins (`("bridge", "dev")` for the MCP bridge).
+        environ: the environment to read MESH_CREDENTIALS from (default `os.environ`);
+            an empty value counts as unset.
+        state: the state directory to look in last.
+
+    Returns:
+        The file and how it was found; `Found(None, "none")` when there is none.
+    """
+    if given is not None:
+        return Found(Path(given), "given")
+    env = (os.environ if environ is None else environ).get(ENV)
+    if env:
+        return Found(Path(env), "env")
+    for name in names:
+        default = Path(state) / "credentials" / f"{name}.toml"
+        if default.is_file():
+            return Found(default, "state")
+    return Found(None, "none")
+
+
+def _moved(path: Path, file: Path) -> Path:
+    """Absolute `path` as named in credentials `file`, or, when it no longer exists and
+    `file` sits in a state directory (which was moved), the same file under its new place.
+
+    The longest tail of `path` that exists under the state directory holding `file`
+    wins: `/old/var/mesh/curve/broker.key` becomes `NEW/curve/broker.key`.
+    """
+    if file.parent.name != "credentials" or path.exists():
+        return path
+    root = file.parent.parent
+    for start in range(1, len(path.parts)):
+        candidate = root.joinpath(*path.parts[start:])
+        if candidate.exists():
+            return candidate
+    return path
 
 
 def _state_signers(path: Path) -> Path | None:

@@ -30,6 +30,9 @@ Rules of this module:
   reported (`ConfigurationError` naming the file) rather than guessed at.
 * Directories are created 0700; secret files 0600; public keys and the policy 0644.
   A credentials file points at secrets (and a client's holds a token): 0600.
+* Nothing written here names the directory itself: credentials files name their keys
+  by paths relative to themselves (`../curve/broker.key`), so the directory can be
+  copied or moved anywhere and used unchanged.
 * A new node does not get a `[nodes.NAME]` table in an existing policy: it is named in
   `StateLayout.policy_missing_nodes` (also when its table lacks one of its services) so
   that the caller can tell the operator what to add.
@@ -267,13 +270,13 @@ def ensure_state(
                 secret_bytes = load_secret(layout.token_secret)
             issuer_ = TokenIssuer(token_settings(issuer, audience), secret_bytes)
             token = issuer_.issue(name, roles, token_ttl, now)
-            save_credentials(path, _credentials(layout, name, token=token, signing=True))
+            save_credentials(path, _credentials(layout, name, token=token, signing=True), root=layout.root)
             note(path)
 
     for name in node_services:
         path = layout.credentials(name)
         if not path.exists():
-            save_credentials(path, _credentials(layout, name, token=None, signing=False))
+            save_credentials(path, _credentials(layout, name, token=None, signing=False), root=layout.root)
             note(path)
 
     return replace(layout, created=made, policy_missing_nodes=missing)
