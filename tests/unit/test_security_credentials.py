@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import tomllib
 from dataclasses import replace
@@ -11,6 +12,8 @@ import pytest
 
 from mesh.security.credentials import ENV, Found, find_credentials, load_credentials, save_credentials
 from mesh.security.curve import load_secret_key
+from mesh.security.payload import KeyRing
+from mesh.security.signing import load_signing_key
 from mesh.security.state import StateLayout, ensure_state
 
 NOW = 1_700_000_000.0
@@ -104,3 +107,33 @@ def test_lookup_takes_the_first_named_client_the_state_has(made: StateLayout) ->
     """The MCP bridge looks for bridge.toml, then dev.toml."""
     found = find_credentials(None, names=("bridge", "dev"), environ={}, state=made.root)
     assert found == Found(made.root / "credentials/dev.toml", "state")
+
+
+SECURITY_DOC = Path(__file__).resolve().parents[2] / "docs" / "security.md"
+
+
+def _doc_blocks(heading: str) -> list[str]:
+    """The fenced code blocks of the docs/security.md section that starts with `heading`."""
+    text = SECURITY_DOC.read_text(encoding="utf-8")
+    section = text.split(f"\n{heading}", 1)[1].split("\n##", 1)[0]
+    return [block.split("\n", 1)[1] for block in section.split("```")[1::2]]
+
+
+def test_the_documented_formats_are_what_the_code_writes(made: StateLayout, tmp_path: Path) -> None:
+    """docs/security.md's examples under "Files and formats" are real: the node's credentials
+    and the policy are byte for byte what `ensure_state` writes, the client's credentials have
+    the same keys and paths, and the key ring and signing keys load and pair up."""
+    client, node = _doc_blocks("### credentials/NAME.toml")
+    assert node == made.credentials("echo").read_text()
+    written = tomllib.loads(made.credentials("dev").read_text())
+    documented = tomllib.loads(client)
+    assert {k: v for k, v in documented.items() if k != "token"} == {k: v for k, v in written.items() if k != "token"}
+    (policy,) = _doc_blocks("### policy.toml")
+    assert policy == made.policy.read_text()
+    (ring,) = _doc_blocks("### keyring.json")
+    (tmp_path / "keyring.json").write_text(ring)
+    assert KeyRing.load(tmp_path / "keyring.json").active_kid == json.loads(ring)["active"]
+    (keys,) = _doc_blocks("### signing/NAME.key")
+    private, public = (line for line in keys.splitlines() if not line.startswith("$"))
+    (tmp_path / "doc.key").write_text(private + "\n")
+    assert bytes(load_signing_key(tmp_path / "doc.key").verify_key).hex() == public
