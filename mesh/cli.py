@@ -238,10 +238,23 @@ def broker(
     _on_stop(server.stop)
     tune_for_serving()
     ep = server.endpoints
+    if state_dir is not None:
+        _record(state_dir, ep.clients)
     if server.monitor is not None:
         click.echo(f"broker {name} monitor {server.monitor.url}")
     click.echo(f"broker {name} ready clients={ep.clients} nodes={ep.nodes} events={ep.events}")
     server.run()
+
+
+def _record(state_dir: str, clients: str) -> None:
+    """Record the broker's client endpoint in its state directory, so that `mesh call`
+    there finds the credentials for this address; a broker runs on without it."""
+    from .security.credentials import record_broker
+
+    try:
+        record_broker(state_dir, clients)
+    except ConfigurationError as err:
+        logging.getLogger("mesh.broker").warning("%s: mesh call will not find this broker's credentials by itself", err.message)
 
 
 def _cluster_settings(
@@ -376,13 +389,22 @@ def _explained(err: AuthenticationFailedError, found: Any, names: tuple[str, ...
     (`found`, from `find_credentials` with `names`) and how to choose another."""
     from .security.credentials import DEFAULT_STATE
 
-    if found.path is None:
+    if found.unused is not None:
+        tried = (f"no credentials were used (none given with --credentials or MESH_CREDENTIALS; {found.unused} is not "
+                 f"used because {DEFAULT_STATE}/brokers/ records no broker at this address)")
+    elif found.path is None:
         files = " or ".join(f"{DEFAULT_STATE}/credentials/{name}.toml" for name in names)
         tried = f"no credentials were used (none given with --credentials or MESH_CREDENTIALS, and no {files} here)"
     else:
         tried = f"credentials tried: {found.path} ({_SOURCES[found.source]})"
     message = f"{err.message}; {tried}; choose a credentials file with --credentials FILE or MESH_CREDENTIALS=FILE"
     return AuthenticationFailedError(message, details={**err.details, "credentials": str(found.path) if found.path else None})
+
+
+def _recorded(broker_ep: str) -> list[str] | None:
+    """The endpoints the state directory must record for its credentials to be used; None
+    (any) for the quickstart's address, which always used them."""
+    return None if broker_ep == DEFAULT_BROKER else _endpoints(broker_ep)
 
 
 @contextlib.contextmanager
@@ -392,7 +414,7 @@ def _client(broker_ep: str, timeout: float, credentials: str | None = None) -> I
     from .client import Client
     from .security.credentials import find_credentials, load_credentials
 
-    found = find_credentials(credentials, names=(ADMIN_CLIENT,))
+    found = find_credentials(credentials, names=(ADMIN_CLIENT,), brokers=_recorded(broker_ep))
     creds = load_credentials(found.path) if found.path is not None else None
     try:
         with Client(_endpoints(broker_ep), timeout=timeout, credentials=creds) as client:
@@ -405,7 +427,7 @@ credentials_option = click.option(
     "--credentials",
     type=click.Path(dir_okay=False),
     default=None,
-    help=f"Security on: the credentials file (default: MESH_CREDENTIALS, else {ADMIN_CREDENTIALS} when it exists, for any broker).",
+    help=f"Security on: the credentials file (default: MESH_CREDENTIALS, else {ADMIN_CREDENTIALS} when var/mesh records the broker).",
 )
 
 
@@ -446,7 +468,7 @@ def services(broker_ep: str, timeout: float, credentials: str | None) -> None:
 @main.command("mcp")
 @click.option("--broker", "broker_ep", envvar="MESH_BROKER", default=DEFAULT_BROKER, show_default=True, help=BROKER_HELP)
 @click.option("--credentials", type=click.Path(dir_okay=False), default=None,
-              help=f"Security on: the bridge's credentials (default: MESH_CREDENTIALS, else {BRIDGE_CREDENTIALS} or {ADMIN_CREDENTIALS}, the first that exists, for any broker).")
+              help=f"Security on: the bridge's credentials (default: MESH_CREDENTIALS, else {BRIDGE_CREDENTIALS} or {ADMIN_CREDENTIALS}, the first that exists, when var/mesh records the broker).")
 @click.option("--include", multiple=True, metavar="GLOB", help="Expose only tools whose name (service.action) matches (repeatable).")
 @click.option("--exclude", multiple=True, metavar="GLOB", help="Never expose tools whose name matches (repeatable; beats --include).")
 @click.option("--timeout", default=30.0, show_default=True, type=click.FloatRange(min=0, min_open=True), help="Seconds one tool call may take.")
@@ -483,7 +505,7 @@ def mcp(broker_ep: str, credentials: str | None, include: tuple[str, ...], exclu
         if not token:
             raise UsageError(f"{token_file} is empty")
 
-    found = find_credentials(credentials, names=(BRIDGE_CLIENT, ADMIN_CLIENT))
+    found = find_credentials(credentials, names=(BRIDGE_CLIENT, ADMIN_CLIENT), brokers=_recorded(broker_ep))
 
     async def run() -> None:
         creds = load_credentials(found.path) if found.path is not None else None

@@ -31,8 +31,9 @@ Rules of this module:
   "unknown signer".
 * Which file a command uses when none is named is decided in one place, `find_credentials`:
   the path given, then MESH_CREDENTIALS, then the default state directory's file for
-  that client (`var/mesh/credentials/NAME.toml`, relative to the working directory),
-  whatever broker is addressed.
+  that client (`var/mesh/credentials/NAME.toml`, relative to the working directory)
+  when that state directory records the broker addressed (`var/mesh/brokers/tcp-PORT`,
+  written by every `mesh broker --state` at start), at any port.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
+from urllib.parse import quote
 
 from ..protocol import ConfigurationError, SecurityLevel
 from .curve import secure_client
@@ -51,7 +53,10 @@ from .files import write_file_atomic
 from .payload import KeyRingFile
 from .signing import SignerStore, TrustedKeys, load_signing_key
 
-__all__ = ["DEFAULT_STATE", "ENV", "Credentials", "Found", "find_credentials", "load_credentials", "save_credentials"]
+__all__ = [
+    "DEFAULT_STATE", "ENV", "Credentials", "Found", "broker_record", "find_credentials", "load_credentials",
+    "record_broker", "save_credentials",
+]  # fmt: skip
 
 ENV: Final = "MESH_CREDENTIALS"
 DEFAULT_STATE: Final = "var/mesh"  # the state directory of `mesh up` and the quickstart
@@ -176,31 +181,38 @@ class Found:
     """The credentials file a command uses, and how it was chosen (for messages)."""
 
     path: Path | None
-    """The file; None when none was given and the state directory has none."""
+    """The file; None when none was given and the state directory has none for the broker."""
     source: str
     """One of: given (an argument, `--credentials`), env (MESH_CREDENTIALS), state (the
     state directory's file), none."""
+    unused: Path | None = None
+    """With source none: the state directory's file, left unused because the state
+    directory records no broker at the address."""
 
 
 def find_credentials(
     given: str | os.PathLike[str] | None = None,
     *,
     names: Sequence[str] = ("dev",),
+    brokers: Sequence[str] | None = None,
     environ: Mapping[str, str] | None = None,
     state: str | os.PathLike[str] = DEFAULT_STATE,
 ) -> Found:
     """Choose the credentials file: `given`, then MESH_CREDENTIALS, then the state directory's.
 
-    The state directory's file is used for whatever broker is addressed: one state
-    directory serves every broker of its mesh, at any port, and a client cannot learn
-    which mesh a broker belongs to before its handshake. A wrong choice fails that
-    handshake, and the CLI's message names the file tried and how to pick another.
+    The state directory's file is used for a broker that the state directory records
+    (`record_broker`: every `mesh broker --state DIR` records its client endpoint), at
+    any port, so that a client of a broker with security off is not handed keys it
+    cannot use. A wrong choice fails the CURVE handshake, and the CLI's message names
+    the file tried and how to pick another.
 
     Args:
         given: a file named by the caller (`--credentials`); used even if missing, so
             that loading it reports the problem.
         names: the clients whose files to look for in the state directory, the first
             that exists wins (`("bridge", "dev")` for the MCP bridge).
+        brokers: the client endpoints addressed; the state directory's file is used
+            if it records one of them (None: whatever the broker).
         environ: the environment to read MESH_CREDENTIALS from (default `os.environ`);
             an empty value counts as unset.
         state: the state directory to look in last.
@@ -216,8 +228,41 @@ def find_credentials(
     for name in names:
         default = Path(state) / "credentials" / f"{name}.toml"
         if default.is_file():
-            return Found(default, "state")
+            if brokers is None or any(broker_record(state, ep).is_file() for ep in brokers):
+                return Found(default, "state")
+            return Found(None, "none", unused=default)
     return Found(None, "none")
+
+
+def broker_record(state: str | os.PathLike[str], endpoint: str) -> Path:
+    """Where state directory `state` records a broker serving clients at `endpoint`.
+
+    A TCP endpoint is recorded by its port only (`brokers/tcp-6555`): a broker bound to
+    `tcp://*:6555` is dialled as `tcp://127.0.0.1:6555`, `tcp://localhost:6555` or by
+    its host's name. Any other endpoint is recorded whole, percent-encoded.
+    """
+    transport, _, address = endpoint.partition("://")
+    port = address.rpartition(":")[2]
+    name = f"tcp-{port}" if transport == "tcp" and port.isdigit() else quote(endpoint, safe="")
+    return Path(state) / "brokers" / name
+
+
+def record_broker(state: str | os.PathLike[str], endpoint: str) -> None:
+    """Record in `state` that a broker using it serves clients at `endpoint` (as bound).
+
+    `find_credentials` then gives the state directory's credentials to a client of that
+    address. Records are never removed: a stale one only makes a client of some other
+    broker at that port try these credentials, and its refusal names the file.
+
+    Raises:
+        ConfigurationError: the record cannot be written.
+    """
+    path = broker_record(state, endpoint)
+    try:
+        path.parent.mkdir(mode=0o700, exist_ok=True)
+    except OSError as exc:
+        raise ConfigurationError(f"cannot create {path.parent}: {exc.strerror}", details={"path": str(path.parent)}) from None
+    write_file_atomic(path, (endpoint + "\n").encode(), 0o644)
 
 
 def _moved(path: Path, file: Path) -> Path:

@@ -81,6 +81,15 @@ def test_call_on_any_port_finds_the_state_directory_credentials(moved_mesh: Move
     assert json.loads(result.stdout)["text"] == "found"
 
 
+def test_a_plain_broker_elsewhere_is_not_handed_the_state_directory_credentials(moved_mesh: MovedMesh):
+    """From a directory holding var/mesh, a broker with security off that var/mesh does not
+    record is called without credentials (it would refuse CURVE) and answers."""
+    with run_broker() as plain:
+        result = mesh("call", "mesh.ping", "--broker", plain.clients, cwd=moved_mesh.work, home=moved_mesh.home)
+    assert result.returncode == 0, result.stderr
+    assert "broker" in json.loads(result.stdout)
+
+
 def test_refused_handshake_without_credentials_says_how_to_choose_them(moved_mesh: MovedMesh, tmp_path: Path):
     """With no credentials anywhere, the refusal (2000) says none were used and names
     --credentials and MESH_CREDENTIALS."""

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from mesh.security.credentials import ENV, Found, find_credentials, load_credentials, save_credentials
+from mesh.security.credentials import ENV, Found, find_credentials, load_credentials, record_broker, save_credentials
 from mesh.security.curve import load_secret_key
 from mesh.security.payload import KeyRing
 from mesh.security.signing import load_signing_key
@@ -101,6 +101,20 @@ def test_lookup_order_is_given_then_environment_then_state(tmp_path: Path, made:
     assert find_credentials(None, environ=env, state=state) == Found(Path("/from/env.toml"), "env")
     assert find_credentials(None, environ={ENV: ""}, state=state) == Found(state / "credentials/dev.toml", "state")
     assert find_credentials(None, environ={}, state=tmp_path / "nothing") == Found(None, "none")
+
+
+def test_the_state_directory_file_is_for_the_brokers_it_records(made: StateLayout) -> None:
+    """A broker recorded at tcp port 6555 (as bound, any host) makes the state's file the
+    choice for that port under any host name; another port gets none, and says which file
+    it left unused."""
+    record_broker(made.root, "tcp://0.0.0.0:6555")
+    for address in ("tcp://127.0.0.1:6555", "tcp://localhost:6555", "tcp://[::1]:6555"):
+        assert find_credentials(brokers=[address], environ={}, state=made.root).source == "state", address
+    other = find_credentials(brokers=["tcp://127.0.0.1:6556"], environ={}, state=made.root)
+    assert other == Found(None, "none", unused=made.root / "credentials/dev.toml")
+    record_broker(made.root, "ipc:///run/mesh/clients.sock")
+    assert find_credentials(brokers=["ipc:///run/mesh/clients.sock"], environ={}, state=made.root).source == "state"
+    assert find_credentials(brokers=["ipc:///run/other.sock"], environ={}, state=made.root).path is None
 
 
 def test_lookup_takes_the_first_named_client_the_state_has(made: StateLayout) -> None:
