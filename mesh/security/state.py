@@ -17,6 +17,9 @@
       signing/trusted/NAME.pub                the clients' public signing keys: the trust
                                               store every client and node checks signatures with
       credentials/NAME.toml                   one per client (with a token) and per node
+      brokers/tcp-PORT                        the client endpoints of brokers using this directory
+                                              (written by `mesh broker --state`, not here:
+                                              `credentials.record_broker`)
 
 Rules of this module:
 
