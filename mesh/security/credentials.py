@@ -38,6 +38,7 @@ Rules of this module:
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tomllib
 from collections.abc import Mapping, Sequence
@@ -239,11 +240,15 @@ def broker_record(state: str | os.PathLike[str], endpoint: str) -> Path:
 
     A TCP endpoint is recorded by its port only (`brokers/tcp-6555`): a broker bound to
     `tcp://*:6555` is dialled as `tcp://127.0.0.1:6555`, `tcp://localhost:6555` or by
-    its host's name. Any other endpoint is recorded whole, percent-encoded.
+    its host's name. Any other endpoint is recorded whole, by a hash of it
+    (`ipc-1f0c…`: an ipc:// path would not fit in a file name), the file holding it.
     """
     transport, _, address = endpoint.partition("://")
     port = address.rpartition(":")[2]
-    name = f"tcp-{port}" if transport == "tcp" and port.isdigit() else quote(endpoint, safe="")
+    if transport == "tcp" and port.isdigit():
+        name = f"tcp-{port}"
+    else:
+        name = f"{quote(transport, safe='')[:16]}-{hashlib.sha256(endpoint.encode()).hexdigest()[:32]}"
     return Path(state) / "brokers" / name
 
 
