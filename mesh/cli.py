@@ -7,12 +7,14 @@ Errors are `click.ClickException`s with an exit code: 1 for an error the mesh an
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import logging
 import os
 import signal
 import sys
 import threading
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any, NoReturn
 
@@ -20,7 +22,7 @@ import click
 
 from .broker.core import BrokerConfig
 from .process import tune_for_serving
-from .protocol import ConfigurationError, MeshError
+from .protocol import AuthenticationFailedError, ConfigurationError, MeshError
 
 DEFAULT_BROKER = "tcp://127.0.0.1:5555"
 _BROKER = BrokerConfig()  # the defaults of `mesh broker`, defined once in the core
@@ -236,10 +238,23 @@ def broker(
     _on_stop(server.stop)
     tune_for_serving()
     ep = server.endpoints
+    if state_dir is not None:
+        _record(state_dir, ep.clients)
     if server.monitor is not None:
         click.echo(f"broker {name} monitor {server.monitor.url}")
     click.echo(f"broker {name} ready clients={ep.clients} nodes={ep.nodes} events={ep.events}")
     server.run()
+
+
+def _record(state_dir: str, clients: str) -> None:
+    """Record the broker's client endpoint in its state directory, so that `mesh call`
+    there finds the credentials for this address; a broker runs on without it."""
+    from .security.credentials import record_broker
+
+    try:
+        record_broker(state_dir, clients)
+    except ConfigurationError as err:
+        logging.getLogger("mesh.broker").warning("%s: mesh call will not find this broker's credentials by itself", err.message)
 
 
 def _cluster_settings(
@@ -351,8 +366,11 @@ def _levels(items: tuple[str, ...]) -> dict[str, int]:
     return out
 
 
-DEFAULT_CREDENTIALS = "var/mesh/credentials/dev.toml"  # what `make run` (the quickstart) writes
-DEFAULT_BRIDGE_CREDENTIALS = "var/mesh/credentials/bridge.toml"  # the MCP bridge's, from the same
+# The clients whose files `find_credentials` looks for in the default state directory:
+# mesh.security.state's ADMIN_CLIENT and BRIDGE_CLIENT (not imported, so the CLI starts fast).
+ADMIN_CLIENT, BRIDGE_CLIENT = "dev", "bridge"
+ADMIN_CREDENTIALS = f"var/mesh/credentials/{ADMIN_CLIENT}.toml"
+BRIDGE_CREDENTIALS = f"var/mesh/credentials/{BRIDGE_CLIENT}.toml"
 
 
 def _endpoints(value: str) -> list[str]:
@@ -363,30 +381,53 @@ def _endpoints(value: str) -> list[str]:
     return endpoints
 
 
-def _credentials(path: str | None, broker_ep: str) -> Any:
-    """The credentials to use: the given file; for the quickstart's broker, the quickstart's
-    when they exist (so `make run` then `mesh call` just works); else none."""
-    from .security.credentials import load_credentials
-
-    if path is None:
-        if broker_ep != DEFAULT_BROKER or not os.path.exists(DEFAULT_CREDENTIALS):
-            return None
-        path = DEFAULT_CREDENTIALS
-    return load_credentials(path)
+_SOURCES = {"given": "given with --credentials", "env": "from MESH_CREDENTIALS", "state": "found in the state directory"}
 
 
-def _client(broker_ep: str, timeout: float, credentials: str | None = None) -> Any:
+def _explained(err: AuthenticationFailedError, found: Any, names: tuple[str, ...]) -> AuthenticationFailedError:
+    """`err` (the broker refused the link or its token) with the credentials file tried
+    (`found`, from `find_credentials` with `names`) and how to choose another."""
+    from .security.credentials import DEFAULT_STATE
+
+    if found.unused is not None:
+        tried = (f"no credentials were used (none given with --credentials or MESH_CREDENTIALS; {found.unused} is not "
+                 f"used because {DEFAULT_STATE}/brokers/ records no broker at this address)")
+    elif found.path is None:
+        files = " or ".join(f"{DEFAULT_STATE}/credentials/{name}.toml" for name in names)
+        tried = f"no credentials were used (none given with --credentials or MESH_CREDENTIALS, and no {files} here)"
+    else:
+        tried = f"credentials tried: {found.path} ({_SOURCES[found.source]})"
+    message = f"{err.message}; {tried}; choose a credentials file with --credentials FILE or MESH_CREDENTIALS=FILE"
+    return AuthenticationFailedError(message, details={**err.details, "credentials": str(found.path) if found.path else None})
+
+
+def _recorded(broker_ep: str) -> list[str] | None:
+    """The endpoints the state directory must record for its credentials to be used; None
+    (any) for the quickstart's address, which always used them."""
+    return None if broker_ep == DEFAULT_BROKER else _endpoints(broker_ep)
+
+
+@contextlib.contextmanager
+def _client(broker_ep: str, timeout: float, credentials: str | None = None) -> Iterator[Any]:
+    """A client of `broker_ep` with the credentials `find_credentials` chooses; a refused handshake
+    (or token) is reported with the file tried."""
     from .client import Client
+    from .security.credentials import find_credentials, load_credentials
 
-    return Client(_endpoints(broker_ep), timeout=timeout, credentials=_credentials(credentials, broker_ep))
+    found = find_credentials(credentials, names=(ADMIN_CLIENT,), brokers=_recorded(broker_ep))
+    creds = load_credentials(found.path) if found.path is not None else None
+    try:
+        with Client(_endpoints(broker_ep), timeout=timeout, credentials=creds) as client:
+            yield client
+    except AuthenticationFailedError as err:
+        raise _explained(err, found, (ADMIN_CLIENT,)) from None
 
 
 credentials_option = click.option(
     "--credentials",
-    envvar="MESH_CREDENTIALS",
     type=click.Path(dir_okay=False),
     default=None,
-    help=f"Security on: the credentials file (env MESH_CREDENTIALS; default {DEFAULT_CREDENTIALS} when it exists).",
+    help=f"Security on: the credentials file (default: MESH_CREDENTIALS, else {ADMIN_CREDENTIALS} when var/mesh records the broker).",
 )
 
 
@@ -426,8 +467,8 @@ def services(broker_ep: str, timeout: float, credentials: str | None) -> None:
 
 @main.command("mcp")
 @click.option("--broker", "broker_ep", envvar="MESH_BROKER", default=DEFAULT_BROKER, show_default=True, help=BROKER_HELP)
-@click.option("--credentials", envvar="MESH_CREDENTIALS", type=click.Path(dir_okay=False), default=None,
-              help=f"Security on: the bridge's credentials (env MESH_CREDENTIALS; default {DEFAULT_BRIDGE_CREDENTIALS} when it exists, for the quickstart's broker).")
+@click.option("--credentials", type=click.Path(dir_okay=False), default=None,
+              help=f"Security on: the bridge's credentials (default: MESH_CREDENTIALS, else {BRIDGE_CREDENTIALS} or {ADMIN_CREDENTIALS}, the first that exists, when var/mesh records the broker).")
 @click.option("--include", multiple=True, metavar="GLOB", help="Expose only tools whose name (service.action) matches (repeatable).")
 @click.option("--exclude", multiple=True, metavar="GLOB", help="Never expose tools whose name matches (repeatable; beats --include).")
 @click.option("--timeout", default=30.0, show_default=True, type=click.FloatRange(min=0, min_open=True), help="Seconds one tool call may take.")
@@ -448,6 +489,7 @@ def mcp(broker_ep: str, credentials: str | None, include: tuple[str, ...], exclu
     from .mcp.serve import serve_http, serve_stdio
     from .mcp.tools import Selection
     from .monitor.server import tls_context
+    from .security.credentials import find_credentials, load_credentials
 
     _setup_logging(log_level, log_format)  # stderr: on stdio, stdout carries the protocol
     if (token_file is not None or tls_cert is not None or tls_key is not None) and http_address is None:
@@ -463,11 +505,10 @@ def mcp(broker_ep: str, credentials: str | None, include: tuple[str, ...], exclu
         if not token:
             raise UsageError(f"{token_file} is empty")
 
+    found = find_credentials(credentials, names=(BRIDGE_CLIENT, ADMIN_CLIENT), brokers=_recorded(broker_ep))
+
     async def run() -> None:
-        if credentials is None and broker_ep == DEFAULT_BROKER and os.path.exists(DEFAULT_BRIDGE_CREDENTIALS):
-            creds = _credentials(DEFAULT_BRIDGE_CREDENTIALS, broker_ep)
-        else:
-            creds = _credentials(credentials, broker_ep)
+        creds = load_credentials(found.path) if found.path is not None else None
         client = AsyncClient(broker_ep, timeout=timeout, credentials=creds)
         bridge = Bridge(client, selection=Selection(include, exclude), timeout=timeout)
         if http_address is None:
@@ -479,6 +520,8 @@ def mcp(broker_ep: str, credentials: str | None, include: tuple[str, ...], exclu
     tune_for_serving()  # after the SDK's imports: its objects leave the collector's way
     try:
         asyncio.run(run())
+    except AuthenticationFailedError as err:
+        _fail(_explained(err, found, (BRIDGE_CLIENT, ADMIN_CLIENT)))
     except MeshError as err:
         _fail(err)
     except KeyboardInterrupt:

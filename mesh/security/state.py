@@ -17,6 +17,9 @@
       signing/trusted/NAME.pub                the clients' public signing keys: the trust
                                               store every client and node checks signatures with
       credentials/NAME.toml                   one per client (with a token) and per node
+      brokers/tcp-PORT                        the client endpoints of brokers using this directory
+                                              (written by `mesh broker --state`, not here:
+                                              `credentials.record_broker`)
 
 Rules of this module:
 
@@ -30,6 +33,9 @@ Rules of this module:
   reported (`ConfigurationError` naming the file) rather than guessed at.
 * Directories are created 0700; secret files 0600; public keys and the policy 0644.
   A credentials file points at secrets (and a client's holds a token): 0600.
+* Nothing written here names the directory itself: credentials files name their keys
+  by paths relative to themselves (`../curve/broker.key`), so the directory can be
+  copied or moved anywhere and used unchanged.
 * A new node does not get a `[nodes.NAME]` table in an existing policy: it is named in
   `StateLayout.policy_missing_nodes` (also when its table lacks one of its services) so
   that the caller can tell the operator what to add.
@@ -267,13 +273,13 @@ def ensure_state(
                 secret_bytes = load_secret(layout.token_secret)
             issuer_ = TokenIssuer(token_settings(issuer, audience), secret_bytes)
             token = issuer_.issue(name, roles, token_ttl, now)
-            save_credentials(path, _credentials(layout, name, token=token, signing=True))
+            save_credentials(path, _credentials(layout, name, token=token, signing=True), root=layout.root)
             note(path)
 
     for name in node_services:
         path = layout.credentials(name)
         if not path.exists():
-            save_credentials(path, _credentials(layout, name, token=None, signing=False))
+            save_credentials(path, _credentials(layout, name, token=None, signing=False), root=layout.root)
             note(path)
 
     return replace(layout, created=made, policy_missing_nodes=missing)
