@@ -267,9 +267,11 @@ class Gate:
                 details={"required": required, "level": level},
             )
         if level >= SecurityLevel.ENCRYPTED and not sec.get("encryption"):
+            # The level is high enough; what it lacks is the encryption it claims. Naming
+            # a `required` level here would read as "send level 1", which is not the fix.
             raise SecurityLevelTooLowError(
-                "the message claims encryption but its payload is not encrypted",
-                details={"required": required, "level": level},
+                f"the message claims security level {level} but its payload is not encrypted",
+                details={"level": level, "missing": "encryption"},
             )
         if level >= SecurityLevel.SIGNED and not sec.get("signature"):
             raise SignatureInvalidError("the message claims a signature but has none", details={"reason": "missing"})
