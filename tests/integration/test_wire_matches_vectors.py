@@ -19,7 +19,15 @@ import msgpack
 import pytest
 import zmq
 
-from mesh.protocol import encode_command_header, encode_event_header, encode_payload, new_id, unpack_header
+from mesh.client import Client
+from mesh.protocol import (
+    SecurityLevelTooLowError,
+    encode_command_header,
+    encode_event_header,
+    encode_payload,
+    new_id,
+    unpack_header,
+)
 from mesh.security.credentials import Credentials, load_credentials
 from mesh.security.signing import load_signing_key
 from mesh.security.state import StateLayout, ensure_state
@@ -209,3 +217,19 @@ def _sorted(value: Any) -> Any:
     if isinstance(value, dict):
         return {k: _sorted(value[k]) for k in sorted(value)}
     return value
+
+
+def test_mesh_commands_stay_readable_by_the_broker_at_every_level(layout: StateLayout) -> None:
+    """Section 4: the broker reads `mesh.*` payloads and holds no payload key, so the SDK sends
+    them at level 1 at most, and a mesh whose minimum is level 2 still takes them. A level-3
+    client pages through `mesh.services` and asks `mesh.replay`; an `echo` command at level 1
+    is still refused there."""
+    creds = load_credentials(layout.credentials("dev"))
+    with run_broker("tcp://127.0.0.1:*", "tcp://127.0.0.1:*", "--state", str(layout.root), "--min-level", "2") as b:
+        with Client(b.clients, timeout=WAIT_S, credentials=replace(creds, level=3)) as c:
+            assert c.services() == {}
+            assert c.call("mesh", "replay", {"prefix": "wire"})["events"] == []
+        with Client(b.clients, timeout=WAIT_S, credentials=creds, retries=0) as c, pytest.raises(
+            SecurityLevelTooLowError
+        ):
+            c.call("echo", "echo", {})

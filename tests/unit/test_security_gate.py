@@ -126,3 +126,12 @@ def test_registration_needs_a_curve_identity_the_policy_names() -> None:
         g.admit_registration(["echo", "kv"], Peer("echo"), NOW)
     with pytest.raises(AuthenticationFailedError):
         g.admit_registration(["echo"], Peer(), NOW)
+
+
+def test_mesh_commands_need_level_1_at_most() -> None:
+    """The broker reads mesh.* payloads itself and holds no payload key: a minimum of level 2
+    (or a service level set for `mesh`) cannot require them encrypted; other services still can."""
+    g = make(min_level=2, service_levels={"mesh": 3})
+    assert g.admit_command(header("mesh", "ping", id="p"), ALICE, NOW).subject == "alice"
+    with pytest.raises(SecurityLevelTooLowError):
+        g.admit_command(header(id="e"), ALICE, NOW)
