@@ -108,11 +108,15 @@ def plain_vectors() -> list[dict[str, Any]]:
         _plain("event", 'client -> broker ([b""] first from a node)', published, event),
         _plain("stamped event", "broker -> subscriber, after frame 0",
                encode_stamped_event(unpack_header(published), 7), event),
+        _plain("event acknowledgement", "broker -> publisher", encode_header(Header(
+            type=MessageType.RESPONSE, id="7a1c3e5b9d2f4a6c8e0b1d3f5a7c9e2b", timestamp=1700000001.002,
+            correlation_id="evt-42")), {"seq": 7}),
         _plain("mesh.ping", "client -> broker", encode_command_header("mesh", "ping", id="ping-1", now=T0), None),
         _plain("mesh.ping response", "broker -> client", encode_header(Header(
             type=MessageType.RESPONSE, id="5d7f9b1c3e5a4c6e8a0b2d4f6a8c0e2b", timestamp=1700000000.001,
             service="mesh", action="ping", correlation_id="ping-1")),
-            {"pong": True, "broker": "b1", "time": 1700000000.001}),
+            {"pong": True, "broker": "b1", "time": 1700000000.001, "events": "tcp://0.0.0.0:5557",
+             "instance": "2d93b480e178910d0000000000000001"}),
         _plain("mesh.register", "node -> broker (envelope frame empty)",
                encode_command_header("mesh", "register", id="reg-1", now=T0), registration),
         _plain("malformed-input error",
