@@ -139,6 +139,21 @@ def test_an_error_reply_has_the_vectors_structure(ctx: zmq.Context, broker: Brok
     assert err["details"] == {"service": "echo", "action": "shout", "missing": "service"}
 
 
+def test_an_unreadable_header_is_answered_as_the_malformed_input_vector(
+    ctx: zmq.Context, broker: BrokerProcess, layout: StateLayout
+) -> None:
+    """A version-2 header without a readable id gets exactly the `malformed-input error` vector's
+    header but for its own id and time: no correlation_id, the same error map, a nil payload."""
+    dev = client(ctx, broker, layout, "dev")
+    dev.sock.send_multipart([msgpack.packb({"v": 2, "type": "command"}), b"\xc0"])
+    assert dev.sock.poll(int(WAIT_S * 1000)), "no answer"
+    frame, payload = dev.sock.recv_multipart()
+    got, want = decoded(frame), vector_header("malformed-input error")
+    assert shape(got) == shape(want)
+    assert {k: v for k, v in got.items() if k not in ("id", "ts")} == {k: v for k, v in want.items() if k not in ("id", "ts")}
+    assert payload == b"\xc0"
+
+
 def test_access_is_decided_before_the_lookup(ctx: zmq.Context, broker: BrokerProcess, layout: StateLayout) -> None:
     """Section 10.1: a role that may not call an action of a service nobody offers is refused
     ACCESS_DENIED (2002), not HANDLER_NOT_FOUND (1003); a role that may gets the 1003."""
