@@ -58,7 +58,7 @@ T0 = 1700000000.0
 
 def hex_lines(data: bytes) -> list[str]:
     """Bytes as lines of up to 16 space-separated hex bytes."""
-    return [" ".join(f"{b:02x}" for b in data[i:i + 16]) for i in range(0, len(data), 16)] or [""]
+    return [" ".join(f"{b:02x}" for b in data[i:i + 16]) for i in range(0, len(data), 16)]
 
 
 def to_json(value: Any) -> Any:
