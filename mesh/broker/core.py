@@ -83,7 +83,7 @@ from ..protocol import (
     error_header,
     response_to,
 )
-from ..protocol.names import ID_MATCH
+from ..protocol.names import ID_MATCH, SYSTEM_SERVICE
 from ..security.gate import Gate, Peer
 from ..cluster.messages import MAX_PROPOSAL_BYTES
 from ..cluster.shared import (
@@ -113,7 +113,6 @@ from .subscribers import Apply, Subscribers
 
 __all__ = ["Side", "Outgoing", "BrokerConfig", "Broker", "Command", "ConnectionState", "RecentReplies"]
 
-SYSTEM_SERVICE: Final = "mesh"
 _REPLY_TYPES: Final = frozenset({"response", "error"})
 CLIENT_IDLE_S: Final = 300.0  # a client with nothing pending, silent this long, is forgotten
 CLIENT_SWEEP_S: Final = 10.0

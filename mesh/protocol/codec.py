@@ -405,13 +405,14 @@ def _header_map(h: Header) -> dict[str, Any]:
         out["metadata"] = canonical(h.metadata)
     if h.security is not None:
         s = h.security
+        # The order the SDK's `Sealer` writes (token first, the signature last).
         sec: dict[str, Any] = {"level": int(s.security_level)}
+        if s.auth_token is not None:
+            sec["token"] = s.auth_token
         if s.encryption_info is not None:
             sec["encryption"] = canonical(s.encryption_info)
         if s.signature is not None:
             sec["signature"] = s.signature
-        if s.auth_token is not None:
-            sec["token"] = s.auth_token
         out["security"] = sec
     if h.error is not None:
         e = h.error

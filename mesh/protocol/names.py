@@ -7,11 +7,12 @@ from typing import Final
 
 from .errors import ValidationFailedError
 
-__all__ = ["NAME_PATTERN", "TOPIC_PATTERN", "ID_PATTERN", "check_name", "check_topic", "shown_key"]
+__all__ = ["NAME_PATTERN", "TOPIC_PATTERN", "ID_PATTERN", "SYSTEM_SERVICE", "check_name", "check_topic", "shown_key"]
 
 NAME_PATTERN: Final = r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}"
 TOPIC_PATTERN: Final = r"[A-Za-z0-9_-]{1,64}(\.[A-Za-z0-9_-]{1,64}){0,15}"
 ID_PATTERN: Final = r"[\x21-\x7e]{1,64}"
+SYSTEM_SERVICE: Final = "mesh"  # the broker's own service: it answers these commands itself
 
 _NAME = re.compile(NAME_PATTERN)
 _TOPIC = re.compile(TOPIC_PATTERN)

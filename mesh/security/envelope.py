@@ -6,6 +6,8 @@ Rules of this module:
   (level 1 and up), the payload encrypted with the key ring's active key (level 2 and
   up, the header's immutable fields authenticated with it), and an ed25519 signature
   over the header and the (encrypted) payload (level 3). It returns both frames.
+  A `mesh.*` command is sealed at level 1 at most: the broker answers it itself and
+  must read its payload, and it holds no payload key (docs/protocol.md, section 4).
 * `Opener.open` undoes it on the receiving side: it checks the signature of every
   message that claims level 3 or more (or of every message, when the receiver
   requires signers), then decrypts when the payload is encrypted. The signature must
@@ -25,6 +27,7 @@ from typing import Any
 import msgpack
 
 from ..protocol import EncryptionFailedError, SecurityLevel, SignatureInvalidError
+from ..protocol.names import SYSTEM_SERVICE
 from .payload import KeyRingFile, associated_data, decrypt, encrypt
 from .signing import SignerStore, SigningKey, TrustedKeys, sign, verify
 
@@ -58,6 +61,8 @@ class Sealer:
             EncryptionFailedError: encryption is asked for and there is no key ring.
         """
         level = self.level if level is None else min(level, self.level)
+        if header.get("service") == SYSTEM_SERVICE:
+            level = min(level, SecurityLevel.AUTHENTICATED)
         sec: dict[str, Any] = {"level": level}
         token = self.token()
         if token and level >= SecurityLevel.AUTHENTICATED:

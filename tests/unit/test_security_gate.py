@@ -93,6 +93,19 @@ def test_levels_are_checked_against_the_service_and_what_the_message_carries() -
         g.admit_command(header(id="c", level=3, encryption={"alg": "A256GCM"}), ALICE, NOW)
 
 
+def test_a_level_without_its_encryption_names_what_is_missing() -> None:
+    """A message whose level is high enough but that lacks the encryption it claims is told what it
+    lacks (`missing`), not a `required` level below the one it sent; below the level, `required`."""
+    g = make(service_levels={"echo": 2})
+    with pytest.raises(SecurityLevelTooLowError) as below:
+        g.admit_command(header(id="a"), ALICE, NOW)
+    assert below.value.details == {"level": 1, "required": 2}
+    for id, level in (("b", 2), ("c", 3)):
+        with pytest.raises(SecurityLevelTooLowError) as unencrypted:
+            g.admit_command(header(id=id, level=level), ALICE, NOW)
+        assert unencrypted.value.details == {"level": level, "missing": "encryption"}
+
+
 def test_refusals_are_audited_without_secrets() -> None:
     """A denied action is counted and recorded with who, what, code and reason, never the token."""
     g = make()
@@ -113,3 +126,12 @@ def test_registration_needs_a_curve_identity_the_policy_names() -> None:
         g.admit_registration(["echo", "kv"], Peer("echo"), NOW)
     with pytest.raises(AuthenticationFailedError):
         g.admit_registration(["echo"], Peer(), NOW)
+
+
+def test_mesh_commands_need_level_1_at_most() -> None:
+    """The broker reads mesh.* payloads itself and holds no payload key: a minimum of level 2
+    (or a service level set for `mesh`) cannot require them encrypted; other services still can."""
+    g = make(min_level=2, service_levels={"mesh": 3})
+    assert g.admit_command(header("mesh", "ping", id="p"), ALICE, NOW).subject == "alice"
+    with pytest.raises(SecurityLevelTooLowError):
+        g.admit_command(header(id="e"), ALICE, NOW)

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import copy
-import json
 import os
-import re
 import shutil
 import stat
 from pathlib import Path
@@ -314,34 +312,6 @@ def test_missing_signature_is_refused(h: dict[str, Any]) -> None:
     with pytest.raises(SignatureInvalidError) as exc:
         verify(TRUSTED, h, PAYLOAD, signer="alice")
     assert refusal(exc) == "missing"
-
-
-# ------------------------------------------------------------------ the doc's vector
-
-PROTOCOL_DOC = Path(__file__).resolve().parents[2] / "docs" / "protocol.md"
-
-
-def _doc_vector() -> dict[str, Any]:
-    section = PROTOCOL_DOC.read_text(encoding="utf-8").split("### 3.4 The `security` map", 1)[1]
-    block = re.search(r"```json\n(.*?)\n```", section, flags=re.DOTALL)
-    assert block is not None
-    return json.loads(block.group(1))
-
-
-def _hex(lines: list[str]) -> bytes:
-    return bytes.fromhex("".join(lines).replace(" ", ""))
-
-
-def test_the_protocol_docs_signature_vector() -> None:
-    """protocol.md's signed command: its key, signing bytes and signature are what the code makes."""
-    v = _doc_vector()
-    key = SigningKey(bytes.fromhex(v["seed_hex"]))
-    assert bytes(key.verify_key).hex() == v["public_hex"]
-    h, payload = v["header"], _hex(v["payload_hex"])
-    assert signing_bytes(h, payload) == _hex(v["signing_bytes_hex"])
-    assert sign(key, h, payload) == _hex(v["signature_hex"])
-    wire = over_the_wire({**h, "security": {**h["security"], "signature": _hex(v["signature_hex"])}})
-    assert verify(TrustedKeys({"dev": key.verify_key}), wire, payload, signer="dev") == "dev"
 
 
 # ------------------------------------------------------------------ the trust store
