@@ -271,16 +271,17 @@ class RawClient(_Peer):
         return self.decrypt(header, frame)
 
     def call(self, service: str, action: str, payload: Any = None, *, level: int | None = None,
-             timeout: float = 10.0) -> Any:
+             timeout: float = 10.0, **fields: Any) -> Any:
         """Send a command and return its result.
 
         Args:
             level: the security level (default: the credentials', 0 without credentials).
+            fields: more header keys (`deadline`, `metadata`), written after `action`.
 
         Raises:
             WireError: the answer is an error.
         """
-        header = self.header("command", service=service, action=action)
+        header = self.header("command", service=service, action=action, **fields)
         lvl = (self.creds.level if self.creds else 0) if level is None else level
         self.send(list(self.seal(header, payload, lvl)))
         return self.open(*self.receive(header["id"], timeout))

@@ -14,6 +14,7 @@ import ast
 import sqlite3
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -216,6 +217,9 @@ def test_level_3_signatures_and_a_bad_one_refused(mesh: Mesh, dev: RawClient):
     """Level 3: an ed25519 signature over the documented signing bytes is accepted; a flipped
     byte, another key's signature or a truncated one is SIGNATURE_INVALID with its reason."""
     assert dev.call("echo", "echo", {"text": "signed"}, level=3) == {"text": "signed"}
+    # Keys out of order at two depths and floats: the signing bytes sort and keep float 64.
+    metadata = {"trace": "t-1", "attempt": 2, "budget": {"share": 0.5, "cpu": 1.0}}
+    assert dev.call("echo", "echo", {"text": "meta"}, level=3, deadline=time.time() + 30.0, metadata=metadata) == {"text": "meta"}
 
     def refused(mangle) -> WireError:
         header = dev.header("command", service="echo", action="echo")
