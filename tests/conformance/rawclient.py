@@ -6,6 +6,13 @@ cryptography's AES-GCM, PyNaCl's ed25519) and nothing of the `mesh` package, so 
 the tests prove with it is what the documents promise, not what the SDK happens to do.
 `tests/integration/test_conformance.py` checks that it imports no `mesh` module.
 
+Against a running mesh (the quickstart's, from the repository's root)::
+
+    import sys; sys.path.insert(0, "tests/conformance")
+    from rawclient import RawClient, load_credentials
+    with RawClient("tcp://127.0.0.1:5555", load_credentials("var/mesh/credentials/dev.toml")) as c:
+        print(c.call("echo", "echo", {"text": "hi"}, level=3))
+
 Rules of this module:
 
 * Every byte it sends is built here from the documented rules: the header map in the
