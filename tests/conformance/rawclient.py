@@ -34,7 +34,7 @@ import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import msgpack
 import zmq
@@ -43,8 +43,8 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from nacl.exceptions import BadSignatureError
 from nacl.signing import SigningKey, VerifyKey
 
-__all__ = ["Credentials", "WireError", "RawClient", "RawSubscriber", "pack", "canonical",
-           "associated_data", "signing_bytes", "load_credentials"]
+__all__ = ["Credentials", "Event", "KeyRing", "RawClient", "RawSubscriber", "WireError", "associated_data",
+           "canonical", "load_credentials", "pack", "signing_bytes", "trusted_keys", "unpack", "verify_signature"]
 
 VERSION = 1
 AAD_KEYS = ("action", "correlation_id", "id", "kid", "service", "topic", "type")  # security.md / protocol 3.4
@@ -185,7 +185,7 @@ class _Peer:
             frame = AESGCM(self.ring.keys[info["kid"]]).decrypt(info["nonce"], frame, associated_data(header, info["kid"]))
         return unpack(frame)
 
-    def __enter__(self):  # noqa: ANN204 - returns the subclass
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -37,6 +37,7 @@ from rawclient import (  # noqa: E402 - the kit lives outside the test packages'
     WireError,
     load_credentials,
     pack,
+    signing_bytes,
     trusted_keys,
     verify_signature,
 )
@@ -229,8 +230,6 @@ def test_level_3_signatures_and_a_bad_one_refused(mesh: Mesh, dev: RawClient):
         with pytest.raises(WireError) as err:
             dev.open(*dev.receive(header["id"]))
         return err.value
-
-    from rawclient import signing_bytes
 
     flipped = refused(lambda sig, h, p: bytes([sig[0] ^ 1]) + sig[1:])
     stranger = SigningKey.generate()
