@@ -159,7 +159,8 @@ def test_curve_refuses_a_stranger_in_the_handshake(mesh: Mesh):
 
 
 def test_level_1_token(mesh: Mesh, dev: RawClient):
-    """Level 1: the token in `security.token` is required and checked; the ready nodes answer."""
+    """Level 1: the token in `security.token` is required and checked, and so is `ts` (replay
+    window); the ready nodes answer."""
     assert dev.call("echo", "echo", {"text": "hi"}, level=1) == {"text": "hi"}
     assert dev.call("sqlite", "query", {"sql": "SELECT name FROM fruit ORDER BY name"}, level=1) == {
         "columns": ["name"], "rows": [{"name": "apple"}, {"name": "banana"}], "truncated": False}
@@ -175,6 +176,13 @@ def test_level_1_token(mesh: Mesh, dev: RawClient):
         with pytest.raises(WireError) as refused:
             dev.open(*dev.receive(header["id"]))
         assert refused.value.code == 2000 and refused.value.details.get("reason") == reason
+
+    stale = dev.header("command", service="echo", action="echo")
+    stale["ts"] -= 60.0  # the broker's window is 10 s either side of its clock
+    dev.send(list(dev.seal(stale, {}, 1)))
+    with pytest.raises(WireError) as replayed:
+        dev.open(*dev.receive(stale["id"]))
+    assert replayed.value.code == 2006 and replayed.value.details.get("reason") == "clock skew"
 
 
 def test_levels_are_enforced_per_service_and_roles_per_action(mesh: Mesh, dev: RawClient):
