@@ -41,7 +41,9 @@ MAX_KEY_CHARS: Final = 512
 MAX_LIST: Final = 1000
 # A `get` reply carries the value plus the key and a header; keep it under one message.
 MAX_VALUE_BYTES: Final = MAX_MESSAGE_BYTES - 64 * 1024
-BUSY_TIMEOUT_MS: Final = 5000
+# As long as a command's default deadline: a write queued behind others (slow fsyncs on a
+# loaded disk) waits its turn rather than failing UNAVAILABLE while the caller still waits.
+BUSY_TIMEOUT_MS: Final = 30_000
 OPEN_RETRY_S: Final = 0.01
 
 _KEY: Final = {
