@@ -66,6 +66,17 @@ def _fail(err: MeshError) -> NoReturn:
     raise MeshCallError(err)
 
 
+DISTRIBUTION = "zmq-mcp-mesh"
+
+
+def _need_extra(module: str, extra: str, command: str) -> None:
+    """Stop with the install command when an optional extra `command` needs is missing."""
+    import importlib.util
+
+    if importlib.util.find_spec(module) is None:
+        raise click.ClickException(f"`mesh {command}` needs the {extra!r} extra: pip install '{DISTRIBUTION}[{extra}]'")
+
+
 class JsonLogFormatter(logging.Formatter):
     """One JSON object per line: ts (UTC, ISO 8601), level, logger, message (and exc if any)."""
 
@@ -484,6 +495,8 @@ def mcp(broker_ep: str, credentials: str | None, include: tuple[str, ...], exclu
     """Run the MCP bridge: every service action the bridge may call, as a tool for AI clients (docs/mcp.md)."""
     import asyncio
 
+    _need_extra("mcp", "mcp", "mcp")
+
     from .client import AsyncClient
     from .mcp.bridge import Bridge
     from .mcp.serve import serve_http, serve_stdio
@@ -742,10 +755,29 @@ def topology_check(file: str) -> None:
 
 
 @main.command()
-@click.argument("file", type=click.Path(dir_okay=False))
+@click.argument("directory", default=".", type=click.Path(file_okay=False))
+def init(directory: str) -> None:
+    """Write a ready quickstart into DIRECTORY (default: here): mesh.toml, sample data, a README.
+
+    Then `mesh up` in DIRECTORY starts it with security on, as `make run` does in the repository.
+    """
+    from pathlib import Path
+
+    from .quickstart import init as write_quickstart
+
+    try:
+        for line in write_quickstart(Path(directory)):
+            click.echo(line)
+    except MeshError as err:
+        raise UsageError(err.message) from None
+    click.echo(f"next: cd {directory} && mesh up    (then, in another terminal there: mesh call echo.echo '{{\"text\": \"hi\"}}')")
+
+
+@main.command()
+@click.argument("file", default="mesh.toml", type=click.Path(dir_okay=False))
 @click.option("--host", default=None, metavar="NAME", help="Run only the brokers and nodes the topology's [hosts] places on NAME (one mesh up per machine).")
 def up(file: str, host: str | None) -> None:
-    """Start every broker and node of a topology (or of one host); Ctrl-C or SIGTERM stops them all."""
+    """Start every broker and node of a topology FILE (default: mesh.toml, as `mesh init` writes), or of one host; Ctrl-C or SIGTERM stops them all."""
     from .launcher import Launcher
     from .topology import TopologyError, load
 
@@ -806,6 +838,7 @@ def bench(
     from .bench import BenchSettings, format_report, run_bench
     from .bench_cluster import format_cluster_report, run_cluster_bench
     from .bench_events import EventBenchSettings, format_events_report, run_events_bench
+    _need_extra("mcp", "mcp", "bench --mcp")
     from .bench_mcp import McpBenchSettings, format_mcp_report, run_mcp_bench
     from .bench_monitor import format_monitor_report, run_monitor_bench
     from .bench_security import format_security_report, run_security_bench
@@ -864,6 +897,7 @@ def top(monitor_url: str, token_file: str | None, interval: float) -> None:
     Exits with 2 when the monitor cannot be reached or refuses the token at start;
     later failures are shown above the last snapshot while it keeps retrying.
     """
+    _need_extra("rich", "top", "top")
     from .monitor.top import MonitorUnavailableError, watch
 
     path = token_file
