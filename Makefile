@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml | $(BIN)/python
 	touch $(STAMP)
 
 sample: $(STAMP)
-	$(BIN)/python -m nodes.sample var
+	$(BIN)/python -m mesh.nodes.sample var
 
 run: sample
 	$(BIN)/mesh up topologies/quickstart.toml

@@ -6,7 +6,7 @@ repository (topologies/quickstart.toml points at `mesh.toml` beside this module)
 
 Rules of this module: nothing that exists is overwritten. An existing `mesh.toml` stops
 the whole init with an error naming it; the sample data is refreshed in place, as
-`python -m nodes.sample` does, since it is the same every time.
+`python -m mesh.nodes.sample` does, since it is the same every time.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ def init(directory: Path) -> list[str]:
     Raises:
         ConfigurationError: `directory` already holds a `mesh.toml`, or is not a directory.
     """
-    from nodes.sample import prepare
+    from mesh.nodes.sample import prepare
 
     topology = directory / TOPOLOGY
     if topology.exists():

@@ -91,7 +91,7 @@ def cluster_up(work: Path) -> Iterator[Mesh]:
     for old, new in zip(ports, free_ports(len(ports)), strict=True):
         text = text.replace(f'127.0.0.1:{old}"', f'127.0.0.1:{new}"')
     (work / "cluster.toml").write_text(text)
-    subprocess.run([sys.executable, "-m", "nodes.sample", "var"], cwd=work, check=True, timeout=60, capture_output=True)
+    subprocess.run([sys.executable, "-m", "mesh.nodes.sample", "var"], cwd=work, check=True, timeout=60, capture_output=True)
     up = MeshProcess(["up", "cluster.toml"], cwd=str(work))
     try:
         clients, monitors = [], {}

@@ -25,7 +25,7 @@ EACH = 500
 
 WRITER = """
 import json, os, sys, time
-from nodes import kv
+from mesh.nodes import kv
 start = float(sys.argv[2])
 time.sleep(max(0.0, start - time.time()))
 node = kv.node(path=sys.argv[1])  # all eight open the new file at once, as replicas starting together
@@ -53,7 +53,7 @@ def test_eight_processes_incrementing_one_key_lose_nothing(tmp_path: Path) -> No
         assert proc.returncode == 0, err
         seen.extend(json.loads(out))
     assert sorted(seen) == list(range(1, PROCESSES * EACH + 1))
-    from nodes import kv
+    from mesh.nodes import kv
 
     node = kv.node(path=str(path))
     assert node.actions[("kv", "get")].handler({"key": "shared"})["value"] == PROCESSES * EACH

@@ -28,7 +28,7 @@ def quickstart(tmp_path_factory: pytest.TempPathFactory):
         .replace("127.0.0.1:8222", f"127.0.0.1:{free_ports()[0]}")
     )
     (work / "quickstart.toml").write_text(topology)
-    subprocess.run([sys.executable, "-m", "nodes.sample", "var"], cwd=work, check=True, timeout=60)
+    subprocess.run([sys.executable, "-m", "mesh.nodes.sample", "var"], cwd=work, check=True, timeout=60)
     with spawn(["up", "quickstart.toml"], cwd=str(work)) as up:
         for name in ["echo-1", "echo-2", "kv", "sqlite", "fs"]:
             up.wait_for(rf"\[node:{name}\] node .* ready")

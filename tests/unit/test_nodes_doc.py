@@ -16,7 +16,7 @@ import pytest
 
 from mesh.node import Action
 from mesh.plugins import load_node
-from nodes import sample
+from mesh.nodes import sample
 
 ROOT = Path(__file__).parents[2]
 DOC = ROOT / "docs" / "nodes.md"

@@ -23,8 +23,8 @@ import asyncio
 from mesh.node import Node
 from mesh.plugins import load_node
 from mesh.protocol import AccessDeniedError, ConfigurationError, ValidationFailedError
-from nodes import echo, fs, kv, sample
-from nodes import sqlite as sqlite_node
+from mesh.nodes import echo, fs, kv, sample
+from mesh.nodes import sqlite as sqlite_node
 
 
 def call(n: Node, service: str, action: str, payload: dict[str, Any]) -> Any:
@@ -594,11 +594,11 @@ def test_fs_missing_root_is_a_configuration_error(tmp_path: Path) -> None:
 
 
 def test_sample_script_is_idempotent_and_feeds_the_nodes(tmp_path: Path) -> None:
-    """`python -m nodes.sample DIR` twice succeeds, duplicates nothing, and the nodes can use it."""
+    """`python -m mesh.nodes.sample DIR` twice succeeds, duplicates nothing, and the nodes can use it."""
     target = tmp_path / "var"
     for _ in range(2):
         done = subprocess.run(
-            [sys.executable, "-m", "nodes.sample", str(target)],
+            [sys.executable, "-m", "mesh.nodes.sample", str(target)],
             capture_output=True, text=True, timeout=30, cwd=tmp_path,
         )
         assert done.returncode == 0, done.stderr

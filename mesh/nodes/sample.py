@@ -1,4 +1,4 @@
-"""`python -m nodes.sample DIR`: the quickstart's sample data for the sqlite and fs nodes.
+"""`python -m mesh.nodes.sample DIR`: the quickstart's sample data for the sqlite and fs nodes.
 
 Writes DIR/sample.db (a small shop: `products` and `orders`) and DIR/files/ (a README
 and notes that mention "mesh"), which are the default `database` and `root` of those
@@ -88,7 +88,7 @@ def prepare(directory: Path) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Parse `DIR`, prepare it and print what was done."""
-    parser = argparse.ArgumentParser(prog="python -m nodes.sample", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m mesh.nodes.sample", description=__doc__.splitlines()[0])
     parser.add_argument("directory", metavar="DIR", type=Path, help="where to put sample.db and files/")
     args = parser.parse_args(argv)
     try:

@@ -272,7 +272,7 @@ def node(database: str = "var/sample.db", timeout: float = 10.0) -> Node:
     file = Path(database).resolve()
     if not file.is_file():
         raise ConfigurationError(
-            f"sqlite: database {database} does not exist (run `python -m nodes.sample var` for the sample)",
+            f"sqlite: database {database} does not exist (run `python -m mesh.nodes.sample var` for the sample)",
             details={"field": "database"},
         )
     uri = file.as_uri() + "?mode=ro"

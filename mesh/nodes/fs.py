@@ -307,7 +307,7 @@ def node(root: str = "var/files") -> Node:
     """
     if not isinstance(root, str) or not root or not os.path.isdir(root):
         raise ConfigurationError(
-            f"fs: root {root!r} is not an existing directory (run `python -m nodes.sample var` for the sample)",
+            f"fs: root {root!r} is not an existing directory (run `python -m mesh.nodes.sample var` for the sample)",
             details={"field": "root"},
         )
     box = _Sandbox(Path(os.path.realpath(root)))
