@@ -44,11 +44,11 @@ Wire shapes (docs/protocol.md has the byte-level spec):
 
 from __future__ import annotations
 
-from collections import Counter, OrderedDict, deque
-from collections.abc import Hashable, Sequence
+from collections import Counter, deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import IntEnum
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from ..protocol import (
     MAX_MESSAGE_BYTES,
@@ -106,12 +106,17 @@ from ..cluster.shared import (
     policy_record,
 )
 from ..security.policy import PolicyError, policy_from_text
+from ..link.replies import RecentReplies
 from .events import DEFAULT_RULE, EventBus, RetentionRule, check_publishable
 from .once import OnceTable, event_key, keyring_key, once_key, policy_key, revoke_key
 from .registry import NodeInfo, PeerEvent, Registry, parse_load, parse_page_request, silence_event
 from .subscribers import Apply, Subscribers
 
-__all__ = ["Side", "Outgoing", "BrokerConfig", "Broker", "Command", "ConnectionState", "RecentReplies"]
+if TYPE_CHECKING:  # for annotations only: the core does not load jwt or sqlite3
+    from ..security.revocations import Revocations
+    from ..security.tokens import TokenIssuer
+
+__all__ = ["Side", "Outgoing", "BrokerConfig", "Broker", "Command", "ConnectionState"]
 
 _REPLY_TYPES: Final = frozenset({"response", "error"})
 CLIENT_IDLE_S: Final = 300.0  # a client with nothing pending, silent this long, is forgotten
@@ -163,8 +168,8 @@ class BrokerSecurity:
     """What a broker needs when security is on: the gate, and what renews and revokes tokens."""
 
     gate: Gate
-    issuer: Any = None  # tokens.TokenIssuer, for mesh.renew
-    revocations: Any = None  # revocations.Revocations, for mesh.revoke
+    issuer: TokenIssuer | None = None  # for mesh.renew
+    revocations: Revocations | None = None  # for mesh.revoke
     renew_ttl: float = 3600.0
 
 
@@ -182,59 +187,6 @@ class ConnectionState:
     message_count: int = 0
     last_activity: float = 0.0
     unread: deque[str] = field(default_factory=deque)  # nonces of large answers not acknowledged
-
-
-class RecentReplies:
-    """The replies to recently finished commands, so that a resend gets the same answer.
-
-    Bounded three ways, oldest first: at most `max_entries` replies, none older than
-    `max_age` seconds, at most `max_bytes` of frames (a reply larger than that is not
-    kept). Frames are kept as the same bytes objects, never copied. Time comes in as
-    `now`; entries are ordered by when they were stored, so a clock that steps back
-    only delays their expiry.
-    """
-
-    def __init__(self, max_entries: int, max_age: float, max_bytes: int) -> None:
-        self.max_entries = max_entries
-        self.max_age = max_age
-        self.max_bytes = max_bytes
-        self._items: OrderedDict[Hashable, tuple[float, list[bytes], int]] = OrderedDict()
-        self.bytes = 0
-
-    def __len__(self) -> int:
-        return len(self._items)
-
-    def get(self, key: Hashable, now: float) -> list[bytes] | None:
-        """The frames stored for `key`, unless they are older than `max_age`."""
-        item = self._items.get(key)
-        if item is None or now - item[0] > self.max_age:
-            return None
-        return item[1]
-
-    def put(self, key: Hashable, frames: list[bytes], now: float) -> None:
-        """Remember `frames` for `key` (replacing what was there), then trim to the bounds."""
-        items = self._items
-        old = items.pop(key, None)
-        if old is not None:
-            self.bytes -= old[2]
-        size = sum(map(len, frames))
-        if size > self.max_bytes:
-            return
-        items[key] = (now, frames, size)
-        self.bytes += size
-        while len(items) > self.max_entries or self.bytes > self.max_bytes:
-            self.bytes -= items.popitem(last=False)[1][2]
-
-    def expire(self, now: float) -> None:
-        """Forget the replies older than `max_age`."""
-        items = self._items
-        limit = now - self.max_age
-        while items:
-            key, (stored, _, size) = next(iter(items.items()))
-            if stored >= limit:
-                break
-            del items[key]
-            self.bytes -= size
 
 
 @dataclass(slots=True)
