@@ -20,7 +20,7 @@ from typing import Any, NoReturn
 
 import click
 
-from .broker.core import BrokerConfig
+from .broker.config import BrokerConfig
 from .process import tune_for_serving
 from .protocol import AuthenticationFailedError, ConfigurationError, MeshError
 

@@ -4,7 +4,8 @@ Importing this package loads no ZeroMQ: `BrokerServer`, `ClusterSettings` and `E
 are imported from `mesh.broker.loop`, the one module of the broker that owns sockets.
 """
 
-from .core import Broker, BrokerConfig, Command, ConnectionState, Outgoing, Side
+from .config import BrokerConfig
+from .core import Broker, Command, ConnectionState, Outgoing, Side
 from .registry import ActionSpec, NodeInfo, Registry
 
 __all__ = [

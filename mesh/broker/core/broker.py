@@ -50,7 +50,7 @@ from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import TYPE_CHECKING, Any, Final
 
-from ..protocol import (
+from ...protocol import (
     MAX_MESSAGE_BYTES,
     BadFormatError,
     CancelledError,
@@ -83,10 +83,10 @@ from ..protocol import (
     error_header,
     response_to,
 )
-from ..protocol.names import ID_MATCH, SYSTEM_SERVICE
-from ..security.gate import Gate, Peer
-from ..cluster.messages import MAX_PROPOSAL_BYTES
-from ..cluster.shared import (
+from ...protocol.names import ID_MATCH, SYSTEM_SERVICE
+from ...security.gate import Gate, Peer
+from ...cluster.messages import MAX_PROPOSAL_BYTES
+from ...cluster.shared import (
     Claimed,
     Committed,
     Forgotten,
@@ -105,18 +105,19 @@ from ..cluster.shared import (
     policy_digest,
     policy_record,
 )
-from ..security.policy import PolicyError, policy_from_text
-from ..link.replies import RecentReplies
-from .events import DEFAULT_RULE, EventBus, RetentionRule, check_publishable
-from .once import OnceTable, event_key, keyring_key, once_key, policy_key, revoke_key
-from .registry import NodeInfo, PeerEvent, Registry, parse_load, parse_page_request, silence_event
-from .subscribers import Apply, Subscribers
+from ...security.policy import PolicyError, policy_from_text
+from ...link.replies import RecentReplies
+from ..config import BrokerConfig
+from ..events import EventBus, check_publishable
+from ..once import OnceTable, event_key, keyring_key, once_key, policy_key, revoke_key
+from ..registry import NodeInfo, PeerEvent, Registry, parse_load, parse_page_request, silence_event
+from ..subscribers import Apply, Subscribers
 
 if TYPE_CHECKING:  # for annotations only: the core does not load jwt or sqlite3
-    from ..security.revocations import Revocations
-    from ..security.tokens import TokenIssuer
+    from ...security.revocations import Revocations
+    from ...security.tokens import TokenIssuer
 
-__all__ = ["Side", "Outgoing", "BrokerConfig", "Broker", "Command", "ConnectionState"]
+__all__ = ["Side", "Outgoing", "BrokerSecurity", "Broker", "Command", "ConnectionState"]
 
 _REPLY_TYPES: Final = frozenset({"response", "error"})
 CLIENT_IDLE_S: Final = 300.0  # a client with nothing pending, silent this long, is forgotten
@@ -143,24 +144,6 @@ class Side(IntEnum):
 
 
 Outgoing = tuple[Side, bytes, list[bytes]]
-
-
-@dataclass(frozen=True, slots=True)
-class BrokerConfig:
-    """Limits of one broker (set from the topology's `[brokers.NAME]` table)."""
-
-    name: str = "broker"
-    queue_limit: int = 1024
-    default_timeout: float = 30.0
-    max_message_bytes: int = MAX_MESSAGE_BYTES
-    retention: tuple[RetentionRule, ...] = (DEFAULT_RULE,)
-    max_topics: int = 10_000
-    max_retained_bytes: int = 64 * 1024 * 1024
-    event_hwm: int = 10_000  # events queued per subscriber before it starts missing some
-    # Answered commands remembered for resends: this many, this long, this many bytes.
-    recent_replies: int = 10_000
-    recent_reply_s: float = 60.0
-    recent_reply_bytes: int = 64 * 1024 * 1024
 
 
 @dataclass(slots=True)
