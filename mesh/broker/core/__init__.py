@@ -1,8 +1,16 @@
-"""The broker's routing core, sans-IO: `Broker` and the records it keeps.
+"""The broker's routing core, sans-IO, split by concern.
+
+* `broker`: `Broker`, which reads each message and hands it to the part that decides,
+  and answers the `mesh.*` actions;
+* `commands`: the accepted commands (tracking, queues, dispatch, deadlines, node loss);
+* `nodes`: the node protocol (registration, heartbeats, health, departure);
+* `replicated`: a cluster's shared state (exactly-once, events, policy, revocations);
+* `state`: the records and reply helpers they share.
 
 Nothing here imports zmq or asyncio, or reads a clock: `mesh.broker.loop` drives it.
 """
 
-from .broker import Broker, BrokerSecurity, Command, ConnectionState, Outgoing, Side
+from .broker import Broker
+from .state import BrokerSecurity, Command, ConnectionState, Outgoing, Side
 
 __all__ = ["Broker", "BrokerSecurity", "Command", "ConnectionState", "Outgoing", "Side"]
