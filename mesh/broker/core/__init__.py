@@ -1,9 +1,9 @@
 """The broker's routing core, sans-IO, split by concern.
 
-* `broker`: `Broker`, which reads each message and hands it to the part that decides,
-  and answers the `mesh.*` actions;
+* `broker`: `Broker`, which reads each message and hands it to the part that decides;
 * `commands`: the accepted commands (tracking, queues, dispatch, deadlines, node loss);
 * `nodes`: the node protocol (registration, heartbeats, health, departure);
+* `system`: the `mesh.*` actions;
 * `replicated`: a cluster's shared state (exactly-once, events, policy, revocations);
 * `state`: the records and reply helpers they share.
 
