@@ -19,6 +19,7 @@ from typing import Any
 
 from ...link.replies import RecentReplies
 from ...protocol import (
+    NEVER_STARTED,
     CancelledError,
     CommandEvent,
     CommandState,
@@ -30,7 +31,7 @@ from ...protocol import (
 )
 from ..config import BrokerConfig
 from ..registry import NodeInfo, Registry
-from .state import NEVER_STARTED, Command, ConnectionState, Emit, Outgoing, Side, error_code, error_frames, ran_on
+from .state import Command, ConnectionState, Emit, Outgoing, Side, error_code, error_frames, ran_on
 
 __all__ = ["CommandBook"]
 

@@ -39,6 +39,7 @@ from ...cluster.shared import (
     policy_record,
 )
 from ...protocol import (
+    NEVER_STARTED,
     CommandEvent,
     CommandState,
     Header,
@@ -63,7 +64,6 @@ from ..once import OnceTable, event_key, keyring_key, policy_key, revoke_key
 from ..registry import NodeInfo, Registry
 from .commands import CommandBook, Key
 from .state import (
-    NEVER_STARTED,
     BrokerSecurity,
     Command,
     ConnectionState,

@@ -15,7 +15,6 @@ from typing import TYPE_CHECKING, Any, Final
 
 from ...protocol import (
     CommandState,
-    ErrorCode,
     MeshError,
     encode_header,
     encode_payload,
@@ -35,9 +34,6 @@ if TYPE_CHECKING:  # for annotations only: the core does not load jwt or sqlite3
 __all__ = ["Side", "Outgoing", "BrokerSecurity", "ConnectionState", "Command", "Emit"]
 
 NOBODY: Final = Peer()
-# Node errors that prove the command never ran: clients resend these with the same id
-# (see client.AUTO_RETRY), so remembering them would turn every retry into the refusal.
-NEVER_STARTED: Final = frozenset({int(ErrorCode.RESOURCE_EXHAUSTED), int(ErrorCode.UNAVAILABLE)})
 
 
 class Side(IntEnum):
