@@ -1,1 +1,1 @@
-"""Sans-IO pieces every role (broker, node, client) shares: no zmq, no asyncio, no clock."""
+"""Sans-IO pieces every role shares (no zmq, no asyncio, no clock): see each module's rules."""
