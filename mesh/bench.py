@@ -168,7 +168,7 @@ def _mesh_broker(
 ) -> None:
     import threading
 
-    from .broker import BrokerServer, Endpoints
+    from .broker.loop import BrokerServer, Endpoints
 
     server = BrokerServer(Endpoints(clients_ep, nodes_ep, events_ep))
     tune_for_serving()  # as `mesh broker` does

@@ -54,7 +54,7 @@ class _Watcher:
 
 
 def _broker(clients_ep: str, nodes_ep: str, ready: Any, stop: Any, monitor: str) -> None:
-    from .broker import BrokerServer, Endpoints
+    from .broker.loop import BrokerServer, Endpoints
     from .monitor.server import monitor_settings
 
     server = BrokerServer(Endpoints(clients_ep, nodes_ep), monitor=monitor_settings(monitor))

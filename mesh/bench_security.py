@@ -107,7 +107,7 @@ def _peers(mode: Mode, state: Path) -> _Peers:
 def _broker(clients_ep: str, nodes_ep: str, ready: Any, stop: Any, mode: Mode, state: str | None) -> None:
     import threading
 
-    from .broker import BrokerServer, Endpoints
+    from .broker.loop import BrokerServer, Endpoints
 
     secured: dict[str, Any] = {}
     if state is not None:

@@ -20,7 +20,7 @@ from typing import Any, NoReturn
 
 import click
 
-from .broker.core import BrokerConfig
+from .broker.config import BrokerConfig
 from .process import tune_for_serving
 from .protocol import AuthenticationFailedError, ConfigurationError, MeshError
 
@@ -202,7 +202,8 @@ def broker(
     With --state, security is on: CURVE on every socket, tokens, the access policy.
     With --monitor, it also serves the dashboard and monitoring endpoints over HTTP.
     """
-    from .broker import BrokerConfig, BrokerServer, Endpoints
+    from .broker import BrokerConfig
+    from .broker.loop import BrokerServer, Endpoints
 
     _setup_logging(log_level, log_format)
     config = BrokerConfig(
@@ -273,7 +274,7 @@ def _cluster_settings(
     state_dir: str | None, election_ticks: int,
 ) -> Any:  # fmt: skip
     """The broker's `ClusterSettings` from its command line, with errors that say what to fix."""
-    from .broker import ClusterSettings
+    from .broker.loop import ClusterSettings
 
     table: dict[str, str] = {}
     for item in members:

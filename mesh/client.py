@@ -82,6 +82,7 @@ from .protocol import (
     BadFormatError,
     ConfigurationError,
     DeadlineExceededError,
+    NEVER_STARTED,
     ErrorCode,
     MeshError,
     UnavailableError,
@@ -111,7 +112,7 @@ RETRY_PAUSE: Final = 0.05
 GRACE: Final = 0.5
 SWEEP_S: Final = 0.1
 # The codes that prove a command never started, so resending it cannot run it twice.
-AUTO_RETRY: Final = frozenset({ErrorCode.RESOURCE_EXHAUSTED, ErrorCode.UNAVAILABLE})
+AUTO_RETRY: Final = NEVER_STARTED
 _REPLIES: Final = frozenset({"response", "error"})
 
 T = TypeVar("T")

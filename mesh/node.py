@@ -92,7 +92,7 @@ from .protocol import (
     unpack_header,
 )
 from .aio import AsyncSocket
-from .broker.core import RecentReplies
+from .link.replies import RecentReplies
 from .broker.registry import MAX_DESCRIPTION, PeerEvent, check_hints, PeerState, advance_peer, silence_event
 from .security.credentials import Credentials
 from .security.envelope import Opener, Sealer

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
-from .broker.core import BrokerConfig
+from .broker.config import BrokerConfig
 from .broker.events import DEFAULT_RULE, RetentionRule
 from .placement import LOCAL_ADDRESS, HostSpec, check_placement, dial, entry_host, parse_hosts
 from .plugins import plugin_problem

@@ -40,7 +40,8 @@ from ..monitor.snapshot import SAMPLE_S, SNAPSHOT_S, Monitor, process_usage, rep
 from ..protocol.errors import MeshError
 from ..security.gate import Peer
 from ..sockets import LINGER_MS, Secure, bound_endpoint, publisher, recv_frames, recv_frames_from, router, send_frames
-from .core import Broker, BrokerConfig, BrokerSecurity, Outgoing, Side
+from .config import BrokerConfig
+from .core import Broker, BrokerSecurity, Outgoing, Side
 from .once import next_run
 
 if TYPE_CHECKING:

@@ -8,6 +8,8 @@ Rules of this module:
   2xxx security, 3xxx system.
 * Each code has exactly one `MeshError` subclass; the class says whether a retry with
   the same command id can help.
+* `NEVER_STARTED` names the codes that prove a command never ran: a client resends
+  those with the same id by itself, and nobody may remember them as the command's answer.
 * `error_from_wire()` turns a code received from a peer back into the right exception;
   an unknown code (from a newer peer) still becomes a `MeshError` carrying the int.
 """
@@ -15,12 +17,13 @@ Rules of this module:
 from __future__ import annotations
 
 from enum import IntEnum, StrEnum
-from typing import Any
+from typing import Any, Final
 
 __all__ = [
     "Category",
     "category_of",
     "ErrorCode",
+    "NEVER_STARTED",
     "MeshError",
     "ProtocolError",
     "SecurityError",
@@ -95,6 +98,12 @@ class ErrorCode(IntEnum):
     @property
     def category(self) -> Category:
         return category_of(int(self))
+
+
+# The codes that prove a command never started, so resending it cannot run it twice: the
+# client retries them by itself (`mesh.client.AUTO_RETRY`), and neither the broker nor the
+# cluster keeps them as a command's answer (that would turn every retry into the refusal).
+NEVER_STARTED: Final = frozenset({ErrorCode.RESOURCE_EXHAUSTED, ErrorCode.UNAVAILABLE})
 
 
 def category_of(code: int) -> Category:

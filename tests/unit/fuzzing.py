@@ -21,7 +21,8 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 
 from mesh.broker import Broker
-from mesh.broker.core import BrokerConfig, BrokerSecurity
+from mesh.broker.config import BrokerConfig
+from mesh.broker.core import BrokerSecurity
 from mesh.fuzz.attacks import Limits
 from mesh.protocol import MeshError
 from mesh.security.brokerside import broker_security

@@ -29,7 +29,7 @@ from frames import (
 from sharedlog import ONCE, Cluster
 
 from mesh.broker import Broker, BrokerConfig, Side
-from mesh.broker.core import MAX_OUTCOME_REPLY_BYTES
+from mesh.broker.core.replicated import MAX_OUTCOME_REPLY_BYTES
 from mesh.broker.once import AWAIT_S, once_key
 from mesh.protocol import ErrorCode, ResourceExhaustedError, ValidationFailedError
 

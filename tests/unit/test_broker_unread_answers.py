@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from frames import CLIENT, CLIENT_B, event_frames, system
 
-from mesh.broker.core import MAX_UNREAD_ANSWERS, Broker
+from mesh.broker import Broker
+from mesh.broker.core.system import MAX_UNREAD_ANSWERS
 from mesh.protocol import ErrorCode
 
 

@@ -20,6 +20,7 @@ from mesh.protocol import (
     InvalidStateError,
     MeshError,
     MeshSystemError,
+    NEVER_STARTED,
     MessageTooLargeError,
     NetworkError,
     NodeLostError,
@@ -168,6 +169,13 @@ def test_retryable_flags_are_as_documented(code: ErrorCode) -> None:
     """Only resource exhaustion, network, deadline, node lost, unavailable and not-leader are retryable."""
     assert CLASSES[int(code)].retryable is (int(code) in RETRYABLE)
     assert CLASSES[int(code)]().retryable is (int(code) in RETRYABLE)
+
+
+def test_never_started_codes_are_retryable_and_exactly_the_documented_two() -> None:
+    """The codes proving a command never ran (which the client resends by itself and the
+    broker never keeps as an answer) are RESOURCE_EXHAUSTED and UNAVAILABLE, both retryable."""
+    assert NEVER_STARTED == {ErrorCode.RESOURCE_EXHAUSTED, ErrorCode.UNAVAILABLE}
+    assert all(error_class(int(code)).retryable for code in NEVER_STARTED)
 
 
 def test_security_and_protocol_errors_are_never_retryable() -> None:

@@ -20,7 +20,7 @@ from frames import (
 )
 
 from mesh.broker import Broker, BrokerConfig, Side
-from mesh.broker.core import RecentReplies
+from mesh.link.replies import RecentReplies
 from mesh.node import CommandDedupe, Seen, _command_key
 from mesh.protocol import HandlerNotFoundError, ResourceExhaustedError
 
