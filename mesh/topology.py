@@ -12,18 +12,22 @@ Rules of this module:
 * With a `[cluster]` table the brokers are one cluster (docs/topologies.md, "Clusters"):
   every broker names its `peer` endpoint, and every node serves every broker, so a node
   table has no `broker` key. Without it, brokers are independent, as they always were.
+* The keys of a `[brokers.NAME]` table are the broker settings of `mesh.broker.settings`;
+  `Topology.broker_settings(NAME)` gives one broker everything it runs with, which is how
+  `mesh broker --topology FILE --name NAME` (and so `mesh up`) starts it.
 """
 
 from __future__ import annotations
 
 import re
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Final
 
 from .broker.core import BrokerConfig
 from .broker.events import DEFAULT_RULE, RetentionRule
+from .broker.settings import BROKER_TABLE, LIMITS, SETTINGS, BrokerSettings
 from .placement import LOCAL_ADDRESS, HostSpec, check_placement, dial, entry_host, parse_hosts
 from .plugins import plugin_problem
 from .problems import Checker, Problem, ProblemsError
@@ -44,12 +48,13 @@ __all__ = [
 
 _NAME: Final = re.compile(NAME_PATTERN)
 _BROKER: Final = BrokerConfig()  # the defaults a topology does not repeat
+_BROKER_KEYS: Final = frozenset(s.key for s in BROKER_TABLE) | {"peer", "host"}
 _ENDPOINT: Final = re.compile(r"(tcp://[^\s:]+:(\d{1,5}|\*)|ipc://\S+)")
 _SPEC: Final = re.compile(r"[A-Za-z_][\w.]*(:[A-Za-z_][\w.]*)?")
 _TOPIC: Final = re.compile(TOPIC_PATTERN)
 DEFAULT_EVENTS: Final = "tcp://127.0.0.1:*"
 DEFAULT_CLUSTER_DATA: Final = "var/cluster"
-MIN_ELECTION_TICKS: Final = 3  # what `mesh broker --election-ticks` accepts
+MIN_ELECTION_TICKS: Final = next(s.minimum for s in SETTINGS if s.key == "election_ticks")
 
 
 class TopologyError(ProblemsError):
@@ -58,19 +63,13 @@ class TopologyError(ProblemsError):
 
 @dataclass(frozen=True, slots=True)
 class BrokerSpec:
-    """One `[brokers.NAME]` table."""
+    """One `[brokers.NAME]` table; `limits` holds its name and the core's limits (`LIMITS`, `retention`)."""
 
     name: str
     clients: str
     nodes: str
-    queue_limit: int = _BROKER.queue_limit
-    timeout: float = _BROKER.default_timeout
-    max_message_bytes: int = _BROKER.max_message_bytes
+    limits: BrokerConfig = _BROKER
     events: str = DEFAULT_EVENTS
-    event_hwm: int = _BROKER.event_hwm
-    max_topics: int = _BROKER.max_topics
-    max_retained_bytes: int = _BROKER.max_retained_bytes
-    retention: tuple[RetentionRule, ...] = _BROKER.retention
     monitor: str | None = None  # HOST:PORT of the HTTP monitor; None: off
     monitor_token_file: str | None = None
     peer: str | None = None  # the cluster peer endpoint; set exactly when the topology has [cluster]
@@ -131,12 +130,36 @@ class Topology:
     security: SecuritySpec | None = None
     cluster: ClusterSpec | None = None
     hosts: dict[str, HostSpec] = field(default_factory=dict)
+    text: str = ""  # the TOML it was read from, for `mesh up` to start brokers from ("" from `parse`)
 
     def dial(self, endpoint: str, broker: str) -> str:
         """Where other processes connect to `endpoint` of `broker`: a wildcard address
         (`tcp://*:PORT`) becomes the address of the broker's host (127.0.0.1 without `[hosts]`)."""
         host = self.brokers[broker].host
         return dial(endpoint, self.hosts[host].address if host is not None else LOCAL_ADDRESS)
+
+    def broker_settings(self, name: str) -> BrokerSettings:
+        """Everything broker `name` runs with: its table, `[security]` and `[cluster]`.
+
+        A cluster member gets every member's peer endpoint: its own as written (it listens
+        there), the others' as dialled; and its log directory is `[cluster] data`/NAME.
+
+        Raises:
+            KeyError: the topology has no broker `name`.
+        """
+        b = self.brokers[name]
+        settings = BrokerSettings(
+            b.limits, b.clients, b.nodes, b.events, monitor=b.monitor, monitor_token_file=b.monitor_token_file
+        )
+        if self.security is not None:
+            sec = self.security
+            settings = replace(settings, state=sec.state, min_level=sec.min_level, service_levels=sec.service_levels,
+                               allow_ips=sec.allow_ips, deny_ips=sec.deny_ips)
+        if self.cluster is not None:
+            members = {m.name: m.peer if m is b else self.dial(m.peer or "", m.name) for m in self.brokers.values()}
+            settings = replace(settings, members=members, data=str(Path(self.cluster.data) / name),
+                               learners=self.cluster.learners, election_ticks=self.cluster.election_ticks)
+        return settings
 
 
 class _Checker(Checker):
@@ -199,12 +222,7 @@ def parse(data: dict[str, Any], source: str = "<topology>") -> Topology:
         if not isinstance(raw, dict):
             c.bad(where, "must be a table")
             continue
-        c.unknown(
-            raw,
-            {"clients", "nodes", "events", "queue_limit", "timeout", "max_message_bytes", "event_hwm",
-             "max_topics", "max_retained_bytes", "retention", "monitor", "monitor_token_file", "peer", "host"},
-            where,
-        )
+        c.unknown(raw, set(_BROKER_KEYS), where)
         if "peer" in raw and not clustered:
             c.bad(f"{where}.peer", "needs a [cluster] table (a peer endpoint is for a cluster of brokers)")
         elif clustered and "peer" not in raw:
@@ -227,22 +245,14 @@ def parse(data: dict[str, Any], source: str = "<topology>") -> Topology:
             name=bname,
             clients=eps["clients"],
             nodes=eps["nodes"],
-            queue_limit=c.get(raw, "queue_limit", int, where, _BROKER.queue_limit),
-            timeout=float(c.get(raw, "timeout", (int, float), where, _BROKER.default_timeout)),
-            max_message_bytes=c.get(raw, "max_message_bytes", int, where, _BROKER.max_message_bytes),
+            limits=_limits(c, raw, bname, where),
             events=eps["events"] or DEFAULT_EVENTS,
-            event_hwm=c.get(raw, "event_hwm", int, where, _BROKER.event_hwm),
-            max_topics=c.get(raw, "max_topics", int, where, _BROKER.max_topics),
-            max_retained_bytes=c.get(raw, "max_retained_bytes", int, where, _BROKER.max_retained_bytes),
-            retention=_retention(c, raw.get("retention"), f"{where}.retention"),
             monitor=c.get(raw, "monitor", str, where, None),
             monitor_token_file=c.get(raw, "monitor_token_file", str, where, None),
             peer=eps["peer"] or None,
             host=host,
         )
         _monitor(c, spec, where, data.get("security"))
-        for key in ("queue_limit", "timeout", "max_message_bytes", "event_hwm", "max_topics", "max_retained_bytes"):
-            _positive(c, getattr(spec, key), f"{where}.{key}")
         brokers[bname] = spec
 
     nodes: dict[str, NodeSpec] = {}
@@ -294,6 +304,16 @@ def parse(data: dict[str, Any], source: str = "<topology>") -> Topology:
     return Topology(
         name=name, brokers=brokers, nodes=nodes, source=source, security=security, cluster=cluster, hosts=hosts or {}
     )
+
+
+def _limits(c: _Checker, raw: dict[str, Any], name: str, where: str) -> BrokerConfig:
+    """The core's limits from a `[brokers.NAME]` table: each a positive number (`LIMITS`)."""
+    values: dict[str, Any] = {}
+    for s in LIMITS:
+        value = c.get(raw, s.key, (int, float) if s.kind is float else s.kind, where, s.default)
+        values[s.core or s.key] = s.kind(value)
+        _positive(c, value, f"{where}.{s.key}")
+    return BrokerConfig(name=name, retention=_retention(c, raw.get("retention"), f"{where}.retention"), **values)
 
 
 def _float_or_none(value: float | None) -> float | None:
@@ -443,11 +463,12 @@ def load(path: str | Path) -> Topology:
     """
     p = Path(path)
     try:
-        data = tomllib.loads(p.read_text(encoding="utf-8"))
+        text = p.read_text(encoding="utf-8")
+        data = tomllib.loads(text)
     except OSError as exc:
         raise TopologyError(str(p), [Problem("file", exc.strerror or str(exc))]) from None
     except tomllib.TOMLDecodeError as exc:
         raise TopologyError(str(p), [Problem("syntax", str(exc))]) from None
     except RecursionError:
         raise TopologyError(str(p), [Problem("syntax", "arrays or tables nest too deep")]) from None
-    return parse(data, str(p))
+    return replace(parse(data, str(p)), text=text)
