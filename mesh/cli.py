@@ -189,7 +189,9 @@ def _topology_settings(ctx: click.Context, file: str, name: str, values: dict[st
 
     given = [s.option for s in SETTINGS if s.topology is not None and ctx.get_parameter_source(s.key) is ParameterSource.COMMANDLINE]
     if given:
-        raise UsageError(f"{', '.join(given)}: {file} sets this with --topology; change it there, or run without --topology")
+        held = "this setting" if len(given) == 1 else "these settings"
+        raise UsageError(f"{', '.join(given)}: {file} holds {held}; change it there, or run without --topology "
+                         "(a flag next to it would make this broker differ from what the rest of the mesh reads there)")
     try:
         topo = load(file)
     except TopologyError as err:
