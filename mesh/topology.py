@@ -216,84 +216,14 @@ def parse(data: dict[str, Any], source: str = "<topology>") -> Topology:
     if not raw_brokers:
         c.bad("brokers", "at least one broker is required ([brokers.NAME])")
     for bname, raw in raw_brokers.items():
-        where = f"brokers.{bname}"
-        if not _NAME.fullmatch(bname):
-            c.bad(where, "name must be letters, digits, '_' or '-'")
-        if not isinstance(raw, dict):
-            c.bad(where, "must be a table")
-            continue
-        c.unknown(raw, set(_BROKER_KEYS), where)
-        if "peer" in raw and not clustered:
-            c.bad(f"{where}.peer", "needs a [cluster] table (a peer endpoint is for a cluster of brokers)")
-        elif clustered and "peer" not in raw:
-            c.bad(f"{where}.peer", f"is required in a cluster: broker {bname} needs the endpoint its peers dial (peer = \"tcp://HOST:PORT\")")
-        host = entry_host(c, raw, where, host_names)
-        eps = {}
-        for side in ("clients", "nodes", "events", "peer"):
-            ep = c.get(raw, side, str, where, "", required=side in ("clients", "nodes"))
-            m = _ENDPOINT.fullmatch(ep) if ep else None
-            if ep and (m is None or (m.group(2) not in (None, "*") and not 0 < int(m.group(2)) < 65536)):
-                c.bad(f"{where}.{side}", f"{ep!r} is not a ZeroMQ endpoint (tcp://HOST:PORT with a port from 1 to 65535, or ipc://PATH)")
-            elif side == "peer" and m is not None and m.group(2) == "*":
-                c.bad(f"{where}.peer", "needs a fixed port: the other brokers dial it")
-            elif ep and (host, ep) in endpoints:
-                c.bad(f"{where}.{side}", f"{ep} is already used by {endpoints[host, ep]}")
-            elif ep:
-                endpoints[host, ep] = f"{where}.{side}"
-            eps[side] = ep
-        spec = BrokerSpec(
-            name=bname,
-            clients=eps["clients"],
-            nodes=eps["nodes"],
-            limits=_limits(c, raw, bname, where),
-            events=eps["events"] or DEFAULT_EVENTS,
-            monitor=c.get(raw, "monitor", str, where, None),
-            monitor_token_file=c.get(raw, "monitor_token_file", str, where, None),
-            peer=eps["peer"] or None,
-            host=host,
-        )
-        _monitor(c, spec, where, data.get("security"))
-        brokers[bname] = spec
-
+        spec = _broker(c, bname, raw, clustered, host_names, endpoints, data.get("security"))
+        if spec is not None:
+            brokers[bname] = spec
     nodes: dict[str, NodeSpec] = {}
     for nname, raw in c.table(data, "nodes", "").items():
-        where = f"nodes.{nname}"
-        if not _NAME.fullmatch(nname):
-            c.bad(where, "name must be letters, digits, '_' or '-'")
-        if not isinstance(raw, dict):
-            c.bad(where, "must be a table")
-            continue
-        c.unknown(raw, {"use", "broker", "replicas", "capacity", "heartbeat_interval", "config", "dedupe", "host"}, where)
-        use = c.get(raw, "use", str, where, "", required=True)
-        if use and not _SPEC.fullmatch(use):
-            c.bad(f"{where}.use", f"{use!r} is neither a node name (echo) nor module:attribute")
-        default_broker = next(iter(brokers), "")
-        broker = c.get(raw, "broker", str, where, default_broker)
-        if "broker" in raw and clustered:
-            c.bad(f"{where}.broker", "a node of a cluster serves every broker; remove this key")
-        elif "broker" in raw and isinstance(broker, str) and broker not in raw_brokers:
-            c.bad(f"{where}.broker", f"no broker named {broker!r} (brokers: {', '.join(raw_brokers) or 'none'})")
-        spec_n = NodeSpec(
-            name=nname,
-            use=use,
-            broker=broker,
-            replicas=c.get(raw, "replicas", int, where, 1),
-            capacity=c.get(raw, "capacity", int, where, None),
-            heartbeat_interval=_float_or_none(c.get(raw, "heartbeat_interval", (int, float), where, None)),
-            config=c.get(raw, "config", dict, where, {}),
-            dedupe=c.get(raw, "dedupe", bool, where, True),
-            host=entry_host(c, raw, where, host_names),
-        )
-        _positive(c, spec_n.replicas, f"{where}.replicas")
-        for key in ("capacity", "heartbeat_interval"):
-            if getattr(spec_n, key) is not None:
-                _positive(c, getattr(spec_n, key), f"{where}.{key}")
-        _check_config(c, spec_n.config, f"{where}.config")
-        if use and _SPEC.fullmatch(use):
-            problem = plugin_problem(use, spec_n.config)
-            if problem:
-                c.bad(f"{where}.use", problem)
-        nodes[nname] = spec_n
+        spec_n = _node(c, nname, raw, clustered, host_names, list(raw_brokers), next(iter(brokers), ""))
+        if spec_n is not None:
+            nodes[nname] = spec_n
 
     security = _security(c, data.get("security"), set(nodes))
     cluster = _cluster(c, data["cluster"], list(raw_brokers)) if clustered else None
@@ -304,6 +234,94 @@ def parse(data: dict[str, Any], source: str = "<topology>") -> Topology:
     return Topology(
         name=name, brokers=brokers, nodes=nodes, source=source, security=security, cluster=cluster, hosts=hosts or {}
     )
+
+
+def _broker(
+    c: _Checker, bname: str, raw: Any, clustered: bool, host_names: list[str] | None,
+    endpoints: dict[tuple[str | None, str], str], security: Any,
+) -> BrokerSpec | None:  # fmt: skip
+    """One `[brokers.NAME]` table; `endpoints` collects every endpoint per host, to refuse one used twice."""
+    where = f"brokers.{bname}"
+    if not _NAME.fullmatch(bname):
+        c.bad(where, "name must be letters, digits, '_' or '-'")
+    if not isinstance(raw, dict):
+        c.bad(where, "must be a table")
+        return None
+    c.unknown(raw, set(_BROKER_KEYS), where)
+    if "peer" in raw and not clustered:
+        c.bad(f"{where}.peer", "needs a [cluster] table (a peer endpoint is for a cluster of brokers)")
+    elif clustered and "peer" not in raw:
+        c.bad(f"{where}.peer", f"is required in a cluster: broker {bname} needs the endpoint its peers dial (peer = \"tcp://HOST:PORT\")")
+    host = entry_host(c, raw, where, host_names)
+    eps = {}
+    for side in ("clients", "nodes", "events", "peer"):
+        ep = c.get(raw, side, str, where, "", required=side in ("clients", "nodes"))
+        m = _ENDPOINT.fullmatch(ep) if ep else None
+        if ep and (m is None or (m.group(2) not in (None, "*") and not 0 < int(m.group(2)) < 65536)):
+            c.bad(f"{where}.{side}", f"{ep!r} is not a ZeroMQ endpoint (tcp://HOST:PORT with a port from 1 to 65535, or ipc://PATH)")
+        elif side == "peer" and m is not None and m.group(2) == "*":
+            c.bad(f"{where}.peer", "needs a fixed port: the other brokers dial it")
+        elif ep and (host, ep) in endpoints:
+            c.bad(f"{where}.{side}", f"{ep} is already used by {endpoints[host, ep]}")
+        elif ep:
+            endpoints[host, ep] = f"{where}.{side}"
+        eps[side] = ep
+    spec = BrokerSpec(
+        name=bname,
+        clients=eps["clients"],
+        nodes=eps["nodes"],
+        limits=_limits(c, raw, bname, where),
+        events=eps["events"] or DEFAULT_EVENTS,
+        monitor=c.get(raw, "monitor", str, where, None),
+        monitor_token_file=c.get(raw, "monitor_token_file", str, where, None),
+        peer=eps["peer"] or None,
+        host=host,
+    )
+    _monitor(c, spec, where, security)
+    return spec
+
+
+def _node(
+    c: _Checker, nname: str, raw: Any, clustered: bool, host_names: list[str] | None,
+    broker_names: list[str], default_broker: str,
+) -> NodeSpec | None:  # fmt: skip
+    """One `[nodes.NAME]` table; its plugin is loaded to check `use` and `config`."""
+    where = f"nodes.{nname}"
+    if not _NAME.fullmatch(nname):
+        c.bad(where, "name must be letters, digits, '_' or '-'")
+    if not isinstance(raw, dict):
+        c.bad(where, "must be a table")
+        return None
+    c.unknown(raw, {"use", "broker", "replicas", "capacity", "heartbeat_interval", "config", "dedupe", "host"}, where)
+    use = c.get(raw, "use", str, where, "", required=True)
+    if use and not _SPEC.fullmatch(use):
+        c.bad(f"{where}.use", f"{use!r} is neither a node name (echo) nor module:attribute")
+    broker = c.get(raw, "broker", str, where, default_broker)
+    if "broker" in raw and clustered:
+        c.bad(f"{where}.broker", "a node of a cluster serves every broker; remove this key")
+    elif "broker" in raw and isinstance(broker, str) and broker not in broker_names:
+        c.bad(f"{where}.broker", f"no broker named {broker!r} (brokers: {', '.join(broker_names) or 'none'})")
+    spec = NodeSpec(
+        name=nname,
+        use=use,
+        broker=broker,
+        replicas=c.get(raw, "replicas", int, where, 1),
+        capacity=c.get(raw, "capacity", int, where, None),
+        heartbeat_interval=_float_or_none(c.get(raw, "heartbeat_interval", (int, float), where, None)),
+        config=c.get(raw, "config", dict, where, {}),
+        dedupe=c.get(raw, "dedupe", bool, where, True),
+        host=entry_host(c, raw, where, host_names),
+    )
+    _positive(c, spec.replicas, f"{where}.replicas")
+    for key in ("capacity", "heartbeat_interval"):
+        if getattr(spec, key) is not None:
+            _positive(c, getattr(spec, key), f"{where}.{key}")
+    _check_config(c, spec.config, f"{where}.config")
+    if use and _SPEC.fullmatch(use):
+        problem = plugin_problem(use, spec.config)
+        if problem:
+            c.bad(f"{where}.use", problem)
+    return spec
 
 
 def _limits(c: _Checker, raw: dict[str, Any], name: str, where: str) -> BrokerConfig:
