@@ -22,7 +22,7 @@ from typing import Any, NoReturn
 import click
 
 from .broker.core import BrokerConfig
-from .broker.settings import LIMITS, SETTINGS, BrokerSettings, Setting
+from .broker.settings import LIMITS, SETTINGS, BrokerSettings, Setting, parse_retention
 from .process import tune_for_serving
 from .protocol import AuthenticationFailedError, ConfigurationError, MeshError
 
@@ -113,8 +113,6 @@ def main() -> None:
 
 
 def _retention_rule(_ctx: click.Context, _param: click.Parameter, values: tuple[str, ...]) -> tuple[Any, ...]:
-    from .broker.settings import parse_retention
-
     try:
         return tuple(parse_retention(v) for v in values)
     except ValueError as exc:
@@ -139,6 +137,7 @@ def _broker_option(s: Setting) -> Callable[[Callable[..., Any]], Callable[..., A
 
 
 def _broker_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Every flag of `SETTINGS`, in its order, on `command`."""
     for s in reversed(SETTINGS):
         command = _broker_option(s)(command)
     return command
@@ -156,7 +155,7 @@ def _broker_options(command: Callable[..., Any]) -> Callable[..., Any]:
 def broker(ctx: click.Context, topology_file: str | None, name: str, log_level: str, log_format: str, **values: Any) -> None:
     """Run a broker until SIGTERM or Ctrl-C; then drain in-flight commands and exit.
 
-    With --topology FILE --name NAME, the settings come from the topology (docs/operations.md).
+    With --topology FILE --name NAME, the settings come from the topology (docs/topologies.md).
     With --state, security is on: CURVE on every socket, tokens, the access policy.
     With --monitor, it also serves the dashboard and monitoring endpoints over HTTP.
     """
