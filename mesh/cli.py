@@ -14,13 +14,15 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any, NoReturn
 
 import click
 
 from .broker.config import BrokerConfig
+from .broker.settings import LIMITS, SETTINGS, BrokerSettings, Setting, parse_retention
 from .process import tune_for_serving
 from .protocol import AuthenticationFailedError, ConfigurationError, MeshError
 
@@ -121,141 +123,137 @@ def main() -> None:
     """mesh: the Machine Context Protocol as a ZeroMQ routing mesh."""
 
 
-def _retention_rule(value: str) -> Any:
-    from .broker.events import RetentionRule
-    from .protocol import ValidationFailedError, check_topic
-
+def _retention_rule(_ctx: click.Context, _param: click.Parameter, values: tuple[str, ...]) -> tuple[Any, ...]:
     try:
-        prefix, events, size = value.split(":")
-        if prefix:
-            check_topic(prefix, "prefix")
-        rule = RetentionRule(prefix, int(events), int(size))
-    except (ValueError, ValidationFailedError):
-        raise click.BadParameter(f"{value!r} is not PREFIX:MAX_EVENTS:MAX_BYTES (PREFIX may be empty)") from None
-    if rule.max_events < 0 or rule.max_bytes < 0:
-        raise click.BadParameter(f"{value!r}: the bounds must be 0 or more")
-    return rule
+        return tuple(parse_retention(v) for v in values)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+def _broker_option(s: Setting) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """The flag of one broker setting, made from its one description (mesh.broker.settings)."""
+    kind: Any = s.kind
+    if s.choices:
+        kind = click.Choice(s.choices)
+    elif s.path is not None:
+        kind = click.Path(file_okay=s.path == "file", dir_okay=s.path == "dir")
+    elif s.positive:
+        kind = click.IntRange(1) if s.kind is int else click.FloatRange(min=0, min_open=True)
+    elif s.minimum is not None or s.maximum is not None:
+        kind = click.IntRange(s.minimum, s.maximum)
+    return click.option(
+        s.option, s.key, type=kind, default=s.default, multiple=s.repeat, metavar=s.metavar, help=s.help,
+        show_default=s.default not in (None, ()), callback=_retention_rule if s.key == "retention" else None,
+    )
+
+
+def _broker_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Every flag of `SETTINGS`, in its order, on `command`."""
+    for s in reversed(SETTINGS):
+        command = _broker_option(s)(command)
+    return command
 
 
 @main.command()
-@click.option("--name", default="broker", show_default=True, help="Name shown in the registry and logs.")
-@click.option("--clients", default="tcp://127.0.0.1:5555", show_default=True, help="Endpoint for AI-tool clients.")
-@click.option("--nodes", default="tcp://127.0.0.1:5556", show_default=True, help="Endpoint for handler nodes.")
-@click.option("--events", default="tcp://127.0.0.1:5557", show_default=True, help="Endpoint for event subscribers.")
-@click.option("--queue-limit", default=_BROKER.queue_limit, show_default=True, type=click.IntRange(1), help="Commands waiting for a free node before RESOURCE_EXHAUSTED.")
-@click.option("--timeout", default=_BROKER.default_timeout, show_default=True, type=click.FloatRange(min=0, min_open=True), help="Deadline in seconds for commands that carry none.")
-@click.option("--max-message-bytes", default=_BROKER.max_message_bytes, show_default=True, type=click.IntRange(1), help="Largest message accepted.")
-@click.option("--event-hwm", default=_BROKER.event_hwm, show_default=True, type=click.IntRange(1), help="Events queued per subscriber before it misses some.")
-@click.option("--max-topics", default=_BROKER.max_topics, show_default=True, type=click.IntRange(1), help="Topics tracked before a new one is refused.")
-@click.option("--max-retained-bytes", default=_BROKER.max_retained_bytes, show_default=True, type=click.IntRange(1), help="Bound on all retained events together.")
-@click.option("--retention", "retention", multiple=True, callback=lambda _c, _p, v: tuple(_retention_rule(x) for x in v),
-              help="PREFIX:MAX_EVENTS:MAX_BYTES, repeatable; the longest matching prefix wins (default ':1000:1048576').")
-@click.option("--state", "state_dir", type=click.Path(file_okay=False), default=None, help="Security on: the state directory with the keys, token secret and policy (`mesh up` fills it).")
-@click.option("--min-level", default=1, show_default=True, type=click.IntRange(0, 3), help="With --state: least security level of any message (1 token, 2 encrypted, 3 signed).")
-@click.option("--service-level", "service_levels", multiple=True, metavar="SERVICE=LEVEL", help="With --state: a higher level for one service (repeatable).")
-@click.option("--allow-ip", "allow_ips", multiple=True, help="With --state: only these addresses may connect (repeatable).")
-@click.option("--deny-ip", "deny_ips", multiple=True, help="With --state: these addresses may not connect (repeatable).")
-@click.option("--token-algorithm", default="HS256", show_default=True, type=click.Choice(["HS256", "EdDSA", "RS256"]), help="With --state: how tokens are signed.")
-@click.option("--token-key", default=None, type=click.Path(dir_okay=False), help="With EdDSA/RS256: the issuer's public key (PEM) or a JWKS file (.json).")
-@click.option("--member", "members", multiple=True, metavar="NAME=ENDPOINT", help="Cluster on: every broker of the cluster and its peer endpoint, this one (--name) included (repeatable). docs/operations.md.")
-@click.option("--learner", "learners", multiple=True, metavar="NAME", help="With --member: a member that gets the log but does not vote (repeatable).")
-@click.option("--data", "data_dir", type=click.Path(file_okay=False), default=None, help="With --member: this broker's cluster data directory (its replicated log, in SQLite).")
-@click.option("--election-ticks", default=10, show_default=True, type=click.IntRange(3), help="With --member: 50 ms ticks without a leader before an election (failover takes 1 to 2 times this).")
-@click.option("--monitor", "monitor_address", default=None, metavar="HOST:PORT", help="Serve the monitor (dashboard, /varz, /metrics, ...) here; off by default. docs/monitoring.md.")
-@click.option("--monitor-token-file", default=None, type=click.Path(dir_okay=False), help="The monitor's bearer token (required off loopback; with --state, default STATE/monitor.token, made if missing).")
-@click.option("--monitor-tls-cert", default=None, type=click.Path(dir_okay=False), help="Serve the monitor over HTTPS (TLS 1.3 minimum): its certificate (PEM, the chain after it). Needs --monitor-tls-key.")
-@click.option("--monitor-tls-key", default=None, type=click.Path(dir_okay=False), help="The monitor certificate's private key (PEM, unencrypted).")
+@click.option("--topology", "topology_file", type=click.Path(dir_okay=False), default=None,
+              help="Take this broker's settings from a topology file: its [brokers.NAME] table (NAME from --name), "
+                   "[security] and [cluster], as `mesh up` does. Flags for what the topology holds are refused.")
+@click.option("--name", default="broker", show_default=True, help="Name shown in the registry and logs; with --topology, which broker to run.")
+@_broker_options
 @click.option("--log-level", default="info", type=click.Choice(["debug", "info", "warning", "error"]), show_default=True)
 @log_format_option
-def broker(
-    name: str,
-    clients: str,
-    nodes: str,
-    events: str,
-    queue_limit: int,
-    timeout: float,
-    max_message_bytes: int,
-    event_hwm: int,
-    max_topics: int,
-    max_retained_bytes: int,
-    retention: tuple[Any, ...],
-    state_dir: str | None,
-    min_level: int,
-    service_levels: tuple[str, ...],
-    allow_ips: tuple[str, ...],
-    deny_ips: tuple[str, ...],
-    token_algorithm: str,
-    token_key: str | None,
-    members: tuple[str, ...],
-    learners: tuple[str, ...],
-    data_dir: str | None,
-    election_ticks: int,
-    monitor_address: str | None,
-    monitor_token_file: str | None,
-    monitor_tls_cert: str | None,
-    monitor_tls_key: str | None,
-    log_level: str,
-    log_format: str,
-) -> None:
+@click.pass_context
+def broker(ctx: click.Context, topology_file: str | None, name: str, log_level: str, log_format: str, **values: Any) -> None:
     """Run a broker until SIGTERM or Ctrl-C; then drain in-flight commands and exit.
 
+    With --topology FILE --name NAME, the settings come from the topology (docs/topologies.md).
     With --state, security is on: CURVE on every socket, tokens, the access policy.
     With --monitor, it also serves the dashboard and monitoring endpoints over HTTP.
     """
-    from .broker import BrokerConfig
-    from .broker.loop import BrokerServer, Endpoints
-
     _setup_logging(log_level, log_format)
-    config = BrokerConfig(
-        name=name,
-        queue_limit=queue_limit,
-        default_timeout=timeout,
-        max_message_bytes=max_message_bytes,
-        event_hwm=event_hwm,
-        max_topics=max_topics,
-        max_retained_bytes=max_retained_bytes,
-        retention=retention or _BROKER.retention,
-    )
-    options: dict[str, Any] = {}
     try:
-        if state_dir is not None:
-            from .security.brokerside import broker_security
-
-            setup = broker_security(
-                state_dir,
-                min_level=min_level,
-                service_levels=_levels(service_levels),
-                allow_ips=allow_ips,
-                deny_ips=deny_ips,
-                token_algorithm=token_algorithm,  # type: ignore[arg-type]
-                token_key=token_key,
-            )
-            options = {"security": setup.security, "secure": setup.secure, "zap": setup.zap}
-        elif service_levels or allow_ips or deny_ips:
-            raise UsageError("--service-level, --allow-ip and --deny-ip need --state (security on)")
-        if monitor_address is not None:
-            from .monitor.server import monitor_settings
-
-            options["monitor"] = monitor_settings(monitor_address, monitor_token_file, state_dir,
-                                                  tls_cert=monitor_tls_cert, tls_key=monitor_tls_key)
-        elif monitor_token_file is not None or monitor_tls_cert is not None or monitor_tls_key is not None:
-            raise UsageError("--monitor-token-file, --monitor-tls-cert and --monitor-tls-key need --monitor")
-        if members:
-            options["cluster"] = _cluster_settings(name, members, learners, data_dir, state_dir, election_ticks)
-        elif learners or data_dir is not None:
-            raise UsageError("--learner and --data need --member (cluster on)")
-        server = BrokerServer(Endpoints(clients, nodes, events), config, **options)
+        if topology_file is not None:
+            settings = _topology_settings(ctx, topology_file, name, values)
+        else:
+            settings = _flag_settings(name, values)
+        server = _broker_server(settings)
     except MeshError as err:
         _fail(err)
     _on_stop(server.stop)
     tune_for_serving()
     ep = server.endpoints
-    if state_dir is not None:
-        _record(state_dir, ep.clients)
+    if settings.state is not None:
+        _record(settings.state, ep.clients)
     if server.monitor is not None:
-        click.echo(f"broker {name} monitor {server.monitor.url}")
-    click.echo(f"broker {name} ready clients={ep.clients} nodes={ep.nodes} events={ep.events}")
+        click.echo(f"broker {settings.name} monitor {server.monitor.url}")
+    click.echo(f"broker {settings.name} ready clients={ep.clients} nodes={ep.nodes} events={ep.events}")
     server.run()
+
+
+def _topology_settings(ctx: click.Context, file: str, name: str, values: dict[str, Any]) -> BrokerSettings:
+    """Broker `name` of the topology `file`; a flag for a setting the topology holds is refused,
+    so the broker never runs other settings than the processes that read the same file."""
+    from click.core import ParameterSource
+
+    from .topology import TopologyError, load
+
+    given = [s.option for s in SETTINGS if s.topology is not None and ctx.get_parameter_source(s.key) is ParameterSource.COMMANDLINE]
+    if given:
+        held = "this setting" if len(given) == 1 else "these settings"
+        raise UsageError(f"{', '.join(given)}: {file} holds {held}; change it there, or run without --topology "
+                         "(a flag next to it would make this broker differ from what the rest of the mesh reads there)")
+    try:
+        topo = load(file)
+    except TopologyError as err:
+        raise UsageError(err.message) from None
+    if ctx.get_parameter_source("name") is not ParameterSource.COMMANDLINE or name not in topo.brokers:
+        given_name = f" ({name!r} is not one)" if ctx.get_parameter_source("name") is ParameterSource.COMMANDLINE else ""
+        raise UsageError(f"--topology needs --name NAME, one of its brokers: {', '.join(topo.brokers)}{given_name}")
+    return replace(topo.broker_settings(name), **{s.key: values[s.key] for s in SETTINGS if s.topology is None})
+
+
+def _flag_settings(name: str, values: dict[str, Any]) -> BrokerSettings:
+    """The settings of a broker run without a topology, from its flags."""
+    limits = BrokerConfig(name=name, retention=values.pop("retention") or _BROKER.retention,
+                          **{s.core or s.key: values.pop(s.key) for s in LIMITS})
+    values["service_levels"] = _levels(values["service_levels"])
+    if values["members"]:
+        values["members"] = _members(name, values["members"], values["learners"], values["data"])
+    return BrokerSettings(limits, **values)
+
+
+def _broker_server(settings: BrokerSettings) -> Any:
+    """The `BrokerServer` that `settings` describe, with errors that say what to fix.
+
+    Raises:
+        UsageError: a setting needs another that is not set.
+        MeshError: a file or an address in the settings is missing or unusable.
+    """
+    from .broker.loop import BrokerServer, ClusterSettings, Endpoints
+
+    s = settings
+    options: dict[str, Any] = {}
+    if s.state is not None:
+        from .security.brokerside import broker_security
+
+        setup = broker_security(s.state, min_level=s.min_level, service_levels=s.service_levels, allow_ips=s.allow_ips,
+                                deny_ips=s.deny_ips, token_algorithm=s.token_algorithm, token_key=s.token_key)  # type: ignore[arg-type]
+        options = {"security": setup.security, "secure": setup.secure, "zap": setup.zap}
+    elif s.service_levels or s.allow_ips or s.deny_ips:
+        raise UsageError("--service-level, --allow-ip and --deny-ip need --state (security on)")
+    if s.monitor is not None:
+        from .monitor.server import monitor_settings
+
+        options["monitor"] = monitor_settings(s.monitor, s.monitor_token_file, s.state,
+                                              tls_cert=s.monitor_tls_cert, tls_key=s.monitor_tls_key)
+    elif s.monitor_token_file is not None or s.monitor_tls_cert is not None or s.monitor_tls_key is not None:
+        raise UsageError("--monitor-token-file, --monitor-tls-cert and --monitor-tls-key need --monitor")
+    if s.members:
+        ticks = {} if s.election_ticks is None else {"election_ticks": s.election_ticks}
+        options["cluster"] = ClusterSettings(s.members, s.data or "", frozenset(s.learners), state_dir=s.state, **ticks)
+    elif s.learners or s.data is not None:
+        raise UsageError("--learner and --data need --member (cluster on)")
+    return BrokerServer(Endpoints(s.clients, s.nodes, s.events), s.limits, **options)
 
 
 def _record(state_dir: str, clients: str) -> None:
@@ -269,13 +267,8 @@ def _record(state_dir: str, clients: str) -> None:
         logging.getLogger("mesh.broker").warning("%s: mesh call will not find this broker's credentials by itself", err.message)
 
 
-def _cluster_settings(
-    name: str, members: tuple[str, ...], learners: tuple[str, ...], data_dir: str | None,
-    state_dir: str | None, election_ticks: int,
-) -> Any:  # fmt: skip
-    """The broker's `ClusterSettings` from its command line, with errors that say what to fix."""
-    from .broker.loop import ClusterSettings
-
+def _members(name: str, members: tuple[str, ...], learners: tuple[str, ...], data_dir: str | None) -> dict[str, str]:
+    """The `--member` table (name -> peer endpoint), with errors that say what to fix."""
     table: dict[str, str] = {}
     for item in members:
         member, sep, endpoint = item.partition("=")
@@ -291,9 +284,7 @@ def _cluster_settings(
         raise UsageError(f"--learner {', '.join(unknown)}: not a --member")
     if data_dir is None:
         raise UsageError("a cluster member needs --data DIR for its replicated log")
-    return ClusterSettings(
-        table, data_dir, frozenset(learners), state_dir=state_dir, election_ticks=election_ticks
-    )
+    return table
 
 
 @main.command()

@@ -13,10 +13,13 @@ Rules of this module:
   a row, each time within 10 s of its start, cannot start (a bad config, a taken port):
   the launcher says so and stops restarting it, the rest of the mesh stays up, and
   `mesh up` exits with status 1 at the end. Nothing is restarted once shutdown began.
-* A cluster's brokers each get every member (`--member`), their own data directory and
-  the cluster's settings; nodes get every broker's node endpoint, in topology order.
-  A broker's own `--member` entry is the endpoint it listens on as written; every other
-  endpoint a process dials has a wildcard address replaced by its host's (`Topology.dial`).
+* A broker is started as `mesh broker --topology COPY --name NAME`: it reads its settings
+  from the topology itself (`Topology.broker_settings`, the one parse), so nothing is
+  turned back into flags. COPY is the file as `mesh up` read it, kept in a private
+  temporary directory for the launcher's life: a broker restarted after the file was
+  edited runs what the rest of the mesh runs. Nodes get every broker's node endpoint,
+  in topology order; every endpoint a process dials has a wildcard address replaced by
+  its host's (`Topology.dial`).
 * With `host`, only that host's brokers and nodes run here (`mesh up FILE --host NAME`);
   the nodes still dial every broker they serve, wherever it runs. Launchers on several
   hosts share nothing but the topology file and the security state directory; the state
@@ -32,9 +35,11 @@ import fcntl
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -44,7 +49,7 @@ from pathlib import Path
 from typing import IO, Final
 
 from .protocol import ConfigurationError
-from .topology import BrokerSpec, NodeSpec, Topology
+from .topology import NodeSpec, Topology
 
 __all__ = ["BROKER_READY", "NODE_READY", "Launcher"]
 
@@ -55,6 +60,7 @@ GIVE_UP_AFTER: Final = 5  # quick failures in a row: 0.5 + 1 + 2 + 4 s of backof
 STOP_GRACE: Final = 12.0
 READY_TIMEOUT: Final = 15.0
 STATE_LOCK: Final = "up.lock"  # in the security state directory (module rules)
+TOPOLOGY_COPY: Final = "topology.toml"  # in the launcher's private temporary directory (module rules)
 # The lines `mesh broker` and `mesh node` print once they serve (see cli.py).
 BROKER_READY: Final = re.compile(
     r"^broker (?P<name>\S+) ready clients=(?P<clients>\S+) nodes=(?P<nodes>\S+) events=(?P<events>\S+)"
@@ -121,9 +127,12 @@ class Launcher:
         # from its ready line (a topology may ask for port `*`).
         self.node_endpoints = {b.name: topology.dial(b.nodes, b.name) for b in topology.brokers.values()}
         self.state: Path | None = None
+        self._copy: Path | None = None  # the topology the brokers read, made by run()
         _check_host(topology, host)
-        here = [b for b in topology.brokers.values() if host is None or b.host == host]
-        self.processes: list[_Process] = [self._broker(b) for b in here]
+        here = [b.name for b in topology.brokers.values() if host is None or b.host == host]
+        self.processes: list[_Process] = [
+            _Process(f"broker:{b}", [sys.executable, "-m", "mesh", "broker", "--name", b], (b,), True) for b in here
+        ]
         for spec in topology.nodes.values():
             if host is not None and spec.host != host:
                 continue
@@ -133,7 +142,7 @@ class Launcher:
 
     def prepare_security(self) -> None:
         """With security on: make the keys, tokens and policy that are missing, and give
-        every process its part (`--state` for brokers, `--credentials` for nodes).
+        every node its credentials (a broker finds the state directory in the topology).
 
         Raises:
             ConfigurationError: a node cannot be loaded to learn its services, or the
@@ -177,42 +186,8 @@ class Launcher:
         for client in sec.clients:
             self.echo(f"security: credentials for {client}: {layout.credentials(client)}")
         for p in self.processes:
-            if p.is_broker:
-                p.argv += ["--state", str(layout.root), "--min-level", str(sec.min_level)]
-                p.argv += [a for svc, lvl in sec.service_levels.items() for a in ("--service-level", f"{svc}={lvl}")]
-                p.argv += [a for ip in sec.allow_ips for a in ("--allow-ip", ip)]
-                p.argv += [a for ip in sec.deny_ips for a in ("--deny-ip", ip)]
-            else:
+            if not p.is_broker:  # a broker reads [security] from the topology
                 p.env["MESH_CREDENTIALS"] = str(layout.credentials(p.spec))
-
-    def _broker(self, b: BrokerSpec) -> _Process:
-        argv = [
-            sys.executable, "-m", "mesh", "broker", "--name", b.name,
-            "--clients", b.clients, "--nodes", b.nodes,
-            "--queue-limit", str(b.queue_limit), "--timeout", str(b.timeout),
-            "--max-message-bytes", str(b.max_message_bytes),
-            "--events", b.events, "--event-hwm", str(b.event_hwm), "--max-topics", str(b.max_topics),
-            "--max-retained-bytes", str(b.max_retained_bytes),
-        ]
-        for rule in b.retention:
-            argv += ["--retention", f"{rule.prefix}:{rule.max_events}:{rule.max_bytes}"]
-        if b.monitor is not None:
-            argv += ["--monitor", b.monitor]
-        if b.monitor_token_file is not None:
-            argv += ["--monitor-token-file", b.monitor_token_file]
-        cluster = self.topology.cluster
-        if cluster is not None:
-            # Its own peer endpoint as written (it listens there), the others' as dialled.
-            members = {
-                m.name: m.peer if m is b else self.topology.dial(m.peer or "", m.name)
-                for m in self.topology.brokers.values()
-            }
-            argv += [a for name, peer in members.items() for a in ("--member", f"{name}={peer}")]
-            argv += ["--data", str(Path(cluster.data) / b.name)]
-            argv += [a for learner in cluster.learners for a in ("--learner", learner)]
-            if cluster.election_ticks is not None:
-                argv += ["--election-ticks", str(cluster.election_ticks)]
-        return _Process(f"broker:{b.name}", argv, (b.name,), True)
 
     @staticmethod
     def _node(spec: NodeSpec, brokers: tuple[str, ...], index: int) -> _Process:
@@ -238,6 +213,11 @@ class Launcher:
         if self.host is not None:
             where = f" on host {self.host} ({self.topology.hosts[self.host].address})"
         self.echo(f"mesh {self.topology.name}: starting {len(self.processes)} process(es){where}")
+        try:
+            self._copy = _copy_topology(self.topology)
+        except ConfigurationError as err:
+            self.echo(f"cannot start: {err.message}")
+            return 1
         try:
             brokers = [p for p in self.processes if p.is_broker]
             for p in brokers:
@@ -271,7 +251,10 @@ class Launcher:
 
     def _start(self, p: _Process) -> None:
         p.ready.clear()
-        argv = p.argv if p.is_broker else [*p.argv, "--broker", ",".join(self.node_endpoints[b] for b in p.brokers)]
+        if p.is_broker:
+            argv = [*p.argv, "--topology", str(self._copy)]
+        else:
+            argv = [*p.argv, "--broker", ",".join(self.node_endpoints[b] for b in p.brokers)]
         p.popen = subprocess.Popen(
             argv,
             stdout=subprocess.PIPE,
@@ -344,6 +327,8 @@ class Launcher:
                 except subprocess.TimeoutExpired:
                     proc.kill()
                     proc.wait()
+        if self._copy is not None:
+            shutil.rmtree(self._copy.parent, ignore_errors=True)
         self.echo("stopped")
 
 
@@ -356,6 +341,24 @@ def _check_host(topology: Topology, host: str | None) -> None:
         raise ConfigurationError(f"--host {host}: {topology.source} has no host named {host!r} (hosts: {', '.join(topology.hosts)})")
     if not any(e.host == host for e in (*topology.brokers.values(), *topology.nodes.values())):
         raise ConfigurationError(f"--host {host}: {topology.source} places no broker or node on {host}")
+
+
+def _copy_topology(topology: Topology) -> Path:
+    """Write the topology as it was read to a new private directory; the brokers start from it.
+
+    Raises:
+        ConfigurationError: the topology was not read from a file (`parse`, not `load`),
+            or the copy cannot be written.
+    """
+    if not topology.text:
+        raise ConfigurationError(f"{topology.source}: mesh up starts brokers from a topology file; read it with load()")
+    try:
+        directory = Path(tempfile.mkdtemp(prefix="mesh-up-"))  # 0700: node configs may hold secrets
+        copy = directory / TOPOLOGY_COPY
+        copy.write_text(topology.text, encoding="utf-8")
+    except OSError as exc:
+        raise ConfigurationError(f"cannot copy the topology for the brokers: {exc.strerror}") from None
+    return copy
 
 
 @contextmanager

@@ -12,18 +12,22 @@ Rules of this module:
 * With a `[cluster]` table the brokers are one cluster (docs/topologies.md, "Clusters"):
   every broker names its `peer` endpoint, and every node serves every broker, so a node
   table has no `broker` key. Without it, brokers are independent, as they always were.
+* The keys of a `[brokers.NAME]` table are the broker settings of `mesh.broker.settings`;
+  `Topology.broker_settings(NAME)` gives one broker everything it runs with, which is how
+  `mesh broker --topology FILE --name NAME` (and so `mesh up`) starts it.
 """
 
 from __future__ import annotations
 
 import re
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Final
 
 from .broker.config import BrokerConfig
 from .broker.events import DEFAULT_RULE, RetentionRule
+from .broker.settings import BROKER_TABLE, LIMITS, SETTINGS, BrokerSettings
 from .placement import LOCAL_ADDRESS, HostSpec, check_placement, dial, entry_host, parse_hosts
 from .plugins import plugin_problem
 from .problems import Checker, Problem, ProblemsError
@@ -44,12 +48,13 @@ __all__ = [
 
 _NAME: Final = re.compile(NAME_PATTERN)
 _BROKER: Final = BrokerConfig()  # the defaults a topology does not repeat
+_BROKER_KEYS: Final = frozenset(s.key for s in BROKER_TABLE) | {"peer", "host"}
 _ENDPOINT: Final = re.compile(r"(tcp://[^\s:]+:(\d{1,5}|\*)|ipc://\S+)")
 _SPEC: Final = re.compile(r"[A-Za-z_][\w.]*(:[A-Za-z_][\w.]*)?")
 _TOPIC: Final = re.compile(TOPIC_PATTERN)
 DEFAULT_EVENTS: Final = "tcp://127.0.0.1:*"
 DEFAULT_CLUSTER_DATA: Final = "var/cluster"
-MIN_ELECTION_TICKS: Final = 3  # what `mesh broker --election-ticks` accepts
+MIN_ELECTION_TICKS: Final = next(s.minimum for s in SETTINGS if s.key == "election_ticks")
 
 
 class TopologyError(ProblemsError):
@@ -58,19 +63,13 @@ class TopologyError(ProblemsError):
 
 @dataclass(frozen=True, slots=True)
 class BrokerSpec:
-    """One `[brokers.NAME]` table."""
+    """One `[brokers.NAME]` table; `limits` holds its name and the core's limits (`LIMITS`, `retention`)."""
 
     name: str
     clients: str
     nodes: str
-    queue_limit: int = _BROKER.queue_limit
-    timeout: float = _BROKER.default_timeout
-    max_message_bytes: int = _BROKER.max_message_bytes
+    limits: BrokerConfig = _BROKER
     events: str = DEFAULT_EVENTS
-    event_hwm: int = _BROKER.event_hwm
-    max_topics: int = _BROKER.max_topics
-    max_retained_bytes: int = _BROKER.max_retained_bytes
-    retention: tuple[RetentionRule, ...] = _BROKER.retention
     monitor: str | None = None  # HOST:PORT of the HTTP monitor; None: off
     monitor_token_file: str | None = None
     peer: str | None = None  # the cluster peer endpoint; set exactly when the topology has [cluster]
@@ -131,12 +130,36 @@ class Topology:
     security: SecuritySpec | None = None
     cluster: ClusterSpec | None = None
     hosts: dict[str, HostSpec] = field(default_factory=dict)
+    text: str = ""  # the TOML it was read from, for `mesh up` to start brokers from ("" from `parse`)
 
     def dial(self, endpoint: str, broker: str) -> str:
         """Where other processes connect to `endpoint` of `broker`: a wildcard address
         (`tcp://*:PORT`) becomes the address of the broker's host (127.0.0.1 without `[hosts]`)."""
         host = self.brokers[broker].host
         return dial(endpoint, self.hosts[host].address if host is not None else LOCAL_ADDRESS)
+
+    def broker_settings(self, name: str) -> BrokerSettings:
+        """Everything broker `name` runs with: its table, `[security]` and `[cluster]`.
+
+        A cluster member gets every member's peer endpoint: its own as written (it listens
+        there), the others' as dialled; and its log directory is `[cluster] data`/NAME.
+
+        Raises:
+            KeyError: the topology has no broker `name`.
+        """
+        b = self.brokers[name]
+        settings = BrokerSettings(
+            b.limits, b.clients, b.nodes, b.events, monitor=b.monitor, monitor_token_file=b.monitor_token_file
+        )
+        if self.security is not None:
+            sec = self.security
+            settings = replace(settings, state=sec.state, min_level=sec.min_level, service_levels=sec.service_levels,
+                               allow_ips=sec.allow_ips, deny_ips=sec.deny_ips)
+        if self.cluster is not None:
+            members = {m.name: m.peer if m is b else self.dial(m.peer or "", m.name) for m in self.brokers.values()}
+            settings = replace(settings, members=members, data=str(Path(self.cluster.data) / name),
+                               learners=self.cluster.learners, election_ticks=self.cluster.election_ticks)
+        return settings
 
 
 class _Checker(Checker):
@@ -193,97 +216,14 @@ def parse(data: dict[str, Any], source: str = "<topology>") -> Topology:
     if not raw_brokers:
         c.bad("brokers", "at least one broker is required ([brokers.NAME])")
     for bname, raw in raw_brokers.items():
-        where = f"brokers.{bname}"
-        if not _NAME.fullmatch(bname):
-            c.bad(where, "name must be letters, digits, '_' or '-'")
-        if not isinstance(raw, dict):
-            c.bad(where, "must be a table")
-            continue
-        c.unknown(
-            raw,
-            {"clients", "nodes", "events", "queue_limit", "timeout", "max_message_bytes", "event_hwm",
-             "max_topics", "max_retained_bytes", "retention", "monitor", "monitor_token_file", "peer", "host"},
-            where,
-        )
-        if "peer" in raw and not clustered:
-            c.bad(f"{where}.peer", "needs a [cluster] table (a peer endpoint is for a cluster of brokers)")
-        elif clustered and "peer" not in raw:
-            c.bad(f"{where}.peer", f"is required in a cluster: broker {bname} needs the endpoint its peers dial (peer = \"tcp://HOST:PORT\")")
-        host = entry_host(c, raw, where, host_names)
-        eps = {}
-        for side in ("clients", "nodes", "events", "peer"):
-            ep = c.get(raw, side, str, where, "", required=side in ("clients", "nodes"))
-            m = _ENDPOINT.fullmatch(ep) if ep else None
-            if ep and (m is None or (m.group(2) not in (None, "*") and not 0 < int(m.group(2)) < 65536)):
-                c.bad(f"{where}.{side}", f"{ep!r} is not a ZeroMQ endpoint (tcp://HOST:PORT with a port from 1 to 65535, or ipc://PATH)")
-            elif side == "peer" and m is not None and m.group(2) == "*":
-                c.bad(f"{where}.peer", "needs a fixed port: the other brokers dial it")
-            elif ep and (host, ep) in endpoints:
-                c.bad(f"{where}.{side}", f"{ep} is already used by {endpoints[host, ep]}")
-            elif ep:
-                endpoints[host, ep] = f"{where}.{side}"
-            eps[side] = ep
-        spec = BrokerSpec(
-            name=bname,
-            clients=eps["clients"],
-            nodes=eps["nodes"],
-            queue_limit=c.get(raw, "queue_limit", int, where, _BROKER.queue_limit),
-            timeout=float(c.get(raw, "timeout", (int, float), where, _BROKER.default_timeout)),
-            max_message_bytes=c.get(raw, "max_message_bytes", int, where, _BROKER.max_message_bytes),
-            events=eps["events"] or DEFAULT_EVENTS,
-            event_hwm=c.get(raw, "event_hwm", int, where, _BROKER.event_hwm),
-            max_topics=c.get(raw, "max_topics", int, where, _BROKER.max_topics),
-            max_retained_bytes=c.get(raw, "max_retained_bytes", int, where, _BROKER.max_retained_bytes),
-            retention=_retention(c, raw.get("retention"), f"{where}.retention"),
-            monitor=c.get(raw, "monitor", str, where, None),
-            monitor_token_file=c.get(raw, "monitor_token_file", str, where, None),
-            peer=eps["peer"] or None,
-            host=host,
-        )
-        _monitor(c, spec, where, data.get("security"))
-        for key in ("queue_limit", "timeout", "max_message_bytes", "event_hwm", "max_topics", "max_retained_bytes"):
-            _positive(c, getattr(spec, key), f"{where}.{key}")
-        brokers[bname] = spec
-
+        spec = _broker(c, bname, raw, clustered, host_names, endpoints, data.get("security"))
+        if spec is not None:
+            brokers[bname] = spec
     nodes: dict[str, NodeSpec] = {}
     for nname, raw in c.table(data, "nodes", "").items():
-        where = f"nodes.{nname}"
-        if not _NAME.fullmatch(nname):
-            c.bad(where, "name must be letters, digits, '_' or '-'")
-        if not isinstance(raw, dict):
-            c.bad(where, "must be a table")
-            continue
-        c.unknown(raw, {"use", "broker", "replicas", "capacity", "heartbeat_interval", "config", "dedupe", "host"}, where)
-        use = c.get(raw, "use", str, where, "", required=True)
-        if use and not _SPEC.fullmatch(use):
-            c.bad(f"{where}.use", f"{use!r} is neither a node name (echo) nor module:attribute")
-        default_broker = next(iter(brokers), "")
-        broker = c.get(raw, "broker", str, where, default_broker)
-        if "broker" in raw and clustered:
-            c.bad(f"{where}.broker", "a node of a cluster serves every broker; remove this key")
-        elif "broker" in raw and isinstance(broker, str) and broker not in raw_brokers:
-            c.bad(f"{where}.broker", f"no broker named {broker!r} (brokers: {', '.join(raw_brokers) or 'none'})")
-        spec_n = NodeSpec(
-            name=nname,
-            use=use,
-            broker=broker,
-            replicas=c.get(raw, "replicas", int, where, 1),
-            capacity=c.get(raw, "capacity", int, where, None),
-            heartbeat_interval=_float_or_none(c.get(raw, "heartbeat_interval", (int, float), where, None)),
-            config=c.get(raw, "config", dict, where, {}),
-            dedupe=c.get(raw, "dedupe", bool, where, True),
-            host=entry_host(c, raw, where, host_names),
-        )
-        _positive(c, spec_n.replicas, f"{where}.replicas")
-        for key in ("capacity", "heartbeat_interval"):
-            if getattr(spec_n, key) is not None:
-                _positive(c, getattr(spec_n, key), f"{where}.{key}")
-        _check_config(c, spec_n.config, f"{where}.config")
-        if use and _SPEC.fullmatch(use):
-            problem = plugin_problem(use, spec_n.config)
-            if problem:
-                c.bad(f"{where}.use", problem)
-        nodes[nname] = spec_n
+        spec_n = _node(c, nname, raw, clustered, host_names, list(raw_brokers), next(iter(brokers), ""))
+        if spec_n is not None:
+            nodes[nname] = spec_n
 
     security = _security(c, data.get("security"), set(nodes))
     cluster = _cluster(c, data["cluster"], list(raw_brokers)) if clustered else None
@@ -294,6 +234,104 @@ def parse(data: dict[str, Any], source: str = "<topology>") -> Topology:
     return Topology(
         name=name, brokers=brokers, nodes=nodes, source=source, security=security, cluster=cluster, hosts=hosts or {}
     )
+
+
+def _broker(
+    c: _Checker, bname: str, raw: Any, clustered: bool, host_names: list[str] | None,
+    endpoints: dict[tuple[str | None, str], str], security: Any,
+) -> BrokerSpec | None:  # fmt: skip
+    """One `[brokers.NAME]` table; `endpoints` collects every endpoint per host, to refuse one used twice."""
+    where = f"brokers.{bname}"
+    if not _NAME.fullmatch(bname):
+        c.bad(where, "name must be letters, digits, '_' or '-'")
+    if not isinstance(raw, dict):
+        c.bad(where, "must be a table")
+        return None
+    c.unknown(raw, set(_BROKER_KEYS), where)
+    if "peer" in raw and not clustered:
+        c.bad(f"{where}.peer", "needs a [cluster] table (a peer endpoint is for a cluster of brokers)")
+    elif clustered and "peer" not in raw:
+        c.bad(f"{where}.peer", f"is required in a cluster: broker {bname} needs the endpoint its peers dial (peer = \"tcp://HOST:PORT\")")
+    host = entry_host(c, raw, where, host_names)
+    eps = {}
+    for side in ("clients", "nodes", "events", "peer"):
+        ep = c.get(raw, side, str, where, "", required=side in ("clients", "nodes"))
+        m = _ENDPOINT.fullmatch(ep) if ep else None
+        if ep and (m is None or (m.group(2) not in (None, "*") and not 0 < int(m.group(2)) < 65536)):
+            c.bad(f"{where}.{side}", f"{ep!r} is not a ZeroMQ endpoint (tcp://HOST:PORT with a port from 1 to 65535, or ipc://PATH)")
+        elif side == "peer" and m is not None and m.group(2) == "*":
+            c.bad(f"{where}.peer", "needs a fixed port: the other brokers dial it")
+        elif ep and (host, ep) in endpoints:
+            c.bad(f"{where}.{side}", f"{ep} is already used by {endpoints[host, ep]}")
+        elif ep:
+            endpoints[host, ep] = f"{where}.{side}"
+        eps[side] = ep
+    spec = BrokerSpec(
+        name=bname,
+        clients=eps["clients"],
+        nodes=eps["nodes"],
+        limits=_limits(c, raw, bname, where),
+        events=eps["events"] or DEFAULT_EVENTS,
+        monitor=c.get(raw, "monitor", str, where, None),
+        monitor_token_file=c.get(raw, "monitor_token_file", str, where, None),
+        peer=eps["peer"] or None,
+        host=host,
+    )
+    _monitor(c, spec, where, security)
+    return spec
+
+
+def _node(
+    c: _Checker, nname: str, raw: Any, clustered: bool, host_names: list[str] | None,
+    broker_names: list[str], default_broker: str,
+) -> NodeSpec | None:  # fmt: skip
+    """One `[nodes.NAME]` table; its plugin is loaded to check `use` and `config`."""
+    where = f"nodes.{nname}"
+    if not _NAME.fullmatch(nname):
+        c.bad(where, "name must be letters, digits, '_' or '-'")
+    if not isinstance(raw, dict):
+        c.bad(where, "must be a table")
+        return None
+    c.unknown(raw, {"use", "broker", "replicas", "capacity", "heartbeat_interval", "config", "dedupe", "host"}, where)
+    use = c.get(raw, "use", str, where, "", required=True)
+    if use and not _SPEC.fullmatch(use):
+        c.bad(f"{where}.use", f"{use!r} is neither a node name (echo) nor module:attribute")
+    broker = c.get(raw, "broker", str, where, default_broker)
+    if "broker" in raw and clustered:
+        c.bad(f"{where}.broker", "a node of a cluster serves every broker; remove this key")
+    elif "broker" in raw and isinstance(broker, str) and broker not in broker_names:
+        c.bad(f"{where}.broker", f"no broker named {broker!r} (brokers: {', '.join(broker_names) or 'none'})")
+    spec = NodeSpec(
+        name=nname,
+        use=use,
+        broker=broker,
+        replicas=c.get(raw, "replicas", int, where, 1),
+        capacity=c.get(raw, "capacity", int, where, None),
+        heartbeat_interval=_float_or_none(c.get(raw, "heartbeat_interval", (int, float), where, None)),
+        config=c.get(raw, "config", dict, where, {}),
+        dedupe=c.get(raw, "dedupe", bool, where, True),
+        host=entry_host(c, raw, where, host_names),
+    )
+    _positive(c, spec.replicas, f"{where}.replicas")
+    for key in ("capacity", "heartbeat_interval"):
+        if getattr(spec, key) is not None:
+            _positive(c, getattr(spec, key), f"{where}.{key}")
+    _check_config(c, spec.config, f"{where}.config")
+    if use and _SPEC.fullmatch(use):
+        problem = plugin_problem(use, spec.config)
+        if problem:
+            c.bad(f"{where}.use", problem)
+    return spec
+
+
+def _limits(c: _Checker, raw: dict[str, Any], name: str, where: str) -> BrokerConfig:
+    """The core's limits from a `[brokers.NAME]` table: each a positive number (`LIMITS`)."""
+    values: dict[str, Any] = {}
+    for s in LIMITS:
+        value = c.get(raw, s.key, (int, float) if s.kind is float else s.kind, where, s.default)
+        values[s.core or s.key] = s.kind(value)
+        _positive(c, value, f"{where}.{s.key}")
+    return BrokerConfig(name=name, retention=_retention(c, raw.get("retention"), f"{where}.retention"), **values)
 
 
 def _float_or_none(value: float | None) -> float | None:
@@ -443,11 +481,12 @@ def load(path: str | Path) -> Topology:
     """
     p = Path(path)
     try:
-        data = tomllib.loads(p.read_text(encoding="utf-8"))
+        text = p.read_text(encoding="utf-8")
+        data = tomllib.loads(text)
     except OSError as exc:
         raise TopologyError(str(p), [Problem("file", exc.strerror or str(exc))]) from None
     except tomllib.TOMLDecodeError as exc:
         raise TopologyError(str(p), [Problem("syntax", str(exc))]) from None
     except RecursionError:
         raise TopologyError(str(p), [Problem("syntax", "arrays or tables nest too deep")]) from None
-    return parse(data, str(p))
+    return replace(parse(data, str(p)), text=text)

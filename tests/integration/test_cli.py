@@ -11,7 +11,8 @@ import pytest
 from click.testing import CliRunner
 
 from mesh.cli import main
-from mesh.testing import run_node
+from mesh.launcher import BROKER_READY
+from mesh.testing import run_node, spawn
 
 MESH = str(Path(sys.executable).parent / "mesh")
 
@@ -157,6 +158,21 @@ def test_events_cli_refuses_bad_input_clearly():
     assert result.exit_code == 2 and "not JSON" in result.output
     result = CliRunner().invoke(main, ["broker", "--retention", "a:b:c"])
     assert result.exit_code == 2 and "PREFIX:MAX_EVENTS:MAX_BYTES" in result.output
+
+
+def test_a_broker_runs_from_its_topology_table(tmp_path: Path):
+    """`mesh broker --topology FILE --name NAME` serves that table's endpoints and limits: a
+    message over its `max_message_bytes` is refused with the code MESSAGE_TOO_LARGE (1005)."""
+    topology = tmp_path / "mesh.toml"
+    topology.write_text(
+        f'[brokers.edge]\nclients = "ipc://{tmp_path}/c"\nnodes = "ipc://{tmp_path}/n"\nmax_message_bytes = 2048\n'
+        '[brokers.other]\nclients = "tcp://127.0.0.1:5555"\nnodes = "tcp://127.0.0.1:5556"\n'
+    )
+    with spawn(["broker", "--topology", str(topology), "--name", "edge", "--log-level", "warning"]) as proc:
+        m = proc.wait_for(BROKER_READY.pattern)
+        assert (m.group("name"), m.group("clients")) == ("edge", f"ipc://{tmp_path}/c")
+        result = run("call", "echo.echo", json.dumps({"text": "x" * 3000}), "--broker", m.group("clients"), "--timeout", "5")
+        assert result.returncode == 1 and "1005 MessageTooLargeError" in result.stderr, result.stderr
 
 
 def test_events_publish_and_subscribe_with_the_real_executable(tcp_broker):

@@ -126,3 +126,26 @@ def test_killing_the_launcher_takes_its_children_along(topology: Path):
         assert not survivors, f"{survivors}\n{up.output()}"
     finally:
         up.stop()
+
+
+def test_a_restarted_broker_runs_the_topology_mesh_up_read_not_the_edited_file(topology: Path, tmp_path: Path):
+    """Invariant: brokers start from `mesh up`'s private copy of the topology: one killed after
+    the file was edited (here, broken) comes back with the settings the rest of the mesh runs,
+    and the copy is removed when the mesh stops."""
+    up = MeshProcess(["up", str(topology)])
+    try:
+        up.wait_for(r"\[broker:main\] broker .* ready")
+        victim = pids(up, "broker")["broker:main"]
+        argv = Path(f"/proc/{victim}/cmdline").read_bytes().decode().split("\0")
+        copy = Path(argv[argv.index("--topology") + 1])
+        assert copy.read_text() == topology.read_text() and copy.parent.stat().st_mode & 0o077 == 0
+        topology.write_text("this is not TOML")
+        mark = len(up.lines)
+        os.kill(victim, signal.SIGKILL)
+        up.wait_for(r"\[broker:main\] broker main ready", start=mark)
+        with Client(f"ipc://{tmp_path}/c.sock", timeout=10) as c:
+            assert c.call("mesh", "ping")["pong"] is True
+        assert up.stop() == 0
+        assert not copy.parent.exists()
+    finally:
+        up.stop()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+from mesh.broker.settings import SETTINGS
 from mesh.launcher import Launcher
 from mesh.topology import parse
 
@@ -52,16 +53,26 @@ def values(argv: list[str], option: str) -> list[str]:
     return [argv[i + 1] for i, arg in enumerate(argv) if arg == option]
 
 
+def test_a_broker_is_started_by_name_and_reads_its_settings_from_the_topology():
+    """Invariant: the launcher turns no setting back into flags: a broker's argv names it and
+    nothing else (the topology copy is added at start), so there is one parse of each setting."""
+    for topology in (TOPOLOGY, CLUSTER):
+        for p in Launcher(parse(topology)).processes:
+            if p.is_broker:
+                assert p.argv[-4:] == ["mesh", "broker", "--name", p.brokers[0]]
+                assert not {s.option for s in SETTINGS} & set(p.argv)
+
+
 def test_each_broker_of_a_cluster_gets_every_member_its_own_data_dir_and_the_settings():
-    """--member for every broker (itself included), --data DATA/NAME, --learner, --election-ticks."""
-    launcher = Launcher(parse(CLUSTER))
-    brokers = {p.name: p.argv for p in launcher.processes if p.is_broker}
-    members = [f"b{i}=tcp://127.0.0.1:{7002 + 10 * i}" for i in range(1, 5)]
-    for name, argv in brokers.items():
-        assert values(argv, "--member") == members
-        assert values(argv, "--data") == [f"var/c/{name.removeprefix('broker:')}"]
-        assert values(argv, "--learner") == ["b4"]
-        assert values(argv, "--election-ticks") == ["20"]
+    """Every member (itself included), data DATA/NAME, the learners and the election ticks."""
+    topology = parse(CLUSTER)
+    members = {f"b{i}": f"tcp://127.0.0.1:{7002 + 10 * i}" for i in range(1, 5)}
+    for name in topology.brokers:
+        settings = topology.broker_settings(name)
+        assert settings.members == members
+        assert settings.data == f"var/c/{name}"
+        assert settings.learners == ("b4",)
+        assert settings.election_ticks == 20
 
 
 def test_a_node_of_a_cluster_serves_every_broker_and_a_single_broker_mesh_is_unchanged():
@@ -73,7 +84,9 @@ def test_a_node_of_a_cluster_serves_every_broker_and_a_single_broker_mesh_is_unc
     single = Launcher(parse(TOPOLOGY))
     assert all(p.brokers == ("main",) for p in single.processes)
     for p in single.processes:
-        assert not {"--member", "--data", "--learner", "--election-ticks", "--heartbeat-interval"} & set(p.argv)
+        assert "--heartbeat-interval" not in p.argv
+    settings = parse(TOPOLOGY).broker_settings("main")
+    assert (settings.members, settings.data, settings.learners, settings.election_ticks) == ({}, None, (), None)
 
 
 def test_dedupe_false_reaches_the_node_as_no_dedupe():

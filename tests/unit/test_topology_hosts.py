@@ -213,11 +213,13 @@ def test_mesh_up_host_runs_only_that_hosts_part_and_dials_the_rest_at_their_addr
                         brokers__b2__peer="tcp://0.0.0.0:7101"))  # fmt: skip
     h2 = Launcher(topo, host="h2")
     assert [p.name for p in h2.processes] == ["broker:b2"]
-    assert values(h2.processes[0].argv, "--member") == [
-        "b1=tcp://10.77.0.1:7101", "b2=tcp://0.0.0.0:7101", "b3=tcp://10.77.0.3:7101",
-    ]  # fmt: skip
+    assert values(h2.processes[0].argv, "--name") == ["b2"]  # it reads the rest from the topology
+    assert topo.broker_settings("b2").members == {
+        "b1": "tcp://10.77.0.1:7101", "b2": "tcp://0.0.0.0:7101", "b3": "tcp://10.77.0.3:7101",
+    }  # fmt: skip
     h1 = Launcher(topo, host="h1")
-    assert values(h1.processes[0].argv, "--member")[0] == "b1=tcp://*:7101"
+    assert values(h1.processes[0].argv, "--name") == ["b1"]
+    assert topo.broker_settings("b1").members["b1"] == "tcp://*:7101"
     h4 = Launcher(topo, host="h4")
     assert [p.name for p in h4.processes] == ["node:echo-1", "node:echo-2"]
     assert [h4.node_endpoints[b] for b in h4.processes[0].brokers] == [
