@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from frames import CLIENT, CLIENT_B, event_frames, system
-
 from mesh.broker.core import MAX_UNREAD_ANSWERS, Broker
 from mesh.protocol import ErrorCode
+from mesh.testing.frames import CLIENT, CLIENT_B, event_frames, system
 
 
 def full_history() -> Broker:
