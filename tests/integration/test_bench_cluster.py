@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from mesh.bench_cluster import format_cluster_report
+from mesh.bench.cluster import format_cluster_report
 
 DURATION = 2.0
 RUNS = ["plain", "once_leader", "once_follower"]

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from mesh.bench_mcp import SEQ_FACTOR, TARGETS, THROUGHPUT_FACTOR, format_mcp_report
+from mesh.bench.mcp import SEQ_FACTOR, TARGETS, THROUGHPUT_FACTOR, format_mcp_report
 
 
 def test_mcp_bench_measures_every_target_and_judges_the_bridge_from_those_figures():
@@ -51,7 +51,7 @@ def test_the_echo_tool_is_found_under_its_mesh_name_its_portable_name_its_title_
     """The bench finds echo.echo however the bridge names it, and refuses a list without it."""
     import mcp_types as types
 
-    from mesh.bench_mcp import echo_tool
+    from mesh.bench.mcp import echo_tool
 
     def tool(name: str, **extra: object) -> types.Tool:
         return types.Tool(name=name, input_schema={"type": "object"}, **extra)

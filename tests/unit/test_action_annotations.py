@@ -12,7 +12,6 @@ import time
 from typing import Any
 
 import pytest
-from frames import NODE_A, command_frames, error_of, header_of, node_system, only, payload_of
 
 from mesh.broker import Broker
 from mesh.mcp.tools import tools_from_registry
@@ -26,6 +25,7 @@ from mesh.protocol import (
     ValidationFailedError,
     unpack_header,
 )
+from mesh.testing.frames import NODE_A, command_frames, error_of, header_of, node_system, only, payload_of
 
 
 def declared(**hints: Any) -> Node:

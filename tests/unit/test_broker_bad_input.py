@@ -6,21 +6,6 @@ from typing import Any
 
 import msgpack
 import pytest
-from frames import (
-    CLIENT,
-    CLIENT_B,
-    NODE_A,
-    NODE_B,
-    command_frames,
-    dispatched_ids,
-    error_of,
-    header_of,
-    node_system,
-    only,
-    register,
-    registration,
-    reply,
-)
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -34,6 +19,21 @@ from mesh.protocol import (
     encode_payload,
     error_to,
     response_to,
+)
+from mesh.testing.frames import (
+    CLIENT,
+    CLIENT_B,
+    NODE_A,
+    NODE_B,
+    command_frames,
+    dispatched_ids,
+    error_of,
+    header_of,
+    node_system,
+    only,
+    register,
+    registration,
+    reply,
 )
 
 LIMIT = 4096

@@ -3,7 +3,16 @@
 from __future__ import annotations
 
 import pytest
-from frames import (
+
+from mesh.broker import Broker, BrokerConfig, Side
+from mesh.protocol import (
+    ErrorCode,
+    MessageType,
+    encode_cancel_header,
+    encode_payload,
+    encode_progress_header,
+)
+from mesh.testing.frames import (
     CLIENT,
     CLIENT_B,
     NODE_A,
@@ -17,15 +26,6 @@ from frames import (
     to_clients,
     to_nodes,
     only,
-)
-
-from mesh.broker import Broker, BrokerConfig, Side
-from mesh.protocol import (
-    ErrorCode,
-    MessageType,
-    encode_cancel_header,
-    encode_payload,
-    encode_progress_header,
 )
 
 

@@ -7,7 +7,12 @@ from typing import Any
 
 import msgpack
 import pytest
-from frames import (
+
+from mesh.broker import Broker, BrokerConfig, Side
+from mesh.cluster.messages import MAX_PROPOSAL_BYTES
+from mesh.cluster.shared import SharedState, event_record
+from mesh.protocol import ErrorCode, MessageType
+from mesh.testing.frames import (
     CLIENT,
     CLIENT_B,
     NODE_A,
@@ -18,12 +23,7 @@ from frames import (
     payload_of,
     published,
 )
-from sharedlog import Cluster
-
-from mesh.broker import Broker, BrokerConfig, Side
-from mesh.cluster.messages import MAX_PROPOSAL_BYTES
-from mesh.cluster.shared import SharedState, event_record
-from mesh.protocol import ErrorCode, MessageType
+from mesh.testing.sharedlog import Cluster
 
 
 def user_events(broker: Broker) -> list[tuple[str, int, Any]]:

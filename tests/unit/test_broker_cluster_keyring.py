@@ -4,9 +4,9 @@ whose state directory holds a rotation, committed once, the same on every broker
 from __future__ import annotations
 
 import pytest
-from sharedlog import Cluster
 
 from mesh.security.payload import KeyRing
+from mesh.testing.sharedlog import Cluster
 
 
 @pytest.fixture

@@ -6,7 +6,6 @@ from __future__ import annotations
 from typing import Any
 
 import msgpack
-from frames import CLIENT, error_of, header_of, only, payload_of
 
 from mesh.broker import Broker, BrokerConfig
 from mesh.broker.core import BrokerSecurity, Outgoing
@@ -21,6 +20,7 @@ from mesh.protocol import (
 from mesh.security.gate import Gate, GateSettings, Peer
 from mesh.security.policy import policy_from_text
 from mesh.security.tokens import TokenIssuer, TokenSettings, TokenVerifier
+from mesh.testing.frames import CLIENT, error_of, header_of, only, payload_of
 
 NOW = 1_700_000_000.0
 SECRET = b"k" * 32

@@ -4,7 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from frames import (
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from mesh.broker import Broker, BrokerConfig, Command, Outgoing, Side
+from mesh.protocol import FINAL_STATES, CommandState, ErrorCode, InternalError, MessageType
+from mesh.testing.frames import (
     CLIENT,
     CLIENT_B,
     NODE_A,
@@ -18,11 +23,6 @@ from frames import (
     register,
     reply,
 )
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
-
-from mesh.broker import Broker, BrokerConfig, Command, Outgoing, Side
-from mesh.protocol import FINAL_STATES, CommandState, ErrorCode, InternalError, MessageType
 
 NODE_C = b"node-c"
 CLIENTS = (CLIENT, CLIENT_B, b"client-3")

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import pytest
-from frames import (
+
+from mesh.broker import Broker, ConnectionState, Side
+from mesh.testing.frames import (
     CLIENT,
     CLIENT_B,
     NODE_A,
@@ -14,8 +16,6 @@ from frames import (
     register,
     reply,
 )
-
-from mesh.broker import Broker, ConnectionState, Side
 
 
 @pytest.fixture

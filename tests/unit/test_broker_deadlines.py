@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import pytest
-from frames import (
+
+from mesh.broker import Broker, BrokerConfig, Side
+from mesh.protocol import ErrorCode
+from mesh.testing.frames import (
     CLIENT,
     NODE_A,
     NODE_B,
@@ -16,9 +19,6 @@ from frames import (
     register,
     reply,
 )
-
-from mesh.broker import Broker, BrokerConfig, Side
-from mesh.protocol import ErrorCode
 
 
 @pytest.fixture

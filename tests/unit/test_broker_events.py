@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import pytest
-from frames import (
+
+from mesh.broker import Broker, BrokerConfig, Side
+from mesh.protocol import ErrorCode, InternalError, MessageType
+from mesh.protocol.topics import CONTROL
+from mesh.testing.frames import (
     CLIENT,
     NODE_A,
     NODE_B,
@@ -18,10 +22,6 @@ from frames import (
     register,
     system,
 )
-
-from mesh.broker import Broker, BrokerConfig, Side
-from mesh.protocol import ErrorCode, InternalError, MessageType
-from mesh.protocol.topics import CONTROL
 
 
 @pytest.fixture

@@ -9,7 +9,12 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from frames import (
+
+from mesh.broker import Broker, BrokerConfig, Side
+from mesh.broker.core.replicated import MAX_OUTCOME_REPLY_BYTES
+from mesh.broker.once import AWAIT_S, once_key
+from mesh.protocol import ErrorCode, ResourceExhaustedError, ValidationFailedError
+from mesh.testing.frames import (
     CLIENT,
     CLIENT_B,
     NODE_A,
@@ -26,12 +31,7 @@ from frames import (
     to_clients,
     to_nodes,
 )
-from sharedlog import ONCE, Cluster
-
-from mesh.broker import Broker, BrokerConfig, Side
-from mesh.broker.core.replicated import MAX_OUTCOME_REPLY_BYTES
-from mesh.broker.once import AWAIT_S, once_key
-from mesh.protocol import ErrorCode, ResourceExhaustedError, ValidationFailedError
+from mesh.testing.sharedlog import ONCE, Cluster
 
 
 @pytest.fixture

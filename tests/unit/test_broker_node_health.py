@@ -3,18 +3,6 @@
 from __future__ import annotations
 
 import pytest
-from frames import (
-    CLIENT,
-    NODE_A,
-    NODE_B,
-    command_frames,
-    node_system,
-    only,
-    payload_of,
-    published,
-    registration,
-    reply,
-)
 
 from mesh.broker import Broker, Side
 from mesh.broker.registry import (
@@ -25,6 +13,18 @@ from mesh.broker.registry import (
     advance_peer,
     parse_load,
     silence_event,
+)
+from mesh.testing.frames import (
+    CLIENT,
+    NODE_A,
+    NODE_B,
+    command_frames,
+    node_system,
+    only,
+    payload_of,
+    published,
+    registration,
+    reply,
 )
 
 NODE_C = b"node-c"

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from frames import (
+from mesh.broker import Broker, Side
+from mesh.protocol import ErrorCode
+from mesh.testing.frames import (
     CLIENT,
     NODE_A,
     NODE_B,
@@ -15,9 +17,6 @@ from frames import (
     reply,
     to_clients,
 )
-
-from mesh.broker import Broker, Side
-from mesh.protocol import ErrorCode
 
 
 def join(broker: Broker, ident: bytes, *, idempotent: bool, interval: float = 1.0, capacity: int = 2) -> None:

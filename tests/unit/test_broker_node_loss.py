@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import pytest
-from frames import (
+
+from mesh.broker import Broker, Side
+from mesh.protocol import ErrorCode
+from mesh.testing.frames import (
     CLIENT,
     CLIENT_B,
     NODE_A,
@@ -18,9 +21,6 @@ from frames import (
     reply,
     to_clients,
 )
-
-from mesh.broker import Broker, Side
-from mesh.protocol import ErrorCode
 
 NODE_C = b"node-c"
 

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import pytest
-from frames import (
+
+from mesh.broker import Broker, BrokerConfig, Side
+from mesh.protocol import ErrorCode, MessageType, ValidationFailedError, decode_header
+from mesh.testing.frames import (
     CLIENT,
     CLIENT_B,
     NODE_A,
@@ -21,9 +24,6 @@ from frames import (
     reply,
     system,
 )
-
-from mesh.broker import Broker, BrokerConfig, Side
-from mesh.protocol import ErrorCode, MessageType, ValidationFailedError, decode_header
 
 
 @pytest.fixture

@@ -7,11 +7,10 @@ during which it heard nothing. No sockets: the core and the registry are driven 
 
 from __future__ import annotations
 
-from frames import CLIENT, NODE_A, NODE_B, command_frames, error_of, node_system, only, registration
-
 from mesh.broker import Broker
 from mesh.liveness import SELF_PAUSE_S
 from mesh.protocol import ErrorCode, decode_header, decode_payload
+from mesh.testing.frames import CLIENT, NODE_A, NODE_B, command_frames, error_of, node_system, only, registration
 
 INTERVAL = 0.5  # as the cluster topology's nodes: a liveness window of 1.5 s
 WINDOW = 3 * INTERVAL

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import pytest
-from frames import (
+
+from mesh.broker import Broker, Side
+from mesh.protocol import ErrorCode, MessageType
+from mesh.testing.frames import (
     CLIENT,
     CLIENT_B,
     NODE_A,
@@ -16,9 +19,6 @@ from frames import (
     reply,
     system,
 )
-
-from mesh.broker import Broker, Side
-from mesh.protocol import ErrorCode, MessageType
 
 
 @pytest.fixture

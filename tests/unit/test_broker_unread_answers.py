@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from frames import CLIENT, CLIENT_B, event_frames, system
-
 from mesh.broker import Broker
 from mesh.broker.core.system import MAX_UNREAD_ANSWERS
 from mesh.protocol import ErrorCode
+from mesh.testing.frames import CLIENT, CLIENT_B, event_frames, system
 
 
 def full_history() -> Broker:

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-from frames import CLIENT, NODE_A, command_frames, node_system, registration
-
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from mesh.broker import Broker
 from mesh.monitor.metrics import METRICS, metrics_registry
 from mesh.monitor.snapshot import Monitor
+from mesh.testing.frames import CLIENT, NODE_A, command_frames, node_system, registration
 
 
 def scrape(snapshot):

@@ -5,10 +5,9 @@ from __future__ import annotations
 import json
 from types import SimpleNamespace
 
-from frames import CLIENT, NODE_A, command_frames, node_system, only, registration, reply
-
 from mesh.broker import Broker
 from mesh.monitor.snapshot import HISTORY_POINTS, LATENCY_SAMPLES, Monitor, node_state, percentile, reply_latency
+from mesh.testing.frames import CLIENT, NODE_A, command_frames, node_system, only, registration, reply
 
 
 def joined(interval: float = 1.0) -> Broker:

@@ -6,7 +6,11 @@ sans-IO and driven here with a fake clock; the broker's part goes through `Broke
 
 from __future__ import annotations
 
-from frames import (
+from mesh.broker import Broker, BrokerConfig, Side
+from mesh.link.replies import RecentReplies
+from mesh.node import CommandDedupe, Seen, _command_key
+from mesh.protocol import HandlerNotFoundError, ResourceExhaustedError
+from mesh.testing.frames import (
     CLIENT,
     CLIENT_B,
     NODE_A,
@@ -18,11 +22,6 @@ from frames import (
     register,
     reply,
 )
-
-from mesh.broker import Broker, BrokerConfig, Side
-from mesh.link.replies import RecentReplies
-from mesh.node import CommandDedupe, Seen, _command_key
-from mesh.protocol import HandlerNotFoundError, ResourceExhaustedError
 
 ENV_1 = b"client-via-broker-1"
 ENV_2 = b"client-via-broker-2"

@@ -21,12 +21,12 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 
 import pytest
-from frames import NODE_A, command_frames, header_of, node_system, payload_of, registration, reply
-from sharedlog import ONCE
 
 from mesh.broker import Broker, BrokerConfig, Outgoing, Side
 from mesh.cluster.shared import SharedState
 from mesh.protocol import MessageType
+from mesh.testing.frames import NODE_A, command_frames, header_of, node_system, payload_of, registration, reply
+from mesh.testing.sharedlog import ONCE
 
 
 STEP_S = 0.05

@@ -6,7 +6,6 @@ import itertools
 import random
 
 import pytest
-from raft_cluster import Cluster
 
 from mesh.cluster import (
     TRANSITIONS,
@@ -22,6 +21,7 @@ from mesh.cluster import (
     VoteResponse,
 )
 from mesh.protocol import InvalidStateError, ValidationFailedError
+from mesh.testing.raft import Cluster
 
 MISSING = [pair for pair in itertools.product(Role, RoleEvent) if pair not in TRANSITIONS]
 

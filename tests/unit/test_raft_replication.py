@@ -5,7 +5,6 @@ from __future__ import annotations
 import random
 
 import pytest
-from raft_cluster import Cluster
 
 from mesh.cluster import (
     AppendRequest,
@@ -20,6 +19,7 @@ from mesh.cluster import (
     VoteRequest,
 )
 from mesh.protocol import ErrorCode, NotLeaderError
+from mesh.testing.raft import Cluster
 
 
 def test_a_proposal_on_the_leader_commits_and_is_applied_everywhere() -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import random
 
 import pytest
-from raft_cluster import Cluster
 
 from mesh.cluster import (
     AppendRequest,
@@ -20,6 +19,7 @@ from mesh.cluster import (
     VoteRequest,
     VoteResponse,
 )
+from mesh.testing.raft import Cluster
 
 
 def _leader_with(cluster: Cluster, *data: bytes) -> RaftNode:

@@ -11,20 +11,6 @@ import copy
 from typing import Any
 
 import pytest
-from frames import (
-    CLIENT,
-    NODE_A,
-    NODE_B,
-    command_frames,
-    error_of,
-    header_of,
-    node_system,
-    only,
-    payload_of,
-    register,
-    registration,
-    system,
-)
 
 from mesh.broker import Broker, BrokerConfig, Side
 from mesh.node import Node
@@ -45,6 +31,20 @@ from mesh.security.brokerside import BrokerSecurity
 from mesh.security.gate import Gate, GateSettings, Peer
 from mesh.security.policy import parse_policy
 from mesh.security.tokens import TokenSettings, TokenVerifier
+from mesh.testing.frames import (
+    CLIENT,
+    NODE_A,
+    NODE_B,
+    command_frames,
+    error_of,
+    header_of,
+    node_system,
+    only,
+    payload_of,
+    register,
+    registration,
+    system,
+)
 
 GET = "services.kv.actions.get"
 PADDING = "x" * (MAX_SCHEMA_BYTES - 100)  # a description that makes a schema just under the limit

@@ -1,4 +1,4 @@
-"""Helpers for testing code that uses the mesh: real processes, started the way users start them.
+"""Real mesh processes for tests: brokers and nodes started the way users start them.
 
 Rules of this module:
 
@@ -6,8 +6,6 @@ Rules of this module:
   the test process) and are always stopped: SIGTERM, then SIGKILL after a grace period.
 * Listening on `tcp://127.0.0.1:*` lets the broker pick free ports; the real endpoints
   are read from its ready line, so parallel tests never collide.
-* `self_signed_certificate` makes the PEM files `--tls-cert` / `--tls-key` take.
-* `FakeClock` drives the sans-IO cores (`Broker`, ...) deterministically.
 """
 
 from __future__ import annotations
@@ -25,10 +23,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from .launcher import BROKER_READY, NODE_READY
+from ..launcher import BROKER_READY, NODE_READY
 
-__all__ = ["MeshProcess", "BrokerProcess", "spawn", "run_broker", "run_node", "free_ports", "alive", "FakeClock",
-           "self_signed_certificate"]
+__all__ = ["MeshProcess", "BrokerProcess", "spawn", "run_broker", "run_node", "free_ports", "alive"]
 
 
 
@@ -166,52 +163,3 @@ def alive(pid: int) -> bool:
             return f.read().split()[2] != "Z"
     except FileNotFoundError:
         return False
-
-
-class FakeClock:
-    """A clock for sans-IO cores: time moves only when the test says so."""
-
-    def __init__(self, start: float = 1_000_000.0) -> None:
-        self.now = start
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> float:
-        self.now += seconds
-        return self.now
-
-
-def self_signed_certificate(directory: str | os.PathLike[str]) -> tuple[str, str]:
-    """A self-signed certificate for 127.0.0.1 and localhost (valid a day) and its key.
-
-    Returns:
-        The paths of `cert.pem` and `key.pem` (unencrypted, 0600) written in `directory`.
-    """
-    import datetime
-    import ipaddress
-    from pathlib import Path
-
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "mesh test")])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    names = x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))])
-    cert = (
-        x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(names, critical=False)
-        .sign(key, hashes.SHA256())
-    )
-    cert_path, key_path = Path(directory) / "cert.pem", Path(directory) / "key.pem"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(b"")
-    key_path.chmod(0o600)
-    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
-    return str(cert_path), str(key_path)

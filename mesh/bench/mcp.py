@@ -7,12 +7,12 @@ Rules of this module:
   subprocess) over stdio and over streamable HTTP, driven by the `mcp` SDK's
   `ClientSession`; and the SDK floor, an MCP server on the same SDK whose echo tool
   answers in-process (no mesh), over stdio and over HTTP (this module run with
-  `python -m mesh.bench_mcp`).
+  `python -m mesh.bench.mcp`).
 * Each target gets a warm-up, then `calls` sequential calls (p50, p99, calls/s), then
   `inflight` calls kept in flight on one session for `duration` seconds (calls/s).
   Targets are measured `rounds` times, in a different order each round, so that a noisy
   moment on a shared machine does not fall on one target only; figures pool the rounds.
-* The mesh is the command benchmark's (`bench.py`): one broker process and one echo node
+* The mesh is the command benchmark's (`mesh.bench.common`): one broker process and one echo node
   process, spawned, security off, over loopback TCP. The bridge runs with no credentials.
 * The bridge's echo tool is looked up in its tool list (by name, title or `_meta`), so
   the benchmark holds whether the tool is called `echo.echo` or a portable `echo_echo`.
@@ -35,7 +35,7 @@ from contextlib import asynccontextmanager, contextmanager
 from dataclasses import asdict, dataclass
 from typing import Any, Final
 
-from .bench import STARTUP_S, _figures, _machine, _mesh_broker, _mesh_node, _ratio, _stop, _wait_for_echo
+from .common import STARTUP_S, figures, machine, mesh_broker, mesh_node, ratio, stop_all, wait_for_service
 
 __all__ = ["McpBenchSettings", "echo_tool", "run_mcp_bench", "format_mcp_report"]
 
@@ -90,7 +90,7 @@ async def _drive(call: Call, s: McpBenchSettings) -> dict[str, Any]:
 
 @asynccontextmanager
 async def _direct(front: str, args: dict[str, Any]) -> AsyncIterator[Call]:
-    from .client import AsyncClient
+    from ..client import AsyncClient
 
     async with AsyncClient(front, timeout=30.0) as client:
         yield lambda: client.call("echo", "echo", args)
@@ -179,7 +179,7 @@ async def _http(command: list[str], args: dict[str, Any], floor: bool) -> AsyncI
 
 def _target(name: str, front: str, args: dict[str, Any]) -> Any:
     bridge = ["-m", "mesh", "mcp", "--broker", front, "--timeout", "30"]
-    floor = ["-m", "mesh.bench_mcp"]
+    floor = ["-m", "mesh.bench.mcp"]
     return {
         "direct": lambda: _direct(front, args),
         "bridge_stdio": lambda: _stdio(bridge, args, floor=False),
@@ -199,24 +199,24 @@ def _mesh(s: McpBenchSettings) -> Iterator[str]:
     ready, stop = ctx.Queue(), ctx.Event()
     procs: list[Any] = []
     try:
-        broker = ctx.Process(target=_mesh_broker, args=("tcp://127.0.0.1:*", "tcp://127.0.0.1:*", ready, stop), daemon=True)
+        broker = ctx.Process(target=mesh_broker, args=("tcp://127.0.0.1:*", "tcp://127.0.0.1:*", ready, stop), daemon=True)
         procs.append(broker)
         broker.start()
         front, back = ready.get(timeout=STARTUP_S)
-        node = ctx.Process(target=_mesh_node, args=(back, s.inflight * 2, stop), daemon=True)
+        node = ctx.Process(target=mesh_node, args=(back, s.inflight * 2, stop), daemon=True)
         procs.append(node)
         node.start()
-        _wait_for_echo(front)
+        wait_for_service(front)
         yield front
     finally:
-        _stop(stop, procs)
+        stop_all(stop, procs)
 
 
 def _pooled(samples: list[dict[str, Any]]) -> dict[str, Any]:
     """One target's figures over every round: sequential latencies, then throughput in flight."""
     latencies = [x for r in samples for x in r["latencies"]]
     seq_s = sum(r["seq_s"] for r in samples)
-    fig = _figures(len(latencies), latencies, seq_s)
+    fig = figures(len(latencies), latencies, seq_s)
     inflight = sum(r["inflight_calls"] for r in samples) / sum(r["inflight_s"] for r in samples)
     return {"calls": len(latencies), "p50_ms": fig["latency_ms"]["p50"], "p99_ms": fig["latency_ms"]["p99"],
             "sequential_per_s": fig["throughput"], "inflight_per_s": inflight}
@@ -228,10 +228,10 @@ def _verdict(t: dict[str, dict[str, Any]], transport: str) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for q in ("p50_ms", "p99_ms"):
         bar = floor[q] + SEQ_FACTOR * direct[q]
-        out[q] = {"bridge": bridge[q], "bar": bar, "ratio": _ratio(bridge[q], bar), "ok": bridge[q] <= bar}
+        out[q] = {"bridge": bridge[q], "bar": bar, "ratio": ratio(bridge[q], bar), "ok": bridge[q] <= bar}
     bar = THROUGHPUT_FACTOR * floor["inflight_per_s"]
     out["inflight_per_s"] = {"bridge": bridge["inflight_per_s"], "bar": bar,
-                             "ratio": _ratio(bridge["inflight_per_s"], bar), "ok": bridge["inflight_per_s"] >= bar}
+                             "ratio": ratio(bridge["inflight_per_s"], bar), "ok": bridge["inflight_per_s"] >= bar}
     return out
 
 
@@ -250,7 +250,7 @@ def run_mcp_bench(s: McpBenchSettings) -> dict[str, Any]:
             for name in order:
                 samples[name].append(asyncio.run(measure(front, name)))
     targets = {name: _pooled(samples[name]) for name in TARGETS}
-    return {"settings": asdict(s), "machine": _machine(), "targets": targets,
+    return {"settings": asdict(s), "machine": machine(), "targets": targets,
             "verdict": {tr: _verdict(targets, tr) for tr in ("stdio", "http")}}
 
 
@@ -317,7 +317,7 @@ async def _serve_floor(http: bool) -> None:
         return
     import uvicorn
 
-    from .mcp.serve import MCP_PATH
+    from ..mcp.serve import MCP_PATH
 
     app = server.streamable_http_app(streamable_http_path=MCP_PATH, host="127.0.0.1")
     # The bridge's own uvicorn settings (serve.serve_http), on a free loopback port.
@@ -331,7 +331,7 @@ async def _serve_floor(http: bool) -> None:
     await task
 
 
-if __name__ == "__main__":  # the floor server: python -m mesh.bench_mcp [--http]
+if __name__ == "__main__":  # the floor server: python -m mesh.bench.mcp [--http]
     try:
         asyncio.run(_serve_floor("--http" in sys.argv[1:]))
     except KeyboardInterrupt:

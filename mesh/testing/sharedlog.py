@@ -1,4 +1,4 @@
-"""Two broker cores sharing one replicated log, for the sans-IO cluster tests.
+"""Two broker cores sharing one replicated log, for sans-IO cluster tests (`mesh.testing.sharedlog`).
 
 The log is a list both brokers' proposals go into, in the order taken; each broker's
 `SharedState` applies it, as the cluster member does once entries commit.
@@ -6,12 +6,13 @@ The log is a list both brokers' proposals go into, in the order taken; each brok
 
 from __future__ import annotations
 
-from frames import header_of, node_system, registration
+from ..broker import Broker, BrokerConfig, Outgoing
+from ..cluster.shared import SharedState
+from .frames import header_of, node_system, registration
 
-from mesh.broker import Broker, BrokerConfig
-from mesh.broker.core import Outgoing
-from mesh.cluster.shared import SharedState
+__all__ = ["ONCE", "Cluster"]
 
+# The declarations of a node offering one exactly-once action, `pay.charge`.
 ONCE = {"pay": {"charge": {"description": "charge a card", "schema": {}, "exactly_once": True}}}
 
 
@@ -28,6 +29,7 @@ class Cluster:
         self.commit(0.0)  # each broker's `run` entry: the tests start from a settled log
 
     def register(self, ident: bytes, instance: str, *, capacity: int = 2) -> None:
+        """Register node `ident` (offering `ONCE`) with both brokers, as it registers with each."""
         payload = {**registration(ONCE, capacity=capacity, name=ident.decode()), "instance": instance}
         self.registrations.append((ident, payload))
         for broker in self.brokers:

@@ -32,13 +32,12 @@ from typing import Any, Final
 
 import zmq
 
-from .bench import WARMUP_S, _endpoint, _machine, _mesh_broker, _ratio, _stop
-from .protocol.topics import subscription_filter, topic_frame
-from .subscription import DEFAULT_HWM
+from ..protocol.topics import subscription_filter, topic_frame
+from ..subscription import DEFAULT_HWM
+from .common import STARTUP_S, WARMUP_S, endpoint, machine, mesh_broker, ratio, stop_all
 
 __all__ = ["EventBenchSettings", "run_events_bench", "format_events_report"]
 
-STARTUP_S: Final = 30.0  # for a process to be ready on a loaded machine
 BATCH: Final = 256  # messages a loop handles before it looks at the clock or other sockets
 POLL_S: Final = 0.1  # longest wait before a loop looks at the clock again
 TOPIC: Final = "bench.events"
@@ -164,7 +163,7 @@ def _raw_subscribers(
 
 
 def _mesh_publisher(clients_ep: str, s: EventBenchSettings, ready: Any, go: Any, start: Any, results: Any) -> None:
-    from .client import AsyncClient
+    from ..client import AsyncClient
 
     async def main() -> int:
         payload = {"data": "x" * s.payload}
@@ -190,8 +189,8 @@ def _mesh_publisher(clients_ep: str, s: EventBenchSettings, ready: Any, go: Any,
 def _mesh_subscribers(
     clients_ep: str, count: int, s: EventBenchSettings, ready: Any, go: Any, start: Any, results: Any
 ) -> None:
-    from .client import AsyncClient
-    from .subscription import AsyncSubscription, Gap
+    from ..client import AsyncClient
+    from ..subscription import AsyncSubscription, Gap
 
     async def main() -> dict[str, int]:
         totals = {"delivered": 0, "missed": 0}
@@ -229,14 +228,14 @@ def _measure_events(kind: str, subscribers: int, s: EventBenchSettings) -> dict[
     start = ctx.RawValue("d", 0.0)  # set once, before `go`
     procs: list[Any] = []
     with tempfile.TemporaryDirectory(prefix="mesh-bench-") as tmp:
-        front, back = _endpoint(s.transport, tmp, "publishers"), _endpoint(s.transport, tmp, "subscribers")
+        front, back = endpoint(s.transport, tmp, "publishers"), endpoint(s.transport, tmp, "subscribers")
         try:
             if kind == "raw":
                 middle = ctx.Process(target=_raw_forwarder, args=(front, back, ready, stop), daemon=True)
                 pub_fn, sub_fn = _raw_publisher, _raw_subscribers
             else:
-                nodes = _endpoint(s.transport, tmp, "nodes")
-                middle = ctx.Process(target=_mesh_broker, args=(front, nodes, ready, stop, back), daemon=True)
+                nodes = endpoint(s.transport, tmp, "nodes")
+                middle = ctx.Process(target=mesh_broker, args=(front, nodes, ready, stop, back), daemon=True)
                 pub_fn, sub_fn = _mesh_publisher, _mesh_subscribers
             procs.append(middle)
             middle.start()
@@ -255,7 +254,7 @@ def _measure_events(kind: str, subscribers: int, s: EventBenchSettings) -> dict[
             go.set()
             outcomes = [results.get(timeout=WARMUP_S + s.duration + 60) for _ in procs[1:]]
         finally:
-            _stop(stop, procs)
+            stop_all(stop, procs)
     published = sum(o.get("published", 0) for o in outcomes)
     delivered = sum(o.get("delivered", 0) for o in outcomes)
     return {
@@ -263,7 +262,7 @@ def _measure_events(kind: str, subscribers: int, s: EventBenchSettings) -> dict[
         "publish_rate": published / s.duration,
         "delivered": delivered,
         "delivered_rate": delivered / s.duration,
-        "delivery": _ratio(delivered, published * subscribers),
+        "delivery": ratio(delivered, published * subscribers),
         "missed": sum(o.get("missed", 0) for o in outcomes) if kind == "mesh" else None,
     }
 
@@ -280,10 +279,10 @@ def run_events_bench(settings: EventBenchSettings) -> dict[str, Any]:
                 "processes": len(_spread(n, settings.processes)),
                 "raw": raw,
                 "mesh": mesh,
-                "ratio": _ratio(mesh["delivered_rate"], raw["delivered_rate"]),
+                "ratio": ratio(mesh["delivered_rate"], raw["delivered_rate"]),
             }
         )
-    return {"settings": asdict(settings), "machine": _machine(), "runs": runs}
+    return {"settings": asdict(settings), "machine": machine(), "runs": runs}
 
 
 def format_events_report(report: dict[str, Any]) -> str:

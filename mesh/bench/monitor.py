@@ -2,7 +2,7 @@
 
 Rules of this module:
 
-* Every run has the command benchmark's shape (`bench.measure`): one broker process,
+* Every run has the command benchmark's shape (`common.measure`): one broker process,
   one echo node and `clients` AsyncClient processes keeping `inflight` commands
   outstanding. Only the broker differs: monitor off, or monitor on with a watcher in
   this process that does what an open dashboard page does (GET /snapshot every second)
@@ -22,9 +22,9 @@ import urllib.request
 from dataclasses import asdict, dataclass
 from typing import Any, Final
 
-from .bench import MESH, BenchSettings, Run, _machine, _ratio, measure
-from .process import tune_for_serving
-from .testing import free_ports
+from ..process import tune_for_serving
+from ..testing import free_ports
+from .common import MESH, BenchSettings, Run, machine, measure, ratio
 
 __all__ = ["format_monitor_report", "run_monitor_bench"]
 
@@ -54,8 +54,8 @@ class _Watcher:
 
 
 def _broker(clients_ep: str, nodes_ep: str, ready: Any, stop: Any, monitor: str) -> None:
-    from .broker.loop import BrokerServer, Endpoints
-    from .monitor.server import monitor_settings
+    from ..broker.loop import BrokerServer, Endpoints
+    from ..monitor.server import monitor_settings
 
     server = BrokerServer(Endpoints(clients_ep, nodes_ep), monitor=monitor_settings(monitor))
     tune_for_serving()  # as `mesh broker` does
@@ -84,11 +84,11 @@ def run_monitor_bench(settings: BenchSettings, rounds: int = 3) -> dict[str, Any
     total = functools.partial(sum, start=0.0)
     return {
         "settings": asdict(settings),
-        "machine": _machine(),
-        "rounds": [{"off": a, "on": b, "ratio": _ratio(b["throughput"], a["throughput"])} for a, b in zip(off, on)],
+        "machine": machine(),
+        "rounds": [{"off": a, "on": b, "ratio": ratio(b["throughput"], a["throughput"])} for a, b in zip(off, on)],
         "off": total(r["throughput"] for r in off) / rounds,
         "on": total(r["throughput"] for r in on) / rounds,
-        "ratio": _ratio(total(r["throughput"] for r in on), total(r["throughput"] for r in off)),
+        "ratio": ratio(total(r["throughput"] for r in on), total(r["throughput"] for r in off)),
         "watcher": {"requests": requests, "failures": failures, "paths": list(PATHS), "period_s": POLL_S},
     }
 

@@ -3,7 +3,7 @@
 Rules of this module:
 
 * One invocation runs five rows with the same shape as the command benchmark
-  (`bench.py`): one broker process, one echo node process and `clients` AsyncClient
+  (`mesh.bench.common`): one broker process, one echo node process and `clients` AsyncClient
   processes each keeping `inflight` commands outstanding. Every row runs the same code
   below; only the credentials and the broker's security differ:
 
@@ -24,7 +24,7 @@ Rules of this module:
   names (one ed25519 check, from the state's trust store), as every node does.
 * `ratio` is a row's throughput over the "off" row's, measured in the same invocation,
   so the figures stay comparable on a noisy machine.
-* Processes are spawned (never forked) and stopped by `bench.measure`, the runner every
+* Processes are spawned (never forked) and stopped by `common.measure`, the runner every
   command benchmark shares.
 """
 
@@ -37,19 +37,9 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Final
 
-from .bench import (
-    STARTUP_S,
-    BenchSettings,
-    Run,
-    _machine,
-    _mesh_client,
-    _mesh_node,
-    _ratio,
-    _wait_for_echo,
-    measure,
-)
-from .process import tune_for_serving
-from .security.credentials import Credentials, load_credentials
+from ..process import tune_for_serving
+from ..security.credentials import Credentials, load_credentials
+from .common import STARTUP_S, BenchSettings, Run, machine, measure, mesh_client, mesh_node, ratio, wait_for_service
 
 __all__ = ["MODES", "format_security_report", "run_security_bench"]
 
@@ -107,11 +97,11 @@ def _peers(mode: Mode, state: Path) -> _Peers:
 def _broker(clients_ep: str, nodes_ep: str, ready: Any, stop: Any, mode: Mode, state: str | None) -> None:
     import threading
 
-    from .broker.loop import BrokerServer, Endpoints
+    from ..broker.loop import BrokerServer, Endpoints
 
     secured: dict[str, Any] = {}
     if state is not None:
-        from .security.brokerside import broker_security
+        from ..security.brokerside import broker_security
 
         setup = broker_security(state, min_level=max(1, mode.level or 0))
         secured = {"secure": setup.secure, "zap": setup.zap}
@@ -127,8 +117,8 @@ def _broker(clients_ep: str, nodes_ep: str, ready: Any, stop: Any, mode: Mode, s
 def _run(mode: Mode, peers: _Peers) -> Run:
     """The command benchmark's processes, with `mode`'s broker and credentials."""
     return Run(
-        _broker, _mesh_node, _mesh_client,
-        serving=functools.partial(_wait_for_echo, timeout=STARTUP_S, creds=peers.client),
+        _broker, mesh_node, mesh_client,
+        serving=functools.partial(wait_for_service, timeout=STARTUP_S, creds=peers.client),
         broker_args=(mode, peers.state), worker_args=(peers.node,), client_args=(peers.client,),
     )
 
@@ -139,7 +129,7 @@ def run_security_bench(settings: BenchSettings) -> dict[str, Any]:
     The state directory (keys, token secret, policy, key ring) is made for this run
     and removed after it.
     """
-    from .security.state import ensure_state
+    from ..security.state import ensure_state
 
     rows = []
     with tempfile.TemporaryDirectory(prefix="mesh-bench-state-") as tmp:
@@ -150,8 +140,8 @@ def run_security_bench(settings: BenchSettings) -> dict[str, Any]:
             rows.append({"mode": mode.name, "label": mode.label, "level": mode.level, **figures})
     off = rows[0]["throughput"]
     for row in rows:
-        row["ratio"] = _ratio(row["throughput"], off)
-    return {"settings": asdict(settings), "machine": _machine(), "rows": rows}
+        row["ratio"] = ratio(row["throughput"], off)
+    return {"settings": asdict(settings), "machine": machine(), "rows": rows}
 
 
 def format_security_report(report: dict[str, Any]) -> str:

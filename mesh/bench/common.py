@@ -1,13 +1,13 @@
-"""`mesh bench`: throughput and latency of the mesh, as a ratio of a raw pyzmq baseline.
+"""What every benchmark shares: settings, the mesh's processes, the runner and the figures.
 
 Rules of this module:
 
-* Both runs use the same shape on the same machine in the same invocation: one broker
-  process, one echo worker process, `clients` client processes each keeping `inflight`
-  commands outstanding, over loopback TCP (or ipc).
-* The baseline is the least a ZeroMQ broker can do: a ROUTER-ROUTER loop that forwards
-  frames without decoding them, to one raw DEALER worker that echoes, driven by raw DEALER
-  clients. The mesh run uses the real broker, the real echo node and the AsyncClient.
+* Every benchmark in `mesh.bench` measures the mesh against a floor in the same
+  invocation, on the same machine, with the same shape: one broker process, one worker
+  process, `clients` client processes each keeping `inflight` commands outstanding, over
+  loopback TCP (or ipc).
+* The mesh processes are the real ones: the real broker (`BrokerServer`), the real echo
+  node and the `AsyncClient`, each tuned as `mesh broker` / `mesh node` tune themselves.
 * Processes are spawned (never forked) so no ZeroMQ context crosses a fork; every
   process is joined, or killed when it does not exit in time.
 """
@@ -21,14 +21,32 @@ import statistics
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any, Final
 
 import zmq
 
-from .process import tune_for_serving
+from ..process import tune_for_serving
 
-__all__ = ["BenchSettings", "run_bench", "format_report"]
+__all__ = [
+    "MESH",
+    "SAMPLE_LIMIT",
+    "STARTUP_S",
+    "WARMUP_S",
+    "BenchSettings",
+    "Run",
+    "endpoint",
+    "figures",
+    "load",
+    "machine",
+    "measure",
+    "mesh_broker",
+    "mesh_client",
+    "mesh_node",
+    "ratio",
+    "stop_all",
+    "wait_for_service",
+]
 
 WARMUP_S: Final = 1.0
 STARTUP_S: Final = 30.0  # for a process to be ready on a loaded machine
@@ -37,6 +55,9 @@ SAMPLE_LIMIT: Final = 100_000
 
 @dataclass(frozen=True, slots=True)
 class BenchSettings:
+    """The shape of a command benchmark: client processes, commands each keeps in flight,
+    payload bytes, seconds measured per run and `tcp` or `ipc`."""
+
     clients: int = 4
     inflight: int = 32
     payload: int = 256
@@ -44,11 +65,12 @@ class BenchSettings:
     transport: str = "tcp"
 
 
-def _endpoint(transport: str, tmp: str, name: str) -> str:
+def endpoint(transport: str, tmp: str, name: str) -> str:
+    """Where a process binds: `ipc://` in the run's temporary directory, or a free loopback port."""
     return f"ipc://{tmp}/{name}" if transport == "ipc" else "tcp://127.0.0.1:*"
 
 
-def _stop(stop: Any, procs: list[Any]) -> None:
+def stop_all(stop: Any, procs: list[Any]) -> None:
     """Tell every process to stop; kill those that have not exited in time."""
     stop.set()
     for p in procs:
@@ -58,117 +80,26 @@ def _stop(stop: Any, procs: list[Any]) -> None:
             p.join()
 
 
-def _machine() -> dict[str, Any]:
+def machine() -> dict[str, Any]:
+    """What the figures depend on besides the settings: CPUs and the ZeroMQ versions."""
     return {"cpus": os.cpu_count(), "pyzmq": zmq.__version__, "libzmq": zmq.zmq_version()}
 
 
-def _ratio(mesh: float, raw: float) -> float:
+def ratio(mesh: float, raw: float) -> float:
+    """`mesh / raw`, NaN when the floor measured nothing."""
     return mesh / raw if raw else float("nan")
-
-
-# ------------------------------------------------------------------ baseline
-
-
-def _raw_broker(front_ep: str, back_ep: str, ready: Any, stop: Any) -> None:
-    ctx = zmq.Context()
-    front, back = ctx.socket(zmq.ROUTER), ctx.socket(zmq.ROUTER)
-    for s in (front, back):
-        s.sndhwm = s.rcvhwm = 100_000
-        s.linger = 0
-    front.bind(front_ep)
-    back.bind(back_ep)
-    ready.put((front.last_endpoint.decode(), back.last_endpoint.decode()))
-    poller = zmq.Poller()
-    poller.register(front, zmq.POLLIN)
-    poller.register(back, zmq.POLLIN)
-    worker: bytes | None = None
-    while not stop.is_set():
-        events = dict(poller.poll(100))
-        if back in events:
-            for _ in range(256):
-                try:
-                    frames = back.recv_multipart(zmq.NOBLOCK)
-                except zmq.Again:
-                    break
-                if len(frames) == 2:  # the worker's hello
-                    worker = frames[0]
-                else:
-                    front.send_multipart(frames[1:])
-        if front in events and worker is not None:
-            for _ in range(256):
-                try:
-                    frames = front.recv_multipart(zmq.NOBLOCK)
-                except zmq.Again:
-                    break
-                back.send_multipart([worker, *frames])
-    ctx.destroy(linger=0)
-
-
-def _raw_worker(back_ep: str, capacity: int, stop: Any) -> None:
-    ctx = zmq.Context()
-    sock = ctx.socket(zmq.DEALER)
-    sock.linger = 0
-    sock.connect(back_ep)
-    sock.send(b"hello")
-    while not stop.is_set():
-        if not sock.poll(100):
-            continue
-        for _ in range(256):
-            try:
-                frames = sock.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                break
-            sock.send_multipart(frames)
-    ctx.destroy(linger=0)
-
-
-def _raw_client(front_ep: str, s: BenchSettings, start: float, results: Any) -> None:
-    ctx = zmq.Context()
-    sock = ctx.socket(zmq.DEALER)
-    sock.linger = 0
-    sock.connect(front_ep)
-    body = b"x" * s.payload
-    sent: dict[bytes, float] = {}
-    seq = 0
-    latencies: list[float] = []
-    count = 0
-    measure_from, end = start + WARMUP_S, start + WARMUP_S + s.duration
-    for _ in range(s.inflight):
-        key = seq.to_bytes(8, "little")
-        seq += 1
-        sent[key] = time.perf_counter()
-        sock.send_multipart([key, body])
-    while True:
-        now = time.time()
-        if now >= end:
-            break
-        if not sock.poll(100):
-            continue
-        key, _ = sock.recv_multipart()
-        t = time.perf_counter()
-        if now >= measure_from:
-            count += 1
-            if len(latencies) < SAMPLE_LIMIT:
-                latencies.append(t - sent.pop(key))
-        else:
-            sent.pop(key)
-        key = seq.to_bytes(8, "little")
-        seq += 1
-        sent[key] = time.perf_counter()
-        sock.send_multipart([key, body])
-    results.put((count, latencies))
-    ctx.destroy(linger=0)
 
 
 # ---------------------------------------------------------------------- mesh
 
 
-def _mesh_broker(
+def mesh_broker(
     clients_ep: str, nodes_ep: str, ready: Any, stop: Any, events_ep: str = "tcp://127.0.0.1:*"
 ) -> None:
+    """The real broker, security off (a spawned process): puts its endpoints on `ready`, serves until `stop`."""
     import threading
 
-    from .broker.loop import BrokerServer, Endpoints
+    from ..broker.loop import BrokerServer, Endpoints
 
     server = BrokerServer(Endpoints(clients_ep, nodes_ep, events_ep))
     tune_for_serving()  # as `mesh broker` does
@@ -177,10 +108,11 @@ def _mesh_broker(
     server.run()
 
 
-def _mesh_node(nodes_ep: str, capacity: int, stop: Any, creds: Any = None) -> None:
+def mesh_node(nodes_ep: str, capacity: int, stop: Any, creds: Any = None) -> None:
+    """The real echo node with `capacity` slots (a spawned process), until `stop`."""
     import threading
 
-    from .plugins import load_node
+    from ..plugins import load_node
 
     node = load_node("echo")
     tune_for_serving()  # as `mesh node` does
@@ -190,10 +122,14 @@ def _mesh_node(nodes_ep: str, capacity: int, stop: Any, creds: Any = None) -> No
     node.run(nodes_ep, credentials=creds)
 
 
-def _mesh_client(
+def mesh_client(
     clients_ep: str, s: BenchSettings, start: float, results: Any, creds: Any = None, target: tuple[str, str] = ("echo", "echo")
 ) -> None:
-    from .client import AsyncClient
+    """An AsyncClient keeping `s.inflight` calls of `target` outstanding (a spawned process).
+
+    Puts `(count, latencies)` of the measured window on `results`.
+    """
+    from ..client import AsyncClient
 
     service, action = target
 
@@ -221,9 +157,14 @@ def _mesh_client(
     results.put(asyncio.run(main()))
 
 
-def _wait_for_echo(clients_ep: str, timeout: float = STARTUP_S, creds: Any = None, service: str = "echo") -> None:
-    from .client import Client
-    from .protocol import MeshError
+def wait_for_service(clients_ep: str, timeout: float = STARTUP_S, creds: Any = None, service: str = "echo") -> None:
+    """Return once the broker at `clients_ep` lists `service`.
+
+    Raises:
+        RuntimeError: no node registered `service` within `timeout` seconds.
+    """
+    from ..client import Client
+    from ..protocol import MeshError
 
     with Client(clients_ep, timeout=2.0, retries=0, credentials=creds) as client:
         end = time.time() + timeout
@@ -260,8 +201,7 @@ class Run:
     during: Callable[[Any], None] | None = None
 
 
-RAW: Final = Run(_raw_broker, _raw_worker, _raw_client, serving=lambda front: time.sleep(0.3))
-MESH: Final = Run(_mesh_broker, _mesh_node, _mesh_client, serving=_wait_for_echo)
+MESH: Final = Run(mesh_broker, mesh_node, mesh_client, serving=wait_for_service)
 
 
 def measure(run: Run, s: BenchSettings) -> dict[str, Any]:
@@ -274,7 +214,7 @@ def measure(run: Run, s: BenchSettings) -> dict[str, Any]:
     ready, stop = ctx.Queue(), ctx.Event()
     procs: list[Any] = []
     with tempfile.TemporaryDirectory(prefix="mesh-bench-") as tmp:
-        front, back = _endpoint(s.transport, tmp, "clients"), _endpoint(s.transport, tmp, "nodes")
+        front, back = endpoint(s.transport, tmp, "clients"), endpoint(s.transport, tmp, "nodes")
         try:
             broker = ctx.Process(target=run.broker, args=(front, back, ready, stop, *run.broker_args), daemon=True)
             procs.append(broker)
@@ -287,7 +227,7 @@ def measure(run: Run, s: BenchSettings) -> dict[str, Any]:
             run.serving(front)
             return load(run.client, front, s, run.client_args, run.during)
         finally:
-            _stop(stop, procs)
+            stop_all(stop, procs)
 
 
 def load(
@@ -321,13 +261,13 @@ def load(
             watcher.start()
         outcomes = [results.get(timeout=WARMUP_S + s.duration + 60) for _ in clients]
     finally:
-        _stop(stop, clients)
+        stop_all(stop, clients)
         if watcher is not None:
             watcher.join(timeout=15)
-    return _figures(sum(n for n, _ in outcomes), [x for _, sample in outcomes for x in sample], s.duration)
+    return figures(sum(n for n, _ in outcomes), [x for _, sample in outcomes for x in sample], s.duration)
 
 
-def _figures(count: int, latencies: list[float], duration: float) -> dict[str, Any]:
+def figures(count: int, latencies: list[float], duration: float) -> dict[str, Any]:
     """Throughput and latency percentiles (ms) of one run."""
     lat = sorted(latencies)
 
@@ -344,35 +284,3 @@ def _figures(count: int, latencies: list[float], duration: float) -> dict[str, A
             "mean": statistics.fmean(lat) * 1000 if lat else float("nan"),
         },
     }
-
-
-def run_bench(settings: BenchSettings) -> dict[str, Any]:
-    """Run the baseline, then the mesh, with the same settings; return the report."""
-    raw = measure(RAW, settings)
-    mesh = measure(MESH, settings)
-    return {
-        "settings": asdict(settings),
-        "machine": _machine(),
-        "raw": raw,
-        "mesh": mesh,
-        "ratio": _ratio(mesh["throughput"], raw["throughput"]),
-    }
-
-
-def format_report(report: dict[str, Any]) -> str:
-    """The report as a few lines for people."""
-    s = report["settings"]
-    lines = [
-        f"{s['clients']} clients x {s['inflight']} in flight, {s['payload']}-byte payloads, "
-        f"{s['transport']}, {s['duration']:.0f}s per run, {report['machine']['cpus']} CPUs",
-    ]
-    for kind in ("raw", "mesh"):
-        r = report[kind]
-        lat = r["latency_ms"]
-        label = "raw pyzmq loop" if kind == "raw" else "mesh"
-        lines.append(
-            f"{label:>15}: {r['throughput']:>9,.0f} commands/s   "
-            f"p50 {lat['p50']:.2f} ms  p95 {lat['p95']:.2f} ms  p99 {lat['p99']:.2f} ms"
-        )
-    lines.append(f"{'ratio':>15}: {report['ratio']:.2f} of the raw loop")
-    return "\n".join(lines)

@@ -1,4 +1,4 @@
-"""A frame factory for sans-IO tests of the broker core.
+"""A frame factory for sans-IO tests of the broker core (`mesh.testing.frames`).
 
 Builds the multipart frames clients and nodes send (without any socket), feeds them
 to a `Broker`, and decodes what the broker returns. Frame shapes follow
@@ -9,6 +9,9 @@ to a `Broker`, and decodes what the broker returns. Frame shapes follow
   node -> broker     [envelope, header, payload]   envelope = b"" for the node's own commands
                                                    and events
   broker -> subscribers [topic frame, header, payload]   from `take_published()`
+
+No socket and no clock: a test hands each frame list to the core with the `now` it
+chooses, so every routing decision is reproducible.
 """
 
 from __future__ import annotations
@@ -16,8 +19,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from mesh.broker import Broker, Outgoing, Side
-from mesh.protocol import (
+from ..broker import Broker, Outgoing, Side
+from ..protocol import (
     ErrorInfo,
     Header,
     MeshError,

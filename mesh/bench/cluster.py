@@ -4,9 +4,9 @@ Rules of this module:
 
 * One invocation starts a three-broker cluster as real `mesh broker --member ...`
   processes (data directories in a temporary directory, each monitor on loopback) and
-  one `mesh node mesh.bench_cluster:bench_node` process connected to all three, then
+  one `mesh node mesh.bench.cluster:bench_node` process connected to all three, then
   waits until every broker agrees on a leader and knows the node's service.
-* Three runs follow, each with the command benchmark's clients (`bench.load`):
+* Three runs follow, each with the command benchmark's clients (`common.load`):
   `clients` AsyncClient processes keeping `inflight` commands outstanding.
 
   ==================  ==============  ===================================
@@ -43,20 +43,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
-from .bench import (
-    STARTUP_S,
-    WARMUP_S,
-    BenchSettings,
-    _endpoint,
-    _machine,
-    _mesh_client,
-    _ratio,
-    _wait_for_echo,
-    load,
-)
-from .launcher import NODE_READY
-from .node import Node
-from .testing import free_ports, run_broker, spawn
+from ..launcher import NODE_READY
+from ..node import Node
+from ..testing import free_ports, run_broker, spawn
+from .common import STARTUP_S, WARMUP_S, BenchSettings, endpoint, load, machine, mesh_client, ratio, wait_for_service
 
 __all__ = ["BROKERS", "SERVICE", "bench_node", "format_cluster_report", "run_cluster_bench"]
 
@@ -132,7 +122,7 @@ class _Window:
     """Reads the leader's first and last snapshot inside the measured window (a `Run.during`)."""
 
     monitor: str
-    start: float  # the clients' start (`bench.load`)
+    start: float  # the clients' start (`common.load`)
     duration: float
     marks: list[dict[str, Any]] = field(default_factory=list)
 
@@ -159,7 +149,7 @@ def _run(name: str, label: str, via: _Broker, action: str, leader: _Broker, s: B
     before = _mark(leader.monitor)
     start = time.time() + 0.5
     window = _Window(leader.monitor, start, s.duration)
-    figures = load(_mesh_client, via.clients, s, (None, (SERVICE, action)), during=window, start=start)
+    figures = load(mesh_client, via.clients, s, (None, (SERVICE, action)), during=window, start=start)
     after = _mark(leader.monitor, after=start + WARMUP_S + s.duration)
     row: dict[str, Any] = {"run": name, "label": label, "broker": via.name, "action": action, **figures}
     row["log"] = {
@@ -184,19 +174,19 @@ def run_cluster_bench(settings: BenchSettings) -> dict[str, Any]:
         nodes_eps: list[str] = []
         for b, port in zip(BROKERS, ports[len(BROKERS):]):
             proc = stack.enter_context(run_broker(
-                _endpoint(s.transport, tmp, f"{b}-clients"), _endpoint(s.transport, tmp, f"{b}-nodes"),
+                endpoint(s.transport, tmp, f"{b}-clients"), endpoint(s.transport, tmp, f"{b}-nodes"),
                 "--name", b, *peers, "--data", str(Path(tmp) / b), "--monitor", f"127.0.0.1:{port}",
-                "--log-level", "warning", events=_endpoint(s.transport, tmp, f"{b}-events"),
+                "--log-level", "warning", events=endpoint(s.transport, tmp, f"{b}-events"),
             ))  # fmt: skip
             brokers.append(_Broker(b, proc.clients, f"http://127.0.0.1:{port}"))
             nodes_eps.append(proc.nodes)
         node = stack.enter_context(spawn([
-            "node", "mesh.bench_cluster:bench_node", "--broker", ",".join(nodes_eps),
+            "node", "mesh.bench.cluster:bench_node", "--broker", ",".join(nodes_eps),
             "--capacity", str(s.clients * s.inflight), "--log-level", "warning",
         ]))  # fmt: skip
         node.wait_for(NODE_READY.pattern, timeout=STARTUP_S)
         for b in brokers:
-            _wait_for_echo(b.clients, service=SERVICE)
+            wait_for_service(b.clients, service=SERVICE)
         by_name = {b.name: b for b in brokers}
         leader = by_name[_leader(brokers)]
         follower = next(b for b in brokers if b is not leader)
@@ -207,11 +197,11 @@ def run_cluster_bench(settings: BenchSettings) -> dict[str, Any]:
         ]
     plain = rows[0]["throughput"]
     for row in rows:
-        row["ratio"] = _ratio(row["throughput"], plain)
-        row["log"]["per_command"] = _ratio(row["log"]["entries_per_s"], row["throughput"])
+        row["ratio"] = ratio(row["throughput"], plain)
+        row["log"]["per_command"] = ratio(row["log"]["entries_per_s"], row["throughput"])
     return {
         "settings": asdict(s),
-        "machine": _machine(),
+        "machine": machine(),
         "cluster": {"brokers": list(BROKERS), "leader": leader.name, "follower": follower.name},
         "rows": rows,
     }

@@ -1,9 +1,10 @@
-"""A tiny, fully controlled cluster of consensus cores for unit tests.
+"""A tiny, fully controlled cluster of consensus cores for unit tests (`mesh.testing.raft`).
 
 Unlike `mesh.cluster.sim` nothing here is random except the election jitter (seeded):
 a test says which node ticks, which links are cut and when messages move. Each node's
 Ready is handled the way an application must (persist, send, install, apply), with the
-"disk" a `PersistedState` that `restart()` boots from.
+"disk" a `PersistedState` that `restart()` boots from. Use it to test an application of
+`mesh.cluster` step by step; `mesh.cluster.sim` is the randomised fault search.
 """
 
 from __future__ import annotations
@@ -11,7 +12,9 @@ from __future__ import annotations
 import random
 from collections.abc import Callable, Iterable
 
-from mesh.cluster import Config, Entry, EntryKind, Message, PersistedState, RaftNode, Ready, Role
+from ..cluster import Config, Entry, EntryKind, Message, PersistedState, RaftNode, Ready, Role
+
+__all__ = ["Cluster"]
 
 
 class Cluster:
@@ -42,11 +45,13 @@ class Cluster:
         return self.nodes[name]
 
     def isolate(self, name: str) -> None:
+        """Cut every link of `name`: nothing moves between it and the others until `heal()`."""
         for other in self.nodes:
             if other != name:
                 self.cut.add(frozenset((name, other)))
 
     def heal(self) -> None:
+        """Restore every cut link."""
         self.cut.clear()
 
     def handle_ready(self, name: str) -> Ready:
@@ -68,6 +73,7 @@ class Cluster:
         return rd
 
     def compact(self, name: str, index: int, data: bytes = b"state") -> None:
+        """Snapshot `name` at `index` with `data` and drop the entries it covers from its disk."""
         snap = self.nodes[name].compact(index, data)
         disk = self.disks[name]
         entries = tuple(e for e in disk.entries if e.index > index)
@@ -88,10 +94,12 @@ class Cluster:
         raise AssertionError("the cluster did not settle")
 
     def tick(self, name: str, times: int = 1) -> None:
+        """Tick `name` alone `times` times, moving no message."""
         for _ in range(times):
             self.nodes[name].tick()
 
     def tick_all(self, times: int = 1) -> None:
+        """Tick every node `times` times, settling after each round."""
         for _ in range(times):
             for node in self.nodes.values():
                 node.tick()
@@ -109,7 +117,9 @@ class Cluster:
         return node
 
     def leaders(self) -> list[str]:
+        """The nodes that are leader now (more than one only across terms)."""
         return [n for n, node in self.nodes.items() if node.role is Role.LEADER]
 
     def applied_data(self, name: str) -> list[bytes]:
+        """The data of the normal entries `name` applied, in order."""
         return [e.data for e in self.applied[name]]

@@ -1,9 +1,9 @@
-"""`python -m mesh.bench_failover`: how fast the mesh notices a lost node under load, and recovers.
+"""`mesh bench --failover`: how fast the mesh notices a lost node under load, and recovers.
 
 Rules of this module:
 
 * Everything runs as real processes started the way users start them (`mesh broker`,
-  `mesh node mesh.bench_failover:bench_node`, through `mesh.testing`): spawned, never
+  `mesh node mesh.bench.failover:bench_node`, through `mesh.testing`): spawned, never
   forked, on loopback TCP. The driver is one `Client` shared by `callers` threads that
   keep calling for the whole run, and a subscription to the broker's `mesh.node` events.
 * A round: wait until `nodes` nodes are registered, wait a random moment, send SIGKILL
@@ -27,14 +27,12 @@ Rules of this module:
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import math
 import os
 import random
 import signal
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -42,13 +40,13 @@ from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from typing import Any, Final
 
-from .client import Client
-from .node import Node
-from .protocol import ErrorCode, MeshError
-from .subscription import Event
-from .testing import MeshProcess, run_broker
+from ..client import Client
+from ..node import Node
+from ..protocol import ErrorCode, MeshError
+from ..subscription import Event
+from ..testing import MeshProcess, run_broker
 
-__all__ = ["FailoverSettings", "run_failover_bench", "format_failover_report", "bench_node", "main"]
+__all__ = ["SIGNALS", "FailoverSettings", "run_failover_bench", "format_failover_report", "bench_node"]
 
 HELD_S: Final = 0.25  # a call this slow across the signal was held by the lost node (normal: tens of ms)
 SETTLE_S: Final = 10.0  # longest wait for the calls of a round to be answered
@@ -161,7 +159,7 @@ class _Bench:
         self.counter += 1
         name = f"n{self.counter}"
         config = {"name": name, "heartbeat_interval": self.s.heartbeat_interval}
-        args = ["node", "mesh.bench_failover:bench_node", "--broker", self.broker.nodes]
+        args = ["node", "mesh.bench.failover:bench_node", "--broker", self.broker.nodes]
         proc = MeshProcess([*args, "--config", json.dumps(config), "--log-level", "warning"])
         self.nodes[name] = proc
         return name
@@ -364,32 +362,3 @@ def format_failover_report(report: dict[str, Any]) -> str:
         "before the down event is answered; rejoin: SIGCONT to mesh.node.up; redisp./lost: broker counts.",
     ]
     return "\n".join(lines)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Parse the options, run the benchmark, print the table (or JSON with --json)."""
-    parser = argparse.ArgumentParser(prog="python -m mesh.bench_failover", description=__doc__.splitlines()[0])
-    parser.add_argument("--nodes", type=int, default=3, help="nodes of the service (at least 2)")
-    parser.add_argument("--rounds", type=int, default=8, help="rounds per signal")
-    parser.add_argument("--signals", default="kill,stop", help="comma-separated: kill, stop")
-    parser.add_argument("--heartbeat", type=float, default=1.0, help="the nodes' heartbeat interval, seconds (0.05-60)")
-    parser.add_argument("--callers", type=int, default=8, help="threads calling all the time")
-    parser.add_argument("--work", type=float, default=0.02, help="seconds each call sleeps on its node")
-    parser.add_argument("--plain-share", type=float, default=0.25, help="share of non-idempotent calls")
-    parser.add_argument("--seed", type=int, default=None, help="for the random victims and moments")
-    parser.add_argument("--json", action="store_true", help="print a machine-readable report")
-    args = parser.parse_args(argv)
-    signals = tuple(x.strip() for x in args.signals.split(",") if x.strip())
-    if args.nodes < 2 or args.rounds < 1 or args.callers < 1 or not signals or set(signals) - set(SIGNALS):
-        parser.error("--nodes >= 2, --rounds >= 1, --callers >= 1, --signals from kill,stop")
-    if not 0.05 <= args.heartbeat <= 60:
-        parser.error("--heartbeat must be from 0.05 to 60 seconds")
-    report = run_failover_bench(
-        FailoverSettings(args.nodes, args.rounds, signals, args.heartbeat, args.callers, args.work, args.plain_share, args.seed)
-    )
-    print(json.dumps(report, indent=2) if args.json else format_failover_report(report))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,0 +1,154 @@
+"""`mesh bench`: throughput and latency of the mesh, as a ratio of a raw pyzmq baseline.
+
+Rules of this module:
+
+* Both runs use the same shape on the same machine in the same invocation: one broker
+  process, one echo worker process, `clients` client processes each keeping `inflight`
+  commands outstanding, over loopback TCP (or ipc).
+* The baseline is the least a ZeroMQ broker can do: a ROUTER-ROUTER loop that forwards
+  frames without decoding them, to one raw DEALER worker that echoes, driven by raw DEALER
+  clients. The mesh run uses the real broker, the real echo node and the AsyncClient.
+* Processes are spawned (never forked) so no ZeroMQ context crosses a fork; every
+  process is joined, or killed when it does not exit in time.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict
+from typing import Any, Final
+
+import zmq
+
+from .common import MESH, SAMPLE_LIMIT, WARMUP_S, BenchSettings, Run, machine, measure, ratio
+
+__all__ = ["RAW", "run_bench", "format_report"]
+
+
+# ------------------------------------------------------------------ baseline
+
+
+def _raw_broker(front_ep: str, back_ep: str, ready: Any, stop: Any) -> None:
+    ctx = zmq.Context()
+    front, back = ctx.socket(zmq.ROUTER), ctx.socket(zmq.ROUTER)
+    for s in (front, back):
+        s.sndhwm = s.rcvhwm = 100_000
+        s.linger = 0
+    front.bind(front_ep)
+    back.bind(back_ep)
+    ready.put((front.last_endpoint.decode(), back.last_endpoint.decode()))
+    poller = zmq.Poller()
+    poller.register(front, zmq.POLLIN)
+    poller.register(back, zmq.POLLIN)
+    worker: bytes | None = None
+    while not stop.is_set():
+        events = dict(poller.poll(100))
+        if back in events:
+            for _ in range(256):
+                try:
+                    frames = back.recv_multipart(zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+                if len(frames) == 2:  # the worker's hello
+                    worker = frames[0]
+                else:
+                    front.send_multipart(frames[1:])
+        if front in events and worker is not None:
+            for _ in range(256):
+                try:
+                    frames = front.recv_multipart(zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+                back.send_multipart([worker, *frames])
+    ctx.destroy(linger=0)
+
+
+def _raw_worker(back_ep: str, capacity: int, stop: Any) -> None:
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.linger = 0
+    sock.connect(back_ep)
+    sock.send(b"hello")
+    while not stop.is_set():
+        if not sock.poll(100):
+            continue
+        for _ in range(256):
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            sock.send_multipart(frames)
+    ctx.destroy(linger=0)
+
+
+def _raw_client(front_ep: str, s: BenchSettings, start: float, results: Any) -> None:
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.linger = 0
+    sock.connect(front_ep)
+    body = b"x" * s.payload
+    sent: dict[bytes, float] = {}
+    seq = 0
+    latencies: list[float] = []
+    count = 0
+    measure_from, end = start + WARMUP_S, start + WARMUP_S + s.duration
+    for _ in range(s.inflight):
+        key = seq.to_bytes(8, "little")
+        seq += 1
+        sent[key] = time.perf_counter()
+        sock.send_multipart([key, body])
+    while True:
+        now = time.time()
+        if now >= end:
+            break
+        if not sock.poll(100):
+            continue
+        key, _ = sock.recv_multipart()
+        t = time.perf_counter()
+        if now >= measure_from:
+            count += 1
+            if len(latencies) < SAMPLE_LIMIT:
+                latencies.append(t - sent.pop(key))
+        else:
+            sent.pop(key)
+        key = seq.to_bytes(8, "little")
+        seq += 1
+        sent[key] = time.perf_counter()
+        sock.send_multipart([key, body])
+    results.put((count, latencies))
+    ctx.destroy(linger=0)
+
+
+RAW: Final = Run(_raw_broker, _raw_worker, _raw_client, serving=lambda front: time.sleep(0.3))
+
+
+def run_bench(settings: BenchSettings) -> dict[str, Any]:
+    """Run the baseline, then the mesh, with the same settings; return the report."""
+    raw = measure(RAW, settings)
+    mesh = measure(MESH, settings)
+    return {
+        "settings": asdict(settings),
+        "machine": machine(),
+        "raw": raw,
+        "mesh": mesh,
+        "ratio": ratio(mesh["throughput"], raw["throughput"]),
+    }
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """The report as a few lines for people."""
+    s = report["settings"]
+    lines = [
+        f"{s['clients']} clients x {s['inflight']} in flight, {s['payload']}-byte payloads, "
+        f"{s['transport']}, {s['duration']:.0f}s per run, {report['machine']['cpus']} CPUs",
+    ]
+    for kind in ("raw", "mesh"):
+        r = report[kind]
+        lat = r["latency_ms"]
+        label = "raw pyzmq loop" if kind == "raw" else "mesh"
+        lines.append(
+            f"{label:>15}: {r['throughput']:>9,.0f} commands/s   "
+            f"p50 {lat['p50']:.2f} ms  p95 {lat['p95']:.2f} ms  p99 {lat['p99']:.2f} ms"
+        )
+    lines.append(f"{'ratio':>15}: {report['ratio']:.2f} of the raw loop")
+    return "\n".join(lines)
