@@ -50,6 +50,7 @@ from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Any, Final
 
+from ..link.health import PeerEvent
 from ..protocol import (
     MAX_MESSAGE_BYTES,
     BadFormatError,
@@ -108,7 +109,7 @@ from ..cluster.shared import (
 from ..security.policy import PolicyError, policy_from_text
 from .events import DEFAULT_RULE, EventBus, RetentionRule, check_publishable
 from .once import OnceTable, event_key, keyring_key, once_key, policy_key, revoke_key
-from .registry import NodeInfo, PeerEvent, Registry, parse_load, parse_page_request, silence_event
+from .registry import NodeInfo, Registry, parse_load, parse_page_request, silence_event
 from .subscribers import Apply, Subscribers
 
 __all__ = ["Side", "Outgoing", "BrokerConfig", "Broker", "Command", "ConnectionState", "RecentReplies"]
@@ -720,7 +721,7 @@ class Broker:
             if cmd is None or cmd.once != key:
                 continue
             if cmd.state is CommandState.RECEIVED:
-                cmd.state = CommandState.DISPATCHED  # it ran, through another broker
+                cmd.state = advance(cmd.state, CommandEvent.DISPATCH)  # it ran, through another broker
             self._finish(cmd, CommandEvent.FAIL if failed else CommandEvent.RESPOND)
             out.append((Side.CLIENT, cmd.client, list(reply)))
         return out
