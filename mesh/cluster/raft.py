@@ -381,7 +381,7 @@ class RaftNode:
     # ------------------------------------------------------------------- roles
 
     def _transition(self, event: RoleEvent) -> None:
-        self.role = transition(TRANSITIONS, self.role, event, subject=f"{self.id} (term {self.term})", term=self.term)
+        self.role = transition(TRANSITIONS, self.role, event, subject=self.id, term=self.term)
 
     def _become_follower(self, term: int, leader: str | None, event: RoleEvent) -> None:
         self._transition(event)

@@ -41,7 +41,8 @@ def transition(
         state: the current state.
         event: what happened.
         subject: what is in `state`, for the message ("a command", "a link").
-        **details: more context for the error's details (e.g. a Raft term).
+        **details: more context for the error's details and message (e.g. a Raft
+            term); formatted only when the pair is refused, so a hot path pays nothing.
 
     Returns:
         The next state.
@@ -53,8 +54,9 @@ def transition(
     try:
         return table[(state, event)]
     except KeyError:
+        context = "".join(f", {key} {value}" for key, value in details.items())
         raise InvalidStateError(
-            f"{subject} in state {state.value} cannot take {event.value}",
+            f"{subject} in state {state.value} cannot take {event.value}{context}",
             details={"state": state.value, "event": event.value, **details},
         ) from None
 

@@ -121,7 +121,7 @@ def test_a_refused_transition_says_what_refused_what_and_carries_extra_details()
     """The message names the subject, state and event; extra details ride along with the code."""
     with pytest.raises(InvalidStateError) as info:
         transition(health.TRANSITIONS, PeerState.UP, PeerEvent.CONNECTED, subject="a link", endpoint="tcp://x:1")
-    assert info.value.message == "a link in state up cannot take connected"
+    assert info.value.message == "a link in state up cannot take connected, endpoint tcp://x:1"
     assert info.value.details == {"state": "up", "event": "connected", "endpoint": "tcp://x:1"}
     assert info.value.code == ErrorCode.INVALID_STATE and not info.value.retryable
 
