@@ -10,15 +10,8 @@ Rules of this module:
 * `judge(silence, suspect_after, dead_after)`: silent past `suspect_after` seconds is
   `SUSPECT`, past `dead_after` is `DEAD`, else `UP`; a peer never heard from (`None`) is
   `DEAD`. With `reached=True` a silence equal to a threshold already crosses it. The
-  thresholds the callers pass (with `interval` the heartbeat interval):
-
-  | watcher                                  | suspect after          | dead after          |
-  |------------------------------------------|------------------------|---------------------|
-  | broker -> node, node -> broker (registry)| > 1.5 x interval       | > 3 x interval      |
-  | client -> broker (`mesh.liveness`)       | >= 1 x interval        | >= liveness x int.  |
-  | monitor, node without a state            | > 0.5 x liveness window| > liveness window   |
-  | monitor, cluster peer                    | > 1 s                  | > 3 s, or never     |
-
+  thresholds stay with their callers (`mesh.broker.registry.silence_event`,
+  `mesh.liveness.Liveness`, `mesh.monitor.snapshot`); docs/reliability.md lists them.
 * A peer's state changes only through `TRANSITIONS`, looked up by
   `mesh.protocol.states.transition`; a pair missing from the table is a bug in the
   caller and raises `InvalidStateError`. `SILENCE_EVENT` turns a judgement into the
