@@ -71,10 +71,10 @@ from urllib.parse import urlsplit
 import zmq
 
 from .aio import AsyncSocket
+from .link.health import PeerState
 from .liveness import (
     DEFAULT_INTERVAL,
     DEFAULT_LIVENESS,
-    LinkState,
     Liveness,
     Transition,
 )
@@ -117,7 +117,7 @@ _REPLIES: Final = frozenset({"response", "error"})
 
 T = TypeVar("T")
 # Called on the client's loop with (endpoint, old state, new state) at each change.
-StateHook = Callable[[str, LinkState, LinkState], None]
+StateHook = Callable[[str, PeerState, PeerState], None]
 Reply = tuple[dict[str, Any], bytes]
 # Called on the client's loop with (progress, total or None, message or None).
 ProgressHook = Callable[[float, float | None, str | None], None]
@@ -202,7 +202,7 @@ class AsyncClient:
         self._subscriptions: weakref.WeakSet[AsyncSubscription] = weakref.WeakSet()  # closed with the client
 
     @property
-    def broker_state(self) -> LinkState:
+    def broker_state(self) -> PeerState:
         """Whether the current broker answers: up, suspect or dead (while failing over)."""
         return self._liveness.state
 
@@ -536,12 +536,12 @@ class AsyncClient:
             self._watch.drops = 0
             dropped = self._liveness.dropped(busy=busy)
             self._report(dropped)
-            if dropped and dropped[-1].new is LinkState.DEAD:
+            if dropped and dropped[-1].new is PeerState.DEAD:
                 self._fail_over()  # the broker's process is gone: no window to wait out
                 return
         tick = self._liveness.tick(time.monotonic(), busy=busy)
         self._report(tick.transitions)
-        if tick.transitions and tick.transitions[-1].new is LinkState.DEAD:
+        if tick.transitions and tick.transitions[-1].new is PeerState.DEAD:
             self._fail_over()  # once per dead link; the sweeps while backing off wait
         elif tick.ping and self._conn is not None:
             self._ping()
@@ -556,7 +556,7 @@ class AsyncClient:
 
     def _report(self, transitions: list[Transition]) -> None:
         for old, new in transitions:
-            level = logging.INFO if new is LinkState.UP else logging.WARNING
+            level = logging.INFO if new is PeerState.UP else logging.WARNING
             log.log(level, "broker %s is %s (was %s)", self.broker, new, old)
             if self.on_state is not None:
                 try:
@@ -683,7 +683,7 @@ class Client:
         return self._inner.broker
 
     @property
-    def broker_state(self) -> LinkState:
+    def broker_state(self) -> PeerState:
         """Whether the current broker answers: up, suspect or dead (while failing over)."""
         return self._inner.broker_state
 

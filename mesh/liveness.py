@@ -8,14 +8,16 @@ Rules of this module:
   client is waiting for something (`tick(now, busy=True)`): an idle client asks the
   broker nothing, so its silence says nothing, and the clock is held at `now`.
 * After one `interval` of silence the link is `SUSPECT` and one heartbeat is due; after
-  `liveness` intervals it is `DEAD`. A connection the transport reports closed while
+  `liveness` intervals it is `DEAD` (`mesh.link.health.judge` with these thresholds,
+  reached rather than passed). A connection the transport reports closed while
   the client waits (`dropped`: the broker process died, its kernel closed the socket)
   is `DEAD` at once: no need to wait out a window for what is already known. At most one heartbeat is in flight per link: a
   second one is never queued behind an unanswered first, so a broker that comes back
   is not met by a pile of pings. A new link (`connected`) starts `SUSPECT` with one
   heartbeat due, to prove the new broker quickly.
-* Every state change is a transition in `TRANSITIONS`; an event with no entry for the
-  current state is a bug in the caller and raises `InvalidStateError`.
+* Every state change is a transition in `mesh.link.health.TRANSITIONS`, the table every
+  role uses for its peers; an event with no entry for the current state is a bug in the
+  caller and raises `InvalidStateError`.
 * A process that was itself paused (SIGSTOP, a frozen VM, a loop stalled) heard nothing
   while it did not run, so the silence of its peers over that time says nothing about
   them. `PauseWatch` tells such a pause from a jump between the `now` values of a
@@ -28,10 +30,10 @@ Rules of this module:
 
 from __future__ import annotations
 
-import enum
 from typing import Final, NamedTuple
 
-from .protocol import InvalidStateError
+from .link.health import TRANSITIONS, PeerEvent, PeerState, judge
+from .protocol.states import transition
 
 __all__ = [
     "BACKOFF_BASE",
@@ -39,9 +41,6 @@ __all__ = [
     "BACKOFF_JITTER",
     "DEFAULT_INTERVAL",
     "DEFAULT_LIVENESS",
-    "TRANSITIONS",
-    "LinkEvent",
-    "LinkState",
     "Liveness",
     "PauseWatch",
     "SELF_PAUSE_S",
@@ -58,31 +57,6 @@ BACKOFF_JITTER: Final = 0.2
 # More than this between two turns of a loop that turns every 50 to 100 ms: the process
 # did not run (paused, frozen, or its loop stalled), and heard nothing meanwhile.
 SELF_PAUSE_S: Final = 1.0
-
-
-class LinkState(enum.StrEnum):
-    UP = "up"
-    SUSPECT = "suspect"
-    DEAD = "dead"
-
-
-class LinkEvent(enum.Enum):
-    HEARD = "heard"  # a message came from the broker
-    QUIET = "quiet"  # one interval of silence while busy
-    LOST = "lost"  # `liveness` intervals of silence while busy
-    DROPPED = "dropped"  # the transport closed the connection while busy
-    CONNECTED = "connected"  # the caller replaced the dead link with a new one
-
-
-TRANSITIONS: Final[dict[tuple[LinkState, LinkEvent], LinkState]] = {
-    (LinkState.UP, LinkEvent.HEARD): LinkState.UP,
-    (LinkState.UP, LinkEvent.QUIET): LinkState.SUSPECT,
-    (LinkState.SUSPECT, LinkEvent.HEARD): LinkState.UP,
-    (LinkState.SUSPECT, LinkEvent.LOST): LinkState.DEAD,
-    (LinkState.UP, LinkEvent.DROPPED): LinkState.DEAD,
-    (LinkState.SUSPECT, LinkEvent.DROPPED): LinkState.DEAD,
-    (LinkState.DEAD, LinkEvent.CONNECTED): LinkState.SUSPECT,
-}
 
 
 class PauseWatch:
@@ -112,8 +86,8 @@ class PauseWatch:
 
 
 class Transition(NamedTuple):
-    old: LinkState
-    new: LinkState
+    old: PeerState
+    new: PeerState
 
 
 class Tick(NamedTuple):
@@ -144,7 +118,7 @@ class Liveness:
         liveness: int = DEFAULT_LIVENESS,
         *,
         now: float,
-        state: LinkState = LinkState.UP,
+        state: PeerState = PeerState.UP,
     ) -> None:
         if interval <= 0:
             raise ValueError("the heartbeat interval must be positive")
@@ -158,14 +132,8 @@ class Liveness:
         self.failures = 0  # links declared dead since a broker last answered
         self.pauses = PauseWatch()  # this client's own pauses, seen between ticks
 
-    def _apply(self, event: LinkEvent, out: list[Transition]) -> None:
-        try:
-            new = TRANSITIONS[(self.state, event)]
-        except KeyError:
-            raise InvalidStateError(
-                f"a link that is {self.state} cannot take {event.value}",
-                details={"state": str(self.state), "event": event.value},
-            ) from None
+    def _apply(self, event: PeerEvent, out: list[Transition]) -> None:
+        new = transition(TRANSITIONS, self.state, event, subject="a link")
         if new is not self.state:
             out.append(Transition(self.state, new))
             self.state = new
@@ -177,7 +145,7 @@ class Liveness:
             The state change it caused (to `UP`), if any.
         """
         out: list[Transition] = []
-        self._apply(LinkEvent.HEARD, out)
+        self._apply(PeerEvent.HEARD, out)
         self.quiet_since = now
         self.failures = 0
         if pong:
@@ -195,19 +163,19 @@ class Liveness:
         out: list[Transition] = []
         if self.pauses.turn(now):
             self.quiet_since = max(self.quiet_since, now)
-        if not busy or self.state is LinkState.DEAD:
+        if not busy or self.state is PeerState.DEAD:
             # Nothing asked, nothing owed: silence now is no sign of anything.
             self.quiet_since = now
             return Tick(out, False)
-        silent = now - self.quiet_since
-        if self.state is LinkState.UP and silent >= self.interval:
-            self._apply(LinkEvent.QUIET, out)
-        if self.state is LinkState.SUSPECT and silent >= self.interval * self.liveness:
-            self._apply(LinkEvent.LOST, out)
+        health = judge(now - self.quiet_since, self.interval, self.interval * self.liveness, reached=True)
+        if self.state is PeerState.UP and health is not PeerState.UP:
+            self._apply(PeerEvent.QUIET, out)
+        if self.state is PeerState.SUSPECT and health is PeerState.DEAD:
+            self._apply(PeerEvent.SILENT, out)
             self.failures += 1
             self.ping_in_flight = False  # it went down with the link
             return Tick(out, False)
-        ping = self.state is LinkState.SUSPECT and not self.ping_in_flight
+        ping = self.state is PeerState.SUSPECT and not self.ping_in_flight
         if ping:
             self.ping_in_flight = True
         return Tick(out, ping)
@@ -219,8 +187,8 @@ class Liveness:
         a busy one's link is dead now, so the caller replaces it without waiting.
         """
         out: list[Transition] = []
-        if busy and self.state is not LinkState.DEAD:
-            self._apply(LinkEvent.DROPPED, out)
+        if busy and self.state is not PeerState.DEAD:
+            self._apply(PeerEvent.DROPPED, out)
             self.failures += 1
             self.ping_in_flight = False
         return out
@@ -229,7 +197,7 @@ class Liveness:
         """The caller opened a new link in place of the dead one; it starts `SUSPECT`,
         with its silence counted from `now` and one heartbeat due at the next tick."""
         out: list[Transition] = []
-        self._apply(LinkEvent.CONNECTED, out)
+        self._apply(PeerEvent.CONNECTED, out)
         self.quiet_since = now
         self.ping_in_flight = False
         return out

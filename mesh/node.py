@@ -16,9 +16,9 @@ Rules of this module:
   registers again when the broker says it does not know the node (a restarted broker).
   Each heartbeat carries the node's load: in-flight commands, capacity, work waiting for
   a pool thread, and an exponentially weighted mean of handler time.
-* The node watches its broker with the broker's own table (`PEER_TRANSITIONS`): any
-  message from the broker counts, silence past 1.5 intervals makes it suspect, past 3
-  dead; each change is logged.
+* The node watches its broker with the table every role uses (`mesh.link.health`) and
+  the broker's own thresholds (`silence_event`): any message from the broker counts,
+  silence past 1.5 intervals makes it suspect, past 3 dead; each change is logged.
 * A command runs at most once while the node remembers its id (`CommandDedupe`: the
   last `RECENT_COMMANDS` ids, up to `RECENT_COMMAND_S`), whichever broker it comes
   through: a resend of a finished command gets the stored reply with its new envelope,
@@ -89,11 +89,13 @@ from .protocol import (
     encode_response_header,
     error_header,
     new_id,
+    transition,
     unpack_header,
 )
 from .aio import AsyncSocket
 from .link.replies import RecentReplies
-from .broker.registry import MAX_DESCRIPTION, PeerEvent, check_hints, PeerState, advance_peer, silence_event
+from .broker.registry import MAX_DESCRIPTION, check_hints, silence_event
+from .link.health import TRANSITIONS, PeerEvent, PeerState
 from .security.credentials import Credentials
 from .security.envelope import Opener, Sealer
 from .sockets import dealer
@@ -716,7 +718,7 @@ class _NodeLoop:
 
     def _broker_event(self, link: _Link, event: PeerEvent, why: str) -> None:
         before = link.state
-        link.state = advance_peer(before, event)
+        link.state = transition(TRANSITIONS, before, event, subject=f"broker {link.endpoint}")
         if link.state is not before:
             level = logging.INFO if link.state is PeerState.UP else logging.WARNING
             log.log(level, "broker %s is %s (was %s): %s", link.endpoint, link.state.value, before.value, why)

@@ -7,9 +7,10 @@ Rules of this module:
   never exceeded. It prefers, in order: a node that is not suspect, the least load
   (in-flight / capacity), the lower reported handler latency (in coarse bands, so
   nodes that differ only by noise still share work), then round-robin.
-* A node's health (`PeerState`) changes only through `PEER_TRANSITIONS`: silence past
-  `SUSPECT_MISSES` heartbeat intervals makes it suspect, past `LIVENESS_MISSES` dead,
-  and any message makes it up again. Nodes use the same table for their broker.
+* A node's health (`PeerState`) changes only through `mesh.link.health`'s table:
+  silence past `SUSPECT_MISSES` heartbeat intervals makes it suspect, past
+  `LIVENESS_MISSES` dead, and any message makes it up again (`silence_event`). Nodes
+  use the same thresholds for their broker.
 * Load reports (`parse_load`) keep the fields that are valid and name the others; a
   bad report never fails the heartbeat that carried it.
 * A registration is checked whole before anything changes (`parse_registration`):
@@ -31,25 +32,25 @@ Rules of this module:
 from __future__ import annotations
 
 import bisect
-import enum
 import itertools
 import math
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
 
+from ..link.health import SILENCE_EVENT, TRANSITIONS, PeerEvent, PeerState, judge
 from ..liveness import PauseWatch
 from ..protocol import (
     MAX_ACTIONS,
     MAX_REGISTRATION_BYTES,
     AccessDeniedError,
-    InvalidStateError,
     MessageTooLargeError,
     ValidationFailedError,
     check_name,
     check_schema,
     encode_payload,
     shown_key,
+    transition,
 )
 
 __all__ = [
@@ -61,10 +62,6 @@ __all__ = [
     "parse_page_request",
     "HINTS",
     "check_hints",
-    "PeerState",
-    "PeerEvent",
-    "PEER_TRANSITIONS",
-    "advance_peer",
     "silence_event",
     "MAX_CAPACITY",
     "MAX_DESCRIPTION",
@@ -93,61 +90,13 @@ MAX_LATENCY_MS: Final = 86_400_000.0  # a day: anything longer is a broken clock
 LATENCY_BANDS_PER_DOUBLING: Final = 4
 
 
-class PeerState(str, enum.Enum):
-    """How a peer's silence looks from this side of the link (values as the monitor shows them)."""
-
-    UP = "up"
-    SUSPECT = "suspect"
-    DEAD = "dead"
-
-
-class PeerEvent(str, enum.Enum):
-    HEARD = "heard"  # any message from the peer
-    QUIET = "quiet"  # silent past SUSPECT_MISSES intervals
-    SILENT = "silent"  # silent past LIVENESS_MISSES intervals
-
-
-P, V = PeerState, PeerEvent
-
-# DEAD -> UP is for a node watching its broker: the broker may come back, and the node
-# keeps heartbeating for that. The broker forgets a dead node, which must register again.
-PEER_TRANSITIONS: Final[dict[tuple[PeerState, PeerEvent], PeerState]] = {
-    (P.UP, V.HEARD): P.UP,
-    (P.UP, V.QUIET): P.SUSPECT,
-    (P.UP, V.SILENT): P.DEAD,  # a late tick may skip suspect
-    (P.SUSPECT, V.HEARD): P.UP,
-    (P.SUSPECT, V.QUIET): P.SUSPECT,
-    (P.SUSPECT, V.SILENT): P.DEAD,
-    (P.DEAD, V.HEARD): P.UP,
-    (P.DEAD, V.QUIET): P.DEAD,
-    (P.DEAD, V.SILENT): P.DEAD,
-}
-
-del P, V
-
-
-def advance_peer(state: PeerState, event: PeerEvent) -> PeerState:
-    """The state after `event`.
-
-    Raises:
-        InvalidStateError: the table has no entry for (state, event).
-    """
-    try:
-        return PEER_TRANSITIONS[(state, event)]
-    except KeyError:
-        raise InvalidStateError(
-            f"a peer that is {state.value} cannot take {event.value}",
-            details={"state": state.value, "event": event.value},
-        ) from None
-
-
 def silence_event(silence: float, interval: float) -> PeerEvent | None:
-    """What `silence` seconds mean for a peer heartbeating every `interval` (None: nothing yet)."""
-    if silence > LIVENESS_MISSES * interval:
-        return PeerEvent.SILENT
-    if silence > SUSPECT_MISSES * interval:
-        return PeerEvent.QUIET
-    return None
+    """What `silence` seconds mean for a peer heartbeating every `interval` (None: nothing yet).
+
+    The node-broker heartbeat's thresholds (`SUSPECT_MISSES`, `LIVENESS_MISSES`
+    intervals) on the shared rule, `mesh.link.health.judge`.
+    """
+    return SILENCE_EVENT[judge(silence, SUSPECT_MISSES * interval, LIVENESS_MISSES * interval)]
 
 
 @dataclass(frozen=True, slots=True)
@@ -224,7 +173,7 @@ class NodeInfo:
     def observe(self, event: PeerEvent) -> PeerState:
         """Apply a health event; returns the state before it."""
         before = self.state
-        self.state = advance_peer(before, event)
+        self.state = transition(TRANSITIONS, before, event, subject=f"node {self.name}")
         self.suspect = self.state is PeerState.SUSPECT
         return before
 

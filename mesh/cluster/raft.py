@@ -11,8 +11,9 @@ Rules of this module:
   `hard_state` atomically, (2) send `messages`, (3) install `snapshot` into the state
   machine, then apply `committed_entries` in order. Persisting before sending is what
   makes a vote or an acknowledgement survive a crash.
-* A node changes role only through `RoleEvent`s looked up in `TRANSITIONS`; a missing
-  pair (a second leader in one term) is a safety violation and raises InvalidStateError.
+* A node changes role only through `RoleEvent`s looked up in `TRANSITIONS` (by
+  `mesh.protocol.states.transition`, the lookup every table uses); a missing pair (a
+  second leader in one term) is a safety violation and raises InvalidStateError.
 * Pre-vote and check-quorum are always on: a node asks "would you vote for me?" before
   it bumps its term, a node that heard from a leader within the election timeout
   refuses, and a leader that has not heard from a quorum for an election timeout steps
@@ -31,6 +32,7 @@ from enum import Enum
 from typing import Final
 
 from ..protocol.errors import InvalidStateError, NotLeaderError, ValidationFailedError
+from ..protocol.states import transition
 from .log import RaftLog
 from .messages import (
     MAX_RAFT_MESSAGE_BYTES,
@@ -379,13 +381,7 @@ class RaftNode:
     # ------------------------------------------------------------------- roles
 
     def _transition(self, event: RoleEvent) -> None:
-        try:
-            self.role = TRANSITIONS[(self.role, event)]
-        except KeyError:
-            raise InvalidStateError(
-                f"{self.id} as {self.role.value} in term {self.term} cannot take {event.value}",
-                details={"role": self.role.value, "event": event.value, "term": self.term},
-            ) from None
+        self.role = transition(TRANSITIONS, self.role, event, subject=self.id, term=self.term)
 
     def _become_follower(self, term: int, leader: str | None, event: RoleEvent) -> None:
         self._transition(event)

@@ -17,6 +17,8 @@ from prometheus_client import CollectorRegistry, ProcessCollector
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from .snapshot import STATES
+
 __all__ = ["METRICS", "SnapshotCollector", "metrics_registry"]
 
 # Family name -> help. Counters are exposed with a `_total` suffix on their samples.
@@ -100,7 +102,7 @@ class SnapshotCollector(Collector):
             errors.add_metric([broker, str(e["code"]), e["name"], e["category"]], e["count"])
         yield errors
         nodes = GaugeMetricFamily("mesh_nodes", METRICS["mesh_nodes"], labels=["broker", "state"])
-        counts = {"up": 0, "suspect": 0, "dead": 0}
+        counts = dict.fromkeys(STATES, 0)  # every state listed, even at 0
         for n in snap["nodes"]["nodes"]:
             counts[n["state"]] = counts.get(n["state"], 0) + 1
         for state, n in counts.items():

@@ -22,6 +22,7 @@ from collections import deque
 from collections.abc import Mapping, Sequence
 from typing import Any, Final
 
+from ..link.health import PeerState, judge
 from ..protocol import peek_header
 from ..protocol.errors import Category, ErrorCode, category_of
 
@@ -48,7 +49,7 @@ LISTED: Final = 200  # clients and subscribers listed, most recently active firs
 PEER_SUSPECT_S: Final = 1.0  # a cluster peer not heard from this long is suspect ...
 PEER_DEAD_S: Final = 3.0  # ... and dead after this long (a leader speaks every 0.1 s)
 SUSPECT_FRACTION: Final = 0.5  # silent for half its liveness window: suspect
-STATES: Final = ("up", "suspect", "dead")
+STATES: Final = tuple(state.value for state in PeerState)
 _FINISHED: Final = ("completed", "failed", "timed_out", "abandoned")
 _CATEGORIES: Final = tuple(c.value for c in Category)
 _PAGE_SIZE: Final = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
@@ -87,17 +88,14 @@ def process_usage() -> dict[str, float]:
 
 def node_state(node: Any, now: float) -> str:
     """up, suspect or dead: the registry's `PeerState` (set by the core's tick) when the
-    node has one, else derived from its silence the same way (suspect past half its
-    liveness window, that is 1.5 heartbeat intervals).
+    node has one, else judged from its silence by the shared rule (`mesh.link.health`):
+    suspect past half its liveness window (1.5 heartbeat intervals), dead past all of it.
     """
     explicit = getattr(node, "state", None)
     explicit = getattr(explicit, "value", explicit)
     if explicit in STATES:
         return str(explicit)
-    silence = now - node.last_seen
-    if silence > node.liveness:
-        return "dead"
-    return "suspect" if silence > node.liveness * SUSPECT_FRACTION else "up"
+    return judge(now - node.last_seen, node.liveness * SUSPECT_FRACTION, node.liveness).value
 
 
 def _node_view(node: Any, now: float) -> dict[str, Any]:
@@ -245,7 +243,7 @@ class Monitor:
         peers = []
         for name, peer in status["peers"].items():
             silent = peer["silent_s"]
-            state = "dead" if silent is None or silent > PEER_DEAD_S else "suspect" if silent > PEER_SUSPECT_S else "up"
+            state = judge(silent, PEER_SUSPECT_S, PEER_DEAD_S).value
             role = "leader" if name == leader else "follower" if peer["voter"] else "learner"
             last_seen = now - silent if silent is not None else 0.0
             brokers.append({"name": name, "role": role, "state": state, "last_seen": last_seen})

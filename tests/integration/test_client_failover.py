@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from mesh.client import Client
-from mesh.liveness import LinkState
+from mesh.link.health import PeerState
 from mesh.testing import free_ports, run_broker, run_node
 
 LOOPS = 4
@@ -24,14 +24,14 @@ class StateLog:
     """The client's `on_state` reports, with the monotonic time each came."""
 
     def __init__(self) -> None:
-        self.changes: list[tuple[float, str, LinkState, LinkState]] = []
+        self.changes: list[tuple[float, str, PeerState, PeerState]] = []
         self._lock = threading.Lock()
 
-    def __call__(self, endpoint: str, old: LinkState, new: LinkState) -> None:
+    def __call__(self, endpoint: str, old: PeerState, new: PeerState) -> None:
         with self._lock:
             self.changes.append((time.monotonic(), endpoint, old, new))
 
-    def first(self, endpoint: str, new: LinkState) -> float | None:
+    def first(self, endpoint: str, new: PeerState) -> float | None:
         with self._lock:
             return next((at for at, ep, _, n in self.changes if ep == endpoint and n is new), None)
 
@@ -78,7 +78,7 @@ def test_a_killed_broker_fails_over_and_every_call_is_answered_once():
         for t in loops:
             t.join(25)
         assert not any(t.is_alive() for t in loops)
-        assert c.broker == second.clients and c.broker_state is LinkState.UP
+        assert c.broker == second.clients and c.broker_state is PeerState.UP
         unmatched = c.unmatched
 
     failures = [(p, o) for _, p, o in answers if isinstance(o, Exception)]
@@ -91,8 +91,8 @@ def test_a_killed_broker_fails_over_and_every_call_is_answered_once():
         assert mine == list(range(len(mine)))
     after = [t for t, _, _ in answers if t > killed]
     assert after, "no call was answered after the kill"
-    dead = states.first(first.clients, LinkState.DEAD)
-    assert dead is not None and states.first(second.clients, LinkState.UP) is not None
+    dead = states.first(first.clients, PeerState.DEAD)
+    assert dead is not None and states.first(second.clients, PeerState.UP) is not None
     stall = longest_gap([t for t, _, _ in answers], killed - 0.5, killed + 6.0)
     print(
         f"\nfailover: {len(answers)} calls, detection {dead - killed:.2f} s, "
@@ -102,7 +102,7 @@ def test_a_killed_broker_fails_over_and_every_call_is_answered_once():
     # The kernel closed the dead broker's sockets: the link went dead without a suspect
     # phase (no heartbeat window waited out).
     first_changes = [(old, new) for _, ep, old, new in states.changes if ep == first.clients]
-    assert (LinkState.UP, LinkState.DEAD) in first_changes, first_changes
+    assert (PeerState.UP, PeerState.DEAD) in first_changes, first_changes
     assert stall < 6.0
 
 
@@ -133,7 +133,7 @@ def test_a_single_broker_restarted_on_its_port_serves_the_waiting_client_again()
             for t in waiting:
                 t.start()
             time.sleep(3.0)  # past the liveness window: the client has given up on the old link
-            assert states.first(endpoint, LinkState.DEAD) is not None
+            assert states.first(endpoint, PeerState.DEAD) is not None
             assert outcomes == []
         with run_broker(endpoint) as after, run_node("echo", after):
             back = time.monotonic()
@@ -142,7 +142,7 @@ def test_a_single_broker_restarted_on_its_port_serves_the_waiting_client_again()
             served = time.monotonic() - back
             assert [o.get("pong") if isinstance(o, dict) else o for o in outcomes] == [True] * 3
             assert c.call("echo", "echo", {"n": 2}) == {"n": 2}
-            assert c.broker == endpoint and c.broker_state is LinkState.UP
+            assert c.broker == endpoint and c.broker_state is PeerState.UP
             print(f"\nrestart: served {served:.2f} s after the new broker was ready, {c.failovers} links opened")
 
 
@@ -180,7 +180,7 @@ def test_measure_failover_stall_over_runs():
             for t in loops:
                 t.join(25)
         assert not [o for _, _, o in answers if isinstance(o, Exception)]
-        dead = states.first(first.clients, LinkState.DEAD)
+        dead = states.first(first.clients, PeerState.DEAD)
         assert dead is not None
         detections.append(dead - killed)
         stalls.append(longest_gap([t for t, _, _ in answers], killed - 0.5, killed + 5.0))

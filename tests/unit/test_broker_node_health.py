@@ -5,15 +5,8 @@ from __future__ import annotations
 import pytest
 
 from mesh.broker import Broker, Side
-from mesh.broker.registry import (
-    PEER_TRANSITIONS,
-    NodeInfo,
-    PeerEvent,
-    PeerState,
-    advance_peer,
-    parse_load,
-    silence_event,
-)
+from mesh.broker.registry import NodeInfo, parse_load, silence_event
+from mesh.link.health import PeerEvent, PeerState
 from mesh.testing.frames import (
     CLIENT,
     NODE_A,
@@ -53,14 +46,7 @@ def send(broker: Broker, cid: str, now: float) -> bytes:
     return ident
 
 
-# ------------------------------------------------------------------ transition table
-
-
-def test_every_transition_in_the_table_is_what_advance_returns() -> None:
-    """The table is total over (state, event), and advance_peer follows it entry by entry."""
-    assert set(PEER_TRANSITIONS) == {(s, e) for s in PeerState for e in PeerEvent}
-    for (state, event), after in PEER_TRANSITIONS.items():
-        assert advance_peer(state, event) is after
+# ------------------------------------------------------------------ thresholds (the table: test_transition_tables.py)
 
 
 @pytest.mark.parametrize(

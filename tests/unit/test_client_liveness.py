@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from mesh.link.health import TRANSITIONS, PeerEvent, PeerState
 from mesh.liveness import (
-    TRANSITIONS,
-    LinkEvent,
-    LinkState,
     Liveness,
     PauseWatch,
     Transition,
@@ -16,7 +14,7 @@ from mesh.liveness import (
 from mesh.protocol import InvalidStateError
 from mesh.testing import FakeClock
 
-UP, SUSPECT, DEAD = LinkState.UP, LinkState.SUSPECT, LinkState.DEAD
+UP, SUSPECT, DEAD = PeerState.UP, PeerState.SUSPECT, PeerState.DEAD
 
 
 @pytest.fixture
@@ -24,7 +22,7 @@ def clock() -> FakeClock:
     return FakeClock()
 
 
-def make(clock: FakeClock, state: LinkState = UP) -> Liveness:
+def make(clock: FakeClock, state: PeerState = UP) -> Liveness:
     return Liveness(1.0, 3, now=clock.now, state=state)
 
 
@@ -107,19 +105,19 @@ def test_a_new_link_is_suspect_and_pinged_at_once(clock):
 def test_every_transition_of_the_table(clock):
     """Each entry of TRANSITIONS is reachable by its event, and each missing pair raises."""
     events = {
-        LinkEvent.HEARD: lambda lv: lv.heard(clock.now),
-        LinkEvent.CONNECTED: lambda lv: lv.connected(clock.now),
-        LinkEvent.DROPPED: lambda lv: lv.dropped(busy=True),
+        PeerEvent.HEARD: lambda lv: lv.heard(clock.now),
+        PeerEvent.CONNECTED: lambda lv: lv.connected(clock.now),
+        PeerEvent.DROPPED: lambda lv: lv.dropped(busy=True),
     }
     for (state, event), new in TRANSITIONS.items():
         lv = make(clock, state)
         if event in events:
             events[event](lv)
         else:
-            lv.tick(clock.now + (1.0 if event is LinkEvent.QUIET else 3.0), busy=True)
+            lv.tick(clock.now + (1.0 if event is PeerEvent.QUIET else 3.0), busy=True)
         assert lv.state is new, (state, event)
-    for state in LinkState:
-        for event in (LinkEvent.HEARD, LinkEvent.CONNECTED):  # DROPPED when dead is ignored, below
+    for state in PeerState:
+        for event in (PeerEvent.HEARD, PeerEvent.CONNECTED):  # DROPPED when dead is ignored, below
             if (state, event) not in TRANSITIONS:
                 with pytest.raises(InvalidStateError):
                     events[event](make(clock, state))

@@ -70,6 +70,19 @@ def test_the_registry_state_wins_and_silence_decides_without_one():
     assert node_state(SimpleNamespace(**vars(bare), state=SimpleNamespace(value="suspect")), 0.1) == "suspect"
 
 
+def test_cluster_peers_are_suspect_past_one_second_and_dead_past_three_or_never_heard():
+    """A peer's state in /cluster comes from its silence: > 1 s suspect, > 3 s (or never heard) dead."""
+    silences = {"p0": None, "p1": 0.5, "p2": 1.0, "p3": 1.5, "p4": 3.0, "p5": 3.5}
+    status = {
+        "role": "leader", "leader": "b1", "term": 2, "commit_index": 5, "applied_index": 5, "last_index": 5,
+        "snapshot_index": 0, "counters": {}, "peers": {name: {"voter": True, "silent_s": s} for name, s in silences.items()},
+    }
+    brokers = Monitor("b1", 0.0).snapshot(joined(), 10.0, cluster=status)["cluster"]["brokers"]
+    assert {b["name"]: b["state"] for b in brokers} == {
+        "b1": "up", "p0": "dead", "p1": "up", "p2": "up", "p3": "suspect", "p4": "suspect", "p5": "dead",
+    }
+
+
 def test_errors_are_counted_by_code_and_category_and_listed_when_they_grow():
     """A command nobody offers is a protocol error (1003); it shows by code, by category and among the recent."""
     broker = joined()

@@ -204,7 +204,7 @@ def test_every_pair_missing_from_the_role_table_is_invalid_state(pair: tuple[Rol
     node.role = pair[0]
     with pytest.raises(InvalidStateError) as info:
         node._transition(pair[1])
-    assert info.value.details["role"] == pair[0].value and info.value.details["event"] == pair[1].value
+    assert info.value.details["state"] == pair[0].value and info.value.details["event"] == pair[1].value
 
 
 def test_config_refuses_a_node_outside_the_cluster_and_bad_timing() -> None:

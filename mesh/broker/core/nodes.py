@@ -20,7 +20,8 @@ from typing import Any
 from ...protocol import MeshError, decode_payload
 from ...security.gate import Peer
 from ..config import BrokerConfig
-from ..registry import NodeInfo, PeerEvent, Registry, parse_load, silence_event
+from ...link.health import PeerEvent
+from ..registry import NodeInfo, Registry, parse_load, silence_event
 from .state import BrokerSecurity, ConnectionState, Emit
 
 __all__ = ["Nodes"]

@@ -42,6 +42,7 @@ from ...protocol import (
     NEVER_STARTED,
     CommandEvent,
     CommandState,
+    advance,
     Header,
     InvalidStateError,
     MeshError,
@@ -397,7 +398,7 @@ class Replicated:
             if cmd is None or cmd.once != key:
                 continue
             if cmd.state is CommandState.RECEIVED:
-                cmd.state = CommandState.DISPATCHED  # it ran, through another broker
+                cmd.state = advance(cmd.state, CommandEvent.DISPATCH)  # it ran, through another broker
             self.book.finish(cmd, CommandEvent.FAIL if failed else CommandEvent.RESPOND)
             out.append((Side.CLIENT, cmd.client, list(reply)))
         return out
