@@ -46,6 +46,7 @@ $(MCP_CLIENT): tests/mcp-client/package-lock.json
 	else echo "no npm: install Node.js, or the TypeScript MCP client test is skipped"; fi
 
 test: $(STAMP) $(BROWSER) $(NFT) $(MCP_CLIENT)
+	$(BIN)/lint-imports --no-cache
 	$(BIN)/pytest -m "not slow"
 
 soak: $(STAMP)

@@ -94,7 +94,8 @@ from .protocol import (
 )
 from .aio import AsyncSocket
 from .link.replies import RecentReplies
-from .broker.registry import MAX_DESCRIPTION, check_hints, silence_event
+from .link.heartbeat import silence_event
+from .protocol.registration import MAX_DESCRIPTION, check_hints
 from .link.health import TRANSITIONS, PeerEvent, PeerState
 from .security.credentials import Credentials
 from .security.envelope import Opener, Sealer
@@ -206,7 +207,7 @@ class Action:
     is_async: bool
     idempotent: bool
     exactly_once: bool = False
-    # The declared `read_only` / `destructive` / `open_world` hints (registry.HINTS).
+    # The declared `read_only` / `destructive` / `open_world` hints (mesh.protocol.registration.HINTS).
     hints: Mapping[str, bool] = field(default_factory=dict)
     # The JSON Schema of the handler's result, and its validator (None: not declared).
     result_schema: Mapping[str, Any] | None = None

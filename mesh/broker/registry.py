@@ -38,7 +38,9 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-from ..link.health import SILENCE_EVENT, TRANSITIONS, PeerEvent, PeerState, judge
+from ..link.health import TRANSITIONS, PeerEvent, PeerState
+from ..link.heartbeat import DEFAULT_HEARTBEAT_S, LIVENESS_MISSES
+from ..protocol.registration import MAX_DESCRIPTION, check_hints
 from ..liveness import PauseWatch
 from ..protocol import (
     MAX_ACTIONS,
@@ -60,43 +62,21 @@ __all__ = [
     "parse_registration",
     "parse_load",
     "parse_page_request",
-    "HINTS",
-    "check_hints",
-    "silence_event",
     "MAX_CAPACITY",
-    "MAX_DESCRIPTION",
     "MAX_PAGE_ACTIONS",
-    "LIVENESS_MISSES",
-    "SUSPECT_MISSES",
 ]
 
 MAX_CAPACITY: Final = 10_000
-MAX_DESCRIPTION: Final = 4096  # characters of an action's description
 # Actions in one `mesh.services` page, at most and by default (the byte budget may cut sooner).
 MAX_PAGE_ACTIONS: Final = 1000
 # MessagePack bytes a page spends around an action's entry and around a service's
 # (keys, map headers, the node count): upper bounds, so a page never passes its budget.
 _ACTION_OVERHEAD: Final = 8
 _SERVICE_OVERHEAD: Final = 48
-DEFAULT_HEARTBEAT_S: Final = 1.0
-# A node silent for this many of its heartbeat intervals is dead (any message counts).
-LIVENESS_MISSES: Final = 3
-# ... and suspect past this many: one heartbeat missed, with half an interval of grace,
-# because a heartbeat timer always fires a little late and a healthy node must not flap.
-SUSPECT_MISSES: Final = 1.5
 MAX_QUEUED: Final = 1_000_000
 MAX_LATENCY_MS: Final = 86_400_000.0  # a day: anything longer is a broken clock
 # Latency bands per doubling: nodes within about 19 % of each other tie on latency.
 LATENCY_BANDS_PER_DOUBLING: Final = 4
-
-
-def silence_event(silence: float, interval: float) -> PeerEvent | None:
-    """What `silence` seconds mean for a peer heartbeating every `interval` (None: nothing yet).
-
-    The node-broker heartbeat's thresholds (`SUSPECT_MISSES`, `LIVENESS_MISSES`
-    intervals) on the shared rule, `mesh.link.health.judge`.
-    """
-    return SILENCE_EVENT[judge(silence, SUSPECT_MISSES * interval, LIVENESS_MISSES * interval)]
 
 
 @dataclass(frozen=True, slots=True)
@@ -196,39 +176,6 @@ class _Registration:
 
 def _field_error(field_name: str, problem: str) -> ValidationFailedError:
     return ValidationFailedError(f"{field_name}: {problem}", details={"field": field_name})
-
-
-# What an action may say it does to the world, each optional: `read_only` (changes
-# nothing), `destructive` (may delete or overwrite what was there), `open_world` (reaches
-# beyond the node's own state: the network, other services). Undeclared means unknown.
-HINTS: Final = ("read_only", "destructive", "open_world")
-
-
-def check_hints(spec: Mapping[str, Any], where: str) -> dict[str, bool]:
-    """The declared hints of one action's registration entry, checked.
-
-    Args:
-        spec: the action's entry (`read_only`, `destructive`, `open_world`, each optional).
-        where: the entry's field path, for the error.
-
-    Returns:
-        The hints present in `spec` (absent ones stay unknown).
-
-    Raises:
-        ValidationFailedError: a hint that is not a boolean, or an action declared both
-            read-only and destructive (`details.field` names the hint).
-    """
-    hints: dict[str, bool] = {}
-    for hint in HINTS:
-        value = spec.get(hint)
-        if value is None:
-            continue
-        if not isinstance(value, bool):
-            raise _field_error(f"{where}.{hint}", "must be a boolean")
-        hints[hint] = value
-    if hints.get("read_only") and hints.get("destructive"):
-        raise _field_error(f"{where}.destructive", "a read-only action cannot be destructive")
-    return hints
 
 
 def parse_registration(payload: Any) -> _Registration:

@@ -10,7 +10,7 @@ Rules of this module:
 * `judge(silence, suspect_after, dead_after)`: silent past `suspect_after` seconds is
   `SUSPECT`, past `dead_after` is `DEAD`, else `UP`; a peer never heard from (`None`) is
   `DEAD`. With `reached=True` a silence equal to a threshold already crosses it. The
-  thresholds stay with their callers (`mesh.broker.registry.silence_event`,
+  thresholds stay with their callers (`mesh.link.heartbeat.silence_event`,
   `mesh.liveness.Liveness`, `mesh.monitor.snapshot`); docs/reliability.md lists them.
 * A peer's state changes only through `TRANSITIONS`, looked up by
   `mesh.protocol.states.transition`; a pair missing from the table is a bug in the

@@ -62,7 +62,7 @@ def schema_uri(service: str) -> str:
 
 
 RESULT_KEY: Final = "result"  # structuredContent {"result": ...} of a result that is not an object
-# A mesh action's hint (registry.HINTS) -> its name in MCP's ToolAnnotations.
+# A mesh action's hint (mesh.protocol.registration.HINTS) -> its name in MCP's ToolAnnotations.
 _MCP_HINTS: Final = {"read_only": "readOnlyHint", "destructive": "destructiveHint", "open_world": "openWorldHint"}
 
 

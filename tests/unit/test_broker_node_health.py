@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 
 from mesh.broker import Broker, Side
-from mesh.broker.registry import NodeInfo, parse_load, silence_event
+from mesh.broker.registry import NodeInfo, parse_load
 from mesh.link.health import PeerEvent, PeerState
+from mesh.link.heartbeat import silence_event
 from mesh.testing.frames import (
     CLIENT,
     NODE_A,

@@ -18,7 +18,8 @@ def _loaded_after(module: str) -> set[str]:
     return set(out.split())
 
 
-@pytest.mark.parametrize("module", ["mesh.broker", "mesh.broker.core", "mesh.link.replies"])
+@pytest.mark.parametrize("module", ["mesh.broker", "mesh.broker.core", "mesh.link.replies", "mesh.link.health",
+                                    "mesh.link.heartbeat", "mesh.protocol.registration"])
 def test_sans_io_cores_load_no_zmq(module: str) -> None:
     """Importing the broker's routing core (or a shared link piece) loads no zmq: only
     `mesh.broker.loop` owns sockets, so the core runs anywhere a test or simulation does."""

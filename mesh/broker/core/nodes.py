@@ -21,7 +21,8 @@ from ...protocol import MeshError, decode_payload
 from ...security.gate import Peer
 from ..config import BrokerConfig
 from ...link.health import PeerEvent
-from ..registry import NodeInfo, Registry, parse_load, silence_event
+from ...link.heartbeat import silence_event
+from ..registry import NodeInfo, Registry, parse_load
 from .state import BrokerSecurity, ConnectionState, Emit
 
 __all__ = ["Nodes"]
