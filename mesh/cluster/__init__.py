@@ -1,6 +1,7 @@
 """The replicated log of the broker cluster: consensus core (sans-IO), storage (SQLite).
 
-`raft` is the Raft state machine (no I/O), `messages` its records and wire codec,
+`raft` is the Raft state machine (no I/O), `records` the data it shares with its caller
+(roles, settings, `Ready`), `messages` its wire records and codec,
 `storage` the durable SQLite state, `sim` a deterministic fault simulator that checks
 the core's safety. `transport` holds the ZeroMQ peer links between brokers and
 `member` the `ClusterMember` a broker's loop drives (import them from their modules:
