@@ -492,7 +492,8 @@ class Node:
                           work.name, err.message, work.header["id"])
                 raise InternalError(
                     f"handler {work.name} returned a result that breaks its result_schema",
-                    details={"result_field": err.details.get("field"), "rule": err.details.get("rule")},
+                    details={"cause": "handler_result", "result_field": err.details.get("field"),
+                             "rule": err.details.get("rule")},
                 ) from None
         try:
             body = encode_payload(result)
@@ -500,7 +501,7 @@ class Node:
             # The handler's bug, not the caller's: its result is not MessagePack.
             raise InternalError(
                 f"handler {work.name} returned {type(result).__name__}, which cannot be sent",
-                details={"result_type": type(result).__name__},
+                details={"cause": "handler_result", "result_type": type(result).__name__},
             ) from None
         now = time.time()
         frames = [work.envelope, encode_response_header(work.header, now), body]
@@ -526,7 +527,7 @@ class Node:
         name = type(exc).__name__
         log.error("handler %s raised %s (command %s)", work.name, name, work.header["id"])
         return self._error(
-            work, InternalError(f"handler {work.name} failed: {name}", details={"exception": name})
+            work, InternalError(f"handler {work.name} failed: {name}", details={"cause": "handler", "exception": name})
         )
 
     # ------------------------------------------------------------- the loop

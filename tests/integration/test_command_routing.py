@@ -101,6 +101,7 @@ def test_a_handler_exception_is_internal_and_the_node_keeps_serving(broker, clie
             with pytest.raises(InternalError) as e:
                 c.call("alpha", "boom", {})
             assert "RuntimeError" in e.value.message
+            assert e.value.details == {"cause": "handler", "exception": "RuntimeError"}
             assert "secret" not in e.value.message
             assert c.call("alpha", "whoami", {}) == {"node": "t"}
         assert "secret" not in node.output()

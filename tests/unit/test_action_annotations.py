@@ -104,6 +104,7 @@ def test_a_result_that_breaks_its_schema_is_answered_internal_and_logged(caplog:
         frames = run_command(served({"n": "secret-value"}))
     err = error_of(frames)
     assert err.code == ErrorCode.INTERNAL and err.details["result_field"] == "n", err
+    assert err.details["cause"] == "handler_result"  # the handler's own doing, not a crash
     (record,) = [r for r in caplog.records if r.levelno == logging.ERROR]
     assert "svc.act" in record.getMessage() and "result_schema" in record.getMessage()
     assert "secret-value" not in record.getMessage() + err.message

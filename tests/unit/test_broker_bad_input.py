@@ -231,6 +231,8 @@ def test_unusable_reply_to_a_dispatch_answers_the_client(
     if client_code == ErrorCode.INTERNAL:
         # The client learns the node is at fault, with the node's problem quoted.
         assert client_err.message == f"the node sent an unusable reply: {node_err.message}"
+        # ...and that the peer caused it, not a handler: the remote/local split in details.
+        assert client_err.details == {"cause": "node_reply", "problem": int(node_code)}
     else:
         assert client_err.message == node_err.message
     assert not broker.commands

@@ -355,7 +355,9 @@ class Broker:
         cmd = self.commands.get(key)
         if cmd is not None and cmd.state is CommandState.DISPATCHED and ran_on(cmd, ident):
             if not isinstance(err, MessageTooLargeError):
-                err = InternalError(f"the node sent an unusable reply: {err.message}")
+                # The peer caused it, not the mesh (as h11 splits remote from local errors).
+                err = InternalError(f"the node sent an unusable reply: {err.message}",
+                                    details={"cause": "node_reply", "problem": int(err.code)})
             out.append(self.book.fail(cmd, err, now, CommandEvent.FAIL))
         if node is not None:
             out.extend(self.book.drain_queues(node))
