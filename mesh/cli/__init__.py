@@ -21,10 +21,10 @@ from typing import Any, NoReturn
 
 import click
 
-from .broker.config import BrokerConfig
-from .broker.settings import LIMITS, SETTINGS, BrokerSettings, Setting, parse_retention
-from .process import tune_for_serving
-from .protocol import AuthenticationFailedError, ConfigurationError, MeshError
+from ..broker.config import BrokerConfig
+from ..broker.settings import LIMITS, SETTINGS, BrokerSettings, Setting, parse_retention
+from ..process import tune_for_serving
+from ..protocol import AuthenticationFailedError, ConfigurationError, MeshError
 
 DEFAULT_BROKER = "tcp://127.0.0.1:5555"
 _BROKER = BrokerConfig()  # the defaults of `mesh broker`, defined once in the core
@@ -195,7 +195,7 @@ def _topology_settings(ctx: click.Context, file: str, name: str, values: dict[st
     so the broker never runs other settings than the processes that read the same file."""
     from click.core import ParameterSource
 
-    from .topology import TopologyError, load
+    from ..topology import TopologyError, load
 
     given = [s.option for s in SETTINGS if s.topology is not None and ctx.get_parameter_source(s.key) is ParameterSource.COMMANDLINE]
     if given:
@@ -229,12 +229,12 @@ def _broker_server(settings: BrokerSettings) -> Any:
         UsageError: a setting needs another that is not set.
         MeshError: a file or an address in the settings is missing or unusable.
     """
-    from .broker.loop import BrokerServer, ClusterSettings, Endpoints
+    from ..broker.loop import BrokerServer, ClusterSettings, Endpoints
 
     s = settings
     options: dict[str, Any] = {}
     if s.state is not None:
-        from .security.brokerside import broker_security
+        from ..security.brokerside import broker_security
 
         setup = broker_security(s.state, min_level=s.min_level, service_levels=s.service_levels, allow_ips=s.allow_ips,
                                 deny_ips=s.deny_ips, token_algorithm=s.token_algorithm, token_key=s.token_key)  # type: ignore[arg-type]
@@ -242,7 +242,7 @@ def _broker_server(settings: BrokerSettings) -> Any:
     elif s.service_levels or s.allow_ips or s.deny_ips:
         raise UsageError("--service-level, --allow-ip and --deny-ip need --state (security on)")
     if s.monitor is not None:
-        from .monitor.server import monitor_settings
+        from ..monitor.server import monitor_settings
 
         options["monitor"] = monitor_settings(s.monitor, s.monitor_token_file, s.state,
                                               tls_cert=s.monitor_tls_cert, tls_key=s.monitor_tls_key)
@@ -259,7 +259,7 @@ def _broker_server(settings: BrokerSettings) -> Any:
 def _record(state_dir: str, clients: str) -> None:
     """Record the broker's client endpoint in its state directory, so that `mesh call`
     there finds the credentials for this address; a broker runs on without it."""
-    from .security.credentials import record_broker
+    from ..security.credentials import record_broker
 
     try:
         record_broker(state_dir, clients)
@@ -313,7 +313,7 @@ def node(
     log_format: str,
 ) -> None:
     """Run a handler node: USE is an installed node (echo, kv, sqlite, fs) or MODULE:ATTR."""
-    from .plugins import load_node
+    from ..plugins import load_node
 
     _setup_logging(log_level, log_format)
     try:
@@ -326,7 +326,7 @@ def node(
         n = load_node(use, config)
         creds = None
         if credentials is not None:
-            from .security.credentials import load_credentials
+            from ..security.credentials import load_credentials
 
             creds = load_credentials(credentials)
     except MeshError as err:
@@ -390,7 +390,7 @@ _SOURCES = {"given": "given with --credentials", "env": "from MESH_CREDENTIALS",
 def _explained(err: AuthenticationFailedError, found: Any, names: tuple[str, ...]) -> AuthenticationFailedError:
     """`err` (the broker refused the link or its token) with the credentials file tried
     (`found`, from `find_credentials` with `names`) and how to choose another."""
-    from .security.credentials import DEFAULT_STATE
+    from ..security.credentials import DEFAULT_STATE
 
     if found.unused is not None:
         tried = (f"no credentials were used (none given with --credentials or MESH_CREDENTIALS; {found.unused} is not "
@@ -414,8 +414,8 @@ def _recorded(broker_ep: str) -> list[str] | None:
 def _client(broker_ep: str, timeout: float, credentials: str | None = None) -> Iterator[Any]:
     """A client of `broker_ep` with the credentials `find_credentials` chooses; a refused handshake
     (or token) is reported with the file tried."""
-    from .client import Client
-    from .security.credentials import find_credentials, load_credentials
+    from ..client import Client
+    from ..security.credentials import find_credentials, load_credentials
 
     found = find_credentials(credentials, names=(ADMIN_CLIENT,), brokers=_recorded(broker_ep))
     creds = load_credentials(found.path) if found.path is not None else None
@@ -489,12 +489,12 @@ def mcp(broker_ep: str, credentials: str | None, include: tuple[str, ...], exclu
 
     _need_extra("mcp", "mcp", "mcp")
 
-    from .client import AsyncClient
-    from .mcp.bridge import Bridge
-    from .mcp.serve import serve_http, serve_stdio
-    from .mcp.tools import Selection
-    from .monitor.server import tls_context
-    from .security.credentials import find_credentials, load_credentials
+    from ..client import AsyncClient
+    from ..mcp.bridge import Bridge
+    from ..mcp.serve import serve_http, serve_stdio
+    from ..mcp.tools import Selection
+    from ..monitor.server import tls_context
+    from ..security.credentials import find_credentials, load_credentials
 
     _setup_logging(log_level, log_format)  # stderr: on stdio, stdout carries the protocol
     if (token_file is not None or tls_cert is not None or tls_key is not None) and http_address is None:
@@ -574,7 +574,7 @@ def events_subscribe(prefix: str, from_seq: int | None, count: int | None, broke
 
     Gaps (events this subscriber missed) are printed as JSON lines on stderr.
     """
-    from .subscription import Gap
+    from ..subscription import Gap
 
     try:
         with _client(broker_ep, timeout, credentials) as client, client.subscribe(prefix, from_seq) as sub:
@@ -629,7 +629,7 @@ def keys() -> None:
 @click.option("--dir", "directory", default=".", show_default=True, type=click.Path(file_okay=False), help="Where to write NAME.key and NAME.key_secret.")
 def keys_curve(name: str, directory: str) -> None:
     """Make a CURVE key pair in ZeroMQ's certificate format; copy NAME.key to curve/allowed/ to admit it."""
-    from .security.curve import create_keypair
+    from ..security.curve import create_keypair
 
     os.makedirs(directory, exist_ok=True)
     try:
@@ -647,7 +647,7 @@ def keys_rotate(state_dir: str, grace: float, delay: float) -> None:
     """Add a payload key to the key ring; it takes over after --delay, the old one retires after --grace."""
     import time
 
-    from .security.payload import KeyRing
+    from ..security.payload import KeyRing
 
     path = os.path.join(state_dir, "keyring.json")
     try:
@@ -675,7 +675,7 @@ def token_issue(state_dir: str, subject: str, roles: tuple[str, ...], ttl: str) 
     """Print a token signed with the state directory's secret."""
     import time
 
-    from .security.state import issue_token
+    from ..security.state import issue_token
 
     try:
         click.echo(issue_token(state_dir, subject, roles, _ttl(ttl), time.time()))
@@ -730,7 +730,7 @@ def topology() -> None:
 @click.argument("file", type=click.Path(dir_okay=False))
 def topology_check(file: str) -> None:
     """Validate FILE and list every problem with the key it is at."""
-    from .topology import TopologyError, load
+    from ..topology import TopologyError, load
 
     try:
         topo = load(file)
@@ -755,7 +755,7 @@ def init(directory: str) -> None:
     """
     from pathlib import Path
 
-    from .quickstart import init as write_quickstart
+    from ..quickstart import init as write_quickstart
 
     try:
         for line in write_quickstart(Path(directory)):
@@ -770,8 +770,8 @@ def init(directory: str) -> None:
 @click.option("--host", default=None, metavar="NAME", help="Run only the brokers and nodes the topology's [hosts] places on NAME (one mesh up per machine).")
 def up(file: str, host: str | None) -> None:
     """Start every broker and node of a topology FILE (default: mesh.toml, as `mesh init` writes), or of one host; Ctrl-C or SIGTERM stops them all."""
-    from .launcher import Launcher
-    from .topology import TopologyError, load
+    from ..launcher import Launcher
+    from ..topology import TopologyError, load
 
     try:
         topo = load(file)
@@ -859,7 +859,7 @@ def _run_benchmark(kind: str, o: dict[str, Any]) -> tuple[dict[str, Any], str]:
         UsageError: --subscribers or --signals cannot be read (before anything runs).
     """
     if kind == "events":
-        from .bench.events import EventBenchSettings, format_events_report, run_events_bench
+        from ..bench.events import EventBenchSettings, format_events_report, run_events_bench
 
         try:
             counts = tuple(int(n) for n in o["subscribers"].split(","))
@@ -871,12 +871,12 @@ def _run_benchmark(kind: str, o: dict[str, Any]) -> tuple[dict[str, Any], str]:
         return report, format_events_report(report)
     if kind == "mcp":
         _need_extra("mcp", "mcp", "bench --mcp")
-        from .bench.mcp import McpBenchSettings, format_mcp_report, run_mcp_bench
+        from ..bench.mcp import McpBenchSettings, format_mcp_report, run_mcp_bench
 
         report = run_mcp_bench(McpBenchSettings(payload=o["payload"], duration=o["duration"]))
         return report, format_mcp_report(report)
     if kind == "failover":
-        from .bench.failover import SIGNALS, FailoverSettings, format_failover_report, run_failover_bench
+        from ..bench.failover import SIGNALS, FailoverSettings, format_failover_report, run_failover_bench
 
         signals = tuple(x.strip() for x in o["signals"].split(",") if x.strip())
         if not signals or set(signals) - set(SIGNALS):
@@ -885,25 +885,25 @@ def _run_benchmark(kind: str, o: dict[str, Any]) -> tuple[dict[str, Any], str]:
             o["nodes"], o["rounds"], signals, o["heartbeat"], o["callers"], o["work"], o["plain_share"], o["seed"]
         ))
         return report, format_failover_report(report)
-    from .bench.common import BenchSettings
+    from ..bench.common import BenchSettings
 
     settings = BenchSettings(o["clients"], o["inflight"], o["payload"], o["duration"], o["transport"])
     if kind == "security":
-        from .bench.security import format_security_report, run_security_bench
+        from ..bench.security import format_security_report, run_security_bench
 
         report = run_security_bench(settings)
         return report, format_security_report(report)
     if kind == "monitor":
-        from .bench.monitor import format_monitor_report, run_monitor_bench
+        from ..bench.monitor import format_monitor_report, run_monitor_bench
 
         report = run_monitor_bench(settings)
         return report, format_monitor_report(report)
     if kind == "cluster":
-        from .bench.cluster import format_cluster_report, run_cluster_bench
+        from ..bench.cluster import format_cluster_report, run_cluster_bench
 
         report = run_cluster_bench(settings)
         return report, format_cluster_report(report)
-    from .bench.commands import format_report, run_bench
+    from ..bench.commands import format_report, run_bench
 
     report = run_bench(settings)
     return report, format_report(report)
@@ -923,7 +923,7 @@ def top(monitor_url: str, token_file: str | None, interval: float) -> None:
     later failures are shown above the last snapshot while it keeps retrying.
     """
     _need_extra("rich", "top", "top")
-    from .monitor.top import MonitorUnavailableError, watch
+    from ..monitor.top import MonitorUnavailableError, watch
 
     path = token_file
     if path is None and os.path.exists(DEFAULT_MONITOR_TOKEN):
