@@ -1,9 +1,7 @@
 """The `mesh` command: each subcommand parses, calls the library, prints.
 
-The group `main` and what the subcommands share live in `base`; each command group is its
-own module, which registers its commands on `main` when imported here.
-Errors are `click.ClickException`s with an exit code: 1 for an error the mesh answered
-(printed with its code), 2 for bad usage or configuration.
+The group `main`, the exit codes and what the subcommands share live in `base`; each
+command group is its own module, which registers its commands on `main` when imported here.
 """
 
 from . import bench, broker, calls, mcp, node, ops, security  # noqa: F401  (importing registers their commands)
