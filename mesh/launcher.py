@@ -61,7 +61,7 @@ STOP_GRACE: Final = 12.0
 READY_TIMEOUT: Final = 15.0
 STATE_LOCK: Final = "up.lock"  # in the security state directory (module rules)
 TOPOLOGY_COPY: Final = "topology.toml"  # in the launcher's private temporary directory (module rules)
-# The lines `mesh broker` and `mesh node` print once they serve (see cli.py).
+# The lines `mesh broker` and `mesh node` print once they serve (see mesh/cli/).
 BROKER_READY: Final = re.compile(
     r"^broker (?P<name>\S+) ready clients=(?P<clients>\S+) nodes=(?P<nodes>\S+) events=(?P<events>\S+)"
 )

@@ -3,7 +3,7 @@
 Rules of this module:
 
 * `SETTINGS` is the one description of each setting: its name, type, default, help, and
-  where a topology file holds it. The `mesh broker` flags are made from it (mesh.cli) and
+  where a topology file holds it. The `mesh broker` flags are made from it (mesh.cli.broker) and
   so are the keys of a topology's `[brokers.NAME]` table (mesh.topology); nothing else
   lists them again. The core's limits keep their defaults in `BrokerConfig` (the sans-IO
   core is usable without this module); their entries here point at its fields.

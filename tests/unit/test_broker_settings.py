@@ -12,7 +12,8 @@ import pytest
 from click.testing import CliRunner
 
 from mesh.broker.settings import BROKER_TABLE, LIMITS, SETTINGS, BrokerSettings
-from mesh.cli import _flag_settings, _topology_settings, broker, main
+from mesh.cli import main
+from mesh.cli.broker import _flag_settings, _topology_settings, broker
 from mesh.topology import load
 
 # Every setting a topology holds, none at its default: b1 of a cluster (three voters, a learner) with security.
