@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 BROWSER := /usr/bin/chromedriver
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 
-.PHONY: run cluster test soak faults fuzz bench sim sample clean
+.PHONY: run cluster test test-versions soak faults fuzz bench sim sample clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -48,6 +48,17 @@ $(MCP_CLIENT): tests/mcp-client/package-lock.json
 test: $(STAMP) $(BROWSER) $(NFT) $(MCP_CLIENT)
 	$(BIN)/lint-imports --no-cache
 	$(BIN)/pytest -m "not slow"
+
+# The suite on every CPython the classifiers name, each in its own venv (.venv-pythonX.Y):
+# the oldest supported and the newest the machine offers (pyenv's shims here).
+PYTHONS ?= python3.11 python3.13
+test-versions: $(BROWSER) $(NFT) $(MCP_CLIENT)
+	@export PYENV_VERSION="$$(pyenv versions --bare 2>/dev/null | tr '\n' ':' | sed 's/:$$//')"; \
+	for py in $(PYTHONS); do \
+		echo "== $$py"; \
+		$$py -m venv .venv-$$py && .venv-$$py/bin/pip install --quiet -e '.[test,mcp,top]' && \
+		.venv-$$py/bin/lint-imports --no-cache && .venv-$$py/bin/pytest -m "not slow" || exit 1; \
+	done
 
 soak: $(STAMP)
 	$(BIN)/pytest -m slow

@@ -45,11 +45,13 @@ def test_an_idempotent_command_of_a_killed_node_completes_on_another(tcp_broker)
     """The idempotent command a SIGKILLed node was running is run again by the other node."""
     with Client(tcp_broker.clients, timeout=30) as c:
         with run_node("testnodes:node", tcp_broker, config=json.dumps({"name": "first", "capacity": 1})) as first:
-            t, out = in_background(c.call, "alpha", "idem", {"sleep": 1.0})
+            # Long enough that "first" still runs it when killed, however slowly "second"
+            # starts on a loaded machine (1 s was not: the command finished on "first").
+            t, out = in_background(c.call, "alpha", "idem", {"sleep": 3.0})
             time.sleep(0.3)
             with run_node("testnodes:node", tcp_broker, config=json.dumps({"name": "second", "capacity": 1})):
                 first.signal(signal.SIGKILL)
-                t.join(15)
+                t.join(20)
         assert out == [{"node": "second"}]
 
 
