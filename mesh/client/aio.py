@@ -91,7 +91,16 @@ from ..security.curve import HandshakeWatch
 from ..security.envelope import Opener, Sealer
 from ..sockets import Secure, dealer
 from ..subscription import DEFAULT_HWM, AsyncSubscription
-from .core import DEFAULT_TIMEOUT, GRACE, SWEEP_S, Endpoints, Rejoin, Retry, reachable
+from .core import (
+    DEFAULT_TIMEOUT,
+    GRACE,
+    SWEEP_S,
+    Endpoints,
+    Rejoin,
+    Retry,
+    merge_services_page,
+    reachable,
+)
 
 __all__ = ["AsyncClient", "ProgressHook", "StateHook"]
 
@@ -271,18 +280,9 @@ class AsyncClient:
             if left <= 0:
                 raise DeadlineExceededError("the registry did not arrive in time", details={"timeout": timeout})
             page = await self.call("mesh", "services", request, timeout=left)
-            try:
-                for service, entry in page["services"].items():
-                    merged = out.setdefault(service, {"nodes": entry["nodes"], "actions": {}})
-                    merged["nodes"] = entry["nodes"]
-                    merged["actions"].update(entry["actions"])
-                after = page["next"]
-            except (KeyError, TypeError, AttributeError):
-                raise BadFormatError("a mesh.services page is not {services, next}") from None
+            after = merge_services_page(out, request["after"], page)
             if after is None:
                 return out
-            if not isinstance(after, str) or (request["after"] is not None and after <= request["after"]):
-                raise BadFormatError("a mesh.services page's next does not move forward")
             request["after"] = after
 
     async def renew(self) -> float:

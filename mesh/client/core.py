@@ -1,5 +1,6 @@
 """The client's decisions, sans-IO: which failed calls to resend and after how long, which
-broker to move to, and when a moved-to broker's nodes may still be rejoining.
+broker to move to, when a moved-to broker's nodes may still be rejoining, and how the
+registry's pages add up.
 
 No zmq, no asyncio, no clock: time comes in as `now` (the caller's clock, the same one
 for every method of one object), so tests walk each rule with plain numbers. `aio.py` is
@@ -20,16 +21,18 @@ Rules:
 * Failover goes round robin through the endpoints (the same one again when there is
   one: a new socket is what reaches a restarted broker); how long to wait before each
   attempt is `Liveness.retry_delay` (liveness.py).
+* The registry is read page by page; each page's `next` must move forward, so a broker
+  that answers the same page again fails the read (`BAD_FORMAT`) instead of looping it.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Final
+from typing import Any, Final
 from urllib.parse import urlsplit
 
-from ..protocol import NEVER_STARTED, ConfigurationError, ErrorCode
+from ..protocol import NEVER_STARTED, BadFormatError, ConfigurationError, ErrorCode
 
 __all__ = [
     "AUTO_RETRY",
@@ -40,6 +43,7 @@ __all__ = [
     "Endpoints",
     "Rejoin",
     "Retry",
+    "merge_services_page",
     "reachable",
 ]
 
@@ -66,11 +70,11 @@ class Retry:
         self._attempt = 0
         self._pause = RETRY_PAUSE
 
-    def pause_after(self, code: ErrorCode, now: float, *, rejoining: bool) -> float | None:
+    def pause_after(self, code: int, now: float, *, rejoining: bool) -> float | None:
         """What to do after an attempt failed with `code` at `now`.
 
         Args:
-            code: the error's code.
+            code: the error's code (an `ErrorCode`).
             now: the current time, on the deadline's clock.
             rejoining: whether the broker is new to this client (see `Rejoin`).
 
@@ -165,3 +169,33 @@ def reachable(advertised: str, via: str) -> str:
         if host:
             return f"tcp://{host}:{adv.port}"
     return advertised
+
+
+def merge_services_page(registry: dict[str, Any], after: str | None, page: Any) -> str | None:
+    """Fold one `mesh.services` page into `registry`; the pages of one read must move
+    forward, so a broker that answers the same page again cannot loop the client.
+
+    Args:
+        registry: service -> {"nodes", "actions"}, merged into in place.
+        after: the `after` the page was asked with (None for the first page).
+        page: the page as the broker answered it.
+
+    Returns:
+        The `after` to ask the next page with, or None when this was the last page.
+
+    Raises:
+        BadFormatError: a page that is not {services, next}, or a next that does not move forward.
+    """
+    try:
+        for service, entry in page["services"].items():
+            merged = registry.setdefault(service, {"nodes": entry["nodes"], "actions": {}})
+            merged["nodes"] = entry["nodes"]
+            merged["actions"].update(entry["actions"])
+        following = page["next"]
+    except (KeyError, TypeError, AttributeError):
+        raise BadFormatError("a mesh.services page is not {services, next}") from None
+    if following is None:
+        return None
+    if not isinstance(following, str) or (after is not None and following <= after):
+        raise BadFormatError("a mesh.services page's next does not move forward")
+    return following

@@ -10,9 +10,10 @@ from mesh.client.core import (
     Endpoints,
     Rejoin,
     Retry,
+    merge_services_page,
     reachable,
 )
-from mesh.protocol import NEVER_STARTED, ConfigurationError, ErrorCode
+from mesh.protocol import NEVER_STARTED, BadFormatError, ConfigurationError, ErrorCode
 
 NOT_FOUND = ErrorCode.HANDLER_NOT_FOUND
 
@@ -123,3 +124,19 @@ def test_no_endpoint_is_a_configuration_error():
 def test_a_wildcard_event_endpoint_is_reached_at_the_brokers_address(advertised, via, expected):
     """A broker bound to every address is reached at the host the client already uses."""
     assert reachable(advertised, via) == expected
+
+
+def test_registry_pages_merge_and_must_move_forward():
+    """`services()` folds pages into one registry and stops at next=None; a next that does
+    not move forward (a broker answering the same page again) is BAD_FORMAT, never an
+    endless read (broken once on purpose by dropping the forward check: this test failed)."""
+    registry: dict = {}
+    page1 = {"services": {"a": {"nodes": 1, "actions": {"x": {}}}}, "next": "a"}
+    page2 = {"services": {"a": {"nodes": 2, "actions": {"y": {}}}, "b": {"nodes": 1, "actions": {}}}, "next": None}
+    assert merge_services_page(registry, None, page1) == "a"
+    assert merge_services_page(registry, "a", page2) is None
+    assert registry == {"a": {"nodes": 2, "actions": {"x": {}, "y": {}}}, "b": {"nodes": 1, "actions": {}}}
+    for after, page in [("a", page1), ("b", page1), (None, {"services": {}, "next": 7}), (None, {"next": None}), (None, [])]:
+        with pytest.raises(BadFormatError) as info:
+            merge_services_page({}, after, page)
+        assert info.value.code == ErrorCode.BAD_FORMAT
