@@ -19,10 +19,11 @@ def _loaded_after(module: str) -> set[str]:
 
 
 @pytest.mark.parametrize("module", ["mesh.broker", "mesh.broker.core", "mesh.link.replies", "mesh.link.health",
-                                    "mesh.link.heartbeat", "mesh.protocol.registration"])
+                                    "mesh.link.heartbeat", "mesh.protocol.registration", "mesh.client.core"])
 def test_sans_io_cores_load_no_zmq(module: str) -> None:
-    """Importing the broker's routing core (or a shared link piece) loads no zmq: only
-    `mesh.broker.loop` owns sockets, so the core runs anywhere a test or simulation does."""
+    """Importing the broker's routing core, the client's decisions (or a shared link piece)
+    loads no zmq: only `mesh.broker.loop` and `mesh.client.aio` own sockets, so the core
+    runs anywhere a test or simulation does."""
     loaded = _loaded_after(module)
     assert not {m for m in loaded if m == "zmq" or m.startswith("zmq.")}
 

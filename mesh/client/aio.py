@@ -1,4 +1,5 @@
-"""The client SDK that AI tools use: `AsyncClient` for asyncio, `Client` for plain code.
+"""`AsyncClient`: the thin asyncio loop of the client SDK. It owns the socket and the timers
+and acts on what `core.py` decides (retries, failover order, rejoining nodes).
 
 Rules of this module:
 
@@ -6,10 +7,8 @@ Rules of this module:
   calls in flight on it, matched to their replies by correlation id.
 * `timeout` is the whole budget of a call, retries included; it travels to the broker as
   the command's deadline, so the mesh gives up when the caller does.
-* Errors that prove the command never started (`RESOURCE_EXHAUSTED`, `UNAVAILABLE`)
-  are retried with the same command id after a short, growing pause, while the budget
-  lasts. Other retryable errors (`NODE_LOST`, `DEADLINE_EXCEEDED`) may come after the
-  command ran, so only the caller, who knows whether it is safe, retries them.
+* Errors that prove the command never started are retried with the same command id
+  (`core.Retry` decides when and after how long).
 * An `error` reply raises the `MeshError` subclass for its code.
 * A call whose awaiting task is cancelled sends a `cancel` for its command id, so the
   mesh stops the work too; `progress` messages for a waiting call go to its
@@ -17,8 +16,6 @@ Rules of this module:
 * `publish` sends an event the same way and returns the sequence number the broker
   gave it; `subscribe` opens a subscription (see `subscription.py`) on the broker's
   event endpoint, which the broker names in its `mesh.ping` answer.
-* `Client` runs an `AsyncClient` on a private event-loop thread: one implementation,
-  and calls from many threads share one connection.
 * Heartbeats (`liveness.py` decides, this loop acts): any message from the broker
   proves it alive. While calls wait, one interval of silence makes the link suspect and
   sends one `mesh.ping` (never a second while the first is unanswered); `liveness`
@@ -41,9 +38,7 @@ Rules of this module:
   returns exactly one answer, and replies for calls no longer waiting are counted in
   `unmatched`. A published event resent this way may be published twice.
 * A broker the client just moved to (failover, or a restart seen by its instance id)
-  may not know its nodes yet: they register with it within a heartbeat. For one
-  liveness window after the move, `HANDLER_NOT_FOUND` is retried after a short pause
-  (same id, within the budget) instead of failing the call.
+  may not know its nodes yet: `HANDLER_NOT_FOUND` is retried for a while (`core.Rejoin`).
 * Subscriptions stay on the event endpoint of the broker the client first asked for
   it; they do not fail over.
 * With `credentials` (security on) the link is CURVE, every message carries the token
@@ -58,32 +53,27 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import random
-import threading
 import time
 import weakref
-from collections.abc import Callable, Coroutine, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Final, TypeVar
-from urllib.parse import urlsplit
+from typing import Any, Final
 
 import zmq
 
-from .aio import AsyncSocket
-from .link.health import PeerState
-from .liveness import (
+from ..aio import AsyncSocket
+from ..link.health import PeerState
+from ..liveness import (
     DEFAULT_INTERVAL,
     DEFAULT_LIVENESS,
     Liveness,
     Transition,
 )
-from .protocol import (
+from ..protocol import (
     BadFormatError,
     ConfigurationError,
     DeadlineExceededError,
-    NEVER_STARTED,
-    ErrorCode,
     MeshError,
     UnavailableError,
     check_topic,
@@ -96,26 +86,28 @@ from .protocol import (
     new_id,
     unpack_header,
 )
-from .security.credentials import Credentials
-from .security.curve import HandshakeWatch
-from .security.envelope import Opener, Sealer
-from .sockets import Secure, dealer
-from .subscription import DEFAULT_HWM, AsyncSubscription, Event, Gap
+from ..security.credentials import Credentials
+from ..security.curve import HandshakeWatch
+from ..security.envelope import Opener, Sealer
+from ..sockets import Secure, dealer
+from ..subscription import DEFAULT_HWM, AsyncSubscription
+from .core import (
+    DEFAULT_TIMEOUT,
+    GRACE,
+    SWEEP_S,
+    Endpoints,
+    Rejoin,
+    Retry,
+    merge_services_page,
+    reachable,
+)
 
-__all__ = ["AUTO_RETRY", "DEFAULT_TIMEOUT", "AsyncClient", "Client", "StateHook"]
+__all__ = ["AsyncClient", "ProgressHook", "StateHook"]
 
 log = logging.getLogger("mesh.client")
 
-DEFAULT_TIMEOUT: Final = 30.0
-RETRY_PAUSE: Final = 0.05
-# The broker answers at the deadline; wait this much longer before giving up on it.
-GRACE: Final = 0.5
-SWEEP_S: Final = 0.1
-# The codes that prove a command never started, so resending it cannot run it twice.
-AUTO_RETRY: Final = NEVER_STARTED
 _REPLIES: Final = frozenset({"response", "error"})
 
-T = TypeVar("T")
 # Called on the client's loop with (endpoint, old state, new state) at each change.
 StateHook = Callable[[str, PeerState, PeerState], None]
 Reply = tuple[dict[str, Any], bytes]
@@ -163,16 +155,15 @@ class AsyncClient:
         liveness: int = DEFAULT_LIVENESS,
         on_state: StateHook | None = None,
     ) -> None:
-        self.brokers: tuple[str, ...] = (broker,) if isinstance(broker, str) else tuple(broker)
-        if not self.brokers:
-            raise ConfigurationError("a client needs at least one broker endpoint")
-        self._index = 0
-        self.broker = self.brokers[0]  # the endpoint of the current link
+        self._endpoints = Endpoints(broker)
+        self.brokers = self._endpoints.all
+        self.broker = self._endpoints.current  # the endpoint of the current link
         self.timeout = timeout
         self.retries = retries
         self.credentials = credentials
         self.on_state = on_state
         self._liveness = Liveness(heartbeat_interval, liveness, now=time.monotonic())
+        self._rejoin = Rejoin(heartbeat_interval * liveness)  # on the monotonic clock
         self._watch: HandshakeWatch | None = None
         self._sealer: Sealer | None = None
         # Without credentials it still refuses a reply or event claiming a signature (it
@@ -194,8 +185,6 @@ class AsyncClient:
         self._sweeper: asyncio.TimerHandle | None = None
         self._reconnect: asyncio.TimerHandle | None = None  # a pending failover, backing off
         self._ping_id: str | None = None  # the heartbeat in flight
-        self._instance: str | None = None  # the broker's start id, from its pongs
-        self._changed_at = -math.inf  # monotonic time the client moved to another broker (instance)
         self.unmatched = 0  # replies for calls that were no longer waiting
         self.failovers = 0  # links opened in place of a dead one
         self._events: str | None = None
@@ -291,18 +280,9 @@ class AsyncClient:
             if left <= 0:
                 raise DeadlineExceededError("the registry did not arrive in time", details={"timeout": timeout})
             page = await self.call("mesh", "services", request, timeout=left)
-            try:
-                for service, entry in page["services"].items():
-                    merged = out.setdefault(service, {"nodes": entry["nodes"], "actions": {}})
-                    merged["nodes"] = entry["nodes"]
-                    merged["actions"].update(entry["actions"])
-                after = page["next"]
-            except (KeyError, TypeError, AttributeError):
-                raise BadFormatError("a mesh.services page is not {services, next}") from None
+            after = merge_services_page(out, request["after"], page)
             if after is None:
                 return out
-            if not isinstance(after, str) or (request["after"] is not None and after <= request["after"]):
-                raise BadFormatError("a mesh.services page's next does not move forward")
             request["after"] = after
 
     async def renew(self) -> float:
@@ -385,32 +365,17 @@ class AsyncClient:
         retries: int | None,
         on_progress: ProgressHook | None = None,
     ) -> Any:
-        attempts = 1 + (self.retries if retries is None else retries)
-        pause = RETRY_PAUSE
-        attempt = 0
+        retry = Retry(self.retries if retries is None else retries, deadline)
         while True:
             try:
                 return await self._once(
                     cid, lambda now: self._sealed(make_header(now), payload_frame, now), deadline, on_progress
                 )
             except MeshError as err:
-                if deadline - time.time() <= pause:
-                    raise
-                if err.code == ErrorCode.HANDLER_NOT_FOUND and self._nodes_rejoining():
-                    # A broker new to this client may not know its nodes yet: they register
-                    # with it within a heartbeat. Wait for them instead of failing the call.
-                    await asyncio.sleep(RETRY_PAUSE)
-                    continue
-                attempt += 1
-                if err.code not in AUTO_RETRY or attempt >= attempts:
+                pause = retry.pause_after(err.code, time.time(), rejoining=self._rejoin.rejoining(time.monotonic()))
+                if pause is None:
                     raise
             await asyncio.sleep(pause)
-            pause *= 2
-
-    def _nodes_rejoining(self) -> bool:
-        """Whether the broker became this client's (by failover or restart) within a liveness window."""
-        window = self._liveness.interval * self._liveness.liveness
-        return time.monotonic() - self._changed_at < window
 
     def _sealed(self, header: bytes, body: bytes, now: float) -> list[bytes]:
         if self._sealer is not None:
@@ -497,14 +462,13 @@ class AsyncClient:
             return
         if instance is None:
             return
-        if self._instance is not None and instance != self._instance and self._conn is not None:
+        if self._rejoin.seen(instance) and self._conn is not None:
             log.warning("broker %s restarted; resending %d waiting call(s)", self.broker, len(self._waiting))
-            self._changed_at = time.monotonic()
+            self._rejoin.moved(time.monotonic())
             now = time.time()
             for call in self._waiting.values():
                 if not call.fut.done():
                     self._conn.send(call.frames(now))
-        self._instance = instance
 
     def _sweep(self) -> None:
         """Every SWEEP_S: fail the calls whose broker stayed silent past their deadline (one
@@ -579,7 +543,7 @@ class AsyncClient:
     def _fail_over(self) -> None:
         assert self._loop is not None
         self._close_link()
-        self._index = (self._index + 1) % len(self.brokers)
+        self._endpoints.advance()
         delay = self._liveness.retry_delay(len(self.brokers), random.random())
         if delay > 0:
             log.warning("no broker of %s answers; next try in %.2f s", list(self.brokers), delay)
@@ -588,11 +552,11 @@ class AsyncClient:
             self._open_link()
 
     def _open_link(self) -> None:
-        """Connect to the endpoint at `_index` and resend every waiting call to it."""
+        """Connect to the current endpoint (or the next that opens) and resend every waiting call to it."""
         assert self._loop is not None
         self._reconnect = None
         for _ in self.brokers:
-            endpoint = self.brokers[self._index]
+            endpoint = self._endpoints.current
             try:
                 self._sock = dealer(self._ctx, endpoint, secure=self._watched)
                 break
@@ -601,12 +565,12 @@ class AsyncClient:
                 if self._watch is not None:  # made for the socket that did not connect
                     self._watch.close()
                     self._watch = None
-                self._index = (self._index + 1) % len(self.brokers)
+                self._endpoints.advance()
         else:  # pragma: no cover - the first endpoint opened in __init__, so one is valid
             raise ConfigurationError("no broker endpoint can be opened")
         self.broker = endpoint
         self.failovers += 1
-        self._changed_at = time.monotonic()
+        self._rejoin.moved(time.monotonic())
         self._conn = conn = AsyncSocket(self._loop, self._sock, self._on_reply)
         self._report(self._liveness.connected(time.monotonic()))
         now = time.time()
@@ -627,196 +591,3 @@ class AsyncClient:
             await sub.close()
         self._close_link()
         self._ctx.term()
-
-
-class Client:
-    """A blocking client of a broker (or of a list to fail over between); safe to share
-    between threads.
-
-    Args:
-        broker: the broker's client endpoint, e.g. ``tcp://127.0.0.1:5555``, or a list.
-        timeout: default budget of a call in seconds.
-        retries: default number of automatic retries (of the errors in `AUTO_RETRY`).
-        credentials: keys and token when the mesh runs with security on.
-        heartbeat_interval: seconds of silence, while calls wait, before a heartbeat.
-        liveness: intervals of silence before the broker counts as dead.
-        on_state: called with (endpoint, old, new) at each change, on the client's thread.
-    """
-
-    def __init__(
-        self,
-        broker: str | Sequence[str],
-        *,
-        timeout: float = DEFAULT_TIMEOUT,
-        retries: int = 2,
-        credentials: Credentials | None = None,
-        heartbeat_interval: float = DEFAULT_INTERVAL,
-        liveness: int = DEFAULT_LIVENESS,
-        on_state: StateHook | None = None,
-    ) -> None:
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="mesh-client", daemon=True)
-        self._thread.start()
-        options: dict[str, Any] = {
-            "timeout": timeout,
-            "retries": retries,
-            "credentials": credentials,
-            "heartbeat_interval": heartbeat_interval,
-            "liveness": liveness,
-            "on_state": on_state,
-        }
-        try:
-            self._inner: AsyncClient = self._run(self._make(broker, options))
-        except BaseException:
-            self._loop.call_soon_threadsafe(self._loop.stop)
-            self._thread.join(timeout=5)
-            self._loop.close()
-            raise
-
-    @staticmethod
-    async def _make(broker: str | Sequence[str], options: dict[str, Any]) -> AsyncClient:
-        return AsyncClient(broker, **options)
-
-    @property
-    def broker(self) -> str:
-        """The endpoint of the broker the client talks to now."""
-        return self._inner.broker
-
-    @property
-    def broker_state(self) -> PeerState:
-        """Whether the current broker answers: up, suspect or dead (while failing over)."""
-        return self._inner.broker_state
-
-    @property
-    def unmatched(self) -> int:
-        """Replies that came for calls no longer waiting (late, or duplicates)."""
-        return self._inner.unmatched
-
-    @property
-    def failovers(self) -> int:
-        """Links opened in place of a dead one."""
-        return self._inner.failovers
-
-    def _run(self, coro: Coroutine[Any, Any, T]) -> T:
-        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
-
-    def __enter__(self) -> Client:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def call(
-        self,
-        service: str,
-        action: str,
-        payload: Any = None,
-        *,
-        timeout: float | None = None,
-        retries: int | None = None,
-        metadata: dict[str, Any] | None = None,
-        on_progress: ProgressHook | None = None,
-        command_id: str | None = None,
-    ) -> Any:
-        """Blocking `AsyncClient.call`; same arguments, result and errors (`on_progress`
-        runs on the client's thread)."""
-        return self._run(
-            self._inner.call(service, action, payload, timeout=timeout, retries=retries, metadata=metadata,
-                             on_progress=on_progress, command_id=command_id)
-        )
-
-    def publish(
-        self,
-        topic: str,
-        payload: Any = None,
-        *,
-        metadata: dict[str, Any] | None = None,
-        timeout: float | None = None,
-    ) -> int:
-        """Blocking `AsyncClient.publish`; same arguments, result and errors."""
-        return self._run(self._inner.publish(topic, payload, metadata=metadata, timeout=timeout))
-
-    def services(self, *, callable_only: bool = False, timeout: float | None = None) -> dict[str, Any]:
-        """Blocking `AsyncClient.services`: the whole registry, read page by page."""
-        return self._run(self._inner.services(callable_only=callable_only, timeout=timeout))
-
-    def renew(self) -> float:
-        """Blocking `AsyncClient.renew`."""
-        return self._run(self._inner.renew())
-
-    def subscribe(
-        self, prefix: str = "", from_seq: int | Mapping[str, int] | None = None, *, hwm: int = DEFAULT_HWM
-    ) -> Subscription:
-        """Blocking `AsyncClient.subscribe`; iterate over the result for events and gaps."""
-        return Subscription(self, self._run(self._inner.subscribe(prefix, from_seq, hwm=hwm)))
-
-    def close(self) -> None:
-        """Close the connection and stop the client's thread."""
-        if self._loop.is_closed():
-            return
-        self._run(self._inner.close())
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(timeout=5)
-        self._loop.close()
-
-
-class Subscription:
-    """A blocking view of an `AsyncSubscription` that runs on its `Client`'s thread.
-
-    Iterating yields `Event`s and `Gap`s forever; `get(timeout)` returns None when
-    nothing came in time. Close it (or use `with`) to stop.
-    """
-
-    def __init__(self, client: Client, inner: AsyncSubscription) -> None:
-        self._client = client
-        self._inner = inner
-
-    def __enter__(self) -> Subscription:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def __iter__(self) -> Iterator[Event | Gap]:
-        while True:
-            item = self.get()
-            if item is not None:
-                yield item
-
-    def get(self, timeout: float | None = None) -> Event | Gap | None:
-        """The next event or gap, or None after `timeout` seconds (None: wait for ever)."""
-        return self._client._run(self._inner.get(timeout))
-
-    @property
-    def positions(self) -> dict[str, int]:
-        return self._inner.positions
-
-    @property
-    def received(self) -> int:
-        return self._inner.received
-
-    @property
-    def missed(self) -> int:
-        return self._inner.missed
-
-    @property
-    def refused(self) -> int:
-        """Events that failed their signature or decryption (each also a `Gap`, "refused")."""
-        return self._inner.refused
-
-    def close(self) -> None:
-        if not self._client._loop.is_closed():
-            self._client._run(self._inner.close())
-
-
-def reachable(advertised: str, via: str) -> str:
-    """The broker's advertised endpoint, with a wildcard host replaced by the one in `via`.
-
-    A broker bound to `tcp://0.0.0.0:5557` is reached at the address its clients use.
-    """
-    adv = urlsplit(advertised)
-    if adv.scheme == "tcp" and adv.hostname in ("0.0.0.0", "::", "*"):
-        host = urlsplit(via).hostname
-        if host:
-            return f"tcp://{host}:{adv.port}"
-    return advertised
