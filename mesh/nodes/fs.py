@@ -319,24 +319,7 @@ def node(root: str = "var/files") -> Node:
         description="List the files and directories in a directory, sorted by name.",
     )
     def list_dir(payload: dict[str, Any]) -> dict[str, Any]:
-        shown = payload.get("path", ".")
-        real = box.resolve(shown)
-        pattern = payload.get("pattern")
-        with _os_errors(shown), os.scandir(real) as it:
-            found = sorted(it, key=lambda e: e.name)
-        entries: list[dict[str, Any]] = []
-        truncated = False
-        for entry in found:
-            if pattern is not None and not fnmatchcase(entry.name, pattern):
-                continue
-            described = box.describe(entry)
-            if described is None:
-                continue
-            if len(entries) == MAX_ENTRIES:
-                truncated = True
-                break
-            entries.append(described)
-        return {"path": box.relative(real), "entries": entries, "truncated": truncated}
+        return _list(box, payload)
 
     @n.action(
         "fs", "read", schema=READ_SCHEMA, idempotent=True, read_only=True, open_world=False,
@@ -344,19 +327,7 @@ def node(root: str = "var/files") -> Node:
         description="Read a text file (UTF-8), up to max_bytes from its start.",
     )
     def read(payload: dict[str, Any]) -> dict[str, Any]:
-        shown = payload["path"]
-        real = box.resolve(shown)
-        limit = int(payload.get("max_bytes", READ_LIMIT))
-        with _os_errors(shown), _open_regular(real, shown) as f:
-            size = os.fstat(f.fileno()).st_size
-            data = f.read(limit + 1)
-        truncated = len(data) > limit
-        text = _decode(data[:limit], not truncated)
-        encoded = text.encode()
-        if len(encoded) > READ_LIMIT:  # replaced bytes grow from 1 to 3 bytes each
-            text = _decode(encoded[:READ_LIMIT], False)
-            truncated = True
-        return {"path": box.relative(real), "text": text, "size": size, "truncated": truncated}
+        return _read(box, payload)
 
     @n.action(
         "fs", "search", schema=SEARCH_SCHEMA, idempotent=True, read_only=True, open_world=False,
@@ -364,24 +335,68 @@ def node(root: str = "var/files") -> Node:
         description="Find lines containing a text (case-sensitive) in the text files under a path.",
     )
     def search(payload: dict[str, Any]) -> dict[str, Any]:
-        needle = payload["text"]
-        shown = payload.get("path", ".")
-        real = box.resolve(shown)
-        limit = int(payload.get("max_results", 100))
-        with _os_errors(shown):
-            os.stat(real)  # a missing start is the caller's mistake, not an empty result
-        matches: list[dict[str, Any]] = []
-        budget = READ_LIMIT
-        for path in box.files(real):
-            rel = box.relative(path)
-            for number, line in _text_lines(path):
-                if needle not in line:
-                    continue
-                text = _excerpt(line, needle)
-                budget -= len(rel) + len(text.encode()) + 32
-                if len(matches) == limit or budget < 0:
-                    return {"matches": matches, "truncated": True}
-                matches.append({"path": rel, "line": number, "text": text})
-        return {"matches": matches, "truncated": False}
+        return _search(box, payload)
 
     return n
+
+
+def _list(box: _Sandbox, payload: dict[str, Any]) -> dict[str, Any]:
+    """`fs.list`: the entries of a directory under the root, at most MAX_ENTRIES."""
+    shown = payload.get("path", ".")
+    real = box.resolve(shown)
+    pattern = payload.get("pattern")
+    with _os_errors(shown), os.scandir(real) as it:
+        found = sorted(it, key=lambda e: e.name)
+    entries: list[dict[str, Any]] = []
+    truncated = False
+    for entry in found:
+        if pattern is not None and not fnmatchcase(entry.name, pattern):
+            continue
+        described = box.describe(entry)
+        if described is None:
+            continue
+        if len(entries) == MAX_ENTRIES:
+            truncated = True
+            break
+        entries.append(described)
+    return {"path": box.relative(real), "entries": entries, "truncated": truncated}
+
+
+def _read(box: _Sandbox, payload: dict[str, Any]) -> dict[str, Any]:
+    """`fs.read`: the start of a text file under the root, at most READ_LIMIT bytes encoded."""
+    shown = payload["path"]
+    real = box.resolve(shown)
+    limit = int(payload.get("max_bytes", READ_LIMIT))
+    with _os_errors(shown), _open_regular(real, shown) as f:
+        size = os.fstat(f.fileno()).st_size
+        data = f.read(limit + 1)
+    truncated = len(data) > limit
+    text = _decode(data[:limit], not truncated)
+    encoded = text.encode()
+    if len(encoded) > READ_LIMIT:  # replaced bytes grow from 1 to 3 bytes each
+        text = _decode(encoded[:READ_LIMIT], False)
+        truncated = True
+    return {"path": box.relative(real), "text": text, "size": size, "truncated": truncated}
+
+
+def _search(box: _Sandbox, payload: dict[str, Any]) -> dict[str, Any]:
+    """`fs.search`: lines holding a text in the files under a path, within READ_LIMIT bytes."""
+    needle = payload["text"]
+    shown = payload.get("path", ".")
+    real = box.resolve(shown)
+    limit = int(payload.get("max_results", 100))
+    with _os_errors(shown):
+        os.stat(real)  # a missing start is the caller's mistake, not an empty result
+    matches: list[dict[str, Any]] = []
+    budget = READ_LIMIT
+    for path in box.files(real):
+        rel = box.relative(path)
+        for number, line in _text_lines(path):
+            if needle not in line:
+                continue
+            text = _excerpt(line, needle)
+            budget -= len(rel) + len(text.encode()) + 32
+            if len(matches) == limit or budget < 0:
+                return {"matches": matches, "truncated": True}
+            matches.append({"path": rel, "line": number, "text": text})
+    return {"matches": matches, "truncated": False}

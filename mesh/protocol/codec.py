@@ -245,6 +245,38 @@ def _check_error(raw: object) -> None:
     _check_map(err.get("details", {}), "error.details")
 
 
+def _check_optional(raw: dict[Any, Any], mtype: str) -> None:
+    """Check the fields only some header types carry (`unpack_header`'s second half)."""
+    if "topic" in raw or mtype == "event":
+        value = raw.get("topic")
+        if type(value) is not str or not _TOPIC.fullmatch(value):
+            raise _invalid("topic", "must be dot-separated names")
+    if "seq" in raw:
+        value = raw["seq"]
+        if type(value) is not int or value < 1 or mtype != "event":
+            raise _invalid("seq", "an event's positive integer sequence number")
+    if "sender" in raw:
+        value = raw["sender"]
+        if type(value) is not str or not _name_match(value) or mtype != "event":
+            raise _invalid("sender", "an event's publisher, named by the broker")
+    if "correlation_id" in raw or mtype in _CORRELATED:
+        value = raw.get("correlation_id")
+        if type(value) is not str or not _id_match(value):
+            _check_id(value, "correlation_id")
+    if "deadline" in raw:
+        value = raw["deadline"]
+        if type(value) is not float or not 0.0 <= value < _INF:
+            _check_number(value, "deadline")
+    if "metadata" in raw and len(_check_map(raw["metadata"], "metadata")) > MAX_METADATA_ENTRIES:
+        raise _invalid("metadata", f"at most {MAX_METADATA_ENTRIES} entries")
+    if "security" in raw:
+        _check_security(raw["security"])
+    if mtype == "error":
+        _check_error(raw.get("error"))
+    elif "error" in raw:
+        raise _invalid("error", "only error messages carry an error")
+
+
 def unpack_header(frame: bytes) -> dict[str, Any]:
     """Decode and validate a header frame, returning its wire map.
 
@@ -299,35 +331,7 @@ def unpack_header(frame: bytes) -> dict[str, Any]:
             value = raw["action"]
             if type(value) is not str or not _name_match(value):
                 check_name(value, "action")
-    if "topic" in raw or mtype == "event":
-        value = raw.get("topic")
-        if type(value) is not str or not _TOPIC.fullmatch(value):
-            raise _invalid("topic", "must be dot-separated names")
-    if "seq" in raw:
-        value = raw["seq"]
-        if type(value) is not int or value < 1 or mtype != "event":
-            raise _invalid("seq", "an event's positive integer sequence number")
-    if "sender" in raw:
-        value = raw["sender"]
-        if type(value) is not str or not _name_match(value) or mtype != "event":
-            raise _invalid("sender", "an event's publisher, named by the broker")
-    if "correlation_id" in raw or mtype in _CORRELATED:
-        value = raw.get("correlation_id")
-        if type(value) is not str or not _id_match(value):
-            _check_id(value, "correlation_id")
-    if "deadline" in raw:
-        value = raw["deadline"]
-        if type(value) is not float or not 0.0 <= value < _INF:
-            _check_number(value, "deadline")
-    if "metadata" in raw:
-        if len(_check_map(raw["metadata"], "metadata")) > MAX_METADATA_ENTRIES:
-            raise _invalid("metadata", f"at most {MAX_METADATA_ENTRIES} entries")
-    if "security" in raw:
-        _check_security(raw["security"])
-    if mtype == "error":
-        _check_error(raw.get("error"))
-    elif "error" in raw:
-        raise _invalid("error", "only error messages carry an error")
+    _check_optional(raw, mtype)
     return raw
 
 

@@ -51,7 +51,7 @@ import json
 import os
 import re
 import tomllib
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Final
@@ -220,6 +220,36 @@ def ensure_state(
     def note(path: Path) -> None:
         made.append(path.relative_to(layout.root).as_posix())
 
+    missing = _ensure_shared(layout, node_services, note)
+
+    for name in [*client_roles, *node_services]:
+        public, secret = layout.private_dir / f"{name}.key", layout.curve_secret(name)
+        if _missing_pair(public, secret):
+            create_keypair(layout.private_dir, name)
+            note(public)
+            note(secret)
+        if _copy_if_missing(public, layout.allowed_dir / f"{name}.key"):
+            note(layout.allowed_dir / f"{name}.key")
+
+    _ensure_clients(layout, client_roles, note, issuer=issuer, audience=audience, token_ttl=token_ttl, now=now)
+
+    for name in node_services:
+        path = layout.credentials(name)
+        if not path.exists():
+            save_credentials(path, _credentials(layout, name, token=None, signing=False), root=layout.root)
+            note(path)
+
+    return replace(layout, created=made, policy_missing_nodes=missing)
+
+
+def _ensure_shared(
+    layout: StateLayout, node_services: Mapping[str, tuple[str, ...]], note: Callable[[Path], None]
+) -> list[str]:
+    """Make the directories and the files every broker shares (`ensure_state`'s first part).
+
+    Returns:
+        The nodes an existing policy lacks (none when the policy is made here).
+    """
     for folder in (
         layout.root, layout.root / "curve", layout.allowed_dir, layout.private_dir,
         layout.token_secret.parent, layout.signing_dir, layout.trusted_signers, layout.credentials_dir,
@@ -248,16 +278,20 @@ def ensure_state(
         _write_policy(layout.policy, node_services)
         note(layout.policy)
         missing = []
+    return missing
 
-    for name in [*client_roles, *node_services]:
-        public, secret = layout.private_dir / f"{name}.key", layout.curve_secret(name)
-        if _missing_pair(public, secret):
-            create_keypair(layout.private_dir, name)
-            note(public)
-            note(secret)
-        if _copy_if_missing(public, layout.allowed_dir / f"{name}.key"):
-            note(layout.allowed_dir / f"{name}.key")
 
+def _ensure_clients(
+    layout: StateLayout,
+    client_roles: Mapping[str, tuple[str, ...]],
+    note: Callable[[Path], None],
+    *,
+    issuer: str,
+    audience: str,
+    token_ttl: float,
+    now: float,
+) -> None:
+    """Make each client's signing key, its trust-store copy and its credentials with a token."""
     secret_bytes: bytes | None = None
     for name, roles in client_roles.items():
         private, public = layout.signing_key(name), layout.signing_dir / f"{name}.pub"
@@ -275,14 +309,6 @@ def ensure_state(
             token = issuer_.issue(name, roles, token_ttl, now)
             save_credentials(path, _credentials(layout, name, token=token, signing=True), root=layout.root)
             note(path)
-
-    for name in node_services:
-        path = layout.credentials(name)
-        if not path.exists():
-            save_credentials(path, _credentials(layout, name, token=None, signing=False), root=layout.root)
-            note(path)
-
-    return replace(layout, created=made, policy_missing_nodes=missing)
 
 
 def issue_token(

@@ -15,7 +15,8 @@ import pytest
 
 from mesh.broker import Broker
 from mesh.mcp.tools import tools_from_registry
-from mesh.node import Node, _Work
+from mesh.node import Node
+from mesh.node.core import Work
 from mesh.protocol import (
     MAX_SCHEMA_BYTES,
     ConfigurationError,
@@ -25,7 +26,15 @@ from mesh.protocol import (
     ValidationFailedError,
     unpack_header,
 )
-from mesh.testing.frames import NODE_A, command_frames, error_of, header_of, node_system, only, payload_of
+from mesh.testing.frames import (
+    NODE_A,
+    command_frames,
+    error_of,
+    header_of,
+    node_system,
+    only,
+    payload_of,
+)
 
 
 def declared(**hints: Any) -> Node:
@@ -93,7 +102,7 @@ def served(result: Any, result_schema: Any = RESULT) -> Node:
 def run_command(node: Node) -> list[bytes]:
     """The node's reply frames to one svc.act command, as the node's loop would send them."""
     header, payload = command_frames("svc", "act", id="c1", now=time.time(), payload={})
-    return node.execute(_Work(b"env", unpack_header(header), payload, node.actions[("svc", "act")]))
+    return node.execute(Work(b"env", unpack_header(header), payload, node.actions[("svc", "act")]))
 
 
 def test_a_result_that_breaks_its_schema_is_answered_internal_and_logged(caplog: pytest.LogCaptureFixture) -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from mesh.broker import Broker, BrokerConfig, Side
 from mesh.link.replies import RecentReplies
-from mesh.node import CommandDedupe, Seen, _command_key
+from mesh.node.core import CommandDedupe, Seen, command_key
 from mesh.protocol import HandlerNotFoundError, ResourceExhaustedError
 from mesh.testing.frames import (
     CLIENT,
@@ -143,7 +143,7 @@ def test_a_stored_reply_goes_only_to_the_same_action_and_token() -> None:
     """Ids are not secret: another token, or another action, with the same id is a new command."""
     def key(token: str | None, action: str = "say") -> tuple:
         security = {"token": token} if token is not None else None
-        return _command_key({"id": "c1", "service": "echo", "action": action, "security": security})
+        return command_key({"id": "c1", "service": "echo", "action": action, "security": security})
 
     dedupe = CommandDedupe()
     dedupe.admit(key("alice"), ENV_1, 0.0)
