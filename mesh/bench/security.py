@@ -101,7 +101,7 @@ def _broker(clients_ep: str, nodes_ep: str, ready: Any, stop: Any, mode: Mode, s
 
     secured: dict[str, Any] = {}
     if state is not None:
-        from ..security.brokerside import broker_security
+        from ..broker.secure import broker_security
 
         setup = broker_security(state, min_level=max(1, mode.level or 0))
         secured = {"secure": setup.secure, "zap": setup.zap}

@@ -130,7 +130,7 @@ def _broker_server(settings: BrokerSettings) -> Any:
     s = settings
     options: dict[str, Any] = {}
     if s.state is not None:
-        from ..security.brokerside import broker_security
+        from ..broker.secure import broker_security
 
         setup = broker_security(s.state, min_level=s.min_level, service_levels=s.service_levels, allow_ips=s.allow_ips,
                                 deny_ips=s.deny_ips, token_algorithm=s.token_algorithm, token_key=s.token_key)  # type: ignore[arg-type]

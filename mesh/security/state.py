@@ -1,7 +1,7 @@
 """A topology's security state directory: every key, secret and credential, made on first start.
 
 `mesh up` calls `ensure_state` when security is on; `mesh broker --state DIR`
-(`brokerside.broker_security`) and the credentials files read what it made::
+(`mesh.broker.secure.broker_security`) and the credentials files read what it made::
 
     DIR/
       curve/broker.key, broker.key_secret     the brokers' CURVE pair (one for all brokers)

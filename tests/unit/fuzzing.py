@@ -25,7 +25,7 @@ from mesh.broker.config import BrokerConfig
 from mesh.broker.core import BrokerSecurity
 from mesh.fuzz.attacks import Limits
 from mesh.protocol import MeshError
-from mesh.security.brokerside import broker_security
+from mesh.broker.secure import broker_security
 from mesh.security.credentials import load_credentials
 from mesh.security.gate import Peer
 from mesh.security.state import ensure_state

@@ -27,7 +27,7 @@ from mesh.protocol import (
     encode_payload,
 )
 from mesh.protocol.metaschema import DRAFT_07
-from mesh.security.brokerside import BrokerSecurity
+from mesh.broker.secure import BrokerSecurity
 from mesh.security.gate import Gate, GateSettings, Peer
 from mesh.security.policy import parse_policy
 from mesh.security.tokens import TokenSettings, TokenVerifier

@@ -93,7 +93,7 @@ def test_first_call_makes_the_whole_layout_with_owner_only_secrets(state: StateL
 
 
 def test_layout_paths_are_the_documented_ones(state: StateLayout) -> None:
-    """The layout's fields point where brokerside.broker_security looks."""
+    """The layout's fields point where mesh.broker.secure.broker_security looks."""
     root = state.root
     assert state.broker_secret == root / "curve" / "broker.key_secret"
     assert state.broker_public == root / "curve" / "broker.key"

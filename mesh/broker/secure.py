@@ -1,6 +1,6 @@
 """A broker's security, built from a state directory: what `mesh broker --state DIR` runs with.
 
-The directory is the one `mesh up` fills (see `state.py`): the broker's CURVE pair, the
+The directory is the one `mesh up` fills (see `mesh.security.state`): the broker's CURVE pair, the
 public keys it admits, the token secret, the policy and the revocations database.
 """
 
@@ -14,14 +14,14 @@ from typing import Any
 
 import zmq
 
-from ..broker.core import BrokerSecurity
-from .curve import CurveAuthenticator, secure_server
-from .gate import Gate, GateSettings
-from .policy import load_policy
-from .revocations import Revocations
 from ..protocol import ConfigurationError
-from .token_keys import load_jwks, load_public_key, load_secret
-from .tokens import Algorithm, TokenIssuer, TokenSettings, TokenVerifier
+from ..security.curve import CurveAuthenticator, secure_server
+from ..security.gate import Gate, GateSettings
+from ..security.policy import load_policy
+from ..security.revocations import Revocations
+from ..security.token_keys import load_jwks, load_public_key, load_secret
+from ..security.tokens import Algorithm, TokenIssuer, TokenSettings, TokenVerifier
+from .core import BrokerSecurity
 
 __all__ = ["BrokerSecuritySetup", "broker_security", "ISSUER", "AUDIENCE"]
 
