@@ -117,6 +117,23 @@ def _leader(brokers: list[_Broker]) -> str:
     raise RuntimeError(f"the cluster did not agree on a leader in {LEADER_S:g} s: {seen}")
 
 
+def _settle(monitor: str, quiet_s: float = 1.0) -> None:
+    """Wait until the leader's commit index holds still for `quiet_s` (at most STARTUP_S).
+
+    The node's registration is published to every broker through the log, so entries
+    may still be committing when the service is visible; the plain run must not count them.
+    """
+    deadline = time.time() + STARTUP_S
+    last, since = None, time.time()
+    while time.time() < deadline:
+        index = _get(monitor, "/cluster")["commit_index"]
+        if index != last:
+            last, since = index, time.time()
+        elif time.time() - since >= quiet_s:
+            return
+        time.sleep(0.1)
+
+
 @dataclass
 class _Window:
     """Reads the leader's first and last snapshot inside the measured window (a `Run.during`)."""
@@ -190,6 +207,7 @@ def run_cluster_bench(settings: BenchSettings) -> dict[str, Any]:
         by_name = {b.name: b for b in brokers}
         leader = by_name[_leader(brokers)]
         follower = next(b for b in brokers if b is not leader)
+        _settle(leader.monitor)
         rows = [
             _run("plain", "plain via leader", leader, "plain", leader, s),
             _run("once_leader", "exactly_once via leader", leader, "once", leader, s),
