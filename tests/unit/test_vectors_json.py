@@ -19,8 +19,14 @@ import pytest
 import vectors
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from nacl.signing import SigningKey, VerifyKey
+from test_protocol_doc_vectors import _from_json, _hex
 
-from mesh.protocol import decode_header, encode_header, encode_stamped_event, unpack_header
+from mesh.protocol import (
+    decode_header,
+    encode_header,
+    encode_stamped_event,
+    unpack_header,
+)
 from mesh.security.envelope import Opener
 from mesh.security.payload import KeyRing, KeyRingFile, associated_data, decrypt
 from mesh.security.signing import SignerStore, TrustedKeys, verify
@@ -33,19 +39,6 @@ ALL = PLAIN + SECURED
 AAD_FIELDS = ("id", "type", "service", "action", "topic", "correlation_id")
 
 
-def from_json(value: Any) -> Any:
-    """The file's notation to Python: {"$bin": hex} is bytes."""
-    if isinstance(value, dict):
-        if set(value) == {"$bin"}:
-            return bytes.fromhex(value["$bin"])
-        return {k: from_json(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [from_json(v) for v in value]
-    return value
-
-
-def unhex(lines: list[str]) -> bytes:
-    return bytes.fromhex(re.sub(r"\s+", "", "".join(lines)))
 
 
 def same(a: Any, b: Any) -> bool:
@@ -70,7 +63,7 @@ def sorted_pack(value: Any) -> bytes:
 
 def frames(v: dict[str, Any]) -> tuple[dict[str, Any], bytes, bytes]:
     """A vector's header map (from its JSON), header frame and payload frame."""
-    return from_json(v["header"]), unhex(v["header_hex"]), unhex(v["payload_hex"])
+    return _from_json(v["header"]), _hex(v["header_hex"]), _hex(v["payload_hex"])
 
 
 def test_the_file_is_what_the_code_makes() -> None:
@@ -116,10 +109,10 @@ def test_the_codec_accepts_and_remakes_the_header_bytes(v: dict[str, Any]) -> No
 @pytest.mark.parametrize("v", ALL, ids=[v["name"] for v in ALL])
 def test_the_plain_payload_is_one_messagepack_value(v: dict[str, Any]) -> None:
     """The plain payload frame decodes to the payload; without encryption it is the frame sent."""
-    plain = unhex(v.get("plain_payload_hex", v["payload_hex"]))
-    assert same(msgpack.unpackb(plain, raw=False), from_json(v["payload"]))
+    plain = _hex(v.get("plain_payload_hex", v["payload_hex"]))
+    assert same(msgpack.unpackb(plain, raw=False), _from_json(v["payload"]))
     if "aes_256_gcm" not in v:
-        assert unhex(v["payload_hex"]) == plain
+        assert _hex(v["payload_hex"]) == plain
 
 
 ENCRYPTED = [v for v in SECURED if "aes_256_gcm" in v]
@@ -135,11 +128,11 @@ def test_aes_gcm_vectors_hold_with_the_library(v: dict[str, Any]) -> None:
     key, nonce, kid = bytes.fromhex(aes["key_hex"]), bytes.fromhex(aes["nonce_hex"]), aes["kid"]
     assert header["security"]["encryption"] == {"alg": "A256GCM", "kid": kid, "nonce": nonce}
     aad = sorted_pack({**{k: header[k] for k in AAD_FIELDS if k in header}, "kid": kid})
-    assert aad == unhex(aes["aad_hex"])
+    assert aad == _hex(aes["aad_hex"])
     assert same(msgpack.unpackb(aad), aes["aad"])
-    plain = unhex(v["plain_payload_hex"])
-    assert AESGCM(key).encrypt(nonce, plain, aad) == payload == unhex(aes["ciphertext_hex"]) + unhex(aes["tag_hex"])
-    assert len(unhex(aes["tag_hex"])) == 16
+    plain = _hex(v["plain_payload_hex"])
+    assert AESGCM(key).encrypt(nonce, plain, aad) == payload == _hex(aes["ciphertext_hex"]) + _hex(aes["tag_hex"])
+    assert len(_hex(aes["tag_hex"])) == 16
     assert AESGCM(key).decrypt(nonce, payload, aad) == plain
     # And the project's own decryption agrees.
     assert associated_data(header, kid) == aad
@@ -152,11 +145,11 @@ def test_ed25519_vectors_hold_with_the_library(v: dict[str, Any]) -> None:
     payload frame as sent; the seed's key signs them to the header's signature."""
     header, _, payload = frames(v)
     ed = v["ed25519"]
-    signature = unhex(ed["signature_hex"])
+    signature = _hex(ed["signature_hex"])
     assert header["security"]["signature"] == signature
     kept = {k: val for k, val in header.items() if k not in ("seq", "sender")}
     kept["security"] = {k: val for k, val in header["security"].items() if k not in ("signature", "token")}
-    signed = unhex(ed["signing_bytes_hex"])
+    signed = _hex(ed["signing_bytes_hex"])
     assert sorted_pack(kept) + payload == signed
     key = SigningKey(bytes.fromhex(ed["seed_hex"]))
     assert bytes(key.verify_key).hex() == ed["public_hex"]
@@ -178,7 +171,7 @@ def test_a_receiver_opens_each_secured_vector(v: dict[str, Any], tmp_path: Path)
     opener = Opener(ring=KeyRingFile(ring), signers=SignerStore(tmp_path / "trusted"))
     header, _, payload = frames(v)
     sender = header.get("sender", v.get("sender"))
-    assert opener.open(header, payload, 0.0, sender) == unhex(v["plain_payload_hex"])
+    assert opener.open(header, payload, 0.0, sender) == _hex(v["plain_payload_hex"])
 
 
 def _doc_blocks(text: str) -> list[dict[str, Any]]:
