@@ -28,12 +28,15 @@ from pathlib import Path
 from typing import Final
 
 from ..protocol.errors import CorruptStateError, InternalError
+from ..sqlitefile import switch_to_wal
 from .messages import Entry, EntryKind, HardState, Snapshot
 from .raft import PersistedState, Ready
 
 __all__ = ["SCHEMA_VERSION", "RaftStorage"]
 
 SCHEMA_VERSION: Final = 1
+# One broker owns this file; the WAL switch still waits out any other opener (mesh.sqlitefile).
+OPEN_WAIT_S: Final = 10.0
 
 _SCHEMA: Final = """
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -87,7 +90,7 @@ class RaftStorage:
             raise _corrupt(path, f"cannot be opened ({exc})") from None
         storage = cls(conn, path)
         try:
-            conn.execute("PRAGMA journal_mode=WAL")
+            switch_to_wal(conn, wait_s=OPEN_WAIT_S)
             conn.execute("PRAGMA synchronous=FULL")
             if not existed:
                 storage._create(cluster_id)

@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import sqlite3
 import threading
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Final
 
 from mesh.node import Node
+from mesh.sqlitefile import switch_to_wal
 from mesh.protocol import (
     MAX_MESSAGE_BYTES,
     ConfigurationError,
@@ -44,7 +44,6 @@ MAX_VALUE_BYTES: Final = MAX_MESSAGE_BYTES - 64 * 1024
 # As long as a command's default deadline: a write queued behind others (slow fsyncs on a
 # loaded disk) waits its turn rather than failing UNAVAILABLE while the caller still waits.
 BUSY_TIMEOUT_MS: Final = 30_000
-OPEN_RETRY_S: Final = 0.01
 
 _KEY: Final = {
     "type": "string",
@@ -150,23 +149,10 @@ class _Store:
     def __init__(self, path: Path) -> None:
         self.path = path
         self._local = threading.local()
-        # Several processes may open a new file at once (replicas, or `mesh up --host` on
-        # each host learning the node's services): SQLite answers the switch to WAL with
-        # "database is locked" at once, without its busy handler, while another process
-        # makes it, so that is tried again for as long as a busy write would wait.
-        give_up = time.monotonic() + BUSY_TIMEOUT_MS / 1000
-        while True:
-            try:
-                with _storage_errors():
-                    conn = self._conn()
-                    if conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
-                        conn.execute("PRAGMA journal_mode = WAL")
-                    conn.execute(_CREATE)
-                return
-            except UnavailableError:
-                if time.monotonic() >= give_up:
-                    raise
-                time.sleep(OPEN_RETRY_S)
+        with _storage_errors():
+            conn = self._conn()
+            switch_to_wal(conn, wait_s=BUSY_TIMEOUT_MS / 1000)
+            conn.execute(_CREATE)
 
     def _conn(self) -> sqlite3.Connection:
         conn: sqlite3.Connection | None = getattr(self._local, "conn", None)

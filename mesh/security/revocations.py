@@ -26,10 +26,13 @@ from types import TracebackType
 from typing import Final, Self
 
 from ..protocol import ConfigurationError, InternalError
+from ..sqlitefile import switch_to_wal
 
 __all__ = ["DEFAULT_GRACE_S", "Revocations"]
 
 DEFAULT_GRACE_S: Final = 60.0
+# Brokers of one cluster open one store as they start together: wait out each other's locks.
+OPEN_WAIT_S: Final = 10.0
 
 _SCHEMA: Final = """
 CREATE TABLE IF NOT EXISTS revoked (
@@ -67,13 +70,13 @@ class Revocations:
         self, path: str | os.PathLike[str], *, durable: bool = True, grace: float = DEFAULT_GRACE_S
     ) -> None:
         try:
-            self._db = sqlite3.connect(path, isolation_level=None)
+            self._db = sqlite3.connect(path, isolation_level=None, timeout=OPEN_WAIT_S)
         except sqlite3.Error:
             raise ConfigurationError(
                 "cannot open the revocation store", details={"path": os.fspath(path)}
             ) from None
         try:
-            self._db.execute("PRAGMA journal_mode=WAL")
+            switch_to_wal(self._db, wait_s=OPEN_WAIT_S)
             self._db.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
             self._db.execute(_SCHEMA)
             self._revoked = {jti for (jti,) in self._db.execute("SELECT jti FROM revoked")}
