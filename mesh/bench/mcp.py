@@ -317,9 +317,10 @@ async def _serve_floor(http: bool) -> None:
         return
     import uvicorn
 
+    from ..mcp.httpapp import http_app
     from ..mcp.serve import MCP_PATH
 
-    app = server.streamable_http_app(streamable_http_path=MCP_PATH, host="127.0.0.1")
+    app = http_app(server, MCP_PATH, "127.0.0.1")  # served as the bridge is served
     # The bridge's own uvicorn settings (serve.serve_http), on a free loopback port.
     uv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="on", access_log=False))
     task = asyncio.get_running_loop().create_task(uv.serve())

@@ -27,6 +27,7 @@ import anyio
 from ..monitor.server import is_loopback  # the same rule as the monitor's token
 from ..protocol import ConfigurationError
 from .bridge import Bridge
+from .httpapp import http_app
 from .pipes import pipe_streams
 
 __all__ = ["serve_stdio", "serve_http", "BearerGuard", "MCP_PATH"]
@@ -87,8 +88,7 @@ async def serve_http(bridge: Bridge, host: str, port: int, token: str | None, *,
 
     if token is None and not is_loopback(host):
         raise ConfigurationError(f"listening on {host} needs a bearer token (--token-file)", details={"host": host})
-    app: Any = bridge.server.streamable_http_app(streamable_http_path=MCP_PATH, host=host,
-                                                 transport_security=_https_origins(host) if tls else None)
+    app: Any = http_app(bridge.server, MCP_PATH, host, https=tls is not None)
     if token is not None:
         app = BearerGuard(app, token)
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on", access_log=False,
@@ -109,22 +109,6 @@ async def serve_http(bridge: Bridge, host: str, port: int, token: str | None, *,
                 ready(f"{'http' if tls is None else 'https'}://{shown}:{bound[1]}{MCP_PATH}")
     finally:
         await _close(bridge)
-
-
-def _https_origins(host: str) -> Any:
-    """The SDK's DNS-rebinding protection for a loopback host, with its https origins allowed.
-
-    The SDK turns the protection on by itself for 127.0.0.1, localhost and ::1, but lists
-    only http:// origins, so a browser page served over TLS from loopback would get 403.
-    """
-    from mcp.server.transport_security import TransportSecuritySettings
-
-    if host not in ("127.0.0.1", "localhost", "::1"):
-        return None
-    names = ("127.0.0.1", "localhost", "[::1]")
-    return TransportSecuritySettings(enable_dns_rebinding_protection=True,
-                                     allowed_hosts=[f"{n}:*" for n in names],
-                                     allowed_origins=[f"{scheme}://{n}:*" for scheme in ("http", "https") for n in names])
 
 
 def _stop_on_signals(server: Any) -> None:

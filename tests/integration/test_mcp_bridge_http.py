@@ -265,3 +265,59 @@ async def test_an_unknown_tool_is_a_json_rpc_error_over_both_transports(
         with pytest.raises(MCPError) as unknown:
             await session.call_tool("no.such-tool", {})
     assert unknown.value.code == -32602 and unknown.value.data["code"] == 1003
+
+
+@pytest.mark.anyio
+async def test_progress_comes_as_an_event_stream_and_every_other_answer_as_one_json_body(bridge: HttpBridge) -> None:
+    """Invariant: a call that gave a progress token gets every report, then its result, as an
+    event stream; any other request gets one JSON body holding its own result (never a
+    notification in its place, although the node reports progress all the same)."""
+    accept = {"Accept": "application/json, text/event-stream"}
+
+    def call(id_: int, meta: dict[str, object] | None = None) -> dict[str, object]:
+        params: dict[str, object] = {"name": "slow.steps", "arguments": {"count": 3}}
+        if meta is not None:
+            params["_meta"] = meta
+        return {"jsonrpc": "2.0", "id": id_, "method": "tools/call", "params": params}
+
+    async with bridge.http() as http:
+        opened = await http.post(bridge.url, headers=accept, json={
+            "jsonrpc": "2.0", "id": 1, "method": "initialize",
+            "params": {"protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "raw", "version": "0"}}})
+        session = {**accept, "Mcp-Session-Id": opened.headers["mcp-session-id"], "Mcp-Protocol-Version": "2025-06-18"}
+        await http.post(bridge.url, headers=session, json={"jsonrpc": "2.0", "method": "notifications/initialized"})
+        plain = await http.post(bridge.url, headers=session, json=call(2))
+        streamed = await http.post(bridge.url, headers=session, json=call(3, {"progressToken": "p"}))
+    assert opened.headers["content-type"].startswith("application/json")
+    assert plain.headers["content-type"].startswith("application/json")
+    assert plain.json()["id"] == 2 and plain.json()["result"]["structuredContent"] == {"steps": 3}
+    assert streamed.headers["content-type"].startswith("text/event-stream")
+    events = [json.loads(line[5:]) for line in streamed.text.splitlines() if line.startswith("data:")]
+    events = [e for e in events if e]  # a priming event carries no message
+    assert [e["params"]["progress"] for e in events[:-1]] == [1, 2, 3]
+    assert {e["params"]["progressToken"] for e in events[:-1]} == {"p"}
+    assert events[-1]["id"] == 3 and events[-1]["result"]["structuredContent"] == {"steps": 3}
+
+
+@pytest.mark.anyio
+async def test_progress_reaches_an_sdk_client_over_http(bridge: HttpBridge) -> None:
+    """The SDK client's progress callback sees every report of a call over HTTP, in order,
+    while calls without a callback in flight on the same session get their own results."""
+    seen: list[tuple[float, float | None, str | None]] = []
+
+    async def on_progress(progress: float, total: float | None, message: str | None) -> None:
+        seen.append((progress, total, message))
+
+    async with bridge.session() as session:
+        async with anyio.create_task_group() as tg:
+            echoes: list[object] = []
+
+            async def echo(i: int) -> None:
+                echoes.append((await session.call_tool("echo.echo", {"text": f"e{i}"})).structured_content)
+
+            for i in range(8):
+                tg.start_soon(echo, i)
+            result = await session.call_tool("slow.steps", {"count": 3}, progress_callback=on_progress)
+    assert result.structured_content == {"steps": 3}
+    assert seen == [(1, 3, "step 1"), (2, 3, "step 2"), (3, 3, "step 3")]
+    assert sorted(e["text"] for e in echoes) == [f"e{i}" for i in range(8)]  # type: ignore[index]

@@ -1,0 +1,110 @@
+"""The streamable HTTP app: one JSON body per call, an event stream only for progress.
+
+Streamable HTTP lets a server answer each POST with either a JSON body or an SSE stream.
+The SDK picks one for the whole server (`json_response`); its SSE answer costs about a
+millisecond more per call whenever the handler awaits anything (headers and event go
+out in separate writes, and each request starts its own stream tasks), which is every
+bridge call, since each waits for the mesh. A stream is needed only when the server has
+something to send before the result, and the bridge's only such message is progress,
+sent only to a caller that gave a progress token. So:
+
+* a request with `params._meta.progressToken` is answered with an event stream (its
+  progress notifications, then the result), as before;
+* every other request is answered with one `application/json` body.
+
+The choice is made per POST through a context variable that the transport's
+`is_json_response_enabled` reads: the POST handler runs in its own task, so concurrent
+calls of one session each see their own choice, and the session's message router (a
+task started before any choice) sees the default, streams, so it never drops a message.
+Anything else a future bridge sends in the scope of a call must come with a token, or
+it would take the result's place in a JSON answer.
+"""
+
+from __future__ import annotations
+
+import json
+from contextvars import ContextVar
+from typing import TYPE_CHECKING, Any, Final
+
+from mcp.server.streamable_http import StreamableHTTPServerTransport
+from mcp.server.streamable_http_manager import StreamableHTTPASGIApp, StreamableHTTPSessionManager
+from mcp.server.transport_security import TransportSecuritySettings
+from starlette.applications import Starlette
+from starlette.routing import Route
+
+if TYPE_CHECKING:
+    from mcp.server import Server
+    from starlette.requests import Request
+    from starlette.types import Receive, Scope, Send
+
+__all__ = ["http_app", "wants_stream"]
+
+_ANSWER_AS_JSON: ContextVar[bool] = ContextVar("mesh_mcp_answer_as_json", default=False)
+LOOPBACK: Final = ("127.0.0.1", "localhost", "::1")
+
+
+def wants_stream(body: bytes) -> bool:
+    """Whether a POST body asks for what only an event stream can carry: progress.
+
+    Anything that is not one JSON-RPC request object (a notification, a response, bad
+    JSON) is left to the SDK's default handling, which answers it the same either way.
+    """
+    try:
+        message = json.loads(body)
+    except ValueError:
+        return True
+    if not isinstance(message, dict) or "id" not in message or "method" not in message:
+        return True
+    params = message.get("params")
+    meta = params.get("_meta") if isinstance(params, dict) else None
+    return isinstance(meta, dict) and meta.get("progressToken") is not None
+
+
+class _PerCallTransport(StreamableHTTPServerTransport):
+    """The SDK's transport, with the JSON-or-stream choice made per POST."""
+
+    @property  # type: ignore[override]
+    def is_json_response_enabled(self) -> bool:
+        return _ANSWER_AS_JSON.get()
+
+    @is_json_response_enabled.setter
+    def is_json_response_enabled(self, value: bool) -> None:
+        """The SDK sets the server-wide flag at construction; the per-POST choice rules."""
+
+    async def _handle_post_request(self, scope: Scope, request: Request, receive: Receive, send: Send) -> None:
+        # Starlette keeps the body it read, so the SDK's own read below costs nothing.
+        choice = _ANSWER_AS_JSON.set(not wants_stream(await request.body()))
+        try:
+            await super()._handle_post_request(scope, request, receive, send)
+        finally:
+            _ANSWER_AS_JSON.reset(choice)
+
+
+class _SessionManager(StreamableHTTPSessionManager):
+    """The SDK's session manager, whose sessions use `_PerCallTransport`."""
+
+    def _admit_session(self, requestor: Any) -> StreamableHTTPServerTransport | None:
+        transport = super()._admit_session(requestor)
+        if transport is not None:
+            # Same layout, one overridden property and method: the SDK builds the object,
+            # with every setting it owns, and this only changes how it answers a POST.
+            transport.__class__ = _PerCallTransport
+        return transport
+
+
+def http_app(server: Server[Any], path: str, host: str, *, https: bool = False) -> Starlette:
+    """The ASGI app serving `server` over streamable HTTP at `path`.
+
+    As the SDK's own app, with DNS-rebinding protection for a loopback host (its https
+    origins allowed too when `https`), and with each call answered as above.
+    """
+    security = None
+    if host in LOOPBACK:
+        names = ("127.0.0.1", "localhost", "[::1]")
+        schemes = ("http", "https") if https else ("http",)
+        security = TransportSecuritySettings(enable_dns_rebinding_protection=True,
+                                             allowed_hosts=[f"{n}:*" for n in names],
+                                             allowed_origins=[f"{s}://{n}:*" for s in schemes for n in names])
+    manager = _SessionManager(app=server, security_settings=security)
+    return Starlette(routes=[Route(path, endpoint=StreamableHTTPASGIApp(manager))],
+                     lifespan=lambda _app: manager.run())
