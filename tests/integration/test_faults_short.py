@@ -2,7 +2,7 @@
 
 The cluster of topologies/faults.toml runs over network namespaces, one `mesh up --host`
 per host, with two client groups in namespaces of their own recording every call. One
-run of about two minutes: two rounds each of a kill, a pause, a leader isolated by a
+run of about a minute: one round each of a kill, a pause, a leader isolated by a
 partition and the kv node paused past its liveness window, shuffled from one seed. The checker then holds the
 history to the counter rules (mesh/faults/checker.py): no acknowledged increment lost,
 none applied twice, no value acknowledged twice, no stale or backward read, every call
@@ -36,9 +36,9 @@ def test_short_fault_schedule_keeps_every_acknowledged_write_once(tmp_path: Path
     reason = unavailable()
     if reason is not None:
         pytest.skip(f"network namespaces cannot be made here: {reason}")
-    result = run(SEED, NEMESES, 2, work=tmp_path, warmup=2.0)
+    result = run(SEED, NEMESES, 1, work=tmp_path, warmup=2.0)
     figures = result.figures()
     print(json.dumps({k: v for k, v in figures.items() if k != "schedule"}, indent=2, default=str))
-    assert len(result.rounds) == 2 * len(NEMESES)
+    assert len(result.rounds) == len(NEMESES)
     assert result.verdict.ok > 0 and result.verdict.keys, "the clients did no work"
     assert not result.broken(), (result.broken(), result.verdict.anomalies, tmp_path)
