@@ -202,8 +202,8 @@ def run_cluster_bench(settings: BenchSettings) -> dict[str, Any]:
             "--capacity", str(s.clients * s.inflight), "--log-level", "warning",
         ]))  # fmt: skip
         node.wait_for(NODE_READY.pattern, timeout=STARTUP_S)
-        for b in brokers:
-            wait_for_service(b.clients, service=SERVICE)
+        for broker in brokers:
+            wait_for_service(broker.clients, service=SERVICE)
         by_name = {b.name: b for b in brokers}
         leader = by_name[_leader(brokers)]
         follower = next(b for b in brokers if b is not leader)

@@ -161,7 +161,7 @@ class _Mesh:
         request = urllib.request.Request(f"{self.monitors[broker]}/cluster", headers={"Authorization": f"Bearer {self.token}"})
         try:
             with urllib.request.urlopen(request, timeout=2) as response:
-                return json.load(response)  # type: ignore[no-any-return]
+                return json.load(response)
         except (OSError, ValueError):
             return None
 

@@ -177,7 +177,7 @@ class Bridge:
                 types.Tool(
                     name=t.name,
                     title=t.mesh_name,
-                    meta={"mesh/name": t.mesh_name},
+                    _meta={"mesh/name": t.mesh_name},
                     description=t.description,
                     input_schema=t.input_schema,
                     output_schema=t.output_schema,

@@ -79,7 +79,7 @@ class Node:
         self.registered = threading.Event()
         self.in_flight = 0
         self.latency_ms: float | None = None  # mean handler time, for the heartbeat's load report
-        self._wake: Callable[[], None] | None = None
+        self._wake: Callable[[], object] | None = None
         self._send: Callable[..., None] | None = None  # set while run() runs
         self._opener = Opener()  # run() with credentials sets the key ring and trust store
         self._sealer: Sealer | None = None
@@ -258,7 +258,7 @@ class Node:
             payload = _decode_checked(action, self._open(work))
             work.started = time.perf_counter()
             _RUNNING.set((self, work))  # this task's own context: no reset needed
-            result = await action.handler(payload)  # type: ignore[misc]
+            result = await action.handler(payload)
             return self._reply(work, result)
         except asyncio.CancelledError:
             if work.cancelled:
