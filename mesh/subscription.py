@@ -49,10 +49,10 @@ from .protocol import (
     DeadlineExceededError,
     ErrorCode,
     MeshError,
+    UnavailableError,
     check_topic,
     decode_payload,
     error_from_wire,
-    UnavailableError,
     new_id,
     unpack_header,
 )

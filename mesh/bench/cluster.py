@@ -186,10 +186,10 @@ def run_cluster_bench(settings: BenchSettings) -> dict[str, Any]:
     s = settings
     with tempfile.TemporaryDirectory(prefix="mesh-bench-cluster-") as tmp, ExitStack() as stack:
         ports = free_ports(2 * len(BROKERS))
-        peers = [f"--member={b}=tcp://127.0.0.1:{p}" for b, p in zip(BROKERS, ports)]
+        peers = [f"--member={b}=tcp://127.0.0.1:{p}" for b, p in zip(BROKERS, ports, strict=False)]  # the first half: peers
         brokers: list[_Broker] = []
         nodes_eps: list[str] = []
-        for b, port in zip(BROKERS, ports[len(BROKERS):]):
+        for b, port in zip(BROKERS, ports[len(BROKERS):], strict=True):
             proc = stack.enter_context(run_broker(
                 endpoint(s.transport, tmp, f"{b}-clients"), endpoint(s.transport, tmp, f"{b}-nodes"),
                 "--name", b, *peers, "--data", str(Path(tmp) / b), "--monitor", f"127.0.0.1:{port}",

@@ -85,7 +85,7 @@ def run_monitor_bench(settings: BenchSettings, rounds: int = 3) -> dict[str, Any
     return {
         "settings": asdict(settings),
         "machine": machine(),
-        "rounds": [{"off": a, "on": b, "ratio": ratio(b["throughput"], a["throughput"])} for a, b in zip(off, on)],
+        "rounds": [{"off": a, "on": b, "ratio": ratio(b["throughput"], a["throughput"])} for a, b in zip(off, on, strict=True)],
         "off": total(r["throughput"] for r in off) / rounds,
         "on": total(r["throughput"] for r in on) / rounds,
         "ratio": ratio(total(r["throughput"] for r in on), total(r["throughput"] for r in off)),

@@ -39,7 +39,18 @@ from typing import Any, Final
 
 from ..process import tune_for_serving
 from ..security.credentials import Credentials, load_credentials
-from .common import STARTUP_S, BenchSettings, Run, machine, measure, mesh_client, mesh_node, ratio, stop_when_set, wait_for_service
+from .common import (
+    STARTUP_S,
+    BenchSettings,
+    Run,
+    machine,
+    measure,
+    mesh_client,
+    mesh_node,
+    ratio,
+    stop_when_set,
+    wait_for_service,
+)
 
 __all__ = ["MODES", "format_security_report", "run_security_bench"]
 

@@ -40,7 +40,6 @@ from typing import Any, Final
 
 from ..link.health import TRANSITIONS, PeerEvent, PeerState
 from ..link.heartbeat import DEFAULT_HEARTBEAT_S, LIVENESS_MISSES
-from ..protocol.registration import MAX_DESCRIPTION, check_hints
 from ..liveness import PauseWatch
 from ..protocol import (
     MAX_ACTIONS,
@@ -54,6 +53,7 @@ from ..protocol import (
     shown_key,
     transition,
 )
+from ..protocol.registration import MAX_DESCRIPTION, check_hints
 
 __all__ = [
     "ActionSpec",

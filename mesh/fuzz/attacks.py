@@ -23,7 +23,17 @@ from typing import Any
 
 from ..protocol import MAX_HEADER_BYTES, MAX_MESSAGE_BYTES, encode_payload
 from . import corpus
-from .mutate import DEEP, deep_array, hostile_msgpack, hostile_value, many_maps, mutate_bytes, mutate_frames, mutate_value, pack
+from .mutate import (
+    DEEP,
+    deep_array,
+    hostile_msgpack,
+    hostile_value,
+    many_maps,
+    mutate_bytes,
+    mutate_frames,
+    mutate_value,
+    pack,
+)
 
 __all__ = ["Who", "Via", "Shot", "Limits", "Seal", "shot", "answer", "hostile_registration"]
 

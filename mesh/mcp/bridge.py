@@ -45,7 +45,16 @@ from ..protocol import (
     PayloadValidator,
     compile_schema,
 )
-from .tools import REGISTRY_URI, Selection, ToolSpec, as_text, find_tool, schema_uri, selected_registry, tools_from_registry
+from .tools import (
+    REGISTRY_URI,
+    Selection,
+    ToolSpec,
+    as_text,
+    find_tool,
+    schema_uri,
+    selected_registry,
+    tools_from_registry,
+)
 
 __all__ = ["Bridge", "SERVICE_EVENTS"]
 

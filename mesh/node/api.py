@@ -244,7 +244,7 @@ class Node:
             finally:
                 _RUNNING.reset(token)
             return self._reply(work, result)
-        except BaseException as exc:  # the node keeps serving whatever a handler does
+        except BaseException as exc:  # noqa: BLE001 - the node keeps serving whatever a handler does
             return self._failure(work, exc)
 
     async def execute_async(self, work: Work) -> list[bytes]:
@@ -264,7 +264,7 @@ class Node:
             if work.cancelled:
                 return self._error(work, CancelledError(f"{work.name} was cancelled by its caller"))
             return self._error(work, DeadlineExceededError(f"{work.name} ran past its deadline"))
-        except BaseException as exc:  # the node keeps serving whatever a handler does
+        except BaseException as exc:  # noqa: BLE001 - the node keeps serving whatever a handler does
             return self._failure(work, exc)
 
     def _failure(self, work: Work, exc: BaseException) -> list[bytes]:

@@ -27,8 +27,8 @@ from ..protocol import (
     AuthenticationFailedError,
     MeshError,
     ReplayDetectedError,
-    SecurityLevelTooLowError,
     SecurityLevel,
+    SecurityLevelTooLowError,
     SignatureInvalidError,
 )
 from ..protocol.names import SYSTEM_SERVICE

@@ -26,7 +26,7 @@ class Cluster:
         self.registrations: list[tuple[bytes, dict[str, object]]] = []
         self.brokers = [Broker(BrokerConfig(name=f"b{i}", **config)) for i in (1, 2)]
         self.states = [SharedState(events=broker.events) for broker in self.brokers]
-        for broker, state in zip(self.brokers, self.states):
+        for broker, state in zip(self.brokers, self.states, strict=True):
             broker.join_cluster(state, 0.0, run=1)
         self.commit(0.0)  # each broker's `run` entry: the tests start from a settled log
 
