@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 BROWSER := /usr/bin/chromedriver
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 
-.PHONY: run cluster test test-versions soak faults fuzz bench sim sample clean
+.PHONY: run cluster lint test test-versions soak faults fuzz bench sim sample clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -45,7 +45,12 @@ $(MCP_CLIENT): tests/mcp-client/package-lock.json
 	@if command -v npm >/dev/null; then npm ci --prefix tests/mcp-client --no-audit --no-fund --silent; \
 	else echo "no npm: install Node.js, or the TypeScript MCP client test is skipped"; fi
 
-test: $(STAMP) $(BROWSER) $(NFT) $(MCP_CLIENT)
+# Seconds, so first: ruff's rules and mypy's types as pyproject.toml sets them (README, "Checks").
+lint: $(STAMP)
+	$(BIN)/ruff check mesh tests
+	$(BIN)/mypy
+
+test: lint $(BROWSER) $(NFT) $(MCP_CLIENT)
 	$(BIN)/lint-imports --no-cache
 	$(BIN)/pytest -m "not slow"
 

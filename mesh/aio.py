@@ -50,7 +50,7 @@ class AsyncSocket:
         self._scheduled = False
         self._outbox: list[list[bytes]] = []
         self._flush_scheduled = False
-        self._fd = sock.getsockopt(zmq.FD)
+        self._fd = sock.fileno()
         loop.add_reader(self._fd, self._drain)
         self._schedule()  # messages may already be waiting
 

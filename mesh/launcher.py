@@ -70,7 +70,7 @@ NODE_READY: Final = re.compile(r"^node \S+ ready ")
 
 def _load_prctl() -> Callable[..., int] | None:
     try:
-        return ctypes.CDLL(None, use_errno=True).prctl  # type: ignore[no-any-return]
+        return ctypes.CDLL(None, use_errno=True).prctl
     except (OSError, AttributeError):
         return None
 
@@ -339,7 +339,7 @@ def _check_host(topology: Topology, host: str | None) -> None:
         raise ConfigurationError(f"--host {host}: {topology.source} has no [hosts] table; run it without --host")
     if host not in topology.hosts:
         raise ConfigurationError(f"--host {host}: {topology.source} has no host named {host!r} (hosts: {', '.join(topology.hosts)})")
-    if not any(e.host == host for e in (*topology.brokers.values(), *topology.nodes.values())):
+    if host not in {b.host for b in topology.brokers.values()} | {n.host for n in topology.nodes.values()}:
         raise ConfigurationError(f"--host {host}: {topology.source} places no broker or node on {host}")
 
 

@@ -137,7 +137,7 @@ def check_placement(
 ) -> None:  # fmt: skip
     """Each endpoint's address against its host's, then every link between hosts (module rules)."""
     for b in brokers.values():
-        if b.host in hosts:
+        if b.host is not None and b.host in hosts:
             _check_addresses(c, f"brokers.{b.name}", hosts[b.host], b)
     dialers: dict[tuple[str, str], list[tuple[str, str]]] = {}  # (broker, side) -> [(who, host)]
     for n in nodes.values():
@@ -151,7 +151,7 @@ def check_placement(
                     dialers.setdefault((b.name, "peer"), []).append((f"broker {other.name}", other.host))
     for (bname, side), who in dialers.items():
         b = brokers[bname]
-        if b.host in hosts:
+        if b.host is not None and b.host in hosts:
             _check_reach(c, f"brokers.{bname}.{side}", getattr(b, side), hosts[b.host], who, hosts)
 
 

@@ -60,7 +60,7 @@ def load_node(use: str, config: dict[str, Any] | None = None) -> Node:
         node = obj(**(config or {}))
     except MeshError:
         raise
-    except Exception as exc:  # a factory's own failure, reported as this node's configuration
+    except Exception as exc:  # noqa: BLE001 - a factory's own failure, reported as this node's configuration
         raise ConfigurationError(f"{use}: cannot build the node: {type(exc).__name__}: {exc}", details={"use": use}) from None
     if not isinstance(node, Node):
         raise ConfigurationError(f"{use} returned {type(node).__name__}, not a Node", details={"use": use})

@@ -49,10 +49,10 @@ from .protocol import (
     DeadlineExceededError,
     ErrorCode,
     MeshError,
+    UnavailableError,
     check_topic,
     decode_payload,
     error_from_wire,
-    UnavailableError,
     new_id,
     unpack_header,
 )
@@ -281,10 +281,10 @@ class AsyncSubscription:
         prefix: str,
         from_seq: int | Mapping[str, int] | None,
         *,
-        ctx: zmq.Context,
+        ctx: zmq.Context[zmq.Socket[bytes]],
         hwm: int,
         replay: Callable[[dict[str, Any]], Awaitable[Any]],
-        secure: Callable[[zmq.Socket], None] | None = None,
+        secure: Callable[[zmq.Socket[bytes]], None] | None = None,
         opener: Opener | None = None,
         token: Callable[[], str | None] = lambda: None,
     ) -> None:
@@ -292,7 +292,7 @@ class AsyncSubscription:
         self._token = token
         self._replay = replay
         self._sock = subscriber(ctx, endpoint, hwm, secure=secure)
-        self._fd = self._sock.getsockopt(zmq.FD)
+        self._fd = self._sock.fileno()
         self._ready: deque[Item] = deque()
 
     async def start(self, timeout: float) -> None:

@@ -186,10 +186,10 @@ def run_cluster_bench(settings: BenchSettings) -> dict[str, Any]:
     s = settings
     with tempfile.TemporaryDirectory(prefix="mesh-bench-cluster-") as tmp, ExitStack() as stack:
         ports = free_ports(2 * len(BROKERS))
-        peers = [f"--member={b}=tcp://127.0.0.1:{p}" for b, p in zip(BROKERS, ports)]
+        peers = [f"--member={b}=tcp://127.0.0.1:{p}" for b, p in zip(BROKERS, ports, strict=False)]  # the first half: peers
         brokers: list[_Broker] = []
         nodes_eps: list[str] = []
-        for b, port in zip(BROKERS, ports[len(BROKERS):]):
+        for b, port in zip(BROKERS, ports[len(BROKERS):], strict=True):
             proc = stack.enter_context(run_broker(
                 endpoint(s.transport, tmp, f"{b}-clients"), endpoint(s.transport, tmp, f"{b}-nodes"),
                 "--name", b, *peers, "--data", str(Path(tmp) / b), "--monitor", f"127.0.0.1:{port}",
@@ -202,8 +202,8 @@ def run_cluster_bench(settings: BenchSettings) -> dict[str, Any]:
             "--capacity", str(s.clients * s.inflight), "--log-level", "warning",
         ]))  # fmt: skip
         node.wait_for(NODE_READY.pattern, timeout=STARTUP_S)
-        for b in brokers:
-            wait_for_service(b.clients, service=SERVICE)
+        for broker in brokers:
+            wait_for_service(broker.clients, service=SERVICE)
         by_name = {b.name: b for b in brokers}
         leader = by_name[_leader(brokers)]
         follower = next(b for b in brokers if b is not leader)

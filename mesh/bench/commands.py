@@ -20,6 +20,7 @@ from typing import Any, Final
 
 import zmq
 
+from ..sockets import bound_endpoint
 from .common import MESH, SAMPLE_LIMIT, WARMUP_S, BenchSettings, Run, machine, measure, ratio
 
 __all__ = ["RAW", "run_bench", "format_report"]
@@ -36,7 +37,7 @@ def _raw_broker(front_ep: str, back_ep: str, ready: Any, stop: Any) -> None:
         s.linger = 0
     front.bind(front_ep)
     back.bind(back_ep)
-    ready.put((front.last_endpoint.decode(), back.last_endpoint.decode()))
+    ready.put((bound_endpoint(front), bound_endpoint(back)))
     poller = zmq.Poller()
     poller.register(front, zmq.POLLIN)
     poller.register(back, zmq.POLLIN)

@@ -45,6 +45,7 @@ __all__ = [
     "mesh_node",
     "ratio",
     "stop_all",
+    "stop_when_set",
     "wait_for_service",
 ]
 
@@ -80,6 +81,12 @@ def stop_all(stop: Any, procs: list[Any]) -> None:
             p.join()
 
 
+def stop_when_set(event: Any, stop: Callable[[], None]) -> None:
+    """Wait for `event` (the parent's stop), then call `stop`: a watcher thread's target in a spawned server."""
+    event.wait()
+    stop()
+
+
 def machine() -> dict[str, Any]:
     """What the figures depend on besides the settings: CPUs and the ZeroMQ versions."""
     return {"cpus": os.cpu_count(), "pyzmq": zmq.__version__, "libzmq": zmq.zmq_version()}
@@ -104,7 +111,7 @@ def mesh_broker(
     server = BrokerServer(Endpoints(clients_ep, nodes_ep, events_ep))
     tune_for_serving()  # as `mesh broker` does
     ready.put((server.endpoints.clients, server.endpoints.nodes))
-    threading.Thread(target=lambda: (stop.wait(), server.stop()), daemon=True).start()
+    threading.Thread(target=stop_when_set, args=(stop, server.stop), daemon=True).start()
     server.run()
 
 
@@ -118,7 +125,7 @@ def mesh_node(nodes_ep: str, capacity: int, stop: Any, creds: Any = None) -> Non
     tune_for_serving()  # as `mesh node` does
     # As many slots as commands in flight, as the raw worker has: the window is the same.
     node.capacity = capacity
-    threading.Thread(target=lambda: (stop.wait(), node.stop()), daemon=True).start()
+    threading.Thread(target=stop_when_set, args=(stop, node.stop), daemon=True).start()
     node.run(nodes_ep, credentials=creds)
 
 

@@ -27,12 +27,14 @@ import asyncio
 import multiprocessing as mp
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any, Final
 
 import zmq
 
 from ..protocol.topics import subscription_filter, topic_frame
+from ..sockets import bound_endpoint
 from ..subscription import DEFAULT_HWM
 from .common import STARTUP_S, WARMUP_S, endpoint, machine, mesh_broker, ratio, stop_all
 
@@ -77,12 +79,12 @@ def _raw_forwarder(front_ep: str, back_ep: str, ready: Any, stop: Any) -> None:
     back.sndtimeo = int(POLL_S * 1000)
     front.bind(front_ep)
     back.bind(back_ep)
-    ready.put((front.last_endpoint.decode(), back.last_endpoint.decode()))
+    ready.put((bound_endpoint(front), bound_endpoint(back)))
     poller = zmq.Poller()
     poller.register(front, zmq.POLLIN)
     poller.register(back, zmq.POLLIN)
     while not stop.is_set():
-        events = dict(poller.poll(POLL_S * 1000))
+        events = dict(poller.poll(int(POLL_S * 1000)))
         if back in events:  # subscriptions, passed up to the publisher
             for _ in range(BATCH):
                 try:
@@ -149,7 +151,7 @@ def _raw_subscribers(
     delivered = 0
     while time.time() < end:
         got = 0
-        for sock, _ in poller.poll(POLL_S * 1000):
+        for sock, _ in poller.poll(int(POLL_S * 1000)):
             for _ in range(BATCH):
                 try:
                     sock.recv_multipart(zmq.NOBLOCK)
@@ -229,6 +231,8 @@ def _measure_events(kind: str, subscribers: int, s: EventBenchSettings) -> dict[
     procs: list[Any] = []
     with tempfile.TemporaryDirectory(prefix="mesh-bench-") as tmp:
         front, back = endpoint(s.transport, tmp, "publishers"), endpoint(s.transport, tmp, "subscribers")
+        pub_fn: Callable[..., None]  # the raw and mesh publishers take the same arguments
+        sub_fn: Callable[..., None]
         try:
             if kind == "raw":
                 middle = ctx.Process(target=_raw_forwarder, args=(front, back, ready, stop), daemon=True)

@@ -24,7 +24,7 @@ from typing import Any, Final
 
 from ..process import tune_for_serving
 from ..testing import free_ports
-from .common import MESH, BenchSettings, Run, machine, measure, ratio
+from .common import MESH, BenchSettings, Run, machine, measure, ratio, stop_when_set
 
 __all__ = ["format_monitor_report", "run_monitor_bench"]
 
@@ -60,7 +60,7 @@ def _broker(clients_ep: str, nodes_ep: str, ready: Any, stop: Any, monitor: str)
     server = BrokerServer(Endpoints(clients_ep, nodes_ep), monitor=monitor_settings(monitor))
     tune_for_serving()  # as `mesh broker` does
     ready.put((server.endpoints.clients, server.endpoints.nodes))
-    threading.Thread(target=lambda: (stop.wait(), server.stop()), daemon=True).start()
+    threading.Thread(target=stop_when_set, args=(stop, server.stop), daemon=True).start()
     server.run()
 
 
@@ -85,7 +85,7 @@ def run_monitor_bench(settings: BenchSettings, rounds: int = 3) -> dict[str, Any
     return {
         "settings": asdict(settings),
         "machine": machine(),
-        "rounds": [{"off": a, "on": b, "ratio": ratio(b["throughput"], a["throughput"])} for a, b in zip(off, on)],
+        "rounds": [{"off": a, "on": b, "ratio": ratio(b["throughput"], a["throughput"])} for a, b in zip(off, on, strict=True)],
         "off": total(r["throughput"] for r in off) / rounds,
         "on": total(r["throughput"] for r in on) / rounds,
         "ratio": ratio(total(r["throughput"] for r in on), total(r["throughput"] for r in off)),

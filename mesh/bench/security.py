@@ -39,7 +39,18 @@ from typing import Any, Final
 
 from ..process import tune_for_serving
 from ..security.credentials import Credentials, load_credentials
-from .common import STARTUP_S, BenchSettings, Run, machine, measure, mesh_client, mesh_node, ratio, wait_for_service
+from .common import (
+    STARTUP_S,
+    BenchSettings,
+    Run,
+    machine,
+    measure,
+    mesh_client,
+    mesh_node,
+    ratio,
+    stop_when_set,
+    wait_for_service,
+)
 
 __all__ = ["MODES", "format_security_report", "run_security_bench"]
 
@@ -110,7 +121,7 @@ def _broker(clients_ep: str, nodes_ep: str, ready: Any, stop: Any, mode: Mode, s
     server = BrokerServer(Endpoints(clients_ep, nodes_ep), **secured)
     tune_for_serving()  # as `mesh broker` does
     ready.put((server.endpoints.clients, server.endpoints.nodes))
-    threading.Thread(target=lambda: (stop.wait(), server.stop()), daemon=True).start()
+    threading.Thread(target=stop_when_set, args=(stop, server.stop), daemon=True).start()
     server.run()
 
 

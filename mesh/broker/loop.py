@@ -29,9 +29,9 @@ from __future__ import annotations
 
 import logging
 import time
-from pathlib import Path
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
 import zmq
@@ -199,7 +199,7 @@ class BrokerServer:
                 wait = next_tick - clock()
                 if member is not None:
                     wait = min(wait, member.next_tick_in(time.monotonic()))
-                ready = dict(poller.poll(max(0.0, wait) * 1000))
+                ready = dict(poller.poll(int(max(0.0, wait) * 1000)))
                 if clients in ready:
                     self._drain(clients, core.client_message)
                 if nodes in ready:
@@ -254,15 +254,14 @@ class BrokerServer:
         self._note_cluster_policy()
         if self._keyring_path is not None and now >= self._keyring_check:
             self._keyring_check = now + 1.0
-            self._say_keyring(self._watch_keyring(now))
+            self._say_keyring(self._watch_keyring(self._keyring_path, now))
 
-    def _watch_keyring(self, now: float) -> str | None:
+    def _watch_keyring(self, path: Path, now: float) -> str | None:
         """Offer this machine's payload key ring to the cluster when it changed (a rotation
         made here); what is wrong with it, if anything (a rotation made elsewhere whose
         file was not copied here, so clients and nodes here cannot decrypt; a bad file)."""
         from ..security.payload import KeyRingFile
 
-        path = self._keyring_path
         try:
             if self._keyring is None:
                 if not path.exists():  # only payload encryption (level 2 and up) needs one
@@ -277,8 +276,10 @@ class BrokerServer:
         if self._keyring.error is not None:
             return f"cluster: the key ring in {path} is kept as last read: {self._keyring.error.message}"
         committed = self.core.once.shared.keyring if self.core.once is not None else None
+        if committed is None:
+            return None
         missing = sorted(
-            kid for kid, times in (committed or {"keys": {}})["keys"].items()
+            kid for kid, times in committed["keys"].items()
             if kid not in ring["keys"] and (times["retire_at"] is None or times["retire_at"] > now)
         )
         if missing:

@@ -35,12 +35,11 @@ import bisect
 import itertools
 import math
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Final
 
 from ..link.health import TRANSITIONS, PeerEvent, PeerState
 from ..link.heartbeat import DEFAULT_HEARTBEAT_S, LIVENESS_MISSES
-from ..protocol.registration import MAX_DESCRIPTION, check_hints
 from ..liveness import PauseWatch
 from ..protocol import (
     MAX_ACTIONS,
@@ -54,6 +53,7 @@ from ..protocol import (
     shown_key,
     transition,
 )
+from ..protocol.registration import MAX_DESCRIPTION, check_hints
 
 __all__ = [
     "ActionSpec",
@@ -243,15 +243,15 @@ def parse_registration(payload: Any) -> _Registration:
                 if not isinstance(value, bool):
                     raise _field_error(f"{where}.{flag}", "must be a boolean")
                 flags.append(value)
+            idempotent, exactly_once = flags
             hints = check_hints(aspec, where)
             result_schema = aspec.get("result_schema")
             if result_schema is not None:
                 if not isinstance(result_schema, dict):
                     raise _field_error(f"{where}.result_schema", "must be a JSON Schema object")
                 check_schema(result_schema, f"{where}.result_schema")
-            entry = ActionSpec(desc, schema, *flags, hints=hints, result_schema=result_schema)
-            parsed[act] = ActionSpec(desc, schema, *flags, hints=hints, result_schema=result_schema,
-                                     size=len(encode_payload(entry.described())))
+            entry = ActionSpec(desc, schema, idempotent, exactly_once, hints=hints, result_schema=result_schema)
+            parsed[act] = replace(entry, size=len(encode_payload(entry.described())))
         reg.services[svc] = parsed
     return reg
 

@@ -9,7 +9,6 @@ import click
 
 from .base import UsageError, _need_extra, main
 
-
 BENCHMARKS = ("failover", "mcp", "cluster", "events", "security", "monitor")  # each has its --flag; none: commands
 _COMMAND_OPTIONS = ("clients", "inflight", "payload", "duration", "transport")
 # The options each benchmark reads: one given on the command line that it would ignore is refused.

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
 
 from ..process import tune_for_serving
@@ -62,7 +64,7 @@ def mcp(broker_ep: str, credentials: str | None, include: tuple[str, ...], exclu
     host, port = _host_port(http_address) if http_address is not None else ("", 0)
     token = None
     if token_file is not None:
-        token = open(token_file, encoding="utf-8").read().strip()
+        token = Path(token_file).read_text(encoding="utf-8").strip()
         if not token:
             raise UsageError(f"{token_file} is empty")
 

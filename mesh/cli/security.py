@@ -9,7 +9,6 @@ import click
 from ..protocol import MeshError
 from .base import BROKER_HELP, DEFAULT_BROKER, UsageError, _client, _fail, _print_json, credentials_option, main
 
-
 _TTL_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 

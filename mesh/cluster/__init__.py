@@ -8,9 +8,9 @@ the core's safety. `transport` holds the ZeroMQ peer links between brokers and
 they bring in zmq, the core does not).
 """
 
-from .messages import *  # noqa: F401,F403
+from .messages import *  # noqa: F403
 from .messages import __all__ as _messages_all
-from .raft import *  # noqa: F401,F403
+from .raft import *  # noqa: F403
 from .raft import __all__ as _raft_all
 
 __all__ = [*_messages_all, *_raft_all]

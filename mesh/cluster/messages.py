@@ -200,7 +200,7 @@ def decode_message(raw: bytes, limit: int = MAX_RAFT_MESSAGE_BYTES) -> Message:
         raise MessageTooLargeError(f"cluster message of {len(raw)} bytes is over the limit", details={"limit": limit})
     try:
         items = msgpack.unpackb(raw, raw=False, use_list=True, strict_map_key=True)
-    except Exception as exc:  # msgpack raises several unrelated types for bad bytes
+    except Exception as exc:  # noqa: BLE001 - msgpack raises several unrelated types for bad bytes
         raise BadFormatError(f"cluster message is not MessagePack ({type(exc).__name__})") from None
     if not isinstance(items, list) or len(items) < 2:
         raise BadFormatError("cluster message is not an array of [version, tag, ...]")

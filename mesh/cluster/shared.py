@@ -172,14 +172,16 @@ Effect = Claimed | Committed | Forgotten | Restored | RunStarted | Revoked | Pub
 class EventSink(Protocol):
     """The broker's event bus, as the shared state uses it (`mesh.broker.events.EventBus`)."""
 
-    def publish(self, published: Mapping[str, Any], payload: bytes) -> tuple[int, list[bytes]]: ...
+    def publish(
+        self, published: Mapping[str, Any], payload: bytes, sender: str | None = None
+    ) -> tuple[int, list[bytes]]: ...
 
     def snapshot_topics(self, max_bytes: int) -> dict[str, Any]: ...
 
     def restore_topics(self, snap: Mapping[str, Any]) -> None: ...
 
 
-def _pack(record: dict[str, Any]) -> bytes:
+def _pack(record: Mapping[str, Any]) -> bytes:
     return msgpack.packb(record, use_bin_type=True)
 
 
@@ -396,6 +398,8 @@ class SharedState:
         sender = event.get("sender")
         if not (sender is None or isinstance(sender, str)):
             raise ValueError("sender")
+        frames: list[bytes] | None
+        error: MeshError | None
         try:
             seq, frames = self.events.publish(event, payload, sender)
         except MeshError as err:

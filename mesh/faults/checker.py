@@ -225,7 +225,8 @@ def _check_key(v: Verdict, key: str, ops: list[Op], final: int | None) -> KeyFig
 
 def _check_reads(v: Verdict, key: str, ops: list[Op], kf: KeyFigures) -> None:
     """Stale reads (below what was known before the read began) and backward reads per client."""
-    known = sorted(((o.completed, o.value, o) for o in ops if o.type == "ok" and isinstance(o.value, int)),
+    known = sorted(((o.completed, o.value, o) for o in ops
+                    if o.type == "ok" and isinstance(o.value, int) and o.completed is not None),
                    key=lambda t: t[0])  # fmt: skip
     times = [t for t, _, _ in known]
     best: list[tuple[int, Op | None]] = []  # prefix maximum of the values, with the op that gave it

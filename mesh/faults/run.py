@@ -161,7 +161,7 @@ class _Mesh:
         request = urllib.request.Request(f"{self.monitors[broker]}/cluster", headers={"Authorization": f"Bearer {self.token}"})
         try:
             with urllib.request.urlopen(request, timeout=2) as response:
-                return json.load(response)  # type: ignore[no-any-return]
+                return json.load(response)
         except (OSError, ValueError):
             return None
 
@@ -202,9 +202,9 @@ class _Mesh:
                 argv = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
             except OSError:
                 continue
-            if b"mesh" in argv and kind.encode() in argv and "--name".encode() in argv and name.encode() in argv:
-                if kind == "broker" or argv[argv.index(b"--name") + 1] == name.encode():
-                    return int(entry)
+            ours = b"mesh" in argv and kind.encode() in argv and b"--name" in argv and name.encode() in argv
+            if ours and (kind == "broker" or argv[argv.index(b"--name") + 1] == name.encode()):
+                return int(entry)
         return None
 
     def exits(self) -> list[tuple[str, int]]:

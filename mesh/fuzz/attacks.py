@@ -23,7 +23,17 @@ from typing import Any
 
 from ..protocol import MAX_HEADER_BYTES, MAX_MESSAGE_BYTES, encode_payload
 from . import corpus
-from .mutate import DEEP, deep_array, hostile_msgpack, hostile_value, many_maps, mutate_bytes, mutate_frames, mutate_value, pack
+from .mutate import (
+    DEEP,
+    deep_array,
+    hostile_msgpack,
+    hostile_value,
+    many_maps,
+    mutate_bytes,
+    mutate_frames,
+    mutate_value,
+    pack,
+)
 
 __all__ = ["Who", "Via", "Shot", "Limits", "Seal", "shot", "answer", "hostile_registration"]
 
@@ -88,6 +98,13 @@ def _plain(wire: dict[str, Any], payload: bytes, now: float) -> tuple[bytes, byt
     return pack(wire), payload
 
 
+# An attacker's message maker: the socket, the kind, the frames, and (strangers only) a new handshake first.
+_Maker = Callable[
+    [random.Random, float, Seal, Limits, str | None],
+    tuple[Via, str, list[bytes]] | tuple[Via, str, list[bytes], bool],
+]
+
+
 def shot(seed: int, who: Who, index: int, now: float, seal: Seal = _plain, limits: Limits = Limits()) -> Shot:
     """Message `index` of attacker `who` (see the module rules).
 
@@ -102,9 +119,10 @@ def shot(seed: int, who: Who, index: int, now: float, seal: Seal = _plain, limit
     rng = random.Random(f"{seed}/{who}/{index}")
     # Every maker draws its message id first, so the previous message's id is known here.
     earlier = corpus.new_fuzz_id(random.Random(f"{seed}/{who}/{index - 1}")) if index else None
-    make = {Who.CLIENT: _client, Who.DEAF: _deaf, Who.NODE: _node, Who.EVENTS: _events, Who.STRANGER: _stranger}[who]
-    via, kind, frames, *rest = make(rng, now, seal, limits, earlier)
-    return Shot(who, index, via, kind, frames, *rest)
+    makers: dict[Who, _Maker] = {
+        Who.CLIENT: _client, Who.DEAF: _deaf, Who.NODE: _node, Who.EVENTS: _events, Who.STRANGER: _stranger
+    }
+    return Shot(who, index, *makers[who](rng, now, seal, limits, earlier))
 
 
 def _client(rng: random.Random, now: float, seal: Seal, limits: Limits, earlier: str | None) -> tuple[Via, str, list[bytes]]:

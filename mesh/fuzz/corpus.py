@@ -72,7 +72,7 @@ def peek_wire(frame: bytes) -> dict[str, Any]:
     """The wire map of a header the broker sent, or {} when it is not a readable map."""
     try:
         wire = msgpack.unpackb(frame, raw=False)
-    except Exception:  # msgpack raises several unrelated types for bad input
+    except Exception:  # noqa: BLE001 - msgpack raises several unrelated types for bad input
         return {}
     return wire if isinstance(wire, dict) else {}
 

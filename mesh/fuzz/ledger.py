@@ -46,14 +46,14 @@ class Expect(Enum):
 def _header(frame: bytes) -> dict[str, Any] | None:
     try:
         return unpack_header(frame)
-    except Exception:  # a bug there is the unit fuzzers' to report; here it only means "not valid"
+    except Exception:  # noqa: BLE001 - a bug there is the unit fuzzers' to report; here it only means "not valid"
         return None
 
 
 def _readable_id(frame: bytes) -> str | None:
     try:
         value = peek_header(frame, "id")
-    except Exception:  # likewise
+    except Exception:  # noqa: BLE001 - likewise
         return None
     return value if isinstance(value, str) and ID_MATCH(value) else None
 

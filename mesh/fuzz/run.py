@@ -227,7 +227,7 @@ class _Attack:
         for via, sock in self.sockets.items():
             if via is not Via.DEAF:
                 poller.register(sock, zmq.POLLIN)
-        poller.poll(max(0.0, timeout_s) * 1000)
+        poller.poll(int(max(0.0, timeout_s) * 1000))
 
     def close(self) -> None:
         for sock in self.sockets.values():

@@ -45,7 +45,16 @@ from ..protocol import (
     PayloadValidator,
     compile_schema,
 )
-from .tools import REGISTRY_URI, Selection, ToolSpec, as_text, find_tool, schema_uri, selected_registry, tools_from_registry
+from .tools import (
+    REGISTRY_URI,
+    Selection,
+    ToolSpec,
+    as_text,
+    find_tool,
+    schema_uri,
+    selected_registry,
+    tools_from_registry,
+)
 
 __all__ = ["Bridge", "SERVICE_EVENTS"]
 
@@ -177,7 +186,7 @@ class Bridge:
                 types.Tool(
                     name=t.name,
                     title=t.mesh_name,
-                    meta={"mesh/name": t.mesh_name},
+                    _meta={"mesh/name": t.mesh_name},
                     description=t.description,
                     input_schema=t.input_schema,
                     output_schema=t.output_schema,

@@ -159,7 +159,7 @@ def tool_names(mesh_names: Iterable[str]) -> dict[str, str]:
         groups: dict[str, list[str]] = {}
         for m, lv in level.items():
             groups.setdefault(_portable(m, lv), []).append(m)
-        bump = set()
+        bump: set[str] = set()
         for members in groups.values():
             lowest = min(level[m] for m in members)
             if len(members) > 1 and lowest < len(_HASH_DIGITS) - 1:

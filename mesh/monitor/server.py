@@ -143,7 +143,7 @@ def tls_context(cert: str | None, key: str | None, *,
         return None
     if cert is None or key is None:
         raise ConfigurationError(f"TLS needs both {options[0]} and {options[1]}", details={"missing": options[cert is not None]})
-    for option, path in zip(options, (cert, key)):
+    for option, path in zip(options, (cert, key), strict=True):
         try:
             with open(path, "rb"):
                 pass

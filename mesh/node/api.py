@@ -79,7 +79,7 @@ class Node:
         self.registered = threading.Event()
         self.in_flight = 0
         self.latency_ms: float | None = None  # mean handler time, for the heartbeat's load report
-        self._wake: Callable[[], None] | None = None
+        self._wake: Callable[[], object] | None = None
         self._send: Callable[..., None] | None = None  # set while run() runs
         self._opener = Opener()  # run() with credentials sets the key ring and trust store
         self._sealer: Sealer | None = None
@@ -244,7 +244,7 @@ class Node:
             finally:
                 _RUNNING.reset(token)
             return self._reply(work, result)
-        except BaseException as exc:  # the node keeps serving whatever a handler does
+        except BaseException as exc:  # noqa: BLE001 - the node keeps serving whatever a handler does
             return self._failure(work, exc)
 
     async def execute_async(self, work: Work) -> list[bytes]:
@@ -258,13 +258,13 @@ class Node:
             payload = _decode_checked(action, self._open(work))
             work.started = time.perf_counter()
             _RUNNING.set((self, work))  # this task's own context: no reset needed
-            result = await action.handler(payload)  # type: ignore[misc]
+            result = await action.handler(payload)
             return self._reply(work, result)
         except asyncio.CancelledError:
             if work.cancelled:
                 return self._error(work, CancelledError(f"{work.name} was cancelled by its caller"))
             return self._error(work, DeadlineExceededError(f"{work.name} ran past its deadline"))
-        except BaseException as exc:  # the node keeps serving whatever a handler does
+        except BaseException as exc:  # noqa: BLE001 - the node keeps serving whatever a handler does
             return self._failure(work, exc)
 
     def _failure(self, work: Work, exc: BaseException) -> list[bytes]:

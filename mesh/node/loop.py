@@ -174,7 +174,7 @@ class NodeLoop:
         node = self.node
         node.in_flight = len(self.running)
         ran = work.started is not None
-        if ran:
+        if work.started is not None:
             node.latency_ms = mean_latency(node.latency_ms, (time.perf_counter() - work.started) * 1000.0)
         assert work.link is not None
         work.link.send(frames)
@@ -238,9 +238,14 @@ class NodeLoop:
                 self.deadlines[work] = (task, header["deadline"])
         elif self.pool is not None:
             fut = self.loop.run_in_executor(self.pool, node.execute, work)
-            fut.add_done_callback(lambda f: f.cancelled() or self._reply(work, f.result()))
+            fut.add_done_callback(functools.partial(self._reply_when_run, work))
         else:  # an action this node does not have: answer at once
             self._reply(work, node.execute(work))
+
+    def _reply_when_run(self, work: Work, fut: asyncio.Future[list[bytes]]) -> None:
+        """Send the reply of a handler run on the worker pool, unless it was cancelled."""
+        if not fut.cancelled():
+            self._reply(work, fut.result())
 
     def _cancel(self, link: _Link, envelope: bytes, cid: str) -> None:
         """The caller cancelled a command: stop its async handler; a sync one runs on.

@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any, Final
 
 from mesh.node import Node
-from mesh.sqlitefile import switch_to_wal
 from mesh.protocol import (
     MAX_MESSAGE_BYTES,
     ConfigurationError,
@@ -34,6 +33,7 @@ from mesh.protocol import (
     decode_payload,
     encode_payload,
 )
+from mesh.sqlitefile import switch_to_wal
 
 __all__ = ["node", "MAX_KEY_CHARS", "MAX_LIST", "MAX_VALUE_BYTES"]
 

@@ -29,6 +29,16 @@ from .errors import (
     MessageTooLargeError,
     UnsupportedVersionError,
 )
+from .message import (
+    PROTOCOL_VERSION,
+    ErrorInfo,
+    Header,
+    Message,
+    MessageType,
+    SecurityInfo,
+    SecurityLevel,
+    new_id,
+)
 from .names import (
     _ID,
     _NAME,
@@ -40,16 +50,6 @@ from .names import (
     check_name,
     check_topic,
     shown_key,
-)
-from .message import (
-    PROTOCOL_VERSION,
-    ErrorInfo,
-    Header,
-    Message,
-    MessageType,
-    SecurityInfo,
-    SecurityLevel,
-    new_id,
 )
 
 __all__ = [
@@ -163,7 +163,7 @@ def bounded_unpack(frame: bytes, what: str, max_containers: int, **options: Any)
         if isinstance(exc, msgpack.StackError):
             raise _too_deep_error(what) from None
         raise BadFormatError(f"{what} is not valid MessagePack ({type(exc).__name__})") from None
-    except Exception as exc:  # msgpack raises several unrelated types for bad input
+    except Exception as exc:  # noqa: BLE001 - msgpack raises several unrelated types for bad input
         raise BadFormatError(f"{what} is not valid MessagePack ({type(exc).__name__})") from None
     if count > MAX_DEPTH and type(value) in _CONTAINERS and _too_deep(value, MAX_DEPTH):
         raise _too_deep_error(what)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import itertools
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from enum import IntEnum, StrEnum
 from typing import Any, Final
@@ -112,6 +112,10 @@ class Message:
     @property
     def type(self) -> MessageType:
         return self.header.type
+
+
+_ID_PREFIX: str
+_ID_COUNTER: Iterator[int]
 
 
 def _reseed() -> None:

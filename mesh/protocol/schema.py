@@ -314,7 +314,7 @@ def compile_schema(schema: Mapping[str, Any], field: str = "schema") -> PayloadV
         raise ConfigurationError(f"invalid JSON Schema: {exc.message}", details=exc.details) from None
     try:
         check = fastjsonschema.compile(dict(schema))
-    except Exception as exc:  # fastjsonschema raises its own and also re/attribute errors
+    except Exception as exc:  # noqa: BLE001 - fastjsonschema raises its own and also re/attribute errors
         raise ConfigurationError(f"invalid JSON Schema: {exc}", details={"field": field}) from None
 
     def validate(payload: Any) -> None:

@@ -366,7 +366,7 @@ class CurveAuthenticator(ThreadAuthenticator):
         # One key set for the whole request, so the admit check and the User-Id agree
         # even when reload() swaps the set in between.
         self._names = self._latest
-        self.certs[ZAP_DOMAIN] = self._names  # type: ignore[assignment]
+        self.certs[ZAP_DOMAIN] = self._names
         await super().handle_zap_message(msg)
 
     def curve_user_id(self, client_public_key: bytes) -> str:

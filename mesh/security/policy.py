@@ -315,7 +315,7 @@ class Policy:
 def _remember(cache: dict[tuple[Any, ...], Decision], key: tuple[Any, ...], decision: Decision) -> Decision:
     """Keep at most CACHE_SIZE decisions: a flood of distinct questions evicts the oldest."""
     if len(cache) >= CACHE_SIZE:
-        cache.pop(next(iter(cache), None), None)
+        del cache[next(iter(cache))]
     cache[key] = decision
     return decision
 
@@ -439,7 +439,7 @@ class _Checker(Checker):
         if not isinstance(value, dict):
             self.bad(key, "must be a table")
             return []
-        found = []
+        found: list[tuple[str, Mapping[str, Any]]] = []
         for name, raw in value.items():
             if not _NAME.fullmatch(name):
                 self.bad(f"{key}.{name}", "name must be letters, digits, '_' or '-'")

@@ -214,6 +214,7 @@ def jwk(key: VerifyKey) -> dict[str, Any]:
     """
     algorithm = algorithm_of(key)
     public = _verifying_half(key)
+    members: tuple[str, ...]
     if isinstance(public, bytes):
         fields = HMACAlgorithm.to_jwk(public, as_dict=True)
         members = ("k", "kty")

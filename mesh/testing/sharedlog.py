@@ -6,6 +6,8 @@ The log is a list both brokers' proposals go into, in the order taken; each brok
 
 from __future__ import annotations
 
+from typing import Any
+
 from ..broker import Broker, BrokerConfig, Outgoing
 from ..cluster.shared import SharedState
 from .frames import header_of, node_system, registration
@@ -19,12 +21,12 @@ ONCE = {"pay": {"charge": {"description": "charge a card", "schema": {}, "exactl
 class Cluster:
     """Two broker cores and the log they share."""
 
-    def __init__(self, **config: int) -> None:
+    def __init__(self, **config: Any) -> None:
         self.log: list[bytes] = []
         self.registrations: list[tuple[bytes, dict[str, object]]] = []
         self.brokers = [Broker(BrokerConfig(name=f"b{i}", **config)) for i in (1, 2)]
         self.states = [SharedState(events=broker.events) for broker in self.brokers]
-        for broker, state in zip(self.brokers, self.states):
+        for broker, state in zip(self.brokers, self.states, strict=True):
             broker.join_cluster(state, 0.0, run=1)
         self.commit(0.0)  # each broker's `run` entry: the tests start from a settled log
 

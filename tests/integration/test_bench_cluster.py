@@ -49,7 +49,7 @@ def test_cluster_bench_reports_plain_and_exactly_once_runs_with_the_log_entries_
         assert log["per_command"] == pytest.approx(log["entries_per_s"] / r["throughput"])
 
     table = format_cluster_report(report)
-    for label, r in zip(("plain via leader", "exactly_once via leader", "exactly_once via follower"), rows):
+    for label, r in zip(("plain via leader", "exactly_once via leader", "exactly_once via follower"), rows, strict=True):
         m = re.search(rf"^\s*{label}\s+([\d,]+)\s+[\d.]+\s+[\d.]+\s+([\d.]+)\s", table, re.MULTILINE)
         assert m, table
         assert int(m.group(1).replace(",", "")) == round(r["throughput"])

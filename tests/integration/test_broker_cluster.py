@@ -85,8 +85,8 @@ def cluster(tmp_path: Path) -> Iterator[Cluster]:
     ports = free_ports(6)
     c = Cluster(
         tmp_path,
-        {n: f"tcp://127.0.0.1:{p}" for n, p in zip(NAMES, ports[:3])},
-        dict(zip(NAMES, ports[3:])),
+        {n: f"tcp://127.0.0.1:{p}" for n, p in zip(NAMES, ports[:3], strict=True)},
+        dict(zip(NAMES, ports[3:], strict=True)),
         {},
     )
     try:

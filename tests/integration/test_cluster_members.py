@@ -20,9 +20,7 @@ from mesh.cluster.transport import KIND_RAFT, PeerSecurity
 from mesh.protocol.errors import ConfigurationError, CorruptStateError
 from mesh.security.curve import CurveAuthenticator, create_keypair, secure_client, secure_server
 from mesh.security.state import ensure_state
-
 from mesh.testing import free_ports
-
 
 pytestmark = pytest.mark.timeout(40)
 

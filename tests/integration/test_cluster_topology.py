@@ -7,10 +7,10 @@ The shipped file runs as it is, on free loopback ports, in a fresh directory.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import os
 import signal
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 

@@ -20,10 +20,10 @@ from mcp.client.stdio import StdioServerParameters, stdio_client
 from mcp.client.streamable_http import streamable_http_client
 
 from mesh.node import Node
-from mesh.protocol import compile_schema
-from mesh.testing import run_broker, run_node, spawn
 from mesh.nodes import echo, fs, kv
 from mesh.nodes import sqlite as sqlite_node
+from mesh.protocol import compile_schema
+from mesh.testing import run_broker, run_node, spawn
 
 # The truth about each ready action (docs/mcp.md shows the same table): all touch only
 # the node's own state, so none is open-world.

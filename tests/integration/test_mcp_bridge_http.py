@@ -16,12 +16,10 @@ import mcp_types as types
 import pytest
 from mcp import Client
 from mcp.client.session import ClientSession
-from mcp.shared.exceptions import MCPError
 from mcp.client.streamable_http import streamable_http_client
+from mcp.shared.exceptions import MCPError
 from mcp_types.version import HANDSHAKE_PROTOCOL_VERSIONS, MODERN_PROTOCOL_VERSIONS
-
 from mcpnodes import CLASH_NAMES, wait_for_file
-
 from test_mcp_bridge_stdio import bridge_params
 
 from mesh.testing import MeshProcess, run_node, spawn
@@ -97,11 +95,12 @@ async def test_without_the_bearer_token_every_request_is_refused_401(bridge: Htt
 
 @pytest.mark.anyio
 async def test_the_sdk_client_without_a_token_cannot_connect(bridge: HttpBridge) -> None:
-    """The SDK's own client fails to connect without the token."""
-    with pytest.raises(Exception):
+    """The SDK's own client fails to connect without the token: the server's refusal, out of its task groups."""
+    with pytest.raises(ExceptionGroup) as info:
         async with bridge.http(None) as http:
             async with Client(streamable_http_client(bridge.url, http_client=http)) as client:
                 await client.call_tool("echo.echo", {"text": "x"})
+    assert info.group_contains(MCPError)
 
 
 @pytest.mark.anyio

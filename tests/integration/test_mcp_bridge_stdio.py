@@ -16,7 +16,6 @@ from mcp import Client
 from mcp.client.session import ClientSession
 from mcp.client.stdio import StdioServerParameters, stdio_client
 from mcp.shared.exceptions import MCPError
-
 from mcpnodes import CLASH_NAMES, wait_for_file
 
 from mesh.testing import run_node

@@ -16,6 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from mesh.client import Client
 from mesh.monitor.metrics import METRICS
+from mesh.protocol import HandlerNotFoundError
 from mesh.testing import BrokerProcess, free_ports, run_broker, run_node
 
 DOC = Path(__file__).parents[2] / "docs" / "monitoring.md"
@@ -63,7 +64,7 @@ def monitored() -> Iterator[tuple[BrokerProcess, str]]:
             try:
                 for i in range(20):
                     assert client.call("echo", "echo", {"i": i}) == {"i": i}
-                with pytest.raises(Exception):
+                with pytest.raises(HandlerNotFoundError):
                     client.call("nosuch", "thing", {})
             finally:
                 client.close()

@@ -7,7 +7,6 @@ import signal
 import threading
 import time
 
-
 from mesh.client import Client
 from mesh.protocol import NodeLostError
 from mesh.testing import run_node, spawn
@@ -19,7 +18,7 @@ def in_background(fn, *args, **kwargs) -> tuple[threading.Thread, list]:
     def run() -> None:
         try:
             outcome.append(fn(*args, **kwargs))
-        except Exception as exc:  # the outcome is what the test inspects
+        except Exception as exc:  # noqa: BLE001 - the outcome is what the test inspects
             outcome.append(exc)
 
     t = threading.Thread(target=run)

@@ -15,7 +15,6 @@ from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from typing import Any
 
-
 from mesh.client import Client
 from mesh.protocol import DeadlineExceededError, MeshError, NodeLostError
 from mesh.subscription import Event

@@ -372,7 +372,7 @@ def test_key_rotation_under_load_fails_no_command(mesh, state):
                 try:
                     assert c.call("echo", "echo", {"n": count}) == {"n": count}
                     count += 1
-                except BaseException as exc:  # the test reports every failure
+                except BaseException as exc:  # noqa: BLE001 - the test reports every failure
                     errors.append(exc)
 
     t = threading.Thread(target=send)

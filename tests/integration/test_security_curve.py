@@ -20,7 +20,6 @@ import zmq
 import zmq.auth
 
 from mesh.protocol import AuthenticationFailedError, ConfigurationError
-from mesh.sockets import frame_peer
 from mesh.security.curve import (
     REFUSED,
     CurveAuthenticator,
@@ -31,6 +30,7 @@ from mesh.security.curve import (
     secure_client,
     secure_server,
 )
+from mesh.sockets import frame_peer
 
 pytestmark = pytest.mark.timeout(30)
 

@@ -47,7 +47,7 @@ def test_a_minute_of_load_with_nodes_killed_every_ten_seconds_loses_nothing(tmp_
                         assert c.call("echo", "reverse", {"text": text}) == {"text": text[::-1]}
                         with lock:
                             answered[0] += 1
-                    except BaseException as exc:  # collected and reported below
+                    except BaseException as exc:  # noqa: BLE001 - collected and reported below
                         failures.append(exc)
                     i += 1
 

@@ -23,9 +23,9 @@ from hypothesis import strategies as st
 from mesh.broker import Broker
 from mesh.broker.config import BrokerConfig
 from mesh.broker.core import BrokerSecurity
+from mesh.broker.secure import broker_security
 from mesh.fuzz.attacks import Limits
 from mesh.protocol import MeshError
-from mesh.broker.secure import broker_security
 from mesh.security.credentials import load_credentials
 from mesh.security.gate import Peer
 from mesh.security.state import ensure_state

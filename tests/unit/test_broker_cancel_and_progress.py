@@ -19,13 +19,13 @@ from mesh.testing.frames import (
     command_frames,
     error_of,
     header_of,
+    only,
     payload_of,
     register,
     reply,
     system,
     to_clients,
     to_nodes,
-    only,
 )
 
 

@@ -56,7 +56,7 @@ class Cluster:
         self.log: list[bytes] = []
         self.brokers = [secure_broker("b1", FIRST), secure_broker("b2", OTHER)]
         self.states = [SharedState(events=b.events) for b in self.brokers]
-        for broker, state in zip(self.brokers, self.states):
+        for broker, state in zip(self.brokers, self.states, strict=True):
             broker.join_cluster(state, NOW, run=1)
 
     def commit(self) -> list[list[Outgoing]]:

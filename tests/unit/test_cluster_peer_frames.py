@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from mesh.cluster.messages import AppendResponse, VoteRequest, encode_message
-from mesh.cluster.messages import Snapshot, SnapshotRequest
+from mesh.cluster.messages import AppendResponse, Snapshot, SnapshotRequest, VoteRequest, encode_message
 from mesh.cluster.transport import (
     KIND_CHUNK,
     KIND_PROPOSAL,

@@ -12,9 +12,9 @@ from mesh.protocol import (
     encode_command_header,
     encode_event_header,
     encode_header,
+    encode_response_header,
     encode_stamped_event,
     event,
-    encode_response_header,
     response_to,
     unpack_header,
 )

@@ -13,7 +13,6 @@ uses) then says which client messages were owed an answer and did not get one.
 from __future__ import annotations
 
 import random
-from pathlib import Path
 
 import pytest
 from fuzzing import LIMITS, SEEDS, SecureCore, broker_stack, examples, secure_core

@@ -15,8 +15,8 @@ from typing import Any
 import pytest
 
 from mesh.node import Action
-from mesh.plugins import load_node
 from mesh.nodes import sample
+from mesh.plugins import load_node
 
 ROOT = Path(__file__).parents[2]
 DOC = ROOT / "docs" / "nodes.md"

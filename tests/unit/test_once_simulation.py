@@ -28,7 +28,6 @@ from mesh.protocol import MessageType
 from mesh.testing.frames import NODE_A, command_frames, header_of, node_system, payload_of, registration, reply
 from mesh.testing.sharedlog import ONCE
 
-
 STEP_S = 0.05
 STEPS = 500  # 25 s of simulated time
 COMMANDS = 40
@@ -144,7 +143,7 @@ class Sim:
         for record in m.core.take_proposals(self.now):
             if self.rng.random() > 0.1:  # else lost with a leader
                 self.pending.append((self.now + self.rng.uniform(0, 0.5), record))
-        for side, ident, frames in out:
+        for side, _ident, frames in out:
             if side is Side.NODE and len(frames) == 3 and header_of(frames).type is MessageType.COMMAND:
                 self.node_queue.append((self.now + self.rng.uniform(0.01, 0.6), index, m.incarnation, frames))
             elif side is Side.CLIENT and header_of(frames).type is MessageType.RESPONSE:

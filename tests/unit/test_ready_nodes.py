@@ -6,6 +6,7 @@ its handler, as the node loop does for a command.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
 import sqlite3
@@ -18,13 +19,11 @@ from typing import Any
 
 import pytest
 
-import asyncio
-
 from mesh.node import Node
-from mesh.plugins import load_node
-from mesh.protocol import AccessDeniedError, ConfigurationError, ValidationFailedError
 from mesh.nodes import echo, fs, kv, sample
 from mesh.nodes import sqlite as sqlite_node
+from mesh.plugins import load_node
+from mesh.protocol import AccessDeniedError, ConfigurationError, ValidationFailedError
 
 
 def call(n: Node, service: str, action: str, payload: dict[str, Any]) -> Any:

@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from mesh.broker import Broker, BrokerConfig, Side
+from mesh.broker.secure import BrokerSecurity
 from mesh.node import Node
 from mesh.protocol import (
     MAX_ACTIONS,
@@ -27,7 +28,6 @@ from mesh.protocol import (
     encode_payload,
 )
 from mesh.protocol.metaschema import DRAFT_07
-from mesh.broker.secure import BrokerSecurity
 from mesh.security.gate import Gate, GateSettings, Peer
 from mesh.security.policy import parse_policy
 from mesh.security.tokens import TokenSettings, TokenVerifier

@@ -242,8 +242,8 @@ class Broker:
         if mtype == "cancel":
             return self.book.cancel(ident, header["correlation_id"], frames[0], now)
         self.counters["malformed"] += 1
-        err = InvalidStateError(f"clients send commands, events and cancels; got {mtype}", details={"field": "type"})
-        return [(Side.CLIENT, ident, error_frames(err, now, cid))]
+        refusal = InvalidStateError(f"clients send commands, events and cancels; got {mtype}", details={"field": "type"})
+        return [(Side.CLIENT, ident, error_frames(refusal, now, cid))]
 
     def _command(
         self, ident: bytes, conn: ConnectionState, header: dict[str, Any], frames: Sequence[bytes], now: float,
@@ -391,8 +391,8 @@ class Broker:
         if mtype in _REPLY_TYPES:
             return []  # a node acknowledging something the broker sent it
         self.counters["malformed"] += 1
-        err = HandlerNotFoundError("nodes may only send replies, events and mesh.* commands", details={"field": "type"})
-        return [to_peer(Side.NODE, ident, error_frames(err, now, header["id"]))]
+        refusal = HandlerNotFoundError("nodes may only send replies, events and mesh.* commands", details={"field": "type"})
+        return [to_peer(Side.NODE, ident, error_frames(refusal, now, header["id"]))]
 
     def _node_reply(
         self, link: ConnectionState, ident: bytes, node: NodeInfo | None, header: dict[str, Any],
@@ -426,12 +426,14 @@ class Broker:
         return out
 
     def _progress(
-        self, link: ConnectionState, ident: bytes, envelope: bytes, cid: str, frames: Sequence[bytes]
+        self, link: ConnectionState, ident: bytes, envelope: bytes, cid: str | None, frames: Sequence[bytes]
     ) -> list[Outgoing]:
-        """A node's progress report on a command it runs: passed to the client as it is."""
-        key = (envelope, cid)
-        cmd = self.commands.get(key)
-        if key not in link.pending_commands or cmd is None or not ran_on(cmd, ident):
+        """A node's progress report on a command it runs: passed to the client as it is.
+
+        One without a correlation id matches no pending command, so it counts as stray.
+        """
+        cmd = self.commands.get((envelope, cid)) if cid is not None else None
+        if cmd is None or (envelope, cid) not in link.pending_commands or not ran_on(cmd, ident):
             self.counters["stray_progress"] += 1
             return []
         self.counters["progress"] += 1

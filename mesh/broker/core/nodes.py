@@ -17,11 +17,11 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any
 
+from ...link.health import PeerEvent
+from ...link.heartbeat import silence_event
 from ...protocol import MeshError, decode_payload
 from ...security.gate import Peer
 from ..config import BrokerConfig
-from ...link.health import PeerEvent
-from ...link.heartbeat import silence_event
 from ..registry import NodeInfo, Registry, parse_load
 from .state import BrokerSecurity, ConnectionState, Emit
 

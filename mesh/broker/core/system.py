@@ -20,8 +20,8 @@ from typing import Any, Final
 from ...protocol import (
     MAX_MESSAGE_BYTES,
     AccessDeniedError,
-    Header,
     HandlerNotFoundError,
+    Header,
     MeshError,
     MessageTooLargeError,
     ResourceExhaustedError,
