@@ -63,7 +63,7 @@ def wants_stream(body: bytes) -> bool:
 class _PerCallTransport(StreamableHTTPServerTransport):
     """The SDK's transport, with the JSON-or-stream choice made per POST."""
 
-    @property  # type: ignore[override]
+    @property
     def is_json_response_enabled(self) -> bool:
         return _ANSWER_AS_JSON.get()
 
