@@ -136,7 +136,7 @@ def run_bench(settings: BenchSettings, peer: str | None = None) -> dict[str, Any
 
         other = measure_nats(settings)
     mesh = measure(MESH, settings)
-    report = {
+    report: dict[str, Any] = {
         "settings": asdict(settings),
         "machine": machine(),
         "raw": raw,

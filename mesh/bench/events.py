@@ -30,6 +30,7 @@ import asyncio
 import multiprocessing as mp
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any, Final
 
@@ -230,6 +231,8 @@ def _measure_events(kind: str, subscribers: int, s: EventBenchSettings) -> dict[
     ready, results, stop, go = ctx.Queue(), ctx.Queue(), ctx.Event(), ctx.Event()
     start = ctx.RawValue("d", 0.0)  # set once, before `go`
     procs: list[Any] = []
+    pub_fn: Callable[..., None]
+    sub_fn: Callable[..., None]
     with tempfile.TemporaryDirectory(prefix="mesh-bench-") as tmp:
         front, back = endpoint(s.transport, tmp, "publishers"), endpoint(s.transport, tmp, "subscribers")
         try:
@@ -287,7 +290,7 @@ def run_events_bench(settings: EventBenchSettings, peer: str | None = None) -> d
         raw = _measure_events("raw", n, settings)
         other = _measure_events(peer, n, settings) if peer else None
         mesh = _measure_events("mesh", n, settings)
-        run = {
+        run: dict[str, Any] = {
             "subscribers": n,
             "processes": len(_spread(n, settings.processes)),
             "raw": raw,
@@ -297,7 +300,7 @@ def run_events_bench(settings: EventBenchSettings, peer: str | None = None) -> d
         if peer and other is not None:
             run |= {peer: other, f"ratio_{peer}": ratio(mesh["delivered_rate"], other["delivered_rate"])}
         runs.append(run)
-    report = {"settings": asdict(settings), "machine": machine(), "runs": runs}
+    report: dict[str, Any] = {"settings": asdict(settings), "machine": machine(), "runs": runs}
     if peer:
         from .nats import versions
 

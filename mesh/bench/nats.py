@@ -40,7 +40,7 @@ from typing import Any, Final
 from ..launcher import _die_with_parent
 from ..process import tune_for_serving
 from .common import STARTUP_S, BenchSettings, Run, keep_in_flight
-from .events import _window, BATCH, TOPIC, EventBenchSettings
+from .events import BATCH, TOPIC, EventBenchSettings, _window
 
 __all__ = ["NatsServer", "measure_nats", "nats_server", "publisher", "server", "server_binary", "subscribers", "versions"]
 
@@ -96,9 +96,11 @@ def nats_server() -> Iterator[NatsServer]:
         log = Path(tmp, "server.log")
         with log.open("wb") as out:
             # `-p -1`: a port the kernel picks, written to a ports file, so no other process can take it first.
+            # preexec_fn only calls prctl, looked up when mesh.launcher was imported (see there).
             proc = subprocess.Popen(
                 [binary, "-a", "127.0.0.1", "-p", "-1", "--ports_file_dir", tmp],
-                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent,
+                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                preexec_fn=_die_with_parent,  # noqa: PLW1509
             )
         try:
             yield NatsServer(_listening(proc, Path(tmp), log), proc.pid)
@@ -165,7 +167,8 @@ def _client(url: str, s: BenchSettings, start: float, results: Any, tally: Any) 
     Puts `(count, latencies)` on `results` and `{"requests", "answered"}` on `tally`.
     """
     import nats
-    from nats.errors import NoRespondersError, TimeoutError as NatsTimeout
+    from nats.errors import NoRespondersError
+    from nats.errors import TimeoutError as NatsTimeout
 
     async def main() -> tuple[int, list[float]]:
         nc = await nats.connect(url, allow_reconnect=False)

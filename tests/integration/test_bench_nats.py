@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 import multiprocessing as mp
 import os
-import signal
 import select
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -75,10 +75,9 @@ def test_nats_events_fan_out_is_reported_per_subscriber_count_with_no_server_lef
 
 def test_the_server_stops_when_its_block_fails():
     """A failure inside `nats_server()` still stops the server: its pid is gone afterwards."""
-    with pytest.raises(RuntimeError, match="a failed run"):
-        with bench_nats.nats_server() as server:
-            assert server.pid in _servers()
-            raise RuntimeError("a failed run")
+    with pytest.raises(RuntimeError, match="a failed run"), bench_nats.nats_server() as server:
+        assert server.pid in _servers()
+        raise RuntimeError("a failed run")
     assert server.pid not in _servers()
 
 
