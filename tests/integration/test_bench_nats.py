@@ -9,6 +9,7 @@ import select
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -103,6 +104,33 @@ def test_the_server_dies_with_the_process_that_started_it():
         if owner.is_alive():
             owner.kill()
         owner.join()
+
+
+def test_ctrl_c_during_a_run_leaves_no_server():
+    """Ctrl-C (SIGINT to the terminal's process group) in the middle of a NATS run stops it and its nats-server."""
+    before = _servers()
+    bench = subprocess.Popen(
+        [sys.executable, "-m", "mesh", "bench", "--peer", "nats", "--clients", "1", "--inflight", "4", "--duration", "3"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,  # its own group, as a shell gives
+    )
+    try:
+        started: set[int] = set()
+        while not started and bench.poll() is None:  # the raw run comes first, then NATS's server
+            started = _servers() - before
+            time.sleep(0.05)
+        (pid,) = started
+        exited = os.pidfd_open(pid)
+        try:
+            os.killpg(bench.pid, signal.SIGINT)
+            bench.wait(timeout=60)
+            select.select([exited], [], [], 30)
+        finally:
+            os.close(exited)
+        assert pid not in _servers()
+    finally:
+        if bench.poll() is None:
+            os.killpg(bench.pid, signal.SIGKILL)
+            bench.wait()
 
 
 def test_peer_nats_without_the_extra_names_it(monkeypatch: pytest.MonkeyPatch):
