@@ -8,6 +8,8 @@ Rules of this module:
 * The baseline is the least a ZeroMQ broker can do: a ROUTER-ROUTER loop that forwards
   frames without decoding them, to one raw DEALER worker that echoes, driven by raw DEALER
   clients. The mesh run uses the real broker, the real echo node and the AsyncClient.
+* With a peer (`--peer nats`), that system runs between the two in the same shape
+  (`mesh/bench/nats.py`) and the mesh is also reported as a ratio of it.
 * Processes are spawned (never forked) so no ZeroMQ context crosses a fork; every
   process is joined, or killed when it does not exit in time.
 """
@@ -123,12 +125,21 @@ RAW: Final = Run(_raw_broker, _raw_worker, _raw_client, serving=lambda front: ti
 
 
 def run_bench(settings: BenchSettings, peer: str | None = None) -> dict[str, Any]:
-    """Run the baseline, then the `peer` (`nats`) if asked, then the mesh, with the same settings.
+    """Run the baseline, then the `peer` if asked, then the mesh, with the same settings.
+
+    Args:
+        settings: the shape, the same for every run.
+        peer: `nats` (`mesh/bench/nats.py`) or None.
 
     Returns:
         The report; with a peer, also its figures, `ratio_<peer>` (the mesh's throughput as
         a ratio of the peer's) and the peer's versions in `machine`.
+
+    Raises:
+        ValueError: an unknown peer (before anything runs).
     """
+    if peer not in (None, "nats"):
+        raise ValueError(f"no such peer: {peer!r}")
     raw = measure(RAW, settings)
     other = None
     if peer:

@@ -279,12 +279,21 @@ def _measure_events(kind: str, subscribers: int, s: EventBenchSettings) -> dict[
 
 
 def run_events_bench(settings: EventBenchSettings, peer: str | None = None) -> dict[str, Any]:
-    """For each subscriber count, run the raw chain, then the `peer` (`nats`) if asked, then the mesh.
+    """For each subscriber count, run the raw chain, then the `peer` if asked, then the mesh.
+
+    Args:
+        settings: the shape, the same for every run.
+        peer: `nats` (`mesh/bench/nats.py`) or None.
 
     Returns:
         The report; with a peer, each run also has its figures and `ratio_<peer>`, and
         `machine` the peer's versions.
+
+    Raises:
+        ValueError: an unknown peer (before anything runs).
     """
+    if peer not in (None, "nats"):
+        raise ValueError(f"no such peer: {peer!r}")
     runs = []
     for n in settings.subscribers:
         raw = _measure_events("raw", n, settings)

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib.metadata
+import json
 import subprocess
 import tempfile
 import time
@@ -47,6 +48,7 @@ __all__ = ["NatsServer", "measure_nats", "nats_server", "publisher", "server", "
 SUBJECT: Final = "bench.echo"
 REQUEST_TIMEOUT_S: Final = 10.0  # a request unanswered this long counts as lost
 STOP_S: Final = 15.0  # for the server to exit on SIGTERM before it is killed
+MAX_PAYLOAD: Final = 2 * 1024 * 1024  # bytes in one NATS message, above `mesh bench --payload`'s limit
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,12 +95,14 @@ def nats_server() -> Iterator[NatsServer]:
     if binary is None:
         raise RuntimeError("nats-server is not installed (the 'bench' extra)")
     with tempfile.TemporaryDirectory(prefix="mesh-bench-nats-") as tmp:
-        log = Path(tmp, "server.log")
+        log, config = Path(tmp, "server.log"), Path(tmp, "server.conf")
+        # NATS refuses messages over 1 MiB by default; `--payload` goes up to 1 MiB, plus the number.
+        config.write_text(f"max_payload: {MAX_PAYLOAD}\n")
         with log.open("wb") as out:
             # `-p -1`: a port the kernel picks, written to a ports file, so no other process can take it first.
             # preexec_fn only calls prctl, looked up when mesh.launcher was imported (see there).
             proc = subprocess.Popen(
-                [binary, "-a", "127.0.0.1", "-p", "-1", "--ports_file_dir", tmp],
+                [binary, "-c", str(config), "-a", "127.0.0.1", "-p", "-1", "--ports_file_dir", tmp],
                 stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                 preexec_fn=_die_with_parent,  # noqa: PLW1509
             )
@@ -115,8 +119,6 @@ def nats_server() -> Iterator[NatsServer]:
 
 def _listening(proc: subprocess.Popen[bytes], tmp: Path, log: Path) -> str:
     """The client URL from the server's ports file, once it is written."""
-    import json
-
     ports = tmp / f"nats-server_{proc.pid}.ports"
     end = time.monotonic() + STARTUP_S
     while time.monotonic() < end and proc.poll() is None:
