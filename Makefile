@@ -13,7 +13,7 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
 $(STAMP): pyproject.toml | $(BIN)/python
-	$(BIN)/pip install --quiet -e '.[test,mcp,top]'
+	$(BIN)/pip install --quiet -e '.[test,mcp,top,bench]'
 	touch $(STAMP)
 
 sample: $(STAMP)
@@ -61,7 +61,7 @@ test-versions: $(BROWSER) $(NFT) $(MCP_CLIENT)
 	@export PYENV_VERSION="$$(pyenv versions --bare 2>/dev/null | tr '\n' ':' | sed 's/:$$//')"; \
 	for py in $(PYTHONS); do \
 		echo "== $$py"; \
-		$$py -m venv .venv-$$py && .venv-$$py/bin/pip install --quiet -e '.[test,mcp,top]' && \
+		$$py -m venv .venv-$$py && .venv-$$py/bin/pip install --quiet -e '.[test,mcp,top,bench]' && \
 		.venv-$$py/bin/lint-imports --no-cache && .venv-$$py/bin/pytest -m "not slow" || exit 1; \
 	done
 

@@ -5,6 +5,7 @@ the figures stay comparable on a noisy machine:
 
 * `commands`: commands through the mesh against a raw pyzmq forwarding loop (`mesh bench`).
 * `events`: events delivered to subscribers against a raw PUB/SUB chain (`--events`).
+* `nats`: NATS in the same shape, beside both, for commands and events (`--peer nats`).
 * `security`: commands with each security layer on against security off (`--security`).
 * `monitor`: commands with the monitor on and polled against the monitor off (`--monitor`).
 * `cluster`: exactly-once commands in a 3-broker cluster against plain ones (`--cluster`).

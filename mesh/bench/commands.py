@@ -8,6 +8,8 @@ Rules of this module:
 * The baseline is the least a ZeroMQ broker can do: a ROUTER-ROUTER loop that forwards
   frames without decoding them, to one raw DEALER worker that echoes, driven by raw DEALER
   clients. The mesh run uses the real broker, the real echo node and the AsyncClient.
+* With a peer (`--peer nats`), that system runs between the two in the same shape
+  (`mesh/bench/nats.py`) and the mesh is also reported as a ratio of it.
 * Processes are spawned (never forked) so no ZeroMQ context crosses a fork; every
   process is joined, or killed when it does not exit in time.
 """
@@ -123,33 +125,64 @@ def _raw_client(front_ep: str, s: BenchSettings, start: float, results: Any) -> 
 RAW: Final = Run(_raw_broker, _raw_worker, _raw_client, serving=lambda front: time.sleep(0.3))
 
 
-def run_bench(settings: BenchSettings) -> dict[str, Any]:
-    """Run the baseline, then the mesh, with the same settings; return the report."""
+def run_bench(settings: BenchSettings, peer: str | None = None) -> dict[str, Any]:
+    """Run the baseline, then the `peer` if asked, then the mesh, with the same settings.
+
+    Args:
+        settings: the shape, the same for every run.
+        peer: `nats` (`mesh/bench/nats.py`) or None.
+
+    Returns:
+        The report; with a peer, also its figures, `ratio_<peer>` (the mesh's throughput as
+        a ratio of the peer's) and the peer's versions in `machine`.
+
+    Raises:
+        ValueError: an unknown peer (before anything runs).
+    """
+    if peer not in (None, "nats"):
+        raise ValueError(f"no such peer: {peer!r}")
     raw = measure(RAW, settings)
+    other = None
+    if peer:
+        from .nats import measure_nats, versions
+
+        other = measure_nats(settings)
     mesh = measure(MESH, settings)
-    return {
+    report: dict[str, Any] = {
         "settings": asdict(settings),
         "machine": machine(),
         "raw": raw,
         "mesh": mesh,
         "ratio": ratio(mesh["throughput"], raw["throughput"]),
     }
+    if peer and other is not None:
+        report |= {"peer": peer, peer: other, f"ratio_{peer}": ratio(mesh["throughput"], other["throughput"])}
+        report["machine"] |= versions()
+    return report
+
+
+_LABELS: Final = {"raw": "raw pyzmq loop", "nats": "NATS", "mesh": "mesh"}
 
 
 def format_report(report: dict[str, Any]) -> str:
     """The report as a few lines for people."""
-    s = report["settings"]
+    s, peer = report["settings"], report.get("peer")
     lines = [
         f"{s['clients']} clients x {s['inflight']} in flight, {s['payload']}-byte payloads, "
         f"{s['transport']}, {s['duration']:.0f}s per run, {report['machine']['cpus']} CPUs",
     ]
-    for kind in ("raw", "mesh"):
+    for kind in ("raw", peer, "mesh") if peer else ("raw", "mesh"):
         r = report[kind]
         lat = r["latency_ms"]
-        label = "raw pyzmq loop" if kind == "raw" else "mesh"
         lines.append(
-            f"{label:>15}: {r['throughput']:>9,.0f} commands/s   "
+            f"{_LABELS[kind]:>15}: {r['throughput']:>9,.0f} commands/s   "
             f"p50 {lat['p50']:.2f} ms  p95 {lat['p95']:.2f} ms  p99 {lat['p99']:.2f} ms"
         )
-    lines.append(f"{'ratio':>15}: {report['ratio']:.2f} of the raw loop")
+    ratios = f"{report['ratio']:.2f} of the raw loop"
+    if peer:
+        ratios += f", {report[f'ratio_{peer}']:.2f} of {_LABELS[peer]}"
+        other = report[peer]
+        if other["answered"] != other["requests"]:
+            ratios += f" ({_LABELS[peer]} answered {other['answered']:,} of {other['requests']:,} requests)"
+    lines.append(f"{'ratio':>15}: {ratios}")
     return "\n".join(lines)

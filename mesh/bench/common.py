@@ -20,7 +20,7 @@ import os
 import statistics
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -37,6 +37,7 @@ __all__ = [
     "Run",
     "endpoint",
     "figures",
+    "keep_in_flight",
     "load",
     "machine",
     "measure",
@@ -142,26 +143,40 @@ def mesh_client(
 
     async def main() -> tuple[int, list[float]]:
         payload = {"data": "x" * s.payload}
-        latencies: list[float] = []
-        count = 0
-        measure_from, end = start + WARMUP_S, start + WARMUP_S + s.duration
         async with AsyncClient(clients_ep, timeout=30.0, credentials=creds) as client:
-
-            async def worker() -> None:
-                nonlocal count
-                while time.time() < end:
-                    t0 = time.perf_counter()
-                    await client.call(service, action, payload)
-                    t1 = time.perf_counter()
-                    if time.time() >= measure_from and time.time() < end:
-                        count += 1
-                        if len(latencies) < SAMPLE_LIMIT:
-                            latencies.append(t1 - t0)
-
-            await asyncio.gather(*(worker() for _ in range(s.inflight)))
-        return count, latencies
+            return await keep_in_flight(lambda: client.call(service, action, payload), s, start)
 
     results.put(asyncio.run(main()))
+
+
+async def keep_in_flight(call: Callable[[], Awaitable[Any]], s: BenchSettings, start: float) -> tuple[int, list[float]]:
+    """Keep `s.inflight` awaits of `call()` outstanding until the window ends; the one accounting of every client.
+
+    Args:
+        call: makes one request and returns once it is answered.
+        s: the shape and the measured duration.
+        start: wall-clock time the run began; the window is `WARMUP_S` later.
+
+    Returns:
+        The calls answered inside the window and their latencies (at most `SAMPLE_LIMIT`).
+    """
+    latencies: list[float] = []
+    count = 0
+    measure_from, end = start + WARMUP_S, start + WARMUP_S + s.duration
+
+    async def worker() -> None:
+        nonlocal count
+        while time.time() < end:
+            t0 = time.perf_counter()
+            await call()
+            t1 = time.perf_counter()
+            if time.time() >= measure_from and time.time() < end:
+                count += 1
+                if len(latencies) < SAMPLE_LIMIT:
+                    latencies.append(t1 - t0)
+
+    await asyncio.gather(*(worker() for _ in range(s.inflight)))
+    return count, latencies
 
 
 def wait_for_service(clients_ep: str, timeout: float = STARTUP_S, creds: Any = None, service: str = "echo") -> None:

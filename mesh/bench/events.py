@@ -16,6 +16,9 @@ events published per second.
   it is paced by the broker), the real BrokerServer, and AsyncClient subscriptions read
   with `get()`. The broker never waits for a subscriber (its rule, not the benchmark's):
   one that falls behind misses events, counted from the gaps it sees (`missed`).
+* NATS (`--peer nats`, `mesh/bench/nats.py`): nats-server in the middle process's place,
+  nats-py publisher and subscribers in the same processes as the raw chain's; a
+  subscription that falls behind has events dropped, counted from the gaps (`missed`).
 * `delivery` is delivered / (published x N) over the window. Below 1 with nothing
   missed, the subscribers were behind: events were still queued for them when the
   window closed (the queues hold seconds of events at these rates).
@@ -229,6 +232,8 @@ def _measure_events(kind: str, subscribers: int, s: EventBenchSettings) -> dict[
     ready, results, stop, go = ctx.Queue(), ctx.Queue(), ctx.Event(), ctx.Event()
     start = ctx.RawValue("d", 0.0)  # set once, before `go`
     procs: list[Any] = []
+    pub_fn: Callable[..., None]
+    sub_fn: Callable[..., None]
     with tempfile.TemporaryDirectory(prefix="mesh-bench-") as tmp:
         front, back = endpoint(s.transport, tmp, "publishers"), endpoint(s.transport, tmp, "subscribers")
         pub_fn: Callable[..., None]  # the raw and mesh publishers take the same arguments
@@ -237,6 +242,11 @@ def _measure_events(kind: str, subscribers: int, s: EventBenchSettings) -> dict[
             if kind == "raw":
                 middle = ctx.Process(target=_raw_forwarder, args=(front, back, ready, stop), daemon=True)
                 pub_fn, sub_fn = _raw_publisher, _raw_subscribers
+            elif kind == "nats":
+                from . import nats
+
+                middle = ctx.Process(target=nats.server, args=(front, back, ready, stop), daemon=True)
+                pub_fn, sub_fn = nats.publisher, nats.subscribers
             else:
                 nodes = endpoint(s.transport, tmp, "nodes")
                 middle = ctx.Process(target=mesh_broker, args=(front, nodes, ready, stop, back), daemon=True)
@@ -244,7 +254,7 @@ def _measure_events(kind: str, subscribers: int, s: EventBenchSettings) -> dict[
             procs.append(middle)
             middle.start()
             front, back = ready.get(timeout=STARTUP_S)
-            sub_ep = back if kind == "raw" else front  # mesh subscribers ask the broker (mesh.ping)
+            sub_ep = front if kind == "mesh" else back  # mesh subscribers ask the broker (mesh.ping)
             procs += [
                 ctx.Process(target=sub_fn, args=(sub_ep, n, s, ready, go, start, results), daemon=True)
                 for n in _spread(subscribers, s.processes)
@@ -267,49 +277,78 @@ def _measure_events(kind: str, subscribers: int, s: EventBenchSettings) -> dict[
         "delivered": delivered,
         "delivered_rate": delivered / s.duration,
         "delivery": ratio(delivered, published * subscribers),
-        "missed": sum(o.get("missed", 0) for o in outcomes) if kind == "mesh" else None,
+        "missed": None if kind == "raw" else sum(o.get("missed", 0) for o in outcomes),
     }
 
 
-def run_events_bench(settings: EventBenchSettings) -> dict[str, Any]:
-    """For each subscriber count, run the raw chain, then the mesh; return the report."""
+def run_events_bench(settings: EventBenchSettings, peer: str | None = None) -> dict[str, Any]:
+    """For each subscriber count, run the raw chain, then the `peer` if asked, then the mesh.
+
+    Args:
+        settings: the shape, the same for every run.
+        peer: `nats` (`mesh/bench/nats.py`) or None.
+
+    Returns:
+        The report; with a peer, each run also has its figures and `ratio_<peer>`, and
+        `machine` the peer's versions.
+
+    Raises:
+        ValueError: an unknown peer (before anything runs).
+    """
+    if peer not in (None, "nats"):
+        raise ValueError(f"no such peer: {peer!r}")
     runs = []
     for n in settings.subscribers:
         raw = _measure_events("raw", n, settings)
+        other = _measure_events(peer, n, settings) if peer else None
         mesh = _measure_events("mesh", n, settings)
-        runs.append(
-            {
-                "subscribers": n,
-                "processes": len(_spread(n, settings.processes)),
-                "raw": raw,
-                "mesh": mesh,
-                "ratio": ratio(mesh["delivered_rate"], raw["delivered_rate"]),
-            }
-        )
-    return {"settings": asdict(settings), "machine": machine(), "runs": runs}
+        run: dict[str, Any] = {
+            "subscribers": n,
+            "processes": len(_spread(n, settings.processes)),
+            "raw": raw,
+            "mesh": mesh,
+            "ratio": ratio(mesh["delivered_rate"], raw["delivered_rate"]),
+        }
+        if peer and other is not None:
+            run |= {peer: other, f"ratio_{peer}": ratio(mesh["delivered_rate"], other["delivered_rate"])}
+        runs.append(run)
+    report: dict[str, Any] = {"settings": asdict(settings), "machine": machine(), "runs": runs}
+    if peer:
+        from .nats import versions
+
+        report["peer"] = peer
+        report["machine"] |= versions()
+    return report
 
 
 def format_events_report(report: dict[str, Any]) -> str:
     """The events report as a small table for people, one row per subscriber count."""
-    s = report["settings"]
+    s, peer = report["settings"], report.get("peer")
     row = "{:>11} {:>5} {:>16} {:>17} {:>6} {:>12} {:>16} {:>17}"
+    extra = " {:>17} {:>14} {:>12} {:>17}" if peer else ""
     lines = [
         (
             f"events: {s['payload']}-byte payloads, {s['window']} publishes in flight (mesh), "
             f"{s['transport']}, {s['duration']:g}s per run, {report['machine']['cpus']} CPUs"
         ),
-        row.format(
+        (row + extra).format(
             "subscribers", "procs", "raw delivered/s", "mesh delivered/s", "ratio",
             "mesh missed", "raw published/s", "mesh published/s",
+            *((f"{peer} delivered/s", f"ratio to {peer}", f"{peer} missed", f"{peer} published/s") if peer else ()),
         ),
     ]
     for r in report["runs"]:
         raw, mesh = r["raw"], r["mesh"]
-        lines.append(
-            row.format(
-                r["subscribers"], r["processes"], f"{raw['delivered_rate']:,.0f}",
-                f"{mesh['delivered_rate']:,.0f}", f"{r['ratio']:.2f}", f"{mesh['missed']:,}",
-                f"{raw['publish_rate']:,.0f}", f"{mesh['publish_rate']:,.0f}",
-            )
-        )
+        cells = [
+            r["subscribers"], r["processes"], f"{raw['delivered_rate']:,.0f}",
+            f"{mesh['delivered_rate']:,.0f}", f"{r['ratio']:.2f}", f"{mesh['missed']:,}",
+            f"{raw['publish_rate']:,.0f}", f"{mesh['publish_rate']:,.0f}",
+        ]
+        if peer:
+            other = r[peer]
+            cells += [
+                f"{other['delivered_rate']:,.0f}", f"{r[f'ratio_{peer}']:.2f}", f"{other['missed']:,}",
+                f"{other['publish_rate']:,.0f}",
+            ]
+        lines.append((row + extra).format(*cells))
     return "\n".join(lines)

