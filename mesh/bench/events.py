@@ -232,8 +232,6 @@ def _measure_events(kind: str, subscribers: int, s: EventBenchSettings) -> dict[
     ready, results, stop, go = ctx.Queue(), ctx.Queue(), ctx.Event(), ctx.Event()
     start = ctx.RawValue("d", 0.0)  # set once, before `go`
     procs: list[Any] = []
-    pub_fn: Callable[..., None]
-    sub_fn: Callable[..., None]
     with tempfile.TemporaryDirectory(prefix="mesh-bench-") as tmp:
         front, back = endpoint(s.transport, tmp, "publishers"), endpoint(s.transport, tmp, "subscribers")
         pub_fn: Callable[..., None]  # the raw and mesh publishers take the same arguments

@@ -104,7 +104,7 @@ def nats_server() -> Iterator[NatsServer]:
             proc = subprocess.Popen(
                 [binary, "-c", str(config), "-a", "127.0.0.1", "-p", "-1", "--ports_file_dir", tmp],
                 stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                preexec_fn=_die_with_parent,  # noqa: PLW1509
+                preexec_fn=_die_with_parent,
             )
         try:
             yield NatsServer(_listening(proc, Path(tmp), log), proc.pid)
