@@ -96,4 +96,4 @@ sim: $(STAMP)
 	$(BIN)/python -m mesh.cluster.sim --seeds 20000
 
 clean:
-	rm -rf $(VENV) var .mesh
+	rm -rf $(VENV) var .mesh build *.egg-info

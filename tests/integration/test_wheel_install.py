@@ -46,6 +46,9 @@ def test_the_wheel_installs_without_extras_and_mesh_init_then_up_serves_calls(tm
     (wheel,) = (tmp_path / "dist").glob("*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     assert "mesh/py.typed" in names and "mesh/quickstart/mesh.toml" in names
+    tops = {n.split("/")[0] for n in names if "/" in n and ".dist-info/" not in n}
+    assert "mesh/nodes/echo.py" in names
+    assert tops == {"mesh"}, f"top-level packages {tops} (a stale build/ directory? `make clean`)"
 
     venv = tmp_path / "venv"
     assert _run(sys.executable, "-m", "venv", venv).returncode == 0
