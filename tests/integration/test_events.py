@@ -109,8 +109,9 @@ def test_restarted_subscriber_replays_from_its_last_seq_exactly_once():
                 time.sleep(0.003)
             stop.set()
 
-        with spawn(["events", "subscribe", "jobs", "--broker", b.clients]) as first:
-            time.sleep(1.0)  # subscribed (the CLI prints nothing until events come)
+        # --from 0: the first run gets every event from the first, however late it subscribes
+        # on a loaded machine (a live-only start raced the publisher and missed seq 1-9 once).
+        with spawn(["events", "subscribe", "jobs", "--from", "0", "--broker", b.clients]) as first:
             t = threading.Thread(target=publisher)
             t.start()
             while len(json_lines(first)) < 50:
