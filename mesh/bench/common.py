@@ -30,13 +30,13 @@ import zmq
 from ..process import tune_for_serving
 
 __all__ = [
+    "HISTOGRAM_MS",
     "MESH",
     "SAMPLE_LIMIT",
     "STARTUP_S",
     "WARMUP_S",
     "BenchSettings",
     "Run",
-    "HISTOGRAM_MS",
     "endpoint",
     "figures",
     "histogram",
