@@ -13,7 +13,10 @@ __all__ = ["tune_for_serving"]
 
 # Every message allocates a few short-lived containers; with CPython's default of a
 # young-generation collection every 700 allocations, collections (and their pauses,
-# which land in the latency tail) run thousands of times a second.
+# which land in the latency tail) run thousands of times a second. The price: a young
+# collection then finds whatever cycles 50,000 allocations left, so the message path must
+# leave none (one per command made the node's collections pauses of tens of ms;
+# docs/performance.md, "The tail").
 GEN0_THRESHOLD: Final = 50_000
 
 

@@ -171,7 +171,8 @@ def format_report(report: dict[str, Any]) -> str:
         f"{s['clients']} clients x {s['inflight']} in flight, {s['payload']}-byte payloads, "
         f"{s['transport']}, {s['duration']:.0f}s per run, {report['machine']['cpus']} CPUs",
     ]
-    for kind in ("raw", peer, "mesh") if peer else ("raw", "mesh"):
+    kinds = ("raw", peer, "mesh") if peer else ("raw", "mesh")
+    for kind in kinds:
         r = report[kind]
         lat = r["latency_ms"]
         lines.append(
@@ -185,4 +186,22 @@ def format_report(report: dict[str, Any]) -> str:
         if other["answered"] != other["requests"]:
             ratios += f" ({_LABELS[peer]} answered {other['answered']:,} of {other['requests']:,} requests)"
     lines.append(f"{'ratio':>15}: {ratios}")
-    return "\n".join(lines)
+    return "\n".join(lines + _histogram_lines(report, kinds))
+
+
+def _histogram_lines(report: dict[str, Any], kinds: tuple[str, ...]) -> list[str]:
+    """The runs' latency histograms side by side: the share of commands per bucket, in %.
+
+    Buckets are shown from the first to the last one any run used; `>` is the open last one.
+    """
+    hists = [report[kind]["histogram"] for kind in kinds]
+    totals = [sum(h["counts"]) or 1 for h in hists]
+    used = [i for i in range(len(hists[0]["counts"])) if any(h["counts"][i] for h in hists)]
+    if not used:
+        return []
+    bounds = hists[0]["bounds_ms"]
+    lines = ["latency histogram, % of commands per bucket:", "    up to ms" + "".join(f"{_LABELS[k]:>16}" for k in kinds)]
+    for i in range(used[0], used[-1] + 1):
+        label = f"{bounds[i]:>12.2f}" if i < len(bounds) else f"{'> ' + format(bounds[-1], '.0f'):>12}"
+        lines.append(label + "".join(f"{100 * h['counts'][i] / t:>15.2f}%" for h, t in zip(hists, totals, strict=True)))
+    return lines

@@ -15,6 +15,7 @@ Rules of this module:
 from __future__ import annotations
 
 import asyncio
+import bisect
 import multiprocessing as mp
 import os
 import statistics
@@ -29,6 +30,7 @@ import zmq
 from ..process import tune_for_serving
 
 __all__ = [
+    "HISTOGRAM_MS",
     "MESH",
     "SAMPLE_LIMIT",
     "STARTUP_S",
@@ -37,6 +39,7 @@ __all__ = [
     "Run",
     "endpoint",
     "figures",
+    "histogram",
     "keep_in_flight",
     "load",
     "machine",
@@ -53,6 +56,9 @@ __all__ = [
 WARMUP_S: Final = 1.0
 STARTUP_S: Final = 30.0  # for a process to be ready on a loaded machine
 SAMPLE_LIMIT: Final = 100_000
+# Upper bounds (ms) of the latency histogram's buckets: log-spaced, a factor of about 1.4
+# (the square root of 2) apart, from 0.25 ms to 256 ms; slower latencies fall in a last, open bucket.
+HISTOGRAM_MS: Final = tuple(round(0.25 * 2 ** (k / 2), 3) for k in range(21))
 
 
 @dataclass(frozen=True, slots=True)
@@ -289,8 +295,23 @@ def load(
     return figures(sum(n for n, _ in outcomes), [x for _, sample in outcomes for x in sample], s.duration)
 
 
+def histogram(latencies: list[float]) -> list[int]:
+    """How many of `latencies` (seconds, sorted) fall in each bucket of `HISTOGRAM_MS`, then above the last.
+
+    A latency equal to a bucket's bound counts in that bucket. The counts add up to
+    `len(latencies)`, so the tail is read as the share of the last buckets.
+    """
+    counts, start = [], 0
+    for bound in HISTOGRAM_MS:
+        end = bisect.bisect_right(latencies, bound / 1000, lo=start)
+        counts.append(end - start)
+        start = end
+    counts.append(len(latencies) - start)
+    return counts
+
+
 def figures(count: int, latencies: list[float], duration: float) -> dict[str, Any]:
-    """Throughput and latency percentiles (ms) of one run."""
+    """Throughput, latency percentiles (ms) and the latency histogram (`histogram`) of one run."""
     lat = sorted(latencies)
 
     def pct(q: float) -> float:
@@ -305,4 +326,5 @@ def figures(count: int, latencies: list[float], duration: float) -> dict[str, An
             "p99": pct(0.99),
             "mean": statistics.fmean(lat) * 1000 if lat else float("nan"),
         },
+        "histogram": {"bounds_ms": list(HISTOGRAM_MS), "counts": histogram(lat)},
     }

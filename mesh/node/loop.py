@@ -267,6 +267,11 @@ class NodeLoop:
             self._reply(work, await self.node.execute_async(work))
         finally:
             self.deadlines.pop(work, None)
+            # The task's context holds the Work (the handler's running command), so a Work
+            # still holding its finished task would be a reference cycle per command, left
+            # to the garbage collector: its young collections of them were the node's
+            # longest pauses (tens of ms, the latency tail; docs/performance.md, "The tail").
+            work.task = None
 
     def _expire(self) -> None:
         """Cancel async handlers running past their command's deadline (one timer for all)."""

@@ -110,7 +110,8 @@ def test_call_without_a_broker_times_out_cleanly():
 
 
 def test_bench_reports_both_runs_and_their_ratio():
-    """A short `mesh bench --json` measures the raw loop and the mesh and reports the ratio."""
+    """A short `mesh bench --json` measures the raw loop and the mesh and reports the ratio; each
+    run's latency histogram counts every command answered in the window exactly once."""
     done = run("bench", "--clients", "1", "--inflight", "4", "--payload", "64", "--duration", "0.5", "--json", timeout=120)
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout)
@@ -118,6 +119,9 @@ def test_bench_reports_both_runs_and_their_ratio():
         assert report[kind]["commands"] > 0
         lat = report[kind]["latency_ms"]
         assert 0 < lat["p50"] <= lat["p95"] <= lat["p99"]
+        hist = report[kind]["histogram"]
+        assert len(hist["counts"]) == len(hist["bounds_ms"]) + 1
+        assert sum(hist["counts"]) == report[kind]["commands"]  # fewer than SAMPLE_LIMIT: all sampled
     assert report["ratio"] == pytest.approx(report["mesh"]["throughput"] / report["raw"]["throughput"])
     assert report["settings"] == {"clients": 1, "inflight": 4, "payload": 64, "duration": 0.5, "transport": "tcp"}
 
