@@ -246,6 +246,8 @@ class ClusterMember:
             rd = raft.ready()
             if rd.snapshot is not None or rd.entries or rd.hard_state is not None:
                 self.storage.persist(rd)
+                self.counters["persists"] += 1  # one transaction, one fsync
+                self.counters["entries_persisted"] += len(rd.entries)
             for msg in rd.messages:
                 self.transport.send_message(msg)
             self._apply(rd)
@@ -328,6 +330,7 @@ class ClusterMember:
             self.state_machine.restore(rd.snapshot.data)
             self.counters["snapshots_installed"] += 1
         apply = self.state_machine.apply
+        self.counters["entries_applied"] += len(rd.committed_entries)
         for entry in rd.committed_entries:
             if entry.kind is EntryKind.NORMAL:
                 apply(entry.index, entry.data)
