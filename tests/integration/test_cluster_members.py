@@ -18,7 +18,7 @@ import zmq
 
 from mesh.cluster.member import STATE_FILE, ClusterMember
 from mesh.cluster.transport import KIND_RAFT, PeerSecurity
-from mesh.protocol.errors import ConfigurationError, CorruptStateError
+from mesh.protocol.errors import ConfigurationError, CorruptStateError, InternalError
 from mesh.security.curve import CurveAuthenticator, create_keypair, secure_client, secure_server
 from mesh.security.state import ensure_state
 from mesh.testing import free_ports
@@ -276,6 +276,36 @@ def test_a_burst_of_proposals_is_group_committed_and_applied_only_once_on_a_quor
     counters = c.members[leader].counters
     assert counters["entries_persisted"] >= 450 and counters["persists"] < 450 / 4
     assert c.members[leader].transport.counters["sent"] - sent_before < 450 / 2
+
+
+def test_no_acknowledgement_leaves_a_member_whose_disk_write_failed(cluster_of):
+    """Acknowledge only what is on disk: a follower whose SQLite write fails sends no
+    acknowledgement of the entries it could not persist, so with the other follower down
+    the leader never commits them; its own appends still leave before its fsync."""
+    c = cluster_of()
+    leader = c.elect()
+    follower, down = (m for m in c.members if m != leader)
+    raft = c.members[leader].raft
+    c.run_until(lambda: raft.commit_index == raft.log.last_index, 5)  # the leader's NOOP
+    c.crash(down)
+    committed = c.members[leader].raft.commit_index
+    c.members[follower].storage.close()  # every later write of this member fails
+    c.members[leader].propose(b"unsaved")
+    poller = zmq.Poller()
+    for member in c.members.values():
+        poller.register(member.transport.router, zmq.POLLIN)
+    failed = 0
+    for _ in range(40):
+        for m, member in c.members.items():
+            try:
+                member.process()
+            except InternalError:
+                assert m == follower
+                failed += 1
+        for sock, _ in poller.poll(10):
+            next(member for member in c.members.values() if sock in member.sockets).on_readable(sock)
+    assert failed and c.members[follower].raft.log.last_index > committed  # it received the entry
+    assert c.members[leader].raft.commit_index == committed and c.machines[leader].data == []
 
 
 def test_a_restarted_member_replays_its_disk_then_catches_up_from_the_leader(cluster_of):
