@@ -43,7 +43,7 @@ from typing import Final, Protocol
 import zmq
 
 from ..protocol.errors import InvalidStateError, MeshError, MessageTooLargeError
-from .messages import AppendRequest, EntryKind, SnapshotRequest
+from .messages import AppendRequest, EntryKind, Message, SnapshotRequest
 from .raft import Config, RaftNode, Ready, Role
 from .storage import RaftStorage
 from .transport import MAX_PROPOSAL_BYTES, PeerSecurity, PeerTransport, ProposalIn, RaftIn
@@ -250,14 +250,15 @@ class ClusterMember:
         raft = self.raft
         while raft.has_ready():
             rd = raft.ready()
-            later = rd.messages
+            later: Sequence[Message] = rd.messages
             if rd.snapshot is not None or rd.entries or rd.hard_state is not None:
-                later = []
+                held: list[Message] = []
+                later = held
                 for msg in rd.messages:
                     if isinstance(msg, (AppendRequest, SnapshotRequest)) and msg.term <= self._durable_term:
                         self.transport.send_message(msg)  # no promise about this disk: before the fsync
                     else:
-                        later.append(msg)
+                        held.append(msg)
                 self.storage.persist(rd)
                 if rd.hard_state is not None:
                     self._durable_term = rd.hard_state.term
