@@ -118,7 +118,9 @@ class OnceTable:
         # When this broker saw each claim without an outcome committed: how long it has waited.
         self.claimed_at: OrderedDict[str, float] = OrderedDict()
         self._proposals: list[bytes] = []
-        self._unconfirmed: dict[str, tuple[bytes, float]] = {}  # key -> (record, retry at)
+        # key -> (record, retry at), in the order of the retry times (`now` never goes back),
+        # so that each turn looks only at the records due rather than at every one.
+        self._unconfirmed: dict[str, tuple[bytes, float]] = {}
         self._outcomes: set[str] = set()  # the unconfirmed keys whose record is an outcome
 
     def wait(self, key: str, command: CommandRef) -> None:
@@ -200,6 +202,7 @@ class OnceTable:
         self._propose(key, outcome_record(key, reply), now)
 
     def _propose(self, key: str, record: bytes, now: float) -> None:
+        self._unconfirmed.pop(key, None)  # to the end: the latest retry time
         self._unconfirmed[key] = (record, now + RETRY_S)
         self._proposals.append(record)
 
@@ -217,10 +220,13 @@ class OnceTable:
 
     def take_proposals(self, now: float) -> list[bytes]:
         """Records to propose: new ones, and those unconfirmed past `RETRY_S`."""
-        for key, (record, at) in self._unconfirmed.items():
-            if at <= now:
-                self._unconfirmed[key] = (record, now + RETRY_S)
-                self._proposals.append(record)
+        due = []
+        for key, (_, at) in self._unconfirmed.items():
+            if at > now:
+                break
+            due.append(key)
+        for key in due:
+            self._propose(key, self._unconfirmed[key][0], now)
         out, self._proposals = self._proposals, []
         return out
 

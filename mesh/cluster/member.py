@@ -7,10 +7,15 @@ Rules of this module:
   registers `sockets` for POLLIN and, each turn, calls `on_readable` for a readable
   socket, `tick(now)` with the monotonic clock, and then `process()`.
 * `process()` handles every Ready in the core's order: persist (one SQLite transaction,
-  fsync'd), send, install a snapshot into the state machine, apply the committed
-  NORMAL entries in order, advance. Then it compacts (a snapshot of the state machine
-  once the applied log runs `compact_after` entries past the last snapshot) and sends
-  the proposals that waited for a leader.
+  fsync'd, for everything the Ready holds: group commit), send, install a snapshot into
+  the state machine, apply the committed NORMAL entries in order, advance. Then it
+  compacts (a snapshot of the state machine once the applied log runs `compact_after`
+  entries past the last snapshot) and sends the proposals that waited for a leader.
+* One exception to "persist, then send", as etcd's raft allows a leader (Raft thesis
+  10.2.1): appends and snapshots of a term already on disk leave before the Ready is
+  persisted, so the leader's fsync and its followers' overlap. They promise nothing
+  about this member's disk (the core counts the leader's own entries only once
+  persisted); votes and acknowledgements, which do, still leave only after the fsync.
 * `propose()` never blocks and never promises: the leader appends, a follower forwards
   to the leader it knows, and with no leader known the data waits in a small queue
   (`pending_limit`, `pending_timeout`) and is dropped (counted) when it fills or times
@@ -38,7 +43,7 @@ from typing import Final, Protocol
 import zmq
 
 from ..protocol.errors import InvalidStateError, MeshError, MessageTooLargeError
-from .messages import EntryKind
+from .messages import AppendRequest, EntryKind, Message, SnapshotRequest
 from .raft import Config, RaftNode, Ready, Role
 from .storage import RaftStorage
 from .transport import MAX_PROPOSAL_BYTES, PeerSecurity, PeerTransport, ProposalIn, RaftIn
@@ -158,6 +163,7 @@ class ClusterMember:
         self.storage = RaftStorage.open(directory / STATE_FILE, cluster_id or cluster_id_of(voters))
         try:
             state = self.storage.load()
+            self._durable_term = state.hard_state.term  # the term on disk: its appends may leave early
             if state.snapshot.index:
                 state_machine.restore(state.snapshot.data)
             self.raft = RaftNode(config, random.Random(seed), state)
@@ -244,9 +250,22 @@ class ClusterMember:
         raft = self.raft
         while raft.has_ready():
             rd = raft.ready()
+            later: Sequence[Message] = rd.messages
             if rd.snapshot is not None or rd.entries or rd.hard_state is not None:
-                self.storage.persist(rd)
-            for msg in rd.messages:
+                held: list[Message] = []
+                later = held
+                for msg in rd.messages:
+                    if isinstance(msg, (AppendRequest, SnapshotRequest)) and msg.term <= self._durable_term:
+                        self.transport.send_message(msg)  # no promise about this disk: before the fsync
+                    else:
+                        held.append(msg)
+                if self.storage.persist(rd):
+                    self.counters["syncs"] += 1  # waited for the disk (not a mere commit index)
+                if rd.hard_state is not None:
+                    self._durable_term = rd.hard_state.term
+                self.counters["persists"] += 1  # one transaction
+                self.counters["entries_persisted"] += len(rd.entries)
+            for msg in later:
                 self.transport.send_message(msg)
             self._apply(rd)
             raft.advance(rd)
@@ -328,6 +347,7 @@ class ClusterMember:
             self.state_machine.restore(rd.snapshot.data)
             self.counters["snapshots_installed"] += 1
         apply = self.state_machine.apply
+        self.counters["entries_applied"] += len(rd.committed_entries)
         for entry in rd.committed_entries:
             if entry.kind is EntryKind.NORMAL:
                 apply(entry.index, entry.data)

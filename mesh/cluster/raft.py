@@ -22,6 +22,12 @@ Rules of this module:
   persisted it, and commits only entries of its current term (Raft section 5.4.2);
   each new leader appends a NOOP entry so that earlier entries commit promptly.
 * Learners receive the log but never vote, never campaign and never count in a quorum.
+* A leader sends appends per Ready, not per event: proposals and commit advances only
+  mark an append as due, and `ready()` sends each follower one AppendRequest carrying
+  everything new (and the latest commit index). The application proposing many records
+  between two Readies therefore costs one message per follower, not one per record,
+  and replication stays pipelined: the next Ready's appends go out without waiting for
+  the acknowledgements of the previous ones.
 """
 
 from __future__ import annotations
@@ -93,6 +99,8 @@ class RaftNode:
         self.progress: dict[str, Progress] = {}
         self._persisted = HardState(self.term, self.vote, self.log.commit)
         self._messages: list[Message] = []
+        self._append_due = False  # entries proposed since the last Ready: every peer gets them
+        self._commit_due = False  # the commit index advanced: replicating peers learn it
         self._pending_snapshot: Snapshot | None = None
         self._votes = Votes()
         self._ticks = 0  # ticks since start: when each follower's snapshot was sent
@@ -160,7 +168,7 @@ class RaftNode:
             raise NotLeaderError(f"{self.id} is not the cluster leader", details={"leader": self.leader})
         index = self.log.last_index + 1
         self.log.append([Entry(index, self.term, bytes(data))])
-        self._broadcast_append()
+        self._append_due = bool(self._peers)  # sent by the next ready(), with whatever follows
         return index
 
     def step(self, msg: Message) -> None:
@@ -206,6 +214,8 @@ class RaftNode:
         """Whether `ready()` would return something to do."""
         return bool(
             self._messages
+            or self._append_due
+            or self._commit_due
             or self.log.stable < self.log.last_index
             or self._pending_snapshot
             or self._hard_state() != self._persisted
@@ -214,6 +224,7 @@ class RaftNode:
 
     def ready(self) -> Ready:
         """Everything the application must persist, send and apply now (see the module rules)."""
+        self._send_due_appends()
         hard = self._hard_state()
         return Ready(
             messages=tuple(self._messages),
@@ -267,6 +278,7 @@ class RaftNode:
             self.term, self.vote = term, None
         self.leader = leader
         self.progress = {}
+        self._append_due = self._commit_due = False  # a follower sends no appends
         self._reset_timers()
 
     def _leader_seen(self, leader: str) -> None:
@@ -431,13 +443,11 @@ class RaftNode:
         index = matches[self._quorum - 1]
         if index > self.log.commit and self._may_commit(index):
             self.log.commit = index
-            # Tell the replicating followers now rather than at the next heartbeat (as
-            # etcd does): a broker waiting on a follower for a commit then waits one round
-            # trip. A probed follower gets one append per answer or heartbeat, as before.
-            for peer in self._peers:
-                p = self.progress[peer]
-                if not p.probing:
-                    self._send_append(peer, p)
+            # Tell the replicating followers with the next Ready rather than at the next
+            # heartbeat (as etcd does): a broker waiting on a follower for a commit then
+            # waits one round trip. A probed follower gets one append per answer or
+            # heartbeat, as before.
+            self._commit_due = bool(self._peers)
 
     def _may_commit(self, index: int) -> bool:
         """Raft's commit rule: a quorum holds it, and it is of the leader's own term."""
@@ -446,6 +456,23 @@ class RaftNode:
     def _broadcast_append(self) -> None:
         for peer in self._peers:
             self._send_append(peer, self.progress[peer])
+
+    def _send_due_appends(self) -> None:
+        """One append per follower for everything proposed or committed since the last Ready.
+
+        New entries go to every peer (a probed one gets its probe again, as on a
+        heartbeat); a commit advance alone goes to the replicating peers that have not
+        been sent this commit index yet.
+        """
+        append_due, commit_due = self._append_due, self._commit_due
+        self._append_due = self._commit_due = False
+        if append_due:
+            self._broadcast_append()
+        elif commit_due:
+            for peer in self._peers:
+                p = self.progress[peer]
+                if not p.probing and p.commit_sent < self.log.commit:
+                    self._send_append(peer, p)
 
     def _send_append(self, peer: str, p: Progress) -> None:
         """Send what follows `next_index`; when replicating, assume it arrives (as etcd does).
@@ -468,6 +495,7 @@ class RaftNode:
         entries = tuple(self.log.batch(p.next_index, last, self.config.max_bytes_per_message))
         last = prev_index + len(entries)
         self._send(AppendRequest(peer, self.id, self.term, prev_index, prev_term, entries, self.log.commit))
+        p.commit_sent = self.log.commit
         if not p.probing:
             p.next_index = last + 1
 

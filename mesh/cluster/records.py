@@ -136,6 +136,7 @@ class Progress:
     recently_active: bool = False
     snapshot_index: int = 0
     snapshot_at: int = 0
+    commit_sent: int = 0  # the commit index of the last append sent (a due commit skips it)
 
 
 @dataclass

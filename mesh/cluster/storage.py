@@ -5,7 +5,12 @@ Rules of this module:
 * What the core's `Ready` asks to persist is written in one transaction (`persist`),
   so a crash leaves either all of it or none. The database runs in WAL mode with
   `synchronous=FULL`: a commit returns only after the log is on disk, which is what
-  lets the application send votes and acknowledgements right after `persist`.
+  lets the application send votes and acknowledgements right after `persist`. One
+  exception, as etcd's raft makes it: a transaction that only moves the commit index
+  (no entry, no snapshot, the same term and vote) is written without waiting for the
+  disk. Raft needs no durable commit index (a restarted node learns it again from the
+  leader), and WAL keeps transactions in order, so a crash can only lose such a write
+  together with everything after it, never leave a commit index past the stored log.
 * Every row carries a CRC-32 of its contents, and the file records its schema version
   and the id of its cluster. `open()` checks all of it, and the log's shape (no gap
   after the snapshot, terms never going backwards, the commit index inside the log,
@@ -73,6 +78,7 @@ class RaftStorage:
     def __init__(self, conn: sqlite3.Connection, path: Path) -> None:
         self._conn = conn
         self.path = path
+        self._term_vote: tuple[int, str | None] = (0, None)  # as stored: a change of either is synced
 
     @classmethod
     def open(cls, path: str | Path, cluster_id: str) -> RaftStorage:
@@ -114,18 +120,28 @@ class RaftStorage:
 
     # ------------------------------------------------------------------ writing
 
-    def persist(self, rd: Ready) -> None:
-        """Write what a Ready asks for (snapshot, entries, hard state) in one transaction."""
-        if rd.snapshot is None and not rd.entries and rd.hard_state is None:
-            return  # most Readies only carry messages: no transaction, no fsync
-        with self._transaction():
+    def persist(self, rd: Ready) -> bool:
+        """Write what a Ready asks for (snapshot, entries, hard state) in one transaction.
+
+        Returns:
+            Whether the transaction waited for the disk (fsync): always, unless it only
+            moved the commit index (see the module rules) or there was nothing to write.
+        """
+        hs = rd.hard_state
+        if rd.snapshot is None and not rd.entries and hs is None:
+            return False  # most Readies only carry messages: no transaction, no fsync
+        sync = rd.snapshot is not None or bool(rd.entries) or (hs is not None and (hs.term, hs.vote) != self._term_vote)
+        with self._transaction(sync=sync):
             if rd.snapshot is not None:
                 self._write_snapshot(rd.snapshot)
                 self._conn.execute("DELETE FROM entries")
             if rd.entries:
                 self._append(rd.entries)
-            if rd.hard_state is not None:
-                self._write_hard_state(rd.hard_state)
+            if hs is not None:
+                self._write_hard_state(hs)
+        if hs is not None:
+            self._term_vote = (hs.term, hs.vote)
+        return sync
 
     def append(self, entries: Sequence[Entry]) -> None:
         """Store entries, first dropping every stored entry from `entries[0].index` on.
@@ -140,6 +156,7 @@ class RaftStorage:
         """Store the term, vote and commit index."""
         with self._transaction():
             self._write_hard_state(hard_state)
+        self._term_vote = (hard_state.term, hard_state.vote)
 
     def save_snapshot(self, snapshot: Snapshot) -> None:
         """Store the application's snapshot and drop the entries it covers (compaction).
@@ -170,15 +187,21 @@ class RaftStorage:
     # ------------------------------------------------------------------ helpers
 
     @contextmanager
-    def _transaction(self) -> Iterator[None]:
+    def _transaction(self, *, sync: bool = True) -> Iterator[None]:
         try:
-            self._conn.execute("BEGIN IMMEDIATE")
+            if not sync:
+                self._conn.execute("PRAGMA synchronous=NORMAL")  # WAL: written in order, synced later
             try:
-                yield
-            except BaseException:
-                self._conn.execute("ROLLBACK")
-                raise
-            self._conn.execute("COMMIT")
+                self._conn.execute("BEGIN IMMEDIATE")
+                try:
+                    yield
+                except BaseException:
+                    self._conn.execute("ROLLBACK")
+                    raise
+                self._conn.execute("COMMIT")
+            finally:
+                if not sync:
+                    self._conn.execute("PRAGMA synchronous=FULL")
         except sqlite3.Error as exc:
             raise InternalError(
                 f"cluster state {self.path} could not be written ({type(exc).__name__})",
@@ -244,6 +267,7 @@ class RaftStorage:
             if _crc(*row[:3]) != row[3]:
                 raise _corrupt(path, "hard state (term, vote, commit) has a bad checksum")
             hard = HardState(*row[:3])
+            self._term_vote = (hard.term, hard.vote)
         snap = Snapshot()
         row = conn.execute("SELECT idx, term, data, checksum FROM snapshot").fetchone()
         if row is not None:

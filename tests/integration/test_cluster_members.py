@@ -7,6 +7,7 @@ way a broker's loop drives its member.
 
 from __future__ import annotations
 
+import sqlite3
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -17,7 +18,7 @@ import zmq
 
 from mesh.cluster.member import STATE_FILE, ClusterMember
 from mesh.cluster.transport import KIND_RAFT, PeerSecurity
-from mesh.protocol.errors import ConfigurationError, CorruptStateError
+from mesh.protocol.errors import ConfigurationError, CorruptStateError, InternalError
 from mesh.security.curve import CurveAuthenticator, create_keypair, secure_client, secure_server
 from mesh.security.state import ensure_state
 from mesh.testing import free_ports
@@ -215,6 +216,96 @@ def test_proposals_made_while_no_leader_is_known_are_sent_once_one_is(cluster_of
     lonely.run(0.6)
     assert lonely.members["x"].counters["proposals_expired"] == 1
     assert lonely.members["x"].status()["pending_proposals"] == 0
+
+
+class QuorumDurable:
+    """Wraps a member's state machine: before applying an entry, checks that a quorum of
+    the members' state files already hold it, read through connections of their own
+    (which see only transactions committed to disk)."""
+
+    def __init__(self, inner: ListMachine, files: list[Path], quorum: int) -> None:
+        self.inner, self.quorum = inner, quorum
+        self.readers = [sqlite3.connect(f"file:{f}?mode=ro", uri=True) for f in files]
+        self.checked = 0
+
+    def apply(self, index: int, data: bytes) -> None:
+        held = sum(
+            1 for db in self.readers
+            if db.execute("SELECT 1 FROM entries WHERE idx = ?", (index,)).fetchone()
+            or db.execute("SELECT 1 FROM snapshot WHERE idx >= ?", (index,)).fetchone()
+        )  # fmt: skip
+        assert held >= self.quorum, f"entry {index} applied while {held} state files hold it"
+        self.checked += 1
+        self.inner.apply(index, data)
+
+    def snapshot(self) -> bytes:
+        return self.inner.snapshot()
+
+    def restore(self, data: bytes) -> None:
+        self.inner.restore(data)
+
+    def close(self) -> None:
+        for db in self.readers:
+            db.close()
+
+
+def test_a_burst_of_proposals_is_group_committed_and_applied_only_once_on_a_quorums_disk(cluster_of, tmp_path):
+    """Durability under group commit: hundreds of records proposed at once on the leader
+    and on a follower travel in a few appends and transactions (not one per record), yet
+    no member applies an entry (what a broker answers a client on) before a quorum of
+    the members' SQLite files hold it."""
+    c = cluster_of()
+    leader = c.elect()
+    follower = next(m for m in c.members if m != leader)
+    files = [tmp_path / m / STATE_FILE for m in c.members]
+    checks = {m: QuorumDurable(c.machines[m], files, quorum=2) for m in c.members}
+    for m, member in c.members.items():
+        member.state_machine = checks[m]
+    sent_before = c.members[leader].transport.counters["sent"]
+    try:
+        for i in range(300):
+            c.members[leader].propose(b"L%d" % i)
+        for i in range(150):
+            c.members[follower].propose(b"F%d" % i)
+        c.run_until(c.all_have(450), 20)
+    finally:
+        for check in checks.values():
+            check.close()
+    assert all(check.checked == 450 for check in checks.values())
+    assert all(c.machines[m].data == c.machines[leader].data for m in c.members)
+    counters = c.members[leader].counters
+    assert counters["entries_persisted"] >= 450 and counters["persists"] < 450 / 4
+    assert c.members[leader].transport.counters["sent"] - sent_before < 450 / 2
+
+
+def test_no_acknowledgement_leaves_a_member_whose_disk_write_failed(cluster_of):
+    """Acknowledge only what is on disk: a follower whose SQLite write fails sends no
+    acknowledgement of the entries it could not persist, so with the other follower down
+    the leader never commits them; its own appends still leave before its fsync."""
+    c = cluster_of()
+    leader = c.elect()
+    follower, down = (m for m in c.members if m != leader)
+    raft = c.members[leader].raft
+    c.run_until(lambda: raft.commit_index == raft.log.last_index, 5)  # the leader's NOOP
+    c.crash(down)
+    committed = c.members[leader].raft.commit_index
+    c.members[follower].storage.close()  # every later write of this member fails
+    c.members[leader].propose(b"unsaved")
+    poller = zmq.Poller()
+    for member in c.members.values():
+        poller.register(member.transport.router, zmq.POLLIN)
+    failed = 0
+    for _ in range(40):
+        for m, member in c.members.items():
+            try:
+                member.process()
+            except InternalError:
+                assert m == follower
+                failed += 1
+        for sock, _ in poller.poll(10):
+            next(member for member in c.members.values() if sock in member.sockets).on_readable(sock)
+    assert failed and c.members[follower].raft.log.last_index > committed  # it received the entry
+    assert c.members[leader].raft.commit_index == committed and c.machines[leader].data == []
 
 
 def test_a_restarted_member_replays_its_disk_then_catches_up_from_the_leader(cluster_of):

@@ -371,3 +371,23 @@ def test_a_node_of_another_key_cannot_take_a_process_id() -> None:
     assert cluster.commit(1.2) == [[], []] and not cluster.states[0].outcomes
     again = b1.node_message(b"node-a-reconnected", node_system("register", payload), 1.3, Peer("pay"))
     assert header_of(again[0][2][1:]).type.value == "response"  # the same key, a new link: accepted
+
+
+def test_unconfirmed_records_are_proposed_again_once_due_and_in_the_order_they_fell_due() -> None:
+    """A record whose effect has not arrived is proposed again RETRY_S after it was last
+    proposed, and not before; confirmed ones never are (the table looks only at what is due)."""
+    from mesh.broker.once import RETRY_S, OnceTable
+    from mesh.cluster.shared import SharedState
+
+    table = OnceTable("b1", 1, SharedState())
+    table.propose_claim("k1", "node-1", 0.0)
+    table.propose_claim("k2", "node-1", 0.5)
+    table.propose_claim("k3", "node-1", 0.6)
+    first = table.take_proposals(0.6)
+    assert len(first) == 3 and table.take_proposals(RETRY_S) == [first[0]]
+    table.confirmed("k2", outcome=False)
+    assert table.take_proposals(RETRY_S + 0.55) == []
+    assert table.take_proposals(RETRY_S + 0.6) == [first[2]]
+    assert table.take_proposals(2 * RETRY_S) == [first[0]]
+    table.propose_again()
+    assert table.take_proposals(2 * RETRY_S) == [first[2], first[0]]

@@ -232,3 +232,25 @@ def test_entries_of_an_earlier_term_commit_only_with_one_of_the_current_term() -
     assert new.commit_index == 1
     new.step(AppendResponse("a", "b", 2, True, 3, 0, 0, 0))  # and the term-2 noop after it
     assert new.commit_index == 3
+
+
+def test_proposals_between_two_readies_go_in_one_append_per_follower() -> None:
+    """Group commit: records proposed between two Readies reach each follower in one
+    AppendRequest (not one per record) and are persisted in one Ready; one
+    acknowledgement per follower commits them all, and one more append per follower
+    tells it the new commit index."""
+    cluster = Cluster()
+    leader = cluster.elect("a")
+    cluster.sent.clear()
+    indexes = [leader.propose(b"r%d" % n) for n in range(20)]
+    rd = cluster.handle_ready("a")
+    assert [e.index for e in rd.entries] == indexes
+    appends = [m for m in rd.messages if isinstance(m, AppendRequest)]
+    assert sorted(m.to for m in appends) == ["b", "c"]
+    assert all([e.index for e in m.entries] == indexes for m in appends)
+    cluster.settle()
+    assert leader.commit_index == indexes[-1]
+    assert all(cluster.applied_data(n)[-20:] == [b"r%d" % n for n in range(20)] for n in "abc")
+    for follower in "bc":
+        sent = [m for m in cluster.sent if isinstance(m, AppendRequest) and m.to == follower]
+        assert [(len(m.entries), m.commit) for m in sent] == [(20, indexes[0] - 1), (0, indexes[-1])]

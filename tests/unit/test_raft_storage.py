@@ -244,3 +244,20 @@ def test_a_file_of_another_schema_version_is_refused(path: Path) -> None:
     _filled(path)
     _sql(path, "UPDATE meta SET value = '99' WHERE key = 'schema_version'")
     assert _open_corrupt(path).details["problem"] == f"schema version is '99', expected '{SCHEMA_VERSION}'"
+
+
+def test_only_a_transaction_that_merely_moves_the_commit_index_skips_the_fsync(path: Path) -> None:
+    """Durability of what Raft needs durable: entries, snapshots, a new term or vote wait
+    for the disk; a commit-index-only write does not (etcd's MustSync), yet it is stored,
+    and the next write waits for the disk again (synchronous=FULL is restored)."""
+    with RaftStorage.open(path, CLUSTER) as st:
+        assert st.persist(Ready(entries=tuple(_entries(1, 3)), hard_state=HardState(1, "a", 0)))
+        assert not st.persist(Ready(hard_state=HardState(1, "a", 2)))
+        assert st._conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL again
+        assert st.persist(Ready(hard_state=HardState(1, "b", 2)))  # a vote
+        assert st.persist(Ready(hard_state=HardState(2, None, 2)))  # a term
+        assert st.persist(Ready(entries=(Entry(4, 2, b"x"),)))
+        assert not st.persist(Ready())
+    with RaftStorage.open(path, CLUSTER) as st:
+        assert st.load().hard_state == HardState(2, None, 2)
+        assert not st.persist(Ready(hard_state=HardState(2, None, 3)))  # term and vote read back at open
