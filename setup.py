@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
+import tempfile
 from pathlib import Path
+from typing import Any
 
 from setuptools import setup
 
@@ -27,17 +30,28 @@ def hot_path() -> tuple[str, ...]:
     return tuple(module.HOT_PATH)
 
 
-def ext_modules() -> list:
+def compiled(scratch: str) -> dict[str, Any]:
+    """`setup()`'s arguments for the compiled modules: none unless the backend asks.
+
+    Each compiled build starts from an empty build directory of its own (`scratch`): setuptools adds
+    whatever its `build/lib.*` holds to the wheel, and an extension module left there by
+    an earlier build with a longer `HOT_PATH` would shadow its source in the new wheel.
+    """
     if os.environ.get("MESH_BUILD_COMPILED") != "1":
-        return []
+        return {}
     from mypyc.build import mypycify
 
     paths = [name.replace(".", "/") + ".py" for name in hot_path()]
     # The overrides in pyproject.toml name modules outside this build, and the build
     # environment has mypy only (not the dependencies): neither is an error here.
-    return mypycify(["--config-file", "pyproject.toml", "--no-warn-unused-configs",
-                     "--ignore-missing-imports", *paths],
-                    opt_level="3", group_name="mesh")
+    modules = mypycify(["--config-file", "pyproject.toml", "--no-warn-unused-configs",
+                        "--ignore-missing-imports", *paths],
+                       opt_level="3", group_name="mesh", target_dir=os.path.join(scratch, "c"))
+    return {"ext_modules": modules, "options": {"build": {"build_base": scratch}}}
 
 
-setup(ext_modules=ext_modules())
+scratch = tempfile.mkdtemp(prefix="mesh-build-")
+try:
+    setup(**compiled(scratch))
+finally:
+    shutil.rmtree(scratch, ignore_errors=True)
