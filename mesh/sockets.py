@@ -58,6 +58,9 @@ HWM: Final = 100_000
 # Plain ints: pyzmq's flag enums make every `|` and `&` a Python-level call on the hot path.
 _NOBLOCK: Final = int(zmq.NOBLOCK)
 _MORE_NOBLOCK: Final = int(zmq.SNDMORE) | _NOBLOCK
+# The compiled backend's send, without pyzmq's Python-level wrapper (which only adds the
+# DRAFT `routing_id` and `group` arguments): 0.25 us less per frame, several frames a message.
+_send: Final = zmq.backend.Socket.send
 # TCP liveness of a connection (see the module rules): keepalive probes after this much
 # idleness, one a second, the connection dropped after three unanswered; and a connection
 # whose sent data stays unacknowledged this long is dropped.
@@ -125,12 +128,12 @@ def send_frames(sock: zmq.Socket, frames: list[bytes], first: bytes | None = Non
         zmq.ZMQError: EAGAIN when the peer's queue is full, EHOSTUNREACH from a ROUTER
             when the peer is gone; the caller's loop decides what that means.
     """
-    send = sock.send
+    send = _send
     if first is not None:
-        send(first, _MORE_NOBLOCK)
+        send(sock, first, _MORE_NOBLOCK)
     last = len(frames) - 1
     for i, frame in enumerate(frames):
-        send(frame, _NOBLOCK if i == last else _MORE_NOBLOCK)
+        send(sock, frame, _NOBLOCK if i == last else _MORE_NOBLOCK)
 
 
 def _prepare_ipc(endpoint: str) -> None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack
@@ -124,3 +126,32 @@ def secure_mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SecureMesh
                 run_node(use, b, "--credentials", mesh.credentials(name), config=json.dumps(config))
             )
         yield mesh
+
+
+def clean_env() -> dict[str, str]:
+    """The environment without this checkout on the path: a wheel's venv imports its own copy."""
+    return {k: v for k, v in os.environ.items() if k not in ("MESH_CREDENTIALS", "PYTHONPATH", "VIRTUAL_ENV")}
+
+
+@pytest.fixture(scope="session")
+def wheel_venv(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """The wheel built from this tree as `pip install .` builds it (compiled when a C
+    compiler is there), installed with no extras into a fresh venv: built once per session.
+
+    Returns:
+        The wheel's path and the venv's directory.
+    """
+    root = tmp_path_factory.mktemp("wheel")
+    repo = HERE.parents[1]
+    env = clean_env()
+    built = subprocess.run([sys.executable, "-m", "pip", "wheel", str(repo), "--no-deps", "--quiet", "-w",
+                            str(root / "dist")], env=env, capture_output=True, text=True, timeout=400)
+    assert built.returncode == 0, built.stderr[-3000:]
+    (wheel,) = (root / "dist").glob("*.whl")
+    venv = root / "venv"
+    made = subprocess.run([sys.executable, "-m", "venv", str(venv)], env=env, capture_output=True, text=True)
+    assert made.returncode == 0, made.stderr[-3000:]
+    installed = subprocess.run([str(venv / "bin" / "pip"), "install", "--quiet", str(wheel)], env=env,
+                               capture_output=True, text=True, timeout=240)
+    assert installed.returncode == 0, installed.stderr[-3000:]
+    return wheel, venv

@@ -12,12 +12,12 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 import zipfile
 from pathlib import Path
 
 import pytest
+from conftest import clean_env
 
 ROOT = Path(__file__).resolve().parents[2]
 QUICKSTART_PORTS = (5555, 5556, 5557, 8222)  # mesh/quickstart/mesh.toml
@@ -31,29 +31,25 @@ def _busy(port: int) -> bool:
 
 
 def _run(*args: str | Path, cwd: Path | None = None, timeout: float = 240) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("MESH_CREDENTIALS", "PYTHONPATH", "VIRTUAL_ENV")}
-    return subprocess.run([str(a) for a in args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run([str(a) for a in args], cwd=cwd, env=clean_env(), capture_output=True, text=True,
+                          timeout=timeout)
 
 
-def test_the_wheel_installs_without_extras_and_mesh_init_then_up_serves_calls(tmp_path: Path) -> None:
+def test_the_wheel_installs_without_extras_and_mesh_init_then_up_serves_calls(
+    tmp_path: Path, wheel_venv: tuple[Path, Path]
+) -> None:
     """Invariants: the wheel ships py.typed and the quickstart; a broker-only install (no
     extras) runs `mesh up` from `mesh init` with security on and answers `mesh call`;
     `mesh mcp` and `mesh top` without their extras name the install command and fail."""
     if any(_busy(p) for p in QUICKSTART_PORTS):
         pytest.skip(f"a quickstart already listens on one of {QUICKSTART_PORTS} here")
-    built = _run(sys.executable, "-m", "pip", "wheel", ROOT, "--no-deps", "--quiet", "-w", tmp_path / "dist")
-    assert built.returncode == 0, built.stderr[-3000:]
-    (wheel,) = (tmp_path / "dist").glob("*.whl")
+    wheel, venv = wheel_venv
     names = zipfile.ZipFile(wheel).namelist()
     assert "mesh/py.typed" in names and "mesh/quickstart/mesh.toml" in names
     tops = {n.split("/")[0] for n in names if "/" in n and ".dist-info/" not in n}
     assert "mesh/nodes/echo.py" in names
     assert tops == {"mesh"}, f"top-level packages {tops} (a stale build/ directory? `make clean`)"
 
-    venv = tmp_path / "venv"
-    assert _run(sys.executable, "-m", "venv", venv).returncode == 0
-    installed = _run(venv / "bin" / "pip", "install", "--quiet", wheel)
-    assert installed.returncode == 0, installed.stderr[-3000:]
     mesh = venv / "bin" / "mesh"
 
     for command, extra in (("mcp", "mcp"), ("top", "top")):
@@ -65,8 +61,7 @@ def test_the_wheel_installs_without_extras_and_mesh_init_then_up_serves_calls(tm
     work.mkdir()
     assert _run(mesh, "init", "demo", cwd=work).returncode == 0
     demo = work / "demo"
-    env = {k: v for k, v in os.environ.items() if k not in ("MESH_CREDENTIALS", "PYTHONPATH", "VIRTUAL_ENV")}
-    up = subprocess.Popen([str(mesh), "up"], cwd=demo, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    up = subprocess.Popen([str(mesh), "up"], cwd=demo, env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                           text=True, start_new_session=True)
     try:
         deadline = time.monotonic() + 60
