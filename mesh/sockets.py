@@ -173,15 +173,25 @@ def _attach(
 
 
 def router(
-    ctx: zmq.Context, endpoint: str, max_message_bytes: int = MAX_MESSAGE_BYTES, secure: Secure | None = None
+    ctx: zmq.Context,
+    endpoint: str,
+    max_message_bytes: int = MAX_MESSAGE_BYTES,
+    secure: Secure | None = None,
+    backlog: int | None = None,
 ) -> zmq.Socket:
     """A bound ROUTER with mandatory routing and TCP liveness.
+
+    Args:
+        backlog: connections the kernel queues until libzmq accepts them (`ZMQ_BACKLOG`);
+            None keeps libzmq's 100.
 
     Raises:
         ConfigurationError: the endpoint is malformed or already in use.
     """
     sock = ctx.socket(zmq.ROUTER)
     _common(sock, max_message_bytes)
+    if backlog is not None:
+        sock.setsockopt(zmq.BACKLOG, backlog)
     _tcp_liveness(sock)
     sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
     _prepare_ipc(endpoint)
@@ -204,7 +214,9 @@ def dealer(
     return _attach(sock, sock.connect, endpoint, "connect to", secure)
 
 
-def publisher(ctx: zmq.Context, endpoint: str, hwm: int, secure: Secure | None = None) -> zmq.Socket:
+def publisher(
+    ctx: zmq.Context, endpoint: str, hwm: int, secure: Secure | None = None, backlog: int | None = None
+) -> zmq.Socket:
     """A bound XPUB for the broker's events: `hwm` messages queue per subscriber, then
     that subscriber misses events (it sees the gap); the others and the sender never wait.
 
@@ -213,11 +225,16 @@ def publisher(ctx: zmq.Context, endpoint: str, hwm: int, secure: Secure | None =
     takes effect by itself (XPUB_MANUAL): the broker applies the filters it allows with
     `setsockopt(SUBSCRIBE)` right after reading the message that asked for them.
 
+    Args:
+        backlog: as for `router`.
+
     Raises:
         ConfigurationError: the endpoint is malformed or already in use.
     """
     sock = ctx.socket(zmq.XPUB)
     _common(sock, MAX_MESSAGE_BYTES)
+    if backlog is not None:
+        sock.setsockopt(zmq.BACKLOG, backlog)
     sock.sndhwm = hwm
     sock.setsockopt(zmq.XPUB_VERBOSER, 1)
     sock.setsockopt(zmq.XPUB_MANUAL, 1)

@@ -149,7 +149,8 @@ def _broker_server(settings: BrokerSettings) -> Any:
         options["cluster"] = ClusterSettings(s.members, s.data or "", frozenset(s.learners), state_dir=s.state, **ticks)
     elif s.learners or s.data is not None:
         raise UsageError("--learner and --data need --member (cluster on)")
-    return BrokerServer(Endpoints(s.clients, s.nodes, s.events), s.limits, **options)
+    return BrokerServer(Endpoints(s.clients, s.nodes, s.events), s.limits, backlog=s.backlog, io_threads=s.io_threads,
+                        **options)
 
 
 def _record(state_dir: str, clients: str) -> None:
