@@ -89,7 +89,7 @@ from ..protocol import (
 from ..security.credentials import Credentials
 from ..security.curve import HandshakeWatch
 from ..security.envelope import Opener, Sealer
-from ..sockets import Secure, dealer
+from ..sockets import Secure, dealer, shared_context
 from ..subscription import DEFAULT_HWM, AsyncSubscription
 from .core import (
     DEFAULT_TIMEOUT,
@@ -177,7 +177,7 @@ class AsyncClient:
             self._sealer = credentials.sealer(lambda: self._token)
             self._opener = credentials.opener()
             self._secure = credentials.secure
-        self._ctx = zmq.Context()
+        self._ctx = shared_context()  # one per process: a context's threads are shared by its clients
         self._sock: zmq.Socket | None = dealer(self._ctx, self.broker, secure=self._watched)
         self._conn: AsyncSocket | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -590,4 +590,3 @@ class AsyncClient:
         for sub in list(self._subscriptions):
             await sub.close()
         self._close_link()
-        self._ctx.term()

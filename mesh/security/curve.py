@@ -19,6 +19,7 @@ Rules of this module:
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import re
@@ -382,6 +383,7 @@ _WATCHED: Final = (
     | zmq.EVENT_MONITOR_STOPPED
 )
 _EVENT: Final = struct.Struct("=HI")
+_WATCHES: Final = itertools.count()  # numbers the monitor endpoints of this process
 
 
 class HandshakeWatch:
@@ -417,7 +419,9 @@ class HandshakeWatch:
         self.drops = 0  # connections closed after a completed handshake
         self._sock = sock
         try:
-            self.socket: zmq.Socket = sock.get_monitor_socket(_WATCHED)
+            # A name of its own: libzmq's default names the socket's descriptor, which a
+            # socket opened in the same context after this one closed may get again.
+            self.socket: zmq.Socket = sock.get_monitor_socket(_WATCHED, f"inproc://mesh.watch.{next(_WATCHES)}")
             self.socket.linger = 0
         except zmq.ZMQError as exc:
             raise NetworkError(f"cannot watch the socket's handshakes: {exc.strerror}") from None

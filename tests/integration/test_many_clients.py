@@ -3,9 +3,12 @@ say, and the SDK's clients in one process share one ZeroMQ context."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 
+from mesh.client import AsyncClient
+from mesh.sockets import shared_context
 from mesh.testing import run_broker
 
 
@@ -29,3 +32,49 @@ def test_the_broker_listens_with_its_backlog_and_runs_its_io_threads():
         assert [listen_backlog(ep) for ep in (default.clients, default.nodes, default.events)] == [4096] * 3
         assert [listen_backlog(ep) for ep in (tuned.clients, tuned.nodes, tuned.events)] == [777] * 3
         assert threads(tuned.process.pid) - threads(default.process.pid) == 2
+
+
+def test_the_clients_of_one_process_share_one_context(tcp_broker):
+    """Invariant: 500 `AsyncClient`s in one process start no thread of their own (they share
+    the process's one context: two threads, where a context each made a thousand), and
+    every one of them is answered through it."""
+
+    async def main() -> list[object]:
+        before = threads(os.getpid())
+        clients = [AsyncClient(tcp_broker.clients, timeout=20.0) for _ in range(500)]
+        try:
+            assert threads(os.getpid()) - before <= 2  # the shared context's, if no test made it yet
+            assert len({id(c._ctx) for c in clients}) == 1
+            return await asyncio.gather(*(c.call("mesh", "ping") for c in clients))
+        finally:
+            for c in clients:
+                await c.close()
+
+    pongs = asyncio.run(main())
+    assert len(pongs) == 500 and all(isinstance(p, dict) and "instance" in p for p in pongs)
+
+
+def test_a_forked_child_makes_its_own_shared_context(tcp_broker):
+    """Invariant: a context does not survive `fork`, so a child's clients get a new one (and
+    are answered through it) instead of the parent's, whose threads the child has not."""
+    parent = shared_context()
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report whether it got a new context and was answered
+        ok = False
+        try:
+            child = shared_context()
+
+            async def ping() -> object:
+                async with AsyncClient(tcp_broker.clients, timeout=10.0) as c:
+                    return await c.call("mesh", "ping")
+
+            ok = child is not parent and child is shared_context() and "instance" in asyncio.run(ping())  # type: ignore[operator]
+        finally:
+            os.write(write, b"1" if ok else b"0")
+            os._exit(0)
+    os.close(write)
+    said = os.read(read, 1)
+    os.waitpid(pid, 0)
+    assert said == b"1"
+    assert shared_context() is parent
