@@ -6,10 +6,16 @@ from __future__ import annotations
 import asyncio
 import os
 import subprocess
+import threading
+import time
 
+from mesh.broker.loop import BrokerServer, Endpoints
+from mesh.broker.secure import broker_security
 from mesh.client import AsyncClient
+from mesh.security.credentials import load_credentials
+from mesh.security.state import ensure_state
 from mesh.sockets import shared_context
-from mesh.testing import run_broker
+from mesh.testing import free_ports, run_broker
 
 
 def listen_backlog(endpoint: str) -> int:
@@ -78,3 +84,34 @@ def test_a_forked_child_makes_its_own_shared_context(tcp_broker):
     os.waitpid(pid, 0)
     assert said == b"1"
     assert shared_context() is parent
+
+
+def test_a_call_that_waited_for_its_broker_is_not_refused_for_its_wait(tmp_path):
+    """Invariant: a call stamped while its broker was not up yet, which waited in the client's
+    socket past the broker's replay window, is answered once the broker comes up: the
+    broker's REPLAY_DETECTED refusal of it (before anything ran) makes the client resend
+    it freshly stamped, instead of failing a call that only waited."""
+    window = 0.5  # the broker's replay window (10 s in production; `broker_security(max_skew=...)`)
+    state = tmp_path / "state"
+    state.mkdir(mode=0o700)
+    ensure_state(state, nodes={}, clients={"dev": ["admin"]}, now=time.time())
+    endpoint = f"tcp://127.0.0.1:{free_ports(1)[0]}"
+    credentials = load_credentials(state / "credentials" / "dev.toml")
+
+    async def main() -> object:
+        # A heartbeat slower than the wait, so the client does not fail over (and restamp) first.
+        async with AsyncClient(endpoint, credentials=credentials, timeout=20.0, heartbeat_interval=10.0) as client:
+            call = asyncio.create_task(client.call("mesh", "ping"))
+            await asyncio.sleep(3 * window)  # the call waits in the socket, no broker listening
+            setup = broker_security(state, max_skew=window)
+            server = BrokerServer(Endpoints(endpoint, "tcp://127.0.0.1:*", "tcp://127.0.0.1:*"),
+                                  security=setup.security, secure=setup.secure, zap=setup.zap)
+            thread = threading.Thread(target=server.run, daemon=True)
+            thread.start()
+            try:
+                return await call
+            finally:
+                server.stop()
+                await asyncio.to_thread(thread.join, 10.0)
+
+    assert "instance" in asyncio.run(main())  # type: ignore[operator]
