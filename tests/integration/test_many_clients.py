@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import subprocess
 import threading
 import time
+from collections.abc import Callable
 
 from mesh.broker.loop import BrokerServer, Endpoints
 from mesh.broker.secure import broker_security
 from mesh.client import AsyncClient
+from mesh.link.health import PeerState
 from mesh.security.credentials import load_credentials
 from mesh.security.state import ensure_state
 from mesh.sockets import shared_context
@@ -40,10 +43,24 @@ def test_the_broker_listens_with_its_backlog_and_runs_its_io_threads():
         assert threads(tuned.process.pid) - threads(default.process.pid) == 2
 
 
+def live_timers() -> int:
+    """Timers the running loop still holds (asyncio keeps them in its `_scheduled` heap)."""
+    return sum(not handle.cancelled() for handle in asyncio.get_running_loop()._scheduled)  # type: ignore[attr-defined]
+
+
+async def wait_until(condition: Callable[[], bool], limit: float = 10.0) -> None:
+    """Return once `condition()` holds; fail if it does not within `limit` seconds."""
+    end = time.monotonic() + limit
+    while not condition():
+        assert time.monotonic() < end, "the condition never held"
+        await asyncio.sleep(0.05)
+
+
 def test_the_clients_of_one_process_share_one_context(tcp_broker):
     """Invariant: 500 `AsyncClient`s in one process start no thread of their own (they share
-    the process's one context: two threads, where a context each made a thousand), and
-    every one of them is answered through it."""
+    the process's one context: two threads, where a context each made a thousand), every
+    one of them is answered through it, and once idle they keep no timer (each had a
+    10 Hz sweep, which kept a process of thousands of idle clients busy)."""
 
     async def main() -> list[object]:
         before = threads(os.getpid())
@@ -51,7 +68,10 @@ def test_the_clients_of_one_process_share_one_context(tcp_broker):
         try:
             assert threads(os.getpid()) - before <= 2  # the shared context's, if no test made it yet
             assert len({id(c._ctx) for c in clients}) == 1
-            return await asyncio.gather(*(c.call("mesh", "ping") for c in clients))
+            pongs = await asyncio.gather(*(c.call("mesh", "ping") for c in clients))
+            # Idle, they keep no timer: the loop is left with nothing to wake up for.
+            await wait_until(lambda: live_timers() == 0)
+            return pongs
         finally:
             for c in clients:
                 await c.close()
@@ -115,3 +135,28 @@ def test_a_call_that_waited_for_its_broker_is_not_refused_for_its_wait(tmp_path)
                 await asyncio.to_thread(thread.join, 10.0)
 
     assert "instance" in asyncio.run(main())  # type: ignore[operator]
+
+
+def test_a_broker_paused_while_its_client_idled_is_found_dead_by_the_next_call():
+    """Invariant: an idle client runs no timer, yet its next call watches the broker again:
+    a broker frozen (SIGSTOP) while the client idled is suspect after one heartbeat interval
+    and dead after `liveness` intervals of that call's wait (the documented window), not
+    only when the call's own deadline runs out."""
+    states: list[PeerState] = []
+
+    async def main(broker: str, pid: int) -> None:
+        async with AsyncClient(broker, timeout=30.0, heartbeat_interval=0.2, liveness=3,
+                               on_state=lambda _ep, _old, new: states.append(new)) as client:
+            await client.call("mesh", "ping")
+            await wait_until(lambda: live_timers() == 0)  # idle now
+            os.kill(pid, signal.SIGSTOP)
+            try:
+                call = asyncio.create_task(client.call("mesh", "ping"))
+                await wait_until(lambda: PeerState.DEAD in states)  # well inside the call's 30 s
+                call.cancel()
+            finally:
+                os.kill(pid, signal.SIGCONT)
+
+    with run_broker() as b:
+        asyncio.run(main(b.clients, b.process.pid))
+    assert states[:2] == [PeerState.SUSPECT, PeerState.DEAD]
