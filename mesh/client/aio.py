@@ -25,6 +25,9 @@ Rules of this module:
   nor their own process busy, and its next call finds a dead broker within the same
   window. `on_state(endpoint, old, new)` and
   the log report every change.
+* A link connected but still in its handshake (thousands of clients reconnecting to a
+  restarted broker) is given up to `liveness.HANDSHAKE_GRACE_S` before its silence
+  counts: replacing it would only start its handshake again.
 * A connection the transport reports closed while calls wait (the broker's process
   died and its kernel closed the socket) makes the link dead at once, without waiting
   out the heartbeat window; a silent broker (frozen, or a cut network) still takes the
@@ -519,7 +522,8 @@ class AsyncClient:
             if dropped and dropped[-1].new is PeerState.DEAD:
                 self._fail_over()  # the broker's process is gone: no window to wait out
                 return
-        tick = self._liveness.tick(time.monotonic(), busy=busy)
+        handshaking = self._watch is not None and self._watch.handshaking
+        tick = self._liveness.tick(time.monotonic(), busy=busy, handshaking=handshaking)
         self._report(tick.transitions)
         if tick.transitions and tick.transitions[-1].new is PeerState.DEAD:
             self._fail_over()  # once per dead link; the sweeps while backing off wait

@@ -375,7 +375,8 @@ class CurveAuthenticator(ThreadAuthenticator):
 
 
 _WATCHED: Final = (
-    zmq.EVENT_HANDSHAKE_SUCCEEDED
+    zmq.EVENT_CONNECTED
+    | zmq.EVENT_HANDSHAKE_SUCCEEDED
     | zmq.EVENT_HANDSHAKE_FAILED_AUTH
     | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
     | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
@@ -399,6 +400,8 @@ class HandshakeWatch:
       decrypt the HELLO and sends nothing back). libzmq retries; after `silent_limit`
       such failures in a row the watch reports a refusal too.
     * `HANDSHAKE_SUCCEEDED` clears that endpoint's failure; `DISCONNECTED` its readiness.
+    * `CONNECTED` (TCP is up) until the handshake ends either way or the connection
+      drops: `handshaking`, a broker that is there but has not answered yet.
 
     An asyncio loop can `loop.add_reader(watch.fd, ...)` and call `check()` on wake-up;
     the fd is edge-triggered (ZeroMQ's rule), so `check()` drains every pending event.
@@ -414,6 +417,7 @@ class HandshakeWatch:
     def __init__(self, sock: zmq.Socket, *, silent_limit: int = 3) -> None:
         self.silent_limit = silent_limit
         self._ready: set[str] = set()
+        self._connected: set[str] = set()  # TCP up, handshake not finished
         self._failed: dict[str, dict[str, Any]] = {}  # endpoint -> details of its refusal
         self._silent: dict[str, int] = {}
         self.drops = 0  # connections closed after a completed handshake
@@ -425,6 +429,11 @@ class HandshakeWatch:
             self.socket.linger = 0
         except zmq.ZMQError as exc:
             raise NetworkError(f"cannot watch the socket's handshakes: {exc.strerror}") from None
+
+    @property
+    def handshaking(self) -> bool:
+        """Whether a connection is up and its handshake not finished (as of the last `check`)."""
+        return bool(self._connected)
 
     @property
     def fd(self) -> int:
@@ -496,6 +505,10 @@ class HandshakeWatch:
             return  # not a libzmq monitor event; nothing else writes to this socket
         event, value = _EVENT.unpack(frames[0])
         endpoint = frames[1].decode(errors="replace")
+        if event == zmq.EVENT_CONNECTED:
+            self._connected.add(endpoint)
+            return
+        self._connected.discard(endpoint)  # every other event ends the handshake or the connection
         if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
             self._ready.add(endpoint)
             self._failed.pop(endpoint, None)
