@@ -384,6 +384,7 @@ _WATCHED: Final = (
     | zmq.EVENT_MONITOR_STOPPED
 )
 _EVENT: Final = struct.Struct("=HI")
+_POLLIN: Final = int(zmq.POLLIN)
 _WATCHES: Final = itertools.count()  # numbers the monitor endpoints of this process
 
 
@@ -451,14 +452,14 @@ class HandshakeWatch:
                 `details` holds `reason`, `endpoint` and, for a ZAP refusal, `status`.
             NetworkError: the monitor failed.
         """
-        while not self.socket.closed:
-            try:
-                frames = self.socket.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                break
-            except zmq.ZMQError as exc:
-                raise NetworkError(f"the handshake monitor failed: {exc.strerror}") from None
-            self._event(frames)
+        sock = self.socket
+        try:
+            # Asking EVENTS first is several times cheaper than a receive that raises Again,
+            # and a busy client checks ten times a second.
+            while not sock.closed and int(sock.getsockopt(zmq.EVENTS)) & _POLLIN:
+                self._event(sock.recv_multipart(zmq.NOBLOCK))
+        except zmq.ZMQError as exc:
+            raise NetworkError(f"the handshake monitor failed: {exc.strerror}") from None
         for endpoint, details in self._failed.items():
             raise AuthenticationFailedError(f"{endpoint}: {details['reason']}", details=dict(details))
         return bool(self._ready)
