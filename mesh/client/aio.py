@@ -19,15 +19,11 @@ Rules of this module:
 * Heartbeats (`liveness.py` decides, this loop acts): any message from the broker
   proves it alive. While calls wait, one interval of silence makes the link suspect and
   sends one `mesh.ping` (never a second while the first is unanswered); `liveness`
-  intervals make it dead. An idle client sends nothing at all and runs no timer (its
-  10 Hz sweep stops with its last waiting call and starts with the next): it has
-  nothing to lose to a dead broker, thousands of idle tools must keep neither a broker
-  nor their own process busy, and its next call finds a dead broker within the same
-  window. `on_state(endpoint, old, new)` and
-  the log report every change.
-* A link connected but still in its handshake (thousands of clients reconnecting to a
-  restarted broker) is given up to `liveness.HANDSHAKE_GRACE_S` before its silence
-  counts: replacing it would only start its handshake again.
+  intervals make it dead. An idle client sends nothing and runs no timer (its 10 Hz
+  sweep stops with its last waiting call): thousands of idle tools keep neither a broker
+  nor their process busy, and the next call finds a dead broker within the same window;
+  a link still in its handshake is waited for (`liveness.HANDSHAKE_GRACE_S`) instead.
+  `on_state(endpoint, old, new)` and the log report every change.
 * A connection the transport reports closed while calls wait (the broker's process
   died and its kernel closed the socket) makes the link dead at once, without waiting
   out the heartbeat window; a silent broker (frozen, or a cut network) still takes the
@@ -398,8 +394,11 @@ class AsyncClient:
             self._ping()  # learn which broker instance this is (see _check_instance)
         fut: asyncio.Future[Reply] = loop.create_future()
         self._waiting[cid] = _Call(fut, deadline + GRACE, frames, on_progress)
-        if self._sweeper is None:
-            self._wake()
+        if self._sweeper is None:  # sweep again; a drop or silence while idle counts for nothing
+            if self._watch is not None:
+                self._watch.drops = 0
+            self._liveness.tick(time.monotonic(), busy=False)
+            self._sweeper = loop.call_later(SWEEP_S, self._sweep)
         try:
             if self._conn is not None:  # None while failing over: the next link sends it
                 self._conn.send(frames(time.time()))
@@ -476,16 +475,6 @@ class AsyncClient:
                 if not call.fut.done():
                     self._conn.send(call.frames(now))
 
-    def _wake(self) -> None:
-        """Start sweeping again for a call made while idle. What the idle time held says
-        nothing: a connection dropped meanwhile owed nothing (libzmq reconnected it by
-        itself), and silence counts only while calls wait."""
-        assert self._loop is not None
-        if self._watch is not None:
-            self._watch.drops = 0
-        self._liveness.tick(time.monotonic(), busy=False)
-        self._sweeper = self._loop.call_later(SWEEP_S, self._sweep)
-
     def _sweep(self) -> None:
         """Every SWEEP_S while calls wait: fail the calls whose broker stayed silent past their
         deadline (one timer for all), or all of them when the broker refused the handshake;
@@ -510,7 +499,7 @@ class AsyncClient:
                 )
         self._beat()
         if self._sweeper is not None and not any(not call.fut.done() for call in self._waiting.values()):
-            self._sweeper.cancel()  # idle: no timer at all until the next call (`_wake`)
+            self._sweeper.cancel()  # idle: no timer at all until the next call (`_once`)
             self._sweeper = None
 
     def _beat(self) -> None:
@@ -522,8 +511,7 @@ class AsyncClient:
             if dropped and dropped[-1].new is PeerState.DEAD:
                 self._fail_over()  # the broker's process is gone: no window to wait out
                 return
-        handshaking = self._watch is not None and self._watch.handshaking
-        tick = self._liveness.tick(time.monotonic(), busy=busy, handshaking=handshaking)
+        tick = self._liveness.tick(time.monotonic(), busy=busy, handshaking=bool(self._watch and self._watch.handshaking))
         self._report(tick.transitions)
         if tick.transitions and tick.transitions[-1].new is PeerState.DEAD:
             self._fail_over()  # once per dead link; the sweeps while backing off wait
