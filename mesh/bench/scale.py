@@ -177,6 +177,7 @@ def run_scale_bench(s: ScaleSettings) -> dict[str, Any]:
         "settings": asdict(s),
         "machine": machine(),
         "connected_s": connected,
+        "answered_first_calls": len(first_calls),
         "failed_first_calls": sum(o[3] for o in outcomes),
         "first_call_ms": figures(len(first_calls), first_calls, 1.0)["latency_ms"],
         "broker": {

@@ -4,9 +4,11 @@ say, and the SDK's clients in one process share one ZeroMQ context."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -160,3 +162,21 @@ def test_a_broker_paused_while_its_client_idled_is_found_dead_by_the_next_call()
     with run_broker() as b:
         asyncio.run(main(b.clients, b.process.pid))
     assert states[:2] == [PeerState.SUSPECT, PeerState.DEAD]
+
+
+def test_the_scale_probe_reports_what_idle_clients_cost():
+    """Invariant: `mesh bench --scale` connects every client it was asked for (each first call
+    answered, none failed) and reports the broker's memory before, with and after them,
+    its idle CPU and a fresh client's latency (broken once on purpose by starting one
+    client too few per process: the count check failed)."""
+    out = subprocess.run(
+        [sys.executable, "-m", "mesh", "bench", "--scale", "--idle-clients", "31", "--client-processes", "2",
+         "--duration", "0.5", "--json"],
+        capture_output=True, text=True, timeout=120, check=True,
+    ).stdout
+    report = json.loads(out[out.index("{"):])
+    assert report["settings"]["clients"] == 31 and report["settings"]["secure"] is True
+    assert report["failed_first_calls"] == 0 and report["answered_first_calls"] == 31
+    rss = report["broker"]["rss_mb"]
+    assert 0 < rss["before"] <= rss["idle"] and rss["after"] > 0
+    assert report["broker"]["idle_cpu"] >= 0 and 0 < report["fresh_client"]["p50_ms"] <= report["fresh_client"]["p99_ms"]
