@@ -28,6 +28,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Final
 
+from ..process import TRIM_S
 from .common import STARTUP_S, figures, machine, stop_all
 
 __all__ = ["ScaleSettings", "format_scale_report", "run_scale_bench"]
@@ -168,7 +169,7 @@ def run_scale_bench(s: ScaleSettings) -> dict[str, Any]:
                 fresh_first, fresh = asyncio.run(_fresh_client(endpoint, creds))
             finally:
                 stop_all(stop, procs)
-            time.sleep(1.0)  # the broker forgets the closed links
+            time.sleep(TRIM_S + 1.0)  # the broker returns what the closed links held
             rss_after = _rss_mb(pid)
     first_calls = sorted(t for _, _, took, _ in outcomes for t in took)
     fresh_figures = figures(len(fresh), fresh, 1.0)["latency_ms"]

@@ -34,9 +34,9 @@ _CORE: Final = BrokerConfig()
 # restart under them): each overflowed SYN waits 1, 3, 7, 15 or 31 s for its retry. The
 # kernel caps it at net.core.somaxconn (4096 on Linux since 5.4).
 BACKLOG: Final = 4096
-# libzmq I/O threads of the broker's context. One keeps 10,000 idle client links and the
-# hot path's traffic (docs/performance.md, "Many clients"); a second only helps past one
-# core's worth of encryption and framing, which a 2-core machine does not have to spare.
+# libzmq I/O threads of the broker's context. Idle links cost them nothing; a second one
+# shortened 2,000 CURVE clients connecting at once by a third on 2 cores (docs/performance.md,
+# "Many idle clients"), but the hot path has not been measured with it, so one by default.
 IO_THREADS: Final = 1
 
 

@@ -12,7 +12,7 @@ import click
 
 from ..broker.config import BrokerConfig
 from ..broker.settings import LIMITS, SETTINGS, BrokerSettings, Setting, parse_retention
-from ..process import tune_for_serving
+from ..process import return_freed_memory, tune_for_serving
 from ..protocol import ConfigurationError, MeshError
 from .base import UsageError, _fail, _on_stop, _setup_logging, log_format_option, main
 
@@ -77,6 +77,7 @@ def broker(ctx: click.Context, topology_file: str | None, name: str, log_level: 
         _fail(err)
     _on_stop(server.stop)
     tune_for_serving()
+    return_freed_memory()  # what clients that left held goes back to the system
     ep = server.endpoints
     if settings.state is not None:
         _record(settings.state, ep.clients)
