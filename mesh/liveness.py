@@ -15,6 +15,13 @@ Rules of this module:
   second one is never queued behind an unanswered first, so a broker that comes back
   is not met by a pile of pings. A new link (`connected`) starts `SUSPECT` with one
   heartbeat due, to prove the new broker quickly.
+* A link whose transport is connected but still in its handshake (`handshaking`: the
+  broker's host accepted the connection, and its CURVE/ZMTP answer may queue behind
+  thousands of others, as when a broker restarts under all its clients) has been asked
+  nothing yet: its silence counts from the end of the handshake, for at most
+  `HANDSHAKE_GRACE_S` after the link opened. Replacing such a link would only start
+  its handshake again, and thousands of clients doing so keep a broker from ever
+  catching up. A broker that refuses connections never gets this grace.
 * Every state change is a transition in `mesh.link.health.TRANSITIONS`, the table every
   role uses for its peers; an event with no entry for the current state is a bug in the
   caller and raises `InvalidStateError`.
@@ -41,6 +48,7 @@ __all__ = [
     "BACKOFF_JITTER",
     "DEFAULT_INTERVAL",
     "DEFAULT_LIVENESS",
+    "HANDSHAKE_GRACE_S",
     "Liveness",
     "PauseWatch",
     "SELF_PAUSE_S",
@@ -54,6 +62,8 @@ DEFAULT_LIVENESS: Final = 3
 BACKOFF_BASE: Final = 0.1
 BACKOFF_CAP: Final = 2.0
 BACKOFF_JITTER: Final = 0.2
+# The longest a connected link's handshake may keep its silence from counting (see the rules).
+HANDSHAKE_GRACE_S: Final = 15.0
 # More than this between two turns of a loop that turns every 50 to 100 ms: the process
 # did not run (paused, frozen, or its loop stalled), and heard nothing meanwhile.
 SELF_PAUSE_S: Final = 1.0
@@ -128,6 +138,7 @@ class Liveness:
         self.liveness = liveness
         self.state = state
         self.quiet_since = now
+        self.opened_at = now  # when the current link was opened (its handshake grace)
         self.ping_in_flight = False
         self.failures = 0  # links declared dead since a broker last answered
         self.pauses = PauseWatch()  # this client's own pauses, seen between ticks
@@ -152,8 +163,9 @@ class Liveness:
             self.ping_in_flight = False
         return out
 
-    def tick(self, now: float, *, busy: bool) -> Tick:
-        """Advance the clock; `busy` when calls wait for the broker.
+    def tick(self, now: float, *, busy: bool, handshaking: bool = False) -> Tick:
+        """Advance the clock; `busy` when calls wait for the broker, `handshaking` when the
+        link's transport is connected and its handshake not finished (see the rules).
 
         A late tick (the loop was held up) may take the link from `UP` to `DEAD` at once;
         both transitions are returned, in order. A tick more than `SELF_PAUSE_S` after
@@ -163,8 +175,9 @@ class Liveness:
         out: list[Transition] = []
         if self.pauses.turn(now):
             self.quiet_since = max(self.quiet_since, now)
-        if not busy or self.state is PeerState.DEAD:
-            # Nothing asked, nothing owed: silence now is no sign of anything.
+        if not busy or self.state is PeerState.DEAD or (handshaking and now - self.opened_at < HANDSHAKE_GRACE_S):
+            # Nothing asked (or nothing could be answered yet), nothing owed: silence now
+            # is no sign of anything.
             self.quiet_since = now
             return Tick(out, False)
         health = judge(now - self.quiet_since, self.interval, self.interval * self.liveness, reached=True)
@@ -198,7 +211,7 @@ class Liveness:
         with its silence counted from `now` and one heartbeat due at the next tick."""
         out: list[Transition] = []
         self._apply(PeerEvent.CONNECTED, out)
-        self.quiet_since = now
+        self.quiet_since = self.opened_at = now
         self.ping_in_flight = False
         return out
 

@@ -22,11 +22,16 @@ Rules of this module:
   the other end works is what the application's own heartbeats (`mesh.heartbeat`,
   `mesh.ping`, Raft's) decide.
 * `ZMQError` is turned into `NetworkError`/`ConfigurationError` here, at the boundary.
+* The SDK's clients of one process share one context (`shared_context`): a context
+  starts two threads and a few descriptors, which capped one process near 2,200
+  clients when each had its own. A child made by `fork` makes its own on first use
+  (a context does not survive a fork).
 """
 
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Callable
 from typing import Any, Final
 
@@ -42,6 +47,7 @@ __all__ = [
     "subscriber",
     "peer_router",
     "peer_dealer",
+    "shared_context",
     "bound_endpoint",
     "send_frames",
     "recv_frames",
@@ -68,6 +74,30 @@ KEEPALIVE_IDLE_S: Final = 10
 KEEPALIVE_INTVL_S: Final = 1
 KEEPALIVE_CNT: Final = 3
 TCP_MAXRT_MS: Final = 6000
+
+
+_shared: tuple[int, zmq.Context] | None = None  # (the pid that made it, the context)
+_shared_lock = threading.Lock()
+
+
+def shared_context() -> zmq.Context:
+    """The one context of this process's SDK clients, made on first use (again in a forked child).
+
+    It is never terminated: a client closes its own sockets, and the context's two
+    threads serve the next client. It may hold as many sockets as libzmq allows (each
+    client holds three: its DEALER and the two ends of its handshake monitor), not
+    libzmq's default 1,023.
+
+    Returns:
+        The context; thread-safe, as every ZeroMQ context is.
+    """
+    global _shared
+    with _shared_lock:
+        if _shared is None or _shared[0] != os.getpid() or _shared[1].closed:
+            ctx = zmq.Context()
+            ctx.max_sockets = ctx.get(zmq.SOCKET_LIMIT)
+            _shared = (os.getpid(), ctx)
+        return _shared[1]
 
 
 def recv_frames(sock: zmq.Socket) -> list[bytes]:
@@ -176,15 +206,25 @@ def _attach(
 
 
 def router(
-    ctx: zmq.Context, endpoint: str, max_message_bytes: int = MAX_MESSAGE_BYTES, secure: Secure | None = None
+    ctx: zmq.Context,
+    endpoint: str,
+    max_message_bytes: int = MAX_MESSAGE_BYTES,
+    secure: Secure | None = None,
+    backlog: int | None = None,
 ) -> zmq.Socket:
     """A bound ROUTER with mandatory routing and TCP liveness.
+
+    Args:
+        backlog: connections the kernel queues until libzmq accepts them (`ZMQ_BACKLOG`);
+            None keeps libzmq's 100.
 
     Raises:
         ConfigurationError: the endpoint is malformed or already in use.
     """
     sock = ctx.socket(zmq.ROUTER)
     _common(sock, max_message_bytes)
+    if backlog is not None:
+        sock.setsockopt(zmq.BACKLOG, backlog)
     _tcp_liveness(sock)
     sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
     _prepare_ipc(endpoint)
@@ -207,7 +247,9 @@ def dealer(
     return _attach(sock, sock.connect, endpoint, "connect to", secure)
 
 
-def publisher(ctx: zmq.Context, endpoint: str, hwm: int, secure: Secure | None = None) -> zmq.Socket:
+def publisher(
+    ctx: zmq.Context, endpoint: str, hwm: int, secure: Secure | None = None, backlog: int | None = None
+) -> zmq.Socket:
     """A bound XPUB for the broker's events: `hwm` messages queue per subscriber, then
     that subscriber misses events (it sees the gap); the others and the sender never wait.
 
@@ -216,11 +258,16 @@ def publisher(ctx: zmq.Context, endpoint: str, hwm: int, secure: Secure | None =
     takes effect by itself (XPUB_MANUAL): the broker applies the filters it allows with
     `setsockopt(SUBSCRIBE)` right after reading the message that asked for them.
 
+    Args:
+        backlog: as for `router`.
+
     Raises:
         ConfigurationError: the endpoint is malformed or already in use.
     """
     sock = ctx.socket(zmq.XPUB)
     _common(sock, MAX_MESSAGE_BYTES)
+    if backlog is not None:
+        sock.setsockopt(zmq.BACKLOG, backlog)
     sock.sndhwm = hwm
     sock.setsockopt(zmq.XPUB_VERBOSER, 1)
     sock.setsockopt(zmq.XPUB_MANUAL, 1)

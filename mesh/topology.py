@@ -27,7 +27,7 @@ from typing import Any, Final
 
 from .broker.config import BrokerConfig
 from .broker.events import DEFAULT_RULE, RetentionRule
-from .broker.settings import BROKER_TABLE, LIMITS, SETTINGS, BrokerSettings
+from .broker.settings import BACKLOG, BROKER_TABLE, IO_THREADS, LIMITS, SETTINGS, BrokerSettings, Setting
 from .placement import LOCAL_ADDRESS, HostSpec, check_placement, dial, entry_host, parse_hosts
 from .plugins import plugin_problem
 from .problems import Checker, Problem, ProblemsError
@@ -55,6 +55,7 @@ _TOPIC: Final = re.compile(TOPIC_PATTERN)
 DEFAULT_EVENTS: Final = "tcp://127.0.0.1:*"
 DEFAULT_CLUSTER_DATA: Final = "var/cluster"
 MIN_ELECTION_TICKS: Final = next(s.minimum for s in SETTINGS if s.key == "election_ticks")
+_SOCKET_SETTINGS: Final = tuple(s for s in BROKER_TABLE if s.key in ("backlog", "io_threads"))
 
 
 class TopologyError(ProblemsError):
@@ -74,6 +75,8 @@ class BrokerSpec:
     monitor_token_file: str | None = None
     peer: str | None = None  # the cluster peer endpoint; set exactly when the topology has [cluster]
     host: str | None = None  # where it runs; set exactly when the topology has [hosts]
+    backlog: int = BACKLOG
+    io_threads: int = IO_THREADS
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,7 +152,8 @@ class Topology:
         """
         b = self.brokers[name]
         settings = BrokerSettings(
-            b.limits, b.clients, b.nodes, b.events, monitor=b.monitor, monitor_token_file=b.monitor_token_file
+            b.limits, b.clients, b.nodes, b.events, monitor=b.monitor, monitor_token_file=b.monitor_token_file,
+            backlog=b.backlog, io_threads=b.io_threads,
         )
         if self.security is not None:
             sec = self.security
@@ -185,6 +189,15 @@ class _Checker(Checker):
 
 
 _TYPE_WORDS: Final = {"str": "a string", "int": "an integer", "int or float": "a number", "dict": "a table", "list": "a list"}
+
+
+def _bounded(c: _Checker, raw: dict[str, Any], s: Setting, where: str) -> int:
+    """An int setting of a `[brokers.NAME]` table within its `minimum` and `maximum`."""
+    value: int = c.get(raw, s.key, int, where, s.default)  # a wrong type is reported and gives the default
+    if not s.minimum <= value <= s.maximum:  # type: ignore[operator]
+        c.bad(f"{where}.{s.key}", f"must be from {s.minimum} to {s.maximum}, got {value}")
+        return int(s.default)
+    return value
 
 
 def _positive(c: _Checker, value: float, key: str) -> None:
@@ -273,6 +286,7 @@ def _broker(
         monitor_token_file=c.get(raw, "monitor_token_file", str, where, None),
         peer=eps["peer"] or None,
         host=host,
+        **{s.key: _bounded(c, raw, s, where) for s in _SOCKET_SETTINGS},
     )
     _monitor(c, spec, where, security)
     return spec

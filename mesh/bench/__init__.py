@@ -12,6 +12,7 @@ the figures stay comparable on a noisy machine:
 * `mcp`: tool calls through the MCP bridge against the MCP SDK's floor (`--mcp`); run as
   `python -m mesh.bench.mcp [--http]` it is that floor server.
 * `failover`: how fast a lost node is noticed and its calls recovered, under load (`--failover`).
+* `scale`: what many connected idle clients cost one broker (`--scale`).
 * `common`: what they share: settings, the mesh's processes, the runner and the figures.
 
 Nothing is imported here, so running one benchmark loads only its own module.

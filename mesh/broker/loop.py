@@ -43,6 +43,7 @@ from ..sockets import LINGER_MS, Secure, bound_endpoint, publisher, recv_frames,
 from .config import BrokerConfig
 from .core import Broker, BrokerSecurity, Outgoing, Side
 from .once import next_run
+from .settings import BACKLOG, IO_THREADS
 
 if TYPE_CHECKING:
     from ..cluster.member import ClusterMember
@@ -90,7 +91,11 @@ class ClusterSettings:
 
 
 class BrokerServer:
-    """Runs a `Broker` on real sockets until stopped."""
+    """Runs a `Broker` on real sockets until stopped.
+
+    `backlog` and `io_threads` are the settings of those names (mesh.broker.settings):
+    the listen queue of each bound socket and the libzmq I/O threads of its context.
+    """
 
     def __init__(
         self,
@@ -104,6 +109,8 @@ class BrokerServer:
         zap: Callable[[zmq.Context], Any] | None = None,
         monitor: MonitorSettings | None = None,
         cluster: ClusterSettings | None = None,
+        backlog: int = BACKLOG,
+        io_threads: int = IO_THREADS,
     ) -> None:
         self.core = Broker(config, security)
         self.member: ClusterMember | None = None
@@ -116,15 +123,15 @@ class BrokerServer:
         self._keyring_said: str | None = None  # the last problem logged, to log each once
         self.drain_timeout = drain_timeout
         self._clock = clock
-        self._ctx = zmq.Context()
+        self._ctx = zmq.Context(io_threads)
         limit = self.core.config.max_message_bytes
         self._zap = None
         try:
             if zap is not None:
                 self._zap = zap(self._ctx)  # must answer before the first client connects
-            self._clients = router(self._ctx, endpoints.clients, limit, secure)
-            self._nodes = router(self._ctx, endpoints.nodes, limit, secure)
-            self._events = publisher(self._ctx, endpoints.events, self.core.config.event_hwm, secure)
+            self._clients = router(self._ctx, endpoints.clients, limit, secure, backlog)
+            self._nodes = router(self._ctx, endpoints.nodes, limit, secure, backlog)
+            self._events = publisher(self._ctx, endpoints.events, self.core.config.event_hwm, secure, backlog)
             if cluster is not None:
                 self.member = self._join(cluster)
             self.monitor: MonitorServer | None = None

@@ -5,8 +5,13 @@ Rules of this module:
 * A node registers all of its services at once; registering again replaces them.
 * `pick()` returns a node that offers the action and has room, so a node's capacity is
   never exceeded. It prefers, in order: a node that is not suspect, the least load
-  (in-flight / capacity), the lower reported handler latency (in coarse bands, so
-  nodes that differ only by noise still share work), then round-robin.
+  (in-flight / capacity), then the node whose turn it is in a rotation where reported
+  handler latency costs turns, never the work itself: a node reporting L ms waits
+  2^floor(log2(1 + L)) - 1 extra picks (none under 1 ms, 1 under 3 ms, 3 under 7 ms,
+  ...). Nodes that differ by noise so share work evenly, a genuinely slow node gets a
+  smaller share, and none is starved (a strict latency tie-break starved the nodes
+  whose report happened to be worse, and froze their reports: only commands a node
+  runs update them). Load still comes first: a slow node holds its commands longer.
 * A node's health (`PeerState`) changes only through `mesh.link.health`'s table:
   silence past `SUSPECT_MISSES` heartbeat intervals makes it suspect, past
   `LIVENESS_MISSES` dead, and any message makes it up again (`silence_event`). Nodes
@@ -75,8 +80,8 @@ _ACTION_OVERHEAD: Final = 8
 _SERVICE_OVERHEAD: Final = 48
 MAX_QUEUED: Final = 1_000_000
 MAX_LATENCY_MS: Final = 86_400_000.0  # a day: anything longer is a broken clock
-# Latency bands per doubling: nodes within about 19 % of each other tie on latency.
-LATENCY_BANDS_PER_DOUBLING: Final = 4
+# A reported handler latency past this many doublings of (1 ms + latency) costs no more turns.
+MAX_LATENCY_DOUBLINGS: Final = 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,7 +134,7 @@ class NodeInfo:
     suspect: bool = False  # state is SUSPECT, kept as a flag for pick()'s hot loop
     # The node's own last load report (`parse_load`); None until it sends one.
     reported: dict[str, float] | None = None
-    latency_band: int = 0  # pick()'s view of reported latency_ms; 0 (best) until reported
+    latency_turns: int = 0  # extra picks reported latency_ms costs in pick()'s rotation; 0 until reported
     # The node process's own id (the same on every broker of a cluster), or None.
     instance: str | None = None
     # The key the node's link authenticated with (None without security).
@@ -162,7 +167,7 @@ class NodeInfo:
         self.reported = {**(self.reported or {}), **load}
         latency = load.get("latency_ms")
         if latency is not None:
-            self.latency_band = int(LATENCY_BANDS_PER_DOUBLING * math.log2(1.0 + latency))
+            self.latency_turns = 2 ** min(int(math.log2(1.0 + latency)), MAX_LATENCY_DOUBLINGS) - 1
 
 
 @dataclass(slots=True)
@@ -439,13 +444,13 @@ class Registry:
         On the hot path: one tuple per candidate, attributes read once.
         """
         best: NodeInfo | None = None
-        best_key: tuple[bool, float, int, int] | None = None
+        best_key: tuple[bool, float, int] | None = None
         for node in self._by_action.get((service, action), ()):
             running = len(node.owed)
             capacity = node.capacity
             if running >= capacity:
                 continue
-            key = (node.suspect, running / capacity, node.latency_band, node.order)
+            key = (node.suspect, running / capacity, node.order + node.latency_turns)
             if best_key is None or key < best_key:
                 best, best_key = node, key
         if best is not None:

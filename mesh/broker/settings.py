@@ -26,9 +26,18 @@ from ..protocol import ValidationFailedError, check_topic
 from .config import BrokerConfig
 from .events import RetentionRule
 
-__all__ = ["BROKER_TABLE", "LIMITS", "SETTINGS", "BrokerSettings", "Setting", "parse_retention"]
+__all__ = ["BACKLOG", "BROKER_TABLE", "IO_THREADS", "LIMITS", "SETTINGS", "BrokerSettings", "Setting", "parse_retention"]
 
 _CORE: Final = BrokerConfig()
+# Connections the kernel holds on each listening socket until libzmq accepts them. libzmq's
+# own default, 100, overflows when thousands of clients (re)connect at once (a broker
+# restart under them): each overflowed SYN waits 1, 3, 7, 15 or 31 s for its retry. The
+# kernel caps it at net.core.somaxconn (4096 on Linux since 5.4).
+BACKLOG: Final = 4096
+# libzmq I/O threads of the broker's context. Idle links cost them nothing; a second one
+# shortened 2,000 CURVE clients connecting at once by a third on 2 cores (docs/performance.md,
+# "Many idle clients"), but the hot path has not been measured with it, so one by default.
+IO_THREADS: Final = 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,6 +129,10 @@ SETTINGS: Final = (
             topology="cluster", path="dir"),
     Setting("election_ticks", int, "With --member: 50 ms ticks without a leader before an election (failover "
             "takes 1 to 2 times this; default: the cluster's, 10).", topology="cluster", minimum=3),
+    Setting("backlog", int, "Connections the kernel queues on each listening socket until the broker accepts "
+            "them (capped by net.core.somaxconn).", BACKLOG, minimum=1, maximum=65535),
+    Setting("io_threads", int, "libzmq I/O threads of the broker (framing and CURVE encryption of every link).",
+            IO_THREADS, minimum=1, maximum=16),
     Setting("monitor", str, "Serve the monitor (dashboard, /varz, /metrics, ...) here; off by default. "
             "docs/monitoring.md.", metavar="HOST:PORT"),
     Setting("monitor_token_file", str, "The monitor's bearer token (required off loopback; with --state, "
@@ -156,6 +169,8 @@ class BrokerSettings:
     learners: tuple[str, ...] = ()
     data: str | None = None
     election_ticks: int | None = None  # None: the cluster's default
+    backlog: int = BACKLOG
+    io_threads: int = IO_THREADS
     monitor: str | None = None
     monitor_token_file: str | None = None
     monitor_tls_cert: str | None = None

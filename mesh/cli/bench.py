@@ -9,7 +9,7 @@ import click
 
 from .base import DISTRIBUTION, UsageError, _need_extra, main
 
-BENCHMARKS = ("failover", "mcp", "cluster", "events", "security", "monitor")  # each has its --flag; none: commands
+BENCHMARKS = ("failover", "mcp", "cluster", "events", "security", "monitor", "scale")  # each has its --flag; none: commands
 _COMMAND_OPTIONS = ("clients", "inflight", "payload", "duration", "transport")
 PEERS = ("nats",)  # --peer: another system measured beside the raw floor and the mesh
 # The options each benchmark reads: one given on the command line that it would ignore is refused.
@@ -21,6 +21,7 @@ BENCH_OPTIONS: dict[str, tuple[str, ...]] = {
     "events": ("subscribers", "payload", "duration", "transport", "peer"),
     "mcp": ("payload", "duration"),  # one driving process, 16 in flight as the issue's bar says, loopback TCP
     "failover": ("nodes", "rounds", "signals", "heartbeat", "callers", "work", "plain_share", "seed"),
+    "scale": ("idle_clients", "client_processes", "plain", "io_threads", "duration"),
 }
 
 
@@ -31,6 +32,11 @@ BENCH_OPTIONS: dict[str, tuple[str, ...]] = {
 @click.option("--cluster", "cluster_bench", is_flag=True, help="Measure exactly-once commands and committed log entries in a 3-broker cluster, as a ratio of plain commands.")
 @click.option("--mcp", "mcp_bench", is_flag=True, help="Measure echo calls through the MCP bridge over stdio and HTTP against the MCP SDK's in-process floor and the direct mesh client (docs/mcp.md).")
 @click.option("--failover", "failover_bench", is_flag=True, help="Measure how fast a killed or stopped node is noticed and its calls recovered, under load (docs/reliability.md).")
+@click.option("--scale", "scale_bench", is_flag=True, help="Measure what many connected idle clients cost one broker: connect time, idle CPU, memory, a fresh client's latency (docs/performance.md).")
+@click.option("--idle-clients", default=2000, show_default=True, type=click.IntRange(1, 100_000), help="With --scale: idle clients.")
+@click.option("--client-processes", default=4, show_default=True, type=click.IntRange(1, 64), help="With --scale: processes the idle clients run in.")
+@click.option("--plain", is_flag=True, help="With --scale: security off (default on: CURVE and tokens).")
+@click.option("--io-threads", default=1, show_default=True, type=click.IntRange(1, 16), help="With --scale: the broker's libzmq I/O threads.")
 @click.option("--subscribers", default="1,10,100", show_default=True, help="With --events: subscriber counts, one pair of runs each.")
 @click.option("--clients", default=4, show_default=True, type=click.IntRange(1, 64), help="Client processes.")
 @click.option("--inflight", default=32, show_default=True, type=click.IntRange(1, 10_000), help="Commands in flight per client.")
@@ -61,6 +67,8 @@ def bench(as_json: bool, **options: Any) -> None:
     stdio and HTTP, the MCP SDK's in-process floor and the direct mesh client, in one run.
     With --failover, kill or stop one node of a service at a time while callers keep
     calling, and time detection, recovery of the calls it held, and its rejoining.
+    With --scale, connect many idle clients to one broker and report the time until all
+    are answered, the broker's idle CPU and memory, and a fresh client's latency.
     With --peer nats (commands or --events), measure NATS in the same shape and run too,
     and print the mesh as a ratio of it beside its ratio to the raw floor.
     """
@@ -132,6 +140,12 @@ def _run_benchmark(kind: str, o: dict[str, Any]) -> tuple[dict[str, Any], str]:
             o["nodes"], o["rounds"], signals, o["heartbeat"], o["callers"], o["work"], o["plain_share"], o["seed"]
         ))
         return report, format_failover_report(report)
+    if kind == "scale":
+        from ..bench.scale import ScaleSettings, format_scale_report, run_scale_bench
+
+        report = run_scale_bench(ScaleSettings(o["idle_clients"], o["client_processes"], o["duration"], not o["plain"],
+                                               o["io_threads"]))
+        return report, format_scale_report(report)
     from ..bench.common import BenchSettings
 
     settings = BenchSettings(o["clients"], o["inflight"], o["payload"], o["duration"], o["transport"])

@@ -12,7 +12,7 @@ import click
 
 from ..broker.config import BrokerConfig
 from ..broker.settings import LIMITS, SETTINGS, BrokerSettings, Setting, parse_retention
-from ..process import tune_for_serving
+from ..process import return_freed_memory, tune_for_serving
 from ..protocol import ConfigurationError, MeshError
 from .base import UsageError, _fail, _on_stop, _setup_logging, log_format_option, main
 
@@ -77,6 +77,7 @@ def broker(ctx: click.Context, topology_file: str | None, name: str, log_level: 
         _fail(err)
     _on_stop(server.stop)
     tune_for_serving()
+    return_freed_memory()  # what clients that left held goes back to the system
     ep = server.endpoints
     if settings.state is not None:
         _record(settings.state, ep.clients)
@@ -149,7 +150,8 @@ def _broker_server(settings: BrokerSettings) -> Any:
         options["cluster"] = ClusterSettings(s.members, s.data or "", frozenset(s.learners), state_dir=s.state, **ticks)
     elif s.learners or s.data is not None:
         raise UsageError("--learner and --data need --member (cluster on)")
-    return BrokerServer(Endpoints(s.clients, s.nodes, s.events), s.limits, **options)
+    return BrokerServer(Endpoints(s.clients, s.nodes, s.events), s.limits, backlog=s.backlog, io_threads=s.io_threads,
+                        **options)
 
 
 def _record(state_dir: str, clients: str) -> None:

@@ -19,10 +19,11 @@ Rules of this module:
 * Heartbeats (`liveness.py` decides, this loop acts): any message from the broker
   proves it alive. While calls wait, one interval of silence makes the link suspect and
   sends one `mesh.ping` (never a second while the first is unanswered); `liveness`
-  intervals make it dead. An idle client sends nothing at all: it has nothing to lose
-  to a dead broker, thousands of idle tools must not keep a broker busy, and its next
-  call finds a dead broker within the same window. `on_state(endpoint, old, new)` and
-  the log report every change.
+  intervals make it dead. An idle client sends nothing and runs no timer (its 10 Hz
+  sweep stops with its last waiting call): thousands of idle tools keep neither a broker
+  nor their process busy, and the next call finds a dead broker within the same window;
+  a link still in its handshake is waited for (`liveness.HANDSHAKE_GRACE_S`) instead.
+  `on_state(endpoint, old, new)` and the log report every change.
 * A connection the transport reports closed while calls wait (the broker's process
   died and its kernel closed the socket) makes the link dead at once, without waiting
   out the heartbeat window; a silent broker (frozen, or a cut network) still takes the
@@ -89,7 +90,7 @@ from ..protocol import (
 from ..security.credentials import Credentials
 from ..security.curve import HandshakeWatch
 from ..security.envelope import Opener, Sealer
-from ..sockets import Secure, dealer
+from ..sockets import Secure, dealer, shared_context
 from ..subscription import DEFAULT_HWM, AsyncSubscription
 from .core import (
     DEFAULT_TIMEOUT,
@@ -177,7 +178,7 @@ class AsyncClient:
             self._sealer = credentials.sealer(lambda: self._token)
             self._opener = credentials.opener()
             self._secure = credentials.secure
-        self._ctx = zmq.Context()
+        self._ctx = shared_context()  # one per process: a context's threads are shared by its clients
         self._sock: zmq.Socket | None = dealer(self._ctx, self.broker, secure=self._watched)
         self._conn: AsyncSocket | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -390,10 +391,14 @@ class AsyncClient:
             self._loop = loop
             assert self._sock is not None
             self._conn = AsyncSocket(loop, self._sock, self._on_reply)
-            self._sweeper = loop.call_later(SWEEP_S, self._sweep)
             self._ping()  # learn which broker instance this is (see _check_instance)
         fut: asyncio.Future[Reply] = loop.create_future()
         self._waiting[cid] = _Call(fut, deadline + GRACE, frames, on_progress)
+        if self._sweeper is None:  # sweep again; a drop or silence while idle counts for nothing
+            if self._watch is not None:
+                self._watch.drops = 0
+            self._liveness.tick(time.monotonic(), busy=False)
+            self._sweeper = loop.call_later(SWEEP_S, self._sweep)
         try:
             if self._conn is not None:  # None while failing over: the next link sends it
                 self._conn.send(frames(time.time()))
@@ -471,9 +476,9 @@ class AsyncClient:
                     self._conn.send(call.frames(now))
 
     def _sweep(self) -> None:
-        """Every SWEEP_S: fail the calls whose broker stayed silent past their deadline (one
-        timer for all), or all of them when the broker refused the handshake; then tick
-        the broker's liveness: heartbeat, or fail over."""
+        """Every SWEEP_S while calls wait: fail the calls whose broker stayed silent past their
+        deadline (one timer for all), or all of them when the broker refused the handshake;
+        then tick the broker's liveness: heartbeat, or fail over."""
         assert self._loop is not None
         self._sweeper = self._loop.call_later(SWEEP_S, self._sweep)
         now = time.time()
@@ -493,6 +498,9 @@ class AsyncClient:
                     )
                 )
         self._beat()
+        if self._sweeper is not None and not any(not call.fut.done() for call in self._waiting.values()):
+            self._sweeper.cancel()  # idle: no timer at all until the next call (`_once`)
+            self._sweeper = None
 
     def _beat(self) -> None:
         busy = any(not call.fut.done() for call in self._waiting.values())
@@ -503,7 +511,7 @@ class AsyncClient:
             if dropped and dropped[-1].new is PeerState.DEAD:
                 self._fail_over()  # the broker's process is gone: no window to wait out
                 return
-        tick = self._liveness.tick(time.monotonic(), busy=busy)
+        tick = self._liveness.tick(time.monotonic(), busy=busy, handshaking=bool(self._watch and self._watch.handshaking))
         self._report(tick.transitions)
         if tick.transitions and tick.transitions[-1].new is PeerState.DEAD:
             self._fail_over()  # once per dead link; the sweeps while backing off wait
@@ -590,4 +598,3 @@ class AsyncClient:
         for sub in list(self._subscriptions):
             await sub.close()
         self._close_link()
-        self._ctx.term()

@@ -14,6 +14,13 @@ Rules:
   reach the call's deadline. Other retryable errors (`NODE_LOST`, `DEADLINE_EXCEEDED`)
   may come after the command ran, so only the caller, who knows whether it is safe,
   retries them.
+* A call is stamped (and sealed) when it is handed to the socket, but it may wait
+  there, or in the broker's queue, past the broker's replay window (10 s): queued
+  while its socket connects, or while a broker restarts under thousands of clients.
+  The broker then refuses it `REPLAY_DETECTED` before anything runs, so the first
+  such refusal of a call is resent at once with a fresh stamp and the same id (not
+  counted as a retry); a second one is raised (a clock really off by more than the
+  window, which resending cannot mend).
 * A broker the client just moved to (failover, or a restart seen by its instance id)
   may not know its nodes yet: they register with it within a heartbeat. For one
   liveness window after the move, `HANDLER_NOT_FOUND` is retried after `RETRY_PAUSE`
@@ -69,6 +76,7 @@ class Retry:
         self._attempts = 1 + retries
         self._attempt = 0
         self._pause = RETRY_PAUSE
+        self._restamped = False
 
     def pause_after(self, code: int, now: float, *, rejoining: bool) -> float | None:
         """What to do after an attempt failed with `code` at `now`.
@@ -86,6 +94,9 @@ class Retry:
             return None  # the pause would use up what is left of the budget
         if code == ErrorCode.HANDLER_NOT_FOUND and rejoining:
             return RETRY_PAUSE  # the nodes register with a new broker within a heartbeat
+        if code == ErrorCode.REPLAY_DETECTED and not self._restamped:
+            self._restamped = True
+            return 0.0  # refused for its own wait, before it ran: resend it freshly stamped
         self._attempt += 1
         if code not in AUTO_RETRY or self._attempt >= self._attempts:
             return None

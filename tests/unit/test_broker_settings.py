@@ -42,6 +42,8 @@ max_topics = 11
 max_retained_bytes = 5000
 monitor = "127.0.0.1:7105"
 monitor_token_file = "var/token"
+backlog = 512
+io_threads = 2
 retention = [{ prefix = "a.b", max_events = 3, max_bytes = 300 }, { prefix = "", max_events = 1, max_bytes = 100 }]
 
 [brokers.b2]
@@ -114,11 +116,12 @@ def test_the_topology_and_the_flags_describe_a_broker_the_same_way(topology_file
     assert (b1.limits.queue_limit, b1.limits.default_timeout, b1.min_level, b1.election_ticks) == (7, 2.5, 2, 12)
     assert b1.members == {f"b{i}": f"tcp://127.0.0.1:7{i}04" for i in range(1, 5)}  # b2's wildcard, as dialled
     assert (b1.data, b1.learners, b1.state) == (str(Path("var/c/b1")), ("b4",), "var/s")
+    assert (b1.backlog, b1.io_threads) == (512, 2)
 
 
 @pytest.mark.parametrize(
     "flags",
-    [["--queue-limit", "5"], ["--clients", "tcp://127.0.0.1:9"], ["--state", "var/x"],
+    [["--queue-limit", "5"], ["--clients", "tcp://127.0.0.1:9"], ["--state", "var/x"], ["--backlog", "9"],
      ["--member", "b1=tcp://127.0.0.1:1"], ["--learner", "b2"], ["--monitor", "127.0.0.1:9"],
      ["--retention", ":1:1"], ["--min-level", "1"]],
 )
@@ -145,6 +148,18 @@ def test_a_bad_topology_is_a_usage_error_listing_its_problems(tmp_path: Path):
     bad.write_text('[brokers.b1]\nclients = "tcp://127.0.0.1:1"\nnodes = "tcp://127.0.0.1:2"\nqueue_limit = 0\n')
     result = CliRunner().invoke(main, ["broker", "--topology", str(bad), "--name", "b1"])
     assert result.exit_code == 2 and "brokers.b1.queue_limit: must be greater than 0" in result.output
+
+
+@pytest.mark.parametrize(("line", "said"), [("backlog = 0", "brokers.b1.backlog: must be from 1 to 65535, got 0"),
+                                            ("io_threads = 17", "brokers.b1.io_threads: must be from 1 to 16, got 17"),
+                                            ("io_threads = 1.5", "brokers.b1.io_threads: must be")])
+def test_the_socket_settings_of_a_topology_are_checked(tmp_path: Path, line: str, said: str):
+    """Invariant: a backlog or an I/O thread count out of its range is refused with the key
+    named, never passed on to libzmq (which would take 0 as "the kernel's minimum")."""
+    bad = tmp_path / "bad.toml"
+    bad.write_text(f'[brokers.b1]\nclients = "tcp://127.0.0.1:1"\nnodes = "tcp://127.0.0.1:2"\n{line}\n')
+    result = CliRunner().invoke(main, ["broker", "--topology", str(bad), "--name", "b1"])
+    assert result.exit_code == 2 and said in result.output, result.output
 
 
 def test_flags_the_topology_has_no_key_for_still_apply(topology_file: Path):

@@ -72,6 +72,20 @@ def test_handler_not_found_waits_for_rejoining_nodes_without_using_a_retry():
     assert Retry(3, deadline=1.0).pause_after(NOT_FOUND, 0.0, rejoining=False) is None
 
 
+def test_a_call_refused_for_its_own_wait_is_resent_once_at_once():
+    """Invariant: a call the broker refused REPLAY_DETECTED (its stamp aged while it waited in a
+    queue, before anything ran) is resent at once, freshly stamped, even with no retries
+    left; a second refusal is raised (a clock really off), and the retries stay whole
+    (broken once on purpose by counting the resend as a retry: the UNAVAILABLE pause failed)."""
+    replay = ErrorCode.REPLAY_DETECTED
+    assert replay not in AUTO_RETRY
+    assert pauses(Retry(0, deadline=100.0), replay) == [0.0]
+    retry = Retry(1, deadline=100.0)
+    assert retry.pause_after(replay, 0.0, rejoining=False) == 0.0
+    assert retry.pause_after(ErrorCode.UNAVAILABLE, 0.0, rejoining=False) == RETRY_PAUSE
+    assert retry.pause_after(replay, 0.0, rejoining=False) is None
+
+
 def test_nodes_count_as_rejoining_for_one_window_after_each_move():
     """HANDLER_NOT_FOUND is forgiven only within `window` of the last move to another
     broker (or instance), never before the first one (broken once on purpose with `<=`

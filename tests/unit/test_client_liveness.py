@@ -6,6 +6,7 @@ import pytest
 
 from mesh.link.health import TRANSITIONS, PeerEvent, PeerState
 from mesh.liveness import (
+    HANDSHAKE_GRACE_S,
     Liveness,
     PauseWatch,
     Transition,
@@ -57,6 +58,27 @@ def test_an_idle_client_never_pings_and_never_declares_the_broker_dead(clock):
     assert lv.state is UP
     # The silence of a call starts when the call does, not at the last reply before the idle time.
     assert lv.tick(clock.advance(0.5), busy=True) == ([], False)
+
+
+def test_a_link_in_its_handshake_is_not_silent_until_the_grace_ends(clock):
+    """Invariant: while the transport is connected and its handshake unfinished, the broker
+    has been asked nothing yet: no suspicion, no ping, no failover (which would only start
+    the handshake again), and the window counts from the handshake's end; past
+    HANDSHAKE_GRACE_S from the link's opening the silence counts again (broken once on
+    purpose by ignoring `handshaking`: the first assertion failed at 1 s)."""
+    lv = make(clock)
+    out, ping, opened = [], False, clock.now
+    while clock.now - opened < HANDSHAKE_GRACE_S - 1:
+        tick = lv.tick(clock.advance(0.125), busy=True, handshaking=True)
+        out, ping = out + tick.transitions, ping or tick.ping
+    assert (out, ping, lv.state) == ([], False, UP)
+    assert ticks(lv, clock, 0.875) == ([], False)  # handshake done: a fresh window starts
+    assert ticks(lv, clock, 0.125) == ([Transition(UP, SUSPECT)], True)
+    # A link that stays in its handshake past the grace is silent like any other.
+    late = Liveness(1.0, 3, now=clock.now)
+    clock.advance(HANDSHAKE_GRACE_S)
+    assert late.tick(clock.advance(0.125), busy=True, handshaking=True).transitions == [
+        Transition(UP, SUSPECT), Transition(SUSPECT, DEAD)]
 
 
 def test_any_message_resets_the_silence(clock):

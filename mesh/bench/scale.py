@@ -1,0 +1,209 @@
+"""`mesh bench --scale`: what many connected, idle clients cost one broker.
+
+Rules of this module:
+
+* The broker is a real `mesh broker` process (security on with `secure`: CURVE, tokens),
+  with the settings under test as its flags (`--io-threads`; the backlog is its default).
+* `clients` AsyncClients are spread over `processes` spawned processes (never forked),
+  each one asyncio loop sharing one ZeroMQ context. Each client connects and makes one
+  first call (`mesh.ping`, which the broker answers itself); the clock runs from the
+  first process beginning to make its clients (after its start-up) to the last first answer.
+* Then everything idles for `idle` seconds while the broker's CPU is sampled from /proc;
+  then a fresh client connects (its first call timed) and makes `FRESH_CALLS`
+  sequential calls, timed one by one. The broker's resident memory is read before the
+  clients, with them idle, and after they closed and their processes exited.
+* Every process is stopped at the end, killed when it does not exit in time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing as mp
+import os
+import queue
+import resource
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Final
+
+from ..process import TRIM_S
+from .common import STARTUP_S, figures, machine, stop_all
+
+__all__ = ["ScaleSettings", "format_scale_report", "run_scale_bench"]
+
+FRESH_CALLS: Final = 500
+_TICKS: Final = os.sysconf("SC_CLK_TCK")
+_PAGE: Final = os.sysconf("SC_PAGE_SIZE")
+
+
+@dataclass(frozen=True, slots=True)
+class ScaleSettings:
+    """Idle clients, the processes they run in, seconds of idling measured, security, and
+    the broker's I/O threads."""
+
+    clients: int = 2000
+    processes: int = 4
+    idle: float = 5.0
+    secure: bool = True
+    io_threads: int = 1
+
+
+def _cpu_s(pid: int) -> float:
+    """User + system CPU seconds of process `pid` so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / _TICKS
+
+
+def _rss_mb(pid: int) -> float:
+    return int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * _PAGE / 2**20
+
+
+def _raise_fd_limit() -> None:
+    """Each client holds four descriptors: lift the soft limit to the hard one."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def _idle_clients(endpoint: str, count: int, creds_path: str | None, results: Any, stop: Any) -> None:
+    """`count` AsyncClients in this spawned process: connect, one call each, idle until `stop`.
+
+    Puts `(when it began making clients, when the last first answer came, [seconds each
+    first call took], errors)` on `results`.
+    """
+    from ..client import AsyncClient
+    from ..protocol import MeshError
+    from ..security.credentials import load_credentials
+
+    _raise_fd_limit()
+    creds = load_credentials(creds_path) if creds_path else None
+
+    async def first(client: AsyncClient) -> float | None:
+        t0 = time.perf_counter()
+        try:
+            await client.call("mesh", "ping")
+        except MeshError:
+            return None
+        return time.perf_counter() - t0
+
+    async def main() -> None:
+        began = time.time()
+        clients = [AsyncClient(endpoint, timeout=60.0, credentials=creds) for _ in range(count)]
+        try:
+            took = await asyncio.gather(*(first(c) for c in clients))
+            answered = [t for t in took if t is not None]
+            results.put((began, time.time(), answered, len(took) - len(answered)))
+            await asyncio.to_thread(stop.wait)
+        finally:
+            for c in clients:
+                await c.close()
+
+    asyncio.run(main())
+
+
+async def _fresh_client(endpoint: str, creds: Any) -> tuple[float, list[float]]:
+    """A new client's first call (connection included), then `FRESH_CALLS` calls one at a time."""
+    from ..client import AsyncClient
+
+    t0 = time.perf_counter()
+    async with AsyncClient(endpoint, timeout=30.0, credentials=creds) as client:
+        await client.call("mesh", "ping")
+        first = time.perf_counter() - t0
+        latencies = []
+        for _ in range(FRESH_CALLS):
+            t = time.perf_counter()
+            await client.call("mesh", "ping")
+            latencies.append(time.perf_counter() - t)
+    return first, latencies
+
+
+def run_scale_bench(s: ScaleSettings) -> dict[str, Any]:
+    """Connect `s.clients` idle clients to one broker and measure what they cost it.
+
+    Raises:
+        RuntimeError: a client process did not connect its clients within a minute and a half.
+    """
+    from ..security.credentials import load_credentials
+    from ..security.state import ensure_state
+    from ..testing.processes import spawn
+
+    _raise_fd_limit()
+    ctx = mp.get_context("spawn")
+    results, stop = ctx.Queue(), ctx.Event()
+    procs: list[Any] = []
+    with tempfile.TemporaryDirectory(prefix="mesh-scale-") as tmp:
+        flags = ["--clients", "tcp://127.0.0.1:*", "--nodes", "tcp://127.0.0.1:*", "--events", "tcp://127.0.0.1:*",
+                 "--io-threads", str(s.io_threads), "--log-level", "warning"]
+        creds_path = None
+        if s.secure:
+            state = Path(tmp) / "state"
+            state.mkdir(mode=0o700)
+            ensure_state(state, nodes={}, clients={"dev": ["admin"]}, now=time.time())
+            flags += ["--state", str(state)]
+            creds_path = str(state / "credentials" / "dev.toml")
+        with spawn(["broker", *flags]) as broker:
+            endpoint = broker.wait_for(r"ready clients=(\S+)", timeout=STARTUP_S).group(1)
+            pid = broker.pid
+            rss_before = _rss_mb(pid)
+            per = [s.clients // s.processes + (i < s.clients % s.processes) for i in range(s.processes)]
+            try:
+                for count in per:
+                    p = ctx.Process(target=_idle_clients, args=(endpoint, count, creds_path, results, stop), daemon=True)
+                    p.start()
+                    procs.append(p)
+                try:
+                    outcomes = [results.get(timeout=90) for _ in procs]
+                except queue.Empty:
+                    raise RuntimeError("the clients did not all connect within 90 s") from None
+                connected = max(o[1] for o in outcomes) - min(o[0] for o in outcomes)
+                time.sleep(1.0)  # let the last answers settle before sampling idleness
+                cpu0, clients_cpu0, t0 = _cpu_s(pid), sum(_cpu_s(p.pid) for p in procs), time.monotonic()
+                time.sleep(s.idle)
+                elapsed = time.monotonic() - t0
+                idle_cpu = (_cpu_s(pid) - cpu0) / elapsed
+                clients_cpu = (sum(_cpu_s(p.pid) for p in procs) - clients_cpu0) / elapsed
+                rss_idle = _rss_mb(pid)
+                creds = load_credentials(creds_path) if creds_path else None
+                fresh_first, fresh = asyncio.run(_fresh_client(endpoint, creds))
+            finally:
+                stop_all(stop, procs)
+            time.sleep(TRIM_S + 1.0)  # the broker returns what the closed links held
+            rss_after = _rss_mb(pid)
+    first_calls = sorted(t for _, _, took, _ in outcomes for t in took)
+    fresh_figures = figures(len(fresh), fresh, 1.0)["latency_ms"]
+    return {
+        "benchmark": "scale",
+        "settings": asdict(s),
+        "machine": machine(),
+        "connected_s": connected,
+        "answered_first_calls": len(first_calls),
+        "failed_first_calls": sum(o[3] for o in outcomes),
+        "first_call_ms": figures(len(first_calls), first_calls, 1.0)["latency_ms"],
+        "broker": {
+            "idle_cpu": idle_cpu,
+            "rss_mb": {"before": rss_before, "idle": rss_idle, "after": rss_after},
+            "kb_per_client": (rss_idle - rss_before) * 1024 / s.clients,
+        },
+        "clients_idle_cpu": clients_cpu,
+        "fresh_client": {"first_call_ms": fresh_first * 1000, "p50_ms": fresh_figures["p50"],
+                         "p99_ms": fresh_figures["p99"]},
+    }
+
+
+def format_scale_report(report: dict[str, Any]) -> str:
+    """The report as a few lines of text."""
+    s, b, f = report["settings"], report["broker"], report["fresh_client"]
+    rss = b["rss_mb"]
+    return "\n".join([
+        f"{s['clients']} idle clients in {s['processes']} processes, security {'on' if s['secure'] else 'off'}, "
+        f"broker io_threads {s['io_threads']}",
+        f"connected and first call answered: {report['connected_s']:.2f} s "
+        f"(first call p50 {report['first_call_ms']['p50']:.1f} ms, p99 {report['first_call_ms']['p99']:.1f} ms; "
+        f"{report['failed_first_calls']} failed)",
+        f"broker idle CPU: {100 * b['idle_cpu']:.1f} % of a core; client processes: {100 * report['clients_idle_cpu']:.1f} %",
+        f"broker RSS: {rss['before']:.0f} MB before, {rss['idle']:.0f} MB with the clients "
+        f"({b['kb_per_client']:.1f} KB each), {rss['after']:.0f} MB after they left",
+        f"fresh client: first call {f['first_call_ms']:.1f} ms, then p50 {f['p50_ms']:.2f} ms, p99 {f['p99_ms']:.2f} ms",
+    ])
