@@ -120,7 +120,8 @@ async def _session(streams: Any, args: dict[str, Any], floor: bool) -> AsyncIter
     read, write = streams
     async with ClientSession(read, write) as session:
         await session.initialize()
-        name = FLOOR_TOOL if floor else echo_tool((await session.list_tools()).tools)
+        tools = (await session.list_tools()).tools  # both sides: the client then checks results
+        name = FLOOR_TOOL if floor else echo_tool(tools)
 
         async def call() -> Any:
             result = await session.call_tool(name, args)
@@ -290,15 +291,20 @@ def format_mcp_report(report: dict[str, Any]) -> str:
 def _floor_server() -> Any:
     """An MCP server on the bridge's SDK whose one tool echoes its arguments in-process.
 
-    It answers as the bridge does (the JSON text and the object as structured content),
-    so the difference between the two is the mesh and the bridge's own work.
+    It is listed and answers as the bridge's echo tool is and does (the same input and
+    output schemas, the JSON text and the object as structured content), so the
+    difference between the two is the mesh and the bridge's own work.
     """
     import mcp_types as types
     from mcp.server import Server
 
+    from ..nodes.echo import ECHO_RESULT, ECHO_SCHEMA
+
+    # The bridge's echo tool's schemas: a client validates every result against the
+    # output schema it was listed with, and that work must fall on both sides alike.
     async def list_tools(ctx: Any, params: Any) -> types.ListToolsResult:
         return types.ListToolsResult(tools=[types.Tool(name=FLOOR_TOOL, description="Echo the arguments.",
-                                                       input_schema={"type": "object"})])
+                                                       input_schema=ECHO_SCHEMA, output_schema=ECHO_RESULT)])
 
     async def call_tool(ctx: Any, params: types.CallToolRequestParams) -> types.CallToolResult:
         args = dict(params.arguments or {})

@@ -17,6 +17,7 @@ ECHO_SCHEMA: Final = {
     "type": "object",
     "description": "Any object, for example {\"text\": \"hi\"}; it comes back unchanged.",
 }
+ECHO_RESULT: Final = {"type": "object", "description": "The payload, unchanged."}
 REVERSE_RESULT: Final = {
     "type": "object",
     "properties": {"text": {"type": "string", "description": "The text, reversed."}},
@@ -44,7 +45,7 @@ def node() -> Node:
 
     @n.action(
         "echo", "echo", schema=ECHO_SCHEMA, idempotent=True, read_only=True, open_world=False,
-        result_schema={"type": "object", "description": "The payload, unchanged."},
+        result_schema=ECHO_RESULT,
         description="Return the payload object unchanged.",
     )
     async def echo(payload: dict[str, Any]) -> dict[str, Any]:
