@@ -64,4 +64,4 @@ def test_cluster_bench_refuses_another_benchmark_beside_it(other):
         capture_output=True, text=True, timeout=30, check=False,
     )
     assert done.returncode == 2
-    assert "--cluster, --events, --security and --monitor are different benchmarks: choose one" in done.stderr
+    assert "--cluster, --events, --security, --monitor and --scale are different benchmarks: choose one" in done.stderr

@@ -49,7 +49,7 @@ def test_failover_bench_times_detection_recovery_and_rejoin_of_each_signal():
         (["--events", "--plain-share", "0.5"], "--plain-share does not apply to the events benchmark"),
         (["--failover", "--signals", "kill,hup"], "--signals must be a comma list of kill and stop, got 'kill,hup'"),
         (["--failover", "--signals", ","], "--signals must be a comma list of kill and stop, got ','"),
-        (["--failover", "--mcp"], "--failover, --mcp, --cluster, --events, --security and --monitor are different benchmarks"),
+        (["--failover", "--mcp"], "--failover, --mcp, --cluster, --events, --security, --monitor and --scale are different benchmarks"),
     ],
 )
 def test_failover_bench_refuses_options_it_would_ignore_or_cannot_read(args, complaint):

@@ -40,7 +40,7 @@ def test_mcp_bench_measures_every_target_and_judges_the_bridge_from_those_figure
 def test_mcp_bench_refuses_options_it_does_not_use():
     """--mcp with --clients, or beside another benchmark, is a usage error, not an ignored option."""
     for extra, message in ((["--clients", "2"], "--clients does not apply to the mcp benchmark"),
-                           (["--monitor"], "--mcp, --cluster, --events, --security and --monitor are different")):
+                           (["--monitor"], "--mcp, --cluster, --events, --security, --monitor and --scale are different")):
         done = subprocess.run([sys.executable, "-m", "mesh", "bench", "--mcp", *extra],
                               capture_output=True, text=True, timeout=30, check=False)
         assert done.returncode == 2

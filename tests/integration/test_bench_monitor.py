@@ -39,4 +39,4 @@ def test_monitor_bench_refuses_another_benchmark_beside_it():
         capture_output=True, text=True, timeout=30, check=False,
     )
     assert done.returncode == 2
-    assert "--events, --security and --monitor are different benchmarks" in done.stderr
+    assert "--events, --security, --monitor and --scale are different benchmarks" in done.stderr

@@ -42,7 +42,7 @@ def test_security_bench_reports_every_layer_as_a_ratio_of_security_off():
 @pytest.mark.parametrize(
     ("args", "complaint"),
     [
-        (["--security", "--events"], "--events, --security and --monitor are different benchmarks"),
+        (["--security", "--events"], "--events, --security, --monitor and --scale are different benchmarks"),
         (["--security", "--subscribers", "5"], "--subscribers does not apply to the security benchmark"),
     ],
 )
