@@ -9,6 +9,7 @@ import sys
 import pytest
 
 
+@pytest.mark.slow  # a full benchmark run (~20 s): `make soak`; the suite keeps its 10-minute budget
 def test_monitor_bench_alternates_off_and_on_runs_and_reports_their_ratio():
     """Three rounds of off/on runs, the watcher's requests all answered, ratios computed from the runs."""
     done = subprocess.run(

@@ -61,6 +61,7 @@ def test_nats_requests_are_all_answered_and_reported_beside_the_mesh_with_no_ser
     assert _servers() - before == set()
 
 
+@pytest.mark.slow  # a full benchmark run (~20 s): `make soak`; the suite keeps its 10-minute budget
 def test_nats_events_fan_out_is_reported_per_subscriber_count_with_no_server_left():
     """Core NATS publish/subscribe runs in the raw chain's shape: delivered and published are
     positive, missed is counted (not None as for the raw chain), the ratio is the mesh's delivered

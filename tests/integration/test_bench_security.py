@@ -15,6 +15,7 @@ from mesh.cli import main
 ROWS = ["off", "curve", "tokens", "encrypted", "signed"]
 
 
+@pytest.mark.slow  # a full benchmark run (~20 s): `make soak`; the suite keeps its 10-minute budget
 def test_security_bench_reports_every_layer_as_a_ratio_of_security_off():
     """A short run reports, for off, CURVE, tokens, encryption and signatures, commands delivered and the ratio to off."""
     done = subprocess.run(
