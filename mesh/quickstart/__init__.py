@@ -30,7 +30,8 @@ def init(directory: Path) -> list[str]:
         One line per thing written, for the user.
 
     Raises:
-        ConfigurationError: `directory` already holds a `mesh.toml`, or is not a directory.
+        ConfigurationError: `directory` already holds a `mesh.toml`, is not a directory, or
+            cannot be created or written (the OS reason in the message).
     """
     from mesh.nodes.sample import prepare
 
@@ -42,12 +43,19 @@ def init(directory: Path) -> list[str]:
         directory.mkdir(parents=True, exist_ok=True)
     except (FileExistsError, NotADirectoryError):
         raise ConfigurationError(f"{directory} is not a directory", details={"path": str(directory)}) from None
+    except OSError as err:
+        raise ConfigurationError(f"cannot create {directory}: {err.strerror}", details={"path": str(directory)}) from None
     shipped = files(__name__)
-    topology.write_text(shipped.joinpath(TOPOLOGY).read_text(encoding="utf-8"), encoding="utf-8")
-    done = [f"wrote {topology}"]
-    readme = directory / README
-    if not readme.exists():
-        readme.write_text(shipped.joinpath(README).read_text(encoding="utf-8"), encoding="utf-8")
-        done.append(f"wrote {readme}")
-    done.append(prepare(directory / "var"))
+    done = []
+    try:
+        topology.write_text(shipped.joinpath(TOPOLOGY).read_text(encoding="utf-8"), encoding="utf-8")
+        done.append(f"wrote {topology}")
+        readme = directory / README
+        if not readme.exists():
+            readme.write_text(shipped.joinpath(README).read_text(encoding="utf-8"), encoding="utf-8")
+            done.append(f"wrote {readme}")
+        done.append(prepare(directory / "var"))
+    except OSError as err:
+        raise ConfigurationError(f"cannot write the quickstart into {directory}: {err.strerror}",
+                                 details={"path": str(err.filename or directory)}) from None
     return done

@@ -34,3 +34,12 @@ def test_init_refuses_a_directory_that_has_a_topology_and_changes_nothing(tmp_pa
     blocked.write_text("x")
     result = CliRunner().invoke(main, ["init", str(blocked)])
     assert result.exit_code != 0
+
+
+def test_init_where_nothing_can_be_written_is_a_clear_error_not_a_traceback(tmp_path: Path) -> None:
+    """Invariant: an OS refusal (a directory that cannot be made) is a usage error naming the
+    path and the reason, with no traceback (it used to escape as FileNotFoundError)."""
+    result = CliRunner().invoke(main, ["init", "/proc/no-such-quickstart"])
+    assert result.exit_code == 2, result.output
+    assert "cannot create /proc/no-such-quickstart" in result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
