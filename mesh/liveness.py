@@ -19,9 +19,13 @@ Rules of this module:
   broker's host accepted the connection, and its CURVE/ZMTP answer may queue behind
   thousands of others, as when a broker restarts under all its clients) has been asked
   nothing yet: its silence counts from the end of the handshake, for at most
-  `HANDSHAKE_GRACE_S` after the link opened. Replacing such a link would only start
-  its handshake again, and thousands of clients doing so keep a broker from ever
-  catching up. A broker that refuses connections never gets this grace.
+  `HANDSHAKE_GRACE_S` after the link opened, when that broker is the client's only one.
+  Replacing such a link would only start its handshake again, and thousands of clients
+  doing so keep a broker from ever catching up. A client with other brokers to try
+  (`elsewhere`) gives no grace: a broker that accepts connections but never answers
+  them (frozen, paused, a dead VM whose kernel still listens) would otherwise hold its
+  calls for the whole grace while another broker could serve them. A broker that
+  refuses connections never gets this grace.
 * Every state change is a transition in `mesh.link.health.TRANSITIONS`, the table every
   role uses for its peers; an event with no entry for the current state is a bug in the
   caller and raises `InvalidStateError`.
@@ -116,6 +120,7 @@ class Liveness:
         liveness: intervals of silence before the link is dead.
         now: the time the link was opened.
         state: the state to start in; a first link starts `UP` (nothing was asked yet).
+        elsewhere: the client has other brokers to try (no handshake grace, see the rules).
 
     Raises:
         ValueError: `interval` is not positive or `liveness` is below 2 (a link must be
@@ -129,6 +134,7 @@ class Liveness:
         *,
         now: float,
         state: PeerState = PeerState.UP,
+        elsewhere: bool = False,
     ) -> None:
         if interval <= 0:
             raise ValueError("the heartbeat interval must be positive")
@@ -137,6 +143,7 @@ class Liveness:
         self.interval = interval
         self.liveness = liveness
         self.state = state
+        self.elsewhere = elsewhere
         self.quiet_since = now
         self.opened_at = now  # when the current link was opened (its handshake grace)
         self.ping_in_flight = False
@@ -175,7 +182,9 @@ class Liveness:
         out: list[Transition] = []
         if self.pauses.turn(now):
             self.quiet_since = max(self.quiet_since, now)
-        if not busy or self.state is PeerState.DEAD or (handshaking and now - self.opened_at < HANDSHAKE_GRACE_S):
+        if not busy or self.state is PeerState.DEAD or (
+            handshaking and not self.elsewhere and now - self.opened_at < HANDSHAKE_GRACE_S
+        ):
             # Nothing asked (or nothing could be answered yet), nothing owed: silence now
             # is no sign of anything.
             self.quiet_since = now

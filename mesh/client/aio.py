@@ -21,9 +21,9 @@ Rules of this module:
   sends one `mesh.ping` (never a second while the first is unanswered); `liveness`
   intervals make it dead. An idle client sends nothing and runs no timer (its 10 Hz
   sweep stops with its last waiting call): thousands of idle tools keep neither a broker
-  nor their process busy, and the next call finds a dead broker within the same window;
-  a link still in its handshake is waited for (`liveness.HANDSHAKE_GRACE_S`) instead.
-  `on_state(endpoint, old, new)` and the log report every change.
+  nor their process busy, and the next call finds a dead broker within the same window
+  (a link still in its handshake with a client's only broker gets a longer grace, see
+  `mesh.liveness`). `on_state(endpoint, old, new)` and the log report every change.
 * A connection the transport reports closed while calls wait (the broker's process
   died and its kernel closed the socket) makes the link dead at once, without waiting
   out the heartbeat window; a silent broker (frozen, or a cut network) still takes the
@@ -163,7 +163,7 @@ class AsyncClient:
         self.retries = retries
         self.credentials = credentials
         self.on_state = on_state
-        self._liveness = Liveness(heartbeat_interval, liveness, now=time.monotonic())
+        self._liveness = Liveness(heartbeat_interval, liveness, now=time.monotonic(), elsewhere=len(self.brokers) > 1)
         self._rejoin = Rejoin(heartbeat_interval * liveness)  # on the monotonic clock
         self._watch: HandshakeWatch | None = None
         self._sealer: Sealer | None = None

@@ -188,3 +188,25 @@ def test_measure_failover_stall_over_runs():
         f"\nstall p50 {statistics.median(stalls):.2f} s max {max(stalls):.2f} s; "
         f"detection p50 {statistics.median(detections):.2f} s max {max(detections):.2f} s"
     )
+
+
+def test_a_new_link_to_a_paused_broker_moves_on_to_the_next_within_the_window():
+    """Invariant: a call never waits on a broker that accepts connections but does not
+    answer them (paused: its kernel still completes TCP, libzmq never greets) while
+    another broker could serve it; the link, stuck in its handshake, is dead after the
+    usual window (3 s) and the call is answered by the second broker well inside its
+    10 s budget. Before the fix a stuck handshake was waited for 15 s (the call failed
+    DEADLINE_EXCEEDED): the fault suite's pause-quorum schedule stalled clients 18 s."""
+    states = StateLog()
+    with run_broker() as paused, run_broker() as second, run_node("echo", second):
+        paused.process.signal(signal.SIGSTOP)
+        try:
+            with Client([paused.clients, second.clients], timeout=10, retries=0, on_state=states) as c:
+                began = time.monotonic()
+                assert c.call("echo", "echo", {"x": 1}) == {"x": 1}
+                answered = time.monotonic() - began
+                assert c.broker == second.clients
+        finally:
+            paused.process.signal(signal.SIGCONT)
+    assert states.first(paused.clients, PeerState.DEAD) is not None
+    print(f"\nanswered by the second broker after {answered:.2f} s")

@@ -81,6 +81,20 @@ def test_a_link_in_its_handshake_is_not_silent_until_the_grace_ends(clock):
         Transition(UP, SUSPECT), Transition(SUSPECT, DEAD)]
 
 
+def test_a_client_with_other_brokers_gives_a_link_in_its_handshake_no_grace(clock):
+    """Invariant: with another broker to try, a link whose handshake never ends (a broker
+    paused or frozen while its kernel still accepts connections) is dead after the usual
+    window, so waiting calls move on instead of waiting out HANDSHAKE_GRACE_S (the fault
+    suite's pause-quorum schedule stalled clients 18 s on a paused broker this way; broken
+    once on purpose by ignoring `elsewhere`: no transition came within the window)."""
+    lv = Liveness(1.0, 3, now=clock.now, elsewhere=True)
+    out, ping = [], False
+    for _ in range(3 * 8):
+        tick = lv.tick(clock.advance(0.125), busy=True, handshaking=True)
+        out, ping = out + tick.transitions, ping or tick.ping
+    assert (out, ping, lv.state) == ([Transition(UP, SUSPECT), Transition(SUSPECT, DEAD)], True, DEAD)
+
+
 def test_any_message_resets_the_silence(clock):
     """Replies keep the link up without a single heartbeat."""
     lv = make(clock)
