@@ -9,7 +9,9 @@ Rules of this module:
   first call (`mesh.ping`, which the broker answers itself); the clock runs from the
   first process beginning to make its clients (after its start-up) to the last first answer.
 * Then everything idles for `idle` seconds while the broker's CPU is sampled from /proc;
-  then a fresh client connects (its first call timed) and makes `FRESH_CALLS`
+  with a call `rate`, every client instead calls the echo node (a real node process, its
+  own key with security on) `rate` times a second, each at its own phase, from its first
+  answer until the end, and the window measures the broker busy. Then a fresh client connects (its first call timed) and makes `FRESH_CALLS`
   sequential calls, timed one by one. The broker's resident memory is read before the
   clients, with them idle, and after they closed and their processes exited.
 * Every process is stopped at the end, killed when it does not exit in time.
@@ -21,6 +23,7 @@ import asyncio
 import multiprocessing as mp
 import os
 import queue
+import random
 import resource
 import tempfile
 import time
@@ -48,6 +51,7 @@ class ScaleSettings:
     idle: float = 5.0
     secure: bool = True
     io_threads: int = 1
+    rate: float = 0.0  # calls per second each client makes to the echo node (0: idle)
 
 
 def _cpu_s(pid: int) -> float:
@@ -67,11 +71,13 @@ def _raise_fd_limit() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
-def _idle_clients(endpoint: str, count: int, creds_path: str | None, results: Any, stop: Any) -> None:
-    """`count` AsyncClients in this spawned process: connect, one call each, idle until `stop`.
+def _idle_clients(endpoint: str, count: int, creds_path: str | None, results: Any, stop: Any, rate: float = 0.0) -> None:
+    """`count` AsyncClients in this spawned process: connect, one call each, idle until `stop`
+    (or, with a `rate`, call `echo.echo` that often each until `stop`).
 
     Puts `(when it began making clients, when the last first answer came, [seconds each
-    first call took], errors)` on `results`.
+    first call took], errors)` on `results`, and with a rate, at `stop`, `(answered,
+    failed, [seconds each answered call took])`.
     """
     from ..client import AsyncClient
     from ..protocol import MeshError
@@ -88,6 +94,24 @@ def _idle_clients(endpoint: str, count: int, creds_path: str | None, results: An
             return None
         return time.perf_counter() - t0
 
+    latencies: list[float] = []
+    failed = 0
+
+    async def steady(client: AsyncClient) -> None:
+        nonlocal failed
+        period = 1.0 / rate
+        due = time.perf_counter() + random.uniform(0, period)
+        while True:
+            await asyncio.sleep(max(0.0, due - time.perf_counter()))
+            due += period
+            t0 = time.perf_counter()
+            try:
+                await client.call("echo", "echo", {"n": 1})
+            except MeshError:
+                failed += 1
+                continue
+            latencies.append(time.perf_counter() - t0)
+
     async def main() -> None:
         began = time.time()
         clients = [AsyncClient(endpoint, timeout=60.0, credentials=creds) for _ in range(count)]
@@ -95,12 +119,33 @@ def _idle_clients(endpoint: str, count: int, creds_path: str | None, results: An
             took = await asyncio.gather(*(first(c) for c in clients))
             answered = [t for t in took if t is not None]
             results.put((began, time.time(), answered, len(took) - len(answered)))
+            callers = [asyncio.create_task(steady(c)) for c in clients] if rate else []
             await asyncio.to_thread(stop.wait)
+            for task in callers:
+                task.cancel()
+            await asyncio.gather(*callers, return_exceptions=True)
+            if rate:
+                results.put((len(latencies), failed, latencies))
         finally:
             for c in clients:
                 await c.close()
 
     asyncio.run(main())
+
+
+def _start_echo_node(ctx: Any, nodes_ep: str, stop: Any, creds_path: str | None, clients_ep: str) -> Any:
+    """The echo node (with its own key when `creds_path` is set), serving once this returns."""
+    from ..security.credentials import load_credentials
+    from .common import mesh_node, wait_for_service
+
+    node_creds = client_creds = None
+    if creds_path:
+        node_creds = load_credentials(Path(creds_path).with_name("echo.toml"))
+        client_creds = load_credentials(creds_path)
+    proc = ctx.Process(target=mesh_node, args=(nodes_ep, 256, stop, node_creds), daemon=True)
+    proc.start()
+    wait_for_service(clients_ep, timeout=STARTUP_S, creds=client_creds)
+    return proc
 
 
 async def _fresh_client(endpoint: str, creds: Any) -> tuple[float, list[float]]:
@@ -140,21 +185,25 @@ def run_scale_bench(s: ScaleSettings) -> dict[str, Any]:
         if s.secure:
             state = Path(tmp) / "state"
             state.mkdir(mode=0o700)
-            ensure_state(state, nodes={}, clients={"dev": ["admin"]}, now=time.time())
+            ensure_state(state, nodes={"echo": ["echo"]}, clients={"dev": ["admin"]}, now=time.time())
             flags += ["--state", str(state)]
             creds_path = str(state / "credentials" / "dev.toml")
         with spawn(["broker", *flags]) as broker:
-            endpoint = broker.wait_for(r"ready clients=(\S+)", timeout=STARTUP_S).group(1)
+            ready = broker.wait_for(r"ready clients=(\S+) nodes=(\S+)", timeout=STARTUP_S)
+            endpoint, nodes_ep = ready.group(1), ready.group(2)
             pid = broker.pid
             rss_before = _rss_mb(pid)
             per = [s.clients // s.processes + (i < s.clients % s.processes) for i in range(s.processes)]
             try:
+                if s.rate:
+                    procs.append(_start_echo_node(ctx, nodes_ep, stop, creds_path, endpoint))
                 for count in per:
-                    p = ctx.Process(target=_idle_clients, args=(endpoint, count, creds_path, results, stop), daemon=True)
+                    p = ctx.Process(target=_idle_clients, args=(endpoint, count, creds_path, results, stop, s.rate),
+                                    daemon=True)
                     p.start()
                     procs.append(p)
                 try:
-                    outcomes = [results.get(timeout=90) for _ in procs]
+                    outcomes = [results.get(timeout=90) for _ in per]
                 except queue.Empty:
                     raise RuntimeError("the clients did not all connect within 90 s") from None
                 connected = max(o[1] for o in outcomes) - min(o[0] for o in outcomes)
@@ -167,11 +216,14 @@ def run_scale_bench(s: ScaleSettings) -> dict[str, Any]:
                 rss_idle = _rss_mb(pid)
                 creds = load_credentials(creds_path) if creds_path else None
                 fresh_first, fresh = asyncio.run(_fresh_client(endpoint, creds))
+                stop.set()
+                steady = [results.get(timeout=30) for _ in per] if s.rate else []
             finally:
                 stop_all(stop, procs)
             time.sleep(TRIM_S + 1.0)  # the broker returns what the closed links held
             rss_after = _rss_mb(pid)
     first_calls = sorted(t for _, _, took, _ in outcomes for t in took)
+    calls = sorted(t for _, _, took in steady for t in took)
     fresh_figures = figures(len(fresh), fresh, 1.0)["latency_ms"]
     return {
         "benchmark": "scale",
@@ -187,6 +239,8 @@ def run_scale_bench(s: ScaleSettings) -> dict[str, Any]:
             "kb_per_client": (rss_idle - rss_before) * 1024 / s.clients,
         },
         "clients_idle_cpu": clients_cpu,
+        "steady_calls": {"answered": len(calls), "failed": sum(f for _, f, _ in steady),
+                         "latency_ms": figures(len(calls), calls, 1.0)["latency_ms"] if calls else None},
         "fresh_client": {"first_call_ms": fresh_first * 1000, "p50_ms": fresh_figures["p50"],
                          "p99_ms": fresh_figures["p99"]},
     }
@@ -194,15 +248,18 @@ def run_scale_bench(s: ScaleSettings) -> dict[str, Any]:
 
 def format_scale_report(report: dict[str, Any]) -> str:
     """The report as a few lines of text."""
-    s, b, f = report["settings"], report["broker"], report["fresh_client"]
+    s, b, f, c = report["settings"], report["broker"], report["fresh_client"], report["steady_calls"]
     rss = b["rss_mb"]
     return "\n".join([
-        f"{s['clients']} idle clients in {s['processes']} processes, security {'on' if s['secure'] else 'off'}, "
+        f"{s['clients']} clients in {s['processes']} processes, security {'on' if s['secure'] else 'off'}, "
         f"broker io_threads {s['io_threads']}",
         f"connected and first call answered: {report['connected_s']:.2f} s "
         f"(first call p50 {report['first_call_ms']['p50']:.1f} ms, p99 {report['first_call_ms']['p99']:.1f} ms; "
         f"{report['failed_first_calls']} failed)",
-        f"broker idle CPU: {100 * b['idle_cpu']:.1f} % of a core; client processes: {100 * report['clients_idle_cpu']:.1f} %",
+        *([f"each client calling echo.echo {s['rate']:g} times a second: {c['answered']} answered, {c['failed']} failed, "
+           f"p50 {c['latency_ms']['p50']:.2f} ms, p99 {c['latency_ms']['p99']:.2f} ms"] if s["rate"] and c["latency_ms"] else []),
+        f"broker {'busy' if s['rate'] else 'idle'} CPU: {100 * b['idle_cpu']:.1f} % of a core; "
+        f"client processes: {100 * report['clients_idle_cpu']:.1f} %",
         f"broker RSS: {rss['before']:.0f} MB before, {rss['idle']:.0f} MB with the clients "
         f"({b['kb_per_client']:.1f} KB each), {rss['after']:.0f} MB after they left",
         f"fresh client: first call {f['first_call_ms']:.1f} ms, then p50 {f['p50_ms']:.2f} ms, p99 {f['p99_ms']:.2f} ms",

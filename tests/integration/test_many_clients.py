@@ -183,6 +183,23 @@ def test_the_scale_probe_reports_what_idle_clients_cost():
     assert report["broker"]["idle_cpu"] >= 0 and 0 < report["fresh_client"]["p50_ms"] <= report["fresh_client"]["p99_ms"]
 
 
+def test_the_scale_probe_with_a_call_rate_measures_the_broker_busy():
+    """Invariant: with `--call-rate`, every client calls the echo node (its own key, security
+    on) at that rate while the broker's CPU is measured, and every such call is answered:
+    about rate x clients x seconds of them, none failed (broken once on purpose by never
+    starting the callers: 0 answered failed the count check)."""
+    out = subprocess.run(
+        [sys.executable, "-m", "mesh", "bench", "--scale", "--idle-clients", "12", "--client-processes", "1",
+         "--duration", "1", "--call-rate", "10", "--json"],
+        capture_output=True, text=True, timeout=120, check=True,
+    ).stdout
+    report = json.loads(out[out.index("{"):])
+    calls = report["steady_calls"]
+    assert report["settings"]["rate"] == 10 and calls["failed"] == 0
+    assert calls["answered"] >= 12 * 10 * 1  # at least the measured second's worth
+    assert 0 < calls["latency_ms"]["p50"] <= calls["latency_ms"]["p99"] and report["broker"]["idle_cpu"] > 0
+
+
 def rss_mb(pid: int) -> float:
     with open(f"/proc/{pid}/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
