@@ -20,6 +20,7 @@ import multiprocessing as mp
 import os
 import statistics
 import tempfile
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -55,6 +56,7 @@ __all__ = [
 
 WARMUP_S: Final = 1.0
 STARTUP_S: Final = 30.0  # for a process to be ready on a loaded machine
+SET_S: Final = 5.0  # the longest `set_event` waits for the processes waiting on an event
 SAMPLE_LIMIT: Final = 100_000
 # Upper bounds (ms) of the latency histogram's buckets: log-spaced, a factor of about 1.4
 # (the square root of 2) apart, from 0.25 ms to 256 ms; slower latencies fall in a last, open bucket.
@@ -78,9 +80,22 @@ def endpoint(transport: str, tmp: str, name: str) -> str:
     return f"ipc://{tmp}/{name}" if transport == "ipc" else "tcp://127.0.0.1:*"
 
 
+def set_event(event: Any) -> None:
+    """Set a multiprocessing Event, waiting at most `SET_S` seconds.
+
+    `Event.set` waits until every process that was waiting on it has woken, and one that
+    died while waiting never does: Ctrl-C reaches the whole process group, so a spawned
+    child may die inside `stop.wait()`, and a plain `set` would then hang the benchmark
+    forever instead of letting it kill what is left.
+    """
+    setter = threading.Thread(target=event.set, daemon=True)
+    setter.start()
+    setter.join(SET_S)
+
+
 def stop_all(stop: Any, procs: list[Any]) -> None:
     """Tell every process to stop; kill those that have not exited in time."""
-    stop.set()
+    set_event(stop)
     for p in procs:
         p.join(timeout=15)
         if p.is_alive():
@@ -111,7 +126,6 @@ def mesh_broker(
     clients_ep: str, nodes_ep: str, ready: Any, stop: Any, events_ep: str = "tcp://127.0.0.1:*"
 ) -> None:
     """The real broker, security off (a spawned process): puts its endpoints on `ready`, serves until `stop`."""
-    import threading
 
     from ..broker.loop import BrokerServer, Endpoints
 
@@ -124,7 +138,6 @@ def mesh_broker(
 
 def mesh_node(nodes_ep: str, capacity: int, stop: Any, creds: Any = None) -> None:
     """The real echo node with `capacity` slots (a spawned process), until `stop`."""
-    import threading
 
     from ..plugins import load_node
 
@@ -272,7 +285,6 @@ def load(
     `start + WARMUP_S` for `s.duration` seconds, and is stopped (killed if it does not
     exit in time) before this returns the figures.
     """
-    import threading
 
     ctx = mp.get_context("spawn")
     results, stop = ctx.Queue(), ctx.Event()

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from ..process import TRIM_S
-from .common import STARTUP_S, figures, machine, stop_all
+from .common import STARTUP_S, figures, machine, set_event, stop_all
 
 __all__ = ["ScaleSettings", "format_scale_report", "run_scale_bench"]
 
@@ -216,7 +216,7 @@ def run_scale_bench(s: ScaleSettings) -> dict[str, Any]:
                 rss_idle = _rss_mb(pid)
                 creds = load_credentials(creds_path) if creds_path else None
                 fresh_first, fresh = asyncio.run(_fresh_client(endpoint, creds))
-                stop.set()
+                set_event(stop)
                 steady = [results.get(timeout=30) for _ in per] if s.rate else []
             finally:
                 stop_all(stop, procs)
