@@ -110,10 +110,17 @@ def test_the_server_dies_with_the_process_that_started_it():
 def test_ctrl_c_during_a_run_leaves_no_server():
     """Ctrl-C (SIGINT to the terminal's process group) in the middle of a NATS run stops it and its nats-server."""
     before = _servers()
-    bench = subprocess.Popen(
-        [sys.executable, "-m", "mesh", "bench", "--peer", "nats", "--clients", "1", "--inflight", "4", "--duration", "3"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,  # its own group, as a shell gives
-    )
+    # A shell gives a foreground command Ctrl-C's default action; one started in the
+    # background (`make test &`) ignores SIGINT, and so would the bench inherit that
+    # and run to its end. A handler in this process becomes the default in the child.
+    ignored = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        bench = subprocess.Popen(
+            [sys.executable, "-m", "mesh", "bench", "--peer", "nats", "--clients", "1", "--inflight", "4", "--duration", "3"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,  # its own group, as a shell gives
+        )
+    finally:
+        signal.signal(signal.SIGINT, ignored)
     try:
         started: set[int] = set()
         while not started and bench.poll() is None:  # the raw run comes first, then NATS's server
