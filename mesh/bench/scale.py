@@ -14,12 +14,16 @@ Rules of this module:
   answer until the end, and the window measures the broker busy. Then a fresh client connects (its first call timed) and makes `FRESH_CALLS`
   sequential calls, timed one by one. The broker's resident memory is read before the
   clients, with them idle, and after they closed and their processes exited.
+* With `restart`, the broker is then stopped and started again on the same endpoints and
+  state, and every client makes one more call (`mesh.ping`, its default retries): the
+  clock runs from the stop to the last answer, and each failure is counted by its code.
 * Every process is stopped at the end, killed when it does not exit in time.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import multiprocessing as mp
 import os
 import queue
@@ -52,12 +56,21 @@ class ScaleSettings:
     secure: bool = True
     io_threads: int = 1
     rate: float = 0.0  # calls per second each client makes to the echo node (0: idle)
+    restart: bool = False  # restart the broker under the clients, then one call each
 
 
 def _cpu_s(pid: int) -> float:
     """User + system CPU seconds of process `pid` so far."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / _TICKS
+
+
+def _cpu_over(pid: int, procs: list[Any], seconds: float) -> tuple[float, float]:
+    """The cores used by process `pid` and by `procs` together over the next `seconds`."""
+    cpu0, others0, t0 = _cpu_s(pid), sum(_cpu_s(p.pid) for p in procs), time.monotonic()
+    time.sleep(seconds)
+    elapsed = time.monotonic() - t0
+    return (_cpu_s(pid) - cpu0) / elapsed, (sum(_cpu_s(p.pid) for p in procs) - others0) / elapsed
 
 
 def _rss_mb(pid: int) -> float:
@@ -71,13 +84,15 @@ def _raise_fd_limit() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
-def _idle_clients(endpoint: str, count: int, creds_path: str | None, results: Any, stop: Any, rate: float = 0.0) -> None:
+def _idle_clients(endpoint: str, count: int, creds_path: str | None, results: Any, stop: Any, rate: float = 0.0,
+                  ended: Any = None, again: Any = None) -> None:
     """`count` AsyncClients in this spawned process: connect, one call each, idle until `stop`
-    (or, with a `rate`, call `echo.echo` that often each until `stop`).
+    (or, with a `rate`, call `echo.echo` that often each until `ended`).
 
     Puts `(when it began making clients, when the last first answer came, [seconds each
-    first call took], errors)` on `results`, and with a rate, at `stop`, `(answered,
-    failed, [seconds each answered call took])`.
+    first call took], errors)` on `results`, and with a rate, at `ended`, `(answered,
+    failed, [seconds each answered call took])`. With `again` (the broker restarted), once
+    it is set, one call each, then `(when the last answer came, {error code: count}, answered)`.
     """
     from ..client import AsyncClient
     from ..protocol import MeshError
@@ -96,6 +111,13 @@ def _idle_clients(endpoint: str, count: int, creds_path: str | None, results: An
 
     latencies: list[float] = []
     failed = 0
+
+    async def last_code(client: AsyncClient) -> int | None:
+        try:
+            await client.call("mesh", "ping")
+        except MeshError as err:
+            return int(err.code)
+        return None
 
     async def steady(client: AsyncClient) -> None:
         nonlocal failed
@@ -119,13 +141,22 @@ def _idle_clients(endpoint: str, count: int, creds_path: str | None, results: An
             took = await asyncio.gather(*(first(c) for c in clients))
             answered = [t for t in took if t is not None]
             results.put((began, time.time(), answered, len(took) - len(answered)))
-            callers = [asyncio.create_task(steady(c)) for c in clients] if rate else []
-            await asyncio.to_thread(stop.wait)
-            for task in callers:
-                task.cancel()
-            await asyncio.gather(*callers, return_exceptions=True)
             if rate:
+                callers = [asyncio.create_task(steady(c)) for c in clients]
+                await asyncio.to_thread(ended.wait)
+                for task in callers:
+                    task.cancel()
+                await asyncio.gather(*callers, return_exceptions=True)
                 results.put((len(latencies), failed, latencies))
+            if again is not None:
+                await asyncio.to_thread(again.wait)
+                codes = await asyncio.gather(*(last_code(c) for c in clients))
+                failures: dict[int, int] = {}
+                for code in codes:
+                    if code is not None:
+                        failures[code] = failures.get(code, 0) + 1
+                results.put((time.time(), failures, codes.count(None)))
+            await asyncio.to_thread(stop.wait)
         finally:
             for c in clients:
                 await c.close()
@@ -146,6 +177,30 @@ def _start_echo_node(ctx: Any, nodes_ep: str, stop: Any, creds_path: str | None,
     proc.start()
     wait_for_service(clients_ep, timeout=STARTUP_S, creds=client_creds)
     return proc
+
+
+def _restart(stack: contextlib.ExitStack, old: Any, flags: list[str], again: Any, results: Any,
+             processes: int) -> tuple[int, dict[str, Any]]:
+    """Stop the broker, start it again with `flags` (its endpoints and state), then let every
+    client call once: the new broker's pid, and the seconds from the stop to the last
+    answer with the failures by error code."""
+    from ..testing.processes import spawn
+
+    began = time.time()
+    old.stop()
+    new = stack.enter_context(spawn(["broker", *flags]))
+    new.wait_for(r"ready clients=", timeout=STARTUP_S)
+    set_event(again)
+    try:
+        outcomes = [results.get(timeout=120) for _ in range(processes)]
+    except queue.Empty:
+        raise RuntimeError("the clients were not all answered within 120 s of the broker's restart") from None
+    failures: dict[str, int] = {}
+    for _, codes, _ in outcomes:
+        for code, n in codes.items():
+            failures[str(code)] = failures.get(str(code), 0) + n
+    return new.pid, {"back_s": max(when for when, _, _ in outcomes) - began, "failures": failures,
+                     "answered": sum(n for _, _, n in outcomes)}
 
 
 async def _fresh_client(endpoint: str, creds: Any) -> tuple[float, list[float]]:
@@ -176,11 +231,10 @@ def run_scale_bench(s: ScaleSettings) -> dict[str, Any]:
 
     _raise_fd_limit()
     ctx = mp.get_context("spawn")
-    results, stop = ctx.Queue(), ctx.Event()
+    results, stop, ended, again = ctx.Queue(), ctx.Event(), ctx.Event(), ctx.Event()
     procs: list[Any] = []
-    with tempfile.TemporaryDirectory(prefix="mesh-scale-") as tmp:
-        flags = ["--clients", "tcp://127.0.0.1:*", "--nodes", "tcp://127.0.0.1:*", "--events", "tcp://127.0.0.1:*",
-                 "--io-threads", str(s.io_threads), "--log-level", "warning"]
+    with tempfile.TemporaryDirectory(prefix="mesh-scale-") as tmp, contextlib.ExitStack() as stack:
+        flags = ["--io-threads", str(s.io_threads), "--log-level", "warning"]  # the endpoints are apart
         creds_path = None
         if s.secure:
             state = Path(tmp) / "state"
@@ -188,40 +242,40 @@ def run_scale_bench(s: ScaleSettings) -> dict[str, Any]:
             ensure_state(state, nodes={"echo": ["echo"]}, clients={"dev": ["admin"]}, now=time.time())
             flags += ["--state", str(state)]
             creds_path = str(state / "credentials" / "dev.toml")
-        with spawn(["broker", *flags]) as broker:
-            ready = broker.wait_for(r"ready clients=(\S+) nodes=(\S+)", timeout=STARTUP_S)
-            endpoint, nodes_ep = ready.group(1), ready.group(2)
-            pid = broker.pid
-            rss_before = _rss_mb(pid)
-            per = [s.clients // s.processes + (i < s.clients % s.processes) for i in range(s.processes)]
+        anywhere = ["--clients", "tcp://127.0.0.1:*", "--nodes", "tcp://127.0.0.1:*", "--events", "tcp://127.0.0.1:*"]
+        broker = stack.enter_context(spawn(["broker", *anywhere, *flags]))
+        ready = broker.wait_for(r"ready clients=(\S+) nodes=(\S+) events=(\S+)", timeout=STARTUP_S)
+        endpoint, nodes_ep = ready.group(1), ready.group(2)
+        pid = broker.pid
+        rss_before = _rss_mb(pid)
+        per = [s.clients // s.processes + (i < s.clients % s.processes) for i in range(s.processes)]
+        try:
+            if s.rate:
+                procs.append(_start_echo_node(ctx, nodes_ep, stop, creds_path, endpoint))
+            for count in per:
+                p = ctx.Process(target=_idle_clients, daemon=True,
+                                args=(endpoint, count, creds_path, results, stop, s.rate, ended, again if s.restart else None))
+                p.start()
+                procs.append(p)
             try:
-                if s.rate:
-                    procs.append(_start_echo_node(ctx, nodes_ep, stop, creds_path, endpoint))
-                for count in per:
-                    p = ctx.Process(target=_idle_clients, args=(endpoint, count, creds_path, results, stop, s.rate),
-                                    daemon=True)
-                    p.start()
-                    procs.append(p)
-                try:
-                    outcomes = [results.get(timeout=90) for _ in per]
-                except queue.Empty:
-                    raise RuntimeError("the clients did not all connect within 90 s") from None
-                connected = max(o[1] for o in outcomes) - min(o[0] for o in outcomes)
-                time.sleep(1.0)  # let the last answers settle before sampling idleness
-                cpu0, clients_cpu0, t0 = _cpu_s(pid), sum(_cpu_s(p.pid) for p in procs), time.monotonic()
-                time.sleep(s.idle)
-                elapsed = time.monotonic() - t0
-                idle_cpu = (_cpu_s(pid) - cpu0) / elapsed
-                clients_cpu = (sum(_cpu_s(p.pid) for p in procs) - clients_cpu0) / elapsed
-                rss_idle = _rss_mb(pid)
-                creds = load_credentials(creds_path) if creds_path else None
-                fresh_first, fresh = asyncio.run(_fresh_client(endpoint, creds))
-                set_event(stop)
-                steady = [results.get(timeout=30) for _ in per] if s.rate else []
-            finally:
-                stop_all(stop, procs)
-            time.sleep(TRIM_S + 1.0)  # the broker returns what the closed links held
-            rss_after = _rss_mb(pid)
+                outcomes = [results.get(timeout=90) for _ in per]
+            except queue.Empty:
+                raise RuntimeError("the clients did not all connect within 90 s") from None
+            connected = max(o[1] for o in outcomes) - min(o[0] for o in outcomes)
+            time.sleep(1.0)  # let the last answers settle before sampling idleness
+            idle_cpu, clients_cpu = _cpu_over(pid, procs, s.idle)
+            rss_idle = _rss_mb(pid)
+            fresh_first, fresh = asyncio.run(_fresh_client(endpoint, load_credentials(creds_path) if creds_path else None))
+            set_event(ended)  # the calls at `rate` end here, before any restart
+            steady = [results.get(timeout=30) for _ in per] if s.rate else []
+            restart = None
+            if s.restart:  # on the same endpoints and state
+                pinned = [*flags, "--clients", endpoint, "--nodes", nodes_ep, "--events", ready.group(3)]
+                pid, restart = _restart(stack, broker, pinned, again, results, len(per))
+        finally:
+            stop_all(stop, procs)
+        time.sleep(TRIM_S + 1.0)  # the broker returns what the closed links held
+        rss_after = _rss_mb(pid)
     first_calls = sorted(t for _, _, took, _ in outcomes for t in took)
     calls = sorted(t for _, _, took in steady for t in took)
     fresh_figures = figures(len(fresh), fresh, 1.0)["latency_ms"]
@@ -243,6 +297,7 @@ def run_scale_bench(s: ScaleSettings) -> dict[str, Any]:
                          "latency_ms": figures(len(calls), calls, 1.0)["latency_ms"] if calls else None},
         "fresh_client": {"first_call_ms": fresh_first * 1000, "p50_ms": fresh_figures["p50"],
                          "p99_ms": fresh_figures["p99"]},
+        "restart": restart,
     }
 
 
@@ -263,4 +318,6 @@ def format_scale_report(report: dict[str, Any]) -> str:
         f"broker RSS: {rss['before']:.0f} MB before, {rss['idle']:.0f} MB with the clients "
         f"({b['kb_per_client']:.1f} KB each), {rss['after']:.0f} MB after they left",
         f"fresh client: first call {f['first_call_ms']:.1f} ms, then p50 {f['p50_ms']:.2f} ms, p99 {f['p99_ms']:.2f} ms",
+        *([f"broker restarted: {r['answered']} clients answered again, the last {r['back_s']:.2f} s after the stop; "
+           f"failures by code: {r['failures'] or 'none'}"] if (r := report["restart"]) else []),
     ])

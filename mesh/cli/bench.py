@@ -21,7 +21,7 @@ BENCH_OPTIONS: dict[str, tuple[str, ...]] = {
     "events": ("subscribers", "payload", "duration", "transport", "peer"),
     "mcp": ("payload", "duration"),  # one driving process, 16 in flight as the bar says, loopback TCP
     "failover": ("nodes", "rounds", "signals", "heartbeat", "callers", "work", "plain_share", "seed"),
-    "scale": ("idle_clients", "client_processes", "plain", "io_threads", "duration", "call_rate"),
+    "scale": ("idle_clients", "client_processes", "plain", "io_threads", "duration", "call_rate", "restart"),
 }
 
 
@@ -37,6 +37,7 @@ BENCH_OPTIONS: dict[str, tuple[str, ...]] = {
 @click.option("--client-processes", default=4, show_default=True, type=click.IntRange(1, 64), help="With --scale: processes the idle clients run in.")
 @click.option("--plain", is_flag=True, help="With --scale: security off (default on: CURVE and tokens).")
 @click.option("--call-rate", default=0.0, show_default=True, type=click.FloatRange(0, 1000), help="With --scale: calls per second each client makes to an echo node while measured (0: the clients idle).")
+@click.option("--restart", is_flag=True, help="With --scale: then restart the broker under the clients and time until each has been answered again.")
 @click.option("--io-threads", default=1, show_default=True, type=click.IntRange(1, 16), help="With --scale: the broker's libzmq I/O threads.")
 @click.option("--subscribers", default="1,10,100", show_default=True, help="With --events: subscriber counts, one pair of runs each.")
 @click.option("--clients", default=4, show_default=True, type=click.IntRange(1, 64), help="Client processes.")
@@ -145,7 +146,7 @@ def _run_benchmark(kind: str, o: dict[str, Any]) -> tuple[dict[str, Any], str]:
         from ..bench.scale import ScaleSettings, format_scale_report, run_scale_bench
 
         report = run_scale_bench(ScaleSettings(o["idle_clients"], o["client_processes"], o["duration"], not o["plain"],
-                                               o["io_threads"], o["call_rate"]))
+                                               o["io_threads"], o["call_rate"], o["restart"]))
         return report, format_scale_report(report)
     from ..bench.common import BenchSettings
 

@@ -172,10 +172,12 @@ def test_the_scale_probe_reports_what_many_clients_cost():
     own key, security on) at that rate while the broker's CPU is measured, every such call
     answered: at least rate x clients x seconds of them, none failed (broken once on
     purpose by starting one client too few per process: the count check failed; and once
-    by never starting the callers: 0 answered failed the count check)."""
+    by never starting the callers: 0 answered failed the count check). With `--restart`, the
+    broker is restarted under them and every client is answered again, none refused
+    (broken once on purpose by skipping the call after the restart: 0 answered)."""
     out = subprocess.run(
         [sys.executable, "-m", "mesh", "bench", "--scale", "--idle-clients", "31", "--client-processes", "2",
-         "--duration", "1", "--call-rate", "10", "--json"],
+         "--duration", "1", "--call-rate", "10", "--restart", "--json"],
         capture_output=True, text=True, timeout=120, check=True,
     ).stdout
     report = json.loads(out[out.index("{"):])
@@ -188,6 +190,8 @@ def test_the_scale_probe_reports_what_many_clients_cost():
     assert report["settings"]["rate"] == 10 and calls["failed"] == 0
     assert calls["answered"] >= 31 * 10 * 1  # at least the measured second's worth
     assert 0 < calls["latency_ms"]["p50"] <= calls["latency_ms"]["p99"]
+    restart = report["restart"]
+    assert restart["answered"] == 31 and restart["failures"] == {} and restart["back_s"] > 0
 
 
 def rss_mb(pid: int) -> float:
