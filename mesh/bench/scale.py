@@ -1,4 +1,4 @@
-"""`mesh bench --scale`: what many connected, idle clients cost one broker.
+"""`mesh bench --scale`: what many connected clients cost one broker, idle, calling, or through its restart.
 
 Rules of this module:
 
@@ -11,9 +11,10 @@ Rules of this module:
 * Then everything idles for `idle` seconds while the broker's CPU is sampled from /proc;
   with a call `rate`, every client instead calls the echo node (a real node process, its
   own key with security on) `rate` times a second, each at its own phase, from its first
-  answer until the end, and the window measures the broker busy. Then a fresh client connects (its first call timed) and makes `FRESH_CALLS`
-  sequential calls, timed one by one. The broker's resident memory is read before the
-  clients, with them idle, and after they closed and their processes exited.
+  answer until the fresh client below is done, and the window measures the broker busy.
+  Then a fresh client connects (its first call timed) and makes `FRESH_CALLS` sequential
+  calls, timed one by one. The broker's resident memory is read before the clients, with
+  them idle, and after they closed and their processes exited.
 * With `restart`, the broker is then stopped and started again on the same endpoints and
   state, and every client makes one more call (`mesh.ping`, its default retries): the
   clock runs from the stop to the last answer, and each failure is counted by its code.
