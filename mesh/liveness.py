@@ -15,9 +15,10 @@ Rules of this module:
   second one is never queued behind an unanswered first, so a broker that comes back
   is not met by a pile of pings. A new link (`connected`) starts `SUSPECT` with one
   heartbeat due, to prove the new broker quickly.
-* A link whose transport is connected but still in its handshake (`handshaking`: the
-  broker's host accepted the connection, and its CURVE/ZMTP answer may queue behind
-  thousands of others, as when a broker restarts under all its clients) has been asked
+* A link whose transport is connecting or connected but still in its handshake
+  (`handshaking`: the broker's host has not yet answered the connection or has accepted
+  it, and its SYN-ACK or CURVE/ZMTP answer may queue behind thousands of others, as when
+  a broker restarts under all its clients) has been asked
   nothing yet: its silence counts from the end of the handshake, for at most
   `HANDSHAKE_GRACE_S` after the link opened, when that broker is the client's only one.
   Replacing such a link would only start its handshake again, and thousands of clients

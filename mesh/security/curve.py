@@ -375,7 +375,9 @@ class CurveAuthenticator(ThreadAuthenticator):
 
 
 _WATCHED: Final = (
-    zmq.EVENT_CONNECTED
+    zmq.EVENT_CONNECT_DELAYED
+    | zmq.EVENT_CONNECT_RETRIED
+    | zmq.EVENT_CONNECTED
     | zmq.EVENT_HANDSHAKE_SUCCEEDED
     | zmq.EVENT_HANDSHAKE_FAILED_AUTH
     | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
@@ -402,7 +404,10 @@ class HandshakeWatch:
       such failures in a row the watch reports a refusal too.
     * `HANDSHAKE_SUCCEEDED` clears that endpoint's failure; `DISCONNECTED` its readiness.
     * `CONNECTED` (TCP is up) until the handshake ends either way or the connection
-      drops: `handshaking`, a broker that is there but has not answered yet.
+      drops: `handshaking`, a broker that is there but has not answered yet. So is a
+      connection still being made (`CONNECT_DELAYED`, until it connects or fails with
+      `CONNECT_RETRIED`): a broker whose backlog is full answers a SYN only later,
+      while one that is gone refuses it at once.
 
     An asyncio loop can `loop.add_reader(watch.fd, ...)` and call `check()` on wake-up;
     the fd is edge-triggered (ZeroMQ's rule), so `check()` drains every pending event.
@@ -418,7 +423,7 @@ class HandshakeWatch:
     def __init__(self, sock: zmq.Socket, *, silent_limit: int = 3) -> None:
         self.silent_limit = silent_limit
         self._ready: set[str] = set()
-        self._connected: set[str] = set()  # TCP up, handshake not finished
+        self._connected: set[str] = set()  # TCP being made or up, handshake not finished
         self._failed: dict[str, dict[str, Any]] = {}  # endpoint -> details of its refusal
         self._silent: dict[str, int] = {}
         self.drops = 0  # connections closed after a completed handshake
@@ -433,7 +438,7 @@ class HandshakeWatch:
 
     @property
     def handshaking(self) -> bool:
-        """Whether a connection is up and its handshake not finished (as of the last `check`)."""
+        """Whether a connection is being made or up and its handshake not finished (as of the last `check`)."""
         return bool(self._connected)
 
     @property
@@ -506,7 +511,7 @@ class HandshakeWatch:
             return  # not a libzmq monitor event; nothing else writes to this socket
         event, value = _EVENT.unpack(frames[0])
         endpoint = frames[1].decode(errors="replace")
-        if event == zmq.EVENT_CONNECTED:
+        if event in (zmq.EVENT_CONNECT_DELAYED, zmq.EVENT_CONNECTED):
             self._connected.add(endpoint)
             return
         self._connected.discard(endpoint)  # every other event ends the handshake or the connection
