@@ -32,6 +32,7 @@ import random
 import resource
 import tempfile
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Final
@@ -152,11 +153,7 @@ def _idle_clients(endpoint: str, count: int, creds_path: str | None, results: An
             if again is not None:
                 await asyncio.to_thread(again.wait)
                 codes = await asyncio.gather(*(last_code(c) for c in clients))
-                failures: dict[int, int] = {}
-                for code in codes:
-                    if code is not None:
-                        failures[code] = failures.get(code, 0) + 1
-                results.put((time.time(), failures, codes.count(None)))
+                results.put((time.time(), Counter(str(code) for code in codes if code is not None), codes.count(None)))
             await asyncio.to_thread(stop.wait)
         finally:
             for c in clients:
@@ -196,11 +193,8 @@ def _restart(stack: contextlib.ExitStack, old: Any, flags: list[str], again: Any
         outcomes = [results.get(timeout=120) for _ in range(processes)]
     except queue.Empty:
         raise RuntimeError("the clients were not all answered within 120 s of the broker's restart") from None
-    failures: dict[str, int] = {}
-    for _, codes, _ in outcomes:
-        for code, n in codes.items():
-            failures[str(code)] = failures.get(str(code), 0) + n
-    return new.pid, {"back_s": max(when for when, _, _ in outcomes) - began, "failures": failures,
+    failures = sum((codes for _, codes, _ in outcomes), Counter[str]())
+    return new.pid, {"back_s": max(when for when, _, _ in outcomes) - began, "failures": dict(failures),
                      "answered": sum(n for _, _, n in outcomes)}
 
 
