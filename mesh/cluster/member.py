@@ -9,8 +9,13 @@ Rules of this module:
 * `process()` handles every Ready in the core's order: persist (one SQLite transaction,
   fsync'd, for everything the Ready holds: group commit), send, install a snapshot into
   the state machine, apply the committed NORMAL entries in order, advance. Then it
-  compacts (a snapshot of the state machine once the applied log runs `compact_after`
-  entries past the last snapshot) and sends the proposals that waited for a leader.
+  compacts and sends the proposals that waited for a leader.
+* Compaction: once the applied log runs `compact_after` entries past the last snapshot
+  and its entries' bytes reach that snapshot's size, the state machine's snapshot is
+  taken here and written to disk by the storage's own thread (RaftStorage rules); the
+  loop goes on meanwhile, and one snapshot is written at a time. The byte rule keeps the
+  work per entry bounded however large the shared state grows, as a log-structured
+  store compacts: a 20 MB state is snapshotted after 20 MB of log, not every 10,000 entries.
 * One exception to "persist, then send", as etcd's raft allows a leader (Raft thesis
   10.2.1): appends and snapshots of a term already on disk leave before the Ready is
   persisted, so the leader's fsync and its followers' overlap. They promise nothing
@@ -157,6 +162,8 @@ class ClusterMember:
         self._next_tick: float | None = None
         self._closed = False
         self._heard: dict[str, float] = {}  # peer -> monotonic time of its last message
+        self._applied_bytes = 0  # of the entries applied since the last snapshot was taken
+        self._snapshot_bytes = 0  # the size of that snapshot
 
         directory = Path(data_dir)
         directory.mkdir(parents=True, exist_ok=True)
@@ -166,6 +173,7 @@ class ClusterMember:
             self._durable_term = state.hard_state.term  # the term on disk: its appends may leave early
             if state.snapshot.index:
                 state_machine.restore(state.snapshot.data)
+                self._snapshot_bytes = len(state.snapshot.data)
             self.raft = RaftNode(config, random.Random(seed), state)
             self.transport = PeerTransport(ctx, member_id, self.endpoints, security)
         except BaseException:
@@ -309,7 +317,7 @@ class ClusterMember:
         transport = getattr(self, "transport", None)
         if transport is not None:
             transport.close()
-        self.storage.close()
+        self.storage.close()  # after a snapshot being written is on disk
 
     # ------------------------------------------------------------------ helpers
 
@@ -345,17 +353,24 @@ class ClusterMember:
     def _apply(self, rd: Ready) -> None:
         if rd.snapshot is not None:
             self.state_machine.restore(rd.snapshot.data)
+            self._applied_bytes, self._snapshot_bytes = 0, len(rd.snapshot.data)
             self.counters["snapshots_installed"] += 1
         apply = self.state_machine.apply
         self.counters["entries_applied"] += len(rd.committed_entries)
         for entry in rd.committed_entries:
+            self._applied_bytes += len(entry.data)
             if entry.kind is EntryKind.NORMAL:
                 apply(entry.index, entry.data)
 
     def _maybe_compact(self) -> None:
+        storage = self.storage
+        if storage.writing_snapshot:
+            if storage.finish_snapshot() is not None:
+                self.counters["compactions"] += 1
+            return
         log_ = self.raft.log
-        if log_.applied - log_.snapshot.index <= self.compact_after:
+        if log_.applied - log_.snapshot.index <= self.compact_after or self._applied_bytes < self._snapshot_bytes:
             return
         snap = self.raft.compact(log_.applied, self.state_machine.snapshot())
-        self.storage.save_snapshot(snap)
-        self.counters["compactions"] += 1
+        self._applied_bytes, self._snapshot_bytes = 0, len(snap.data)
+        storage.begin_snapshot(snap)

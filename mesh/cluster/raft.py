@@ -254,7 +254,7 @@ class RaftNode:
     def compact(self, index: int, snapshot_data: bytes) -> Snapshot:
         """Discard the log up to `index`, which the application applied and snapshotted.
 
-        The application persists the returned snapshot itself (storage.save_snapshot);
+        The application persists the returned snapshot itself (storage.begin_snapshot);
         the node keeps it to send to followers that fall behind the compacted log.
 
         Raises:

@@ -17,7 +17,19 @@ Rules of this module:
   the term at least the log's last term). Anything wrong raises `CorruptStateError`
   naming the file and the problem: a broker must not rejoin a cluster with a state it
   cannot trust.
-* A file that exists is never silently re-created, even when empty or truncated.
+* A compaction's snapshot is written by a thread of its own (`begin_snapshot`), in
+  chunks of `SNAPSHOT_CHUNK_BYTES`, one short transaction each, then made current with
+  the entries it covers dropped in one last transaction. A snapshot of the whole shared
+  state runs to tens of megabytes; written in the loop's thread in one transaction it
+  stalled every broker for up to 0.6 s at once and started elections. The loop's own
+  transactions wait at most one chunk. The entries it covers and the snapshot it
+  replaced are dropped after, in short transactions as well; until they are, and after
+  a crash in between, they are ignored (entries at or below the snapshot's index are
+  never read). An installed snapshot (from the leader) is written in the loop's
+  thread, inside the Ready's transaction, as before; a background snapshot older than
+  the current one is discarded, never made current.
+* A file that exists is never silently re-created, even when empty or truncated. A file
+  of schema version 1 (snapshots in one row) is upgraded in place on open.
 * sqlite3 errors never escape: opening maps them to CorruptStateError, writing to
   InternalError (the disk failed under a running node).
 """
@@ -26,6 +38,8 @@ from __future__ import annotations
 
 import sqlite3
 import struct
+import threading
+import time
 import zlib
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -39,7 +53,9 @@ from .raft import PersistedState, Ready
 
 __all__ = ["SCHEMA_VERSION", "RaftStorage"]
 
-SCHEMA_VERSION: Final = 1
+SCHEMA_VERSION: Final = 2
+SNAPSHOT_CHUNK_BYTES: Final = 1 << 20  # a background snapshot's transactions hold the file this long at most
+ENTRIES_DROPPED_AT_ONCE: Final = 1_000  # and so do those dropping the entries it covers
 # One broker owns this file; the WAL switch still waits out any other opener (mesh.sqlitefile).
 OPEN_WAIT_S: Final = 10.0
 
@@ -50,10 +66,20 @@ CREATE TABLE hard_state (
     term INTEGER NOT NULL, vote TEXT, commit_index INTEGER NOT NULL, checksum INTEGER NOT NULL);
 CREATE TABLE snapshot (
     id INTEGER PRIMARY KEY CHECK (id = 1),
-    idx INTEGER NOT NULL, term INTEGER NOT NULL, data BLOB NOT NULL, checksum INTEGER NOT NULL);
+    idx INTEGER NOT NULL, term INTEGER NOT NULL, data BLOB NOT NULL, checksum INTEGER NOT NULL,
+    chunked INTEGER NOT NULL DEFAULT 0);
 CREATE TABLE entries (
     idx INTEGER PRIMARY KEY, term INTEGER NOT NULL, kind INTEGER NOT NULL,
     data BLOB NOT NULL, checksum INTEGER NOT NULL);
+CREATE TABLE snapshot_chunks (
+    idx INTEGER NOT NULL, seq INTEGER NOT NULL, data BLOB NOT NULL, PRIMARY KEY (idx, seq));
+"""
+# Version 1 had the snapshot's bytes in its row only.
+_UPGRADE_FROM_1: Final = """
+ALTER TABLE snapshot ADD COLUMN chunked INTEGER NOT NULL DEFAULT 0;
+CREATE TABLE snapshot_chunks (
+    idx INTEGER NOT NULL, seq INTEGER NOT NULL, data BLOB NOT NULL, PRIMARY KEY (idx, seq));
+UPDATE meta SET value = '2' WHERE key = 'schema_version'
 """
 
 
@@ -67,7 +93,9 @@ def _crc(*parts: int | bytes | str | None) -> int:
             chunk = b"\x01" + struct.pack(">q", part)
         else:
             raw = part.encode() if isinstance(part, str) else part
-            chunk = b"\x02" + struct.pack(">I", len(raw)) + raw
+            chunk = b"\x02" + struct.pack(">I", len(raw))
+            crc = zlib.crc32(raw, zlib.crc32(chunk, crc))  # no copy of a large snapshot
+            continue
         crc = zlib.crc32(chunk, crc)
     return crc
 
@@ -79,6 +107,8 @@ class RaftStorage:
         self._conn = conn
         self.path = path
         self._term_vote: tuple[int, str | None] = (0, None)  # as stored: a change of either is synced
+        self._writer: _SnapshotWriter | None = None
+        self._lock = threading.Lock()  # one transaction at a time with the snapshot's writer
 
     @classmethod
     def open(cls, path: str | Path, cluster_id: str) -> RaftStorage:
@@ -100,6 +130,7 @@ class RaftStorage:
             conn.execute("PRAGMA synchronous=FULL")
             if not existed:
                 storage._create(cluster_id)
+            storage._upgrade()
             storage._verify(cluster_id)
         except sqlite3.DatabaseError as exc:
             conn.close()
@@ -110,6 +141,10 @@ class RaftStorage:
         return storage
 
     def close(self) -> None:
+        """Wait for a snapshot being written, then close the file."""
+        if self._writer is not None:
+            self._writer.join()
+            self._writer = None
         self._conn.close()
 
     def __enter__(self) -> RaftStorage:
@@ -158,29 +193,57 @@ class RaftStorage:
             self._write_hard_state(hard_state)
         self._term_vote = (hard_state.term, hard_state.vote)
 
-    def save_snapshot(self, snapshot: Snapshot) -> None:
-        """Store the application's snapshot and drop the entries it covers (compaction).
+    def begin_snapshot(self, snapshot: Snapshot) -> None:
+        """Start storing a compaction's snapshot in the background; `finish_snapshot` says when done.
 
         Raises:
             ValueError: the snapshot is older than the one stored.
+            RuntimeError: the previous one is still being written.
         """
-        with self._transaction():
-            current = self._conn.execute("SELECT idx FROM snapshot").fetchone()
-            if current is not None and snapshot.index < current[0]:
-                raise ValueError(f"snapshot at {snapshot.index} is older than the stored one at {current[0]}")
-            self._write_snapshot(snapshot)
-            self._conn.execute("DELETE FROM entries WHERE idx <= ?", (snapshot.index,))
+        if self._writer is not None:
+            raise RuntimeError("a snapshot is still being written")
+        current = self._conn.execute("SELECT idx FROM snapshot").fetchone()
+        if current is not None and snapshot.index < current[0]:
+            raise ValueError(f"snapshot at {snapshot.index} is older than the stored one at {current[0]}")
+        self._writer = _SnapshotWriter(self.path, snapshot, self._lock)
+        self._writer.start()
+
+    @property
+    def writing_snapshot(self) -> bool:
+        """Whether a snapshot begun is not yet collected by `finish_snapshot`."""
+        return self._writer is not None
+
+    def finish_snapshot(self, *, wait: bool = False) -> Snapshot | None:
+        """The snapshot `begin_snapshot` stored, once it is current (None while it is written,
+        or when none was begun); with `wait`, wait for it.
+
+        Raises:
+            InternalError: it could not be written (the disk failed under a running node).
+        """
+        writer = self._writer
+        if writer is None or (writer.is_alive() and not wait):
+            return None
+        writer.join()
+        self._writer = None
+        if writer.error is not None:
+            raise InternalError(
+                f"cluster state {self.path}: the snapshot could not be written ({writer.error})",
+                details={"path": str(self.path)},
+            )
+        return writer.snapshot
 
     # ------------------------------------------------------------------ reading
 
     def load(self) -> PersistedState:
         """Everything a restarting node needs (checked when the file was opened)."""
         hard = self._conn.execute("SELECT term, vote, commit_index FROM hard_state").fetchone()
-        snap = self._conn.execute("SELECT idx, term, data FROM snapshot").fetchone()
-        rows = self._conn.execute("SELECT idx, term, kind, data FROM entries ORDER BY idx").fetchall()
+        snapshot = self._read_snapshot()[0]
+        rows = self._conn.execute(
+            "SELECT idx, term, kind, data FROM entries WHERE idx > ? ORDER BY idx", (snapshot.index,)
+        ).fetchall()  # those at or below it are a compaction's, not yet dropped
         return PersistedState(
             hard_state=HardState(*hard) if hard else HardState(),
-            snapshot=Snapshot(*snap) if snap else Snapshot(),
+            snapshot=snapshot,
             entries=tuple(Entry(i, t, d, EntryKind(k)) for i, t, k, d in rows),
         )
 
@@ -189,19 +252,20 @@ class RaftStorage:
     @contextmanager
     def _transaction(self, *, sync: bool = True) -> Iterator[None]:
         try:
-            if not sync:
-                self._conn.execute("PRAGMA synchronous=NORMAL")  # WAL: written in order, synced later
-            try:
-                self._conn.execute("BEGIN IMMEDIATE")
-                try:
-                    yield
-                except BaseException:
-                    self._conn.execute("ROLLBACK")
-                    raise
-                self._conn.execute("COMMIT")
-            finally:
+            with self._lock:
                 if not sync:
-                    self._conn.execute("PRAGMA synchronous=FULL")
+                    self._conn.execute("PRAGMA synchronous=NORMAL")  # WAL: written in order, synced later
+                try:
+                    self._conn.execute("BEGIN IMMEDIATE")
+                    try:
+                        yield
+                    except BaseException:
+                        self._conn.execute("ROLLBACK")
+                        raise
+                    self._conn.execute("COMMIT")
+                finally:
+                    if not sync:
+                        self._conn.execute("PRAGMA synchronous=FULL")
         except sqlite3.Error as exc:
             raise InternalError(
                 f"cluster state {self.path} could not be written ({type(exc).__name__})",
@@ -215,7 +279,7 @@ class RaftStorage:
         if any(e.index != first + i for i, e in enumerate(entries)):
             raise ValueError("entries must have consecutive indexes")
         snap_index = self._conn.execute("SELECT coalesce(max(idx), 0) FROM snapshot").fetchone()[0]
-        last = self._conn.execute("SELECT coalesce(max(idx), ?) FROM entries", (snap_index,)).fetchone()[0]
+        last = max(snap_index, self._conn.execute("SELECT coalesce(max(idx), 0) FROM entries").fetchone()[0])
         if not snap_index < first <= last + 1:
             raise ValueError(f"entries from {first} would leave a gap after {last} (snapshot at {snap_index})")
         self._conn.execute("DELETE FROM entries WHERE idx >= ?", (first,))
@@ -232,9 +296,33 @@ class RaftStorage:
 
     def _write_snapshot(self, snap: Snapshot) -> None:
         self._conn.execute(
-            "INSERT OR REPLACE INTO snapshot (id, idx, term, data, checksum) VALUES (1, ?, ?, ?, ?)",
+            "INSERT OR REPLACE INTO snapshot (id, idx, term, data, checksum, chunked) VALUES (1, ?, ?, ?, ?, 0)",
             (snap.index, snap.term, snap.data, _crc(snap.index, snap.term, snap.data)),
         )
+        self._conn.execute("DELETE FROM snapshot_chunks")  # a background write's, now stale
+
+    def _read_snapshot(self) -> tuple[Snapshot, int | None]:
+        """The stored snapshot, and its stored checksum (None when there is none)."""
+        row = self._conn.execute("SELECT idx, term, data, checksum, chunked FROM snapshot").fetchone()
+        if row is None:
+            return Snapshot(), None
+        idx, term, data, checksum, chunked = row
+        if chunked:
+            chunks = self._conn.execute("SELECT data FROM snapshot_chunks WHERE idx = ? ORDER BY seq", (idx,))
+            data = b"".join(chunk for (chunk,) in chunks)
+        return Snapshot(idx, term, data), checksum
+
+    def _upgrade(self) -> None:
+        """Bring a file of an earlier schema version to this one (checked by `_verify` after)."""
+        try:
+            version = self._conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+        except sqlite3.OperationalError:
+            return  # not a mesh cluster state: _verify says so
+        if version is not None and version[0] == "1":
+            with self._transaction():
+                for statement in _UPGRADE_FROM_1.split(";"):
+                    if statement.strip():
+                        self._conn.execute(statement)
 
     def _create(self, cluster_id: str) -> None:
         with self._transaction():
@@ -253,7 +341,7 @@ class RaftStorage:
         if check != "ok":
             raise _corrupt(path, f"SQLite's integrity check failed ({check})")
         tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-        if not {"meta", "hard_state", "snapshot", "entries"} <= tables:
+        if not {"meta", "hard_state", "snapshot", "entries", "snapshot_chunks"} <= tables:
             raise _corrupt(path, "not a mesh cluster state (tables missing)")
         meta = dict(conn.execute("SELECT key, value FROM meta"))
         if meta.get("schema_version") != str(SCHEMA_VERSION):
@@ -268,17 +356,13 @@ class RaftStorage:
                 raise _corrupt(path, "hard state (term, vote, commit) has a bad checksum")
             hard = HardState(*row[:3])
             self._term_vote = (hard.term, hard.vote)
-        snap = Snapshot()
-        row = conn.execute("SELECT idx, term, data, checksum FROM snapshot").fetchone()
-        if row is not None:
-            if _crc(*row[:3]) != row[3]:
-                raise _corrupt(path, f"snapshot at index {row[0]} has a bad checksum")
-            snap = Snapshot(*row[:3])
+        snap, checksum = self._read_snapshot()
+        if checksum is not None and _crc(snap.index, snap.term, snap.data) != checksum:
+            raise _corrupt(path, f"snapshot at index {snap.index} has a bad checksum")
 
         expected, last_term = snap.index + 1, snap.term
-        for idx, term, kind, data, checksum in conn.execute("SELECT * FROM entries ORDER BY idx"):
-            if idx < expected:
-                raise _corrupt(path, f"entry {idx} lies inside the snapshot, which ends at {snap.index}")
+        entries = conn.execute("SELECT * FROM entries WHERE idx > ? ORDER BY idx", (snap.index,))
+        for idx, term, kind, data, checksum in entries:
             if idx > expected:
                 raise _corrupt(path, f"log has a gap: entries {expected} to {idx - 1} are missing")
             if _crc(idx, term, kind, data) != checksum:
@@ -293,6 +377,70 @@ class RaftStorage:
             raise _corrupt(path, f"commit index {hard.commit} is past the last log index {last_index}")
         if hard.term < last_term:
             raise _corrupt(path, f"current term {hard.term} is before the log's last term {last_term}")
+
+
+class _SnapshotWriter(threading.Thread):
+    """Writes one snapshot through a connection of its own (sqlite3 lets go of the GIL
+    while it writes), in chunks, then makes it current unless a newer one is.
+
+    Each of its transactions holds `lock`, which the loop's transactions take too: SQLite's
+    own busy wait backs off in growing sleeps and lost the file to this thread's next
+    chunk again and again (waits of 35-140 ms), where the lock hands it over at once.
+    """
+
+    def __init__(self, path: Path, snapshot: Snapshot, lock: threading.Lock) -> None:
+        super().__init__(name="raft-snapshot", daemon=True)
+        self.path = path
+        self.snapshot = snapshot
+        self.lock = lock
+        self.error: Exception | None = None
+
+    def run(self) -> None:
+        try:
+            conn = sqlite3.connect(self.path, isolation_level=None)
+        except sqlite3.Error as exc:
+            self.error = exc
+            return
+        try:
+            self._write(conn, self.snapshot)
+        except sqlite3.Error as exc:
+            self.error = exc
+        finally:
+            conn.close()
+
+    def _write(self, conn: sqlite3.Connection, snap: Snapshot) -> None:
+        checksum = _crc(snap.index, snap.term, snap.data)
+        conn.execute("PRAGMA synchronous=NORMAL")  # the swap's fsync covers the chunks before it (WAL)
+        self._step(conn, "DELETE FROM snapshot_chunks WHERE idx = ?", (snap.index,))
+        view = memoryview(snap.data)
+        for seq, start in enumerate(range(0, len(view), SNAPSHOT_CHUNK_BYTES)):
+            chunk = view[start : start + SNAPSHOT_CHUNK_BYTES]
+            self._step(conn, "INSERT INTO snapshot_chunks (idx, seq, data) VALUES (?, ?, ?)", (snap.index, seq, chunk))
+        conn.execute("PRAGMA synchronous=FULL")
+        with self.lock:
+            conn.execute("BEGIN IMMEDIATE")
+            current = conn.execute("SELECT idx FROM snapshot").fetchone()
+            newer = current is None or current[0] < snap.index  # else an installed snapshot overtook it
+            if newer:
+                conn.execute(
+                    "INSERT OR REPLACE INTO snapshot (id, idx, term, data, checksum, chunked) VALUES (1, ?, ?, ?, ?, 1)",
+                    (snap.index, snap.term, b"", checksum),
+                )
+            conn.execute("COMMIT")
+        # What it replaced goes in short transactions too; a crash leaves it unread.
+        kept = snap.index if newer else current[0]
+        for key in conn.execute("SELECT idx, seq FROM snapshot_chunks WHERE idx != ?", (kept,)).fetchall():
+            self._step(conn, "DELETE FROM snapshot_chunks WHERE idx = ? AND seq = ?", key)
+        drop = "DELETE FROM entries WHERE idx IN (SELECT idx FROM entries WHERE idx <= ? ORDER BY idx LIMIT ?)"
+        while self._step(conn, drop, (kept, ENTRIES_DROPPED_AT_ONCE)):
+            pass
+
+    def _step(self, conn: sqlite3.Connection, sql: str, args: Sequence[object]) -> int:
+        """One statement, its own transaction; the rows it changed."""
+        with self.lock:
+            changed = conn.execute(sql, args).rowcount
+        time.sleep(0)  # let a loop waiting for the lock have it first
+        return changed
 
 
 def _corrupt(path: Path, problem: str) -> CorruptStateError:

@@ -355,6 +355,27 @@ def test_a_member_behind_the_compacted_log_catches_up_through_a_snapshot(cluster
     assert c.machines[other].data == expected  # its snapshot, then the entries after it
 
 
+def test_compaction_waits_for_as_many_log_bytes_as_the_last_snapshot_holds(cluster_of):
+    """The amortization rule: a snapshot holds the whole state, so taking one every
+    `compact_after` entries costs more per entry the larger the state grows (a 20 MB
+    state every 10,000 entries stalled the brokers). A member compacts only once the
+    log since its last snapshot is as large as that snapshot: with the state growing by
+    each entry, the snapshots' sizes double, and 320 entries past a threshold of 10 give
+    a handful of compactions instead of about 30."""
+    c = cluster_of(compact_after=10)
+    leader = c.elect()
+    for i in range(320):
+        c.members[leader].propose(b"z%03d" % i + b"." * 60)
+        if i % 16 == 15:
+            c.run(0.02)
+    c.run_until(c.all_have(320), 10)
+    c.run(0.2)  # the last snapshot begun is written
+    compactions = c.members[leader].counters["compactions"]
+    assert 3 <= compactions <= 6, compactions
+    snapshot_index = c.members[leader].status()["snapshot_index"]
+    assert 160 <= snapshot_index <= 320  # the last one came after the log had doubled
+
+
 def test_a_learner_receives_the_log_but_does_not_count_for_the_quorum(cluster_of):
     """A learner applies what the voters commit and never leads; with two voters gone
     the leader's new entry reaches the learner but is not committed."""

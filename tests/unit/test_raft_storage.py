@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from mesh.cluster import Config, Entry, EntryKind, HardState, PersistedState, RaftNode, Ready, Role, Snapshot
-from mesh.cluster.storage import SCHEMA_VERSION, RaftStorage
+from mesh.cluster.storage import SCHEMA_VERSION, SNAPSHOT_CHUNK_BYTES, RaftStorage, _crc, _SnapshotWriter
 from mesh.protocol import CorruptStateError, ErrorCode
 
 CLUSTER = "test-cluster"
@@ -65,7 +65,8 @@ def test_what_was_persisted_comes_back_after_reopening(path: Path) -> None:
     """Hard state, entries (with kinds) and snapshot survive close and open."""
     with RaftStorage.open(path, CLUSTER) as st:
         st.persist(Ready(entries=(Entry(1, 1, b"", EntryKind.NOOP), *_entries(2, 5)), hard_state=HardState(1, "b", 4)))
-        st.save_snapshot(Snapshot(2, 1, b"state@2"))
+        st.begin_snapshot(Snapshot(2, 1, b"state@2"))
+        assert st.finish_snapshot(wait=True) == Snapshot(2, 1, b"state@2")
     with RaftStorage.open(path, CLUSTER) as st:
         state = st.load()
     assert state.hard_state == HardState(1, "b", 4)
@@ -99,13 +100,16 @@ def test_an_installed_snapshot_replaces_the_whole_log(path: Path) -> None:
     assert state.snapshot == Snapshot(9, 3, b"s") and state.entries == (Entry(10, 3, b"x"),)
 
 
-def test_save_snapshot_refuses_an_older_snapshot(path: Path) -> None:
-    """Compaction only moves forward."""
+def test_a_snapshot_older_than_the_stored_one_is_refused(path: Path) -> None:
+    """Compaction only moves forward, and one snapshot is written at a time."""
     with RaftStorage.open(path, CLUSTER) as st:
         st.append(_entries(1, 5))
-        st.save_snapshot(Snapshot(4, 1, b"s"))
+        st.begin_snapshot(Snapshot(4, 1, b"s"))
+        with pytest.raises(RuntimeError):
+            st.begin_snapshot(Snapshot(5, 1, b"s"))
+        st.finish_snapshot(wait=True)
         with pytest.raises(ValueError):
-            st.save_snapshot(Snapshot(2, 1, b"s"))
+            st.begin_snapshot(Snapshot(2, 1, b"s"))
 
 
 def test_a_failed_transaction_leaves_nothing_behind(path: Path) -> None:
@@ -177,25 +181,134 @@ def test_a_tampered_hard_state_is_a_bad_checksum(path: Path) -> None:
     assert "hard state" in _open_corrupt(path).details["problem"]
 
 
-def test_a_tampered_snapshot_is_a_bad_checksum(path: Path) -> None:
-    """Changing the snapshot's data is detected."""
+def _compact(st: RaftStorage, snap: Snapshot) -> None:
+    st.begin_snapshot(snap)
+    assert st.finish_snapshot(wait=True) == snap
+
+
+@pytest.mark.parametrize(
+    ("how", "tamper"),
+    [("installed", "UPDATE snapshot SET data = x'00'"), ("compacted", "UPDATE snapshot_chunks SET data = x'00'")],
+)
+def test_a_tampered_snapshot_is_a_bad_checksum(path: Path, how: str, tamper: str) -> None:
+    """Changing the snapshot's data is detected, in its row (installed from a leader) or
+    in its chunks (written by a compaction)."""
     with RaftStorage.open(path, CLUSTER) as st:
         st.append(_entries(1, 3))
-        st.save_snapshot(Snapshot(2, 1, b"state"))
-    _sql(path, "UPDATE snapshot SET data = x'00'")
+        if how == "installed":
+            st.persist(Ready(snapshot=Snapshot(2, 1, b"state"), hard_state=HardState(1)))
+        else:
+            _compact(st, Snapshot(2, 1, b"state"))
+    _sql(path, tamper)
     assert _open_corrupt(path).details["problem"] == "snapshot at index 2 has a bad checksum"
 
 
-def test_entries_left_inside_the_snapshot_are_refused(path: Path) -> None:
-    """An entry at or below the snapshot's index means compaction was not finished correctly."""
+def test_a_large_snapshot_is_written_in_chunks_and_comes_back_whole(path: Path) -> None:
+    """A compaction's snapshot over SNAPSHOT_CHUNK_BYTES is stored in chunks, each its own
+    short transaction, and read back byte for byte; the entries it covers are gone."""
+    data = random.Random(7).randbytes(3 * SNAPSHOT_CHUNK_BYTES + 12345)
     with RaftStorage.open(path, CLUSTER) as st:
-        st.append(_entries(1, 3))
-        st.save_snapshot(Snapshot(2, 1, b"state"))
+        st.persist(Ready(entries=tuple(_entries(1, 6)), hard_state=HardState(1, None, 6)))
+        _compact(st, Snapshot(4, 1, data))
+        assert st._conn.execute("SELECT count(*) FROM snapshot_chunks").fetchone()[0] == 4
+    with RaftStorage.open(path, CLUSTER) as st:
+        state = st.load()
+    assert state.snapshot == Snapshot(4, 1, data) and state.entries == tuple(_entries(5, 6))
+
+
+def test_the_loop_writes_while_a_snapshot_is_being_written(path: Path) -> None:
+    """The invariant the background write exists for: the loop's own transactions commit
+    between the chunks of a compaction's snapshot (each waits for one chunk, not for the
+    whole snapshot), and what they wrote is all there afterwards, after the snapshot."""
+    data = random.Random(8).randbytes(24 << 20)
+    total = -(-len(data) // SNAPSHOT_CHUNK_BYTES)
+    with RaftStorage.open(path, CLUSTER) as st:
+        st.persist(Ready(entries=tuple(_entries(1, 10)), hard_state=HardState(1, None, 10)))
+        st.begin_snapshot(Snapshot(10, 1, data))
+        index, seen = 10, set()
+        while st.finish_snapshot() is None:
+            index += 1
+            st.persist(Ready(entries=(Entry(index, 1, b"e%d" % index),)))
+            seen.add(st._conn.execute("SELECT count(*) FROM snapshot_chunks WHERE idx = 10").fetchone()[0])
+        assert len(seen & set(range(1, total))) >= 2, seen  # committed while it was partly written
+        state = st.load()
+    assert state.snapshot.index == 10 and [e.index for e in state.entries] == list(range(11, index + 1))
+
+
+def test_a_compaction_overtaken_by_an_installed_snapshot_is_discarded(path: Path) -> None:
+    """A snapshot from the leader installed while a compaction's older one is written wins:
+    the older one is never made current and its chunks are removed."""
+    with RaftStorage.open(path, CLUSTER) as st:
+        st.append(_entries(1, 5))
+        st.persist(Ready(snapshot=Snapshot(9, 2, b"from-leader"), entries=(Entry(10, 2, b"x"),), hard_state=HardState(2)))
+        late = _SnapshotWriter(path, Snapshot(4, 1, b"older"), st._lock)
+        late.run()  # as if it had been begun before the install and finished after it
+        assert late.error is None
+        assert st._conn.execute("SELECT count(*) FROM snapshot_chunks").fetchone()[0] == 0
+        state = st.load()
+    assert state.snapshot == Snapshot(9, 2, b"from-leader") and state.entries == (Entry(10, 2, b"x"),)
+
+
+def test_chunks_left_by_a_crash_during_a_compaction_change_nothing(path: Path) -> None:
+    """Killed before its last transaction, a compaction leaves chunks that no snapshot row
+    names: the state is the one before it, and the next compaction removes them."""
+    with RaftStorage.open(path, CLUSTER) as st:
+        st.persist(Ready(entries=tuple(_entries(1, 5)), hard_state=HardState(1, None, 5)))
+        _compact(st, Snapshot(2, 1, b"state@2"))
+    _sql(path, "INSERT INTO snapshot_chunks (idx, seq, data) VALUES (4, 0, x'deadbeef')")
+    with RaftStorage.open(path, CLUSTER) as st:
+        assert st.load().snapshot == Snapshot(2, 1, b"state@2")
+        _compact(st, Snapshot(5, 1, b"state@5"))
+        assert st._conn.execute("SELECT idx FROM snapshot_chunks").fetchall() == [(5,)]
+
+
+_SCHEMA_1 = """
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE hard_state (id INTEGER PRIMARY KEY CHECK (id = 1),
+    term INTEGER NOT NULL, vote TEXT, commit_index INTEGER NOT NULL, checksum INTEGER NOT NULL);
+CREATE TABLE snapshot (id INTEGER PRIMARY KEY CHECK (id = 1),
+    idx INTEGER NOT NULL, term INTEGER NOT NULL, data BLOB NOT NULL, checksum INTEGER NOT NULL);
+CREATE TABLE entries (idx INTEGER PRIMARY KEY, term INTEGER NOT NULL, kind INTEGER NOT NULL,
+    data BLOB NOT NULL, checksum INTEGER NOT NULL)
+"""
+
+
+def test_a_file_of_schema_version_1_is_upgraded_with_its_state(path: Path) -> None:
+    """A broker of the previous version left its snapshot in one row: opening the file
+    upgrades it in place, the state comes back, and compaction works on it."""
     conn = sqlite3.connect(path)
-    conn.execute("INSERT INTO entries SELECT 2, term, kind, data, checksum FROM entries WHERE idx = 3")
+    conn.executescript(_SCHEMA_1)
+    conn.executemany("INSERT INTO meta VALUES (?, ?)", [("schema_version", "1"), ("cluster_id", CLUSTER)])
+    conn.execute("INSERT INTO hard_state VALUES (1, 1, 'a', 4, ?)", (_crc(1, "a", 4),))
+    conn.execute("INSERT INTO snapshot VALUES (1, 2, 1, ?, ?)", (b"state@2", _crc(2, 1, b"state@2")))
+    conn.executemany(
+        "INSERT INTO entries VALUES (?, 1, 0, ?, ?)", [(i, b"data%d" % i, _crc(i, 1, 0, b"data%d" % i)) for i in (3, 4)]
+    )
     conn.commit()
     conn.close()
-    assert _open_corrupt(path).details["problem"] == "entry 2 lies inside the snapshot, which ends at 2"
+    with RaftStorage.open(path, CLUSTER) as st:
+        state = st.load()
+        assert state.snapshot == Snapshot(2, 1, b"state@2") and state.entries == tuple(_entries(3, 4))
+        assert state.hard_state == HardState(1, "a", 4)
+        _compact(st, Snapshot(4, 1, b"state@4"))
+        version = st._conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0]
+    assert version == str(SCHEMA_VERSION) == "2"
+    with RaftStorage.open(path, CLUSTER) as st:
+        assert st.load().snapshot == Snapshot(4, 1, b"state@4")
+
+
+def test_entries_left_inside_the_snapshot_are_never_read(path: Path) -> None:
+    """Entries at or below the snapshot's index are what a compaction had not dropped yet
+    (it drops them after making the snapshot current, and may be killed in between):
+    covered by the snapshot, they are not read, and the next compaction drops them."""
+    with RaftStorage.open(path, CLUSTER) as st:
+        st.persist(Ready(entries=tuple(_entries(1, 3)), hard_state=HardState(1, None, 3)))
+        _compact(st, Snapshot(2, 1, b"state"))
+    _sql(path, "INSERT INTO entries SELECT 1, term, kind, x'00', 0 FROM entries WHERE idx = 3")
+    with RaftStorage.open(path, CLUSTER) as st:
+        assert st.load().entries == tuple(_entries(3, 3))
+        _compact(st, Snapshot(3, 1, b"state@3"))
+        assert st._conn.execute("SELECT count(*) FROM entries").fetchone()[0] == 0
 
 
 def test_terms_going_backwards_are_refused(path: Path) -> None:
