@@ -11,9 +11,10 @@ Rules of this module:
   the state machine, apply the committed NORMAL entries in order, advance. Then it
   compacts and sends the proposals that waited for a leader.
 * Compaction: once the applied log runs `compact_after` entries past the last snapshot
-  and its entries' bytes reach that snapshot's size, the state machine's snapshot is
-  taken here and written to disk by the storage's own thread (RaftStorage rules); the
-  loop goes on meanwhile, and one snapshot is written at a time. The byte rule keeps the
+  and its entries' bytes reach that snapshot's size, the state machine's state is
+  captured here (copied) and packed and written to disk by the storage's own thread
+  (RaftStorage rules); the loop goes on meanwhile, one snapshot is written at a time,
+  and the in-memory log is compacted when it is on disk. The byte rule keeps the
   work per entry bounded however large the shared state grows, as a log-structured
   store compacts: a 20 MB state is snapshotted after 20 MB of log, not every 10,000 entries.
 * One exception to "persist, then send", as etcd's raft allows a leader (Raft thesis
@@ -41,7 +42,7 @@ import logging
 import random
 import time
 from collections import Counter, deque
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Final, Protocol
 
@@ -59,6 +60,7 @@ __all__ = [
     "ELECTION_TICKS",
     "HEARTBEAT_TICKS",
     "COMPACT_AFTER",
+    "COMPACT_AT_MOST",
     "StateMachine",
     "ClusterMember",
     "cluster_id_of",
@@ -69,6 +71,7 @@ TICK_S: Final = 0.05
 ELECTION_TICKS: Final = 10  # an election starts 0.5-1 s after the leader falls silent
 HEARTBEAT_TICKS: Final = 2  # the leader speaks every 0.1 s
 COMPACT_AFTER: Final = 10_000
+COMPACT_AT_MOST: Final = 10  # x compact_after: a snapshot then however small the entries (what a restart replays)
 PENDING_LIMIT: Final = 256
 PENDING_TIMEOUT_S: Final = 2.0
 MAX_CATCH_UP_TICKS: Final = 2 * ELECTION_TICKS  # a stalled loop does not fire a burst of ticks
@@ -82,11 +85,12 @@ class StateMachine(Protocol):
     def apply(self, index: int, data: bytes) -> None:
         """Apply the committed entry at `index` (called once per index, in order)."""
 
-    def snapshot(self) -> bytes:
-        """The whole state as it is now, after every entry applied so far."""
+    def capture(self) -> Callable[[], bytes]:
+        """The whole state as it is now, after every entry applied so far, as a function
+        that packs it into bytes, later and in another thread (the snapshot writer's)."""
 
     def restore(self, data: bytes) -> None:
-        """Replace the whole state by one that `snapshot()` returned."""
+        """Replace the whole state by bytes that `capture()`'s function returned."""
 
 
 def cluster_id_of(voters: Iterable[str]) -> str:
@@ -365,12 +369,21 @@ class ClusterMember:
     def _maybe_compact(self) -> None:
         storage = self.storage
         if storage.writing_snapshot:
-            if storage.finish_snapshot() is not None:
+            snap = storage.finish_snapshot()
+            if snap is not None:
+                self._snapshot_bytes = len(snap.data)
+                if self.raft.log.snapshot.index < snap.index:  # else one from the leader overtook it
+                    self.raft.compact(snap.index, snap.data)
                 self.counters["compactions"] += 1
             return
         log_ = self.raft.log
-        if log_.applied - log_.snapshot.index <= self.compact_after or self._applied_bytes < self._snapshot_bytes:
+        entries = log_.applied - log_.snapshot.index
+        if entries <= self.compact_after:
             return
-        snap = self.raft.compact(log_.applied, self.state_machine.snapshot())
-        self._applied_bytes, self._snapshot_bytes = 0, len(snap.data)
-        storage.begin_snapshot(snap)
+        if self._applied_bytes < self._snapshot_bytes and entries <= COMPACT_AT_MOST * self.compact_after:
+            return
+        index = log_.applied
+        term = log_.term(index)
+        assert term is not None  # applied entries past the snapshot are in the log
+        self._applied_bytes = 0
+        storage.begin_snapshot(index, term, self.state_machine.capture())

@@ -34,14 +34,15 @@ Rules of this module:
 * What the broker must act on (a claim or outcome committed, a token revoked, an event
   published) is collected as effects, in log order, for `take_effects`.
 * `snapshot()` / `restore()` carry the whole state; a snapshot is itself a MessagePack
-  map with a format version.
+  map with a format version. `capture()` copies the state now and packs it when asked,
+  in whichever thread asks (the snapshot is the same bytes).
 """
 
 from __future__ import annotations
 
 import hashlib
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final, Protocol
 
@@ -85,6 +86,8 @@ MAX_POLICY_CHANGES: Final = 10_000  # mesh.policy change ids remembered, to appl
 MAX_RING_KEYS: Final = 1_000  # key ids in one key-ring entry
 EVENT_SNAPSHOT_BYTES: Final = 16 * 1024 * 1024  # newest retained events carried by a snapshot
 SNAPSHOT_VERSION: Final = 1
+SNAPSHOT_SLICE: Final = 2_000  # items packed per call when a snapshot is packed (SharedState.capture)
+Reshape = Callable[[list[Any]], list[Any]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -183,6 +186,26 @@ class EventSink(Protocol):
 
 def _pack(record: Mapping[str, Any]) -> bytes:
     return msgpack.packb(record, use_bin_type=True)
+
+
+def _pack_in_slices(fields: Mapping[str, Any], tables: Mapping[str, tuple[list[Any], Reshape]]) -> bytes:
+    """`_pack(fields)`, byte for byte, where a field named in `tables` is that list's items
+    reshaped by its function: a MessagePack array is its header and then its items, so it
+    is packed `SNAPSHOT_SLICE` items per call, and a thread doing this lets the others run
+    in between."""
+    packer = msgpack.Packer(use_bin_type=True)
+    out = [packer.pack_map_header(len(fields))]
+    for name, value in fields.items():
+        out.append(packer.pack(name))
+        if name not in tables:
+            out.append(packer.pack(value))
+            continue
+        items, reshape = tables[name]
+        out.append(packer.pack_array_header(len(items)))
+        for start in range(0, len(items), SNAPSHOT_SLICE):
+            part = reshape(items[start : start + SNAPSHOT_SLICE])
+            out.append(packer.pack(part)[len(packer.pack_array_header(len(part))) :])
+    return b"".join(out)
 
 
 def claim_record(key: str, node: str, broker: str) -> bytes:
@@ -413,20 +436,42 @@ class SharedState:
 
     def snapshot(self) -> bytes:
         """The whole state as bytes, for log compaction and lagging members."""
-        return _pack({
+        return self.capture()()
+
+    def capture(self) -> Callable[[], bytes]:
+        """The state as it is now, packed into `snapshot()`'s bytes when the result is called.
+
+        The call may come later and from another thread (the cluster's snapshot writer):
+        here the tables are only copied (about 15 ms for 100,000 commands), the reshaping
+        and packing (about 100 ms for a 20 MB state) happen there, a slice at a time.
+        """
+        # dict() copies an OrderedDict in half the time list(.items()) takes (8 ms for 50,000)
+        claims, outcomes, event_ids = dict(self.claims), dict(self.outcomes), dict(self.event_ids)
+        forgotten = list(self.forgotten)
+        fields: dict[str, Any] = {  # None: packed from the tables below
             "version": SNAPSHOT_VERSION,
             "applied": self.applied,
-            "claims": [[k, n, b] for k, (n, b) in self.claims.items()],
-            "outcomes": [[k, h, p] for k, (h, p) in self.outcomes.items()],
-            "forgotten": sorted(self.forgotten),
-            "revoked": self.revoked,
-            "runs": self.runs,
-            "event_ids": [[t, i, q] for (t, i), q in self.event_ids.items()],
+            "claims": None,
+            "outcomes": None,
+            "forgotten": None,
+            "revoked": dict(self.revoked),
+            "runs": dict(self.runs),
+            "event_ids": None,
             "events": self.events.snapshot_topics(EVENT_SNAPSHOT_BYTES) if self.events is not None else None,
             "policy": self.policy,
             "policy_changes": list(self.policy_changes),
             "keyring": self.keyring,
-        })
+        }
+
+        def pack() -> bytes:
+            return _pack_in_slices(fields, {
+                "claims": (list(claims.items()), lambda part: [[k, n, b] for k, (n, b) in part]),
+                "outcomes": (list(outcomes.items()), lambda part: [[k, h, p] for k, (h, p) in part]),
+                "forgotten": (sorted(forgotten), list),
+                "event_ids": (list(event_ids.items()), lambda part: [[t, i, q] for (t, i), q in part]),
+            })  # fmt: skip
+
+        return pack
 
     def restore(self, data: bytes) -> None:
         """Replace the state with a snapshot's.

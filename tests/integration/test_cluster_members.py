@@ -16,7 +16,7 @@ import msgpack
 import pytest
 import zmq
 
-from mesh.cluster.member import STATE_FILE, ClusterMember
+from mesh.cluster.member import COMPACT_AT_MOST, STATE_FILE, ClusterMember
 from mesh.cluster.transport import KIND_RAFT, PeerSecurity
 from mesh.protocol.errors import ConfigurationError, CorruptStateError, InternalError
 from mesh.security.curve import CurveAuthenticator, create_keypair, secure_client, secure_server
@@ -38,8 +38,9 @@ class ListMachine:
         self.indexes.append(index)
         self.data.append(data)
 
-    def snapshot(self) -> bytes:
-        return msgpack.packb(self.data)
+    def capture(self) -> Callable[[], bytes]:
+        data = list(self.data)
+        return lambda: msgpack.packb(data)
 
     def restore(self, data: bytes) -> None:
         self.data = list(msgpack.unpackb(data))
@@ -238,8 +239,8 @@ class QuorumDurable:
         self.checked += 1
         self.inner.apply(index, data)
 
-    def snapshot(self) -> bytes:
-        return self.inner.snapshot()
+    def capture(self) -> Callable[[], bytes]:
+        return self.inner.capture()
 
     def restore(self, data: bytes) -> None:
         self.inner.restore(data)
@@ -374,6 +375,28 @@ def test_compaction_waits_for_as_many_log_bytes_as_the_last_snapshot_holds(clust
     assert 3 <= compactions <= 6, compactions
     snapshot_index = c.members[leader].status()["snapshot_index"]
     assert 160 <= snapshot_index <= 320  # the last one came after the log had doubled
+
+
+def test_a_large_state_still_gets_a_snapshot_after_at_most_ten_thresholds_of_entries(cluster_of):
+    """The byte rule has a ceiling: with a state far larger than the entries that follow
+    (one 60 KB entry, then tiny ones), a member still compacts once the log runs
+    COMPACT_AT_MOST x compact_after entries, so a restart never replays an unbounded log."""
+    c = cluster_of(compact_after=5)
+    leader = c.elect()
+    c.members[leader].propose(b"big" + b"." * 60_000)
+    for i in range(8):
+        c.members[leader].propose(b"s%d" % i)
+    c.run_until(c.all_have(9), 10)
+    c.run(0.2)
+    first = c.members[leader].counters["compactions"]
+    assert first >= 1  # the big entry's own snapshot: the state is now 60 KB
+    for i in range(COMPACT_AT_MOST * 5 + 5):
+        c.members[leader].propose(b"t%d" % i)
+        if i % 16 == 15:
+            c.run(0.02)
+    c.run_until(c.all_have(9 + COMPACT_AT_MOST * 5 + 5), 10)
+    c.run(0.2)
+    assert c.members[leader].counters["compactions"] > first  # 240 bytes of entries against 60 KB
 
 
 def test_a_learner_receives_the_log_but_does_not_count_for_the_quorum(cluster_of):

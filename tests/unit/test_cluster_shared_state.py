@@ -6,6 +6,7 @@ import msgpack
 import pytest
 
 from mesh.cluster.shared import (
+    SNAPSHOT_SLICE,
     Claimed,
     Committed,
     Forgotten,
@@ -49,6 +50,33 @@ def test_first_claim_and_first_outcome_win_and_effects_say_so() -> None:
     ]
     assert state.take_effects() == []
     assert (state.invalid, state.applied) == (2, len(ENTRIES))
+
+
+def test_a_capture_is_the_state_when_captured_packed_in_the_snapshot_format() -> None:
+    """capture() copies now and packs later (in the snapshot writer's thread): the bytes
+    are the snapshot format exactly (one MessagePack map, as if packed at once, tables
+    longer than one slice included), of the state at capture time, not at packing time."""
+    state = SharedState()
+    entries = []
+    for i in range(2 * SNAPSHOT_SLICE + 7):
+        entries += [claim_record(f"k{i}", f"inst-{i % 3}", "b1#1"), outcome_record(f"k{i}", [b"h%d" % i, b"p" * (i % 5)])]
+    apply_all(state, entries + [revoke_record("jti-1", 2e9)])
+    expected = msgpack.packb({
+        "version": 1, "applied": state.applied,
+        "claims": [[k, n, b] for k, (n, b) in state.claims.items()],
+        "outcomes": [[k, h, p] for k, (h, p) in state.outcomes.items()],
+        "forgotten": sorted(state.forgotten), "revoked": state.revoked, "runs": state.runs,
+        "event_ids": [[t, i, q] for (t, i), q in state.event_ids.items()],
+        "events": None, "policy": state.policy, "policy_changes": list(state.policy_changes),
+        "keyring": state.keyring,
+    }, use_bin_type=True)  # fmt: skip
+    pack = state.capture()
+    state.apply(state.applied + 1, claim_record("late", "inst-0", "b1#1"))  # after the capture
+    data = pack()
+    assert data == expected
+    copy = SharedState()
+    copy.restore(data)
+    assert "late" not in copy.claims and len(copy.claims) == 2 * SNAPSHOT_SLICE + 7
 
 
 def test_snapshot_restores_an_equal_state() -> None:

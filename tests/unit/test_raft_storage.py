@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import random
+import shutil
 import sqlite3
+import time
 from pathlib import Path
 
 import pytest
 
 from mesh.cluster import Config, Entry, EntryKind, HardState, PersistedState, RaftNode, Ready, Role, Snapshot
 from mesh.cluster.storage import SCHEMA_VERSION, SNAPSHOT_CHUNK_BYTES, RaftStorage, _crc, _SnapshotWriter
-from mesh.protocol import CorruptStateError, ErrorCode
+from mesh.protocol import CorruptStateError, ErrorCode, InternalError
 
 CLUSTER = "test-cluster"
 MARKER = b"MARKER-0123456789"
@@ -65,7 +67,7 @@ def test_what_was_persisted_comes_back_after_reopening(path: Path) -> None:
     """Hard state, entries (with kinds) and snapshot survive close and open."""
     with RaftStorage.open(path, CLUSTER) as st:
         st.persist(Ready(entries=(Entry(1, 1, b"", EntryKind.NOOP), *_entries(2, 5)), hard_state=HardState(1, "b", 4)))
-        st.begin_snapshot(Snapshot(2, 1, b"state@2"))
+        st.begin_snapshot(2, 1, lambda: b"state@2")
         assert st.finish_snapshot(wait=True) == Snapshot(2, 1, b"state@2")
     with RaftStorage.open(path, CLUSTER) as st:
         state = st.load()
@@ -104,12 +106,13 @@ def test_a_snapshot_older_than_the_stored_one_is_refused(path: Path) -> None:
     """Compaction only moves forward, and one snapshot is written at a time."""
     with RaftStorage.open(path, CLUSTER) as st:
         st.append(_entries(1, 5))
-        st.begin_snapshot(Snapshot(4, 1, b"s"))
+        st.begin_snapshot(4, 1, lambda: b"s")
         with pytest.raises(RuntimeError):
-            st.begin_snapshot(Snapshot(5, 1, b"s"))
+            st.begin_snapshot(5, 1, lambda: b"s")
         st.finish_snapshot(wait=True)
-        with pytest.raises(ValueError):
-            st.begin_snapshot(Snapshot(2, 1, b"s"))
+        for index in (2, 4):  # one at the stored index would replace its chunks under it
+            with pytest.raises(ValueError):
+                st.begin_snapshot(index, 1, lambda: b"s")
 
 
 def test_a_failed_transaction_leaves_nothing_behind(path: Path) -> None:
@@ -182,7 +185,7 @@ def test_a_tampered_hard_state_is_a_bad_checksum(path: Path) -> None:
 
 
 def _compact(st: RaftStorage, snap: Snapshot) -> None:
-    st.begin_snapshot(snap)
+    st.begin_snapshot(snap.index, snap.term, lambda: snap.data)
     assert st.finish_snapshot(wait=True) == snap
 
 
@@ -224,7 +227,7 @@ def test_the_loop_writes_while_a_snapshot_is_being_written(path: Path) -> None:
     total = -(-len(data) // SNAPSHOT_CHUNK_BYTES)
     with RaftStorage.open(path, CLUSTER) as st:
         st.persist(Ready(entries=tuple(_entries(1, 10)), hard_state=HardState(1, None, 10)))
-        st.begin_snapshot(Snapshot(10, 1, data))
+        st.begin_snapshot(10, 1, lambda: data)
         index, seen = 10, set()
         while st.finish_snapshot() is None:
             index += 1
@@ -241,9 +244,9 @@ def test_a_compaction_overtaken_by_an_installed_snapshot_is_discarded(path: Path
     with RaftStorage.open(path, CLUSTER) as st:
         st.append(_entries(1, 5))
         st.persist(Ready(snapshot=Snapshot(9, 2, b"from-leader"), entries=(Entry(10, 2, b"x"),), hard_state=HardState(2)))
-        late = _SnapshotWriter(path, Snapshot(4, 1, b"older"), st._lock)
+        late = _SnapshotWriter(path, 4, 1, lambda: b"older", st._lock)
         late.run()  # as if it had been begun before the install and finished after it
-        assert late.error is None
+        assert late.error is None and not late.current
         assert st._conn.execute("SELECT count(*) FROM snapshot_chunks").fetchone()[0] == 0
         state = st.load()
     assert state.snapshot == Snapshot(9, 2, b"from-leader") and state.entries == (Entry(10, 2, b"x"),)
@@ -273,12 +276,10 @@ CREATE TABLE entries (idx INTEGER PRIMARY KEY, term INTEGER NOT NULL, kind INTEG
 """
 
 
-def test_a_file_of_schema_version_1_is_upgraded_with_its_state(path: Path) -> None:
-    """A broker of the previous version left its snapshot in one row: opening the file
-    upgrades it in place, the state comes back, and compaction works on it."""
+def _version_1_file(path: Path, cluster: str) -> None:
     conn = sqlite3.connect(path)
     conn.executescript(_SCHEMA_1)
-    conn.executemany("INSERT INTO meta VALUES (?, ?)", [("schema_version", "1"), ("cluster_id", CLUSTER)])
+    conn.executemany("INSERT INTO meta VALUES (?, ?)", [("schema_version", "1"), ("cluster_id", cluster)])
     conn.execute("INSERT INTO hard_state VALUES (1, 1, 'a', 4, ?)", (_crc(1, "a", 4),))
     conn.execute("INSERT INTO snapshot VALUES (1, 2, 1, ?, ?)", (b"state@2", _crc(2, 1, b"state@2")))
     conn.executemany(
@@ -286,6 +287,21 @@ def test_a_file_of_schema_version_1_is_upgraded_with_its_state(path: Path) -> No
     )
     conn.commit()
     conn.close()
+
+
+def test_another_clusters_version_1_file_is_refused_and_left_as_it_was(path: Path) -> None:
+    """The upgrade comes after the checks that the file is this cluster's."""
+    _version_1_file(path, "another-cluster")
+    assert _open_corrupt(path).details["problem"].startswith("cluster id is 'another-cluster'")
+    conn = sqlite3.connect(path)
+    assert conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0] == "1"
+    conn.close()
+
+
+def test_a_file_of_schema_version_1_is_upgraded_with_its_state(path: Path) -> None:
+    """A broker of the previous version left its snapshot in one row: opening the file
+    upgrades it in place, the state comes back, and compaction works on it."""
+    _version_1_file(path, CLUSTER)
     with RaftStorage.open(path, CLUSTER) as st:
         state = st.load()
         assert state.snapshot == Snapshot(2, 1, b"state@2") and state.entries == tuple(_entries(3, 4))
@@ -374,3 +390,53 @@ def test_only_a_transaction_that_merely_moves_the_commit_index_skips_the_fsync(p
     with RaftStorage.open(path, CLUSTER) as st:
         assert st.load().hard_state == HardState(2, None, 2)
         assert not st.persist(Ready(hard_state=HardState(2, None, 3)))  # term and vote read back at open
+
+
+def test_a_snapshot_that_cannot_be_made_is_an_internal_error_in_the_loop(path: Path) -> None:
+    """Whatever fails in the writer's thread (packing the state, the disk) reaches the
+    loop's thread as InternalError when it collects the snapshot, and nothing changed."""
+    with RaftStorage.open(path, CLUSTER) as st:
+        st.persist(Ready(entries=tuple(_entries(1, 3)), hard_state=HardState(1, None, 3)))
+        st.begin_snapshot(2, 1, lambda: b"" + 1)  # type: ignore[operator]
+        with pytest.raises(InternalError) as info:
+            st.finish_snapshot(wait=True)
+        assert "TypeError" in info.value.message and not st.writing_snapshot
+        assert st.load().snapshot == Snapshot() and len(st.load().entries) == 3
+
+
+def test_an_installed_snapshot_replaces_a_compacted_one_and_its_chunks(path: Path) -> None:
+    """A snapshot from the leader is stored in its row; the chunks of the compaction it
+    replaces go with the same transaction."""
+    with RaftStorage.open(path, CLUSTER) as st:
+        st.persist(Ready(entries=tuple(_entries(1, 4)), hard_state=HardState(1, None, 4)))
+        _compact(st, Snapshot(3, 1, b"compacted"))
+        assert st._conn.execute("SELECT count(*) FROM snapshot_chunks").fetchone()[0] == 1
+        st.persist(Ready(snapshot=Snapshot(9, 2, b"from-leader"), hard_state=HardState(2, None, 9)))
+        assert st._conn.execute("SELECT count(*) FROM snapshot_chunks").fetchone()[0] == 0
+    with RaftStorage.open(path, CLUSTER) as st:
+        assert st.load().snapshot == Snapshot(9, 2, b"from-leader")
+
+
+def _entries_in_main_file(path: Path, copy: Path) -> int:
+    """How many entries the database file holds without its WAL (what a checkpoint copied)."""
+    shutil.copyfile(path, copy)
+    conn = sqlite3.connect(copy)
+    try:
+        return conn.execute("SELECT count(*) FROM entries").fetchone()[0]
+    except sqlite3.DatabaseError:  # no table yet, or copied halfway through a checkpoint
+        return 0
+    finally:
+        conn.close()
+
+
+def test_the_wal_is_copied_into_the_file_in_the_background_not_by_the_loop(path: Path, tmp_path: Path) -> None:
+    """The loop's connection never checkpoints (a checkpoint inside its commit cost it
+    30-45 ms every second under load); the storage's own thread does, well before SQLite's
+    1,000-page trigger: 50 entries written reach the database file itself."""
+    with RaftStorage.open(path, CLUSTER) as st:
+        assert st._conn.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == 0
+        st.persist(Ready(entries=tuple(_entries(1, 50)), hard_state=HardState(1, None, 50)))
+        deadline = time.monotonic() + 5
+        while _entries_in_main_file(path, tmp_path / "copy.db") < 50 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert _entries_in_main_file(path, tmp_path / "copy.db") == 50
