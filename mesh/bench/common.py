@@ -18,12 +18,14 @@ import asyncio
 import bisect
 import multiprocessing as mp
 import os
+import resource
 import statistics
 import tempfile
 import threading
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Final
 
 import zmq
@@ -52,6 +54,8 @@ __all__ = [
     "stop_all",
     "stop_when_set",
     "wait_for_service",
+    "raise_fd_limit",
+    "rss_mb",
 ]
 
 WARMUP_S: Final = 1.0
@@ -61,6 +65,7 @@ SAMPLE_LIMIT: Final = 100_000
 # Upper bounds (ms) of the latency histogram's buckets: log-spaced, a factor of about 1.4
 # (the square root of 2) apart, from 0.25 ms to 256 ms; slower latencies fall in a last, open bucket.
 HISTOGRAM_MS: Final = tuple(round(0.25 * 2 ** (k / 2), 3) for k in range(21))
+_PAGE: Final = os.sysconf("SC_PAGE_SIZE")
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,6 +96,18 @@ def set_event(event: Any) -> None:
     setter = threading.Thread(target=event.set, daemon=True)
     setter.start()
     setter.join(SET_S)
+
+
+def rss_mb(pid: int) -> float:
+    """The resident memory of process `pid`, in MB."""
+    return int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * _PAGE / 2**20
+
+
+def raise_fd_limit() -> None:
+    """Each connection holds descriptors: lift the soft limit to the hard one."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 def stop_all(stop: Any, procs: list[Any]) -> None:

@@ -18,6 +18,9 @@ Rules of this module:
 * With `restart`, the broker is then stopped and started again on the same endpoints and
   state, and every client makes one more call (`mesh.ping`, its default retries): the
   clock runs from the stop to the last answer, and each failure is counted by its code.
+* The floor for memory is measured first, in the same run: a bare libzmq ROUTER with as
+  many connections from as many processes (mesh/bench/bare_router.py); the report gives
+  the broker's memory per client as a ratio of its memory per connection.
 * Every process is stopped at the end, killed when it does not exit in time.
 """
 
@@ -29,7 +32,6 @@ import multiprocessing as mp
 import os
 import queue
 import random
-import resource
 import tempfile
 import time
 from collections import Counter
@@ -38,13 +40,13 @@ from pathlib import Path
 from typing import Any, Final
 
 from ..process import TRIM_S
-from .common import STARTUP_S, figures, machine, set_event, stop_all
+from .bare_router import bare_router_memory
+from .common import STARTUP_S, figures, machine, raise_fd_limit, ratio, rss_mb, set_event, stop_all
 
 __all__ = ["ScaleSettings", "format_scale_report", "run_scale_bench"]
 
 FRESH_CALLS: Final = 500
 _TICKS: Final = os.sysconf("SC_CLK_TCK")
-_PAGE: Final = os.sysconf("SC_PAGE_SIZE")
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,17 +77,6 @@ def _cpu_over(pid: int, procs: list[Any], seconds: float) -> tuple[float, float]
     return (_cpu_s(pid) - cpu0) / elapsed, (sum(_cpu_s(p.pid) for p in procs) - others0) / elapsed
 
 
-def _rss_mb(pid: int) -> float:
-    return int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * _PAGE / 2**20
-
-
-def _raise_fd_limit() -> None:
-    """Each client holds four descriptors: lift the soft limit to the hard one."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < hard:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-
-
 def _idle_clients(endpoint: str, count: int, creds_path: str | None, results: Any, stop: Any, rate: float = 0.0,
                   ended: Any = None, again: Any = None) -> None:
     """`count` AsyncClients in this spawned process: connect, one call each, idle until `stop`
@@ -100,7 +91,7 @@ def _idle_clients(endpoint: str, count: int, creds_path: str | None, results: An
     from ..protocol import MeshError
     from ..security.credentials import load_credentials
 
-    _raise_fd_limit()
+    raise_fd_limit()
     creds = load_credentials(creds_path) if creds_path else None
 
     async def first(client: AsyncClient) -> float | None:
@@ -224,7 +215,8 @@ def run_scale_bench(s: ScaleSettings) -> dict[str, Any]:
     from ..security.state import ensure_state
     from ..testing.processes import spawn
 
-    _raise_fd_limit()
+    raise_fd_limit()
+    bare = bare_router_memory(s.clients, s.processes, s.secure)  # the floor, before the broker runs
     ctx = mp.get_context("spawn")
     results, stop, ended, again = ctx.Queue(), ctx.Event(), ctx.Event(), ctx.Event()
     procs: list[Any] = []
@@ -242,7 +234,7 @@ def run_scale_bench(s: ScaleSettings) -> dict[str, Any]:
         ready = broker.wait_for(r"ready clients=(\S+) nodes=(\S+) events=(\S+)", timeout=STARTUP_S)
         endpoint, nodes_ep = ready.group(1), ready.group(2)
         pid = broker.pid
-        rss_before = _rss_mb(pid)
+        rss_before = rss_mb(pid)
         per = [s.clients // s.processes + (i < s.clients % s.processes) for i in range(s.processes)]
         try:
             if s.rate:
@@ -259,7 +251,7 @@ def run_scale_bench(s: ScaleSettings) -> dict[str, Any]:
             connected = max(o[1] for o in outcomes) - min(o[0] for o in outcomes)
             time.sleep(1.0)  # let the last answers settle before sampling idleness
             idle_cpu, clients_cpu = _cpu_over(pid, procs, s.idle)
-            rss_idle = _rss_mb(pid)
+            rss_idle = rss_mb(pid)
             fresh_first, fresh = asyncio.run(_fresh_client(endpoint, load_credentials(creds_path) if creds_path else None))
             set_event(ended)  # the calls at `rate` end here, before any restart
             steady = [results.get(timeout=30) for _ in per] if s.rate else []
@@ -270,7 +262,7 @@ def run_scale_bench(s: ScaleSettings) -> dict[str, Any]:
         finally:
             stop_all(stop, procs)
         time.sleep(TRIM_S + 1.0)  # the broker returns what the closed links held
-        rss_after = _rss_mb(pid)
+        rss_after = rss_mb(pid)
     first_calls = sorted(t for _, _, took, _ in outcomes for t in took)
     calls = sorted(t for _, _, took in steady for t in took)
     fresh_figures = figures(len(fresh), fresh, 1.0)["latency_ms"]
@@ -287,6 +279,8 @@ def run_scale_bench(s: ScaleSettings) -> dict[str, Any]:
             "rss_mb": {"before": rss_before, "idle": rss_idle, "after": rss_after},
             "kb_per_client": (rss_idle - rss_before) * 1024 / s.clients,
         },
+        "bare_router": bare,
+        "memory_ratio": ratio((rss_idle - rss_before) * 1024 / s.clients, bare["kb_per_connection"]),
         "clients_idle_cpu": clients_cpu,
         "steady_calls": {"answered": len(calls), "failed": sum(f for _, f, _ in steady),
                          "latency_ms": figures(len(calls), calls, 1.0)["latency_ms"] if calls else None},
@@ -312,6 +306,8 @@ def format_scale_report(report: dict[str, Any]) -> str:
         f"client processes: {100 * report['clients_idle_cpu']:.1f} %",
         f"broker RSS: {rss['before']:.0f} MB before, {rss['idle']:.0f} MB with the clients "
         f"({b['kb_per_client']:.1f} KB each), {rss['after']:.0f} MB after they left",
+        f"bare libzmq ROUTER with as many connections: {report['bare_router']['kb_per_connection']:.1f} KB each; "
+        f"the broker holds {report['memory_ratio']:.2f} times that per client",
         f"fresh client: first call {f['first_call_ms']:.1f} ms, then p50 {f['p50_ms']:.2f} ms, p99 {f['p99_ms']:.2f} ms",
         *([f"broker restarted: {r['answered']} clients answered again, the last {r['back_s']:.2f} s after the stop; "
            f"failures by code: {r['failures'] or 'none'}"] if (r := report["restart"]) else []),

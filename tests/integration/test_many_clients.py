@@ -13,6 +13,9 @@ import threading
 import time
 from collections.abc import Callable
 
+import pytest
+
+from mesh.bench.common import rss_mb
 from mesh.broker.loop import BrokerServer, Endpoints
 from mesh.broker.secure import broker_security
 from mesh.client import AsyncClient
@@ -192,11 +195,10 @@ def test_the_scale_probe_reports_what_many_clients_cost():
     assert 0 < calls["latency_ms"]["p50"] <= calls["latency_ms"]["p99"]
     restart = report["restart"]
     assert restart["answered"] == 31 and restart["failures"] == {} and restart["back_s"] > 0
-
-
-def rss_mb(pid: int) -> float:
-    with open(f"/proc/{pid}/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    # The floor measured in the same run: a bare ROUTER with 31 answered connections.
+    bare = report["bare_router"]
+    assert 0 < bare["rss_mb"]["before"] < bare["rss_mb"]["connected"] and bare["kb_per_connection"] > 0
+    assert report["memory_ratio"] == pytest.approx(report["broker"]["kb_per_client"] / bare["kb_per_connection"])
 
 
 def test_a_broker_returns_the_memory_of_clients_that_left():
