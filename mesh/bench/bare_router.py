@@ -61,6 +61,7 @@ def _dealers(port: int, count: int, server_public: bytes | None, stop: Any) -> N
 
     raise_fd_limit()
     ctx = zmq.Context(1)
+    ctx.max_sockets = count + 16  # libzmq's default is 1,023 per context
     public, secret = zmq.curve_keypair()
     socks = []
     for _ in range(count):
@@ -74,6 +75,19 @@ def _dealers(port: int, count: int, server_public: bytes | None, stop: Any) -> N
         sock.send(b"x")
     stop.wait()
     ctx.destroy(linger=0)
+
+
+def _report(out: Any, procs: list[Any]) -> tuple[int, float]:
+    """The ROUTER's second report; a process that died instead is an error at once."""
+    deadline = time.monotonic() + CONNECT_S + STARTUP_S
+    while time.monotonic() < deadline:
+        try:
+            return out.get(timeout=0.5)
+        except queue.Empty:
+            dead = [p.exitcode for p in procs if p.exitcode not in (None, 0)]
+            if dead:
+                raise RuntimeError(f"a process of the bare ROUTER's run failed (exit code {dead[0]})") from None
+    raise RuntimeError("the bare ROUTER's process did not report")
 
 
 def bare_router_memory(connections: int, processes: int, secure: bool) -> dict[str, Any]:
@@ -98,10 +112,7 @@ def bare_router_memory(connections: int, processes: int, secure: bool) -> dict[s
             p = ctx.Process(target=_dealers, args=(port, count, public, stop), daemon=True)
             p.start()
             procs.append(p)
-        try:
-            echoed, with_them = out.get(timeout=CONNECT_S + STARTUP_S)
-        except queue.Empty:
-            raise RuntimeError("the bare ROUTER's process did not report") from None
+        echoed, with_them = _report(out, procs)
         if echoed < connections:
             raise RuntimeError(f"the bare ROUTER answered {echoed} of {connections} connections in {CONNECT_S:g} s")
     finally:
