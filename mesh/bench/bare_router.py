@@ -5,7 +5,9 @@ Rules of this module:
 * The same number of connections as the broker's clients, from the same number of
   spawned processes (one ZeroMQ context each), to one pyzmq ROUTER in a spawned process
   of its own, bound with the broker's listen backlog and, with security on, as a CURVE
-  server (no ZAP handler: admitting is not what is measured). Each connection is a
+  server with a ZAP handler (pyzmq's own, admitting any key): CURVE without one admits
+  anyone, so a secure broker has one, and libzmq holds about 10 KB more per connection
+  with it (39.4 against 29.7 KB measured with 2,000). Each connection is a
   DEALER that sends one frame and receives it back, so that every link has carried a
   message both ways, as each broker client's first call does.
 * The ROUTER's resident memory is read before the connections and once every one has
@@ -40,7 +42,14 @@ def _router(secret: bytes | None, total: int, out: Any, stop: Any) -> None:
     sock = ctx.socket(zmq.ROUTER)
     sock.linger = 0
     sock.setsockopt(zmq.BACKLOG, BACKLOG)
+    auth = None
     if secret is not None:
+        from zmq.auth import CURVE_ALLOW_ANY
+        from zmq.auth.thread import ThreadAuthenticator
+
+        auth = ThreadAuthenticator(ctx)
+        auth.start()
+        auth.configure_curve(domain="*", location=CURVE_ALLOW_ANY)
         sock.curve_server = True
         sock.curve_secretkey = secret
     port = sock.bind_to_random_port("tcp://127.0.0.1")
@@ -52,6 +61,8 @@ def _router(secret: bytes | None, total: int, out: Any, stop: Any) -> None:
             echoed += 1
     out.put((echoed, rss_mb(os.getpid())))
     stop.wait()
+    if auth is not None:
+        auth.stop()
     ctx.destroy(linger=0)
 
 
