@@ -8,6 +8,8 @@ Rules of this module:
   each one asyncio loop sharing one ZeroMQ context. Each client connects and makes one
   first call (`mesh.ping`, which the broker answers itself); the clock runs from the
   first process beginning to make its clients (after its start-up) to the last first answer.
+  The links the clients replaced by then (`AsyncClient.failovers`: a link judged dead and
+  opened again, here to the same and only broker) are counted.
 * Then everything idles for `idle` seconds while the broker's CPU is sampled from /proc;
   with a call `rate`, every client instead calls the echo node (a real node process, its
   own key with security on) `rate` times a second, each at its own phase, from its first
@@ -83,7 +85,7 @@ def _idle_clients(endpoint: str, count: int, creds_path: str | None, results: An
     (or, with a `rate`, call `echo.echo` that often each until `ended`).
 
     Puts `(when it began making clients, when the last first answer came, [seconds each
-    first call took], errors)` on `results`, and with a rate, at `ended`, `(answered,
+    first call took], errors, links its clients replaced)` on `results`, and with a rate, at `ended`, `(answered,
     failed, [seconds each answered call took])`. With `again` (the broker restarted), once
     it is set, one call each, then `(when the last answer came, {error code: count}, answered)`.
     """
@@ -133,7 +135,8 @@ def _idle_clients(endpoint: str, count: int, creds_path: str | None, results: An
         try:
             took = await asyncio.gather(*(first(c) for c in clients))
             answered = [t for t in took if t is not None]
-            results.put((began, time.time(), answered, len(took) - len(answered)))
+            replaced = sum(c.failovers for c in clients)
+            results.put((began, time.time(), answered, len(took) - len(answered), replaced))
             if rate:
                 callers = [asyncio.create_task(steady(c)) for c in clients]
                 await asyncio.to_thread(ended.wait)
@@ -263,7 +266,7 @@ def run_scale_bench(s: ScaleSettings) -> dict[str, Any]:
             stop_all(stop, procs)
         time.sleep(TRIM_S + 1.0)  # the broker returns what the closed links held
         rss_after = rss_mb(pid)
-    first_calls = sorted(t for _, _, took, _ in outcomes for t in took)
+    first_calls = sorted(t for _, _, took, _, _ in outcomes for t in took)
     calls = sorted(t for _, _, took in steady for t in took)
     fresh_figures = figures(len(fresh), fresh, 1.0)["latency_ms"]
     return {
@@ -273,6 +276,7 @@ def run_scale_bench(s: ScaleSettings) -> dict[str, Any]:
         "connected_s": connected,
         "answered_first_calls": len(first_calls),
         "failed_first_calls": sum(o[3] for o in outcomes),
+        "links_replaced": sum(o[4] for o in outcomes),
         "first_call_ms": figures(len(first_calls), first_calls, 1.0)["latency_ms"],
         "broker": {
             "idle_cpu": idle_cpu,
@@ -299,7 +303,7 @@ def format_scale_report(report: dict[str, Any]) -> str:
         f"broker io_threads {s['io_threads']}",
         f"connected and first call answered: {report['connected_s']:.2f} s "
         f"(first call p50 {report['first_call_ms']['p50']:.1f} ms, p99 {report['first_call_ms']['p99']:.1f} ms; "
-        f"{report['failed_first_calls']} failed)",
+        f"{report['failed_first_calls']} failed; {report['links_replaced']} links replaced by their clients)",
         *([f"each client calling echo.echo {s['rate']:g} times a second: {c['answered']} answered, {c['failed']} failed, "
            f"p50 {c['latency_ms']['p50']:.2f} ms, p99 {c['latency_ms']['p99']:.2f} ms"] if s["rate"] and c["latency_ms"] else []),
         f"broker {'busy' if s['rate'] else 'idle'} CPU: {100 * b['idle_cpu']:.1f} % of a core; "

@@ -186,6 +186,7 @@ def test_the_scale_probe_reports_what_many_clients_cost():
     report = json.loads(out[out.index("{"):])
     assert report["settings"]["clients"] == 31 and report["settings"]["secure"] is True
     assert report["failed_first_calls"] == 0 and report["answered_first_calls"] == 31
+    assert report["links_replaced"] == 0  # 31 clients never make their broker look dead
     rss = report["broker"]["rss_mb"]
     assert 0 < rss["before"] <= rss["idle"] and rss["after"] > 0
     assert report["broker"]["idle_cpu"] > 0 and 0 < report["fresh_client"]["p50_ms"] <= report["fresh_client"]["p99_ms"]
