@@ -15,8 +15,9 @@ Rules of this module:
   own key with security on) `rate` times a second, each at its own phase, from its first
   answer until the fresh client below is done, and the window measures the broker busy.
   Then a fresh client connects (its first call timed) and makes `FRESH_CALLS` sequential
-  calls, timed one by one. The broker's resident memory is read before the clients, with
-  them idle, and after they closed and their processes exited.
+  calls, timed one by one. The broker's resident memory is read before the clients (after
+  one warm-up call, as the floor's), with them idle, and after they closed and their
+  processes exited.
 * With `restart`, the broker is then stopped and started again on the same endpoints and
   state, and every client makes one more call (`mesh.ping`, its default retries): the
   clock runs from the stop to the last answer, and each failure is counted by its code.
@@ -192,8 +193,8 @@ def _restart(stack: contextlib.ExitStack, old: Any, flags: list[str], again: Any
                      "answered": sum(n for _, _, n in outcomes)}
 
 
-async def _fresh_client(endpoint: str, creds: Any) -> tuple[float, list[float]]:
-    """A new client's first call (connection included), then `FRESH_CALLS` calls one at a time."""
+async def _fresh_client(endpoint: str, creds: Any, calls: int = FRESH_CALLS) -> tuple[float, list[float]]:
+    """A new client's first call (connection included), then `calls` calls one at a time."""
     from ..client import AsyncClient
 
     t0 = time.perf_counter()
@@ -201,11 +202,22 @@ async def _fresh_client(endpoint: str, creds: Any) -> tuple[float, list[float]]:
         await client.call("mesh", "ping")
         first = time.perf_counter() - t0
         latencies = []
-        for _ in range(FRESH_CALLS):
+        for _ in range(calls):
             t = time.perf_counter()
             await client.call("mesh", "ping")
             latencies.append(time.perf_counter() - t)
     return first, latencies
+
+
+def _secure_state(tmp: Path, flags: list[str]) -> str:
+    """A state directory under `tmp` for the broker (added to its `flags`); the clients' credentials file."""
+    from ..security.state import ensure_state
+
+    state = tmp / "state"
+    state.mkdir(mode=0o700)
+    ensure_state(state, nodes={"echo": ["echo"]}, clients={"dev": ["admin"]}, now=time.time())
+    flags += ["--state", str(state)]
+    return str(state / "credentials" / "dev.toml")
 
 
 def run_scale_bench(s: ScaleSettings) -> dict[str, Any]:
@@ -215,7 +227,6 @@ def run_scale_bench(s: ScaleSettings) -> dict[str, Any]:
         RuntimeError: a client process did not connect its clients within a minute and a half.
     """
     from ..security.credentials import load_credentials
-    from ..security.state import ensure_state
     from ..testing.processes import spawn
 
     raise_fd_limit()
@@ -225,18 +236,14 @@ def run_scale_bench(s: ScaleSettings) -> dict[str, Any]:
     procs: list[Any] = []
     with tempfile.TemporaryDirectory(prefix="mesh-scale-") as tmp, contextlib.ExitStack() as stack:
         flags = ["--io-threads", str(s.io_threads), "--log-level", "warning"]  # the endpoints are apart
-        creds_path = None
-        if s.secure:
-            state = Path(tmp) / "state"
-            state.mkdir(mode=0o700)
-            ensure_state(state, nodes={"echo": ["echo"]}, clients={"dev": ["admin"]}, now=time.time())
-            flags += ["--state", str(state)]
-            creds_path = str(state / "credentials" / "dev.toml")
+        creds_path = _secure_state(Path(tmp), flags) if s.secure else None
         anywhere = ["--clients", "tcp://127.0.0.1:*", "--nodes", "tcp://127.0.0.1:*", "--events", "tcp://127.0.0.1:*"]
         broker = stack.enter_context(spawn(["broker", *anywhere, *flags]))
         ready = broker.wait_for(r"ready clients=(\S+) nodes=(\S+) events=(\S+)", timeout=STARTUP_S)
         endpoint, nodes_ep = ready.group(1), ready.group(2)
         pid = broker.pid
+        creds = load_credentials(creds_path) if creds_path else None
+        asyncio.run(_fresh_client(endpoint, creds, calls=0))  # the first client's one-time cost, as the floor's
         rss_before = rss_mb(pid)
         per = [s.clients // s.processes + (i < s.clients % s.processes) for i in range(s.processes)]
         try:
@@ -255,7 +262,7 @@ def run_scale_bench(s: ScaleSettings) -> dict[str, Any]:
             time.sleep(1.0)  # let the last answers settle before sampling idleness
             idle_cpu, clients_cpu = _cpu_over(pid, procs, s.idle)
             rss_idle = rss_mb(pid)
-            fresh_first, fresh = asyncio.run(_fresh_client(endpoint, load_credentials(creds_path) if creds_path else None))
+            fresh_first, fresh = asyncio.run(_fresh_client(endpoint, creds))
             set_event(ended)  # the calls at `rate` end here, before any restart
             steady = [results.get(timeout=30) for _ in per] if s.rate else []
             restart = None

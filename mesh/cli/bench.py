@@ -87,7 +87,10 @@ def bench(as_json: bool, **options: Any) -> None:
             raise UsageError(f"--{name.replace('_', '-')} does not apply to the {kind} benchmark")
     if options["peer"]:
         _need_peer(options["peer"], options["transport"])
-    report, text = _run_benchmark(kind, options)
+    try:
+        report, text = _run_benchmark(kind, options)
+    except RuntimeError as err:  # what a benchmark says it could not set up or finish
+        raise click.ClickException(str(err)) from None
     click.echo(json.dumps(report, indent=2) if as_json else text)
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -200,6 +201,22 @@ def test_the_scale_probe_reports_what_many_clients_cost():
     bare = report["bare_router"]
     assert 0 < bare["rss_mb"]["before"] < bare["rss_mb"]["connected"] and bare["kb_per_connection"] > 0
     assert report["memory_ratio"] == pytest.approx(report["broker"]["kb_per_client"] / bare["kb_per_connection"])
+
+
+def test_the_scale_probe_says_at_once_when_descriptors_are_too_few():
+    """Invariant: a hard descriptor limit below one per client is said before anything
+    starts, as a clear error (exit 1), not a ROUTER spinning on failed accepts until its
+    deadline and a bare exit code (broken once by removing the check: the run outlived
+    the 60 s timeout)."""
+    def low_limit() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (100, 150))
+
+    done = subprocess.run(
+        [sys.executable, "-m", "mesh", "bench", "--scale", "--idle-clients", "200", "--duration", "1"],
+        capture_output=True, text=True, timeout=60, preexec_fn=low_limit,
+    )
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert "200 connections need about 264 file descriptors" in done.stderr and "the hard limit is 150" in done.stderr
 
 
 def test_a_broker_returns_the_memory_of_clients_that_left():
