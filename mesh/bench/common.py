@@ -54,6 +54,8 @@ __all__ = [
     "stop_all",
     "stop_when_set",
     "wait_for_service",
+    "cpu_over",
+    "cpu_s",
     "raise_fd_limit",
     "rss_mb",
 ]
@@ -66,6 +68,7 @@ SAMPLE_LIMIT: Final = 100_000
 # (the square root of 2) apart, from 0.25 ms to 256 ms; slower latencies fall in a last, open bucket.
 HISTOGRAM_MS: Final = tuple(round(0.25 * 2 ** (k / 2), 3) for k in range(21))
 _PAGE: Final = os.sysconf("SC_PAGE_SIZE")
+_TICKS: Final = os.sysconf("SC_CLK_TCK")
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,6 +99,20 @@ def set_event(event: Any) -> None:
     setter = threading.Thread(target=event.set, daemon=True)
     setter.start()
     setter.join(SET_S)
+
+
+def cpu_s(pid: int) -> float:
+    """User + system CPU seconds of process `pid` so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / _TICKS
+
+
+def cpu_over(pid: int, procs: list[Any], seconds: float) -> tuple[float, float]:
+    """The cores used by process `pid` and by `procs` together over the next `seconds`."""
+    cpu0, others0, t0 = cpu_s(pid), sum(cpu_s(p.pid) for p in procs), time.monotonic()
+    time.sleep(seconds)
+    elapsed = time.monotonic() - t0
+    return (cpu_s(pid) - cpu0) / elapsed, (sum(cpu_s(p.pid) for p in procs) - others0) / elapsed
 
 
 def rss_mb(pid: int) -> float:

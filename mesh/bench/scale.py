@@ -21,9 +21,11 @@ Rules of this module:
 * With `restart`, the broker is then stopped and started again on the same endpoints and
   state, and every client makes one more call (`mesh.ping`, its default retries): the
   clock runs from the stop to the last answer, and each failure is counted by its code.
-* The floor for memory is measured first, in the same run: a bare libzmq ROUTER with as
-  many connections from as many processes (mesh/bench/bare_router.py); the report gives
-  the broker's memory per client as a ratio of its memory per connection.
+* The floors are measured first, in the same run (mesh/bench/bare_router.py): a bare
+  libzmq ROUTER with as many connections from as many processes, and with a call rate
+  the same ROUTER forwarding as many DEALERs' frames at that rate through an echo
+  process; the report gives the broker's memory per client and, with a rate, its busy
+  CPU as ratios of them.
 * Every process is stopped at the end, killed when it does not exit in time.
 """
 
@@ -32,7 +34,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import multiprocessing as mp
-import os
 import queue
 import random
 import tempfile
@@ -43,13 +44,12 @@ from pathlib import Path
 from typing import Any, Final
 
 from ..process import TRIM_S
-from .bare_router import bare_router_memory
-from .common import STARTUP_S, figures, machine, raise_fd_limit, ratio, rss_mb, set_event, stop_all
+from .bare_router import bare_router_floor
+from .common import STARTUP_S, cpu_over, figures, machine, raise_fd_limit, ratio, rss_mb, set_event, stop_all
 
 __all__ = ["ScaleSettings", "format_scale_report", "run_scale_bench"]
 
 FRESH_CALLS: Final = 500
-_TICKS: Final = os.sysconf("SC_CLK_TCK")
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,20 +64,6 @@ class ScaleSettings:
     io_threads: int = 1
     rate: float = 0.0  # calls per second each client makes to the echo node (0: idle)
     restart: bool = False  # restart the broker under the clients, then one call each
-
-
-def _cpu_s(pid: int) -> float:
-    """User + system CPU seconds of process `pid` so far."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / _TICKS
-
-
-def _cpu_over(pid: int, procs: list[Any], seconds: float) -> tuple[float, float]:
-    """The cores used by process `pid` and by `procs` together over the next `seconds`."""
-    cpu0, others0, t0 = _cpu_s(pid), sum(_cpu_s(p.pid) for p in procs), time.monotonic()
-    time.sleep(seconds)
-    elapsed = time.monotonic() - t0
-    return (_cpu_s(pid) - cpu0) / elapsed, (sum(_cpu_s(p.pid) for p in procs) - others0) / elapsed
 
 
 def _idle_clients(endpoint: str, count: int, creds_path: str | None, results: Any, stop: Any, rate: float = 0.0,
@@ -230,7 +216,7 @@ def run_scale_bench(s: ScaleSettings) -> dict[str, Any]:
     from ..testing.processes import spawn
 
     raise_fd_limit()
-    bare = bare_router_memory(s.clients, s.processes, s.secure)  # the floor, before the broker runs
+    bare = bare_router_floor(s.clients, s.processes, s.secure, s.rate, s.idle)  # the floors, before the broker runs
     ctx = mp.get_context("spawn")
     results, stop, ended, again = ctx.Queue(), ctx.Event(), ctx.Event(), ctx.Event()
     procs: list[Any] = []
@@ -260,7 +246,7 @@ def run_scale_bench(s: ScaleSettings) -> dict[str, Any]:
                 raise RuntimeError("the clients did not all connect within 90 s") from None
             connected = max(o[1] for o in outcomes) - min(o[0] for o in outcomes)
             time.sleep(1.0)  # let the last answers settle before sampling idleness
-            idle_cpu, clients_cpu = _cpu_over(pid, procs, s.idle)
+            idle_cpu, clients_cpu = cpu_over(pid, procs, s.idle)
             rss_idle = rss_mb(pid)
             fresh_first, fresh = asyncio.run(_fresh_client(endpoint, creds))
             set_event(ended)  # the calls at `rate` end here, before any restart
@@ -292,6 +278,7 @@ def run_scale_bench(s: ScaleSettings) -> dict[str, Any]:
         },
         "bare_router": bare,
         "memory_ratio": ratio((rss_idle - rss_before) * 1024 / s.clients, bare["kb_per_connection"]),
+        "cpu_ratio": ratio(idle_cpu, bare["busy_cpu"]) if s.rate else None,
         "clients_idle_cpu": clients_cpu,
         "steady_calls": {"answered": len(calls), "failed": sum(f for _, f, _ in steady),
                          "latency_ms": figures(len(calls), calls, 1.0)["latency_ms"] if calls else None},
@@ -319,6 +306,8 @@ def format_scale_report(report: dict[str, Any]) -> str:
         f"({b['kb_per_client']:.1f} KB each), {rss['after']:.0f} MB after they left",
         f"bare libzmq ROUTER with as many connections: {report['bare_router']['kb_per_connection']:.1f} KB each; "
         f"the broker holds {report['memory_ratio']:.2f} times that per client",
+        *([f"bare pyzmq forwarder, the same clients at the same rate: {100 * report['bare_router']['busy_cpu']:.1f} % "
+           f"of a core; the broker used {report['cpu_ratio']:.2f} times that"] if s["rate"] else []),
         f"fresh client: first call {f['first_call_ms']:.1f} ms, then p50 {f['p50_ms']:.2f} ms, p99 {f['p99_ms']:.2f} ms",
         *([f"broker restarted: {r['answered']} clients answered again, the last {r['back_s']:.2f} s after the stop; "
            f"failures by code: {r['failures'] or 'none'}"] if (r := report["restart"]) else []),

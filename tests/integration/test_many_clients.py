@@ -178,7 +178,8 @@ def test_the_scale_probe_reports_what_many_clients_cost():
     purpose by starting one client too few per process: the count check failed; and once
     by never starting the callers: 0 answered failed the count check). With `--restart`, the
     broker is restarted under them and every client is answered again, none refused
-    (broken once on purpose by skipping the call after the restart: 0 answered)."""
+    (broken once on purpose by skipping the call after the restart: 0 answered). Its
+    floors, measured in the same run, are reported beside the broker's figures."""
     out = subprocess.run(
         [sys.executable, "-m", "mesh", "bench", "--scale", "--idle-clients", "31", "--client-processes", "2",
          "--duration", "1", "--call-rate", "10", "--restart", "--json"],
@@ -201,6 +202,8 @@ def test_the_scale_probe_reports_what_many_clients_cost():
     bare = report["bare_router"]
     assert 0 < bare["rss_mb"]["before"] < bare["rss_mb"]["connected"] and bare["kb_per_connection"] > 0
     assert report["memory_ratio"] == pytest.approx(report["broker"]["kb_per_client"] / bare["kb_per_connection"])
+    # And a bare forwarder moving the same clients' frames at the same rate, through an echo.
+    assert bare["busy_cpu"] > 0 and report["cpu_ratio"] == pytest.approx(report["broker"]["idle_cpu"] / bare["busy_cpu"])
 
 
 def test_the_scale_probe_says_at_once_when_descriptors_are_too_few():
