@@ -18,14 +18,13 @@ Rules of this module:
   naming the file and the problem: a broker must not rejoin a cluster with a state it
   cannot trust.
 * A compaction's snapshot is packed and written by a thread of its own
-  (`begin_snapshot`), in chunks of `SNAPSHOT_CHUNK_BYTES`, one short transaction each, then made current with
-  the entries it covers dropped in one last transaction. A snapshot of the whole shared
-  state runs to tens of megabytes; written in the loop's thread in one transaction it
-  stalled every broker for up to 0.6 s at once and started elections. The loop's own
-  transactions wait at most one chunk. The entries it covers and the snapshot it
-  replaced are dropped after, in short transactions as well; until they are, and after
-  a crash in between, they are ignored (entries at or below the snapshot's index are
-  never read). An installed snapshot (from the leader) is written in the loop's
+  (`begin_snapshot`), in chunks of `SNAPSHOT_CHUNK_BYTES`, one short transaction each,
+  then made current in one small transaction. A snapshot of the whole shared state runs
+  to tens of megabytes; written in the loop's thread in one transaction it stalled every
+  broker for up to 0.6 s at once and started elections. The loop's own transactions
+  wait at most one chunk. The entries it covers and the snapshot it replaced are
+  dropped after, in short transactions as well; until they are, and after a crash in
+  between, they are ignored (entries at or below the snapshot's index are never read). An installed snapshot (from the leader) is written in the loop's
   thread, inside the Ready's transaction, as before; a background snapshot older than
   the current one is discarded, never made current.
 * The WAL is copied into the database file by a thread of its own every `CHECKPOINT_S`
@@ -65,6 +64,8 @@ CHECKPOINT_S: Final = 0.25  # how often the WAL is copied into the database file
 # One broker owns this file; the WAL switch still waits out any other opener (mesh.sqlitefile).
 OPEN_WAIT_S: Final = 10.0
 
+_CHUNKS_TABLE: Final = """CREATE TABLE snapshot_chunks (
+    idx INTEGER NOT NULL, seq INTEGER NOT NULL, data BLOB NOT NULL, PRIMARY KEY (idx, seq))"""
 _SCHEMA: Final = """
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE hard_state (
@@ -77,14 +78,11 @@ CREATE TABLE snapshot (
 CREATE TABLE entries (
     idx INTEGER PRIMARY KEY, term INTEGER NOT NULL, kind INTEGER NOT NULL,
     data BLOB NOT NULL, checksum INTEGER NOT NULL);
-CREATE TABLE snapshot_chunks (
-    idx INTEGER NOT NULL, seq INTEGER NOT NULL, data BLOB NOT NULL, PRIMARY KEY (idx, seq));
-"""
+""" + _CHUNKS_TABLE
 # Version 1 had the snapshot's bytes in its row only.
-_UPGRADE_FROM_1: Final = """
+_UPGRADE_FROM_1: Final = f"""
 ALTER TABLE snapshot ADD COLUMN chunked INTEGER NOT NULL DEFAULT 0;
-CREATE TABLE snapshot_chunks (
-    idx INTEGER NOT NULL, seq INTEGER NOT NULL, data BLOB NOT NULL, PRIMARY KEY (idx, seq));
+{_CHUNKS_TABLE};
 UPDATE meta SET value = '2' WHERE key = 'schema_version'
 """
 
@@ -277,13 +275,8 @@ class RaftStorage:
                 if not sync:
                     self._conn.execute("PRAGMA synchronous=NORMAL")  # WAL: written in order, synced later
                 try:
-                    self._conn.execute("BEGIN IMMEDIATE")
-                    try:
+                    with _immediate(self._conn):
                         yield
-                    except BaseException:
-                        self._conn.execute("ROLLBACK")
-                        raise
-                    self._conn.execute("COMMIT")
                 finally:
                     if not sync:
                         self._conn.execute("PRAGMA synchronous=FULL")
@@ -336,16 +329,10 @@ class RaftStorage:
     def _upgrade(self) -> None:
         """Bring a checked file of schema version 1 to this one, in one transaction (an
         error is the caller's sqlite3 error: the file cannot be used)."""
-        conn = self._conn
-        conn.execute("BEGIN IMMEDIATE")
-        try:
+        with _immediate(self._conn):
             for statement in _UPGRADE_FROM_1.split(";"):
                 if statement.strip():
-                    conn.execute(statement)
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-        conn.execute("COMMIT")
+                    self._conn.execute(statement)
 
     def _create(self, cluster_id: str) -> None:
         with self._transaction():
@@ -407,6 +394,23 @@ class RaftStorage:
             raise _corrupt(path, f"current term {hard.term} is before the log's last term {last_term}")
 
 
+@contextmanager
+def _immediate(conn: sqlite3.Connection) -> Iterator[None]:
+    """One write transaction on `conn`: committed, or rolled back if the block raises."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
+
+
+def _connect_existing(path: Path) -> sqlite3.Connection:
+    """A background thread's own connection (mode=rw: never a new, empty file where the state file was)."""
+    return sqlite3.connect(f"{path.absolute().as_uri()}?mode=rw", uri=True, isolation_level=None)
+
+
 class _SnapshotWriter(threading.Thread):
     """Packs one snapshot (`produce`) and writes it through a connection of its own
     (sqlite3 lets go of the GIL while it writes), in chunks, then makes it current
@@ -429,8 +433,7 @@ class _SnapshotWriter(threading.Thread):
     def run(self) -> None:
         try:
             self.snapshot = Snapshot(self.index, self.term, self.produce())
-            # mode=rw: never a new, empty file where the state file was
-            conn = sqlite3.connect(f"{self.path.absolute().as_uri()}?mode=rw", uri=True, isolation_level=None)
+            conn = _connect_existing(self.path)
             try:
                 self._write(conn, self.snapshot)
             finally:
@@ -448,8 +451,7 @@ class _SnapshotWriter(threading.Thread):
             chunk = view[start : start + SNAPSHOT_CHUNK_BYTES]
             self._step(conn, "INSERT INTO snapshot_chunks (idx, seq, data) VALUES (?, ?, ?)", (snap.index, seq, chunk))
         conn.execute("PRAGMA synchronous=FULL")
-        with self.lock:
-            conn.execute("BEGIN IMMEDIATE")
+        with self.lock, _immediate(conn):
             stored = conn.execute("SELECT idx FROM snapshot").fetchone()
             self.current = stored is None or stored[0] < snap.index  # else an installed snapshot overtook it
             if self.current:
@@ -457,7 +459,6 @@ class _SnapshotWriter(threading.Thread):
                     "INSERT OR REPLACE INTO snapshot (id, idx, term, data, checksum, chunked) VALUES (1, ?, ?, ?, ?, 1)",
                     (snap.index, snap.term, b"", checksum),
                 )
-            conn.execute("COMMIT")
         # What it replaced goes in short transactions, not synced: a crash leaves it unread.
         conn.execute("PRAGMA synchronous=NORMAL")
         kept = snap.index if self.current else stored[0]
@@ -492,7 +493,7 @@ class _Checkpointer(threading.Thread):
 
     def run(self) -> None:
         try:
-            conn = sqlite3.connect(f"{self.path.absolute().as_uri()}?mode=rw", uri=True, isolation_level=None)
+            conn = _connect_existing(self.path)
         except sqlite3.Error as exc:
             log.warning("cluster state %s: no background checkpoints (%s)", self.path, exc)
             return
