@@ -322,11 +322,17 @@ async def _serve_floor(http: bool) -> None:
             await server.run(read, write, server.create_initialization_options())
         return
     import uvicorn
+    from mcp.server.streamable_http_manager import StreamableHTTPASGIApp, StreamableHTTPSessionManager
+    from starlette.applications import Starlette
+    from starlette.routing import Route
 
-    from ..mcp.httpapp import http_app
     from ..mcp.serve import MCP_PATH
 
-    app = http_app(server, MCP_PATH, "127.0.0.1")  # served as the bridge is served
+    # The SDK's own session manager in its fastest setting: every call answered with one
+    # JSON body through the session (the bridge answers a call without progress so too,
+    # but in the POST's own task: mesh/mcp/direct.py).
+    manager = StreamableHTTPSessionManager(app=server, json_response=True)
+    app = Starlette(routes=[Route(MCP_PATH, endpoint=StreamableHTTPASGIApp(manager))], lifespan=lambda _app: manager.run())
     # The bridge's own uvicorn settings (serve.serve_http), on a free loopback port.
     uv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="on", access_log=False))
     task = asyncio.get_running_loop().create_task(uv.serve())

@@ -37,7 +37,7 @@ from mcp.server.connection import Connection
 from mcp.server.subscriptions import InMemorySubscriptionBus, ListenHandler, ResourcesListChanged, ToolsListChanged
 from mcp.shared.exceptions import MCPError
 
-from ..client import AsyncClient
+from ..client import AsyncClient, ProgressHook
 from ..protocol import (
     ErrorCode,
     HandlerNotFoundError,
@@ -45,6 +45,7 @@ from ..protocol import (
     PayloadValidator,
     compile_schema,
 )
+from .direct import DirectCalls
 from .tools import (
     REGISTRY_URI,
     Selection,
@@ -85,6 +86,7 @@ class Bridge:
         self.registry: dict[str, Any] = {}
         self._validators: dict[str, PayloadValidator] = {}
         self._connections: weakref.WeakSet[Connection] = weakref.WeakSet()  # handshake-era clients
+        self.direct = DirectCalls(self.call_tool)  # tool calls over HTTP answered in the POST's task
         self.bus = InMemorySubscriptionBus()
         self.listen = ListenHandler(self.bus)
         self._watcher: asyncio.Task[None] | None = None
@@ -166,7 +168,9 @@ class Bridge:
         # client does, and is what a standalone notification goes out on. The SDK has no
         # public accessor for it yet (its own `Context.connection` is not built for
         # lowlevel handlers), hence the private attribute.
-        self._connections.add(ctx.session._connection)
+        connection = ctx.session._connection
+        self._connections.add(connection)
+        self.direct.remember(connection)
 
     async def close(self) -> None:
         """Stop following the registry and end the listen streams."""
@@ -197,13 +201,21 @@ class Bridge:
         )
 
     async def _call_tool(self, ctx: ServerRequestContext[Any], params: types.CallToolRequestParams) -> types.CallToolResult:
+        return await self.call_tool(params, _progress_relay(ctx))
+
+    async def call_tool(self, params: types.CallToolRequestParams,
+                        on_progress: ProgressHook | None = None) -> types.CallToolResult:
+        """One tool call: the mesh command's result, or its error, as a tool result.
+
+        Raises:
+            MCPError: the bridge lists no such tool (INVALID_PARAMS, data HANDLER_NOT_FOUND).
+        """
         tool = find_tool(self.tools, params.name)
         if tool is None:
             raise _unknown_tool(params.name)
         try:
             self._validator(tool)(dict(params.arguments or {}))
             payload = tool.payload(params.arguments)
-            on_progress = _progress_relay(ctx)
             result = await self.client.call(tool.service, tool.action, payload, timeout=self.timeout,
                                             on_progress=on_progress)
         except MeshError as err:
@@ -264,7 +276,7 @@ class _BridgeServer(Server[Any]):
         return super().create_initialization_options(notification_options or LIST_CHANGES, *args, **kwargs)
 
 
-def _progress_relay(ctx: ServerRequestContext[Any]) -> Any:
+def _progress_relay(ctx: ServerRequestContext[Any]) -> ProgressHook:
     """A mesh progress callback that passes reports on to the MCP caller.
 
     The SDK sends them only when the caller asked (with a progress token), so a call

@@ -18,12 +18,18 @@ calls of one session each see their own choice, and the session's message router
 task started before any choice) sees the default, streams, so it never drops a message.
 Anything else a future bridge sends in the scope of a call must come with a token, or
 it would take the result's place in a JSON answer.
+
+With `direct` (the bridge's `DirectCalls`), a `tools/call` it takes is answered in the
+POST's task instead of through the session (`direct.py` says when and why); the
+transport checks the Accept and Content-Type headers and the session id first, with
+the SDK's own methods, as for any POST.
 """
 
 from __future__ import annotations
 
 import json
 from contextvars import ContextVar
+from http import HTTPStatus
 from typing import TYPE_CHECKING, Any, Final
 
 from mcp.server.streamable_http import StreamableHTTPServerTransport
@@ -35,7 +41,9 @@ from starlette.routing import Route
 if TYPE_CHECKING:
     from mcp.server import Server
     from starlette.requests import Request
-    from starlette.types import Receive, Scope, Send
+    from starlette.types import Message, Receive, Scope, Send
+
+    from .direct import Call, DirectCalls
 
 __all__ = ["http_app", "wants_stream"]
 
@@ -61,7 +69,9 @@ def wants_stream(body: bytes) -> bool:
 
 
 class _PerCallTransport(StreamableHTTPServerTransport):
-    """The SDK's transport, with the JSON-or-stream choice made per POST."""
+    """The SDK's transport, with the JSON-or-stream choice made per POST, and direct calls."""
+
+    _direct: DirectCalls | None = None  # set per session by `_SessionManager`
 
     @property
     def is_json_response_enabled(self) -> bool:
@@ -73,15 +83,50 @@ class _PerCallTransport(StreamableHTTPServerTransport):
 
     async def _handle_post_request(self, scope: Scope, request: Request, receive: Receive, send: Send) -> None:
         # Starlette keeps the body it read, so the SDK's own read below costs nothing.
-        choice = _ANSWER_AS_JSON.set(not wants_stream(await request.body()))
+        body = await request.body()
+        direct = self._direct
+        call = None if direct is None else direct.take(body, self.mcp_session_id)
+        choice = _ANSWER_AS_JSON.set(call is not None or not wants_stream(body))
         try:
-            await super()._handle_post_request(scope, request, receive, send)
+            if call is not None and direct is not None and self._check_content_type(request):
+                await self._answer_directly(direct, call, scope, request, receive, send)
+            elif direct is not None and direct.in_flight:
+                # A notifications/cancelled for a direct call counts once the SDK accepted
+                # it (202), as it counts for the calls the session runs.
+                status = 0
+
+                async def noting(message: Message) -> None:
+                    nonlocal status
+                    if message["type"] == "http.response.start":
+                        status = message["status"]
+                    await send(message)
+
+                await super()._handle_post_request(scope, request, receive, noting)
+                if status == HTTPStatus.ACCEPTED:
+                    direct.cancel(body, self.mcp_session_id)
+            else:
+                await super()._handle_post_request(scope, request, receive, send)
         finally:
             _ANSWER_AS_JSON.reset(choice)
+
+    async def _answer_directly(self, direct: DirectCalls, call: Call, scope: Scope, request: Request,
+                               receive: Receive, send: Send) -> None:
+        # The SDK's checks, in its order, each answering a refusal itself.
+        if not await self._validate_accept_header(request, scope, send):
+            return
+        if not await self._validate_request_headers(request, send):
+            return
+        assert self.mcp_session_id is not None  # `take` found the session by it
+        answer = await direct.answer(call, self.mcp_session_id)
+        await self._create_json_response(answer)(scope, receive, send)
 
 
 class _SessionManager(StreamableHTTPSessionManager):
     """The SDK's session manager, whose sessions use `_PerCallTransport`."""
+
+    def __init__(self, *args: Any, direct: DirectCalls | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._direct = direct
 
     def _admit_session(self, requestor: Any) -> StreamableHTTPServerTransport | None:
         transport = super()._admit_session(requestor)
@@ -89,14 +134,18 @@ class _SessionManager(StreamableHTTPSessionManager):
             # Same layout, one overridden property and method: the SDK builds the object,
             # with every setting it owns, and this only changes how it answers a POST.
             transport.__class__ = _PerCallTransport
+            assert isinstance(transport, _PerCallTransport)
+            transport._direct = self._direct
         return transport
 
 
-def http_app(server: Server[Any], path: str, host: str, *, https: bool = False) -> Starlette:
+def http_app(server: Server[Any], path: str, host: str, *, https: bool = False,
+             direct: DirectCalls | None = None) -> Starlette:
     """The ASGI app serving `server` over streamable HTTP at `path`.
 
     As the SDK's own app, with DNS-rebinding protection for a loopback host (its https
-    origins allowed too when `https`), and with each call answered as above.
+    origins allowed too when `https`), and with each call answered as above (`direct`:
+    the tool calls it takes answered in the POST's task).
     """
     security = None
     if host in LOOPBACK:
@@ -105,6 +154,6 @@ def http_app(server: Server[Any], path: str, host: str, *, https: bool = False) 
         security = TransportSecuritySettings(enable_dns_rebinding_protection=True,
                                              allowed_hosts=[f"{n}:*" for n in names],
                                              allowed_origins=[f"{s}://{n}:*" for s in schemes for n in names])
-    manager = _SessionManager(app=server, security_settings=security)
+    manager = _SessionManager(app=server, security_settings=security, direct=direct)
     return Starlette(routes=[Route(path, endpoint=StreamableHTTPASGIApp(manager))],
                      lifespan=lambda _app: manager.run())

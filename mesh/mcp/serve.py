@@ -88,7 +88,7 @@ async def serve_http(bridge: Bridge, host: str, port: int, token: str | None, *,
 
     if token is None and not is_loopback(host):
         raise ConfigurationError(f"listening on {host} needs a bearer token (--token-file)", details={"host": host})
-    app: Any = http_app(bridge.server, MCP_PATH, host, https=tls is not None)
+    app: Any = http_app(bridge.server, MCP_PATH, host, https=tls is not None, direct=bridge.direct)
     if token is not None:
         app = BearerGuard(app, token)
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on", access_log=False,

@@ -1,0 +1,178 @@
+"""Tool calls over streamable HTTP answered in the POST's own task.
+
+Why: the SDK answers every POST of a session by way of the session: the body is put on
+the session's stream, taken by its dispatcher into a task of its own, handled, and the
+answer routed back to the waiting POST through two more streams. That machinery cost
+about 0.75 ms of CPU per call here (docs/mcp.md "Cost"), more than the mesh call a
+bridge call carries. For the one hot request, a `tools/call` that asked for no progress
+on a session whose handshake is complete, the bridge answers in the POST's task with the
+SDK's own checks and shapes for the session's protocol revision: the JSON-RPC message
+adapter, the request's per-revision validation and params model, the result's
+per-revision sieve, the same error mapping. Any other message, and any such request
+those checks refuse, goes the SDK's way untouched, so every error answer stays the
+SDK's own.
+
+Rules of this module:
+
+* `DirectCalls.take` decides from the body and the session alone (no I/O): a request
+  it returns None for is the SDK's.
+* A session qualifies once its client sent `notifications/initialized`: the bridge hands
+  the session's connection over then (`remember`), and its negotiated revision is what
+  requests are validated and results shaped for. Before that, the SDK's own gate rules.
+* A `notifications/cancelled` naming a call in flight here cancels it (the mesh command
+  with it) once the SDK accepted the notification (its header and session checks, its
+  202), and the call is answered `REQUEST_CANCELLED`, as the SDK answers a cancelled
+  request on this wire.
+* The SDK's server middleware (its OpenTelemetry span) does not run for these calls.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import weakref
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
+from typing import Any, Final
+
+import pydantic_core
+from mcp.server.connection import Connection
+from mcp.server.streamable_http import REQUEST_CANCELLED
+from mcp.shared.dispatcher import coerce_request_id
+from mcp.shared.jsonrpc_dispatcher import (
+    cancelled_request_id_from_params,
+    handler_exception_to_error_data,
+    progress_token_from_params,
+)
+from mcp_types import (
+    INTERNAL_ERROR,
+    CallToolRequestParams,
+    CallToolResult,
+    ErrorData,
+    JSONRPCError,
+    JSONRPCRequest,
+    JSONRPCResponse,
+    RequestId,
+    jsonrpc_message_adapter,
+)
+from mcp_types.methods import serialize_server_result, validate_client_request
+from pydantic import ValidationError
+
+__all__ = ["Call", "DirectCalls"]
+
+log = logging.getLogger("mesh.mcp")
+
+METHOD: Final = "tools/call"
+CANCELLED: Final = "notifications/cancelled"
+
+ToolCall = Callable[[CallToolRequestParams], Coroutine[Any, Any, CallToolResult]]
+
+
+@dataclass(frozen=True, slots=True)
+class Call:
+    """A `tools/call` this path answers: its id, its params, the session's revision."""
+
+    request_id: RequestId
+    params: CallToolRequestParams
+    version: str
+
+
+class DirectCalls:
+    """The sessions whose tool calls may be answered directly, and the calls in flight.
+
+    Args:
+        call: answers one tool call (the bridge's), raising `MCPError` for a protocol error.
+    """
+
+    def __init__(self, call: ToolCall) -> None:
+        self._call = call
+        self._connections: weakref.WeakValueDictionary[str, Connection] = weakref.WeakValueDictionary()
+        self._in_flight: dict[tuple[str, Any], asyncio.Task[CallToolResult]] = {}
+        self._cancelled: set[tuple[str, Any]] = set()
+
+    @property
+    def in_flight(self) -> bool:
+        """Whether any call answered here is running (only then can a cancellation name one)."""
+        return bool(self._in_flight)
+
+    def remember(self, connection: Connection) -> None:
+        """A session whose client completed the handshake: its calls may come this way."""
+        if connection.session_id is not None:
+            self._connections[connection.session_id] = connection
+
+    def take(self, body: bytes, session_id: str | None) -> Call | None:
+        """The call in `body` if this path answers it; None leaves the POST to the SDK."""
+        if session_id is None or METHOD.encode() not in body:
+            return None
+        connection = self._connections.get(session_id)
+        if connection is None or not connection.initialized.is_set():
+            return None
+        try:
+            message = jsonrpc_message_adapter.validate_python(pydantic_core.from_json(body), by_name=False)
+        except ValueError:  # bad JSON, or not a JSON-RPC message (ValidationError is a ValueError)
+            return None
+        if not isinstance(message, JSONRPCRequest) or message.method != METHOD:
+            return None
+        if progress_token_from_params(message.params) is not None:
+            return None  # progress needs the SDK's event stream
+        if (session_id, coerce_request_id(message.id)) in self._in_flight:
+            return None  # an id reused while in flight: the SDK's rules apply
+        version = connection.protocol_version
+        try:
+            validate_client_request(METHOD, version, message.params)
+            params = CallToolRequestParams.model_validate(message.params or {}, by_name=False)
+        except (KeyError, ValueError):
+            return None
+        return Call(message.id, params, version)
+
+    def cancel(self, body: bytes, session_id: str | None) -> None:
+        """Cancel the call in flight that a `notifications/cancelled` in `body` names, if any."""
+        if session_id is None or CANCELLED.encode() not in body:
+            return
+        try:
+            message = pydantic_core.from_json(body)
+        except ValueError:
+            return
+        if not isinstance(message, dict) or message.get("method") != CANCELLED:
+            return
+        params = message.get("params")
+        request_id = cancelled_request_id_from_params(params if isinstance(params, dict) else None)
+        if request_id is None:
+            return
+        key = (session_id, coerce_request_id(request_id))
+        task = self._in_flight.get(key)
+        if task is not None and not task.done():
+            self._cancelled.add(key)
+            task.cancel()
+
+    async def answer(self, call: Call, session_id: str) -> JSONRPCResponse | JSONRPCError:
+        """Run `call` and shape its answer as the SDK would for the session's revision."""
+        key = (session_id, coerce_request_id(call.request_id))
+        task = asyncio.get_running_loop().create_task(self._call(call.params))
+        self._in_flight[key] = task
+        try:
+            result = await task
+        except asyncio.CancelledError:
+            if key not in self._cancelled:
+                raise  # the POST itself was cancelled (shutdown): awaiting cancelled the call too
+            return _error(call, ErrorData(code=REQUEST_CANCELLED, message="Request cancelled"))
+        except Exception as exc:
+            error = handler_exception_to_error_data(exc)
+            if error is None:  # a bug in the bridge: logged, answered as the SDK answers one
+                log.exception("tools/call %s raised", call.params.name)
+                error = ErrorData(code=0, message=str(exc))
+            return _error(call, error)
+        finally:
+            self._in_flight.pop(key, None)
+            self._cancelled.discard(key)
+        try:
+            shaped = serialize_server_result(METHOD, call.version,
+                                             result.model_dump(by_alias=True, mode="json", exclude_none=True))
+        except ValidationError:
+            log.exception("tools/call %s returned an invalid result", call.params.name)
+            return _error(call, ErrorData(code=INTERNAL_ERROR, message="Handler returned an invalid result"))
+        return JSONRPCResponse(jsonrpc="2.0", id=call.request_id, result=shaped)
+
+
+def _error(call: Call, error: ErrorData) -> JSONRPCError:
+    return JSONRPCError(jsonrpc="2.0", id=call.request_id, error=error)

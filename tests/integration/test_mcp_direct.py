@@ -1,0 +1,271 @@
+"""Tool calls over HTTP answered in the POST's task (mesh/mcp/direct.py) answer exactly as the SDK's path.
+
+The invariant: for every request, on every handshake-era protocol revision, the bridge
+with its direct path gives the same HTTP status, content type and JSON-RPC answer as the
+same bridge without it (the SDK's own session path); the direct path really answers the
+well-formed calls (counted), and leaves everything else to the SDK. Both apps run in
+this process on one mesh client, over real sockets, against a real secure mesh.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import httpx2
+import pytest
+from mcp_types.version import HANDSHAKE_PROTOCOL_VERSIONS
+from mcpnodes import wait_for_file
+
+from mesh.client import AsyncClient
+from mesh.mcp.bridge import Bridge
+from mesh.mcp.direct import Call
+from mesh.mcp.httpapp import http_app
+from mesh.mcp.serve import MCP_PATH
+from mesh.security.credentials import load_credentials
+
+if TYPE_CHECKING:
+    from conftest import SecureMesh
+
+ACCEPT = {"Accept": "application/json, text/event-stream", "Content-Type": "application/json"}
+
+
+class Served:
+    """One bridge in a thread of its own, served twice: with the direct path (`direct`) and without (`sdk`)."""
+
+    def __init__(self, broker: str, credentials: str) -> None:
+        self.broker, self.credentials = broker, credentials
+        self.urls: dict[str, str] = {}
+        self.direct_answers = 0
+        self.bridge: Bridge | None = None
+        self._ready = threading.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+        self._failed: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> Served:
+        self._thread.start()
+        assert self._ready.wait(30), "the bridge did not start"
+        if self._failed is not None:
+            raise self._failed
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        assert self._loop is not None and self._stop is not None
+        self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(30)
+
+    def _run(self) -> None:
+        try:
+            asyncio.run(self._serve())
+        except BaseException as err:  # reported to the test by __enter__
+            self._failed = err
+            self._ready.set()
+
+    async def _serve(self) -> None:
+        import uvicorn
+
+        self._loop, self._stop = asyncio.get_running_loop(), asyncio.Event()
+        client = AsyncClient(self.broker, timeout=10.0, credentials=load_credentials(self.credentials))
+        bridge = self.bridge = Bridge(client, timeout=10.0)
+        answer = bridge.direct.answer
+
+        async def counted(call: Call, session_id: str) -> Any:
+            self.direct_answers += 1
+            return await answer(call, session_id)
+
+        bridge.direct.answer = counted  # type: ignore[method-assign]
+        await bridge.start()
+        servers = {}
+        for name, direct in (("direct", bridge.direct), ("sdk", None)):
+            app = http_app(bridge.server, MCP_PATH, "127.0.0.1", direct=direct)
+            servers[name] = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning",
+                                                          lifespan="on", access_log=False))
+        tasks = [asyncio.create_task(s.serve()) for s in servers.values()]
+        while not all(s.started for s in servers.values()):
+            await asyncio.sleep(0.02)
+        for name, server in servers.items():
+            port = server.servers[0].sockets[0].getsockname()[1]
+            self.urls[name] = f"http://127.0.0.1:{port}{MCP_PATH}"
+        self._ready.set()
+        await self._stop.wait()
+        for server in servers.values():
+            server.should_exit = True
+        await asyncio.gather(*tasks)
+        await bridge.close()
+        await client.close()
+
+
+@pytest.fixture(scope="module")
+def served(secure_mesh: SecureMesh) -> Iterator[Served]:
+    with Served(secure_mesh.broker.clients, secure_mesh.credentials("bridge")) as s:
+        yield s
+
+
+def answer(response: httpx2.Response) -> tuple[int, str, Any]:
+    """Status, content type and the answer: JSON-RPC (the last event of a stream), else the text."""
+    kind = response.headers.get("content-type", "").split(";")[0]
+    if kind == "text/event-stream":
+        data = [line[5:] for line in response.text.splitlines() if line.startswith("data:")]
+        body: Any = json.loads(data[-1]) if data else None
+    elif kind == "application/json":
+        body = response.json() if response.content else None  # 202: accepted, nothing to answer
+    else:
+        body = response.text  # a refusal before any JSON-RPC (the transport's security checks)
+    return response.status_code, kind, body
+
+
+def open_session(http: httpx2.Client, url: str, version: str, *, initialized: bool = True) -> dict[str, str]:
+    """A raw handshake; the headers the session's requests carry."""
+    init = {"jsonrpc": "2.0", "id": 0, "method": "initialize",
+            "params": {"protocolVersion": version, "capabilities": {}, "clientInfo": {"name": "t", "version": "0"}}}
+    response = http.post(url, json=init, headers=ACCEPT)
+    assert response.status_code == 200, response.text
+    headers = {**ACCEPT, "mcp-session-id": response.headers["mcp-session-id"], "mcp-protocol-version": version}
+    if initialized:
+        done = http.post(url, json={"jsonrpc": "2.0", "method": "notifications/initialized"}, headers=headers)
+        assert done.status_code == 202
+    return headers
+
+
+def call(name: str, arguments: Any, id_: Any = 1, **extra: Any) -> dict[str, Any]:
+    return {"jsonrpc": "2.0", "id": id_, "method": "tools/call", "params": {"name": name, "arguments": arguments}, **extra}
+
+
+# (label, body, header changes, whether the direct path answers it: a refusal by a header check is not counted)
+CASES: list[tuple[str, Any, dict[str, str | None], bool]] = [
+    ("a call", call("echo_echo", {"text": "hi"}), {}, True),
+    ("non-ASCII and nesting", call("echo_echo", {"t": "é ✓ 𝄞", "n": [1, 2.5, None, {"a": True}]}), {}, True),
+    ("a string id", call("echo_echo", {"text": "x"}, id_="abc"), {}, True),
+    ("a numeric string id", call("echo_echo", {"text": "x"}, id_="7"), {}, True),
+    ("a large id", call("echo_echo", {"text": "x"}, id_=2**53), {}, True),
+    ("an unknown tool", call("no_such_tool", {}), {}, True),
+    ("arguments the schema refuses", call("kv_get", {"key": 5}), {}, True),
+    ("a mesh error", call("kv_get", {"key": "never-set-direct"}), {}, True),
+    ("null arguments", call("echo_echo", None), {}, True),
+    ("no arguments", {"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": "echo_echo"}}, {}, True),
+    ("arguments not an object", call("echo_echo", 5), {}, False),
+    ("no name", {"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"arguments": {}}}, {}, False),
+    ("no params", {"jsonrpc": "2.0", "id": 1, "method": "tools/call"}, {}, False),
+    ("params a list", {"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": [1]}, {}, False),
+    ("a bool id", call("echo_echo", {}, id_=True), {}, False),
+    ("a null id", call("echo_echo", {}, id_=None), {}, False),
+    ("a float id", call("echo_echo", {}, id_=1.5), {}, False),
+    ("jsonrpc 1.0", {**call("echo_echo", {}), "jsonrpc": "1.0"}, {}, False),
+    ("a batch", [call("echo_echo", {})], {}, False),
+    ("not JSON", b'{"method": "tools/call", ', {}, False),
+    ("a progress token", {**call("echo_echo", {"text": "p"}), "params": {"name": "echo_echo", "arguments": {},
+                                                                        "_meta": {"progressToken": "t1"}}}, {}, False),
+    ("no session id", call("echo_echo", {}), {"mcp-session-id": None}, False),
+    ("another session's id", call("echo_echo", {}), {"mcp-session-id": "0" * 32}, False),
+    ("JSON not accepted", call("echo_echo", {}), {"Accept": "text/event-stream"}, False),
+    ("not JSON content", call("echo_echo", {}), {"Content-Type": "text/plain"}, False),
+    ("the secret service", call("secret_reveal", {}), {}, True),
+    ("an id past 64 bits", call("echo_echo", {"text": "x"}, id_=2**70), {}, True),
+    ("arguments nested 5,000 deep", b'{"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": '
+     b'{"name": "echo_echo", "arguments": {"a": ' + b"[" * 5000 + b"]" * 5000 + b"}}}", {}, False),
+    ("arguments nested 100 deep", call("echo_echo", {"a": json.loads("[" * 100 + "]" * 100)}), {}, True),
+]
+
+
+def post(http: httpx2.Client, url: str, headers: dict[str, str], body: Any, changes: dict[str, str | None]) -> httpx2.Response:
+    sent = {k: v for k, v in {**headers, **changes}.items() if v is not None}
+    content = body if isinstance(body, bytes) else json.dumps(body).encode()
+    return http.post(url, content=content, headers=sent)
+
+
+def wait_until_direct(served: Served, http: httpx2.Client, headers: dict[str, str]) -> None:
+    """The bridge learns of a session when its `notifications/initialized` is handled, just after the 202."""
+    deadline = time.monotonic() + 10
+    before = served.direct_answers
+    while served.direct_answers == before:
+        assert time.monotonic() < deadline, "the direct path never answered"
+        post(http, served.urls["direct"], headers, call("echo_echo", {}), {})
+
+
+@pytest.mark.parametrize("version", HANDSHAKE_PROTOCOL_VERSIONS)
+def test_every_request_is_answered_as_the_sdk_answers_it(served: Served, version: str) -> None:
+    """Same status, content type and answer with the direct path and without, on every handshake revision."""
+    with httpx2.Client(timeout=30) as http:
+        sessions = {name: open_session(http, served.urls[name], version) for name in ("direct", "sdk")}
+        wait_until_direct(served, http, sessions["direct"])
+        for label, body, changes, direct in CASES:
+            before = served.direct_answers
+            got = {name: answer(post(http, served.urls[name], sessions[name], body, changes)) for name in sessions}
+            assert got["direct"] == got["sdk"], f"{label} ({version})"
+            assert served.direct_answers - before == (1 if direct else 0), f"{label} ({version}): direct path taken?"
+        assert got["direct"][0] == 200
+
+
+def test_before_the_handshake_completes_the_sdk_answers(served: Served) -> None:
+    """A call on a session whose client has not sent notifications/initialized goes the SDK's way."""
+    with httpx2.Client(timeout=30) as http:
+        got = {}
+        before = served.direct_answers
+        for name in ("direct", "sdk"):
+            headers = open_session(http, served.urls[name], HANDSHAKE_PROTOCOL_VERSIONS[-1], initialized=False)
+            got[name] = answer(post(http, served.urls[name], headers, call("echo_echo", {"text": "early"}), {}))
+        assert got["direct"] == got["sdk"]
+        assert served.direct_answers == before
+
+
+def test_concurrent_calls_on_one_session_each_get_their_own_answer(served: Served) -> None:
+    """64 calls in flight on one session: every answer carries its own request's id and payload."""
+    with httpx2.Client(timeout=30, limits=httpx2.Limits(max_connections=16)) as http:
+        headers = open_session(http, served.urls["direct"], HANDSHAKE_PROTOCOL_VERSIONS[-1])
+        wait_until_direct(served, http, headers)
+        before = served.direct_answers
+
+        def one(i: int) -> tuple[int, Any]:
+            return i, answer(post(http, served.urls["direct"], headers, call("echo_echo", {"i": i}, id_=i), {}))[2]
+
+        with ThreadPoolExecutor(16) as pool:
+            results = list(pool.map(one, range(64)))
+    for i, body in results:
+        assert body["id"] == i
+        assert body["result"]["structuredContent"] == {"i": i}
+    assert served.direct_answers - before == 64
+
+
+@pytest.mark.parametrize("path", ["direct", "sdk"])
+def test_notifications_cancelled_cancels_the_mesh_command(served: Served, tmp_path: Path, path: str) -> None:
+    """A cancelled call's node handler sees the cancellation, and the POST is answered REQUEST_CANCELLED."""
+    marker = tmp_path / "marker"
+    with httpx2.Client(timeout=30) as http, ThreadPoolExecutor(1) as pool:
+        headers = open_session(http, served.urls[path], HANDSHAKE_PROTOCOL_VERSIONS[-1])
+        if path == "direct":
+            wait_until_direct(served, http, headers)
+        pending = pool.submit(post, http, served.urls[path], headers,
+                              call("slow_wait", {"seconds": 20, "marker": str(marker)}, id_=41), {})
+        assert asyncio.run(wait_for_file(marker, "started")) == "started"
+        cancel = {"jsonrpc": "2.0", "method": "notifications/cancelled", "params": {"requestId": 41, "reason": "test"}}
+        assert post(http, served.urls[path], headers, cancel, {}).status_code == 202
+        status, kind, body = answer(pending.result(timeout=15))
+        assert asyncio.run(wait_for_file(marker, "cancelled")) == "cancelled"
+    assert (status, kind) == (200, "application/json")
+    assert body["id"] == 41 and body["error"]["code"] == -32800
+
+
+@pytest.mark.parametrize("path", ["direct", "sdk"])
+def test_a_cancellation_the_transport_refuses_cancels_nothing(served: Served, tmp_path: Path, path: str) -> None:
+    """A notifications/cancelled refused for its Content-Type (415) leaves the call running to its answer."""
+    marker = tmp_path / "marker"
+    with httpx2.Client(timeout=30) as http, ThreadPoolExecutor(1) as pool:
+        headers = open_session(http, served.urls[path], HANDSHAKE_PROTOCOL_VERSIONS[-1])
+        if path == "direct":
+            wait_until_direct(served, http, headers)
+        pending = pool.submit(post, http, served.urls[path], headers,
+                              call("slow_wait", {"seconds": 1, "marker": str(marker)}, id_=42), {})
+        assert asyncio.run(wait_for_file(marker, "started")) == "started"
+        cancel = {"jsonrpc": "2.0", "method": "notifications/cancelled", "params": {"requestId": 42}}
+        assert post(http, served.urls[path], headers, cancel, {"Content-Type": "text/plain"}).status_code >= 400
+        status, _, body = answer(pending.result(timeout=15))
+    assert status == 200 and body["result"]["structuredContent"] == {"waited": 1}
+    assert marker.read_text() == "finished"
