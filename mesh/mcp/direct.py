@@ -22,7 +22,8 @@ Rules of this module:
 * A `notifications/cancelled` naming a call in flight here cancels it (the mesh command
   with it) once the SDK accepted the notification (its header and session checks, its
   202), and the call is answered `REQUEST_CANCELLED`, as the SDK answers a cancelled
-  request on this wire.
+  request on this wire. A session that ends (deleted, or idle past its timeout) cancels
+  its calls here too, answered as the SDK answers a request its session outlived.
 * The SDK's server middleware (its OpenTelemetry span) does not run for these calls.
 """
 
@@ -64,6 +65,7 @@ log = logging.getLogger("mesh.mcp")
 
 METHOD: Final = "tools/call"
 CANCELLED: Final = "notifications/cancelled"
+ENDED: Final = "session ended"
 
 ToolCall = Callable[[CallToolRequestParams], Coroutine[Any, Any, CallToolResult]]
 
@@ -88,7 +90,7 @@ class DirectCalls:
         self._call = call
         self._connections: weakref.WeakValueDictionary[str, Connection] = weakref.WeakValueDictionary()
         self._in_flight: dict[tuple[str, Any], asyncio.Task[CallToolResult]] = {}
-        self._cancelled: set[tuple[str, Any]] = set()
+        self._stopped: dict[tuple[str, Any], str] = {}  # why a call was cancelled: CANCELLED or ENDED
 
     @property
     def in_flight(self) -> bool:
@@ -140,21 +142,35 @@ class DirectCalls:
         if request_id is None:
             return
         key = (session_id, coerce_request_id(request_id))
+        self._stop(key, CANCELLED)
+
+    def end(self, session_id: str) -> None:
+        """The session ended (deleted, or idle too long): cancel its calls, as the SDK cancels its handlers."""
+        for key in [k for k in self._in_flight if k[0] == session_id]:
+            self._stop(key, ENDED)
+
+    def _stop(self, key: tuple[str, Any], why: str) -> None:
         task = self._in_flight.get(key)
         if task is not None and not task.done():
-            self._cancelled.add(key)
+            self._stopped[key] = why
             task.cancel()
 
-    async def answer(self, call: Call, session_id: str) -> JSONRPCResponse | JSONRPCError:
-        """Run `call` and shape its answer as the SDK would for the session's revision."""
+    async def answer(self, call: Call, session_id: str) -> JSONRPCResponse | JSONRPCError | None:
+        """Run `call` and shape its answer as the SDK would for the session's revision.
+
+        None: the session ended first (the transport answers as the SDK does then).
+        """
         key = (session_id, coerce_request_id(call.request_id))
         task = asyncio.get_running_loop().create_task(self._call(call.params))
         self._in_flight[key] = task
         try:
             result = await task
         except asyncio.CancelledError:
-            if key not in self._cancelled:
+            why = self._stopped.get(key)
+            if why is None:
                 raise  # the POST itself was cancelled (shutdown): awaiting cancelled the call too
+            if why == ENDED:
+                return None
             return _error(call, ErrorData(code=REQUEST_CANCELLED, message="Request cancelled"))
         except Exception as exc:
             error = handler_exception_to_error_data(exc)
@@ -164,7 +180,7 @@ class DirectCalls:
             return _error(call, error)
         finally:
             self._in_flight.pop(key, None)
-            self._cancelled.discard(key)
+            self._stopped.pop(key, None)
         try:
             shaped = serialize_server_result(METHOD, call.version,
                                              result.model_dump(by_alias=True, mode="json", exclude_none=True))

@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any, Final
 from mcp.server.streamable_http import StreamableHTTPServerTransport
 from mcp.server.streamable_http_manager import StreamableHTTPASGIApp, StreamableHTTPSessionManager
 from mcp.server.transport_security import TransportSecuritySettings
+from mcp_types import INTERNAL_ERROR
 from starlette.applications import Starlette
 from starlette.routing import Route
 
@@ -118,7 +119,17 @@ class _PerCallTransport(StreamableHTTPServerTransport):
             return
         assert self.mcp_session_id is not None  # `take` found the session by it
         answer = await direct.answer(call, self.mcp_session_id)
-        await self._create_json_response(answer)(scope, receive, send)
+        if answer is None:  # the session ended first: the SDK's own answer then
+            response = self._create_error_response("Session terminated before the request completed",
+                                                   HTTPStatus.INTERNAL_SERVER_ERROR, INTERNAL_ERROR)
+        else:
+            response = self._create_json_response(answer)
+        await response(scope, receive, send)
+
+    async def terminate(self) -> None:
+        if self._direct is not None and self.mcp_session_id is not None:
+            self._direct.end(self.mcp_session_id)
+        await super().terminate()
 
 
 class _SessionManager(StreamableHTTPSessionManager):

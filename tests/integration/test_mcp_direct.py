@@ -65,7 +65,7 @@ class Served:
     def _run(self) -> None:
         try:
             asyncio.run(self._serve())
-        except BaseException as err:  # reported to the test by __enter__
+        except Exception as err:  # noqa: BLE001 - any failure to start reaches the test through __enter__
             self._failed = err
             self._ready.set()
 
@@ -269,3 +269,22 @@ def test_a_cancellation_the_transport_refuses_cancels_nothing(served: Served, tm
         status, _, body = answer(pending.result(timeout=15))
     assert status == 200 and body["result"]["structuredContent"] == {"waited": 1}
     assert marker.read_text() == "finished"
+
+
+def test_a_session_deleted_mid_call_cancels_it_as_the_sdk_does(served: Served, tmp_path: Path) -> None:
+    """DELETE of the session while a call runs: the node sees the cancellation, the POST gets the SDK's answer."""
+    got = {}
+    for path in ("direct", "sdk"):
+        marker = tmp_path / f"marker-{path}"
+        with httpx2.Client(timeout=30) as http, ThreadPoolExecutor(1) as pool:
+            headers = open_session(http, served.urls[path], HANDSHAKE_PROTOCOL_VERSIONS[-1])
+            if path == "direct":
+                wait_until_direct(served, http, headers)
+            pending = pool.submit(post, http, served.urls[path], headers,
+                                  call("slow_wait", {"seconds": 20, "marker": str(marker)}, id_=43), {})
+            assert asyncio.run(wait_for_file(marker, "started")) == "started"
+            assert http.delete(served.urls[path], headers=headers).status_code == 200
+            got[path] = answer(pending.result(timeout=15))
+            assert asyncio.run(wait_for_file(marker, "cancelled")) == "cancelled", path
+    assert got["direct"] == got["sdk"]
+    assert got["direct"][0] == 500
