@@ -86,7 +86,6 @@ class Bridge:
         self.registry: dict[str, Any] = {}
         self._validators: dict[str, PayloadValidator] = {}
         self._connections: weakref.WeakSet[Connection] = weakref.WeakSet()  # handshake-era clients
-        self.direct = DirectCalls(self.call_tool)  # tool calls over HTTP answered in the POST's task
         self.bus = InMemorySubscriptionBus()
         self.listen = ListenHandler(self.bus)
         self._watcher: asyncio.Task[None] | None = None
@@ -101,6 +100,7 @@ class Bridge:
             on_list_resource_templates=self._list_resource_templates,
             on_subscriptions_listen=self.listen,
         )
+        self.direct = DirectCalls(self.call_tool, self.server.middleware)  # tool calls over HTTP in the POST's task
         self.server.add_notification_handler(
             "notifications/initialized", types.NotificationParams, self._on_initialized
         )

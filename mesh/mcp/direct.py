@@ -24,7 +24,13 @@ Rules of this module:
   202), and the call is answered `REQUEST_CANCELLED`, as the SDK answers a cancelled
   request on this wire. A session that ends (deleted, or idle past its timeout) cancels
   its calls here too, answered as the SDK answers a request its session outlived.
-* The SDK's server middleware (its OpenTelemetry span) does not run for these calls.
+* The server's middleware wraps each call as the SDK's runner does (the SDK's default,
+  an OpenTelemetry span per request, with the client's trace context), given a context
+  without a session; the bridge installs no middleware of its own, and a rewrite of the
+  context by one would not be followed here.
+* Deliberately not as the SDK: two calls in flight with one id on one session each get
+  their own answer (the SDK's transport keys its answers by id, so the first POST never
+  returns and the second gets the first's result).
 """
 
 from __future__ import annotations
@@ -32,25 +38,24 @@ from __future__ import annotations
 import asyncio
 import logging
 import weakref
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, cast
 
 import pydantic_core
 from mcp.server.connection import Connection
+from mcp.server.context import CallNext, HandlerResult, ServerMiddleware, ServerRequestContext
 from mcp.server.streamable_http import REQUEST_CANCELLED
 from mcp.shared.dispatcher import coerce_request_id
-from mcp.shared.jsonrpc_dispatcher import (
-    cancelled_request_id_from_params,
-    handler_exception_to_error_data,
-    progress_token_from_params,
-)
+from mcp.shared.exceptions import MCPError
+from mcp.shared.jsonrpc_dispatcher import cancelled_request_id_from_params, handler_exception_to_error_data
 from mcp_types import (
     INTERNAL_ERROR,
     CallToolRequestParams,
     CallToolResult,
     ErrorData,
     JSONRPCError,
+    JSONRPCNotification,
     JSONRPCRequest,
     JSONRPCResponse,
     RequestId,
@@ -59,7 +64,7 @@ from mcp_types import (
 from mcp_types.methods import serialize_server_result, validate_client_request
 from pydantic import ValidationError
 
-__all__ = ["Call", "DirectCalls"]
+__all__ = ["Call", "DirectCalls", "asks_for_progress"]
 
 log = logging.getLogger("mesh.mcp")
 
@@ -70,11 +75,21 @@ ENDED: Final = "session ended"
 ToolCall = Callable[[CallToolRequestParams], Coroutine[Any, Any, CallToolResult]]
 
 
+def asks_for_progress(params: Any) -> bool:
+    """Whether a request's params carry a progress token, which only an event stream can honour.
+
+    Any value but null counts: the SDK's params model takes `true` or `1.0` as a token too.
+    """
+    meta = params.get("_meta") if isinstance(params, Mapping) else None
+    return isinstance(meta, Mapping) and meta.get("progressToken") is not None
+
+
 @dataclass(frozen=True, slots=True)
 class Call:
-    """A `tools/call` this path answers: its id, its params, the session's revision."""
+    """A `tools/call` this path answers: its id, its params (raw and typed), the session's revision."""
 
     request_id: RequestId
+    raw: Mapping[str, Any] | None
     params: CallToolRequestParams
     version: str
 
@@ -84,12 +99,14 @@ class DirectCalls:
 
     Args:
         call: answers one tool call (the bridge's), raising `MCPError` for a protocol error.
+        middleware: the server's (`Server.middleware`), run around each call.
     """
 
-    def __init__(self, call: ToolCall) -> None:
+    def __init__(self, call: ToolCall, middleware: Sequence[ServerMiddleware[Any]] = ()) -> None:
         self._call = call
+        self._middleware = middleware
         self._connections: weakref.WeakValueDictionary[str, Connection] = weakref.WeakValueDictionary()
-        self._in_flight: dict[tuple[str, Any], asyncio.Task[CallToolResult]] = {}
+        self._in_flight: dict[tuple[str, Any], asyncio.Task[dict[str, Any]]] = {}
         self._stopped: dict[tuple[str, Any], str] = {}  # why a call was cancelled: CANCELLED or ENDED
 
     @property
@@ -115,7 +132,7 @@ class DirectCalls:
             return None
         if not isinstance(message, JSONRPCRequest) or message.method != METHOD:
             return None
-        if progress_token_from_params(message.params) is not None:
+        if asks_for_progress(message.params):
             return None  # progress needs the SDK's event stream
         if (session_id, coerce_request_id(message.id)) in self._in_flight:
             return None  # an id reused while in flight: the SDK's rules apply
@@ -125,24 +142,25 @@ class DirectCalls:
             params = CallToolRequestParams.model_validate(message.params or {}, by_name=False)
         except (KeyError, ValueError):
             return None
-        return Call(message.id, params, version)
+        return Call(message.id, message.params, params, version)
 
     def cancel(self, body: bytes, session_id: str | None) -> None:
-        """Cancel the call in flight that a `notifications/cancelled` in `body` names, if any."""
-        if session_id is None or CANCELLED.encode() not in body:
+        """Cancel the call in flight that a `notifications/cancelled` in `body` names, if any.
+
+        Read as the SDK's dispatcher reads it: a JSON-RPC notification by the message
+        adapter (escapes decoded; an error or response carrying a `method` is not one).
+        """
+        if session_id is None or not self._in_flight:
             return
         try:
-            message = pydantic_core.from_json(body)
+            message = jsonrpc_message_adapter.validate_python(pydantic_core.from_json(body), by_name=False)
         except ValueError:
             return
-        if not isinstance(message, dict) or message.get("method") != CANCELLED:
+        if not isinstance(message, JSONRPCNotification) or message.method != CANCELLED:
             return
-        params = message.get("params")
-        request_id = cancelled_request_id_from_params(params if isinstance(params, dict) else None)
-        if request_id is None:
-            return
-        key = (session_id, coerce_request_id(request_id))
-        self._stop(key, CANCELLED)
+        request_id = cancelled_request_id_from_params(message.params)
+        if request_id is not None:
+            self._stop((session_id, coerce_request_id(request_id)), CANCELLED)
 
     def end(self, session_id: str) -> None:
         """The session ended (deleted, or idle too long): cancel its calls, as the SDK cancels its handlers."""
@@ -161,13 +179,16 @@ class DirectCalls:
         None: the session ended first (the transport answers as the SDK does then).
         """
         key = (session_id, coerce_request_id(call.request_id))
-        task = asyncio.get_running_loop().create_task(self._call(call.params))
+        task = asyncio.get_running_loop().create_task(self._run(call))
         self._in_flight[key] = task
         try:
             result = await task
+            if key in self._stopped:  # cancelled, but the call returned all the same
+                raise asyncio.CancelledError
         except asyncio.CancelledError:
             why = self._stopped.get(key)
-            if why is None:
+            current = asyncio.current_task()
+            if why is None or (current is not None and current.cancelling()):
                 raise  # the POST itself was cancelled (shutdown): awaiting cancelled the call too
             if why == ENDED:
                 return None
@@ -181,13 +202,34 @@ class DirectCalls:
         finally:
             self._in_flight.pop(key, None)
             self._stopped.pop(key, None)
-        try:
-            shaped = serialize_server_result(METHOD, call.version,
-                                             result.model_dump(by_alias=True, mode="json", exclude_none=True))
-        except ValidationError:
-            log.exception("tools/call %s returned an invalid result", call.params.name)
-            return _error(call, ErrorData(code=INTERNAL_ERROR, message="Handler returned an invalid result"))
-        return JSONRPCResponse(jsonrpc="2.0", id=call.request_id, result=shaped)
+        return JSONRPCResponse(jsonrpc="2.0", id=call.request_id, result=result)
+
+    async def _run(self, call: Call) -> dict[str, Any]:
+        """The call inside the server's middleware, shaped for the wire within it (as the SDK's runner does)."""
+
+        async def inner(ctx: ServerRequestContext[Any, Any]) -> HandlerResult:
+            result = await self._call(call.params)
+            try:
+                return serialize_server_result(METHOD, call.version,
+                                               result.model_dump(by_alias=True, mode="json", exclude_none=True))
+            except ValidationError:
+                log.exception("tools/call %s returned an invalid result", call.params.name)
+                raise MCPError(code=INTERNAL_ERROR, message="Handler returned an invalid result") from None
+
+        chain: CallNext = inner
+        for middleware in reversed(self._middleware):
+            chain = _wrap(middleware, chain)
+        ctx: ServerRequestContext[Any, Any] = ServerRequestContext(
+            session=cast(Any, None), lifespan_context=None, protocol_version=call.version, method=METHOD,
+            params=call.raw, request_id=call.request_id, meta=call.params.meta)
+        return cast(dict[str, Any], await chain(ctx))
+
+
+def _wrap(middleware: ServerMiddleware[Any], call_next: CallNext) -> CallNext:
+    async def wrapped(ctx: ServerRequestContext[Any, Any]) -> HandlerResult:
+        return await middleware(ctx, call_next)
+
+    return wrapped
 
 
 def _error(call: Call, error: ErrorData) -> JSONRPCError:

@@ -27,17 +27,19 @@ the SDK's own methods, as for any POST.
 
 from __future__ import annotations
 
-import json
 from contextvars import ContextVar
 from http import HTTPStatus
 from typing import TYPE_CHECKING, Any, Final
 
+import pydantic_core
 from mcp.server.streamable_http import StreamableHTTPServerTransport
 from mcp.server.streamable_http_manager import StreamableHTTPASGIApp, StreamableHTTPSessionManager
 from mcp.server.transport_security import TransportSecuritySettings
 from mcp_types import INTERNAL_ERROR
 from starlette.applications import Starlette
 from starlette.routing import Route
+
+from .direct import asks_for_progress
 
 if TYPE_CHECKING:
     from mcp.server import Server
@@ -56,17 +58,16 @@ def wants_stream(body: bytes) -> bool:
     """Whether a POST body asks for what only an event stream can carry: progress.
 
     Anything that is not one JSON-RPC request object (a notification, a response, bad
-    JSON) is left to the SDK's default handling, which answers it the same either way.
+    JSON, JSON nested past the parser's limit) is left to the SDK's default handling,
+    which answers it the same either way.
     """
     try:
-        message = json.loads(body)
+        message = pydantic_core.from_json(body)
     except ValueError:
         return True
     if not isinstance(message, dict) or "id" not in message or "method" not in message:
         return True
-    params = message.get("params")
-    meta = params.get("_meta") if isinstance(params, dict) else None
-    return isinstance(meta, dict) and meta.get("progressToken") is not None
+    return asks_for_progress(message.get("params"))
 
 
 class _PerCallTransport(StreamableHTTPServerTransport):

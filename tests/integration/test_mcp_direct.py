@@ -43,6 +43,7 @@ class Served:
         self.broker, self.credentials = broker, credentials
         self.urls: dict[str, str] = {}
         self.direct_answers = 0
+        self.seen: list[tuple[Any, ...]] = []  # what the server's middleware saw of each tools/call
         self.bridge: Bridge | None = None
         self._ready = threading.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -82,6 +83,13 @@ class Served:
             return await answer(call, session_id)
 
         bridge.direct.answer = counted  # type: ignore[method-assign]
+
+        async def recording(ctx: Any, call_next: Any) -> Any:
+            if ctx.method == "tools/call":
+                self.seen.append((ctx.request_id, ctx.protocol_version, ctx.params, ctx.meta))
+            return await call_next(ctx)
+
+        bridge.server.middleware.append(recording)  # after the SDK's OpenTelemetry middleware
         await bridge.start()
         servers = {}
         for name, direct in (("direct", bridge.direct), ("sdk", None)):
@@ -163,6 +171,14 @@ CASES: list[tuple[str, Any, dict[str, str | None], bool]] = [
     ("not JSON", b'{"method": "tools/call", ', {}, False),
     ("a progress token", {**call("echo_echo", {"text": "p"}), "params": {"name": "echo_echo", "arguments": {},
                                                                         "_meta": {"progressToken": "t1"}}}, {}, False),
+    ("a progress token true", {**call("echo_echo", {}), "params": {"name": "echo_echo", "arguments": {},
+                                                                  "_meta": {"progressToken": True}}}, {}, False),
+    ("a progress token 1.0, JSON only accepted", {**call("echo_echo", {}), "params": {
+        "name": "echo_echo", "arguments": {}, "_meta": {"progressToken": 1.0}}}, {"Accept": "application/json"}, False),
+    ("a null progress token", {**call("echo_echo", {}), "params": {"name": "echo_echo", "arguments": {},
+                                                                  "_meta": {"progressToken": None}}}, {}, False),
+    ("a trace context", {**call("echo_echo", {}), "params": {"name": "echo_echo", "arguments": {}, "_meta": {
+        "traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"}}}, {}, True),
     ("no session id", call("echo_echo", {}), {"mcp-session-id": None}, False),
     ("another session's id", call("echo_echo", {}), {"mcp-session-id": "0" * 32}, False),
     ("JSON not accepted", call("echo_echo", {}), {"Accept": "text/event-stream"}, False),
@@ -288,3 +304,63 @@ def test_a_session_deleted_mid_call_cancels_it_as_the_sdk_does(served: Served, t
             assert asyncio.run(wait_for_file(marker, "cancelled")) == "cancelled", path
     assert got["direct"] == got["sdk"]
     assert got["direct"][0] == 500
+
+
+def test_the_servers_middleware_sees_each_call_as_on_the_sdks_path(served: Served) -> None:
+    """The server's middleware (the SDK's OpenTelemetry span is one) wraps a direct call with the same context."""
+    body = {**call("echo_echo", {"text": "m"}, id_="mw"), "params": {
+        "name": "echo_echo", "arguments": {"text": "m"},
+        "_meta": {"traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"}}}
+    seen = {}
+    with httpx2.Client(timeout=30) as http:
+        for name in ("direct", "sdk"):
+            headers = open_session(http, served.urls[name], HANDSHAKE_PROTOCOL_VERSIONS[-1])
+            if name == "direct":
+                wait_until_direct(served, http, headers)
+            served.seen.clear()
+            before = served.direct_answers
+            assert post(http, served.urls[name], headers, body, {}).status_code == 200
+            assert served.direct_answers - before == (1 if name == "direct" else 0)
+            seen[name] = list(served.seen)
+    assert len(seen["direct"]) == 1
+    assert seen["direct"] == seen["sdk"]
+
+
+def test_json_nested_past_the_parsers_limit_is_a_parse_error(served: Served) -> None:
+    """5,000 levels of nesting: 400 and a JSON-RPC parse error, as the SDK's own app answers, not a 500."""
+    body = b'{"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": "echo_echo", "arguments": ' + \
+        b"[" * 5000 + b"]" * 5000 + b"}}"
+    with httpx2.Client(timeout=30) as http:
+        headers = open_session(http, served.urls["direct"], HANDSHAKE_PROTOCOL_VERSIONS[-1])
+        status, kind, answered = answer(post(http, served.urls["direct"], headers, body, {}))
+    assert (status, kind) == (400, "application/json")
+    assert answered["error"]["code"] == -32700
+
+
+CANCELS = {
+    "plain": (b'{"jsonrpc": "2.0", "method": "notifications/cancelled", "params": {"requestId": 41}}', True),
+    "escaped": (b'{"jsonrpc": "2.0", "method": "notifications\\/cancelled", "params": {"requestId": 41}}', True),
+    "error-shaped": (b'{"jsonrpc": "2.0", "id": "zz", "error": {"code": 1, "message": "m"}, '
+                     b'"method": "notifications/cancelled", "params": {"requestId": 41}}', False),
+}
+
+
+@pytest.mark.parametrize("variant", CANCELS)
+def test_a_cancellation_counts_exactly_when_the_sdk_reads_one(served: Served, tmp_path: Path, variant: str) -> None:
+    """JSON escapes decoded, and a body the SDK takes for an error response cancels nothing, on both paths."""
+    cancel, cancels = CANCELS[variant]
+    got = {}
+    for path in ("direct", "sdk"):
+        marker = tmp_path / f"marker-{path}"
+        with httpx2.Client(timeout=30) as http, ThreadPoolExecutor(1) as pool:
+            headers = open_session(http, served.urls[path], HANDSHAKE_PROTOCOL_VERSIONS[-1])
+            if path == "direct":
+                wait_until_direct(served, http, headers)
+            pending = pool.submit(post, http, served.urls[path], headers,
+                                  call("slow_wait", {"seconds": 1.5, "marker": str(marker)}, id_=41), {})
+            assert asyncio.run(wait_for_file(marker, "started")) == "started"
+            assert post(http, served.urls[path], headers, cancel, {}).status_code == 202
+            got[path] = answer(pending.result(timeout=15))
+        assert asyncio.run(wait_for_file(marker, "cancelled" if cancels else "finished", 10)) == \
+            ("cancelled" if cancels else "finished"), path
+    assert got["direct"] == got["sdk"]
