@@ -23,7 +23,9 @@ Rules of this module:
   signed row it checks every command's signature with the key of the client the broker
   names (one ed25519 check, from the state's trust store), as every node does.
 * `ratio` is a row's throughput over the "off" row's, measured in the same invocation,
-  so the figures stay comparable on a noisy machine.
+  so the figures stay comparable on a noisy machine. With a peer (`nats`), NATS request-
+  reply is measured once in the same shape and run (`mesh/bench/nats.py`, plain as the
+  command benchmark runs it) and every row also gets `ratio_nats`.
 * Processes are spawned (never forked) and stopped by `common.measure`, the runner every
   command benchmark shares.
 """
@@ -134,14 +136,26 @@ def _run(mode: Mode, peers: _Peers) -> Run:
     )
 
 
-def run_security_bench(settings: BenchSettings) -> dict[str, Any]:
+def run_security_bench(settings: BenchSettings, peer: str | None = None) -> dict[str, Any]:
     """Run every row of `MODES` with the same settings, in order; return the report.
 
     The state directory (keys, token secret, policy, key ring) is made for this run
-    and removed after it.
+    and removed after it. With `peer` (`nats`), NATS is measured first, and each row
+    also carries its throughput as a ratio of NATS's.
+
+    Raises:
+        ValueError: an unknown peer (before anything runs).
     """
     from ..security.state import ensure_state
 
+    if peer not in (None, "nats"):
+        raise ValueError(f"no such peer: {peer!r}")
+    report: dict[str, Any] = {"settings": asdict(settings), "machine": machine()}
+    if peer:
+        from .nats import measure_nats, versions
+
+        report |= {"peer": peer, peer: measure_nats(settings)}
+        report["machine"] |= versions()
     rows = []
     with tempfile.TemporaryDirectory(prefix="mesh-bench-state-") as tmp:
         state = Path(tmp) / "state"
@@ -152,23 +166,31 @@ def run_security_bench(settings: BenchSettings) -> dict[str, Any]:
     off = rows[0]["throughput"]
     for row in rows:
         row["ratio"] = ratio(row["throughput"], off)
-    return {"settings": asdict(settings), "machine": machine(), "rows": rows}
+        if peer:
+            row[f"ratio_{peer}"] = ratio(row["throughput"], report[peer]["throughput"])
+    return report | {"rows": rows}
 
 
 def format_security_report(report: dict[str, Any]) -> str:
-    """The report as a small table for people, one row per security layer."""
+    """The report as a small table for people, one row per security layer (and NATS's, with a peer)."""
     s = report["settings"]
-    row = "{:>15} {:>11} {:>9} {:>9} {:>14}"
+    peer = report.get("peer")
+    row = "{:>15} {:>11} {:>9} {:>9} {:>14}" + (" {:>14}" if peer else "")
     lines = [
         (
             f"security: {s['clients']} clients x {s['inflight']} in flight, {s['payload']}-byte payloads, "
             f"{s['transport']}, {s['duration']:g}s per run, {report['machine']['cpus']} CPUs"
         ),
-        row.format("", "commands/s", "p50 ms", "p99 ms", "ratio to off"),
+        row.format("", "commands/s", "p50 ms", "p99 ms", "ratio to off", *([f"ratio to {peer.upper()}"] if peer else [])),
     ]
+    if peer:
+        other = report[peer]
+        lat = other["latency_ms"]
+        lines.append(row.format(f"{peer.upper()} (plain)", f"{other['throughput']:,.0f}", f"{lat['p50']:.2f}",
+                                f"{lat['p99']:.2f}", "", ""))
     for r in report["rows"]:
         lat = r["latency_ms"]
-        lines.append(
-            row.format(r["label"], f"{r['throughput']:,.0f}", f"{lat['p50']:.2f}", f"{lat['p99']:.2f}", f"{r['ratio']:.2f}")
-        )
+        extra = [f"{r[f'ratio_{peer}']:.2f}"] if peer else []
+        lines.append(row.format(r["label"], f"{r['throughput']:,.0f}", f"{lat['p50']:.2f}", f"{lat['p99']:.2f}",
+                                f"{r['ratio']:.2f}", *extra))
     return "\n".join(lines)

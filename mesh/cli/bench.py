@@ -15,7 +15,7 @@ PEERS = ("nats",)  # --peer: another system measured beside the raw floor and th
 # The options each benchmark reads: one given on the command line that it would ignore is refused.
 BENCH_OPTIONS: dict[str, tuple[str, ...]] = {
     "command": (*_COMMAND_OPTIONS, "peer"),
-    "security": _COMMAND_OPTIONS,
+    "security": (*_COMMAND_OPTIONS, "peer"),
     "monitor": _COMMAND_OPTIONS,
     "cluster": _COMMAND_OPTIONS,
     "events": ("subscribers", "payload", "duration", "transport", "peer"),
@@ -71,7 +71,7 @@ def bench(as_json: bool, **options: Any) -> None:
     calling, and time detection, recovery of the calls it held, and its rejoining.
     With --scale, connect many idle clients to one broker and report the time until all
     are answered, the broker's idle CPU and memory, and a fresh client's latency.
-    With --peer nats (commands or --events), measure NATS in the same shape and run too,
+    With --peer nats (commands, --events or --security), measure NATS in the same shape and run too,
     and print the mesh as a ratio of it beside its ratio to the raw floor.
     """
     from click.core import ParameterSource
@@ -157,7 +157,7 @@ def _run_benchmark(kind: str, o: dict[str, Any]) -> tuple[dict[str, Any], str]:
     if kind == "security":
         from ..bench.security import format_security_report, run_security_bench
 
-        report = run_security_bench(settings)
+        report = run_security_bench(settings, o["peer"])
         return report, format_security_report(report)
     if kind == "monitor":
         from ..bench.monitor import format_monitor_report, run_monitor_bench

@@ -75,6 +75,21 @@ def test_nats_events_fan_out_is_reported_per_subscriber_count_with_no_server_lef
     assert _servers() - before == set()
 
 
+@pytest.mark.slow  # five secured runs (~25 s): `make soak`; the suite keeps its 10-minute budget
+def test_security_layers_are_reported_as_ratios_of_nats_with_no_server_left():
+    """With --security, NATS is measured once and every layer's ratio to it is that layer's
+    throughput over NATS's, beside its ratio to security off; no nats-server outlives the run."""
+    before = _servers()
+    report = _bench("--security", "--clients", "1", "--inflight", "4")
+    nats = report["nats"]
+    assert report["peer"] == "nats" and nats["answered"] == nats["requests"] > 0
+    assert [r["mode"] for r in report["rows"]] == ["off", "curve", "tokens", "encrypted", "signed"]
+    for row in report["rows"]:
+        assert row["ratio_nats"] == pytest.approx(row["throughput"] / nats["throughput"])
+        assert row["ratio"] == pytest.approx(row["throughput"] / report["rows"][0]["throughput"])
+    assert _servers() - before == set()
+
+
 def test_the_server_stops_when_its_block_fails():
     """A failure inside `nats_server()` still stops the server: its pid is gone afterwards."""
     with pytest.raises(RuntimeError, match="a failed run"), bench_nats.nats_server() as server:
@@ -153,7 +168,7 @@ def test_peer_nats_without_the_extra_names_it(monkeypatch: pytest.MonkeyPatch):
     ("args", "code", "complaint"),
     [
         (["--peer", "nats", "--transport", "ipc"], 2, "--peer nats runs over tcp only"),
-        (["--peer", "nats", "--security"], 2, "--peer does not apply to the security benchmark"),
+        (["--peer", "nats", "--monitor"], 2, "--peer does not apply to the monitor benchmark"),
         (["--peer", "zeromq"], 2, "Invalid value for '--peer'"),
     ],
 )
