@@ -132,7 +132,10 @@ def test_a_single_broker_restarted_on_its_port_serves_the_waiting_client_again()
             waiting = [threading.Thread(target=ping) for _ in range(3)]
             for t in waiting:
                 t.start()
-            time.sleep(3.0)  # past the liveness window: the client has given up on the old link
+            # Past the liveness window (3 intervals of 0.5 s): the client gives up on the old link.
+            deadline = time.monotonic() + 10.0
+            while states.first(endpoint, PeerState.DEAD) is None and time.monotonic() < deadline:
+                time.sleep(0.05)
             assert states.first(endpoint, PeerState.DEAD) is not None
             assert outcomes == []
         with run_broker(endpoint) as after, run_node("echo", after):

@@ -7,6 +7,7 @@ import json
 import signal
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from mesh.client import AsyncClient, Client
@@ -14,12 +15,24 @@ from mesh.subscription import Event, Gap
 from mesh.testing import MeshProcess, run_broker, run_node, spawn
 
 
-def drain(sub, timeout: float = 5.0) -> list[Event | Gap]:
-    """Everything a subscription yields until it is quiet for `timeout` seconds."""
-    items = []
-    while (item := sub.get(timeout)) is not None:
+def drain(sub, timeout: float = 5.0, *, until: Callable[[list[Event | Gap]], bool] | None = None,
+          quiet: float = 0.5) -> list[Event | Gap]:
+    """Everything a subscription yields until it is quiet for `timeout` seconds; with `until`,
+    until `until(items)` holds and then it is quiet for `quiet` seconds. Delivery is in
+    order, so whatever should not have come shows up before the awaited item or right
+    behind it, inside `quiet`; if `until` never holds, this waits as without it."""
+    items: list[Event | Gap] = []
+    wait = timeout
+    while (item := sub.get(wait)) is not None:
         items.append(item)
+        if until is not None and until(items):
+            wait = quiet
     return items
+
+
+def ends_with(payload: object) -> Callable[[list[Event | Gap]], bool]:
+    """`drain`'s `until`: the last item is the event carrying `payload` (the one sent last)."""
+    return lambda items: isinstance(items[-1], Event) and items[-1].payload == payload
 
 
 def events_of(items) -> list[Event]:
@@ -66,12 +79,13 @@ def test_order_per_topic_and_prefix_filtering(broker, client_of):
         for i in range(60):
             topic = ["orders", "orders.new", "orders.paid", "orders2", "stock"][i % 5]
             sent.append((topic, c.publish(topic, {"i": i})))
-        got = events_of(drain(sub, 2.0))
+        wanted = sum(t in ("orders", "orders.new", "orders.paid") for t, _ in sent)
+        got = events_of(drain(sub, 2.0, until=lambda items: len(events_of(items)) >= wanted))
         assert {e.topic for e in got} == {"orders", "orders.new", "orders.paid"}
         assert [(e.topic, e.seq) for e in got] == [(t, s) for t, s in sent if t in ("orders", "orders.new", "orders.paid")]
         for topic in ("orders", "orders.new", "orders.paid"):
             assert [e.payload["i"] for e in got if e.topic == topic] == [i for i in range(60) if i % 5 == ("orders", "orders.new", "orders.paid").index(topic)]
-        assert len(events_of(drain(everything, 2.0))) == 60
+        assert len(events_of(drain(everything, 2.0, until=lambda items: len(events_of(items)) >= 60))) == 60
 
 
 def test_gap_after_forced_drops_is_reported_and_counted():
@@ -81,7 +95,7 @@ def test_gap_after_forced_drops_is_reported_and_counted():
             publish_many(b.clients, "load.t", 3000, size=2048)
             items = drain(sub, 2.0)
             last = c.publish("load.t", "tail")  # sent once the queues are empty: it shows every hole
-            items += drain(sub, 2.0)
+            items += drain(sub, 2.0, until=ends_with("tail"))
             gaps = [i for i in items if isinstance(i, Gap)]
             assert gaps and all(g.reason == "dropped" and g.topic == "load.t" for g in gaps)
             assert sub.missed == sum(g.count for g in gaps) > 0
@@ -137,7 +151,7 @@ def test_replay_older_than_the_window_names_the_first_available(tmp_path):
         for i in range(200):
             c.publish("audit.login", i)
         with c.subscribe("audit", from_seq=10) as sub:
-            items = drain(sub, 1.0)
+            items = drain(sub, 1.0, until=lambda items: isinstance(items[-1], Event) and items[-1].seq == 200)
         assert items[0] == Gap("audit.login", 11, 150, "expired")
         assert [e.seq for e in events_of(items)] == list(range(151, 201))
         with spawn(["events", "subscribe", "audit", "--from", "10", "--count", "50", "--broker", b.clients]) as cli:
@@ -163,7 +177,7 @@ def test_slow_subscriber_loses_events_alone_and_the_broker_stays_small():
             assert got == list(range(1, count + 1))
             drain(slow, 2.0)
             c.publish("feed.x", "tail")  # once its queues are empty, so it shows every hole
-            drain(slow, 2.0)
+            drain(slow, 2.0, until=ends_with("tail"))
             assert slow.missed > count // 2 and slow.received + slow.missed == count + 1
         # 40 MB went through; the broker kept the 1 MiB window and the slow one's 5 MB queue.
         assert after - before < 16 * 1024, f"broker grew by {after - before} KiB"

@@ -52,9 +52,10 @@ def wait_for_snapshot(base: str, token: str | None = None, *, nodes: int = 1) ->
     raise AssertionError(f"no snapshot with {nodes} node(s) from {base}")
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def monitored() -> Iterator[tuple[BrokerProcess, str]]:
-    """A broker with its monitor on a free loopback port, an echo node, and some calls made."""
+    """A broker with its monitor on a free loopback port, an echo node, and some calls made;
+    shared by the module's tests, which only read its pages (GETs change no figure they check)."""
     port = free_ports()[0]
     with run_broker("tcp://127.0.0.1:*", "tcp://127.0.0.1:*", "--monitor", f"127.0.0.1:{port}") as broker:
         base = broker.process.wait_for(r"monitor (http://\S+)").group(1)
