@@ -20,10 +20,11 @@ Rules of this module:
   the session's connection over then (`remember`), and its negotiated revision is what
   requests are validated and results shaped for. Before that, the SDK's own gate rules.
 * A `notifications/cancelled` naming a call in flight here cancels it (the mesh command
-  with it) once the SDK accepted the notification (its header and session checks, its
-  202), and the call is answered `REQUEST_CANCELLED`, as the SDK answers a cancelled
-  request on this wire. A session that ends (deleted, or idle past its timeout) cancels
-  its calls here too, answered as the SDK answers a request its session outlived.
+  with it), over HTTP once the SDK accepted the notification (its header and session
+  checks, its 202). A session that ends (deleted, idle past its timeout, its input
+  closed) cancels its calls here too. `answer` then says which (`Stopped`), and the
+  transport answers as the SDK's transport does: over HTTP a cancelled call gets
+  `REQUEST_CANCELLED` and an outlived one the SDK's 500, over stdio neither gets an answer.
 * The server's middleware wraps each call as the SDK's runner does (the SDK's default,
   an OpenTelemetry span per request, with the client's trace context), given a context
   without a session; the bridge installs no middleware of its own, and a rewrite of the
@@ -45,7 +46,6 @@ from typing import Any, Final, cast
 import pydantic_core
 from mcp.server.connection import Connection
 from mcp.server.context import CallNext, HandlerResult, ServerMiddleware, ServerRequestContext
-from mcp.server.streamable_http import REQUEST_CANCELLED
 from mcp.shared.dispatcher import coerce_request_id
 from mcp.shared.exceptions import MCPError
 from mcp.shared.jsonrpc_dispatcher import cancelled_request_id_from_params, handler_exception_to_error_data
@@ -64,13 +64,21 @@ from mcp_types import (
 from mcp_types.methods import serialize_server_result, validate_client_request
 from pydantic import ValidationError
 
-__all__ = ["Call", "DirectCalls", "asks_for_progress"]
+__all__ = ["BY_CLIENT", "ENDED", "STDIO", "Call", "DirectCalls", "Stopped", "asks_for_progress"]
 
 log = logging.getLogger("mesh.mcp")
 
+STDIO: Final = "stdio"  # the one session over stdio (HTTP sessions are keyed by their uuid4 hex id)
 METHOD: Final = "tools/call"
 CANCELLED: Final = "notifications/cancelled"
-ENDED: Final = "session ended"
+
+
+class Stopped(str):
+    """Why a direct call ended without an answer of its own."""
+
+
+BY_CLIENT: Final = Stopped("cancelled by the client")
+ENDED: Final = Stopped("its session ended")
 
 ToolCall = Callable[[CallToolRequestParams], Coroutine[Any, Any, CallToolResult]]
 
@@ -107,7 +115,7 @@ class DirectCalls:
         self._middleware = middleware
         self._connections: weakref.WeakValueDictionary[str, Connection] = weakref.WeakValueDictionary()
         self._in_flight: dict[tuple[str, Any], asyncio.Task[dict[str, Any]]] = {}
-        self._stopped: dict[tuple[str, Any], str] = {}  # why a call was cancelled: CANCELLED or ENDED
+        self._stopped: dict[tuple[str, Any], Stopped] = {}  # why a call was cancelled
 
     @property
     def in_flight(self) -> bool:
@@ -116,12 +124,11 @@ class DirectCalls:
 
     def remember(self, connection: Connection) -> None:
         """A session whose client completed the handshake: its calls may come this way."""
-        if connection.session_id is not None:
-            self._connections[connection.session_id] = connection
+        self._connections[connection.session_id or STDIO] = connection
 
-    def take(self, body: bytes, session_id: str | None) -> Call | None:
-        """The call in `body` if this path answers it; None leaves the POST to the SDK."""
-        if session_id is None or METHOD.encode() not in body:
+    def take(self, body: bytes | str, session_id: str | None) -> Call | None:
+        """The call in `body` (a POST's, or a line over stdio) if this path answers it; None leaves it to the SDK."""
+        if session_id is None or not _mentions(body, METHOD):
             return None
         connection = self._connections.get(session_id)
         if connection is None or not connection.initialized.is_set():
@@ -144,7 +151,7 @@ class DirectCalls:
             return None
         return Call(message.id, message.params, params, version)
 
-    def cancel(self, body: bytes, session_id: str | None) -> None:
+    def cancel(self, body: bytes | str, session_id: str | None) -> None:
         """Cancel the call in flight that a `notifications/cancelled` in `body` names, if any.
 
         Read as the SDK's dispatcher reads it: a JSON-RPC notification by the message
@@ -160,23 +167,24 @@ class DirectCalls:
             return
         request_id = cancelled_request_id_from_params(message.params)
         if request_id is not None:
-            self._stop((session_id, coerce_request_id(request_id)), CANCELLED)
+            self._stop((session_id, coerce_request_id(request_id)), BY_CLIENT)
 
     def end(self, session_id: str) -> None:
         """The session ended (deleted, or idle too long): cancel its calls, as the SDK cancels its handlers."""
         for key in [k for k in self._in_flight if k[0] == session_id]:
             self._stop(key, ENDED)
 
-    def _stop(self, key: tuple[str, Any], why: str) -> None:
+    def _stop(self, key: tuple[str, Any], why: Stopped) -> None:
         task = self._in_flight.get(key)
         if task is not None and not task.done():
             self._stopped[key] = why
             task.cancel()
 
-    async def answer(self, call: Call, session_id: str) -> JSONRPCResponse | JSONRPCError | None:
+    async def answer(self, call: Call, session_id: str) -> JSONRPCResponse | JSONRPCError | Stopped:
         """Run `call` and shape its answer as the SDK would for the session's revision.
 
-        None: the session ended first (the transport answers as the SDK does then).
+        A `Stopped` instead: the client cancelled it, or its session ended first (the
+        transport answers as the SDK's transport does then).
         """
         key = (session_id, coerce_request_id(call.request_id))
         task = asyncio.get_running_loop().create_task(self._run(call))
@@ -190,9 +198,7 @@ class DirectCalls:
             current = asyncio.current_task()
             if why is None or (current is not None and current.cancelling()):
                 raise  # the POST itself was cancelled (shutdown): awaiting cancelled the call too
-            if why == ENDED:
-                return None
-            return _error(call, ErrorData(code=REQUEST_CANCELLED, message="Request cancelled"))
+            return why
         except Exception as exc:
             error = handler_exception_to_error_data(exc)
             if error is None:  # a bug in the bridge: logged, answered as the SDK answers one
@@ -230,6 +236,11 @@ def _wrap(middleware: ServerMiddleware[Any], call_next: CallNext) -> CallNext:
         return await middleware(ctx, call_next)
 
     return wrapped
+
+
+def _mentions(body: bytes | str, text: str) -> bool:
+    """A cheap first look: a body that does not contain `text` literally is not worth parsing for it."""
+    return text in body if isinstance(body, str) else text.encode() in body
 
 
 def _error(call: Call, error: ErrorData) -> JSONRPCError:

@@ -32,14 +32,14 @@ from http import HTTPStatus
 from typing import TYPE_CHECKING, Any, Final
 
 import pydantic_core
-from mcp.server.streamable_http import StreamableHTTPServerTransport
+from mcp.server.streamable_http import REQUEST_CANCELLED, StreamableHTTPServerTransport
 from mcp.server.streamable_http_manager import StreamableHTTPASGIApp, StreamableHTTPSessionManager
 from mcp.server.transport_security import TransportSecuritySettings
-from mcp_types import INTERNAL_ERROR
+from mcp_types import INTERNAL_ERROR, ErrorData, JSONRPCError
 from starlette.applications import Starlette
 from starlette.routing import Route
 
-from .direct import asks_for_progress
+from .direct import ENDED, Stopped, asks_for_progress
 
 if TYPE_CHECKING:
     from mcp.server import Server
@@ -120,9 +120,12 @@ class _PerCallTransport(StreamableHTTPServerTransport):
             return
         assert self.mcp_session_id is not None  # `take` found the session by it
         answer = await direct.answer(call, self.mcp_session_id)
-        if answer is None:  # the session ended first: the SDK's own answer then
+        if answer is ENDED:  # the session ended first: the SDK's own answer then
             response = self._create_error_response("Session terminated before the request completed",
                                                    HTTPStatus.INTERNAL_SERVER_ERROR, INTERNAL_ERROR)
+        elif isinstance(answer, Stopped):  # cancelled: this era's wire still ends the request, as the SDK does
+            error = ErrorData(code=REQUEST_CANCELLED, message="Request cancelled")
+            response = self._create_json_response(JSONRPCError(jsonrpc="2.0", id=call.request_id, error=error))
         else:
             response = self._create_json_response(answer)
         await response(scope, receive, send)

@@ -28,7 +28,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
 from typing import Final
 
-__all__ = ["MAX_LINE", "pipe_streams", "LineReader", "LineWriter"]
+__all__ = ["MAX_LINE", "pipe_streams", "line_pipes", "LineReader", "LineWriter"]
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +86,25 @@ class LineWriter:
     async def flush(self) -> None:
         await self._writer.drain()
 
+    async def close(self) -> None:
+        """Close the pipe once what was written has gone (5 s at most)."""
+        self._writer.close()
+        with suppress(Exception):
+            await asyncio.wait_for(self._writer.wait_closed(), 5)
+
+
+async def line_pipes(read_fd: int, write_fd: int) -> tuple[LineReader, LineWriter]:
+    """Lines read from `read_fd` and written to `write_fd`, both pipes driven by the running loop.
+
+    The descriptors become the streams' own: closing the writer closes `write_fd`.
+    """
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader(limit=READ_SIZE)
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(read_fd, "rb", 0))
+    transport, protocol = await loop.connect_write_pipe(
+        lambda: asyncio.StreamReaderProtocol(asyncio.StreamReader()), os.fdopen(write_fd, "wb", 0))
+    return LineReader(reader), LineWriter(asyncio.StreamWriter(transport, protocol, None, loop))
+
 
 def _is_pipe(fd: int) -> bool:
     mode = os.fstat(fd).st_mode
@@ -98,26 +117,19 @@ async def pipe_streams() -> AsyncIterator[tuple[LineReader, LineWriter] | None]:
     if not (_is_pipe(0) and _is_pipe(1)):
         yield None
         return
-    loop = asyncio.get_running_loop()
     wire_in, wire_out = os.dup(0), os.dup(1)
     saved_in, saved_out = os.dup(0), os.dup(1)
     devnull = os.open(os.devnull, os.O_RDONLY)
     os.dup2(devnull, 0)
     os.close(devnull)
     os.dup2(2, 1)
-    writer: asyncio.StreamWriter | None = None
+    writer: LineWriter | None = None
     try:
-        reader = asyncio.StreamReader(limit=READ_SIZE)
-        await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(wire_in, "rb", 0))
-        transport, protocol = await loop.connect_write_pipe(
-            lambda: asyncio.StreamReaderProtocol(asyncio.StreamReader()), os.fdopen(wire_out, "wb", 0))
-        writer = asyncio.StreamWriter(transport, protocol, None, loop)
-        yield LineReader(reader), LineWriter(writer)
+        reader, writer = await line_pipes(wire_in, wire_out)
+        yield reader, writer
     finally:
         if writer is not None:
-            writer.close()
-            with suppress(Exception):
-                await asyncio.wait_for(writer.wait_closed(), 5)
+            await writer.close()
         os.dup2(saved_in, 0)
         os.dup2(saved_out, 1)
         os.close(saved_in)

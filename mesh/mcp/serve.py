@@ -9,13 +9,17 @@ Rules of this module:
   sees it. Tokens are compared in constant time and never logged.
 * With a certificate and key the endpoint is HTTPS, TLS 1.3 minimum (the context comes
   from `tls_context`, shared with the monitor); a TLS 1.2 client fails its handshake.
+* Over stdio (pipes) and over HTTP, a tool call without progress on a session past its
+  handshake is answered beside the SDK's session, not through it (`direct.py`).
 * The mesh client is opened before serving (an unreachable broker or a refused role
   fails the start, not the first call) and closed after.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hmac
+import logging
 import signal
 import ssl
 import threading
@@ -27,10 +31,13 @@ import anyio
 from ..monitor.server import is_loopback  # the same rule as the monitor's token
 from ..protocol import ConfigurationError
 from .bridge import Bridge
+from .direct import STDIO, Call, DirectCalls, Stopped
 from .httpapp import http_app
-from .pipes import pipe_streams
+from .pipes import LineReader, LineWriter, pipe_streams
 
-__all__ = ["serve_stdio", "serve_http", "BearerGuard", "MCP_PATH"]
+__all__ = ["serve_stdio", "serve_lines", "serve_http", "BearerGuard", "DirectLines", "MCP_PATH"]
+
+log = logging.getLogger("mesh.mcp")
 
 MCP_PATH: Final = "/mcp"
 Scope = MutableMapping[str, Any]
@@ -63,11 +70,75 @@ async def serve_stdio(bridge: Bridge) -> None:
     await bridge.start()
     try:
         async with pipe_streams() as pipes:
-            stdin, stdout = pipes if pipes is not None else (None, None)
-            async with stdio_server(stdin, stdout) as (read, write):  # type: ignore[arg-type]
-                await bridge.server.run(read, write, bridge.initialization_options())
+            if pipes is not None:
+                await serve_lines(bridge, *pipes)
+            else:  # a terminal or a file: the SDK's own threads, every call through its session
+                async with stdio_server() as (read, write):
+                    await bridge.server.run(read, write, bridge.initialization_options())
     finally:
         await _close(bridge)
+
+
+async def serve_lines(bridge: Bridge, lines: LineReader, writer: LineWriter) -> None:
+    """One MCP session over these line streams, the bridge's direct calls answered beside the SDK's session."""
+    from mcp.server.stdio import stdio_server
+
+    direct = DirectLines(lines, writer, bridge.direct)
+    try:
+        async with stdio_server(direct, writer) as (read, write):  # type: ignore[arg-type]
+            await bridge.server.run(read, write, bridge.initialization_options())
+    finally:
+        await direct.close()
+
+
+class DirectLines:
+    """The client's lines for the SDK's stdio transport, less the tool calls the bridge answers itself.
+
+    A line `DirectCalls.take`s is answered in a task of its own, its answer written as
+    one line, as the SDK writes its own (`direct.py` says which calls and why); every other line goes on
+    to the SDK, a `notifications/cancelled` after it cancelled the direct call it names.
+    At the end of input the session is over: its direct calls are cancelled unanswered,
+    as the SDK cancels its handlers.
+    """
+
+    def __init__(self, lines: LineReader, writer: LineWriter, direct: DirectCalls) -> None:
+        self._lines, self._writer, self._direct = lines, writer, direct
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def __aiter__(self) -> DirectLines:
+        return self
+
+    async def __anext__(self) -> str:
+        while True:
+            try:
+                line = await self._lines.__anext__()
+            except StopAsyncIteration:
+                self._direct.end(STDIO)
+                raise
+            call = self._direct.take(line, STDIO)
+            if call is None:
+                self._direct.cancel(line, STDIO)
+                return line
+            task = asyncio.get_running_loop().create_task(self._answer(call))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _answer(self, call: Call) -> None:
+        answer = await self._direct.answer(call, STDIO)
+        if isinstance(answer, Stopped):  # cancelled, or the session ended: no answer on stdio, as the SDK gives none
+            return
+        try:
+            await self._writer.write(answer.model_dump_json(by_alias=True, exclude_unset=True) + "\n")
+            await self._writer.flush()
+        except (ConnectionError, RuntimeError) as err:  # the client closed its end: nobody to answer
+            log.debug("could not answer tools/call %s: %s", call.params.name, err)
+
+    async def close(self) -> None:
+        """Cancel the direct calls still running (the session is over) and wait for them."""
+        self._direct.end(STDIO)
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
 
 
 async def serve_http(bridge: Bridge, host: str, port: int, token: str | None, *,

@@ -1,16 +1,19 @@
-"""Tool calls over HTTP answered in the POST's task (mesh/mcp/direct.py) answer exactly as the SDK's path.
+"""Tool calls answered beside the SDK's session (mesh/mcp/direct.py) answer exactly as the SDK's path.
 
 The invariant: for every request, on every handshake-era protocol revision, the bridge
-with its direct path gives the same HTTP status, content type and JSON-RPC answer as the
-same bridge without it (the SDK's own session path); the direct path really answers the
-well-formed calls (counted), and leaves everything else to the SDK. Both apps run in
-this process on one mesh client, over real sockets, against a real secure mesh.
+with its direct path gives the same answer as the same bridge without it (the SDK's own
+session path): over HTTP the same status, content type and JSON-RPC body, over stdio
+the same lines; the direct path really answers the well-formed calls (counted), and
+leaves everything else to the SDK. Both run in this process on one mesh client, over
+real sockets and pipes, against a real secure mesh.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
+import select
 import threading
 import time
 from collections.abc import Iterator
@@ -27,7 +30,8 @@ from mesh.client import AsyncClient
 from mesh.mcp.bridge import Bridge
 from mesh.mcp.direct import Call
 from mesh.mcp.httpapp import http_app
-from mesh.mcp.serve import MCP_PATH
+from mesh.mcp.pipes import line_pipes
+from mesh.mcp.serve import MCP_PATH, serve_lines
 from mesh.security.credentials import load_credentials
 
 if TYPE_CHECKING:
@@ -50,6 +54,7 @@ class Served:
         self._stop: asyncio.Event | None = None
         self._failed: BaseException | None = None
         self._thread = threading.Thread(target=self._run, daemon=True)
+        self._sessions: set[asyncio.Task[None]] = set()
 
     def __enter__(self) -> Served:
         self._thread.start()
@@ -62,6 +67,29 @@ class Served:
         assert self._loop is not None and self._stop is not None
         self._loop.call_soon_threadsafe(self._stop.set)
         self._thread.join(30)
+
+    def stdio(self, direct: bool) -> Lines:
+        """A new stdio session (a pair of pipes) served with the direct path or only by the SDK."""
+        assert self._loop is not None
+        return asyncio.run_coroutine_threadsafe(self._stdio(direct), self._loop).result(10)
+
+    async def _stdio(self, direct: bool) -> Lines:
+        from mcp.server.stdio import stdio_server
+
+        assert self.bridge is not None
+        bridge = self.bridge
+        to_server, from_client = os.pipe()
+        from_server, to_client = os.pipe()
+        lines, writer = await line_pipes(to_server, to_client)
+
+        async def sdk_only() -> None:
+            async with stdio_server(lines, writer) as (read, write):  # type: ignore[arg-type]
+                await bridge.server.run(read, write, bridge.initialization_options())
+
+        task = asyncio.create_task(serve_lines(bridge, lines, writer) if direct else sdk_only())
+        self._sessions.add(task)
+        task.add_done_callback(self._sessions.discard)
+        return Lines(from_client, from_server)
 
     def _run(self) -> None:
         try:
@@ -104,11 +132,60 @@ class Served:
             self.urls[name] = f"http://127.0.0.1:{port}{MCP_PATH}"
         self._ready.set()
         await self._stop.wait()
+        for session in list(self._sessions):
+            session.cancel()
+        await asyncio.gather(*self._sessions, return_exceptions=True)
         for server in servers.values():
             server.should_exit = True
         await asyncio.gather(*tasks)
         await bridge.close()
         await client.close()
+
+
+class Lines:
+    """The client's ends of a stdio session: JSON-RPC messages as lines, read with a timeout."""
+
+    def __init__(self, to_server: int, from_server: int) -> None:
+        self._out, self._in = to_server, from_server
+        self._buf = b""
+
+    def send(self, message: Any) -> None:
+        body = message if isinstance(message, bytes) else json.dumps(message).encode()
+        os.write(self._out, body + b"\n")
+
+    def read(self, timeout: float) -> Any:
+        """The next message, or None when none comes within `timeout` seconds (or the server closed)."""
+        deadline = time.monotonic() + timeout
+        while b"\n" not in self._buf:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([self._in], [], [], left)[0]:
+                return None
+            chunk = os.read(self._in, 65536)
+            if not chunk:
+                return None
+            self._buf += chunk
+        line, _, self._buf = self._buf.partition(b"\n")
+        return json.loads(line)
+
+    def close(self) -> None:
+        """End the session as a client does: close its input (the bridge's stdin)."""
+        os.close(self._out)
+
+    def answers(self, barrier: str, expect: int, settle: float) -> list[Any]:
+        """The messages that come before the answer to a ping `barrier`, and `expect` at least, then `settle` s more."""
+        self.send({"jsonrpc": "2.0", "id": barrier, "method": "ping"})
+        got, pinged = [], False
+        deadline = time.monotonic() + 10
+        while not pinged or len(got) < expect:
+            message = self.read(max(0.0, deadline - time.monotonic()))
+            assert message is not None, f"no answer to {barrier} within 10 s (got {got})"
+            if isinstance(message, dict) and message.get("id") == barrier:
+                pinged = True
+            else:
+                got.append(message)
+        while (message := self.read(settle)) is not None:
+            got.append(message)
+        return got
 
 
 @pytest.fixture(scope="module")
@@ -364,3 +441,67 @@ def test_a_cancellation_counts_exactly_when_the_sdk_reads_one(served: Served, tm
         assert asyncio.run(wait_for_file(marker, "cancelled" if cancels else "finished", 10)) == \
             ("cancelled" if cancels else "finished"), path
     assert got["direct"] == got["sdk"]
+
+
+def open_stdio(served: Served, direct: bool, version: str) -> Lines:
+    """A stdio session past its handshake; with the direct path, once it answers calls."""
+    lines = served.stdio(direct)
+    lines.send({"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {
+        "protocolVersion": version, "capabilities": {}, "clientInfo": {"name": "t", "version": "0"}}})
+    assert lines.read(10)["id"] == 0
+    lines.send({"jsonrpc": "2.0", "method": "notifications/initialized"})
+    if direct:
+        deadline = time.monotonic() + 10
+        before = served.direct_answers
+        while served.direct_answers == before:
+            assert time.monotonic() < deadline, "the direct path never answered"
+            lines.send(call("echo_echo", {}, id_="warm"))
+            assert lines.read(10)["id"] == "warm"
+    return lines
+
+
+STDIO_CASES = [(label, body, direct) for label, body, changes, direct in CASES if not changes] + [
+    ("not JSON at all", b"hello", False),
+    ("an empty object", {}, False),
+]
+
+
+@pytest.mark.parametrize("version", [HANDSHAKE_PROTOCOL_VERSIONS[0], HANDSHAKE_PROTOCOL_VERSIONS[-1]])
+def test_over_stdio_every_line_is_answered_as_the_sdk_answers_it(served: Served, version: str) -> None:
+    """The same lines back (in any order) with the direct path and without, on the oldest and newest revisions.
+
+    (The shaping per revision is the HTTP test's, all four: stdio shares it.) The SDK's
+    session goes first and says how many answers to wait for; a later extra answer
+    on the direct path would show in the settle time after it.
+    """
+    sessions = {name: open_stdio(served, name == "direct", version) for name in ("sdk", "direct")}
+    try:
+        for n, (label, body, direct) in enumerate(STDIO_CASES):
+            got = {}
+            before = served.direct_answers
+            for name in ("sdk", "direct"):  # the SDK's first: it says how many answers to wait for
+                sessions[name].send(body)
+                expect = len(got.get("sdk", []))
+                answers = sessions[name].answers(f"b{n}", expect, settle=0.15 if name == "sdk" else 0.05)
+                got[name] = sorted(json.dumps(m, sort_keys=True) for m in answers)
+            assert got["direct"] == got["sdk"], f"{label} ({version})"
+            assert served.direct_answers - before == (1 if direct else 0), f"{label} ({version}): direct path taken?"
+    finally:
+        for lines in sessions.values():
+            lines.close()
+
+
+@pytest.mark.parametrize("ending", ["cancelled", "input closed"])
+def test_over_stdio_a_call_ends_with_its_cancellation_or_its_session(served: Served, tmp_path: Path, ending: str) -> None:
+    """notifications/cancelled, or the client closing the bridge's input, cancels the mesh command on both paths."""
+    for name in ("sdk", "direct"):
+        marker = tmp_path / f"marker-{name}"
+        lines = open_stdio(served, name == "direct", HANDSHAKE_PROTOCOL_VERSIONS[-1])
+        lines.send(call("slow_wait", {"seconds": 20, "marker": str(marker)}, id_=44))
+        assert asyncio.run(wait_for_file(marker, "started")) == "started"
+        if ending == "cancelled":
+            lines.send({"jsonrpc": "2.0", "method": "notifications/cancelled", "params": {"requestId": 44}})
+            assert asyncio.run(wait_for_file(marker, "cancelled")) == "cancelled", name
+            assert lines.answers(f"after-{name}", 0, settle=0.3) == [], name  # a cancelled request gets no answer
+        lines.close()
+        assert asyncio.run(wait_for_file(marker, "cancelled")) == "cancelled", name
