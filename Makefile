@@ -50,9 +50,14 @@ lint: $(STAMP)
 	$(BIN)/ruff check mesh tests
 	$(BIN)/mypy
 
+# The suite on two pytest-xdist workers, each taking a whole test file at a time (its module
+# fixtures run once, and a file's tests never run beside each other); most of its time is
+# spent waiting on processes and sockets, so two workers halve it on a 2-core machine.
+# `make test XDIST=` runs it in one process.
+XDIST ?= -n 2 --dist loadfile
 test: lint $(BROWSER) $(NFT) $(MCP_CLIENT)
 	$(BIN)/lint-imports --no-cache
-	$(BIN)/pytest -m "not slow"
+	$(BIN)/pytest -m "not slow" $(XDIST)
 
 # The suite on every CPython the classifiers name, each in its own venv (.venv-pythonX.Y):
 # the oldest supported and the newest the machine offers (pyenv's shims here).
@@ -62,7 +67,7 @@ test-versions: $(BROWSER) $(NFT) $(MCP_CLIENT)
 	for py in $(PYTHONS); do \
 		echo "== $$py"; \
 		$$py -m venv .venv-$$py && .venv-$$py/bin/pip install --quiet -e '.[test,mcp,top,bench]' && \
-		.venv-$$py/bin/lint-imports --no-cache && .venv-$$py/bin/pytest -m "not slow" || exit 1; \
+		.venv-$$py/bin/lint-imports --no-cache && .venv-$$py/bin/pytest -m "not slow" $(XDIST) || exit 1; \
 	done
 
 soak: $(STAMP)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import shutil
 import sqlite3
 import subprocess
 import sys
@@ -138,10 +140,32 @@ def wheel_venv(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """The wheel built from this tree as `pip install .` builds it (compiled when a C
     compiler is there), installed with no extras into a fresh venv: built once per session.
 
+    Under pytest-xdist (`make test` runs two workers) the workers share one build: the
+    first to get here makes it in the run's common temporary directory under a lock, the
+    other waits for it (two builds at once would cost each other a CPU for half a minute).
+
     Returns:
         The wheel's path and the venv's directory.
     """
-    root = tmp_path_factory.mktemp("wheel")
+    if os.environ.get("PYTEST_XDIST_WORKER") is None:
+        return _build_wheel_venv(tmp_path_factory.mktemp("wheel"))
+    shared = tmp_path_factory.getbasetemp().parent  # this run's directory, parent of every worker's
+    with open(shared / "wheel.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also if the build fails
+        root = shared / "wheel"
+        done = root / "built.json"
+        if done.exists():
+            wheel, venv = json.loads(done.read_text())
+            return Path(wheel), Path(venv)
+        shutil.rmtree(root, ignore_errors=True)  # a build that failed in the other worker
+        root.mkdir()
+        wheel, venv = _build_wheel_venv(root)
+        done.write_text(json.dumps([str(wheel), str(venv)]))
+        return wheel, venv
+
+
+def _build_wheel_venv(root: Path) -> tuple[Path, Path]:
+    """`pip wheel` of this tree into root/dist, installed with no extras into root/venv."""
     repo = HERE.parents[1]
     env = clean_env()
     built = subprocess.run([sys.executable, "-m", "pip", "wheel", str(repo), "--no-deps", "--quiet", "-w",

@@ -43,7 +43,16 @@ GOOD: dict[str, dict[str, Any]] = {
         "error": {"code": 1002, "message": "m", "retryable": False},
     },
 }
-DROP = object()
+
+
+class _Drop:
+    """The marker for a key to remove; its repr is stable, so test ids match across xdist workers."""
+
+    def __repr__(self) -> str:
+        return "DROP"
+
+
+DROP = _Drop()
 
 
 def frame(kind: str = "command", **changes: Any) -> bytes:
