@@ -24,7 +24,12 @@ Rules of this module:
   checks, its 202). A session that ends (deleted, idle past its timeout, its input
   closed) cancels its calls here too. `answer` then says which (`Stopped`), and the
   transport answers as the SDK's transport does: over HTTP a cancelled call gets
-  `REQUEST_CANCELLED` and an outlived one the SDK's 500, over stdio neither gets an answer.
+  `REQUEST_CANCELLED` and an outlived one the SDK's 500; over stdio a cancelled call gets
+  no answer and an outlived one `CONNECTION_CLOSED`.
+* A call is in flight from the moment it is taken (`begin`), before its task first runs:
+  a cancellation on the next line of the same read finds it, as the SDK's does.
+* A stdio session has a key of its own (`STDIO_SESSION`), so sessions served side by side
+  in one process (the tests do) never see each other's calls.
 * The server's middleware wraps each call as the SDK's runner does (the SDK's default,
   an OpenTelemetry span per request, with the client's trace context), given a context
   without a session; the bridge installs no middleware of its own, and a rewrite of the
@@ -40,6 +45,7 @@ import asyncio
 import logging
 import weakref
 from collections.abc import Callable, Coroutine, Mapping, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, Final, cast
 
@@ -64,11 +70,12 @@ from mcp_types import (
 from mcp_types.methods import serialize_server_result, validate_client_request
 from pydantic import ValidationError
 
-__all__ = ["BY_CLIENT", "ENDED", "STDIO", "Call", "DirectCalls", "Stopped", "asks_for_progress"]
+__all__ = ["BY_CLIENT", "ENDED", "STDIO_SESSION", "Answer", "Call", "DirectCalls", "Stopped", "asks_for_progress"]
 
 log = logging.getLogger("mesh.mcp")
 
-STDIO: Final = "stdio"  # the one session over stdio (HTTP sessions are keyed by their uuid4 hex id)
+# The stdio session being served in this context (HTTP sessions are keyed by their own id).
+STDIO_SESSION: ContextVar[str | None] = ContextVar("mesh_mcp_stdio_session", default=None)
 METHOD: Final = "tools/call"
 CANCELLED: Final = "notifications/cancelled"
 
@@ -79,6 +86,7 @@ class Stopped(str):
 
 BY_CLIENT: Final = Stopped("cancelled by the client")
 ENDED: Final = Stopped("its session ended")
+Answer = JSONRPCResponse | JSONRPCError | Stopped
 
 ToolCall = Callable[[CallToolRequestParams], Coroutine[Any, Any, CallToolResult]]
 
@@ -115,7 +123,7 @@ class DirectCalls:
         self._middleware = middleware
         self._connections: weakref.WeakValueDictionary[str, Connection] = weakref.WeakValueDictionary()
         self._in_flight: dict[tuple[str, Any], asyncio.Task[dict[str, Any]]] = {}
-        self._stopped: dict[tuple[str, Any], Stopped] = {}  # why a call was cancelled
+        self._stopped: dict[asyncio.Task[dict[str, Any]], Stopped] = {}  # why a call was cancelled
 
     @property
     def in_flight(self) -> bool:
@@ -123,8 +131,14 @@ class DirectCalls:
         return bool(self._in_flight)
 
     def remember(self, connection: Connection) -> None:
-        """A session whose client completed the handshake: its calls may come this way."""
-        self._connections[connection.session_id or STDIO] = connection
+        """A session whose client completed the handshake: its calls may come this way.
+
+        An HTTP session is known by its id; a stdio session by the key its `serve_lines`
+        set in the context its messages are handled in (`STDIO_SESSION`).
+        """
+        key = connection.session_id or STDIO_SESSION.get()
+        if key is not None:
+            self._connections[key] = connection
 
     def take(self, body: bytes | str, session_id: str | None) -> Call | None:
         """The call in `body` (a POST's, or a line over stdio) if this path answers it; None leaves it to the SDK."""
@@ -170,34 +184,43 @@ class DirectCalls:
             self._stop((session_id, coerce_request_id(request_id)), BY_CLIENT)
 
     def end(self, session_id: str) -> None:
-        """The session ended (deleted, or idle too long): cancel its calls, as the SDK cancels its handlers."""
+        """The session ended (deleted, idle too long, input closed): forget it and cancel its calls, as the SDK does."""
+        self._connections.pop(session_id, None)
         for key in [k for k in self._in_flight if k[0] == session_id]:
             self._stop(key, ENDED)
 
     def _stop(self, key: tuple[str, Any], why: Stopped) -> None:
         task = self._in_flight.get(key)
         if task is not None and not task.done():
-            self._stopped[key] = why
+            self._stopped[task] = why
             task.cancel()
 
-    async def answer(self, call: Call, session_id: str) -> JSONRPCResponse | JSONRPCError | Stopped:
-        """Run `call` and shape its answer as the SDK would for the session's revision.
+    def begin(self, call: Call, session_id: str) -> Coroutine[Any, Any, Answer]:
+        """Start `call` now, in flight at once (a cancellation read next finds it); await the result for its answer.
 
-        A `Stopped` instead: the client cancelled it, or its session ended first (the
+        The answer is shaped as the SDK would shape it for the session's revision, or a
+        `Stopped`: the client cancelled the call, or its session ended first (the
         transport answers as the SDK's transport does then).
         """
         key = (session_id, coerce_request_id(call.request_id))
         task = asyncio.get_running_loop().create_task(self._run(call))
         self._in_flight[key] = task
+        return self._finish(call, key, task)
+
+    async def answer(self, call: Call, session_id: str) -> Answer:
+        """`begin` and its answer, for a caller that waits for it there and then."""
+        return await self.begin(call, session_id)
+
+    async def _finish(self, call: Call, key: tuple[str, Any], task: asyncio.Task[dict[str, Any]]) -> Answer:
         try:
             result = await task
-            if key in self._stopped:  # cancelled, but the call returned all the same
+            if task in self._stopped:  # cancelled, but the call returned all the same
                 raise asyncio.CancelledError
         except asyncio.CancelledError:
-            why = self._stopped.get(key)
+            why = self._stopped.get(task)
             current = asyncio.current_task()
             if why is None or (current is not None and current.cancelling()):
-                raise  # the POST itself was cancelled (shutdown): awaiting cancelled the call too
+                raise  # the caller itself was cancelled (shutdown): awaiting cancelled the call too
             return why
         except Exception as exc:
             error = handler_exception_to_error_data(exc)
@@ -206,8 +229,9 @@ class DirectCalls:
                 error = ErrorData(code=0, message=str(exc))
             return _error(call, error)
         finally:
-            self._in_flight.pop(key, None)
-            self._stopped.pop(key, None)
+            if self._in_flight.get(key) is task:  # a reused id's newer call keeps its entry
+                del self._in_flight[key]
+            self._stopped.pop(task, None)
         return JSONRPCResponse(jsonrpc="2.0", id=call.request_id, result=result)
 
     async def _run(self, call: Call) -> dict[str, Any]:

@@ -19,25 +19,28 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import itertools
 import logging
 import signal
 import ssl
 import threading
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Awaitable, Callable, Coroutine, MutableMapping
 from typing import Any, Final
 
 import anyio
+from mcp_types import CONNECTION_CLOSED, ErrorData, JSONRPCError
 
 from ..monitor.server import is_loopback  # the same rule as the monitor's token
 from ..protocol import ConfigurationError
 from .bridge import Bridge
-from .direct import STDIO, Call, DirectCalls, Stopped
+from .direct import BY_CLIENT, ENDED, STDIO_SESSION, Answer, Call, DirectCalls, Stopped
 from .httpapp import http_app
 from .pipes import LineReader, LineWriter, pipe_streams
 
 __all__ = ["serve_stdio", "serve_lines", "serve_http", "BearerGuard", "DirectLines", "MCP_PATH"]
 
 log = logging.getLogger("mesh.mcp")
+_SESSIONS = itertools.count(1)
 
 MCP_PATH: Final = "/mcp"
 Scope = MutableMapping[str, Any]
@@ -84,26 +87,30 @@ async def serve_lines(bridge: Bridge, lines: LineReader, writer: LineWriter) -> 
     from mcp.server.stdio import stdio_server
 
     direct = DirectLines(lines, writer, bridge.direct)
+    session = STDIO_SESSION.set(direct.key)  # the bridge's handlers learn the session's key from it
     try:
         async with stdio_server(direct, writer) as (read, write):  # type: ignore[arg-type]
             await bridge.server.run(read, write, bridge.initialization_options())
     finally:
         await direct.close()
+        STDIO_SESSION.reset(session)
 
 
 class DirectLines:
     """The client's lines for the SDK's stdio transport, less the tool calls the bridge answers itself.
 
-    A line `DirectCalls.take`s is answered in a task of its own, its answer written as
-    one line, as the SDK writes its own (`direct.py` says which calls and why); every other line goes on
-    to the SDK, a `notifications/cancelled` after it cancelled the direct call it names.
-    At the end of input the session is over: its direct calls are cancelled unanswered,
-    as the SDK cancels its handlers.
+    A line `DirectCalls.take`s is in flight at once and answered in a task of its own,
+    its answer written as one line, as the SDK writes its own (`direct.py` says which
+    calls and why); every other line goes on to the SDK, a `notifications/cancelled`
+    after it cancelled the direct call it names. At the end of input the session is
+    over: its direct calls are cancelled and answered `CONNECTION_CLOSED`, as the SDK's
+    dispatcher answers its unfinished requests.
     """
 
     def __init__(self, lines: LineReader, writer: LineWriter, direct: DirectCalls) -> None:
         self._lines, self._writer, self._direct = lines, writer, direct
         self._tasks: set[asyncio.Task[None]] = set()
+        self.key = f"stdio-{next(_SESSIONS)}"  # this session's in `direct` (HTTP ids are uuid4 hex)
 
     def __aiter__(self) -> DirectLines:
         return self
@@ -113,20 +120,24 @@ class DirectLines:
             try:
                 line = await self._lines.__anext__()
             except StopAsyncIteration:
-                self._direct.end(STDIO)
+                self._direct.end(self.key)
                 raise
-            call = self._direct.take(line, STDIO)
+            call = self._direct.take(line, self.key)
             if call is None:
-                self._direct.cancel(line, STDIO)
+                self._direct.cancel(line, self.key)
                 return line
-            task = asyncio.get_running_loop().create_task(self._answer(call))
+            task = asyncio.get_running_loop().create_task(self._answer(call, self._direct.begin(call, self.key)))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
-    async def _answer(self, call: Call) -> None:
-        answer = await self._direct.answer(call, STDIO)
-        if isinstance(answer, Stopped):  # cancelled, or the session ended: no answer on stdio, as the SDK gives none
+    async def _answer(self, call: Call, pending: Coroutine[Any, Any, Answer]) -> None:
+        answer = await pending
+        if answer is BY_CLIENT:  # the SDK answers nothing to a request the client cancelled
             return
+        if answer is ENDED:  # input closed first: the SDK's dispatcher answers this at its shutdown
+            error = ErrorData(code=CONNECTION_CLOSED, message="Connection closed")
+            answer = JSONRPCError(jsonrpc="2.0", id=call.request_id, error=error)
+        assert not isinstance(answer, Stopped)
         try:
             await self._writer.write(answer.model_dump_json(by_alias=True, exclude_unset=True) + "\n")
             await self._writer.flush()
@@ -134,10 +145,8 @@ class DirectLines:
             log.debug("could not answer tools/call %s: %s", call.params.name, err)
 
     async def close(self) -> None:
-        """Cancel the direct calls still running (the session is over) and wait for them."""
-        self._direct.end(STDIO)
-        for task in list(self._tasks):
-            task.cancel()
+        """Cancel the direct calls still running (the session is over) and wait for their last lines."""
+        self._direct.end(self.key)
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
 

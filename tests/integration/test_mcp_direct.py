@@ -104,13 +104,13 @@ class Served:
         self._loop, self._stop = asyncio.get_running_loop(), asyncio.Event()
         client = AsyncClient(self.broker, timeout=10.0, credentials=load_credentials(self.credentials))
         bridge = self.bridge = Bridge(client, timeout=10.0)
-        answer = bridge.direct.answer
+        begin = bridge.direct.begin
 
-        async def counted(call: Call, session_id: str) -> Any:
+        def counted(call: Call, session_id: str) -> Any:
             self.direct_answers += 1
-            return await answer(call, session_id)
+            return begin(call, session_id)
 
-        bridge.direct.answer = counted  # type: ignore[method-assign]
+        bridge.direct.begin = counted  # type: ignore[method-assign]
 
         async def recording(ctx: Any, call_next: Any) -> Any:
             if ctx.method == "tools/call":
@@ -491,17 +491,38 @@ def test_over_stdio_every_line_is_answered_as_the_sdk_answers_it(served: Served,
             lines.close()
 
 
-@pytest.mark.parametrize("ending", ["cancelled", "input closed"])
+@pytest.mark.parametrize("ending", ["cancelled", "cancelled in the same write", "input closed"])
 def test_over_stdio_a_call_ends_with_its_cancellation_or_its_session(served: Served, tmp_path: Path, ending: str) -> None:
-    """notifications/cancelled, or the client closing the bridge's input, cancels the mesh command on both paths."""
+    """notifications/cancelled (even in the very write that carried the call), or the client closing
+    the bridge's input, cancels the mesh command, and the lines that come back are the same on both paths."""
+    call_line = call("slow_wait", {"seconds": 20, "marker": "MARKER"}, id_=44)
+    cancel_line = {"jsonrpc": "2.0", "method": "notifications/cancelled", "params": {"requestId": 44}}
+    got = {}
     for name in ("sdk", "direct"):
         marker = tmp_path / f"marker-{name}"
         lines = open_stdio(served, name == "direct", HANDSHAKE_PROTOCOL_VERSIONS[-1])
-        lines.send(call("slow_wait", {"seconds": 20, "marker": str(marker)}, id_=44))
-        assert asyncio.run(wait_for_file(marker, "started")) == "started"
-        if ending == "cancelled":
-            lines.send({"jsonrpc": "2.0", "method": "notifications/cancelled", "params": {"requestId": 44}})
-            assert asyncio.run(wait_for_file(marker, "cancelled")) == "cancelled", name
-            assert lines.answers(f"after-{name}", 0, settle=0.3) == [], name  # a cancelled request gets no answer
-        lines.close()
-        assert asyncio.run(wait_for_file(marker, "cancelled")) == "cancelled", name
+        sent = json.loads(json.dumps(call_line).replace("MARKER", str(marker)))
+        if ending == "cancelled in the same write":
+            sent["params"]["arguments"]["seconds"] = 1.0  # long enough to start, short enough to finish if not cancelled
+            lines.send(json.dumps(sent).encode() + b"\n" + json.dumps(cancel_line).encode())
+            time.sleep(2.0)
+        else:
+            lines.send(sent)
+            assert asyncio.run(wait_for_file(marker, "started")) == "started"
+            if ending == "cancelled":
+                lines.send(cancel_line)
+        if ending == "input closed":
+            lines.close()
+            got[name] = []
+            while (message := lines.read(2.0)) is not None:  # until the output goes quiet
+                got[name].append(message)
+        else:
+            got[name] = lines.answers(f"after-{name}", 0, settle=0.3)
+            lines.close()
+        # Cancelled before the node ran it, the command leaves no marker at all.
+        assert asyncio.run(wait_for_file(marker, "cancelled")) in ("cancelled", "<missing>"), name
+    assert got["direct"] == got["sdk"]
+    if ending == "input closed":
+        assert got["sdk"] == [{"jsonrpc": "2.0", "id": 44, "error": {"code": -32000, "message": "Connection closed"}}]
+    else:
+        assert got["sdk"] == []  # a cancelled request gets no answer
