@@ -1,14 +1,14 @@
-"""Tool calls over streamable HTTP answered in the POST's own task.
+"""Tool calls answered beside the SDK's session: in the POST's own task over HTTP, in a task per line over stdio.
 
-Why: the SDK answers every POST of a session by way of the session: the body is put on
+Why: the SDK answers every request by way of the session: over HTTP the body is put on
 the session's stream, taken by its dispatcher into a task of its own, handled, and the
 answer routed back to the waiting POST through two more streams. That machinery cost
 about 0.75 ms of CPU per call here (docs/mcp.md "Cost"), more than the mesh call a
 bridge call carries. For the one hot request, a `tools/call` that asked for no progress
-on a session whose handshake is complete, the bridge answers in the POST's task with the
-SDK's own checks and shapes for the session's protocol revision: the JSON-RPC message
-adapter, the request's per-revision validation and params model, the result's
-per-revision sieve, the same error mapping. Any other message, and any such request
+on a session whose handshake is complete, the bridge answers itself (`httpapp.py` and
+`serve.DirectLines` carry the bytes), with the SDK's own checks and shapes for the
+session's protocol revision: the JSON-RPC message adapter, the request's per-revision
+validation and params model, the result's per-revision sieve, the same error mapping. Any other message, and any such request
 those checks refuse, goes the SDK's way untouched, so every error answer stays the
 SDK's own.
 
