@@ -36,7 +36,9 @@ Rules of this module:
   context by one would not be followed here.
 * Deliberately not as the SDK: two calls in flight with one id on one session each get
   their own answer (the SDK's transport keys its answers by id, so the first POST never
-  returns and the second gets the first's result).
+  returns and the second gets the first's result); and a call whose HTTP client
+  disconnects before its answer is cancelled (`abandon`), where the SDK's session lets
+  the mesh command run on for nobody.
 """
 
 from __future__ import annotations
@@ -70,7 +72,7 @@ from mcp_types import (
 from mcp_types.methods import serialize_server_result, validate_client_request
 from pydantic import ValidationError
 
-__all__ = ["BY_CLIENT", "ENDED", "STDIO_SESSION", "Answer", "Call", "DirectCalls", "Stopped", "asks_for_progress"]
+__all__ = ["BY_CLIENT", "ENDED", "GONE", "STDIO_SESSION", "Answer", "Call", "DirectCalls", "Stopped", "asks_for_progress"]
 
 log = logging.getLogger("mesh.mcp")
 
@@ -86,6 +88,7 @@ class Stopped(str):
 
 BY_CLIENT: Final = Stopped("cancelled by the client")
 ENDED: Final = Stopped("its session ended")
+GONE: Final = Stopped("its client went away")
 Answer = JSONRPCResponse | JSONRPCError | Stopped
 
 ToolCall = Callable[[CallToolRequestParams], Coroutine[Any, Any, CallToolResult]]
@@ -188,6 +191,10 @@ class DirectCalls:
         self._connections.pop(session_id, None)
         for key in [k for k in self._in_flight if k[0] == session_id]:
             self._stop(key, ENDED)
+
+    def abandon(self, call: Call, session_id: str) -> None:
+        """The client that sent `call` went away (its HTTP connection closed): cancel it, nobody waits for it."""
+        self._stop((session_id, coerce_request_id(call.request_id)), GONE)
 
     def _stop(self, key: tuple[str, Any], why: Stopped) -> None:
         task = self._in_flight.get(key)

@@ -27,6 +27,7 @@ the SDK's own methods, as for any POST.
 
 from __future__ import annotations
 
+import asyncio
 from contextvars import ContextVar
 from http import HTTPStatus
 from typing import TYPE_CHECKING, Any, Final
@@ -39,7 +40,7 @@ from mcp_types import INTERNAL_ERROR, ErrorData, JSONRPCError
 from starlette.applications import Starlette
 from starlette.routing import Route
 
-from .direct import ENDED, Stopped, asks_for_progress
+from .direct import ENDED, GONE, Stopped, asks_for_progress
 
 if TYPE_CHECKING:
     from mcp.server import Server
@@ -118,8 +119,22 @@ class _PerCallTransport(StreamableHTTPServerTransport):
             return
         if not await self._validate_request_headers(request, send):
             return
-        assert self.mcp_session_id is not None  # `take` found the session by it
-        answer = await direct.answer(call, self.mcp_session_id)
+        session = self.mcp_session_id
+        assert session is not None  # `take` found the session by it
+        pending = direct.begin(call, session)
+        watch = asyncio.get_running_loop().create_task(_until_disconnected(receive))
+
+        def gone(w: asyncio.Task[None]) -> None:
+            if not w.cancelled() and w.exception() is None:
+                direct.abandon(call, session)
+
+        watch.add_done_callback(gone)
+        try:
+            answer = await pending
+        finally:
+            watch.cancel()
+        if answer is GONE:  # nobody to answer
+            return
         if answer is ENDED:  # the session ended first: the SDK's own answer then
             response = self._create_error_response("Session terminated before the request completed",
                                                    HTTPStatus.INTERNAL_SERVER_ERROR, INTERNAL_ERROR)
@@ -134,6 +149,12 @@ class _PerCallTransport(StreamableHTTPServerTransport):
         if self._direct is not None and self.mcp_session_id is not None:
             self._direct.end(self.mcp_session_id)
         await super().terminate()
+
+
+async def _until_disconnected(receive: Receive) -> None:
+    """Return once the client has closed the connection (the body was read before: nothing else comes)."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
 
 
 class _SessionManager(StreamableHTTPSessionManager):

@@ -526,3 +526,19 @@ def test_over_stdio_a_call_ends_with_its_cancellation_or_its_session(served: Ser
         assert got["sdk"] == [{"jsonrpc": "2.0", "id": 44, "error": {"code": -32000, "message": "Connection closed"}}]
     else:
         assert got["sdk"] == []  # a cancelled request gets no answer
+
+
+def test_a_call_whose_http_client_goes_away_is_cancelled(served: Served, tmp_path: Path) -> None:
+    """A client that gives up on a direct call (its connection closed) cancels the mesh command.
+
+    Beyond the SDK's own path, which lets the command run on for nobody: checked here
+    on the direct path only.
+    """
+    marker = tmp_path / "marker"
+    with httpx2.Client(timeout=30) as http:
+        headers = open_session(http, served.urls["direct"], HANDSHAKE_PROTOCOL_VERSIONS[-1])
+        wait_until_direct(served, http, headers)
+    body = json.dumps(call("slow_wait", {"seconds": 20, "marker": str(marker)}, id_=45)).encode()
+    with httpx2.Client(timeout=httpx2.Timeout(30.0, read=1.0)) as impatient, pytest.raises(httpx2.ReadTimeout):
+        impatient.post(served.urls["direct"], content=body, headers=headers)  # gives up after 1 s, closing
+    assert asyncio.run(wait_for_file(marker, "cancelled")) == "cancelled"
