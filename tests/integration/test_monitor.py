@@ -70,6 +70,14 @@ def monitored() -> Iterator[tuple[BrokerProcess, str]]:
             finally:
                 client.close()
             wait_for_snapshot(base)
+            # The pages show the broker's last snapshot: wait (15 s at most) for one taken
+            # after every call, the refused one included; one taken mid-way read 1 of 20.
+            deadline = time.monotonic() + 15.0
+            while time.monotonic() < deadline:
+                done = json.loads(get(base + "/varz")[1])["commands"]["finished"]["completed"] >= 20
+                if done and json.loads(get(base + "/errors")[1])["by_category"]["protocol"] >= 1:
+                    break
+                time.sleep(0.1)
             yield broker, base
 
 
