@@ -17,7 +17,7 @@ import select
 import threading
 import time
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -283,6 +283,23 @@ def wait_until_direct(served: Served, http: httpx2.Client, headers: dict[str, st
         post(http, served.urls["direct"], headers, call("echo_echo", {}), {})
 
 
+def ready_session(served: Served, http: httpx2.Client, path: str) -> dict[str, str]:
+    """A session on the newest revision past its handshake; on the direct path, once that path answers."""
+    headers = open_session(http, served.urls[path], HANDSHAKE_PROTOCOL_VERSIONS[-1])
+    if path == "direct":
+        wait_until_direct(served, http, headers)
+    return headers
+
+
+def start_slow(served: Served, http: httpx2.Client, pool: ThreadPoolExecutor, path: str, headers: dict[str, str],
+               marker: Path, seconds: float, id_: int) -> Future[httpx2.Response]:
+    """A `slow.wait` call posted on `path`, returned once its node has started it."""
+    pending = pool.submit(post, http, served.urls[path], headers,
+                          call("slow_wait", {"seconds": seconds, "marker": str(marker)}, id_=id_), {})
+    assert asyncio.run(wait_for_file(marker, "started")) == "started"
+    return pending
+
+
 @pytest.mark.parametrize("version", HANDSHAKE_PROTOCOL_VERSIONS)
 def test_every_request_is_answered_as_the_sdk_answers_it(served: Served, version: str) -> None:
     """Same status, content type and answer with the direct path and without, on every handshake revision."""
@@ -312,8 +329,7 @@ def test_before_the_handshake_completes_the_sdk_answers(served: Served) -> None:
 def test_concurrent_calls_on_one_session_each_get_their_own_answer(served: Served) -> None:
     """64 calls in flight on one session: every answer carries its own request's id and payload."""
     with httpx2.Client(timeout=30, limits=httpx2.Limits(max_connections=16)) as http:
-        headers = open_session(http, served.urls["direct"], HANDSHAKE_PROTOCOL_VERSIONS[-1])
-        wait_until_direct(served, http, headers)
+        headers = ready_session(served, http, "direct")
         before = served.direct_answers
 
         def one(i: int) -> tuple[int, Any]:
@@ -332,12 +348,8 @@ def test_notifications_cancelled_cancels_the_mesh_command(served: Served, tmp_pa
     """A cancelled call's node handler sees the cancellation, and the POST is answered REQUEST_CANCELLED."""
     marker = tmp_path / "marker"
     with httpx2.Client(timeout=30) as http, ThreadPoolExecutor(1) as pool:
-        headers = open_session(http, served.urls[path], HANDSHAKE_PROTOCOL_VERSIONS[-1])
-        if path == "direct":
-            wait_until_direct(served, http, headers)
-        pending = pool.submit(post, http, served.urls[path], headers,
-                              call("slow_wait", {"seconds": 20, "marker": str(marker)}, id_=41), {})
-        assert asyncio.run(wait_for_file(marker, "started")) == "started"
+        headers = ready_session(served, http, path)
+        pending = start_slow(served, http, pool, path, headers, marker, 20, 41)
         cancel = {"jsonrpc": "2.0", "method": "notifications/cancelled", "params": {"requestId": 41, "reason": "test"}}
         assert post(http, served.urls[path], headers, cancel, {}).status_code == 202
         status, kind, body = answer(pending.result(timeout=15))
@@ -351,12 +363,8 @@ def test_a_cancellation_the_transport_refuses_cancels_nothing(served: Served, tm
     """A notifications/cancelled refused for its Content-Type (415) leaves the call running to its answer."""
     marker = tmp_path / "marker"
     with httpx2.Client(timeout=30) as http, ThreadPoolExecutor(1) as pool:
-        headers = open_session(http, served.urls[path], HANDSHAKE_PROTOCOL_VERSIONS[-1])
-        if path == "direct":
-            wait_until_direct(served, http, headers)
-        pending = pool.submit(post, http, served.urls[path], headers,
-                              call("slow_wait", {"seconds": 1, "marker": str(marker)}, id_=42), {})
-        assert asyncio.run(wait_for_file(marker, "started")) == "started"
+        headers = ready_session(served, http, path)
+        pending = start_slow(served, http, pool, path, headers, marker, 1, 42)
         cancel = {"jsonrpc": "2.0", "method": "notifications/cancelled", "params": {"requestId": 42}}
         assert post(http, served.urls[path], headers, cancel, {"Content-Type": "text/plain"}).status_code >= 400
         status, _, body = answer(pending.result(timeout=15))
@@ -370,12 +378,8 @@ def test_a_session_deleted_mid_call_cancels_it_as_the_sdk_does(served: Served, t
     for path in ("direct", "sdk"):
         marker = tmp_path / f"marker-{path}"
         with httpx2.Client(timeout=30) as http, ThreadPoolExecutor(1) as pool:
-            headers = open_session(http, served.urls[path], HANDSHAKE_PROTOCOL_VERSIONS[-1])
-            if path == "direct":
-                wait_until_direct(served, http, headers)
-            pending = pool.submit(post, http, served.urls[path], headers,
-                                  call("slow_wait", {"seconds": 20, "marker": str(marker)}, id_=43), {})
-            assert asyncio.run(wait_for_file(marker, "started")) == "started"
+            headers = ready_session(served, http, path)
+            pending = start_slow(served, http, pool, path, headers, marker, 20, 43)
             assert http.delete(served.urls[path], headers=headers).status_code == 200
             got[path] = answer(pending.result(timeout=15))
             assert asyncio.run(wait_for_file(marker, "cancelled")) == "cancelled", path
@@ -391,9 +395,7 @@ def test_the_servers_middleware_sees_each_call_as_on_the_sdks_path(served: Serve
     seen = {}
     with httpx2.Client(timeout=30) as http:
         for name in ("direct", "sdk"):
-            headers = open_session(http, served.urls[name], HANDSHAKE_PROTOCOL_VERSIONS[-1])
-            if name == "direct":
-                wait_until_direct(served, http, headers)
+            headers = ready_session(served, http, name)
             served.seen.clear()
             before = served.direct_answers
             assert post(http, served.urls[name], headers, body, {}).status_code == 200
@@ -430,12 +432,8 @@ def test_a_cancellation_counts_exactly_when_the_sdk_reads_one(served: Served, tm
     for path in ("direct", "sdk"):
         marker = tmp_path / f"marker-{path}"
         with httpx2.Client(timeout=30) as http, ThreadPoolExecutor(1) as pool:
-            headers = open_session(http, served.urls[path], HANDSHAKE_PROTOCOL_VERSIONS[-1])
-            if path == "direct":
-                wait_until_direct(served, http, headers)
-            pending = pool.submit(post, http, served.urls[path], headers,
-                                  call("slow_wait", {"seconds": 1.5, "marker": str(marker)}, id_=41), {})
-            assert asyncio.run(wait_for_file(marker, "started")) == "started"
+            headers = ready_session(served, http, path)
+            pending = start_slow(served, http, pool, path, headers, marker, 1.5, 41)
             assert post(http, served.urls[path], headers, cancel, {}).status_code == 202
             got[path] = answer(pending.result(timeout=15))
         assert asyncio.run(wait_for_file(marker, "cancelled" if cancels else "finished", 10)) == \
@@ -536,8 +534,7 @@ def test_a_call_whose_http_client_goes_away_is_cancelled(served: Served, tmp_pat
     """
     marker = tmp_path / "marker"
     with httpx2.Client(timeout=30) as http:
-        headers = open_session(http, served.urls["direct"], HANDSHAKE_PROTOCOL_VERSIONS[-1])
-        wait_until_direct(served, http, headers)
+        headers = ready_session(served, http, "direct")
     body = json.dumps(call("slow_wait", {"seconds": 20, "marker": str(marker)}, id_=45)).encode()
     with httpx2.Client(timeout=httpx2.Timeout(30.0, read=1.0)) as impatient, pytest.raises(httpx2.ReadTimeout):
         impatient.post(served.urls["direct"], content=body, headers=headers)  # gives up after 1 s, closing
