@@ -72,7 +72,8 @@ from mcp_types import (
 from mcp_types.methods import serialize_server_result, validate_client_request
 from pydantic import ValidationError
 
-__all__ = ["BY_CLIENT", "ENDED", "GONE", "STDIO_SESSION", "Answer", "Call", "DirectCalls", "Stopped", "asks_for_progress"]
+__all__ = ["BY_CLIENT", "ENDED", "GONE", "STDIO_SESSION", "Answer", "Call", "DirectCalls", "Stopped", "asks_for_progress",
+           "error_answer"]
 
 log = logging.getLogger("mesh.mcp")
 
@@ -234,7 +235,7 @@ class DirectCalls:
             if error is None:  # a bug in the bridge: logged, answered as the SDK answers one
                 log.exception("tools/call %s raised", call.params.name)
                 error = ErrorData(code=0, message=str(exc))
-            return _error(call, error)
+            return error_answer(call, error)
         finally:
             if self._in_flight.get(key) is task:  # a reused id's newer call keeps its entry
                 del self._in_flight[key]
@@ -274,5 +275,6 @@ def _mentions(body: bytes | str, text: str) -> bool:
     return text in body if isinstance(body, str) else text.encode() in body
 
 
-def _error(call: Call, error: ErrorData) -> JSONRPCError:
+def error_answer(call: Call, error: ErrorData) -> JSONRPCError:
+    """The JSON-RPC error that answers `call` (each transport's answers to a stopped call too)."""
     return JSONRPCError(jsonrpc="2.0", id=call.request_id, error=error)

@@ -36,11 +36,11 @@ import pydantic_core
 from mcp.server.streamable_http import REQUEST_CANCELLED, StreamableHTTPServerTransport
 from mcp.server.streamable_http_manager import StreamableHTTPASGIApp, StreamableHTTPSessionManager
 from mcp.server.transport_security import TransportSecuritySettings
-from mcp_types import INTERNAL_ERROR, ErrorData, JSONRPCError
+from mcp_types import INTERNAL_ERROR, ErrorData
 from starlette.applications import Starlette
 from starlette.routing import Route
 
-from .direct import ENDED, GONE, Stopped, asks_for_progress
+from .direct import ENDED, GONE, Stopped, asks_for_progress, error_answer
 
 if TYPE_CHECKING:
     from mcp.server import Server
@@ -139,8 +139,7 @@ class _PerCallTransport(StreamableHTTPServerTransport):
             response = self._create_error_response("Session terminated before the request completed",
                                                    HTTPStatus.INTERNAL_SERVER_ERROR, INTERNAL_ERROR)
         elif isinstance(answer, Stopped):  # cancelled: this era's wire still ends the request, as the SDK does
-            error = ErrorData(code=REQUEST_CANCELLED, message="Request cancelled")
-            response = self._create_json_response(JSONRPCError(jsonrpc="2.0", id=call.request_id, error=error))
+            response = self._create_json_response(error_answer(call, ErrorData(code=REQUEST_CANCELLED, message="Request cancelled")))
         else:
             response = self._create_json_response(answer)
         await response(scope, receive, send)

@@ -28,12 +28,12 @@ from collections.abc import Awaitable, Callable, Coroutine, MutableMapping
 from typing import Any, Final
 
 import anyio
-from mcp_types import CONNECTION_CLOSED, ErrorData, JSONRPCError
+from mcp_types import CONNECTION_CLOSED, ErrorData
 
 from ..monitor.server import is_loopback  # the same rule as the monitor's token
 from ..protocol import ConfigurationError
 from .bridge import Bridge
-from .direct import BY_CLIENT, ENDED, STDIO_SESSION, Answer, Call, DirectCalls, Stopped
+from .direct import BY_CLIENT, ENDED, STDIO_SESSION, Answer, Call, DirectCalls, Stopped, error_answer
 from .httpapp import http_app
 from .pipes import LineReader, LineWriter, pipe_streams
 
@@ -135,8 +135,7 @@ class DirectLines:
         if answer is BY_CLIENT:  # the SDK answers nothing to a request the client cancelled
             return
         if answer is ENDED:  # input closed first: the SDK's dispatcher answers this at its shutdown
-            error = ErrorData(code=CONNECTION_CLOSED, message="Connection closed")
-            answer = JSONRPCError(jsonrpc="2.0", id=call.request_id, error=error)
+            answer = error_answer(call, ErrorData(code=CONNECTION_CLOSED, message="Connection closed"))
         assert not isinstance(answer, Stopped)
         try:
             await self._writer.write(answer.model_dump_json(by_alias=True, exclude_unset=True) + "\n")
