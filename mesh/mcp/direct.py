@@ -22,7 +22,7 @@ Rules of this module:
 * A `notifications/cancelled` naming a call in flight here cancels it (the mesh command
   with it), over HTTP once the SDK accepted the notification (its header and session
   checks, its 202). A session that ends (deleted, idle past its timeout, its input
-  closed) cancels its calls here too. `answer` then says which (`Stopped`), and the
+  closed) cancels its calls here too. Its answer then says which (`Stopped`), and the
   transport answers as the SDK's transport does: over HTTP a cancelled call gets
   `REQUEST_CANCELLED` and an outlived one the SDK's 500; over stdio a cancelled call gets
   no answer and an outlived one `CONNECTION_CLOSED`.
@@ -214,10 +214,6 @@ class DirectCalls:
         task = asyncio.get_running_loop().create_task(self._run(call))
         self._in_flight[key] = task
         return self._finish(call, key, task)
-
-    async def answer(self, call: Call, session_id: str) -> Answer:
-        """`begin` and its answer, for a caller that waits for it there and then."""
-        return await self.begin(call, session_id)
 
     async def _finish(self, call: Call, key: tuple[str, Any], task: asyncio.Task[dict[str, Any]]) -> Answer:
         try:
