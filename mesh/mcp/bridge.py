@@ -41,6 +41,7 @@ from ..client import AsyncClient, ProgressHook
 from ..protocol import (
     ErrorCode,
     HandlerNotFoundError,
+    InternalError,
     MeshError,
     PayloadValidator,
     compile_schema,
@@ -220,7 +221,12 @@ class Bridge:
                                             on_progress=on_progress)
         except MeshError as err:
             return _error_result(err)
-        text = as_text(result)  # once: the structured content is the same JSON, read back
+        try:
+            text = as_text(result)  # once: the structured content is the same JSON, read back
+        except ValueError:
+            log.warning("tool %s: the result holds NaN or an infinity, which JSON cannot carry: refused", tool.name)
+            return _error_result(InternalError(f"{tool.service}.{tool.action} returned NaN or an infinity, which JSON "
+                                               "(and so MCP) cannot carry", details={"tool": tool.name}))
         return types.CallToolResult(content=[types.TextContent(text=text)],
                                     structured_content=tool.structured(json.loads(text)))
 
@@ -327,7 +333,7 @@ def _error_result(err: MeshError) -> types.CallToolResult:
 
 def _json_safe(value: Any) -> Any:
     """MessagePack values as JSON values (bytes become hex)."""
-    return json.loads(as_text(value))
+    return json.loads(as_text(value, strict=False))
 
 
 def _version() -> str:

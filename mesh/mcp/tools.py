@@ -246,9 +246,19 @@ def selected_registry(registry: Mapping[str, Any], tools: Iterable[ToolSpec]) ->
     return out
 
 
-def as_text(value: Any) -> str:
-    """A mesh result as the text of a tool result: JSON, bytes shown as hex."""
-    return json.dumps(value, ensure_ascii=False, default=_jsonable, sort_keys=False)
+def as_text(value: Any, *, strict: bool = True) -> str:
+    """A mesh result as the text of a tool result: JSON, bytes shown as hex.
+
+    MessagePack carries NaN and the infinities; JSON has no way to write them (Python's
+    `json` writes `NaN`, which JSON parsers refuse, and the SDK then sends `null` as the
+    structured content: two different answers in one result). So a result holding one is
+    refused here, and only diagnostics (`strict=False`: error details) let them through,
+    where they end up as `null`.
+
+    Raises:
+        ValueError: `strict` and `value` holds NaN or an infinity.
+    """
+    return json.dumps(value, ensure_ascii=False, default=_jsonable, sort_keys=False, allow_nan=not strict)
 
 
 def _jsonable(value: Any) -> Any:

@@ -18,6 +18,8 @@ from mcp.client.stdio import StdioServerParameters, stdio_client
 from mcp.shared.exceptions import MCPError
 from mcpnodes import CLASH_NAMES, wait_for_file
 
+from mesh.client import Client as MeshClient
+from mesh.security.credentials import load_credentials
 from mesh.testing import run_node
 
 if TYPE_CHECKING:
@@ -120,6 +122,28 @@ async def test_mesh_errors_are_tool_results_with_their_code(secure_mesh: SecureM
     assert refused.is_error and refused.structured_content["error"]["code"] == 2002
     assert "2002 ACCESS_DENIED" in text_of(refused)
     assert invalid.is_error and invalid.structured_content["error"]["code"] == 1002
+
+
+@pytest.mark.anyio
+async def test_a_result_json_cannot_carry_is_an_internal_error_not_invalid_json(secure_mesh: SecureMesh) -> None:
+    """Invariant: a tool result's text is JSON and its structured content is that JSON.
+
+    MessagePack carries NaN and the infinities, JSON does not: Python's json wrote `NaN`
+    (which JSON parsers refuse) while the structured content said `null`. Such a result is
+    refused with INTERNAL and a message that says why; the same value's neighbours still read.
+    """
+    creds = load_credentials(secure_mesh.credentials("dev"))
+    with MeshClient(secure_mesh.broker.clients, timeout=10, credentials=creds) as admin:
+        admin.call("kv", "put", {"key": "odd", "value": {"x": float("nan"), "y": float("-inf")}})
+        admin.call("kv", "put", {"key": "plain", "value": {"x": 1.5}})
+    async with stdio_client(bridge_params(secure_mesh)) as (read, write), ClientSession(read, write) as session:
+        await session.initialize()
+        odd = await session.call_tool("kv.get", {"key": "odd"})
+        plain = await session.call_tool("kv.get", {"key": "plain"})
+    assert odd.is_error and odd.structured_content["error"]["code"] == 3003
+    assert "NaN or an infinity" in text_of(odd)
+    assert not plain.is_error and json.loads(text_of(plain)) == plain.structured_content == {
+        "key": "plain", "found": True, "value": {"x": 1.5}}
 
 
 @pytest.mark.anyio
