@@ -539,3 +539,96 @@ def test_a_call_whose_http_client_goes_away_is_cancelled(served: Served, tmp_pat
     with httpx2.Client(timeout=httpx2.Timeout(30.0, read=1.0)) as impatient, pytest.raises(httpx2.ReadTimeout):
         impatient.post(served.urls["direct"], content=body, headers=headers)  # gives up after 1 s, closing
     assert asyncio.run(wait_for_file(marker, "cancelled")) == "cancelled"
+
+
+def _bridge_state(served: Served) -> dict[str, int]:
+    """What the bridge holds, read on its own loop: direct calls in flight and stopped, mesh commands awaited, tasks."""
+    assert served._loop is not None and served.bridge is not None
+    bridge = served.bridge
+
+    async def read() -> dict[str, int]:
+        return {"in_flight": len(bridge.direct._in_flight), "stopped": len(bridge.direct._stopped),
+                "waiting": len(bridge.client._waiting), "tasks": len(asyncio.all_tasks())}
+
+    return asyncio.run_coroutine_threadsafe(read(), served._loop).result(10)
+
+
+STORM_OPS = ("echo", "echo", "cancel", "give_up", "delete")
+
+
+def test_a_storm_of_calls_cancellations_and_departures_leaves_nothing_behind(served: Served, tmp_path: Path) -> None:
+    """Invariant: once every call of a storm has ended, the bridge holds nothing for any of them.
+
+    Six clients at once, each on sessions of its own, take a seeded random mix of: plain
+    calls, slow calls cancelled with notifications/cancelled, slow calls whose client gives
+    up and closes its connection, and sessions deleted in the middle of a slow call. Every
+    answer is checked as it comes; afterwards every slow command's node saw it finish or be
+    cancelled, and once the storm's sessions are deleted the bridge has no direct call in
+    flight or remembered as stopped, its mesh client awaits no command, and its loop runs
+    as many tasks as before the storm.
+    """
+    import random
+
+    slow_slots = threading.Semaphore(3)  # the slow node takes 4 at a time: none waits queued at the broker
+    markers: list[Path] = []
+    marks = threading.Lock()
+    baseline = _bridge_state(served)
+
+    def marker() -> Path:
+        with marks:
+            path = tmp_path / f"m{len(markers)}"
+            markers.append(path)
+        return path
+
+    def slow_body(path: Path, id_: int) -> bytes:
+        return json.dumps(call("slow_wait", {"seconds": 30, "marker": str(path)}, id_=id_)).encode()
+
+    def client(seed: int) -> list[dict[str, str]]:
+        rng = random.Random(seed)
+        url = served.urls["direct"]
+        sessions = []
+        with httpx2.Client(timeout=30) as http, ThreadPoolExecutor(1) as pool:
+            headers = ready_session(served, http, "direct")
+            sessions.append(headers)
+            for n in range(12):
+                op, id_ = rng.choice(STORM_OPS), 1000 * seed + n
+                if op == "echo":
+                    status, _, body = answer(post(http, url, headers, call("echo_echo", {"n": id_}, id_=id_), {}))
+                    assert status == 200 and body["result"]["structuredContent"] == {"n": id_}
+                    continue
+                with slow_slots:
+                    path = marker()
+                    if op == "give_up":
+                        with httpx2.Client(timeout=httpx2.Timeout(30.0, read=0.3)) as impatient, \
+                                pytest.raises(httpx2.ReadTimeout):
+                            impatient.post(url, content=slow_body(path, id_), headers=headers)
+                    elif op == "cancel":
+                        pending = start_slow(served, http, pool, "direct", headers, path, 30, id_)
+                        cancel = {"jsonrpc": "2.0", "method": "notifications/cancelled", "params": {"requestId": id_}}
+                        assert post(http, url, headers, cancel, {}).status_code == 202
+                        status, _, body = answer(pending.result(timeout=15))
+                        assert status == 200 and body["error"]["code"] == -32800
+                    else:  # delete: the session ends under the call; the client goes on with a new one
+                        pending = start_slow(served, http, pool, "direct", headers, path, 30, id_)
+                        assert http.delete(url, headers=headers).status_code == 200
+                        assert answer(pending.result(timeout=15))[0] == 500
+                        headers = ready_session(served, http, "direct")
+                        sessions.append(headers)
+                    assert asyncio.run(wait_for_file(path, "cancelled", timeout=10)) == "cancelled", (op, path)
+        return sessions
+
+    with ThreadPoolExecutor(6) as pool:
+        everyone = [s for sessions in pool.map(client, range(1, 7)) for s in sessions]
+    assert len(markers) > 10, "the storm made too few slow calls to mean anything"
+    assert [p for p in markers if p.read_text() != "cancelled"] == []
+    with httpx2.Client(timeout=30) as http:
+        for headers in everyone:
+            http.delete(served.urls["direct"], headers=headers)  # those deleted already: 404
+    deadline = time.monotonic() + 10
+    while True:
+        state = _bridge_state(served)
+        held = {k: state[k] for k in ("in_flight", "stopped", "waiting")}
+        if held == {"in_flight": 0, "stopped": 0, "waiting": 0} and state["tasks"] <= baseline["tasks"]:
+            break
+        assert time.monotonic() < deadline, f"the bridge still holds {state} (before the storm: {baseline})"
+        time.sleep(0.1)
