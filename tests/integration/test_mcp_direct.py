@@ -559,9 +559,10 @@ STORM_OPS = ("echo", "echo", "cancel", "give_up", "delete")
 def test_a_storm_of_calls_cancellations_and_departures_leaves_nothing_behind(served: Served, tmp_path: Path) -> None:
     """Invariant: once every call of a storm has ended, the bridge holds nothing for any of them.
 
-    Six clients at once, each on sessions of its own, take a seeded random mix of: plain
-    calls, slow calls cancelled with notifications/cancelled, slow calls whose client gives
-    up and closes its connection, and sessions deleted in the middle of a slow call. Every
+    Six HTTP clients and two over stdio at once, each on sessions of its own, take a seeded
+    random mix of: plain calls, slow calls cancelled with notifications/cancelled, slow
+    calls whose client gives up and closes its connection (HTTP), and sessions deleted or
+    whose input is closed in the middle of a slow call. Every
     answer is checked as it comes; afterwards every slow command's node saw it finish or be
     cancelled, and once the storm's sessions are deleted the bridge has no direct call in
     flight or remembered as stopped, its mesh client awaits no command, and its loop runs
@@ -617,8 +618,35 @@ def test_a_storm_of_calls_cancellations_and_departures_leaves_nothing_behind(ser
                     assert asyncio.run(wait_for_file(path, "cancelled", timeout=10)) == "cancelled", (op, path)
         return sessions
 
-    with ThreadPoolExecutor(6) as pool:
-        everyone = [s for sessions in pool.map(client, range(1, 7)) for s in sessions]
+    def stdio_client(seed: int) -> list[dict[str, str]]:
+        rng = random.Random(seed)
+        lines = open_stdio(served, True, HANDSHAKE_PROTOCOL_VERSIONS[-1])
+        try:
+            for n in range(12):
+                op, id_ = rng.choice(STORM_OPS), 1000 * seed + n
+                if op == "echo":
+                    lines.send(call("echo_echo", {"n": id_}, id_=id_))
+                    assert lines.read(10)["result"]["structuredContent"] == {"n": id_}
+                    continue
+                with slow_slots:
+                    path = marker()
+                    lines.send(json.loads(slow_body(path, id_)))
+                    assert asyncio.run(wait_for_file(path, "started")) == "started"
+                    if op in ("cancel", "give_up"):
+                        lines.send({"jsonrpc": "2.0", "method": "notifications/cancelled", "params": {"requestId": id_}})
+                        assert lines.answers(f"b{id_}", 0, settle=0.05) == []  # a cancelled call gets no answer
+                    else:  # the client closes the bridge's input under the call, then starts again
+                        lines.close()
+                        assert lines.read(10)["error"]["message"] == "Connection closed"
+                        lines = open_stdio(served, True, HANDSHAKE_PROTOCOL_VERSIONS[-1])
+                    assert asyncio.run(wait_for_file(path, "cancelled", timeout=10)) == "cancelled", (op, path)
+        finally:
+            lines.close()
+        return []
+
+    with ThreadPoolExecutor(8) as pool:
+        runs = [pool.submit(client, seed) for seed in range(1, 7)] + [pool.submit(stdio_client, seed) for seed in (7, 8)]
+        everyone = [s for run in runs for s in run.result()]
     assert len(markers) > 10, "the storm made too few slow calls to mean anything"
     assert [p for p in markers if p.read_text() != "cancelled"] == []
     with httpx2.Client(timeout=30) as http:
