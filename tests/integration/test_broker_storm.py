@@ -18,41 +18,78 @@ import sys
 import threading
 import time
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import msgpack
+import pytest
 import zmq
 
 from mesh.client import AsyncClient, Client
 from mesh.protocol import CancelledError, MeshError, new_id
+from mesh.security.credentials import Credentials, load_credentials
+from mesh.security.state import ensure_state
 from mesh.testing import BrokerProcess, run_broker, run_node
 
 STORM_S = 6.0
 CAPACITY = 4  # per node
 
-# A client process that calls until it is killed.
+# A client process that calls until it is killed (argv: broker, credentials file or "").
 CALLER = """
 import sys
 from mesh.client import Client
-with Client(sys.argv[1], timeout=10) as c:
+from mesh.security.credentials import load_credentials
+creds = load_credentials(sys.argv[2]) if sys.argv[2] else None
+with Client(sys.argv[1], timeout=10, credentials=creds) as c:
     while True:
         c.call("st", "work", {"sleep": 0.05})
 """
 
 
-def node_config(name: str) -> str:
-    return json.dumps({"name": name, "services": ["st"], "capacity": CAPACITY})
+@dataclass(frozen=True)
+class StormMesh:
+    """A broker and how to reach it: with security, every peer holds an admitted key."""
+
+    broker: BrokerProcess
+    state: Path | None
+
+    def node_args(self, name: str) -> list[str]:
+        creds = [] if self.state is None else ["--credentials", str(self.state / "credentials" / f"{name}.toml")]
+        return [*creds, "--config", json.dumps({"name": name, "services": ["st"], "capacity": CAPACITY})]
+
+    @property
+    def creds_file(self) -> str:
+        return "" if self.state is None else str(self.state / "credentials" / "dev.toml")
+
+    @property
+    def creds(self) -> Credentials | None:
+        return load_credentials(self.creds_file) if self.state is not None else None
 
 
-def stats(broker: BrokerProcess) -> dict[str, Any]:
-    with Client(broker.clients, timeout=5) as c:
+@contextmanager
+def storm_mesh(secure: bool, tmp_path: Path) -> Iterator[StormMesh]:
+    if not secure:
+        with run_broker() as broker:
+            yield StormMesh(broker, None)
+        return
+    state = tmp_path / "state"
+    ensure_state(state, nodes={"a": ["st"], "b": ["st"]}, clients={"dev": ["admin"]}, now=time.time())
+    with run_broker("tcp://127.0.0.1:*", "tcp://127.0.0.1:*", "--state", str(state)) as broker:
+        yield StormMesh(broker, state)
+
+
+def stats(mesh: StormMesh) -> dict[str, Any]:
+    with Client(mesh.broker.clients, timeout=5, credentials=mesh.creds) as c:
         return c.call("mesh", "stats")
 
 
-async def caller(broker: BrokerProcess, seed: int, until: float, outcomes: Counter[str]) -> None:
+async def caller(mesh: StormMesh, seed: int, until: float, outcomes: Counter[str]) -> None:
     """Calls that the client itself abandons: cancelled after a moment, or past a short deadline."""
     rng = random.Random(seed)
-    async with AsyncClient(broker.clients, timeout=10) as c:
+    async with AsyncClient(mesh.broker.clients, timeout=10, credentials=mesh.creds) as c:
         while time.monotonic() < until:
             kind = rng.choice(("whole", "cancelled", "deadline"))
             call = c.call("st", "nap", {"sleep": rng.uniform(0.02, 0.3)},
@@ -70,15 +107,21 @@ async def caller(broker: BrokerProcess, seed: int, until: float, outcomes: Count
                 outcomes[f"error {err.code}"] += 1
 
 
-def deserter(broker: BrokerProcess, until: float, sent: list[int]) -> None:
-    """Raw DEALERs that each send one valid command and close before its answer."""
+def deserter(mesh: StormMesh, until: float, sent: list[int]) -> None:
+    """Raw DEALERs that each send one valid command and close before its answer (with the admitted key and token)."""
     ctx = zmq.Context()
+    creds = mesh.creds
     try:
         while time.monotonic() < until:
             sock = ctx.socket(zmq.DEALER)
             sock.linger = 0
-            sock.connect(broker.clients)
-            header = {"v": 1, "type": "command", "id": new_id(), "ts": time.time(), "service": "st", "action": "work"}
+            if creds is not None:
+                creds.secure(sock)
+            sock.connect(mesh.broker.clients)
+            header: dict[str, Any] = {"v": 1, "type": "command", "id": new_id(), "ts": time.time(), "service": "st",
+                                      "action": "work"}
+            if creds is not None:
+                header["security"] = {"level": 1, "token": creds.token}
             sock.send_multipart([msgpack.packb(header), msgpack.packb({"sleep": 0.1})])
             time.sleep(0.02)
             sock.close()
@@ -87,26 +130,28 @@ def deserter(broker: BrokerProcess, until: float, sent: list[int]) -> None:
         ctx.destroy(linger=0)
 
 
-def test_a_storm_of_departures_leaves_the_broker_holding_nothing() -> None:
+@pytest.mark.parametrize("secure", [False, True], ids=["plain", "secure"])
+def test_a_storm_of_departures_leaves_the_broker_holding_nothing(secure: bool, tmp_path: Path) -> None:
     """Kill, cancel, time out and desert commands for 6 s: afterwards no command is held and every slot is free."""
-    with run_broker() as broker, run_node("testnodes:node", broker, config=node_config("a")):
+    with storm_mesh(secure, tmp_path) as mesh, run_node("testnodes:node", mesh.broker, *mesh.node_args("a")):
+        broker = mesh.broker
         node_b = subprocess.Popen([sys.executable, "-m", "mesh", "node", "testnodes:node", "--broker", broker.nodes,
-                                   "--config", node_config("b")], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                                   *mesh.node_args("b")], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         callers: list[subprocess.Popen[bytes]] = []
         try:
             until = time.monotonic() + STORM_S
             outcomes: Counter[str] = Counter()
             deserted = [0]
-            raw = threading.Thread(target=deserter, args=(broker, until, deserted))
+            raw = threading.Thread(target=deserter, args=(mesh, until, deserted))
             raw.start()
 
             async def storm() -> None:
-                tasks = [asyncio.create_task(caller(broker, seed, until, outcomes)) for seed in range(4)]
+                tasks = [asyncio.create_task(caller(mesh, seed, until, outcomes)) for seed in range(4)]
                 rng = random.Random(99)
                 killed_b = False
                 while time.monotonic() < until:
                     # Client processes come and go, each killed in the middle of its calls.
-                    callers.append(subprocess.Popen([sys.executable, "-c", CALLER, broker.clients],
+                    callers.append(subprocess.Popen([sys.executable, "-c", CALLER, broker.clients, mesh.creds_file],
                                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
                     await asyncio.sleep(rng.uniform(0.3, 0.7))
                     callers[rng.randrange(len(callers))].send_signal(signal.SIGKILL)
@@ -121,26 +166,29 @@ def test_a_storm_of_departures_leaves_the_broker_holding_nothing() -> None:
                 proc.kill()
             node_b.wait()
             # node b again, as an operator restarts it
-            with run_node("testnodes:node", broker, config=node_config("b")):
+            with run_node("testnodes:node", broker, *mesh.node_args("b")):
                 deadline = time.monotonic() + 15
-                while (now := stats(broker))["in_flight"] or now["queued"]:
+                while (now := stats(mesh))["in_flight"] or now["queued"]:
                     assert time.monotonic() < deadline, f"still held after the storm: {now}"
                     time.sleep(0.2)
+
                 # Every slot free: twice the capacity of both nodes at once, each answered.
                 async def burst() -> list[Any]:
-                    async with AsyncClient(broker.clients, timeout=10) as c:
+                    async with AsyncClient(broker.clients, timeout=10, credentials=mesh.creds) as c:
                         return await asyncio.gather(*(c.call("st", "work", {"sleep": 0.2}) for _ in range(4 * CAPACITY)))
 
                 answered = asyncio.run(burst())
-                final = stats(broker)
+                final = stats(mesh)
         finally:
             for proc in callers:
                 proc.kill()
                 proc.wait()
             node_b.kill()
             node_b.wait()
-    print(f"\nstorm: {dict(outcomes)}, {deserted[0]} deserted commands, {len(callers)} client processes killed")
+    print(f"\nstorm: {dict(outcomes)}, {deserted[0]} deserted commands, {len(callers)} client processes killed; "
+          f"broker: {final['counters']}")
     assert len(answered) == 4 * CAPACITY and {r["node"] for r in answered} == {"a", "b"}
     assert outcomes["answered"] > 0 and outcomes["cancelled"] > 0 and deserted[0] > 20 and len(callers) >= 6
     assert final["in_flight"] == 0 and final["queued"] == 0 and final["nodes"] == 2
     assert final["counters"].get("internal_errors", 0) == 0
+    assert final["counters"].get("undeliverable", 0) > 0  # answers did go to peers that had left
