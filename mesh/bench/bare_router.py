@@ -29,6 +29,7 @@ Rules of this module:
 from __future__ import annotations
 
 import heapq
+import math
 import multiprocessing as mp
 import os
 import queue
@@ -193,7 +194,7 @@ def _call_at(socks: list[Any], poller: Any, rate: float, stop: Any) -> None:
             at, i = heapq.heappop(due)
             socks[i].send(b"x" * 64)
             heapq.heappush(due, (at + period, i))
-        for sock, _ in poller.poll(max(0, min(100, int((due[0][0] - now) * 1000)))):
+        for sock, _ in poller.poll(max(0, min(100, math.ceil((due[0][0] - now) * 1000)))):  # rounded down, it spins
             sock.recv()
         if now >= look:
             look = now + 0.1

@@ -28,6 +28,7 @@ Rules of this module:
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -206,7 +207,10 @@ class BrokerServer:
                 wait = next_tick - clock()
                 if member is not None:
                     wait = min(wait, member.next_tick_in(time.monotonic()))
-                ready = dict(poller.poll(int(max(0.0, wait) * 1000)))
+                # Whole milliseconds, rounded up: rounded down, the last millisecond before
+                # every tick was spent in polls that return at once (0.4 empty turns per
+                # message at 1,200 calls/s, and idle CPU 20 times a second).
+                ready = dict(poller.poll(math.ceil(max(0.0, wait) * 1000)))
                 if clients in ready:
                     self._drain(clients, core.client_message)
                 if nodes in ready:

@@ -16,6 +16,7 @@ Rules of this module:
 
 from __future__ import annotations
 
+import math
 import multiprocessing
 import os
 import re
@@ -227,7 +228,7 @@ class _Attack:
         for via, sock in self.sockets.items():
             if via is not Via.DEAF:
                 poller.register(sock, zmq.POLLIN)
-        poller.poll(int(max(0.0, timeout_s) * 1000))
+        poller.poll(math.ceil(max(0.0, timeout_s) * 1000))  # rounded down, a wait under 1 ms spins
 
     def close(self) -> None:
         for sock in self.sockets.values():
