@@ -15,7 +15,7 @@ Rules of this module:
   the order reversed every other round. A shared machine's speed drifts over seconds:
   measured one after the other, targets saw different machines (over seven such runs the
   bridge's HTTP p50 verdict ranged from 0.87 to 1.07); sampled in every round, they see
-  the same drift (0.93 to 1.02 over six). Figures pool the rounds.
+  the same drift (0.92 to 1.02 over six). Figures pool the rounds.
 * The mesh is the command benchmark's (`mesh.bench.common`): one broker process and one echo node
   process, spawned, security off, over loopback TCP. The bridge runs with no credentials.
 * The bridge's echo tool is looked up in its tool list (by name, title or `_meta`), so
