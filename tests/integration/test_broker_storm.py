@@ -21,6 +21,7 @@ from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -64,8 +65,9 @@ class StormMesh:
     def creds_file(self) -> str:
         return "" if self.state is None else str(self.state / "credentials" / "dev.toml")
 
-    @property
+    @cached_property
     def creds(self) -> Credentials | None:
+        """Read once: the storm's clients, deserters and polls of `mesh.stats` all use it."""
         return load_credentials(self.creds_file) if self.state is not None else None
 
 
